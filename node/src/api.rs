@@ -1,0 +1,246 @@
+//! The local JSON/HTTP API, served on 127.0.0.1 only.
+//!
+//! Every request must carry `Authorization: Bearer <token>` (the token lives in
+//! the data directory, readable only by its owner) and a loopback `Host`
+//! header; a browser `Origin`, if present, must be a loopback origin too. That
+//! refuses other local users, other web sites and DNS-rebinding attacks.
+//!
+//! Routes:
+//! - `GET  /api/status`
+//! - `GET  /api/card`
+//! - `GET  /api/contacts`, `POST /api/contacts` `{ "card": "...", "name": "..." }`
+//! - `GET  /api/contacts/{contact}/messages`
+//! - `POST /api/messages` `{ "contact": "...", "text": "..." }`
+//! - `GET  /api/events` (server-sent events, one JSON `NodeEvent` each)
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::core::NodeError;
+use crate::node::NodeHandle;
+use crate::types::{ContactView, MessageView, NodeStatus};
+
+/// File in the data directory holding the API token.
+pub const TOKEN_FILE: &str = "api-token";
+/// File in the data directory holding the address the API listens on.
+pub const ADDR_FILE: &str = "api-addr";
+
+#[derive(Clone)]
+struct ApiState {
+    node: NodeHandle,
+    token: Arc<str>,
+}
+
+/// A JSON error body: `{ "error": "..." }`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+    #[serde(skip)]
+    status: u16,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        Self {
+            error: msg.into(),
+            status: status.as_u16(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(serde_json::json!({ "error": self.error }))).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        let status = match &e {
+            NodeError::UnknownContact(_) => StatusCode::NOT_FOUND,
+            NodeError::BadText | NodeError::InvalidContact(_) | NodeError::Card(_) => StatusCode::BAD_REQUEST,
+            NodeError::NoConversation => StatusCode::CONFLICT,
+            NodeError::Unreachable(_) | NodeError::Net(_) => StatusCode::BAD_GATEWAY,
+            NodeError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::Store(_) | NodeError::Mls(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, e.body_text())
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CardView {
+    pub uri: String,
+    pub account: String,
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddContactBody {
+    pub card: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SendBody {
+    pub contact: String,
+    pub text: String,
+}
+
+/// Builds the API router.
+pub fn router(node: NodeHandle, token: &str) -> Router {
+    let state = ApiState {
+        node,
+        token: Arc::from(token),
+    };
+    Router::new()
+        .route("/api/status", get(status))
+        .route("/api/card", get(card))
+        .route("/api/contacts", get(contacts).post(add_contact))
+        .route("/api/contacts/{contact}/messages", get(history))
+        .route("/api/messages", post(send))
+        .route("/api/events", get(events))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Binds `addr` (must be a loopback address) and serves the API until the task is aborted.
+pub async fn serve(
+    node: NodeHandle,
+    addr: SocketAddr,
+    token: &str,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    if !addr.ip().is_loopback() {
+        anyhow::bail!("the API only listens on loopback addresses, not {addr}");
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = router(node, token);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!("API server stopped: {e}");
+        }
+    });
+    Ok((local, task))
+}
+
+fn host_is_loopback(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    matches!(name, "127.0.0.1" | "localhost" | "::1")
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn guard(State(state): State<ApiState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    if !host_is_loopback(host) {
+        return ApiError::new(StatusCode::FORBIDDEN, "requests must be addressed to a loopback host").into_response();
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let ok = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.strip_prefix("http://"))
+            .is_some_and(host_is_loopback);
+        if !ok {
+            return ApiError::new(StatusCode::FORBIDDEN, "cross-origin requests are refused").into_response();
+        }
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(token.as_bytes(), state.token.as_bytes()) {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong API token").into_response();
+    }
+    next.run(req).await
+}
+
+async fn status(State(s): State<ApiState>) -> Result<Json<NodeStatus>, ApiError> {
+    Ok(Json(s.node.status().await?))
+}
+
+async fn card(State(s): State<ApiState>) -> Json<CardView> {
+    let card = s.node.card();
+    Json(CardView {
+        uri: card.to_uri(),
+        account: card.account.to_base58(),
+        name: card.name,
+    })
+}
+
+async fn contacts(State(s): State<ApiState>) -> Result<Json<Vec<ContactView>>, ApiError> {
+    Ok(Json(s.node.contacts()?))
+}
+
+async fn add_contact(
+    State(s): State<ApiState>,
+    body: Result<Json<AddContactBody>, JsonRejection>,
+) -> Result<Json<ContactView>, ApiError> {
+    let Json(body) = body?;
+    Ok(Json(s.node.add_contact(&body.card, body.name.as_deref()).await?))
+}
+
+async fn history(State(s): State<ApiState>, Path(contact): Path<String>) -> Result<Json<Vec<MessageView>>, ApiError> {
+    Ok(Json(s.node.history(&contact)?))
+}
+
+async fn send(
+    State(s): State<ApiState>,
+    body: Result<Json<SendBody>, JsonRejection>,
+) -> Result<Json<MessageView>, ApiError> {
+    let Json(body) = body?;
+    Ok(Json(s.node.send_text(&body.contact, &body.text).await?))
+}
+
+async fn events(State(s): State<ApiState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = BroadcastStream::new(s.node.subscribe()).filter_map(|ev| {
+        let ev = ev.ok()?;
+        let data = serde_json::to_string(&ev).ok()?;
+        Some(Ok(Event::default().data(data)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts_pass() {
+        assert!(host_is_loopback("127.0.0.1:8080"));
+        assert!(host_is_loopback("localhost:1"));
+        assert!(host_is_loopback("[::1]:80"));
+        assert!(!host_is_loopback("evil.example:80"));
+        assert!(!host_is_loopback("127.0.0.1.evil.example"));
+    }
+}

@@ -1,0 +1,952 @@
+//! The core task: the only owner of the store's write side and of MLS state.
+//!
+//! Every state change runs here, one unit of work (one redb write transaction)
+//! at a time: sending (encrypt + history row + outbox entries), receiving
+//! (decrypt + history row + dedup id), creating and joining conversations,
+//! making key packages. Network I/O never happens inside a unit: deliveries run
+//! in small spawned tasks that report back as [`CoreInput::DeliverResult`].
+//!
+//! Invariants:
+//! - an inbound envelope is acknowledged only after the unit that applied it
+//!   committed durably;
+//! - an outbox entry is removed only after the recipient acknowledged it;
+//! - an envelope id and a message id are applied at most once.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use openmls::prelude::MlsGroup;
+use openmls_rust_crypto::RustCrypto;
+use prost::Message as _;
+use tidings_protocol::identity::{AccountId, DeviceCertificate};
+use tidings_protocol::limits::{MAX_DELIVER_FRAME, MAX_ENVELOPES_PER_BATCH, MAX_MLS_MESSAGE, MAX_TEXT};
+use tidings_protocol::mls::{Incoming, MlsEngine};
+use tidings_protocol::payload::{Body, Payload};
+use tidings_protocol::pb::{self, DeliverStatus, EnvelopeKind};
+use tidings_protocol::{CardError, MlsError};
+use tidings_store::{Contact, Conversation, MessageState, OutboxEntry, Store, StoreError, StoredMessage};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::clock::Clock;
+use crate::net::{NetError, NetEvent, Network};
+use crate::types::{ContactView, MessageView, NodeEvent};
+
+/// Errors reported to API callers.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("unknown contact: {0}")]
+    UnknownContact(String),
+    #[error("no conversation with this contact yet")]
+    NoConversation,
+    #[error("the contact has no device we could reach: {0}")]
+    Unreachable(String),
+    #[error("message text is empty or longer than {MAX_TEXT} bytes")]
+    BadText,
+    #[error("invalid contact: {0}")]
+    InvalidContact(String),
+    #[error(transparent)]
+    Card(#[from] CardError),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("encryption: {0}")]
+    Mls(#[from] MlsError),
+    #[error("network: {0}")]
+    Net(#[from] NetError),
+    #[error("the node has stopped")]
+    Stopped,
+}
+
+/// The openmls provider of a node: RustCrypto plus the redb store.
+pub struct Provider {
+    crypto: RustCrypto,
+    store: Arc<Store>,
+}
+
+impl Provider {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self {
+            crypto: RustCrypto::default(),
+            store,
+        }
+    }
+}
+
+impl openmls_traits::OpenMlsProvider for Provider {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = Store;
+
+    fn storage(&self) -> &Store {
+        &self.store
+    }
+    fn crypto(&self) -> &RustCrypto {
+        &self.crypto
+    }
+    fn rand(&self) -> &RustCrypto {
+        &self.crypto
+    }
+}
+
+pub(crate) enum CoreInput {
+    Send {
+        contact: [u8; 32],
+        text: String,
+        reply: oneshot::Sender<Result<MessageView, NodeError>>,
+    },
+    CreateConversation {
+        contact: [u8; 32],
+        key_packages: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
+    },
+    PutContact {
+        contact: Contact,
+        reply: oneshot::Sender<Result<Contact, NodeError>>,
+    },
+    NextRecordSeq {
+        reply: oneshot::Sender<Result<u64, NodeError>>,
+    },
+    DeliverResult {
+        device: [u8; 32],
+        ids: Vec<u64>,
+        result: Result<pb::DeliverResponse, NetError>,
+    },
+}
+
+/// First retry delay after a failed delivery; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Most sends folded into one unit of work.
+const MAX_SENDS_PER_UNIT: usize = 256;
+/// Key packages one peer may ask for per minute.
+const KEY_PACKAGES_PER_MINUTE: u32 = 20;
+
+struct DeviceQueue {
+    account: [u8; 32],
+    entries: VecDeque<(u64, Option<[u8; 16]>, pb::Envelope)>,
+    in_flight: bool,
+    backoff: Duration,
+    next_try: Instant,
+}
+
+impl DeviceQueue {
+    fn new(account: [u8; 32]) -> Self {
+        Self {
+            account,
+            entries: VecDeque::new(),
+            in_flight: false,
+            backoff: MIN_BACKOFF,
+            next_try: Instant::now(),
+        }
+    }
+}
+
+pub(crate) struct Core {
+    pub store: Arc<Store>,
+    pub provider: Provider,
+    pub engine: MlsEngine,
+    pub net: Network,
+    pub clock: Clock,
+    pub me: AccountId,
+    pub my_device: [u8; 32],
+    pub events: broadcast::Sender<NodeEvent>,
+    pub self_tx: mpsc::Sender<CoreInput>,
+    groups: HashMap<Vec<u8>, MlsGroup>,
+    members: HashMap<Vec<u8>, Vec<DeviceCertificate>>,
+    certs: HashMap<Vec<u8>, DeviceCertificate>,
+    queues: HashMap<[u8; 32], DeviceQueue>,
+    /// Outstanding outbox entries per message id (for the delivered state).
+    pending_per_message: HashMap<[u8; 16], usize>,
+    key_package_budget: HashMap<PeerId, (Instant, u32)>,
+}
+
+enum Abort {
+    Envelope(usize, String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Abort {
+    fn from(e: StoreError) -> Self {
+        Abort::Store(e)
+    }
+}
+
+enum Apply {
+    Status(DeliverStatus),
+    Invalid(String),
+}
+
+fn load_group<'a>(
+    groups: &'a mut HashMap<Vec<u8>, MlsGroup>,
+    provider: &Provider,
+    gid: &[u8],
+) -> Result<Option<&'a mut MlsGroup>, MlsError> {
+    if !groups.contains_key(gid) {
+        match MlsEngine::load(provider, gid)? {
+            Some(g) => {
+                groups.insert(gid.to_vec(), g);
+            }
+            None => return Ok(None),
+        }
+    }
+    Ok(groups.get_mut(gid))
+}
+
+pub(crate) fn peer_id_of(device: &[u8; 32]) -> Option<PeerId> {
+    let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(device).ok()?;
+    Some(libp2p::identity::PublicKey::from(pk).to_peer_id())
+}
+
+impl Core {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<Store>,
+        engine: MlsEngine,
+        net: Network,
+        clock: Clock,
+        me: AccountId,
+        my_device: [u8; 32],
+        events: broadcast::Sender<NodeEvent>,
+        self_tx: mpsc::Sender<CoreInput>,
+    ) -> Result<Self, StoreError> {
+        let mut core = Self {
+            provider: Provider::new(store.clone()),
+            store,
+            engine,
+            net,
+            clock,
+            me,
+            my_device,
+            events,
+            self_tx,
+            groups: HashMap::new(),
+            members: HashMap::new(),
+            certs: HashMap::new(),
+            queues: HashMap::new(),
+            pending_per_message: HashMap::new(),
+            key_package_budget: HashMap::new(),
+        };
+        for e in core.store.list_outbox()? {
+            match pb::Envelope::decode(e.envelope.as_slice()) {
+                Ok(env) => core.enqueue(e.account, e.device, e.id, e.message_id, env),
+                Err(err) => warn!(id = e.id, "dropping undecodable outbox entry: {err}"),
+            }
+        }
+        Ok(core)
+    }
+
+    fn enqueue(
+        &mut self,
+        account: [u8; 32],
+        device: [u8; 32],
+        id: u64,
+        message_id: Option<[u8; 16]>,
+        env: pb::Envelope,
+    ) {
+        if let Some(m) = message_id {
+            *self.pending_per_message.entry(m).or_default() += 1;
+        }
+        self.queues
+            .entry(device)
+            .or_insert_with(|| DeviceQueue::new(account))
+            .entries
+            .push_back((id, message_id, env));
+    }
+
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<CoreInput>, mut net_events: mpsc::Receiver<NetEvent>) {
+        loop {
+            self.pump();
+            let due = self.next_due();
+            tokio::select! {
+                input = inputs.recv() => {
+                    let Some(first) = input else { break };
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_SENDS_PER_UNIT {
+                        match inputs.try_recv() {
+                            Ok(i) => batch.push(i),
+                            Err(_) => break,
+                        }
+                    }
+                    self.on_inputs(batch);
+                }
+                ev = net_events.recv() => match ev {
+                    Some(ev) => self.on_net_event(ev).await,
+                    None => break,
+                },
+                _ = sleep_until_opt(due) => {}
+            }
+        }
+        debug!("core task stopped");
+    }
+
+    // ------------------------------------------------------------- inputs
+
+    fn on_inputs(&mut self, batch: Vec<CoreInput>) {
+        let mut sends = Vec::new();
+        for input in batch {
+            match input {
+                CoreInput::Send { contact, text, reply } => sends.push((contact, text, reply)),
+                other => {
+                    self.flush_sends(std::mem::take(&mut sends));
+                    self.on_input(other);
+                }
+            }
+        }
+        self.flush_sends(sends);
+    }
+
+    fn on_input(&mut self, input: CoreInput) {
+        match input {
+            // Sends are folded into units by `on_inputs` and never reach here.
+            CoreInput::Send { .. } => {}
+            CoreInput::CreateConversation {
+                contact,
+                key_packages,
+                reply,
+            } => {
+                let r = self.create_conversation(contact, key_packages);
+                let _ = reply.send(r);
+            }
+            CoreInput::PutContact { contact, reply } => {
+                let r = self.put_contact(contact);
+                let _ = reply.send(r);
+            }
+            CoreInput::NextRecordSeq { reply } => {
+                let now = self.clock.now_ms();
+                let store = self.store.clone();
+                let r = store
+                    .unit(|| -> Result<u64, StoreError> {
+                        let next = store.next_counter("record_seq")?;
+                        store.raise_counter("record_seq", next.max(now))
+                    })
+                    .map_err(NodeError::from);
+                let _ = reply.send(r);
+            }
+            CoreInput::DeliverResult { device, ids, result } => self.on_deliver_result(device, ids, result),
+        }
+    }
+
+    fn put_contact(&mut self, mut contact: Contact) -> Result<Contact, NodeError> {
+        let store = self.store.clone();
+        let merged = store.unit(|| -> Result<Contact, NodeError> {
+            if let Some(old) = store.contact(&contact.account)? {
+                // Keep conversations; take the newer device list and name.
+                contact.conversations = old.conversations;
+                contact.added_ms = old.added_ms;
+                if contact.name.is_empty() {
+                    contact.name = old.name;
+                }
+                if contact.record_seq < old.record_seq {
+                    contact.devices = old.devices;
+                    contact.relays = old.relays;
+                    contact.record_seq = old.record_seq;
+                }
+            }
+            store.put_contact(&contact)?;
+            Ok(contact)
+        })?;
+        let _ = self.events.send(NodeEvent::Contact(ContactView::from_contact(&merged)));
+        Ok(merged)
+    }
+
+    fn flush_sends(&mut self, sends: Vec<PendingSend>) {
+        if sends.is_empty() {
+            return;
+        }
+        let now = self.clock.now_ms();
+        let store = self.store.clone();
+        // Fast path: every send of the batch in one unit (one durable commit).
+        let mut results = Vec::with_capacity(sends.len());
+        let batch = store.unit(|| -> Result<(), NodeError> {
+            for (contact, text, _) in &sends {
+                results.push(self.send_one(contact, text, now)?);
+            }
+            Ok(())
+        });
+        let results = match batch {
+            Ok(()) => results.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(_) => {
+                // Something failed: state rolled back. Redo each send alone so
+                // that one bad send does not fail the others.
+                self.groups.clear();
+                sends
+                    .iter()
+                    .map(|(contact, text, _)| {
+                        let r = store.unit(|| self.send_one(contact, text, now));
+                        if r.is_err() {
+                            self.groups.clear();
+                        }
+                        r
+                    })
+                    .collect()
+            }
+        };
+        for ((_, _, reply), r) in sends.into_iter().zip(results) {
+            let r = r.map(|(msg, entries)| {
+                for (device, id, env) in entries {
+                    self.enqueue(msg.peer, device, id, Some(msg.id), env);
+                }
+                MessageView::from_stored(&msg)
+            });
+            let _ = reply.send(r);
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn send_one(
+        &mut self,
+        contact: &[u8; 32],
+        text: &str,
+        now: u64,
+    ) -> Result<(StoredMessage, Vec<([u8; 32], u64, pb::Envelope)>), NodeError> {
+        if text.is_empty() || text.len() > MAX_TEXT {
+            return Err(NodeError::BadText);
+        }
+        let c = self
+            .store
+            .contact(contact)?
+            .ok_or_else(|| NodeError::UnknownContact(bs58::encode(contact).into_string()))?;
+        let gid = c.conversations.iter().min().cloned().ok_or(NodeError::NoConversation)?;
+        let seq = self.store.next_counter("sender_seq")?;
+        let ts = self.store.raise_counter("last_ts", now)?;
+        let id: [u8; 16] = rand::random();
+        let payload = Payload::text(id, seq, ts, text).encode();
+        let group = load_group(&mut self.groups, &self.provider, &gid)?.ok_or(NodeError::NoConversation)?;
+        let ct = self.engine.encrypt(&self.provider, group, &payload)?;
+        let env = pb::Envelope {
+            id: rand::random::<[u8; 16]>().to_vec(),
+            conversation_id: gid.clone(),
+            kind: EnvelopeKind::Message as i32,
+            mls_message: ct,
+        };
+        let env_bytes = env.encode_to_vec();
+        let mut entries = Vec::new();
+        for device in self.member_devices(&gid)? {
+            let oid = self.store.push_outbox(OutboxEntry {
+                id: 0,
+                device,
+                account: *contact,
+                envelope: env_bytes.clone(),
+                message_id: Some(id),
+                created_ms: now,
+            })?;
+            entries.push((device, oid, env.clone()));
+        }
+        let msg = StoredMessage {
+            id,
+            peer: *contact,
+            sender: *self.me.as_bytes(),
+            sender_seq: seq,
+            timestamp_ms: ts,
+            received_ms: now,
+            outgoing: true,
+            text: text.to_owned(),
+            state: if entries.is_empty() {
+                MessageState::Delivered
+            } else {
+                MessageState::Pending
+            },
+        };
+        self.store.insert_message(&msg)?;
+        Ok((msg, entries))
+    }
+
+    /// Devices of a group other than this one.
+    fn member_devices(&mut self, gid: &[u8]) -> Result<Vec<[u8; 32]>, NodeError> {
+        if !self.members.contains_key(gid) {
+            let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
+            let certs = MlsEngine::members(group);
+            self.members.insert(gid.to_vec(), certs);
+        }
+        Ok(self.members[gid]
+            .iter()
+            .map(|c| c.device_key)
+            .filter(|d| *d != self.my_device)
+            .collect())
+    }
+
+    fn create_conversation(&mut self, contact: [u8; 32], key_packages: Vec<Vec<u8>>) -> Result<Vec<u8>, NodeError> {
+        let now = self.clock.now_ms();
+        let account = AccountId::from_bytes(&contact).map_err(|e| NodeError::InvalidContact(e.to_string()))?;
+        let mut kps = Vec::new();
+        let mut certs = Vec::new();
+        for bytes in &key_packages {
+            match MlsEngine::verify_key_package(&self.provider, bytes, &account, now) {
+                Ok((kp, cert)) => {
+                    kps.push(kp);
+                    certs.push(cert);
+                }
+                Err(e) => warn!("ignoring invalid key package: {e}"),
+            }
+        }
+        if kps.is_empty() {
+            return Err(NodeError::Unreachable("no valid key package".into()));
+        }
+        let gid: [u8; 16] = rand::random();
+        let store = self.store.clone();
+        let result = store.unit(|| -> Result<_, NodeError> {
+            let mut c = store
+                .contact(&contact)?
+                .ok_or_else(|| NodeError::UnknownContact(account.to_base58()))?;
+            let (group, welcome) = self.engine.create_group(&self.provider, &gid, &kps)?;
+            let welcome = welcome.ok_or(NodeError::NoConversation)?;
+            store.put_conversation(&Conversation {
+                group_id: gid.to_vec(),
+                peer: contact,
+                created_ms: now,
+            })?;
+            c.conversations.push(gid.to_vec());
+            c.conversations.sort();
+            store.put_contact(&c)?;
+            let env = pb::Envelope {
+                id: rand::random::<[u8; 16]>().to_vec(),
+                conversation_id: gid.to_vec(),
+                kind: EnvelopeKind::Welcome as i32,
+                mls_message: welcome,
+            };
+            let bytes = env.encode_to_vec();
+            let mut entries = Vec::new();
+            for cert in &certs {
+                let oid = store.push_outbox(OutboxEntry {
+                    id: 0,
+                    device: cert.device_key,
+                    account: contact,
+                    envelope: bytes.clone(),
+                    message_id: None,
+                    created_ms: now,
+                })?;
+                entries.push((cert.device_key, oid, env.clone()));
+            }
+            Ok((group, entries))
+        });
+        match result {
+            Ok((group, entries)) => {
+                let certs = MlsEngine::members(&group);
+                self.members.insert(gid.to_vec(), certs);
+                self.groups.insert(gid.to_vec(), group);
+                for (d, id, env) in entries {
+                    self.enqueue(contact, d, id, None, env);
+                }
+                info!(contact = %account, "conversation created");
+                Ok(gid.to_vec())
+            }
+            Err(e) => {
+                self.groups.remove(gid.as_slice());
+                Err(e)
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ inbound
+
+    async fn on_net_event(&mut self, ev: NetEvent) {
+        match ev {
+            NetEvent::Deliver { id, peer, request } => {
+                let (response, events) = self.on_deliver(peer, request);
+                self.net.respond_deliver(id, response).await;
+                for e in events {
+                    let _ = self.events.send(e);
+                }
+            }
+            NetEvent::KeyPackage { id, peer, request: _ } => {
+                let response = if self.key_package_allowed(peer) {
+                    let store = self.store.clone();
+                    match store.unit(|| -> Result<_, NodeError> { Ok(self.engine.key_package(&self.provider, false)?) })
+                    {
+                        Ok(kp) => pb::KeyPackageResponse { key_package: kp },
+                        Err(e) => {
+                            warn!("cannot make a key package: {e}");
+                            pb::KeyPackageResponse::default()
+                        }
+                    }
+                } else {
+                    info!(%peer, "key package request refused: rate limited");
+                    pb::KeyPackageResponse::default()
+                };
+                self.net.respond_key_package(id, response).await;
+            }
+            NetEvent::Connected(peer) => {
+                let now = Instant::now();
+                for (device, q) in self.queues.iter_mut() {
+                    if peer_id_of(device) == Some(peer) {
+                        q.next_try = now;
+                        q.backoff = MIN_BACKOFF;
+                    }
+                }
+            }
+        }
+    }
+
+    fn key_package_allowed(&mut self, peer: PeerId) -> bool {
+        let now = Instant::now();
+        if self.key_package_budget.len() > 10_000 {
+            self.key_package_budget
+                .retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
+        }
+        let entry = self.key_package_budget.entry(peer).or_insert((now, 0));
+        if now.duration_since(entry.0) >= Duration::from_secs(60) {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= KEY_PACKAGES_PER_MINUTE
+    }
+
+    /// Applies a batch of envelopes in one unit of work and returns one status
+    /// per envelope plus the events to emit once the unit committed.
+    pub(crate) fn on_deliver(
+        &mut self,
+        peer: PeerId,
+        req: pb::DeliverRequest,
+    ) -> (pb::DeliverResponse, Vec<NodeEvent>) {
+        let n = req.envelopes.len();
+        if n > MAX_ENVELOPES_PER_BATCH {
+            warn!(%peer, n, "delivery batch too large; refused");
+            return (statuses(vec![DeliverStatus::Rejected; n]), Vec::new());
+        }
+        // Structural checks first: these need no state and no rollback.
+        let mut pre: Vec<Option<DeliverStatus>> = req
+            .envelopes
+            .iter()
+            .map(|e| {
+                let ok = e.id.len() == 16
+                    && !e.conversation_id.is_empty()
+                    && e.conversation_id.len() <= 64
+                    && e.mls_message.len() <= MAX_MLS_MESSAGE
+                    && matches!(
+                        EnvelopeKind::try_from(e.kind),
+                        Ok(EnvelopeKind::Welcome | EnvelopeKind::Message)
+                    );
+                (!ok).then_some(DeliverStatus::Rejected)
+            })
+            .collect();
+        let now = self.clock.now_ms();
+        let store = self.store.clone();
+        loop {
+            let mut out = Vec::with_capacity(n);
+            let mut events = Vec::new();
+            let result = store.unit(|| -> Result<(), Abort> {
+                let mut stop = false;
+                for (i, env) in req.envelopes.iter().enumerate() {
+                    if let Some(s) = pre[i] {
+                        out.push(s);
+                        continue;
+                    }
+                    if stop {
+                        out.push(DeliverStatus::NotProcessed);
+                        continue;
+                    }
+                    match self.apply(peer, env, now, &mut events)? {
+                        Apply::Status(s) => {
+                            if s == DeliverStatus::UnknownConversation {
+                                stop = true;
+                            }
+                            out.push(s);
+                        }
+                        Apply::Invalid(why) => return Err(Abort::Envelope(i, why)),
+                    }
+                }
+                Ok(())
+            });
+            match result {
+                Ok(()) => return (statuses(out), events),
+                Err(Abort::Envelope(i, why)) => {
+                    // The unit rolled back; cached groups may be ahead of storage.
+                    info!(%peer, "refused envelope: {why}");
+                    self.groups.clear();
+                    self.members.clear();
+                    pre[i] = Some(DeliverStatus::Rejected);
+                }
+                Err(Abort::Store(e)) => {
+                    warn!("cannot commit received envelopes: {e}");
+                    self.groups.clear();
+                    self.members.clear();
+                    return (statuses(vec![DeliverStatus::NotProcessed; n]), Vec::new());
+                }
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        peer: PeerId,
+        env: &pb::Envelope,
+        now: u64,
+        events: &mut Vec<NodeEvent>,
+    ) -> Result<Apply, Abort> {
+        let id: [u8; 16] = env
+            .id
+            .as_slice()
+            .try_into()
+            .map_err(|_| Abort::Envelope(0, "bad id".into()))?;
+        if self.store.envelope_seen(&id)? {
+            return Ok(Apply::Status(DeliverStatus::Duplicate));
+        }
+        let gid = env.conversation_id.as_slice();
+        match EnvelopeKind::try_from(env.kind) {
+            Ok(EnvelopeKind::Welcome) => {
+                if self.store.conversation(gid)?.is_some() {
+                    return Ok(Apply::Status(DeliverStatus::Rejected));
+                }
+                let group = match self.engine.join(&self.provider, &env.mls_message) {
+                    Ok(g) => g,
+                    Err(e) => return Ok(Apply::Invalid(format!("welcome: {e}"))),
+                };
+                if group.group_id().as_slice() != gid {
+                    return Ok(Apply::Invalid("welcome for another conversation id".into()));
+                }
+                let members = MlsEngine::members(&group);
+                if !members.iter().any(|c| peer_id_of(&c.device_key) == Some(peer)) {
+                    return Ok(Apply::Invalid("welcome from a peer outside the group".into()));
+                }
+                let others: HashSet<AccountId> = members.iter().map(|c| c.account).filter(|a| *a != self.me).collect();
+                if others.len() != 1 {
+                    return Ok(Apply::Invalid("not a one-to-one conversation".into()));
+                }
+                let Some(other) = others.into_iter().next() else {
+                    return Ok(Apply::Invalid("no other member".into()));
+                };
+                let mut contact = self.store.contact(other.as_bytes())?.unwrap_or_else(|| Contact {
+                    account: *other.as_bytes(),
+                    name: String::new(),
+                    devices: Vec::new(),
+                    relays: Vec::new(),
+                    record_seq: 0,
+                    conversations: Vec::new(),
+                    added_ms: now,
+                });
+                for c in members.iter().filter(|c| c.account == other) {
+                    let b = c.to_bytes();
+                    if !contact.devices.contains(&b) {
+                        contact.devices.push(b);
+                    }
+                }
+                contact.conversations.push(gid.to_vec());
+                contact.conversations.sort();
+                self.store.put_contact(&contact)?;
+                self.store.put_conversation(&Conversation {
+                    group_id: gid.to_vec(),
+                    peer: *other.as_bytes(),
+                    created_ms: now,
+                })?;
+                self.members.insert(gid.to_vec(), members);
+                self.groups.insert(gid.to_vec(), group);
+                events.push(NodeEvent::Contact(ContactView::from_contact(&contact)));
+            }
+            Ok(EnvelopeKind::Message) => {
+                let Some(conv) = self.store.conversation(gid)? else {
+                    return Ok(Apply::Status(DeliverStatus::UnknownConversation));
+                };
+                let group = match load_group(&mut self.groups, &self.provider, gid) {
+                    Ok(Some(g)) => g,
+                    Ok(None) => return Ok(Apply::Status(DeliverStatus::UnknownConversation)),
+                    Err(e) => return Err(Abort::Store(StoreError::Corrupt(e.to_string()))),
+                };
+                match self.engine.process(&self.provider, group, &env.mls_message) {
+                    Err(e) => return Ok(Apply::Invalid(e.to_string())),
+                    Ok(Incoming::Application { sender, plaintext }) => {
+                        let cert = match self.cert_for(&sender) {
+                            Ok(c) => c,
+                            Err(e) => return Ok(Apply::Invalid(format!("sender credential: {e}"))),
+                        };
+                        let payload = match Payload::decode(&plaintext) {
+                            Ok(p) => p,
+                            Err(e) => return Ok(Apply::Invalid(format!("payload: {e}"))),
+                        };
+                        let Body::Text(text) = payload.body;
+                        let msg = StoredMessage {
+                            id: payload.id,
+                            peer: conv.peer,
+                            sender: *cert.account.as_bytes(),
+                            sender_seq: payload.sender_seq,
+                            // A sender's clock may not push its messages into the future.
+                            timestamp_ms: payload.timestamp_ms.min(now + MAX_FUTURE_MS),
+                            received_ms: now,
+                            outgoing: cert.account == self.me,
+                            text,
+                            state: MessageState::Received,
+                        };
+                        if self.store.insert_message(&msg)? {
+                            events.push(NodeEvent::Message(MessageView::from_stored(&msg)));
+                        }
+                    }
+                    Ok(Incoming::Commit { epoch }) => {
+                        debug!(epoch, "applied commit");
+                        self.members.remove(gid);
+                    }
+                    Ok(Incoming::Proposal) => {}
+                }
+            }
+            _ => return Ok(Apply::Invalid("unknown envelope kind".into())),
+        }
+        self.store.mark_envelope_seen(&id, now)?;
+        Ok(Apply::Status(DeliverStatus::Accepted))
+    }
+
+    fn cert_for(&mut self, credential_identity: &[u8]) -> Result<DeviceCertificate, MlsError> {
+        if let Some(c) = self.certs.get(credential_identity) {
+            return Ok(c.clone());
+        }
+        let cert = DeviceCertificate::from_bytes(credential_identity)?;
+        if self.certs.len() > 4096 {
+            self.certs.clear();
+        }
+        self.certs.insert(credential_identity.to_vec(), cert.clone());
+        Ok(cert)
+    }
+
+    // ------------------------------------------------------------- outbox
+
+    fn next_due(&self) -> Option<Instant> {
+        self.queues
+            .values()
+            .filter(|q| !q.in_flight && !q.entries.is_empty())
+            .map(|q| q.next_try)
+            .min()
+    }
+
+    /// Starts a delivery for every device queue that is due and idle.
+    fn pump(&mut self) {
+        let now = Instant::now();
+        for (device, q) in self.queues.iter_mut() {
+            if q.in_flight || q.entries.is_empty() || q.next_try > now {
+                continue;
+            }
+            let Some(peer) = peer_id_of(device) else { continue };
+            let mut ids = Vec::new();
+            let mut envelopes = Vec::new();
+            let mut bytes = 0usize;
+            for (id, _, env) in q.entries.iter().take(MAX_ENVELOPES_PER_BATCH) {
+                bytes += env.encoded_len() + 8;
+                if bytes > MAX_DELIVER_FRAME / 2 && !envelopes.is_empty() {
+                    break;
+                }
+                ids.push(*id);
+                envelopes.push(env.clone());
+            }
+            q.in_flight = true;
+            let net = self.net.clone();
+            let tx = self.self_tx.clone();
+            let device = *device;
+            tokio::spawn(async move {
+                let request = pb::DeliverRequest { envelopes };
+                let mut result = net.deliver(peer, request.clone()).await;
+                if matches!(result, Err(NetError::Unreachable(_)))
+                    && net.find_peer(peer).await.is_ok_and(|a| !a.is_empty())
+                {
+                    result = net.deliver(peer, request).await;
+                }
+                let _ = tx.send(CoreInput::DeliverResult { device, ids, result }).await;
+            });
+        }
+    }
+
+    fn on_deliver_result(&mut self, device: [u8; 32], ids: Vec<u64>, result: Result<pb::DeliverResponse, NetError>) {
+        let Some(q) = self.queues.get_mut(&device) else { return };
+        q.in_flight = false;
+        let account = q.account;
+        let statuses: Vec<DeliverStatus> = match result {
+            Ok(resp) if resp.statuses.len() == ids.len() => resp
+                .statuses
+                .iter()
+                .map(|s| DeliverStatus::try_from(*s).unwrap_or(DeliverStatus::NotProcessed))
+                .collect(),
+            Ok(_) => {
+                warn!("malformed delivery response; will retry");
+                vec![DeliverStatus::NotProcessed; ids.len()]
+            }
+            Err(e) => {
+                debug!("delivery failed: {e}; will retry");
+                vec![DeliverStatus::NotProcessed; ids.len()]
+            }
+        };
+        let mut done = Vec::new();
+        let mut retry = false;
+        for (id, s) in ids.iter().zip(statuses) {
+            match s {
+                DeliverStatus::Accepted | DeliverStatus::Duplicate => done.push(*id),
+                DeliverStatus::Rejected => {
+                    warn!(entry = id, "recipient rejected an envelope; dropping it");
+                    done.push(*id);
+                }
+                _ => retry = true,
+            }
+        }
+        let done_set: HashSet<u64> = done.iter().copied().collect();
+        let mut finished_messages = Vec::new();
+        q.entries.retain(|(id, mid, _)| {
+            if done_set.contains(id) {
+                if let Some(m) = mid {
+                    finished_messages.push(*m);
+                }
+                false
+            } else {
+                true
+            }
+        });
+        if retry {
+            q.next_try = Instant::now() + q.backoff;
+            q.backoff = (q.backoff * 2).min(MAX_BACKOFF);
+        } else {
+            q.backoff = MIN_BACKOFF;
+            q.next_try = Instant::now();
+        }
+        if q.entries.is_empty() {
+            self.queues.remove(&device);
+        }
+        let mut delivered = Vec::new();
+        for m in finished_messages {
+            if let Some(n) = self.pending_per_message.get_mut(&m) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending_per_message.remove(&m);
+                    delivered.push(m);
+                }
+            }
+        }
+        if done.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let r = store.unit(|| -> Result<(), StoreError> {
+            store.remove_outbox(&done)?;
+            for m in &delivered {
+                store.set_message_state(m, MessageState::Delivered)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            // The entries stay on disk and are re-sent after a restart; the
+            // receiver answers Duplicate.
+            warn!("cannot remove acknowledged outbox entries: {e}");
+        }
+        let contact = bs58::encode(account).into_string();
+        for m in delivered {
+            let _ = self.events.send(NodeEvent::Delivered {
+                id: hex::encode(m),
+                contact: contact.clone(),
+            });
+        }
+    }
+}
+
+/// A send waiting for its unit: recipient account, text, reply.
+type PendingSend = ([u8; 32], String, oneshot::Sender<Result<MessageView, NodeError>>);
+
+/// How far ahead of our clock a sender's timestamp may be.
+const MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
+
+fn statuses(s: Vec<DeliverStatus>) -> pb::DeliverResponse {
+    pb::DeliverResponse {
+        statuses: s.into_iter().map(|s| s as i32).collect(),
+    }
+}
+
+async fn sleep_until_opt(due: Option<Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,18 @@
+//! The Tidings node: libp2p networking, the core state machine around the
+//! store and the MLS engine, the local API and the `tidings` command line.
+
+pub mod api;
+pub mod bench;
+pub mod clock;
+pub mod codec;
+pub mod core;
+pub mod demo;
+pub mod net;
+pub mod node;
+pub mod types;
+
+pub use clock::Clock;
+pub use core::NodeError;
+pub use net::NetConfig;
+pub use node::{Node, NodeConfig, NodeHandle, create_identity, open_store};
+pub use types::{ContactView, MessageView, NodeEvent, NodeStatus};

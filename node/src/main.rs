@@ -1,0 +1,386 @@
+//! `tidings`: run a node, talk to a running node, or run the demo.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use libp2p::Multiaddr;
+use tidings_node::api::{ADDR_FILE, AddContactBody, CardView, SendBody, TOKEN_FILE};
+use tidings_node::{ContactView, MessageView, NetConfig, Node, NodeConfig, NodeStatus};
+
+#[derive(Parser)]
+#[command(
+    name = "tidings",
+    version,
+    about = "Tidings: a decentralised, end-to-end encrypted messenger"
+)]
+struct Cli {
+    /// Data directory (default: $XDG_DATA_HOME/tidings).
+    #[arg(long, global = true, env = "TIDINGS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `tidings_node=debug`.
+    #[arg(long, global = true, env = "TIDINGS_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create an identity and a data directory.
+    Init {
+        /// Your display name.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Start the node (network + local API) and keep it running.
+    Run {
+        /// Address to listen on (repeatable). Default: all interfaces, TCP and QUIC, any port.
+        #[arg(long)]
+        listen: Vec<Multiaddr>,
+        /// Bootstrap peer, `/ip4/…/tcp/…/p2p/<peer id>` (repeatable).
+        #[arg(long)]
+        bootstrap: Vec<Multiaddr>,
+        /// Address of the local API (loopback only).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        api: SocketAddr,
+        /// Discover peers on the local network with mDNS.
+        #[arg(long)]
+        mdns: bool,
+        /// Do not answer DHT queries (for nodes that others cannot dial).
+        #[arg(long)]
+        dht_client: bool,
+    },
+    /// Print your contact card as a `tidings:` URI and a QR code.
+    Card,
+    /// Manage contacts.
+    Contact {
+        #[command(subcommand)]
+        cmd: ContactCmd,
+    },
+    /// List contacts.
+    Contacts,
+    /// Send a text message.
+    Send { contact: String, text: String },
+    /// Show the history with a contact.
+    Log { contact: String },
+    /// Show the node's peer id, addresses, DHT peers and outbox size.
+    Status,
+    /// Run a whole local network on loopback and show it working.
+    Demo,
+    /// Measure latency, throughput, MLS cost, memory and start-up time.
+    Bench(tidings_node::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ContactCmd {
+    /// Add a contact from a `tidings:` card or an account key.
+    Add {
+        card: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn data_dir(cli: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match cli {
+        Some(d) => Ok(d.clone()),
+        None => Ok(dirs::data_dir()
+            .context("no data directory for this user; pass --data-dir")?
+            .join("tidings")),
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Demo => return tidings_node::demo::run().await,
+        Cmd::Bench(args) => return tidings_node::bench::run(args).await,
+        _ => {}
+    }
+    let dir = data_dir(&cli.data_dir)?;
+    match cli.cmd {
+        Cmd::Init { name } => init(&dir, &name),
+        Cmd::Run {
+            listen,
+            bootstrap,
+            api,
+            mdns,
+            dht_client,
+        } => run(&dir, listen, bootstrap, api, mdns, dht_client).await,
+        Cmd::Card => {
+            let card: CardView = Client::new(&dir)?.get("/api/card").await?;
+            println!("{}\n", card.uri);
+            println!("{}", qr(&card.uri)?);
+            println!("account: {}  name: {}", card.account, card.name);
+            Ok(())
+        }
+        Cmd::Contact {
+            cmd: ContactCmd::Add { card, name },
+        } => {
+            let c: ContactView = Client::new(&dir)?
+                .post("/api/contacts", &AddContactBody { card, name })
+                .await?;
+            println!("added {} ({})", display_name(&c), c.account);
+            Ok(())
+        }
+        Cmd::Contacts => {
+            let list: Vec<ContactView> = Client::new(&dir)?.get("/api/contacts").await?;
+            for c in list {
+                println!("{:<20} {}  devices: {}", display_name(&c), c.account, c.devices);
+            }
+            Ok(())
+        }
+        Cmd::Send { contact, text } => {
+            let m: MessageView = Client::new(&dir)?
+                .post("/api/messages", &SendBody { contact, text })
+                .await?;
+            println!("queued {} (state: {:?})", m.id, m.state);
+            Ok(())
+        }
+        Cmd::Log { contact } => {
+            let path = format!("/api/contacts/{contact}/messages");
+            let list: Vec<MessageView> = Client::new(&dir)?.get(&path).await?;
+            for m in list {
+                let who = if m.outgoing { "me" } else { "them" };
+                println!("{} {:>4} {:?}: {}", format_ts(m.timestamp_ms), who, m.state, m.text);
+            }
+            Ok(())
+        }
+        Cmd::Status => {
+            let s: NodeStatus = Client::new(&dir)?.get("/api/status").await?;
+            println!("account:   {} ({})", s.account, s.name);
+            println!("peer id:   {}", s.peer_id);
+            for a in &s.listen_addrs {
+                println!("listening: {a}");
+            }
+            println!("connected: {} peers", s.connected_peers);
+            println!("DHT peers: {}", s.dht_peers);
+            println!("outbox:    {} envelopes", s.outbox);
+            Ok(())
+        }
+        Cmd::Demo | Cmd::Bench(_) => Ok(()),
+    }
+}
+
+fn display_name(c: &ContactView) -> &str {
+    if c.name.is_empty() { "(no name)" } else { &c.name }
+}
+
+fn format_ts(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}Z")
+}
+
+fn qr(text: &str) -> anyhow::Result<String> {
+    let code = qrcode::QrCode::new(text.as_bytes())?;
+    Ok(code
+        .render::<qrcode::render::unicode::Dense1x2>()
+        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+        .build())
+}
+
+fn init(dir: &Path, name: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let store = tidings_node::open_store(dir)?;
+    if store.identity().is_ok() {
+        bail!("{} already holds an identity", dir.display());
+    }
+    let now = tidings_node::Clock::system().now_ms();
+    tidings_node::create_identity(&store, name, now)?;
+    write_token(dir)?;
+    let id = store.identity()?;
+    let account = tidings_protocol::AccountKey::from_seed(id.account_seed).id();
+    println!("created identity {account} in {}", dir.display());
+    Ok(())
+}
+
+fn write_token(dir: &Path) -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes).context("no OS randomness")?;
+    let token = hex::encode(bytes);
+    let path = dir.join(TOKEN_FILE);
+    write_private(&path, &token)?;
+    Ok(token)
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+async fn run(
+    dir: &Path,
+    listen: Vec<Multiaddr>,
+    bootstrap: Vec<Multiaddr>,
+    api: SocketAddr,
+    mdns: bool,
+    dht_client: bool,
+) -> anyhow::Result<()> {
+    let store =
+        tidings_node::open_store(dir).with_context(|| format!("cannot open the data directory {}", dir.display()))?;
+    store
+        .identity()
+        .with_context(|| format!("no identity in {}; run `tidings init` first", dir.display()))?;
+    let token = match std::fs::read_to_string(dir.join(TOKEN_FILE)) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+        _ => write_token(dir)?,
+    };
+    let mut net = NetConfig {
+        bootstrap,
+        mdns,
+        dht_server: !dht_client,
+        ..NetConfig::default()
+    };
+    if !listen.is_empty() {
+        net.listen = listen;
+    }
+    let node = Node::start(
+        store,
+        NodeConfig {
+            net,
+            ..NodeConfig::default()
+        },
+    )
+    .await?;
+    let handle = node.handle();
+    let (api_addr, api_task) = tidings_node::api::serve(handle.clone(), api, &token).await?;
+    write_private(&dir.join(ADDR_FILE), &api_addr.to_string())?;
+    let publisher = handle.spawn_record_publisher(Duration::from_secs(3600));
+    println!("tidings node {} ({})", handle.account(), handle.name());
+    for a in node.listen_addrs() {
+        println!("listening on {a}");
+    }
+    println!("API on http://{api_addr}");
+    wait_for_signal().await;
+    println!("shutting down");
+    publisher.abort();
+    api_task.abort();
+    node.shutdown().await;
+    let _ = std::fs::remove_file(dir.join(ADDR_FILE));
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A client of a running node's API.
+struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    fn new(dir: &Path) -> anyhow::Result<Self> {
+        let addr = std::fs::read_to_string(dir.join(ADDR_FILE)).map_err(|_| {
+            anyhow::anyhow!(
+                "no node is running for {} (start one with `tidings run`)",
+                dir.display()
+            )
+        })?;
+        let token = std::fs::read_to_string(dir.join(TOKEN_FILE))
+            .with_context(|| format!("cannot read the API token in {}", dir.display()))?;
+        Ok(Self {
+            base: format!("http://{}", addr.trim()),
+            token: token.trim().to_owned(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?,
+        })
+    }
+
+    async fn finish<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
+        let status = resp.status();
+        let body = resp.bytes().await?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            bail!("{msg}");
+        }
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .context("cannot reach the node (is `tidings run` still running?)")?;
+        Self::finish(resp).await
+    }
+
+    async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .context("cannot reach the node (is `tidings run` still running?)")?;
+        Self::finish(resp).await
+    }
+}

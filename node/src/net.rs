@@ -1,0 +1,644 @@
+//! The libp2p side of a node: one swarm, owned by one task.
+//!
+//! [`spawn`] builds the swarm and starts the event loop; the rest of the node
+//! talks to it through a cloneable [`Network`] handle of bounded channels and
+//! receives inbound requests as [`NetEvent`]s. Inbound requests carry an id;
+//! the reply goes back with [`Network::respond_deliver`] once the core has
+//! committed what it received.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
+use libp2p::kad::{self, GetClosestPeersOk, GetRecordOk, InboundRequest, QueryResult, Quorum, Record, RecordKey};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, mdns, noise, ping, tcp, yamux};
+use tidings_protocol::limits::{MAX_DELIVER_FRAME, MAX_KEY_PACKAGE_FRAME, MAX_USER_RECORD};
+use tidings_protocol::pb;
+use tidings_protocol::record::UserRecord;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::clock::Clock;
+use crate::codec::ProstCodec;
+
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0");
+pub const DELIVER_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/deliver/1");
+pub const KEY_PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/keypackage/1");
+pub const IDENTIFY_PROTOCOL: &str = "/tidings/id/1.0.0";
+
+/// Capacity of the command and event channels.
+const CHANNEL_CAPACITY: usize = 1024;
+/// Most inbound requests awaiting the core's reply at once.
+const MAX_PENDING_INBOUND: usize = 4096;
+
+type DeliverBehaviour = request_response::Behaviour<ProstCodec<pb::DeliverRequest, pb::DeliverResponse>>;
+type KeyPackageBehaviour = request_response::Behaviour<ProstCodec<pb::KeyPackageRequest, pb::KeyPackageResponse>>;
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    deliver: DeliverBehaviour,
+    key_package: KeyPackageBehaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// Network errors reported to callers.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum NetError {
+    #[error("could not reach the peer: {0}")]
+    Unreachable(String),
+    #[error("the peer did not answer in time")]
+    Timeout,
+    #[error("the request failed: {0}")]
+    Failed(String),
+    #[error("nothing found in the DHT")]
+    NotFound,
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+/// How the swarm is set up.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub mdns: bool,
+    /// Answer DHT queries (server mode). Nodes that cannot be reached from
+    /// outside should set this to false.
+    pub dht_server: bool,
+    pub request_timeout: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse().expect("static multiaddr"),
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("static multiaddr"),
+            ],
+            bootstrap: Vec::new(),
+            mdns: false,
+            dht_server: true,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Requests from the network that the core must answer.
+#[derive(Debug)]
+pub enum NetEvent {
+    Deliver {
+        id: u64,
+        peer: PeerId,
+        request: pb::DeliverRequest,
+    },
+    KeyPackage {
+        id: u64,
+        peer: PeerId,
+        request: pb::KeyPackageRequest,
+    },
+    Connected(PeerId),
+}
+
+/// A snapshot of the swarm for `tidings status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NetStatus {
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    pub connected_peers: usize,
+    pub dht_peers: usize,
+}
+
+enum Command {
+    Deliver {
+        peer: PeerId,
+        request: pb::DeliverRequest,
+        reply: oneshot::Sender<Result<pb::DeliverResponse, NetError>>,
+    },
+    KeyPackage {
+        peer: PeerId,
+        request: pb::KeyPackageRequest,
+        reply: oneshot::Sender<Result<pb::KeyPackageResponse, NetError>>,
+    },
+    RespondDeliver {
+        id: u64,
+        response: pb::DeliverResponse,
+    },
+    RespondKeyPackage {
+        id: u64,
+        response: pb::KeyPackageResponse,
+    },
+    FindPeer {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    PutRecord {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    GetRecord {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>,
+    },
+    Dial {
+        addr: Multiaddr,
+    },
+    Status {
+        reply: oneshot::Sender<NetStatus>,
+    },
+}
+
+/// Handle to the network task.
+#[derive(Clone)]
+pub struct Network {
+    tx: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Network({})", self.peer_id)
+    }
+}
+
+impl Network {
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
+    pub async fn deliver(&self, peer: PeerId, request: pb::DeliverRequest) -> Result<pb::DeliverResponse, NetError> {
+        self.call(|reply| Command::Deliver { peer, request, reply }).await?
+    }
+
+    pub async fn fetch_key_package(
+        &self,
+        peer: PeerId,
+        request: pb::KeyPackageRequest,
+    ) -> Result<pb::KeyPackageResponse, NetError> {
+        self.call(|reply| Command::KeyPackage { peer, request, reply }).await?
+    }
+
+    pub async fn respond_deliver(&self, id: u64, response: pb::DeliverResponse) {
+        let _ = self.tx.send(Command::RespondDeliver { id, response }).await;
+    }
+
+    pub async fn respond_key_package(&self, id: u64, response: pb::KeyPackageResponse) {
+        let _ = self.tx.send(Command::RespondKeyPackage { id, response }).await;
+    }
+
+    /// Looks a peer up in the DHT and remembers the addresses found.
+    pub async fn find_peer(&self, peer: PeerId) -> Result<Vec<Multiaddr>, NetError> {
+        self.call(|reply| Command::FindPeer { peer, reply }).await
+    }
+
+    pub async fn put_record(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), NetError> {
+        self.call(|reply| Command::PutRecord { key, value, reply }).await?
+    }
+
+    /// Every validated copy of a record found in the DHT.
+    pub async fn get_record(&self, key: Vec<u8>) -> Result<Vec<Vec<u8>>, NetError> {
+        self.call(|reply| Command::GetRecord { key, reply }).await?
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.tx
+            .send(Command::Dial { addr })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    pub async fn status(&self) -> Result<NetStatus, NetError> {
+        self.call(|reply| Command::Status { reply }).await
+    }
+}
+
+/// Builds the swarm, starts listening and spawns the event loop.
+/// Returns once every listen address is bound.
+pub async fn spawn(
+    keypair: Keypair,
+    config: NetConfig,
+    clock: Clock,
+) -> anyhow::Result<(
+    Network,
+    mpsc::Receiver<NetEvent>,
+    Vec<Multiaddr>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let peer_id = keypair.public().to_peer_id();
+    let mdns_on = config.mdns;
+    let request_timeout = config.request_timeout;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_quic()
+        .with_dns()?
+        .with_behaviour(|key| {
+            let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+            kad_cfg
+                .set_record_filtering(kad::StoreInserts::FilterBoth)
+                .set_query_timeout(Duration::from_secs(20));
+            let store = MemoryStore::with_config(
+                peer_id,
+                MemoryStoreConfig {
+                    max_records: 4096,
+                    max_value_bytes: MAX_USER_RECORD,
+                    ..Default::default()
+                },
+            );
+            let kad = kad::Behaviour::with_config(peer_id, store, kad_cfg);
+            let rr_cfg = request_response::Config::default().with_request_timeout(request_timeout);
+            let deliver = request_response::Behaviour::with_codec(
+                ProstCodec::new(MAX_DELIVER_FRAME),
+                [(DELIVER_PROTOCOL, ProtocolSupport::Full)],
+                rr_cfg.clone().with_max_concurrent_streams(256),
+            );
+            let key_package = request_response::Behaviour::with_codec(
+                ProstCodec::new(MAX_KEY_PACKAGE_FRAME),
+                [(KEY_PACKAGE_PROTOCOL, ProtocolSupport::Full)],
+                rr_cfg,
+            );
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                        .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION"))),
+                ),
+                ping: ping::Behaviour::new(ping::Config::new()),
+                kad,
+                deliver,
+                key_package,
+                mdns: mdns.into(),
+            })
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+
+    if config.dht_server {
+        swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
+    }
+    for addr in &config.listen {
+        swarm.listen_on(addr.clone())?;
+    }
+    // Wait until every listener reports its address.
+    let mut listen_addrs = Vec::new();
+    while listen_addrs.len() < config.listen.len() {
+        match swarm.select_next_some().await {
+            SwarmEvent::NewListenAddr { address, .. } => listen_addrs.push(address),
+            SwarmEvent::ListenerError { error, .. } => anyhow::bail!("listening failed: {error}"),
+            SwarmEvent::ListenerClosed { reason: Err(e), .. } => anyhow::bail!("listening failed: {e}"),
+            _ => {}
+        }
+    }
+    for addr in &config.bootstrap {
+        match addr.iter().last() {
+            Some(Protocol::P2p(peer)) => {
+                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                swarm.add_peer_address(peer, addr.clone());
+            }
+            _ => warn!(%addr, "bootstrap address has no /p2p/<peer id>; dialling it anyway"),
+        }
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%addr, "cannot dial bootstrap peer: {e}");
+        }
+    }
+    if !config.bootstrap.is_empty() {
+        let _ = swarm.behaviour_mut().kad.bootstrap();
+    }
+
+    let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let event_loop = EventLoop {
+        swarm,
+        commands: cmd_rx,
+        events: ev_tx,
+        clock,
+        next_inbound: 0,
+        inbound_deliver: HashMap::new(),
+        inbound_key_package: HashMap::new(),
+        outbound_deliver: HashMap::new(),
+        outbound_key_package: HashMap::new(),
+        find_peer: HashMap::new(),
+        put_record: HashMap::new(),
+        get_record: HashMap::new(),
+    };
+    let task = tokio::spawn(event_loop.run());
+    Ok((Network { tx: cmd_tx, peer_id }, ev_rx, listen_addrs, task))
+}
+
+/// A peer lookup: the target and everyone waiting for its addresses.
+type FindPeerQuery = (PeerId, Vec<oneshot::Sender<Vec<Multiaddr>>>);
+/// A record lookup: the key, the valid values found so far, the caller.
+type GetRecordQuery = (Vec<u8>, Vec<Vec<u8>>, oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>);
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    clock: Clock,
+    next_inbound: u64,
+    inbound_deliver: HashMap<u64, ResponseChannel<pb::DeliverResponse>>,
+    inbound_key_package: HashMap<u64, ResponseChannel<pb::KeyPackageResponse>>,
+    outbound_deliver: HashMap<OutboundRequestId, oneshot::Sender<Result<pb::DeliverResponse, NetError>>>,
+    outbound_key_package: HashMap<OutboundRequestId, oneshot::Sender<Result<pb::KeyPackageResponse, NetError>>>,
+    find_peer: HashMap<kad::QueryId, FindPeerQuery>,
+    put_record: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
+    get_record: HashMap<kad::QueryId, GetRecordQuery>,
+}
+
+fn outbound_error(e: &request_response::OutboundFailure) -> NetError {
+    use request_response::OutboundFailure as F;
+    match e {
+        F::DialFailure => NetError::Unreachable("dial failed".into()),
+        F::Timeout => NetError::Timeout,
+        F::ConnectionClosed => NetError::Unreachable("connection closed".into()),
+        other => NetError::Failed(other.to_string()),
+    }
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev).await,
+            }
+        }
+        debug!("network task stopped");
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_inbound += 1;
+        self.next_inbound
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let b = self.swarm.behaviour_mut();
+        match cmd {
+            Command::Deliver { peer, request, reply } => {
+                let id = b.deliver.send_request(&peer, request);
+                self.outbound_deliver.insert(id, reply);
+            }
+            Command::KeyPackage { peer, request, reply } => {
+                let id = b.key_package.send_request(&peer, request);
+                self.outbound_key_package.insert(id, reply);
+            }
+            Command::RespondDeliver { id, response } => {
+                if let Some(ch) = self.inbound_deliver.remove(&id) {
+                    let _ = b.deliver.send_response(ch, response);
+                }
+            }
+            Command::RespondKeyPackage { id, response } => {
+                if let Some(ch) = self.inbound_key_package.remove(&id) {
+                    let _ = b.key_package.send_response(ch, response);
+                }
+            }
+            Command::FindPeer { peer, reply } => {
+                if let Some((_, waiting)) = self.find_peer.values_mut().find(|(p, _)| *p == peer) {
+                    waiting.push(reply);
+                } else {
+                    let qid = b.kad.get_closest_peers(peer);
+                    self.find_peer.insert(qid, (peer, vec![reply]));
+                }
+            }
+            Command::PutRecord { key, value, reply } => {
+                let record = Record::new(RecordKey::new(&key), value);
+                // Keep our own copy too, so that we answer for it.
+                let _ = b.kad.store_mut().put(record.clone());
+                match b.kad.put_record(record, Quorum::One) {
+                    Ok(qid) => {
+                        self.put_record.insert(qid, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Failed(e.to_string())));
+                    }
+                }
+            }
+            Command::GetRecord { key, reply } => {
+                let qid = b.kad.get_record(RecordKey::new(&key));
+                self.get_record.insert(qid, (key, Vec::new(), reply));
+            }
+            Command::Dial { addr } => {
+                if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                    b.kad.add_address(&peer, addr.clone());
+                }
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    warn!(%addr, "dial failed: {e}");
+                }
+            }
+            Command::Status { reply } => {
+                let dht_peers = b.kad.kbuckets().map(|k| k.num_entries()).sum();
+                let _ = reply.send(NetStatus {
+                    peer_id: self.swarm.local_peer_id().to_string(),
+                    listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
+                    connected_peers: self.swarm.connected_peers().count(),
+                    dht_peers,
+                });
+            }
+        }
+    }
+
+    async fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
+                if info.protocols.contains(&KAD_PROTOCOL) =>
+            {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(peers))) => {
+                for (peer, addr) in peers {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(ev)) => self.on_kad_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Deliver(ev)) => match ev {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        if self.inbound_deliver.len() >= MAX_PENDING_INBOUND {
+                            warn!(%peer, "too many pending deliveries; dropping request");
+                            return;
+                        }
+                        let id = self.next_id();
+                        self.inbound_deliver.insert(id, channel);
+                        if self.events.send(NetEvent::Deliver { id, peer, request }).await.is_err() {
+                            self.inbound_deliver.remove(&id);
+                        }
+                    }
+                    request_response::Message::Response { request_id, response } => {
+                        if let Some(reply) = self.outbound_deliver.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                },
+                request_response::Event::OutboundFailure {
+                    request_id,
+                    error,
+                    peer,
+                    ..
+                } => {
+                    debug!(%peer, "delivery failed: {error}");
+                    if let Some(reply) = self.outbound_deliver.remove(&request_id) {
+                        let _ = reply.send(Err(outbound_error(&error)));
+                    }
+                }
+                request_response::Event::InboundFailure { peer, error, .. } => {
+                    info!(%peer, "refused inbound delivery: {error}");
+                }
+                request_response::Event::ResponseSent { .. } => {}
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::KeyPackage(ev)) => match ev {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        if self.inbound_key_package.len() >= MAX_PENDING_INBOUND {
+                            return;
+                        }
+                        let id = self.next_id();
+                        self.inbound_key_package.insert(id, channel);
+                        if self
+                            .events
+                            .send(NetEvent::KeyPackage { id, peer, request })
+                            .await
+                            .is_err()
+                        {
+                            self.inbound_key_package.remove(&id);
+                        }
+                    }
+                    request_response::Message::Response { request_id, response } => {
+                        if let Some(reply) = self.outbound_key_package.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                },
+                request_response::Event::OutboundFailure { request_id, error, .. } => {
+                    if let Some(reply) = self.outbound_key_package.remove(&request_id) {
+                        let _ = reply.send(Err(outbound_error(&error)));
+                    }
+                }
+                request_response::Event::InboundFailure { peer, error, .. } => {
+                    info!(%peer, "refused inbound key package request: {error}");
+                }
+                request_response::Event::ResponseSent { .. } => {}
+            },
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                let _ = self.events.try_send(NetEvent::Connected(peer_id));
+            }
+            SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),
+            _ => {}
+        }
+    }
+
+    fn on_kad_event(&mut self, ev: kad::Event) {
+        match ev {
+            kad::Event::InboundRequest {
+                request:
+                    InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
+            } => {
+                let existing = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .get(&record.key)
+                    .map(|r| r.value.clone());
+                match UserRecord::verify_replacement(
+                    &record.value,
+                    existing.as_deref(),
+                    record.key.as_ref(),
+                    self.clock.now_ms(),
+                ) {
+                    Ok(_) => {
+                        if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record) {
+                            warn!(%source, "cannot store DHT record: {e}");
+                        }
+                    }
+                    Err(e) => info!(%source, "refused DHT record: {e}"),
+                }
+            }
+            kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
+                QueryResult::GetClosestPeers(res) => {
+                    let peers = match res {
+                        Ok(GetClosestPeersOk { peers, .. }) => peers,
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    };
+                    if let Some((target, waiting)) = self.find_peer.remove(&id) {
+                        let addrs: Vec<Multiaddr> = peers
+                            .into_iter()
+                            .filter(|p| p.peer_id == target)
+                            .flat_map(|p| p.addrs)
+                            .collect();
+                        for a in &addrs {
+                            self.swarm.add_peer_address(target, a.clone());
+                        }
+                        for w in waiting {
+                            let _ = w.send(addrs.clone());
+                        }
+                    }
+                }
+                QueryResult::PutRecord(res) => {
+                    if let Some(reply) = self.put_record.remove(&id) {
+                        let _ = reply.send(res.map(|_| ()).map_err(|e| NetError::Failed(e.to_string())));
+                    }
+                }
+                QueryResult::GetRecord(res) => {
+                    if let Some(entry) = self.get_record.get_mut(&id) {
+                        if let Ok(GetRecordOk::FoundRecord(peer_record)) = res {
+                            let rec = peer_record.record;
+                            match UserRecord::verify(&rec.value, &entry.0, self.clock.now_ms()) {
+                                Ok(_) => entry.1.push(rec.value),
+                                Err(e) => info!("ignored invalid DHT record: {e}"),
+                            }
+                        }
+                        if step.last {
+                            if let Some((_, found, reply)) = self.get_record.remove(&id) {
+                                let out = if found.is_empty() {
+                                    Err(NetError::NotFound)
+                                } else {
+                                    Ok(found)
+                                };
+                                let _ = reply.send(out);
+                            }
+                        } else if entry.1.len() >= 3
+                            && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
+                        {
+                            q.finish();
+                        }
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+}

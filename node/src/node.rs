@@ -1,0 +1,507 @@
+//! A running node: the network task, the core task and a handle to both.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use tidings_protocol::identity::{AccountId, AccountKey, DeviceCertificate, DeviceKey};
+use tidings_protocol::mls::{MlsEngine, signature_keys_from_seed};
+use tidings_protocol::pb;
+use tidings_protocol::record::{UserRecord, user_record_key};
+use tidings_protocol::{CardError, ContactCard};
+use tidings_store::{Contact, Identity, Store};
+use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, info};
+
+use crate::clock::Clock;
+use crate::core::{Core, CoreInput, NodeError, peer_id_of};
+use crate::net::{self, NetConfig, NetError, Network};
+use crate::types::{ContactView, MessageView, NodeEvent, NodeStatus};
+
+/// How long a device certificate made by `init` is valid.
+pub const DEVICE_CERT_VALIDITY_MS: u64 = 365 * 24 * 3600 * 1000;
+/// Capacity of the core's input queue.
+const CORE_QUEUE: usize = 4096;
+/// Capacity of the event broadcast (slow subscribers miss events, never block the node).
+const EVENT_QUEUE: usize = 16_384;
+
+/// Everything a node needs besides its store.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub net: NetConfig,
+    pub clock: Clock,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            net: NetConfig::default(),
+            clock: Clock::system(),
+        }
+    }
+}
+
+fn random_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).expect("the OS random number generator failed");
+    seed
+}
+
+/// Creates a new identity (account, device, MLS key, device certificate) in `store`.
+pub fn create_identity(store: &Store, name: &str, now_ms: u64) -> Result<Identity, NodeError> {
+    if name.len() > tidings_protocol::limits::MAX_NAME {
+        return Err(NodeError::InvalidContact("name is too long".into()));
+    }
+    let (account_seed, device_seed, mls_seed) = (random_seed(), random_seed(), random_seed());
+    let account = AccountKey::from_seed(account_seed);
+    let device = DeviceKey::from_seed(device_seed);
+    let mls = signature_keys_from_seed(mls_seed);
+    let cert = account.certify_device(&device.public(), mls.public(), now_ms, now_ms + DEVICE_CERT_VALIDITY_MS);
+    let id = Identity {
+        account_seed,
+        device_seed,
+        mls_seed,
+        device_cert: cert.to_bytes(),
+        name: name.to_owned(),
+        created_ms: now_ms,
+    };
+    store.put_identity(&id)?;
+    Ok(id)
+}
+
+/// Opens the node database in `data_dir`.
+pub fn open_store(data_dir: &Path) -> Result<Store, NodeError> {
+    Ok(Store::open(&data_dir.join("tidings.redb"))?)
+}
+
+/// A running node.
+pub struct Node {
+    handle: NodeHandle,
+    tasks: Vec<JoinHandle<()>>,
+    listen_addrs: Vec<Multiaddr>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({})", self.handle.peer_id())
+    }
+}
+
+struct Inner {
+    tx: mpsc::Sender<CoreInput>,
+    net: Network,
+    store: Arc<Store>,
+    events: broadcast::Sender<NodeEvent>,
+    account_seed: [u8; 32],
+    account: AccountId,
+    cert: DeviceCertificate,
+    name: String,
+    clock: Clock,
+    conversation_lock: Mutex<()>,
+}
+
+/// A cloneable handle to a running node: what the API, the CLI and tests use.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeHandle({})", self.inner.account)
+    }
+}
+
+impl Node {
+    /// Starts a node on `store`, which must hold an identity.
+    pub async fn start(store: Store, config: NodeConfig) -> Result<Node, anyhow::Error> {
+        let store = Arc::new(store);
+        let identity = store.identity()?;
+        let account_key = AccountKey::from_seed(identity.account_seed);
+        let cert = DeviceCertificate::from_bytes(&identity.device_cert)?;
+        if cert.account != account_key.id() {
+            anyhow::bail!("device certificate belongs to another account");
+        }
+        let engine = MlsEngine::new(identity.mls_seed, &cert)?;
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(identity.device_seed)?;
+        let (net, net_events, listen_addrs, net_task) =
+            net::spawn(keypair, config.net.clone(), config.clock.clone()).await?;
+        let (tx, rx) = mpsc::channel(CORE_QUEUE);
+        let (events, _) = broadcast::channel(EVENT_QUEUE);
+        let core = Core::new(
+            store.clone(),
+            engine,
+            net.clone(),
+            config.clock.clone(),
+            account_key.id(),
+            cert.device_key,
+            events.clone(),
+            tx.clone(),
+        )?;
+        let core_task = tokio::spawn(core.run(rx, net_events));
+        let handle = NodeHandle {
+            inner: Arc::new(Inner {
+                tx,
+                net,
+                store,
+                events,
+                account_seed: identity.account_seed,
+                account: account_key.id(),
+                cert,
+                name: identity.name,
+                clock: config.clock,
+                conversation_lock: Mutex::new(()),
+            }),
+        };
+        info!(account = %handle.account(), peer = %handle.peer_id(), "node started");
+        Ok(Node {
+            handle,
+            tasks: vec![core_task, net_task],
+            listen_addrs,
+        })
+    }
+
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// Addresses the swarm listens on, each ending in `/p2p/<peer id>`.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let p = self.handle.peer_id();
+        self.listen_addrs
+            .iter()
+            .map(|a| a.clone().with(libp2p::multiaddr::Protocol::P2p(p)))
+            .collect()
+    }
+
+    /// Stops the node. Every unit of work is atomic, so stopping between units
+    /// loses nothing; the outbox resumes on the next start.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+impl NodeHandle {
+    pub fn account(&self) -> AccountId {
+        self.inner.account
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.net.peer_id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.inner.events.subscribe()
+    }
+
+    pub fn card(&self) -> ContactCard {
+        ContactCard {
+            account: self.inner.account,
+            name: self.inner.name.clone(),
+            devices: vec![self.inner.cert.clone()],
+            relays: Vec::new(),
+        }
+    }
+
+    async fn core<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, NodeError>>) -> CoreInput,
+    ) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.tx.send(make(tx)).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Signs and publishes this account's user record in the DHT.
+    pub async fn publish_record(&self) -> Result<(), NodeError> {
+        let seq = self.core(|reply| CoreInput::NextRecordSeq { reply }).await?;
+        let key = AccountKey::from_seed(self.inner.account_seed);
+        let record = UserRecord::sign(
+            &key,
+            seq,
+            std::slice::from_ref(&self.inner.cert),
+            &[],
+            &self.inner.name,
+            self.inner.clock.now_ms(),
+        );
+        let dht_key = user_record_key(&self.inner.account);
+        self.inner.net.put_record(dht_key.to_vec(), record).await?;
+        Ok(())
+    }
+
+    /// Publishes the user record now and then every `interval`, retrying
+    /// quickly until the first success.
+    pub fn spawn_record_publisher(&self, interval: Duration) -> JoinHandle<()> {
+        let h = self.clone();
+        tokio::spawn(async move {
+            let mut wait = Duration::from_secs(1);
+            loop {
+                match h.publish_record().await {
+                    Ok(()) => {
+                        debug!("user record published");
+                        tokio::time::sleep(interval).await;
+                    }
+                    Err(NodeError::Stopped) => return,
+                    Err(e) => {
+                        debug!("publishing user record failed: {e}; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(60));
+                    }
+                }
+            }
+        })
+    }
+
+    /// Finds an account's newest valid user record in the DHT.
+    pub async fn lookup_record(&self, account: &AccountId) -> Result<UserRecord, NodeError> {
+        let key = user_record_key(account);
+        let found = self.inner.net.get_record(key.to_vec()).await?;
+        let now = self.inner.clock.now_ms();
+        found
+            .iter()
+            .filter_map(|b| UserRecord::verify(b, &key, now).ok())
+            .max_by_key(|r| r.seq)
+            .ok_or(NodeError::Net(NetError::NotFound))
+    }
+
+    /// Adds a contact from a `tidings:` card URI or a bare account key (looked up in the DHT).
+    pub async fn add_contact(&self, input: &str, name: Option<&str>) -> Result<ContactView, NodeError> {
+        let input = input.trim();
+        let now = self.inner.clock.now_ms();
+        let mut contact = if input.starts_with(tidings_protocol::card::URI_SCHEME) {
+            let card = ContactCard::from_uri(input)?;
+            Contact {
+                account: *card.account.as_bytes(),
+                name: card.name,
+                devices: card.devices.iter().map(|d| d.to_bytes()).collect(),
+                relays: card.relays,
+                record_seq: 0,
+                conversations: Vec::new(),
+                added_ms: now,
+            }
+        } else {
+            let account = AccountId::from_base58(input).map_err(|_| CardError::Scheme)?;
+            let record = self.lookup_record(&account).await?;
+            Contact {
+                account: *account.as_bytes(),
+                name: record.name,
+                devices: record.devices.iter().map(|d| d.to_bytes()).collect(),
+                relays: record.relays,
+                record_seq: record.seq,
+                conversations: Vec::new(),
+                added_ms: now,
+            }
+        };
+        if contact.account == *self.inner.account.as_bytes() {
+            return Err(NodeError::InvalidContact("that is your own card".into()));
+        }
+        if let Some(n) = name {
+            if n.len() > tidings_protocol::limits::MAX_NAME {
+                return Err(NodeError::InvalidContact("name is too long".into()));
+            }
+            contact.name = n.to_owned();
+        }
+        let c = self.core(|reply| CoreInput::PutContact { contact, reply }).await?;
+        Ok(ContactView::from_contact(&c))
+    }
+
+    /// Finds a contact by account key (base58) or by name.
+    pub fn find_contact(&self, who: &str) -> Result<Contact, NodeError> {
+        let contacts = self.inner.store.list_contacts()?;
+        if let Ok(account) = AccountId::from_base58(who)
+            && let Some(c) = contacts.iter().find(|c| c.account == *account.as_bytes())
+        {
+            return Ok(c.clone());
+        }
+        let mut named = contacts.into_iter().filter(|c| c.name == who);
+        match (named.next(), named.next()) {
+            (Some(c), None) => Ok(c),
+            (Some(_), Some(_)) => Err(NodeError::UnknownContact(format!(
+                "{who} (several contacts have this name; use the account key)"
+            ))),
+            _ => Err(NodeError::UnknownContact(who.to_owned())),
+        }
+    }
+
+    pub fn contacts(&self) -> Result<Vec<ContactView>, NodeError> {
+        Ok(self
+            .inner
+            .store
+            .list_contacts()?
+            .iter()
+            .map(ContactView::from_contact)
+            .collect())
+    }
+
+    pub fn history(&self, who: &str) -> Result<Vec<MessageView>, NodeError> {
+        let c = self.find_contact(who)?;
+        Ok(self
+            .inner
+            .store
+            .list_messages(&c.account)?
+            .iter()
+            .map(MessageView::from_stored)
+            .collect())
+    }
+
+    /// Sends a text message. Returns once it is durably in the outbox: from then
+    /// on it is retried until every recipient device acknowledged it.
+    pub async fn send_text(&self, who: &str, text: &str) -> Result<MessageView, NodeError> {
+        let contact = self.find_contact(who)?.account;
+        match self.send_to(contact, text).await {
+            Err(NodeError::NoConversation) => {
+                self.start_conversation(contact).await?;
+                self.send_to(contact, text).await
+            }
+            r => r,
+        }
+    }
+
+    /// Sends to a contact's account directly (no name lookup); for benchmarks.
+    pub async fn send_to(&self, contact: [u8; 32], text: &str) -> Result<MessageView, NodeError> {
+        let text = text.to_owned();
+        self.core(|reply| CoreInput::Send { contact, text, reply }).await
+    }
+
+    /// Creates the MLS conversation with a contact: refreshes their devices from
+    /// the DHT, fetches a key package from each device, and hands them to the core.
+    pub async fn start_conversation(&self, account: [u8; 32]) -> Result<(), NodeError> {
+        let _guard = self.inner.conversation_lock.lock().await;
+        let mut contact = self
+            .inner
+            .store
+            .contact(&account)?
+            .ok_or_else(|| NodeError::UnknownContact(bs58::encode(account).into_string()))?;
+        if !contact.conversations.is_empty() {
+            return Ok(());
+        }
+        let id = AccountId::from_bytes(&account).map_err(|e| NodeError::InvalidContact(e.to_string()))?;
+        if let Ok(record) = self.lookup_record(&id).await
+            && record.seq > contact.record_seq
+        {
+            contact.devices = record.devices.iter().map(|d| d.to_bytes()).collect();
+            contact.relays = record.relays.clone();
+            contact.record_seq = record.seq;
+            if contact.name.is_empty() {
+                contact.name = record.name.clone();
+            }
+            contact = self
+                .core(|reply| CoreInput::PutContact {
+                    contact: contact.clone(),
+                    reply,
+                })
+                .await?;
+        }
+        let now = self.inner.clock.now_ms();
+        let mut key_packages = Vec::new();
+        let mut last_error = String::from("no devices known");
+        for bytes in &contact.devices {
+            let Ok(cert) = DeviceCertificate::from_bytes(bytes) else {
+                continue;
+            };
+            if DeviceCertificate::verify(cert.wire(), now).is_err() {
+                continue;
+            }
+            let Some(peer) = peer_id_of(&cert.device_key) else {
+                continue;
+            };
+            match self.fetch_key_package(peer).await {
+                Ok(kp) => key_packages.push(kp),
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        if key_packages.is_empty() {
+            return Err(NodeError::Unreachable(last_error));
+        }
+        self.core(|reply| CoreInput::CreateConversation {
+            contact: account,
+            key_packages,
+            reply,
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn fetch_key_package(&self, peer: PeerId) -> Result<Vec<u8>, NetError> {
+        let request = pb::KeyPackageRequest {
+            account_key: self.inner.account.as_bytes().to_vec(),
+        };
+        let net = &self.inner.net;
+        let resp = match net.fetch_key_package(peer, request.clone()).await {
+            Err(NetError::Unreachable(_)) => {
+                net.find_peer(peer).await?;
+                net.fetch_key_package(peer, request).await?
+            }
+            r => r?,
+        };
+        if resp.key_package.is_empty() {
+            return Err(NetError::Failed("the device refused to hand out a key package".into()));
+        }
+        Ok(resp.key_package)
+    }
+
+    /// Looks up and connects to every known device of every contact, so that
+    /// their outboxes learn at once that this device is back online.
+    pub async fn reconnect_contacts(&self) {
+        let Ok(contacts) = self.inner.store.list_contacts() else {
+            return;
+        };
+        for c in contacts {
+            for bytes in &c.devices {
+                let Some(peer) = DeviceCertificate::from_bytes(bytes)
+                    .ok()
+                    .and_then(|d| peer_id_of(&d.device_key))
+                else {
+                    continue;
+                };
+                let net = self.inner.net.clone();
+                tokio::spawn(async move {
+                    if let Ok(addrs) = net.find_peer(peer).await {
+                        for a in addrs {
+                            let _ = net.dial(a.with(libp2p::multiaddr::Protocol::P2p(peer))).await;
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Dials an address (for example a bootstrap node).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        Ok(self.inner.net.dial(addr).await?)
+    }
+
+    /// Looks a peer up in the DHT.
+    pub async fn find_peer(&self, peer: PeerId) -> Result<Vec<Multiaddr>, NodeError> {
+        Ok(self.inner.net.find_peer(peer).await?)
+    }
+
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        let net = self.inner.net.status().await?;
+        let peer = self.peer_id();
+        Ok(NodeStatus {
+            account: self.inner.account.to_base58(),
+            name: self.inner.name.clone(),
+            peer_id: net.peer_id,
+            listen_addrs: net.listen_addrs.iter().map(|a| format!("{a}/p2p/{peer}")).collect(),
+            connected_peers: net.connected_peers,
+            dht_peers: net.dht_peers,
+            outbox: self.inner.store.outbox_len()?,
+        })
+    }
+}

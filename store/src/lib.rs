@@ -1,0 +1,453 @@
+//! Tidings durable state, on redb.
+//!
+//! One database per node. All tables are declared in [`schema`]. The store is
+//! also the openmls `StorageProvider` ([`mls_storage`]), so MLS state lives in
+//! the same database as contacts, messages and the outbox.
+//!
+//! # Units of work
+//!
+//! [`Store::unit`] opens one redb write transaction and routes every read and
+//! write of the store (the MLS provider's included) through it until the
+//! closure returns: `Ok` commits durably, `Err` rolls everything back. An MLS
+//! operation and the rows it implies (outbox entry, history row, dedup id)
+//! therefore commit together or not at all, and a crash never tears a group.
+//! Outside a unit, each call is its own transaction.
+//!
+//! The `list_*` and `snapshot_*` readers use separate read transactions and see
+//! only committed state; they are safe to call from any task.
+
+pub mod mls_storage;
+pub mod schema;
+mod types;
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
+
+pub use types::*;
+
+use schema::*;
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] redb::Error),
+    #[error("database schema version {found} is not supported (this build uses {expected})")]
+    SchemaVersion { found: u32, expected: u32 },
+    #[error("stored value is corrupt: {0}")]
+    Corrupt(String),
+    #[error("no identity in this data directory (run `tidings init`)")]
+    NoIdentity,
+    #[error("store lock poisoned")]
+    Poisoned,
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Db(e.into()) }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// The node's database.
+pub struct Store {
+    db: Database,
+    unit: Mutex<Option<WriteTransaction>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database file at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::init(Database::create(path)?)
+    }
+
+    /// Opens a database that lives only in memory (tests, the simulator).
+    pub fn open_in_memory() -> Result<Self> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Self::init(db)
+    }
+
+    fn init(db: Database) -> Result<Self> {
+        let store = Self {
+            db,
+            unit: Mutex::new(None),
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    fn check_schema(&self) -> Result<()> {
+        let w = self.db.begin_write()?;
+        let found = {
+            let mut meta = w.open_table(META)?;
+            let found = meta.get("schema_version")?.map(|v| {
+                let b = v.value();
+                b.try_into()
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt("schema_version".into()))
+            });
+            match found {
+                Some(v) => Some(v?),
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION.to_be_bytes().as_slice())?;
+                    None
+                }
+            }
+        };
+        if let Some(found) = found
+            && found != SCHEMA_VERSION
+        {
+            w.abort()?;
+            return Err(StoreError::SchemaVersion {
+                found,
+                expected: SCHEMA_VERSION,
+            });
+        }
+        // Create every table so that read transactions never miss one.
+        w.open_table(MLS)?;
+        w.open_table(CONTACTS)?;
+        w.open_table(CONVERSATIONS)?;
+        w.open_table(MESSAGES)?;
+        w.open_table(MESSAGE_IDS)?;
+        w.open_table(OUTBOX)?;
+        w.open_table(SEEN_ENVELOPES)?;
+        w.open_table(DHT_RECORDS)?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Overwrites the stored schema version (tests of version checks only).
+    #[doc(hidden)]
+    pub fn force_schema_version(&self, v: u32) -> Result<()> {
+        self.with_txn(true, |w| {
+            w.open_table(META)?
+                .insert("schema_version", v.to_be_bytes().as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Runs `f` as one unit of work: every store access inside it goes through
+    /// one write transaction, committed durably if `f` returns `Ok` and rolled
+    /// back otherwise. Units do not nest: an inner call joins the outer unit.
+    pub fn unit<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        {
+            let mut slot = self.unit.lock().map_err(|_| StoreError::Poisoned)?;
+            if slot.is_some() {
+                drop(slot);
+                return f();
+            }
+            let mut w = self.db.begin_write().map_err(StoreError::from)?;
+            w.set_durability(Durability::Immediate).map_err(StoreError::from)?;
+            *slot = Some(w);
+        }
+        let out = f();
+        let w = self.unit.lock().map_err(|_| StoreError::Poisoned)?.take();
+        if let Some(w) = w {
+            match &out {
+                Ok(_) => w.commit().map_err(StoreError::from)?,
+                Err(_) => w.abort().map_err(StoreError::from)?,
+            }
+        }
+        out
+    }
+
+    /// Runs `f` in the open unit, or in a transaction of its own.
+    fn with_txn<T>(&self, write: bool, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
+        let slot = self.unit.lock().map_err(|_| StoreError::Poisoned)?;
+        if let Some(w) = slot.as_ref() {
+            return f(w);
+        }
+        drop(slot);
+        let mut w = self.db.begin_write()?;
+        if write {
+            w.set_durability(Durability::Immediate)?;
+            let out = f(&w)?;
+            w.commit()?;
+            Ok(out)
+        } else {
+            let out = f(&w);
+            w.abort()?;
+            out
+        }
+    }
+
+    // ------------------------------------------------------------ MLS rows
+
+    pub(crate) fn mls_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.with_txn(false, |w| {
+            let t = w.open_table(MLS)?;
+            Ok(t.get(key)?.map(|v| v.value().to_vec()))
+        })
+    }
+
+    pub(crate) fn mls_put(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.with_txn(true, |w| {
+            w.open_table(MLS)?.insert(key, value)?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn mls_delete(&self, key: &[u8]) -> Result<()> {
+        self.with_txn(true, |w| {
+            w.open_table(MLS)?.remove(key)?;
+            Ok(())
+        })
+    }
+
+    // ------------------------------------------------------------ identity
+
+    pub fn put_identity(&self, id: &Identity) -> Result<()> {
+        let bytes = to_json(id)?;
+        self.with_txn(true, |w| {
+            w.open_table(META)?.insert("identity", bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn identity(&self) -> Result<Identity> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(META)?;
+        let v = t.get("identity")?.ok_or(StoreError::NoIdentity)?;
+        from_json(v.value())
+    }
+
+    /// Increments and returns a named counter (starts at 1).
+    pub fn next_counter(&self, name: &str) -> Result<u64> {
+        let key = format!("counter/{name}");
+        self.with_txn(true, |w| {
+            let mut t = w.open_table(META)?;
+            let cur = match t.get(key.as_str())? {
+                Some(v) => u64::from_be_bytes(v.value().try_into().map_err(|_| StoreError::Corrupt(key.clone()))?),
+                None => 0,
+            };
+            let next = cur + 1;
+            t.insert(key.as_str(), next.to_be_bytes().as_slice())?;
+            Ok(next)
+        })
+    }
+
+    /// Raises a named counter to at least `value` and returns the new value.
+    pub fn raise_counter(&self, name: &str, value: u64) -> Result<u64> {
+        let key = format!("counter/{name}");
+        self.with_txn(true, |w| {
+            let mut t = w.open_table(META)?;
+            let cur = match t.get(key.as_str())? {
+                Some(v) => u64::from_be_bytes(v.value().try_into().map_err(|_| StoreError::Corrupt(key.clone()))?),
+                None => 0,
+            };
+            let next = cur.max(value);
+            t.insert(key.as_str(), next.to_be_bytes().as_slice())?;
+            Ok(next)
+        })
+    }
+
+    // ------------------------------------------------------------ contacts
+
+    pub fn put_contact(&self, c: &Contact) -> Result<()> {
+        let bytes = to_json(c)?;
+        self.with_txn(true, |w| {
+            w.open_table(CONTACTS)?.insert(&c.account, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn contact(&self, account: &[u8; 32]) -> Result<Option<Contact>> {
+        self.with_txn(false, |w| {
+            let t = w.open_table(CONTACTS)?;
+            t.get(account)?.map(|v| from_json(v.value())).transpose()
+        })
+    }
+
+    pub fn list_contacts(&self) -> Result<Vec<Contact>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(CONTACTS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (_, v) = e?;
+            out.push(from_json(v.value())?);
+        }
+        Ok(out)
+    }
+
+    // ------------------------------------------------------- conversations
+
+    pub fn put_conversation(&self, c: &Conversation) -> Result<()> {
+        let bytes = to_json(c)?;
+        self.with_txn(true, |w| {
+            w.open_table(CONVERSATIONS)?
+                .insert(c.group_id.as_slice(), bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn conversation(&self, group_id: &[u8]) -> Result<Option<Conversation>> {
+        self.with_txn(false, |w| {
+            let t = w.open_table(CONVERSATIONS)?;
+            t.get(group_id)?.map(|v| from_json(v.value())).transpose()
+        })
+    }
+
+    // ------------------------------------------------------------ messages
+
+    /// Stores a history row unless a message with the same id exists.
+    /// Returns whether it was inserted.
+    pub fn insert_message(&self, m: &StoredMessage) -> Result<bool> {
+        let bytes = to_json(m)?;
+        self.with_txn(true, |w| {
+            let mut ids = w.open_table(MESSAGE_IDS)?;
+            if ids.get(&m.id)?.is_some() {
+                return Ok(false);
+            }
+            let key = (&m.peer, m.timestamp_ms, &m.sender, m.sender_seq);
+            ids.insert(&m.id, key)?;
+            w.open_table(MESSAGES)?.insert(key, bytes.as_slice())?;
+            Ok(true)
+        })
+    }
+
+    /// Whether a message id is already in the history.
+    pub fn has_message(&self, id: &[u8; 16]) -> Result<bool> {
+        self.with_txn(false, |w| Ok(w.open_table(MESSAGE_IDS)?.get(id)?.is_some()))
+    }
+
+    /// Updates the delivery state of an outgoing message.
+    pub fn set_message_state(&self, id: &[u8; 16], state: MessageState) -> Result<()> {
+        self.with_txn(true, |w| {
+            let ids = w.open_table(MESSAGE_IDS)?;
+            let Some(key) = ids.get(id)?.map(|k| {
+                let (p, ts, s, seq) = k.value();
+                (*p, ts, *s, seq)
+            }) else {
+                return Ok(());
+            };
+            drop(ids);
+            let mut t = w.open_table(MESSAGES)?;
+            let k = (&key.0, key.1, &key.2, key.3);
+            let m = t.get(k)?.map(|v| from_json::<StoredMessage>(v.value())).transpose()?;
+            if let Some(mut m) = m
+                && m.state < state
+            {
+                m.state = state;
+                t.insert(k, to_json(&m)?.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The history with one peer, oldest first (display order).
+    pub fn list_messages(&self, peer: &[u8; 32]) -> Result<Vec<StoredMessage>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(MESSAGES)?;
+        let lo = (peer, 0u64, &[0u8; 32], 0u64);
+        let hi = (peer, u64::MAX, &[0xffu8; 32], u64::MAX);
+        let mut out = Vec::new();
+        for e in t.range(lo..=hi)? {
+            let (_, v) = e?;
+            out.push(from_json(v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn message_count(&self) -> Result<u64> {
+        let r = self.db.begin_read()?;
+        Ok(r.open_table(MESSAGES)?.len()?)
+    }
+
+    // -------------------------------------------------------------- outbox
+
+    /// Appends an entry to the outbox and returns its number.
+    pub fn push_outbox(&self, mut e: OutboxEntry) -> Result<u64> {
+        let id = self.next_counter("outbox")?;
+        e.id = id;
+        let bytes = to_json(&e)?;
+        self.with_txn(true, |w| {
+            w.open_table(OUTBOX)?.insert(id, bytes.as_slice())?;
+            Ok(id)
+        })
+    }
+
+    pub fn remove_outbox(&self, ids: &[u64]) -> Result<()> {
+        self.with_txn(true, |w| {
+            let mut t = w.open_table(OUTBOX)?;
+            for id in ids {
+                t.remove(id)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every outbox entry, oldest first (committed state).
+    pub fn list_outbox(&self) -> Result<Vec<OutboxEntry>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (_, v) = e?;
+            out.push(from_json(v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn outbox_len(&self) -> Result<u64> {
+        let r = self.db.begin_read()?;
+        Ok(r.open_table(OUTBOX)?.len()?)
+    }
+
+    // -------------------------------------------------- envelope dedup
+
+    pub fn envelope_seen(&self, id: &[u8; 16]) -> Result<bool> {
+        self.with_txn(false, |w| Ok(w.open_table(SEEN_ENVELOPES)?.get(id)?.is_some()))
+    }
+
+    pub fn mark_envelope_seen(&self, id: &[u8; 16], now_ms: u64) -> Result<()> {
+        self.with_txn(true, |w| {
+            w.open_table(SEEN_ENVELOPES)?.insert(id, now_ms)?;
+            Ok(())
+        })
+    }
+
+    // --------------------------------------------------------- DHT records
+
+    pub fn put_dht_record(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.with_txn(true, |w| {
+            w.open_table(DHT_RECORDS)?.insert(key, value)?;
+            Ok(())
+        })
+    }
+
+    pub fn dht_record(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(DHT_RECORDS)?;
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+}

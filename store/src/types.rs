@@ -1,0 +1,92 @@
+//! Rows of our own tables.
+
+use serde::{Deserialize, Serialize};
+
+/// This device's identity and secrets.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Identity {
+    pub account_seed: [u8; 32],
+    pub device_seed: [u8; 32],
+    pub mls_seed: [u8; 32],
+    /// Encoded device certificate.
+    pub device_cert: Vec<u8>,
+    pub name: String,
+    pub created_ms: u64,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Someone we talk to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Contact {
+    pub account: [u8; 32],
+    pub name: String,
+    /// Encoded device certificates we know of (from the card or the DHT).
+    pub devices: Vec<Vec<u8>>,
+    pub relays: Vec<String>,
+    /// Highest user-record sequence number seen.
+    pub record_seq: u64,
+    /// MLS group ids of conversations with this contact, oldest first.
+    /// The smallest id is the one we send in (see PROTOCOL.md).
+    pub conversations: Vec<Vec<u8>>,
+    pub added_ms: u64,
+}
+
+/// An MLS group and who it is with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Conversation {
+    pub group_id: Vec<u8>,
+    /// The other person's account (one-to-one conversations).
+    pub peer: [u8; 32],
+    pub created_ms: u64,
+}
+
+/// Delivery state of a message, in increasing order.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageState {
+    /// Committed to our outbox, not yet acknowledged.
+    Pending,
+    /// Acknowledged by every recipient device after its durable commit.
+    Delivered,
+    /// Received from someone else.
+    Received,
+}
+
+/// One row of chat history.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub id: [u8; 16],
+    /// The conversation's other person (the chat this row belongs to).
+    pub peer: [u8; 32],
+    /// Who wrote it (our own account for outgoing messages).
+    pub sender: [u8; 32],
+    pub sender_seq: u64,
+    pub timestamp_ms: u64,
+    pub received_ms: u64,
+    pub outgoing: bool,
+    pub text: String,
+    pub state: MessageState,
+}
+
+/// One envelope waiting for a recipient device's ack.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Assigned by `Store::push_outbox`.
+    pub id: u64,
+    /// The recipient device's Ed25519 public key (its libp2p identity).
+    pub device: [u8; 32],
+    /// The recipient's account.
+    pub account: [u8; 32],
+    /// Encoded `pb::Envelope`.
+    pub envelope: Vec<u8>,
+    /// The message this envelope carries, if it is a chat message.
+    pub message_id: Option<[u8; 16]>,
+    pub created_ms: u64,
+}
