@@ -106,6 +106,16 @@ pub(crate) enum CoreInput {
         contact: Contact,
         reply: oneshot::Sender<Result<Contact, NodeError>>,
     },
+    /// Commit fresh leaf keys in the conversation with a contact (post-compromise security).
+    UpdateKeys {
+        contact: [u8; 32],
+        reply: oneshot::Sender<Result<u64, NodeError>>,
+    },
+    /// The MLS epoch of the conversation with a contact.
+    Epoch {
+        contact: [u8; 32],
+        reply: oneshot::Sender<Result<Option<u64>, NodeError>>,
+    },
     NextRecordSeq {
         reply: oneshot::Sender<Result<u64, NodeError>>,
     },
@@ -314,6 +324,14 @@ impl Core {
                 let r = self.put_contact(contact);
                 let _ = reply.send(r);
             }
+            CoreInput::UpdateKeys { contact, reply } => {
+                let r = self.update_keys(contact);
+                let _ = reply.send(r);
+            }
+            CoreInput::Epoch { contact, reply } => {
+                let r = self.epoch(&contact);
+                let _ = reply.send(r);
+            }
             CoreInput::NextRecordSeq { reply } => {
                 let now = self.clock.now_ms();
                 let store = self.store.clone();
@@ -466,6 +484,62 @@ impl Core {
             .map(|c| c.device_key)
             .filter(|d| *d != self.my_device)
             .collect())
+    }
+
+    fn epoch(&mut self, contact: &[u8; 32]) -> Result<Option<u64>, NodeError> {
+        let Some(c) = self.store.contact(contact)? else {
+            return Ok(None);
+        };
+        let Some(gid) = c.conversations.iter().min() else {
+            return Ok(None);
+        };
+        Ok(load_group(&mut self.groups, &self.provider, gid)?.map(|g| g.epoch().as_u64()))
+    }
+
+    fn update_keys(&mut self, contact: [u8; 32]) -> Result<u64, NodeError> {
+        let now = self.clock.now_ms();
+        let store = self.store.clone();
+        let result = store.unit(|| -> Result<_, NodeError> {
+            let c = store
+                .contact(&contact)?
+                .ok_or_else(|| NodeError::UnknownContact(bs58::encode(contact).into_string()))?;
+            let gid = c.conversations.iter().min().cloned().ok_or(NodeError::NoConversation)?;
+            let group = load_group(&mut self.groups, &self.provider, &gid)?.ok_or(NodeError::NoConversation)?;
+            let commit = self.engine.self_update(&self.provider, group)?;
+            let epoch = group.epoch().as_u64();
+            let env = pb::Envelope {
+                id: rand::random::<[u8; 16]>().to_vec(),
+                conversation_id: gid.clone(),
+                kind: EnvelopeKind::Message as i32,
+                mls_message: commit,
+            };
+            let bytes = env.encode_to_vec();
+            let mut entries = Vec::new();
+            for device in self.member_devices(&gid)? {
+                let oid = store.push_outbox(OutboxEntry {
+                    id: 0,
+                    device,
+                    account: contact,
+                    envelope: bytes.clone(),
+                    message_id: None,
+                    created_ms: now,
+                })?;
+                entries.push((device, oid, env.clone()));
+            }
+            Ok((epoch, entries))
+        });
+        match result {
+            Ok((epoch, entries)) => {
+                for (d, id, env) in entries {
+                    self.enqueue(contact, d, id, None, env);
+                }
+                Ok(epoch)
+            }
+            Err(e) => {
+                self.groups.clear();
+                Err(e)
+            }
+        }
     }
 
     fn create_conversation(&mut self, contact: [u8; 32], key_packages: Vec<Vec<u8>>) -> Result<Vec<u8>, NodeError> {

@@ -152,6 +152,10 @@ enum Command {
     Dial {
         addr: Multiaddr,
     },
+    LocalRecord {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+    },
     Status {
         reply: oneshot::Sender<NetStatus>,
     },
@@ -213,6 +217,11 @@ impl Network {
     /// Every validated copy of a record found in the DHT.
     pub async fn get_record(&self, key: Vec<u8>) -> Result<Vec<Vec<u8>>, NetError> {
         self.call(|reply| Command::GetRecord { key, reply }).await?
+    }
+
+    /// The record this node's own DHT store holds under `key`.
+    pub async fn local_record(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, NetError> {
+        self.call(|reply| Command::LocalRecord { key, reply }).await
     }
 
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
@@ -451,6 +460,10 @@ impl EventLoop {
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     warn!(%addr, "dial failed: {e}");
                 }
+            }
+            Command::LocalRecord { key, reply } => {
+                let rec = b.kad.store_mut().get(&RecordKey::new(&key)).map(|r| r.value.clone());
+                let _ = reply.send(rec);
             }
             Command::Status { reply } => {
                 let dht_peers = b.kad.kbuckets().map(|k| k.num_entries()).sum();

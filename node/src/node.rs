@@ -385,7 +385,9 @@ impl NodeHandle {
         let mut contact = self
             .inner
             .store
-            .contact(&account)?
+            .list_contacts()?
+            .into_iter()
+            .find(|c| c.account == account)
             .ok_or_else(|| NodeError::UnknownContact(bs58::encode(account).into_string()))?;
         if !contact.conversations.is_empty() {
             return Ok(());
@@ -453,6 +455,25 @@ impl NodeHandle {
             return Err(NetError::Failed("the device refused to hand out a key package".into()));
         }
         Ok(resp.key_package)
+    }
+
+    /// Commits fresh keys for this device in the conversation with `who`
+    /// (post-compromise security). Returns the new epoch.
+    pub async fn update_keys(&self, who: &str) -> Result<u64, NodeError> {
+        let contact = self.find_contact(who)?.account;
+        self.core(|reply| CoreInput::UpdateKeys { contact, reply }).await
+    }
+
+    /// The MLS epoch of the conversation with `who`, if there is one.
+    pub async fn conversation_epoch(&self, who: &str) -> Result<Option<u64>, NodeError> {
+        let contact = self.find_contact(who)?.account;
+        self.core(|reply| CoreInput::Epoch { contact, reply }).await
+    }
+
+    /// The copy of a DHT record this node's own record store holds (what it
+    /// would answer to others), if any.
+    pub async fn local_dht_record(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, NodeError> {
+        Ok(self.inner.net.local_record(key).await?)
     }
 
     /// Looks up and connects to every known device of every contact, so that

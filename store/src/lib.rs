@@ -11,7 +11,9 @@
 //! closure returns: `Ok` commits durably, `Err` rolls everything back. An MLS
 //! operation and the rows it implies (outbox entry, history row, dedup id)
 //! therefore commit together or not at all, and a crash never tears a group.
-//! Outside a unit, each call is its own transaction.
+//! Outside a unit, each call is its own transaction. A unit belongs to the
+//! thread that opened it: calls from other threads never join it, they wait
+//! for it to commit and then run in a transaction of their own.
 //!
 //! The `list_*` and `snapshot_*` readers use separate read transactions and see
 //! only committed state; they are safe to call from any task.
@@ -22,6 +24,7 @@ mod types;
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::thread::{self, ThreadId};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
@@ -73,7 +76,7 @@ fn from_json<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
 /// The node's database.
 pub struct Store {
     db: Database,
-    unit: Mutex<Option<WriteTransaction>>,
+    unit: Mutex<Option<(ThreadId, WriteTransaction)>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -160,19 +163,21 @@ impl Store {
         &self,
         f: impl FnOnce() -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
+        let me = thread::current().id();
         {
-            let mut slot = self.unit.lock().map_err(|_| StoreError::Poisoned)?;
-            if slot.is_some() {
+            let slot = self.unit.lock().map_err(|_| StoreError::Poisoned)?;
+            if slot.as_ref().is_some_and(|(owner, _)| *owner == me) {
                 drop(slot);
                 return f();
             }
-            let mut w = self.db.begin_write().map_err(StoreError::from)?;
-            w.set_durability(Durability::Immediate).map_err(StoreError::from)?;
-            *slot = Some(w);
         }
+        // Another thread's unit (if any) must finish first: begin_write waits for it.
+        let mut w = self.db.begin_write().map_err(StoreError::from)?;
+        w.set_durability(Durability::Immediate).map_err(StoreError::from)?;
+        *self.unit.lock().map_err(|_| StoreError::Poisoned)? = Some((me, w));
         let out = f();
         let w = self.unit.lock().map_err(|_| StoreError::Poisoned)?.take();
-        if let Some(w) = w {
+        if let Some((_, w)) = w {
             match &out {
                 Ok(_) => w.commit().map_err(StoreError::from)?,
                 Err(_) => w.abort().map_err(StoreError::from)?,
@@ -184,7 +189,9 @@ impl Store {
     /// Runs `f` in the open unit, or in a transaction of its own.
     fn with_txn<T>(&self, write: bool, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
         let slot = self.unit.lock().map_err(|_| StoreError::Poisoned)?;
-        if let Some(w) = slot.as_ref() {
+        if let Some((owner, w)) = slot.as_ref()
+            && *owner == thread::current().id()
+        {
             return f(w);
         }
         drop(slot);

@@ -1,0 +1,66 @@
+//! Shared helpers for the node's integration tests: real nodes on loopback
+//! with real redb files in temporary directories.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use tidings_node::demo::{retry_until, start_node};
+use tidings_node::{Node, NodeHandle};
+
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A bootstrap node plus helpers to start more nodes that use it.
+pub struct Net {
+    pub dir: tempfile::TempDir,
+    pub boot: Node,
+    pub boot_addrs: Vec<Multiaddr>,
+}
+
+impl Net {
+    pub async fn new() -> Net {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let boot = start_node(&dir.path().join("boot"), "boot", Vec::new())
+            .await
+            .expect("bootstrap node");
+        let boot_addrs = vec![boot.listen_addrs()[0].clone()];
+        Net { dir, boot, boot_addrs }
+    }
+
+    pub async fn node(&self, name: &str) -> Node {
+        start_at(&self.dir.path().join(name), name, self.boot_addrs.clone()).await
+    }
+}
+
+pub async fn start_at(dir: &Path, name: &str, bootstrap: Vec<Multiaddr>) -> Node {
+    start_node(dir, name, bootstrap).await.expect("node starts")
+}
+
+/// Publishes the user record, retrying until the DHT has peers.
+pub async fn publish(h: &NodeHandle) {
+    retry_until(TIMEOUT, || h.publish_record())
+        .await
+        .expect("record published");
+}
+
+/// Makes two nodes contacts of each other by card.
+pub async fn befriend(a: &NodeHandle, b: &NodeHandle) {
+    a.add_contact(&b.card().to_uri(), None).await.expect("add contact");
+    b.add_contact(&a.card().to_uri(), None).await.expect("add contact");
+}
+
+/// Polls `f` until it returns true or the timeout passes.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !f() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn acct(h: &NodeHandle) -> String {
+    h.account().to_base58()
+}
