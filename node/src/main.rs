@@ -284,6 +284,7 @@ async fn run(
     let (api_addr, api_task) = tidings_node::api::serve(handle.clone(), api, &token).await?;
     write_private(&dir.join(ADDR_FILE), &api_addr.to_string())?;
     let publisher = handle.spawn_record_publisher(Duration::from_secs(3600));
+    handle.reconnect_contacts().await;
     println!("tidings node {} ({})", handle.account(), handle.name());
     for a in node.listen_addrs() {
         println!("listening on {a}");
