@@ -138,7 +138,11 @@ async fn killed_receiver_gets_all_queued_messages_exactly_once_after_restart() {
         if h.len() >= 55 && a.store().outbox_len().unwrap() == 0 {
             break h;
         }
-        assert!(tokio::time::Instant::now() < deadline, "only {} of 55 messages arrived", h.len());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 55 messages arrived",
+            h.len()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(history.len(), 55, "exactly once");

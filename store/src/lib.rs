@@ -458,3 +458,70 @@ impl Store {
         Ok(t.get(key)?.map(|v| v.value().to_vec()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_dir_from_another_schema_version_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            s.put_dht_record(b"k", b"v").unwrap();
+            s.force_schema_version(SCHEMA_VERSION + 1).unwrap();
+        }
+        match Store::open(&path) {
+            Err(StoreError::SchemaVersion { found, expected }) => {
+                assert_eq!((found, expected), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
+            }
+            other => panic!("expected a schema version error, got {other:?}"),
+        }
+        // Refusing did not rewrite the stored version.
+        assert!(matches!(Store::open(&path), Err(StoreError::SchemaVersion { .. })));
+    }
+
+    #[test]
+    fn duplicate_message_ids_are_stored_once() {
+        let s = Store::open_in_memory().unwrap();
+        let m = StoredMessage {
+            id: [1; 16],
+            peer: [2; 32],
+            sender: [2; 32],
+            sender_seq: 1,
+            timestamp_ms: 5,
+            received_ms: 6,
+            outgoing: false,
+            text: "hi".into(),
+            state: MessageState::Received,
+        };
+        assert!(s.insert_message(&m).unwrap());
+        assert!(
+            !s.insert_message(&StoredMessage {
+                timestamp_ms: 9,
+                ..m.clone()
+            })
+            .unwrap()
+        );
+        assert_eq!(s.list_messages(&[2; 32]).unwrap(), vec![m]);
+    }
+
+    #[test]
+    fn a_unit_belongs_to_its_thread() {
+        let s = std::sync::Arc::new(Store::open_in_memory().unwrap());
+        let s2 = s.clone();
+        let r: Result<()> = s.unit(|| {
+            s.put_dht_record(b"inside", b"1")?;
+            // Another thread does not join this unit: its write waits and lands on its own.
+            let h = std::thread::spawn(move || s2.put_dht_record(b"other", b"2"));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert!(!h.is_finished(), "the other thread waits for the unit");
+            Err(StoreError::Corrupt("roll back".into()))
+        });
+        assert!(r.is_err());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(s.dht_record(b"inside").unwrap(), None, "rolled back");
+        assert_eq!(s.dht_record(b"other").unwrap(), Some(b"2".to_vec()));
+    }
+}

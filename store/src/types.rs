@@ -38,6 +38,19 @@ pub struct Contact {
     pub added_ms: u64,
 }
 
+impl Contact {
+    /// The account key in its base58 text form.
+    pub fn account_text(&self) -> String {
+        bs58_encode(&self.account)
+    }
+}
+
+fn bs58_encode(bytes: &[u8]) -> String {
+    tidings_protocol::AccountId::from_bytes(bytes)
+        .map(|a| a.to_base58())
+        .unwrap_or_default()
+}
+
 /// An MLS group and who it is with.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Conversation {
