@@ -22,7 +22,7 @@ struct Cli {
     #[arg(long, global = true, env = "TIDINGS_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Log filter, e.g. `info` or `tidings_node=debug`.
-    #[arg(long, global = true, env = "TIDINGS_LOG", default_value = "warn")]
+    #[arg(long, global = true, env = "TIDINGS_LOG", default_value = "warn,libp2p_kad=error")]
     log: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -85,9 +85,32 @@ enum ContactCmd {
     },
 }
 
+/// Prints a line to stdout; a closed pipe (`tidings card | head -1`) ends the
+/// program quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout().lock(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
+/// Prints a line to stdout, ignoring a closed pipe (for the long-running `run`).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
+    // Errors are reported as one line; a bug should be too, not as a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error: {info}");
+    }));
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn,libp2p_kad=error".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -135,9 +158,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => run(&dir, listen, bootstrap, api, mdns, dht_client).await,
         Cmd::Card => {
             let card: CardView = Client::new(&dir)?.get("/api/card").await?;
-            println!("{}\n", card.uri);
-            println!("{}", qr(&card.uri)?);
-            println!("account: {}  name: {}", card.account, card.name);
+            out!("{}\n", card.uri);
+            out!("{}", qr(&card.uri)?);
+            out!("account: {}  name: {}", card.account, card.name);
             Ok(())
         }
         Cmd::Contact {
@@ -146,13 +169,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let c: ContactView = Client::new(&dir)?
                 .post("/api/contacts", &AddContactBody { card, name })
                 .await?;
-            println!("added {} ({})", display_name(&c), c.account);
+            out!("added {} ({})", display_name(&c), c.account);
             Ok(())
         }
         Cmd::Contacts => {
             let list: Vec<ContactView> = Client::new(&dir)?.get("/api/contacts").await?;
             for c in list {
-                println!("{:<20} {}  devices: {}", display_name(&c), c.account, c.devices);
+                out!("{:<20} {}  devices: {}", display_name(&c), c.account, c.devices);
             }
             Ok(())
         }
@@ -160,7 +183,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let m: MessageView = Client::new(&dir)?
                 .post("/api/messages", &SendBody { contact, text })
                 .await?;
-            println!("queued {} (state: {:?})", m.id, m.state);
+            out!("queued {} (state: {:?})", m.id, m.state);
             Ok(())
         }
         Cmd::Log { contact } => {
@@ -168,20 +191,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let list: Vec<MessageView> = Client::new(&dir)?.get(&path).await?;
             for m in list {
                 let who = if m.outgoing { "me" } else { "them" };
-                println!("{} {:>4} {:?}: {}", format_ts(m.timestamp_ms), who, m.state, m.text);
+                out!("{} {:>4} {:?}: {}", format_ts(m.timestamp_ms), who, m.state, m.text);
             }
             Ok(())
         }
         Cmd::Status => {
             let s: NodeStatus = Client::new(&dir)?.get("/api/status").await?;
-            println!("account:   {} ({})", s.account, s.name);
-            println!("peer id:   {}", s.peer_id);
+            out!("account:   {} ({})", s.account, s.name);
+            out!("peer id:   {}", s.peer_id);
             for a in &s.listen_addrs {
-                println!("listening: {a}");
+                out!("listening: {a}");
             }
-            println!("connected: {} peers", s.connected_peers);
-            println!("DHT peers: {}", s.dht_peers);
-            println!("outbox:    {} envelopes", s.outbox);
+            out!("connected: {} peers", s.connected_peers);
+            out!("DHT peers: {}", s.dht_peers);
+            out!("outbox:    {} envelopes", s.outbox);
             Ok(())
         }
         Cmd::Demo | Cmd::Bench(_) => Ok(()),
@@ -218,7 +241,7 @@ fn init(dir: &Path, name: &str) -> anyhow::Result<()> {
     write_token(dir)?;
     let id = store.identity()?;
     let account = tidings_protocol::AccountKey::from_seed(id.account_seed).id();
-    println!("created identity {account} in {}", dir.display());
+    out!("created identity {account} in {}", dir.display());
     Ok(())
 }
 
@@ -285,13 +308,13 @@ async fn run(
     write_private(&dir.join(ADDR_FILE), &api_addr.to_string())?;
     let publisher = handle.spawn_record_publisher(Duration::from_secs(3600));
     handle.reconnect_contacts().await;
-    println!("tidings node {} ({})", handle.account(), handle.name());
+    note!("tidings node {} ({})", handle.account(), handle.name());
     for a in node.listen_addrs() {
-        println!("listening on {a}");
+        note!("listening on {a}");
     }
-    println!("API on http://{api_addr}");
+    note!("API on http://{api_addr}");
     wait_for_signal().await;
-    println!("shutting down");
+    note!("shutting down");
     publisher.abort();
     api_task.abort();
     node.shutdown().await;

@@ -156,9 +156,10 @@ impl Node {
             }),
         };
         info!(account = %handle.account(), peer = %handle.peer_id(), "node started");
+        let resolver = handle.spawn_contact_resolver();
         Ok(Node {
             handle,
-            tasks: vec![core_task, net_task],
+            tasks: vec![core_task, net_task, resolver],
             listen_addrs,
         })
     }
@@ -263,6 +264,45 @@ impl NodeHandle {
                         wait = (wait * 2).min(Duration::from_secs(60));
                     }
                 }
+            }
+        })
+    }
+
+    /// Fills in contacts that arrived without a name (someone who started a
+    /// conversation with us) from their user record in the DHT.
+    fn spawn_contact_resolver(&self) -> JoinHandle<()> {
+        let h = self.clone();
+        let mut rx = self.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let c = match rx.recv().await {
+                    Ok(NodeEvent::Contact(c)) if c.name.is_empty() => c,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let Ok(account) = AccountId::from_base58(&c.account) else { continue };
+                let h = h.clone();
+                tokio::spawn(async move {
+                    for attempt in 0..5u32 {
+                        if let Ok(r) = h.lookup_record(&account).await {
+                            if r.name.is_empty() {
+                                return;
+                            }
+                            let contact = Contact {
+                                account: *account.as_bytes(),
+                                name: r.name.clone(),
+                                devices: r.devices.iter().map(|d| d.to_bytes()).collect(),
+                                relays: r.relays.clone(),
+                                record_seq: r.seq,
+                                conversations: Vec::new(),
+                                added_ms: h.inner.clock.now_ms(),
+                            };
+                            let _ = h.core(|reply| CoreInput::PutContact { contact, reply }).await;
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+                    }
+                });
             }
         })
     }
