@@ -280,7 +280,9 @@ impl NodeHandle {
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                let Ok(account) = AccountId::from_base58(&c.account) else { continue };
+                let Ok(account) = AccountId::from_base58(&c.account) else {
+                    continue;
+                };
                 let h = h.clone();
                 tokio::spawn(async move {
                     for attempt in 0..5u32 {
