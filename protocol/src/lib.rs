@@ -8,6 +8,7 @@
 pub mod card;
 pub mod identity;
 pub mod limits;
+pub mod mailbox;
 pub mod mls;
 pub mod payload;
 pub mod record;
