@@ -642,6 +642,15 @@ impl Core {
                 };
                 self.net.respond_key_package(id, response).await;
             }
+            NetEvent::Mailbox { id, .. } => {
+                // Only relays run the mailbox service; they route these elsewhere.
+                let response = pb::MailboxResponse {
+                    status: pb::MailboxStatus::Unavailable as i32,
+                    detail: "this node keeps no mailboxes".into(),
+                    result: None,
+                };
+                self.net.respond_mailbox(id, response).await;
+            }
             NetEvent::Connected(peer) => {
                 let now = Instant::now();
                 for (device, q) in self.queues.iter_mut() {

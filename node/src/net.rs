@@ -17,8 +17,10 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, mdns, noise, ping, tcp, yamux};
-use tidings_protocol::limits::{MAX_DELIVER_FRAME, MAX_KEY_PACKAGE_FRAME, MAX_USER_RECORD};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yamux,
+};
+use tidings_protocol::limits::{MAX_DELIVER_FRAME, MAX_KEY_PACKAGE_FRAME, MAX_MAILBOX_FRAME, MAX_USER_RECORD};
 use tidings_protocol::pb;
 use tidings_protocol::record::UserRecord;
 use tokio::sync::{mpsc, oneshot};
@@ -30,6 +32,7 @@ use crate::codec::ProstCodec;
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0");
 pub const DELIVER_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/deliver/1");
 pub const KEY_PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/keypackage/1");
+pub const MAILBOX_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/mailbox/1");
 pub const IDENTIFY_PROTOCOL: &str = "/tidings/id/1.0.0";
 
 /// Capacity of the command and event channels.
@@ -39,14 +42,21 @@ const MAX_PENDING_INBOUND: usize = 4096;
 
 type DeliverBehaviour = request_response::Behaviour<ProstCodec<pb::DeliverRequest, pb::DeliverResponse>>;
 type KeyPackageBehaviour = request_response::Behaviour<ProstCodec<pb::KeyPackageRequest, pb::KeyPackageResponse>>;
+type MailboxBehaviour = request_response::Behaviour<ProstCodec<pb::MailboxRequest, pb::MailboxResponse>>;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    relay_client: relay::client::Behaviour,
+    relay: Toggle<relay::Behaviour>,
+    dcutr: dcutr::Behaviour,
+    autonat_client: autonat::v2::client::Behaviour,
+    autonat_server: Toggle<autonat::v2::server::Behaviour>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
     deliver: DeliverBehaviour,
     key_package: KeyPackageBehaviour,
+    mailbox: MailboxBehaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -75,6 +85,40 @@ pub struct NetConfig {
     /// outside should set this to false.
     pub dht_server: bool,
     pub request_timeout: Duration,
+    /// Serve as a relay: circuit relay v2 server, AutoNAT server and mailbox service.
+    pub relay_server: Option<RelayServerConfig>,
+    /// Addresses others can dial us on (announced; e.g. a relay's public address).
+    pub external_addrs: Vec<Multiaddr>,
+    /// Relays (`…/p2p/<relay id>`) to reserve a circuit on, so that peers that
+    /// cannot dial us directly reach us through `/p2p-circuit`.
+    pub reserve_on: Vec<Multiaddr>,
+}
+
+/// Limits of the circuit relay v2 server.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct RelayServerConfig {
+    pub max_reservations: usize,
+    pub max_reservations_per_peer: usize,
+    pub reservation_duration_secs: u64,
+    pub max_circuits: usize,
+    pub max_circuits_per_peer: usize,
+    pub max_circuit_duration_secs: u64,
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayServerConfig {
+    fn default() -> Self {
+        Self {
+            max_reservations: 1024,
+            max_reservations_per_peer: 4,
+            reservation_duration_secs: 3600,
+            max_circuits: 256,
+            max_circuits_per_peer: 8,
+            max_circuit_duration_secs: 120,
+            max_circuit_bytes: 1 << 20,
+        }
+    }
 }
 
 impl Default for NetConfig {
@@ -88,6 +132,9 @@ impl Default for NetConfig {
             mdns: false,
             dht_server: true,
             request_timeout: Duration::from_secs(10),
+            relay_server: None,
+            external_addrs: Vec::new(),
+            reserve_on: Vec::new(),
         }
     }
 }
@@ -95,6 +142,11 @@ impl Default for NetConfig {
 /// Requests from the network that the core must answer.
 #[derive(Debug)]
 pub enum NetEvent {
+    Mailbox {
+        id: u64,
+        peer: PeerId,
+        request: pb::MailboxRequest,
+    },
     Deliver {
         id: u64,
         peer: PeerId,
@@ -135,6 +187,15 @@ enum Command {
     RespondKeyPackage {
         id: u64,
         response: pb::KeyPackageResponse,
+    },
+    Mailbox {
+        peer: PeerId,
+        request: pb::MailboxRequest,
+        reply: oneshot::Sender<Result<pb::MailboxResponse, NetError>>,
+    },
+    RespondMailbox {
+        id: u64,
+        response: pb::MailboxResponse,
     },
     FindPeer {
         peer: PeerId,
@@ -197,6 +258,15 @@ impl Network {
         self.call(|reply| Command::KeyPackage { peer, request, reply }).await?
     }
 
+    /// Sends a mailbox request to a relay.
+    pub async fn mailbox(&self, peer: PeerId, request: pb::MailboxRequest) -> Result<pb::MailboxResponse, NetError> {
+        self.call(|reply| Command::Mailbox { peer, request, reply }).await?
+    }
+
+    pub async fn respond_mailbox(&self, id: u64, response: pb::MailboxResponse) {
+        let _ = self.tx.send(Command::RespondMailbox { id, response }).await;
+    }
+
     pub async fn respond_deliver(&self, id: u64, response: pb::DeliverResponse) {
         let _ = self.tx.send(Command::RespondDeliver { id, response }).await;
     }
@@ -250,6 +320,7 @@ pub async fn spawn(
 )> {
     let peer_id = keypair.public().to_peer_id();
     let mdns_on = config.mdns;
+    let relay_cfg = config.relay_server.clone();
     let request_timeout = config.request_timeout;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -260,7 +331,8 @@ pub async fn spawn(
         )?
         .with_quic()
         .with_dns()?
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)?
+        .with_behaviour(|key, relay_client| {
             let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
             kad_cfg
                 .set_record_filtering(kad::StoreInserts::FilterBoth)
@@ -283,14 +355,46 @@ pub async fn spawn(
             let key_package = request_response::Behaviour::with_codec(
                 ProstCodec::new(MAX_KEY_PACKAGE_FRAME),
                 [(KEY_PACKAGE_PROTOCOL, ProtocolSupport::Full)],
-                rr_cfg,
+                rr_cfg.clone(),
             );
+            // Only relays answer mailbox requests; everyone can ask.
+            let mailbox_support = if relay_cfg.is_some() {
+                ProtocolSupport::Full
+            } else {
+                ProtocolSupport::Outbound
+            };
+            let mailbox = request_response::Behaviour::with_codec(
+                ProstCodec::new(MAX_MAILBOX_FRAME),
+                [(MAILBOX_PROTOCOL, mailbox_support)],
+                rr_cfg.with_max_concurrent_streams(1024),
+            );
+            let relay = relay_cfg.as_ref().map(|c| {
+                relay::Behaviour::new(
+                    peer_id,
+                    relay::Config {
+                        max_reservations: c.max_reservations,
+                        max_reservations_per_peer: c.max_reservations_per_peer,
+                        reservation_duration: Duration::from_secs(c.reservation_duration_secs),
+                        max_circuits: c.max_circuits,
+                        max_circuits_per_peer: c.max_circuits_per_peer,
+                        max_circuit_duration: Duration::from_secs(c.max_circuit_duration_secs),
+                        max_circuit_bytes: c.max_circuit_bytes,
+                        ..relay::Config::default()
+                    },
+                )
+            });
+            let autonat_server = relay_cfg.as_ref().map(|_| autonat::v2::server::Behaviour::default());
             let mdns = if mdns_on {
                 Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
             } else {
                 None
             };
             Ok(Behaviour {
+                relay_client,
+                relay: relay.into(),
+                dcutr: dcutr::Behaviour::new(peer_id),
+                autonat_client: autonat::v2::client::Behaviour::default(),
+                autonat_server: autonat_server.into(),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
                         .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION"))),
@@ -299,6 +403,7 @@ pub async fn spawn(
                 kad,
                 deliver,
                 key_package,
+                mailbox,
                 mdns: mdns.into(),
             })
         })?
@@ -307,6 +412,13 @@ pub async fn spawn(
 
     if config.dht_server {
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
+    }
+    if let Some(relay) = swarm.behaviour_mut().relay.as_mut() {
+        // Serve circuits even before an external address is confirmed (LANs, tests).
+        relay.set_status(Some(relay::Status::Enable));
+    }
+    for addr in &config.external_addrs {
+        swarm.add_external_address(addr.clone());
     }
     for addr in &config.listen {
         swarm.listen_on(addr.clone())?;
@@ -336,6 +448,12 @@ pub async fn spawn(
     if !config.bootstrap.is_empty() {
         let _ = swarm.behaviour_mut().kad.bootstrap();
     }
+    for relay_addr in &config.reserve_on {
+        let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
+        if let Err(e) = swarm.listen_on(circuit) {
+            warn!(%relay_addr, "cannot reserve a circuit: {e}");
+        }
+    }
 
     let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
@@ -347,6 +465,8 @@ pub async fn spawn(
         next_inbound: 0,
         inbound_deliver: HashMap::new(),
         inbound_key_package: HashMap::new(),
+        inbound_mailbox: HashMap::new(),
+        outbound_mailbox: HashMap::new(),
         outbound_deliver: HashMap::new(),
         outbound_key_package: HashMap::new(),
         find_peer: HashMap::new(),
@@ -372,6 +492,8 @@ struct EventLoop {
     inbound_key_package: HashMap<u64, ResponseChannel<pb::KeyPackageResponse>>,
     outbound_deliver: HashMap<OutboundRequestId, oneshot::Sender<Result<pb::DeliverResponse, NetError>>>,
     outbound_key_package: HashMap<OutboundRequestId, oneshot::Sender<Result<pb::KeyPackageResponse, NetError>>>,
+    inbound_mailbox: HashMap<u64, ResponseChannel<pb::MailboxResponse>>,
+    outbound_mailbox: HashMap<OutboundRequestId, oneshot::Sender<Result<pb::MailboxResponse, NetError>>>,
     find_peer: HashMap<kad::QueryId, FindPeerQuery>,
     put_record: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
     get_record: HashMap<kad::QueryId, GetRecordQuery>,
@@ -426,6 +548,15 @@ impl EventLoop {
             Command::RespondKeyPackage { id, response } => {
                 if let Some(ch) = self.inbound_key_package.remove(&id) {
                     let _ = b.key_package.send_response(ch, response);
+                }
+            }
+            Command::Mailbox { peer, request, reply } => {
+                let id = b.mailbox.send_request(&peer, request);
+                self.outbound_mailbox.insert(id, reply);
+            }
+            Command::RespondMailbox { id, response } => {
+                if let Some(ch) = self.inbound_mailbox.remove(&id) {
+                    let _ = b.mailbox.send_response(ch, response);
                 }
             }
             Command::FindPeer { peer, reply } => {
@@ -559,6 +690,43 @@ impl EventLoop {
                     info!(%peer, "refused inbound key package request: {error}");
                 }
                 request_response::Event::ResponseSent { .. } => {}
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(ev)) => match ev {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        if self.inbound_mailbox.len() >= MAX_PENDING_INBOUND {
+                            warn!(%peer, "too many pending mailbox requests; dropping one");
+                            return;
+                        }
+                        let id = self.next_id();
+                        self.inbound_mailbox.insert(id, channel);
+                        if self.events.send(NetEvent::Mailbox { id, peer, request }).await.is_err() {
+                            self.inbound_mailbox.remove(&id);
+                        }
+                    }
+                    request_response::Message::Response { request_id, response } => {
+                        if let Some(reply) = self.outbound_mailbox.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                },
+                request_response::Event::OutboundFailure { request_id, error, .. } => {
+                    if let Some(reply) = self.outbound_mailbox.remove(&request_id) {
+                        let _ = reply.send(Err(outbound_error(&error)));
+                    }
+                }
+                request_response::Event::InboundFailure { peer, error, .. } => {
+                    info!(%peer, "refused inbound mailbox request: {error}");
+                }
+                request_response::Event::ResponseSent { .. } => {}
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                ..
+            })) => info!(relay = %relay_peer_id, "circuit reservation accepted"),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
+                Ok(_) => info!(peer = %remote_peer_id, "upgraded a relayed connection to a direct one"),
+                Err(e) => debug!(peer = %remote_peer_id, "hole punching failed: {e}"),
             },
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 let _ = self.events.try_send(NetEvent::Connected(peer_id));

@@ -22,3 +22,5 @@ pub const MAX_NAME: usize = 64;
 pub const MAX_TEXT: usize = 64 * 1024;
 /// Largest contact card URI, in characters.
 pub const MAX_CARD_URI: usize = 4096;
+/// Largest `/tidings/mailbox/1` request or response, in bytes.
+pub const MAX_MAILBOX_FRAME: usize = 4 * 1024 * 1024;
