@@ -39,7 +39,15 @@ pub async fn start_node(dir: &Path, name: &str, bootstrap: Vec<Multiaddr>) -> an
         bootstrap,
         ..NetConfig::default()
     };
-    Node::start(store, NodeConfig { net, clock }).await
+    Node::start(
+        store,
+        NodeConfig {
+            net,
+            clock,
+            ..NodeConfig::default()
+        },
+    )
+    .await
 }
 
 /// Waits for `pred` to match an event.

@@ -9,6 +9,7 @@ pub mod core;
 pub mod demo;
 pub mod net;
 pub mod node;
+pub mod relay;
 pub mod types;
 
 pub use clock::Clock;

@@ -8,8 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
+use std::sync::Arc;
 use tidings_node::api::{ADDR_FILE, AddContactBody, CardView, SendBody, TOKEN_FILE};
+
+use prometheus_client::registry::Registry;
+use tidings_node::relay::{LogFormat, RelayConfig, RelayMetrics, RelayOptions};
 use tidings_node::{ContactView, MessageView, NetConfig, Node, NodeConfig, NodeStatus};
+use tidings_store::mailbox::Mailboxes;
 
 #[derive(Parser)]
 #[command(
@@ -69,10 +74,37 @@ enum Cmd {
     Log { contact: String },
     /// Show the node's peer id, addresses, DHT peers and outbox size.
     Status,
+    /// Run a community relay: DHT server, circuit relay, AutoNAT server and mailboxes.
+    Relay(RelayArgs),
     /// Run a whole local network on loopback and show it working.
     Demo,
     /// Measure latency, throughput, MLS cost, memory and start-up time.
     Bench(tidings_node::bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct RelayArgs {
+    /// Configuration file (TOML). Every setting has a default.
+    #[arg(long, env = "TIDINGS_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (repeatable; replaces the file's `listen`).
+    #[arg(long)]
+    listen: Vec<Multiaddr>,
+    /// Public address to announce (repeatable; replaces `external_addresses`).
+    #[arg(long)]
+    external: Vec<Multiaddr>,
+    /// Bootstrap peer (repeatable; replaces `bootstrap`).
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
+    /// Prometheus endpoint address, or `off`.
+    #[arg(long, env = "TIDINGS_RELAY_METRICS")]
+    metrics: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    json_logs: bool,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(Subcommand)]
@@ -110,6 +142,9 @@ fn main() -> ExitCode {
         eprintln!("error: internal error: {info}");
     }));
     let cli = Cli::parse();
+    if let Cmd::Relay(args) = &cli.cmd {
+        return relay_main(args, cli.data_dir.clone());
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn,libp2p_kad=error".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -207,7 +242,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             out!("outbox:    {} envelopes", s.outbox);
             Ok(())
         }
-        Cmd::Demo | Cmd::Bench(_) => Ok(()),
+        Cmd::Demo | Cmd::Bench(_) | Cmd::Relay(_) => Ok(()),
     }
 }
 
@@ -407,4 +442,144 @@ impl Client {
             .context("cannot reach the node (is `tidings run` still running?)")?;
         Self::finish(resp).await
     }
+}
+
+fn relay_config(args: &RelayArgs, data_dir: Option<PathBuf>) -> anyhow::Result<RelayConfig> {
+    let mut cfg = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            RelayConfig::from_toml(&text).with_context(|| format!("invalid configuration in {}", path.display()))?
+        }
+        None => RelayConfig::default(),
+    };
+    if let Some(d) = data_dir {
+        cfg.data_dir = d;
+    }
+    if !args.listen.is_empty() {
+        cfg.listen = args.listen.iter().map(|a| a.to_string()).collect();
+    }
+    if !args.external.is_empty() {
+        cfg.external_addresses = args.external.iter().map(|a| a.to_string()).collect();
+    }
+    if !args.bootstrap.is_empty() {
+        cfg.bootstrap = args.bootstrap.iter().map(|a| a.to_string()).collect();
+    }
+    if let Some(m) = &args.metrics {
+        cfg.metrics = (m != "off").then(|| m.clone());
+    }
+    if args.json_logs {
+        cfg.log_format = LogFormat::Json;
+    }
+    Ok(cfg)
+}
+
+fn parse_addrs(list: &[String], what: &str) -> anyhow::Result<Vec<Multiaddr>> {
+    list.iter()
+        .map(|a| {
+            a.parse::<Multiaddr>()
+                .with_context(|| format!("invalid {what} address {a:?}"))
+        })
+        .collect()
+}
+
+fn relay_main(args: &RelayArgs, data_dir: Option<PathBuf>) -> ExitCode {
+    let cfg = match relay_config(args, data_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.print_config {
+        out!("{}", cfg.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_relay(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_relay(cfg: RelayConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+    let store = tidings_node::open_store(&cfg.data_dir)
+        .with_context(|| format!("cannot open the data directory {}", cfg.data_dir.display()))?;
+    if store.identity().is_err() {
+        tidings_node::create_identity(&store, "relay", tidings_node::Clock::system().now_ms())?;
+    }
+    let mailboxes = Arc::new(
+        Mailboxes::open(&cfg.data_dir.join("mailboxes.redb"), cfg.mailbox.clone())
+            .context("cannot open the mailbox database")?,
+    );
+    let registry = Arc::new(std::sync::Mutex::new(Registry::default()));
+    let metrics = match registry.lock() {
+        Ok(mut r) => RelayMetrics::register(&mut r),
+        Err(_) => bail!("metrics registry poisoned"),
+    };
+    let net = NetConfig {
+        listen: parse_addrs(&cfg.listen, "listen")?,
+        bootstrap: parse_addrs(&cfg.bootstrap, "bootstrap")?,
+        external_addrs: parse_addrs(&cfg.external_addresses, "external")?,
+        relay_server: Some(cfg.circuits.clone()),
+        dht_server: true,
+        ..NetConfig::default()
+    };
+    let relay = RelayOptions {
+        mailboxes,
+        pow_bits: cfg.pow_bits,
+        key_package_claims_per_minute: cfg.key_package_claims_per_minute,
+        request_deposits_per_minute: cfg.request_deposits_per_minute,
+        sweep_interval: Duration::from_secs(cfg.sweep_interval_secs.max(1)),
+        metrics,
+    };
+    let node = Node::start(
+        store,
+        NodeConfig {
+            net,
+            relay: Some(relay),
+            metrics: Some(registry.clone()),
+            ..NodeConfig::default()
+        },
+    )
+    .await?;
+    let metrics_task = match &cfg.metrics {
+        Some(addr) => {
+            let addr: SocketAddr = addr
+                .parse()
+                .with_context(|| format!("invalid metrics address {addr:?}"))?;
+            let (bound, task) = tidings_node::relay::serve_metrics(addr, registry).await?;
+            note!("metrics on http://{bound}/metrics");
+            Some(task)
+        }
+        None => None,
+    };
+    note!("tidings relay {}", node.handle().peer_id());
+    for a in node.listen_addrs() {
+        note!("listening on {a}");
+    }
+    wait_for_signal().await;
+    note!("shutting down");
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    node.shutdown().await;
+    Ok(())
 }

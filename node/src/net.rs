@@ -312,6 +312,7 @@ pub async fn spawn(
     keypair: Keypair,
     config: NetConfig,
     clock: Clock,
+    metrics: Option<libp2p::metrics::Metrics>,
 ) -> anyhow::Result<(
     Network,
     mpsc::Receiver<NetEvent>,
@@ -462,6 +463,7 @@ pub async fn spawn(
         commands: cmd_rx,
         events: ev_tx,
         clock,
+        metrics,
         next_inbound: 0,
         inbound_deliver: HashMap::new(),
         inbound_key_package: HashMap::new(),
@@ -487,6 +489,7 @@ struct EventLoop {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     clock: Clock,
+    metrics: Option<libp2p::metrics::Metrics>,
     next_inbound: u64,
     inbound_deliver: HashMap<u64, ResponseChannel<pb::DeliverResponse>>,
     inbound_key_package: HashMap<u64, ResponseChannel<pb::KeyPackageResponse>>,
@@ -609,6 +612,18 @@ impl EventLoop {
     }
 
     async fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        if let Some(m) = &self.metrics {
+            use libp2p::metrics::Recorder;
+            m.record(&ev);
+            match &ev {
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => m.record(e),
+                SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => m.record(e),
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => m.record(e),
+                SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => m.record(e),
+                SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => m.record(e),
+                _ => {}
+            }
+        }
         match ev {
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
                 if info.protocols.contains(&KAD_PROTOCOL) =>

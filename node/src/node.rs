@@ -17,7 +17,8 @@ use tracing::{debug, info};
 
 use crate::clock::Clock;
 use crate::core::{Core, CoreInput, NodeError, peer_id_of};
-use crate::net::{self, NetConfig, NetError, Network};
+use crate::net::{self, NetConfig, NetError, NetEvent, Network};
+use crate::relay::{MailboxService, RelayOptions};
 use crate::types::{ContactView, MessageView, NodeEvent, NodeStatus};
 
 /// How long a device certificate made by `init` is valid.
@@ -32,6 +33,10 @@ const EVENT_QUEUE: usize = 16_384;
 pub struct NodeConfig {
     pub net: NetConfig,
     pub clock: Clock,
+    /// Run the relay services (set `net.relay_server` too).
+    pub relay: Option<RelayOptions>,
+    /// Registry for libp2p's metrics (relays export it on `/metrics`).
+    pub metrics: Option<Arc<std::sync::Mutex<prometheus_client::registry::Registry>>>,
 }
 
 impl Default for NodeConfig {
@@ -39,6 +44,8 @@ impl Default for NodeConfig {
         Self {
             net: NetConfig::default(),
             clock: Clock::system(),
+            relay: None,
+            metrics: None,
         }
     }
 }
@@ -126,8 +133,33 @@ impl Node {
         }
         let engine = MlsEngine::new(identity.mls_seed, &cert)?;
         let keypair = libp2p::identity::Keypair::ed25519_from_bytes(identity.device_seed)?;
-        let (net, net_events, listen_addrs, net_task) =
-            net::spawn(keypair, config.net.clone(), config.clock.clone()).await?;
+        let libp2p_metrics = config
+            .metrics
+            .as_ref()
+            .and_then(|r| r.lock().ok().map(|mut r| libp2p::metrics::Metrics::new(&mut r)));
+        let (net, mut net_events, listen_addrs, net_task) =
+            net::spawn(keypair, config.net.clone(), config.clock.clone(), libp2p_metrics).await?;
+        let mut tasks = vec![net_task];
+        if let Some(opts) = config.relay.clone() {
+            // Mailbox requests go to the mailbox service, everything else to the core.
+            let (svc_tx, svc_rx) = mpsc::channel(4096);
+            let (core_tx, core_rx) = mpsc::channel(4096);
+            tasks.push(tokio::spawn(async move {
+                while let Some(ev) = net_events.recv().await {
+                    let target = if matches!(ev, NetEvent::Mailbox { .. }) {
+                        &svc_tx
+                    } else {
+                        &core_tx
+                    };
+                    if target.send(ev).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+            let service = MailboxService::new(opts, net.clone(), config.clock.clone(), identity.device_seed);
+            tasks.push(tokio::spawn(service.run(svc_rx)));
+            net_events = core_rx;
+        }
         let (tx, rx) = mpsc::channel(CORE_QUEUE);
         let (events, _) = broadcast::channel(EVENT_QUEUE);
         let core = Core::new(
@@ -140,7 +172,7 @@ impl Node {
             events.clone(),
             tx.clone(),
         )?;
-        let core_task = tokio::spawn(core.run(rx, net_events));
+        tasks.push(tokio::spawn(core.run(rx, net_events)));
         let handle = NodeHandle {
             inner: Arc::new(Inner {
                 tx,
@@ -156,10 +188,10 @@ impl Node {
             }),
         };
         info!(account = %handle.account(), peer = %handle.peer_id(), "node started");
-        let resolver = handle.spawn_contact_resolver();
+        tasks.push(handle.spawn_contact_resolver());
         Ok(Node {
             handle,
-            tasks: vec![core_task, net_task, resolver],
+            tasks,
             listen_addrs,
         })
     }

@@ -18,6 +18,7 @@
 //! The `list_*` and `snapshot_*` readers use separate read transactions and see
 //! only committed state; they are safe to call from any task.
 
+pub mod mailbox;
 pub mod mls_storage;
 pub mod schema;
 mod types;

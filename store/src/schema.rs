@@ -31,3 +31,54 @@ pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 pub const SEEN_ENVELOPES: TableDefinition<&[u8; 16], u64> = TableDefinition::new("seen_envelopes");
 /// Records learned from or published to the DHT: DHT key → signed record bytes.
 pub const DHT_RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dht_records");
+
+// ------------------------------------------------------------------------
+// Relay mailboxes (`mailbox::Mailboxes`), kept in a database file of their own
+// (`mailboxes.redb`), with a schema version of their own. None of these tables
+// exist in the node database.
+// ------------------------------------------------------------------------
+
+/// Bumped whenever a mailbox table's key or value encoding changes.
+/// `Mailboxes::open` refuses a mailbox database written under another version.
+pub const MAILBOX_SCHEMA_VERSION: u32 = 1;
+
+/// An inbox: (inbox id, is the request inbox).
+pub type InboxKey<'a> = (&'a [u8; 32], bool);
+/// One stored envelope: (inbox id, is the request inbox, index). Indices start
+/// at 1 and only grow within an inbox.
+pub type EnvelopeKey<'a> = (&'a [u8; 32], bool, u64);
+/// A sender's share of an inbox: (inbox id, is the request inbox, sender peer key).
+pub type SenderKey<'a> = (&'a [u8; 32], bool, &'a [u8; 32]);
+/// An expiry index entry: (keep-until ms, inbox id, is the request inbox, index).
+pub type ExpiryKey<'a> = (u64, &'a [u8; 32], bool, u64);
+/// Envelope metadata: (sender peer key, deposited ms, keep-until ms, length in bytes).
+pub type EnvelopeMeta = ([u8; 32], u64, u64, u64);
+
+/// Small named values of the mailbox database: `mailbox_schema_version` (u32 BE)
+/// and the global counters `inboxes`, `envelopes`, `bytes` (u64 BE).
+pub const MAILBOX_META: TableDefinition<&str, &[u8]> = TableDefinition::new("mailbox_meta");
+/// Per-inbox counters: `InboxKey` → (next index, envelopes held, bytes held).
+/// The row outlives the inbox's envelopes so that indices are never reused.
+pub const MAILBOX_INBOXES: TableDefinition<InboxKey, (u64, u64, u64)> = TableDefinition::new("mailbox_inboxes");
+/// Per-sender counters within an inbox: `SenderKey` → (envelopes held, bytes held).
+/// Removed when the sender holds nothing.
+pub const MAILBOX_SENDERS: TableDefinition<SenderKey, (u64, u64)> = TableDefinition::new("mailbox_senders");
+/// Envelope bytes: `EnvelopeKey` → the envelope as deposited.
+pub const MAILBOX_ENVELOPES: TableDefinition<EnvelopeKey, &[u8]> = TableDefinition::new("mailbox_envelopes");
+/// Envelope metadata: `EnvelopeKey` → `EnvelopeMeta`. Lets ack, sweep and fetch's
+/// expiry filter work without reading envelope bytes.
+pub const MAILBOX_ENVELOPE_META: TableDefinition<EnvelopeKey, EnvelopeMeta> =
+    TableDefinition::new("mailbox_envelope_meta");
+/// Expiry index: `ExpiryKey` → (). Sorted by time, so a sweep is a range scan
+/// from the start.
+pub const MAILBOX_EXPIRY: TableDefinition<ExpiryKey, ()> = TableDefinition::new("mailbox_expiry");
+/// Owner-auth nonces seen: nonce → expires ms.
+pub const MAILBOX_NONCES: TableDefinition<&[u8; 16], u64> = TableDefinition::new("mailbox_nonces");
+/// Nonce expiry index: (expires ms, nonce) → (), for bounded purges.
+pub const MAILBOX_NONCE_EXPIRY: TableDefinition<(u64, &[u8; 16]), ()> = TableDefinition::new("mailbox_nonce_expiry");
+/// Key-package pools: owner → (next sequence number, one-time packages held).
+pub const MAILBOX_KP_POOLS: TableDefinition<&[u8; 32], (u64, u64)> = TableDefinition::new("mailbox_kp_pools");
+/// One-time key packages: (owner, sequence number) → package bytes. Oldest first.
+pub const MAILBOX_KEY_PACKAGES: TableDefinition<(&[u8; 32], u64), &[u8]> = TableDefinition::new("mailbox_key_packages");
+/// Last-resort key package per owner: owner → package bytes. Never consumed.
+pub const MAILBOX_KP_LAST_RESORT: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("mailbox_kp_last_resort");
