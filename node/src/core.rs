@@ -731,6 +731,13 @@ impl Core {
                         Apply::Invalid(why) => return Err(Abort::Envelope(i, why)),
                     }
                 }
+                // Every envelope applied: show new messages now, before the
+                // durable commit. That is safe: the sender keeps them until our
+                // ack, which only follows the commit. Should the commit fail,
+                // the sender retries and the message is shown again.
+                for e in events.drain(..) {
+                    let _ = self.events.send(e);
+                }
                 Ok(())
             });
             match result {

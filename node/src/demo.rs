@@ -257,8 +257,14 @@ pub async fn run() -> anyhow::Result<()> {
             ack_ms: f64::NAN,
         });
     }
-    let final_history = bob.history(&alice.account().to_base58())?;
+    // Messages are shown before the receiver's commit; the history follows it.
     let expected = before.len() + queued.len();
+    let mut final_history = bob.history(&alice.account().to_base58())?;
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while final_history.len() < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        final_history = bob.history(&alice.account().to_base58())?;
+    }
     if final_history.len() != expected {
         bail!("bob has {} messages, expected exactly {expected}", final_history.len());
     }

@@ -86,7 +86,10 @@ async fn node_finds_contact_by_account_key_through_the_dht() {
     assert_eq!(got.text, "found you");
     assert_eq!(got.sender, acct(&a));
     // Bob learned alice from the conversation itself.
-    assert!(b.contacts().unwrap().iter().any(|c| c.account == acct(&a)));
+    eventually("bob knows alice", || {
+        b.contacts().unwrap().iter().any(|c| c.account == acct(&a))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
