@@ -16,12 +16,14 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use libp2p::PeerId;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
 use openmls::prelude::MlsGroup;
 use openmls_rust_crypto::RustCrypto;
 use prost::Message as _;
 use tidings_protocol::identity::{AccountId, DeviceCertificate};
 use tidings_protocol::limits::{MAX_DELIVER_FRAME, MAX_ENVELOPES_PER_BATCH, MAX_MLS_MESSAGE, MAX_TEXT};
+use tidings_protocol::mailbox as mb;
 use tidings_protocol::mls::{Incoming, MlsEngine};
 use tidings_protocol::payload::{Body, Payload};
 use tidings_protocol::pb::{self, DeliverStatus, EnvelopeKind};
@@ -123,6 +125,22 @@ pub(crate) enum CoreInput {
         device: [u8; 32],
         ids: Vec<u64>,
         result: Result<pb::DeliverResponse, NetError>,
+        /// Verified custody receipts per envelope, when the envelopes went to relays.
+        receipts: Vec<Vec<Vec<u8>>>,
+    },
+    /// Envelopes fetched from one of our relays' mailboxes.
+    ApplyMailbox {
+        relay: PeerId,
+        envelopes: Vec<pb::Envelope>,
+        reply: oneshot::Sender<Result<Vec<DeliverStatus>, NodeError>>,
+    },
+    /// While catching up from mailboxes, direct deliveries wait (they could
+    /// otherwise overtake older mail by more than the ratchet tolerates).
+    CatchingUp(bool),
+    /// Fresh key packages to publish on relays: `n` one-time ones plus a last-resort one.
+    MakeKeyPackages {
+        n: usize,
+        reply: oneshot::Sender<Result<KeyPackages, NodeError>>,
     },
 }
 
@@ -171,6 +189,11 @@ pub(crate) struct Core {
     /// Outstanding outbox entries per message id (for the delivered state).
     pending_per_message: HashMap<[u8; 16], usize>,
     key_package_budget: HashMap<PeerId, (Instant, u32)>,
+    /// Our home relays: envelopes they push are mailbox deliveries.
+    home_relays: HashSet<PeerId>,
+    catching_up: bool,
+    /// Messages at least one of whose envelopes went to a relay.
+    via_relay: HashSet<[u8; 16]>,
 }
 
 enum Abort {
@@ -221,6 +244,7 @@ impl Core {
         my_device: [u8; 32],
         events: broadcast::Sender<NodeEvent>,
         self_tx: mpsc::Sender<CoreInput>,
+        home_relays: HashSet<PeerId>,
     ) -> Result<Self, StoreError> {
         let mut core = Self {
             provider: Provider::new(store.clone()),
@@ -238,6 +262,9 @@ impl Core {
             queues: HashMap::new(),
             pending_per_message: HashMap::new(),
             key_package_budget: HashMap::new(),
+            home_relays,
+            catching_up: false,
+            via_relay: HashSet::new(),
         };
         for e in core.store.list_outbox()? {
             match pb::Envelope::decode(e.envelope.as_slice()) {
@@ -343,7 +370,41 @@ impl Core {
                     .map_err(NodeError::from);
                 let _ = reply.send(r);
             }
-            CoreInput::DeliverResult { device, ids, result } => self.on_deliver_result(device, ids, result),
+            CoreInput::DeliverResult {
+                device,
+                ids,
+                result,
+                receipts,
+            } => self.on_deliver_result(device, ids, result, receipts),
+            CoreInput::ApplyMailbox {
+                relay,
+                envelopes,
+                reply,
+            } => {
+                let (resp, events) = self.apply_batch(relay, pb::DeliverRequest { envelopes }, true);
+                for e in events {
+                    let _ = self.events.send(e);
+                }
+                let statuses = resp
+                    .statuses
+                    .iter()
+                    .map(|s| DeliverStatus::try_from(*s).unwrap_or(DeliverStatus::NotProcessed))
+                    .collect();
+                let _ = reply.send(Ok(statuses));
+            }
+            CoreInput::CatchingUp(on) => self.catching_up = on,
+            CoreInput::MakeKeyPackages { n, reply } => {
+                let store = self.store.clone();
+                let r = store.unit(|| -> Result<_, NodeError> {
+                    let mut kps = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        kps.push(self.engine.key_package(&self.provider, false)?);
+                    }
+                    let last = self.engine.key_package(&self.provider, true)?;
+                    Ok((kps, last))
+                });
+                let _ = reply.send(r);
+            }
         }
     }
 
@@ -361,6 +422,9 @@ impl Core {
                     contact.devices = old.devices;
                     contact.relays = old.relays;
                     contact.record_seq = old.record_seq;
+                }
+                if contact.capabilities.is_empty() {
+                    contact.capabilities = old.capabilities;
                 }
             }
             store.put_contact(&contact)?;
@@ -677,12 +741,30 @@ impl Core {
         entry.1 <= KEY_PACKAGES_PER_MINUTE
     }
 
-    /// Applies a batch of envelopes in one unit of work and returns one status
-    /// per envelope plus the events to emit once the unit committed.
+    /// Handles a direct delivery (or a push from one of our relays).
     pub(crate) fn on_deliver(
         &mut self,
         peer: PeerId,
         req: pb::DeliverRequest,
+    ) -> (pb::DeliverResponse, Vec<NodeEvent>) {
+        // A relay of ours pushing mailbox envelopes is mail, not a direct delivery.
+        let via_mailbox = self.home_relays.contains(&peer);
+        if self.catching_up && !via_mailbox {
+            let n = req.envelopes.len();
+            return (statuses(vec![DeliverStatus::NotProcessed; n]), Vec::new());
+        }
+        self.apply_batch(peer, req, via_mailbox)
+    }
+
+    /// Applies a batch of envelopes in one unit of work and returns one status
+    /// per envelope plus the events to emit once the unit committed.
+    /// `via_mailbox`: the envelopes come from one of our relay inboxes, so the
+    /// transport peer is the relay, not the sender.
+    fn apply_batch(
+        &mut self,
+        peer: PeerId,
+        req: pb::DeliverRequest,
+        via_mailbox: bool,
     ) -> (pb::DeliverResponse, Vec<NodeEvent>) {
         let n = req.envelopes.len();
         if n > MAX_ENVELOPES_PER_BATCH {
@@ -721,7 +803,7 @@ impl Core {
                         out.push(DeliverStatus::NotProcessed);
                         continue;
                     }
-                    match self.apply(peer, env, now, &mut events)? {
+                    match self.apply(peer, env, now, via_mailbox, &mut events)? {
                         Apply::Status(s) => {
                             if s == DeliverStatus::UnknownConversation {
                                 stop = true;
@@ -764,6 +846,7 @@ impl Core {
         peer: PeerId,
         env: &pb::Envelope,
         now: u64,
+        via_mailbox: bool,
         events: &mut Vec<NodeEvent>,
     ) -> Result<Apply, Abort> {
         let id: [u8; 16] = env
@@ -788,7 +871,7 @@ impl Core {
                     return Ok(Apply::Invalid("welcome for another conversation id".into()));
                 }
                 let members = MlsEngine::members(&group);
-                if !members.iter().any(|c| peer_id_of(&c.device_key) == Some(peer)) {
+                if !via_mailbox && !members.iter().any(|c| peer_id_of(&c.device_key) == Some(peer)) {
                     return Ok(Apply::Invalid("welcome from a peer outside the group".into()));
                 }
                 let others: HashSet<AccountId> = members.iter().map(|c| c.account).filter(|a| *a != self.me).collect();
@@ -803,6 +886,7 @@ impl Core {
                     name: String::new(),
                     devices: Vec::new(),
                     relays: Vec::new(),
+                    capabilities: Vec::new(),
                     record_seq: 0,
                     conversations: Vec::new(),
                     added_ms: now,
@@ -900,11 +984,21 @@ impl Core {
     /// Starts a delivery for every device queue that is due and idle.
     fn pump(&mut self) {
         let now = Instant::now();
-        for (device, q) in self.queues.iter_mut() {
-            if q.in_flight || q.entries.is_empty() || q.next_try > now {
+        let due: Vec<[u8; 32]> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| !q.in_flight && !q.entries.is_empty() && q.next_try <= now)
+            .map(|(d, _)| *d)
+            .collect();
+        for device in due {
+            let Some(peer) = peer_id_of(&device) else { continue };
+            let target = self
+                .queues
+                .get(&device)
+                .and_then(|q| self.mailbox_target(&q.account, &device));
+            let Some(q) = self.queues.get_mut(&device) else {
                 continue;
-            }
-            let Some(peer) = peer_id_of(device) else { continue };
+            };
             let mut ids = Vec::new();
             let mut envelopes = Vec::new();
             let mut bytes = 0usize;
@@ -919,21 +1013,92 @@ impl Core {
             q.in_flight = true;
             let net = self.net.clone();
             let tx = self.self_tx.clone();
-            let device = *device;
+            let now_ms = self.clock.now_ms();
             tokio::spawn(async move {
                 let request = pb::DeliverRequest { envelopes };
-                let mut result = net.deliver(peer, request.clone()).await;
-                if matches!(result, Err(NetError::Unreachable(_)))
-                    && net.find_peer(peer).await.is_ok_and(|a| !a.is_empty())
-                {
-                    result = net.deliver(peer, request).await;
-                }
-                let _ = tx.send(CoreInput::DeliverResult { device, ids, result }).await;
+                let (result, receipts) = match target {
+                    // Not connected, and the device has relays: its mail goes there
+                    // at once (dialling a device that is away can take seconds), while
+                    // a connection attempt runs in the background. Once connected,
+                    // the next batches go direct.
+                    Some(target) if !net.is_connected(peer).await => {
+                        let n2 = net.clone();
+                        tokio::spawn(async move {
+                            if let Ok(addrs) = n2.find_peer(peer).await {
+                                for a in addrs {
+                                    let _ = n2.dial(a.with(Protocol::P2p(peer))).await;
+                                }
+                            }
+                        });
+                        let receipts = deposit_all(&net, &target, &request.envelopes, now_ms).await;
+                        (Err(NetError::Unreachable("not connected".into())), receipts)
+                    }
+                    target => {
+                        let mut result = net.deliver(peer, request.clone()).await;
+                        if matches!(result, Err(NetError::Unreachable(_)))
+                            && net.find_peer(peer).await.is_ok_and(|a| !a.is_empty())
+                        {
+                            result = net.deliver(peer, request.clone()).await;
+                        }
+                        // The device is away: hand the envelopes to its relays instead.
+                        let receipts = match (&result, target) {
+                            (Err(_), Some(target)) => deposit_all(&net, &target, &request.envelopes, now_ms).await,
+                            _ => Vec::new(),
+                        };
+                        (result, receipts)
+                    }
+                };
+                let _ = tx
+                    .send(CoreInput::DeliverResult {
+                        device,
+                        ids,
+                        result,
+                        receipts,
+                    })
+                    .await;
             });
         }
     }
 
-    fn on_deliver_result(&mut self, device: [u8; 32], ids: Vec<u64>, result: Result<pb::DeliverResponse, NetError>) {
+    /// Where a device's mail goes when the device is away: its account's relays,
+    /// its inbox there, and the capability it gave us (if any).
+    fn mailbox_target(&self, account: &[u8; 32], device: &[u8; 32]) -> Option<MailboxTarget> {
+        let contact = self.store.contact(account).ok()??;
+        let relays: Vec<(PeerId, Multiaddr)> = contact
+            .relays
+            .iter()
+            .filter_map(|r| {
+                let addr: Multiaddr = r.parse().ok()?;
+                match addr.iter().last() {
+                    Some(Protocol::P2p(p)) => Some((p, addr)),
+                    _ => None,
+                }
+            })
+            .collect();
+        if relays.is_empty() {
+            return None;
+        }
+        let inbox = mb::inbox_id(device);
+        let now = self.clock.now_ms();
+        let capability = contact
+            .capabilities
+            .iter()
+            .filter_map(|c| pb::Capability::decode(c.as_slice()).ok())
+            .find(|c| mb::verify_capability(c, &inbox, now).is_ok());
+        Some(MailboxTarget {
+            relays,
+            inbox,
+            capability,
+        })
+    }
+
+    fn on_deliver_result(
+        &mut self,
+        device: [u8; 32],
+        ids: Vec<u64>,
+        result: Result<pb::DeliverResponse, NetError>,
+        receipts: Vec<Vec<Vec<u8>>>,
+    ) {
         let Some(q) = self.queues.get_mut(&device) else { return };
         q.in_flight = false;
         let account = q.account;
@@ -953,21 +1118,34 @@ impl Core {
             }
         };
         let mut done = Vec::new();
+        let mut stored: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
         let mut retry = false;
-        for (id, s) in ids.iter().zip(statuses) {
+        for (i, (id, s)) in ids.iter().zip(statuses).enumerate() {
             match s {
                 DeliverStatus::Accepted | DeliverStatus::Duplicate => done.push(*id),
                 DeliverStatus::Rejected => {
                     warn!(entry = id, "recipient rejected an envelope; dropping it");
                     done.push(*id);
                 }
-                _ => retry = true,
+                _ => match receipts.get(i) {
+                    // A relay signed for it: it leaves the outbox, the receipt stays.
+                    Some(r) if !r.is_empty() => {
+                        done.push(*id);
+                        stored.insert(*id, r.clone());
+                    }
+                    _ => retry = true,
+                },
             }
         }
         let done_set: HashSet<u64> = done.iter().copied().collect();
         let mut finished_messages = Vec::new();
-        q.entries.retain(|(id, mid, _)| {
+        let mut receipt_rows: Vec<([u8; 16], Vec<Vec<u8>>)> = Vec::new();
+        q.entries.retain(|(id, mid, env)| {
             if done_set.contains(id) {
+                if let Some(r) = stored.remove(id) {
+                    let key = mid.unwrap_or_else(|| env.id.as_slice().try_into().unwrap_or([0; 16]));
+                    receipt_rows.push((key, r));
+                }
                 if let Some(m) = mid {
                     finished_messages.push(*m);
                 }
@@ -976,6 +1154,9 @@ impl Core {
                 true
             }
         });
+        for (key, _) in &receipt_rows {
+            self.via_relay.insert(*key);
+        }
         if retry {
             q.next_try = Instant::now() + q.backoff;
             q.backoff = (q.backoff * 2).min(MAX_BACKOFF);
@@ -987,12 +1168,17 @@ impl Core {
             self.queues.remove(&device);
         }
         let mut delivered = Vec::new();
+        let mut relayed = Vec::new();
         for m in finished_messages {
             if let Some(n) = self.pending_per_message.get_mut(&m) {
                 *n -= 1;
                 if *n == 0 {
                     self.pending_per_message.remove(&m);
-                    delivered.push(m);
+                    if self.via_relay.remove(&m) {
+                        relayed.push(m);
+                    } else {
+                        delivered.push(m);
+                    }
                 }
             }
         }
@@ -1002,8 +1188,20 @@ impl Core {
         let store = self.store.clone();
         let r = store.unit(|| -> Result<(), StoreError> {
             store.remove_outbox(&done)?;
+            for (key, receipts) in &receipt_rows {
+                for bytes in receipts {
+                    if let Ok(r) = pb::CustodyReceipt::decode(bytes.as_slice())
+                        && let Ok(rc) = mb::verify_receipt(&r)
+                    {
+                        store.add_receipt(key, &rc.relay_key, bytes)?;
+                    }
+                }
+            }
             for m in &delivered {
                 store.set_message_state(m, MessageState::Delivered)?;
+            }
+            for m in &relayed {
+                store.set_message_state(m, MessageState::Stored)?;
             }
             Ok(())
         });
@@ -1013,6 +1211,12 @@ impl Core {
             warn!("cannot remove acknowledged outbox entries: {e}");
         }
         let contact = bs58::encode(account).into_string();
+        for m in relayed {
+            let _ = self.events.send(NodeEvent::Stored {
+                id: hex::encode(m),
+                contact: contact.clone(),
+            });
+        }
         for m in delivered {
             let _ = self.events.send(NodeEvent::Delivered {
                 id: hex::encode(m),
@@ -1024,6 +1228,114 @@ impl Core {
 
 /// A send waiting for its unit: recipient account, text, reply.
 type PendingSend = ([u8; 32], String, oneshot::Sender<Result<MessageView, NodeError>>);
+
+/// One-time key packages plus a last-resort one, TLS-encoded.
+pub(crate) type KeyPackages = (Vec<Vec<u8>>, Vec<u8>);
+
+/// A device's mailboxes: its account's relays, its inbox id, our capability.
+struct MailboxTarget {
+    relays: Vec<(PeerId, Multiaddr)>,
+    inbox: [u8; 32],
+    capability: Option<pb::Capability>,
+}
+
+/// The Ed25519 key behind a PeerId (relays sign receipts with it).
+pub(crate) fn key_of_peer(peer: &PeerId) -> Option<[u8; 32]> {
+    let pk = libp2p::identity::PublicKey::try_decode_protobuf(peer.as_ref().digest()).ok()?;
+    Some(pk.try_into_ed25519().ok()?.to_bytes())
+}
+
+/// Deposits every envelope in the device's inbox on every relay: in order on
+/// each relay (the receiver must apply a sender's messages roughly in order,
+/// within the ratchet's out-of-order tolerance), all relays at once. Returns,
+/// per envelope, the encoded custody receipts that verified.
+async fn deposit_all(net: &Network, t: &MailboxTarget, envelopes: &[pb::Envelope], now_ms: u64) -> Vec<Vec<Vec<u8>>> {
+    let mut prepared = Vec::with_capacity(envelopes.len());
+    for env in envelopes {
+        let bytes = env.encode_to_vec();
+        let hash = mb::envelope_hash(&bytes);
+        let pow_nonce = if t.capability.is_none() {
+            // First contact: no capability, so the request inbox and proof of work.
+            let (inbox, b) = (t.inbox, bytes.clone());
+            tokio::task::spawn_blocking(move || mb::solve_pow(&inbox, &b, mb::DEFAULT_POW_BITS))
+                .await
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        prepared.push((bytes, hash, pow_nonce));
+    }
+    let per_relay = t.relays.iter().map(|(peer, addr)| {
+        let prepared = &prepared;
+        async move {
+            net.add_address(*peer, addr.clone()).await;
+            let mut got: Vec<Option<Vec<u8>>> = vec![None; prepared.len()];
+            for (i, (bytes, hash, pow_nonce)) in prepared.iter().enumerate() {
+                let request = pb::MailboxRequest {
+                    op: Some(pb::mailbox_request::Op::Deposit(pb::Deposit {
+                        inbox_id: t.inbox.to_vec(),
+                        request_inbox: t.capability.is_none(),
+                        capability: t.capability.clone(),
+                        pow_nonce: pow_nonce.clone(),
+                        envelope: bytes.clone(),
+                    })),
+                };
+                let resp = match net.mailbox(*peer, request).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Later envelopes must not overtake this one on this relay.
+                        debug!(relay = %peer, "deposit failed: {e}");
+                        break;
+                    }
+                };
+                match resp.result {
+                    Some(pb::mailbox_response::Result::Receipt(r)) if resp.status == pb::MailboxStatus::Ok as i32 => {
+                        match mb::verify_receipt(&r) {
+                            Ok(rc)
+                                if Some(rc.relay_key) == key_of_peer(peer)
+                                    && rc.inbox_id == t.inbox
+                                    && rc.envelope_hash == *hash
+                                    && rc.keep_until_ms > now_ms =>
+                            {
+                                got[i] = Some(r.encode_to_vec());
+                            }
+                            _ => {
+                                warn!(relay = %peer, "relay returned an invalid custody receipt");
+                                break;
+                            }
+                        }
+                    }
+                    _ => {
+                        let code = pb::MailboxStatus::try_from(resp.status)
+                            .ok()
+                            .and_then(mb::MailboxError::from_status)
+                            .map_or("unknown", |e| e.code());
+                        info!(relay = %peer, "deposit refused: {code}");
+                        break;
+                    }
+                }
+            }
+            got
+        }
+    });
+    let results = futures::future::join_all(per_relay).await;
+    let mut receipts = vec![Vec::new(); envelopes.len()];
+    for got in results {
+        for (i, r) in got.into_iter().enumerate() {
+            if let Some(r) = r {
+                receipts[i].push(r);
+            }
+        }
+    }
+    // A receipt counts only if every earlier envelope also has one, so that a
+    // later envelope never leaves the outbox ahead of an earlier one.
+    if let Some(first_missing) = receipts.iter().position(|r| r.is_empty()) {
+        for r in receipts.iter_mut().skip(first_missing) {
+            r.clear();
+        }
+    }
+    receipts
+}
 
 /// How far ahead of our clock a sender's timestamp may be.
 const MAX_FUTURE_MS: u64 = 5 * 60 * 1000;

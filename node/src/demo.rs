@@ -28,6 +28,55 @@ pub fn loopback() -> Vec<Multiaddr> {
 
 /// Creates (if needed) and starts a node whose data lives in `dir`.
 pub async fn start_node(dir: &Path, name: &str, bootstrap: Vec<Multiaddr>) -> anyhow::Result<Node> {
+    start_node_with_relays(dir, name, bootstrap, Vec::new()).await
+}
+
+/// Creates (if needed) and starts a relay on loopback whose data lives in `dir`.
+pub async fn start_relay(dir: &Path, bootstrap: Vec<Multiaddr>) -> anyhow::Result<Node> {
+    std::fs::create_dir_all(dir)?;
+    let store = crate::open_store(dir)?;
+    let clock = Clock::system();
+    if store.identity().is_err() {
+        crate::create_identity(&store, "relay", clock.now_ms())?;
+    }
+    let mailboxes = std::sync::Arc::new(tidings_store::mailbox::Mailboxes::open(
+        &dir.join("mailboxes.redb"),
+        tidings_store::mailbox::MailboxLimits::default(),
+    )?);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let relay = crate::relay::RelayOptions {
+        mailboxes,
+        pow_bits: tidings_protocol::mailbox::DEFAULT_POW_BITS,
+        key_package_claims_per_minute: 60,
+        request_deposits_per_minute: 600,
+        sweep_interval: Duration::from_secs(60),
+        metrics: crate::relay::RelayMetrics::register(&mut registry),
+    };
+    let net = NetConfig {
+        listen: loopback(),
+        bootstrap,
+        relay_server: Some(crate::net::RelayServerConfig::default()),
+        ..NetConfig::default()
+    };
+    Node::start(
+        store,
+        NodeConfig {
+            net,
+            clock,
+            relay: Some(relay),
+            ..NodeConfig::default()
+        },
+    )
+    .await
+}
+
+/// Like [`start_node`], with home relays (`…/p2p/<relay id>`).
+pub async fn start_node_with_relays(
+    dir: &Path,
+    name: &str,
+    bootstrap: Vec<Multiaddr>,
+    home_relays: Vec<Multiaddr>,
+) -> anyhow::Result<Node> {
     std::fs::create_dir_all(dir)?;
     let store = crate::open_store(dir)?;
     let clock = Clock::system();
@@ -44,6 +93,7 @@ pub async fn start_node(dir: &Path, name: &str, bootstrap: Vec<Multiaddr>) -> an
         NodeConfig {
             net,
             clock,
+            home_relays,
             ..NodeConfig::default()
         },
     )

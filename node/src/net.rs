@@ -213,6 +213,14 @@ enum Command {
     Dial {
         addr: Multiaddr,
     },
+    AddAddress {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    IsConnected {
+        peer: PeerId,
+        reply: oneshot::Sender<bool>,
+    },
     LocalRecord {
         key: Vec<u8>,
         reply: oneshot::Sender<Option<Vec<u8>>>,
@@ -287,6 +295,18 @@ impl Network {
     /// Every validated copy of a record found in the DHT.
     pub async fn get_record(&self, key: Vec<u8>) -> Result<Vec<Vec<u8>>, NetError> {
         self.call(|reply| Command::GetRecord { key, reply }).await?
+    }
+
+    /// Whether a connection to `peer` is open.
+    pub async fn is_connected(&self, peer: PeerId) -> bool {
+        self.call(|reply| Command::IsConnected { peer, reply })
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Remembers an address for a peer (used when dialling it).
+    pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) {
+        let _ = self.tx.send(Command::AddAddress { peer, addr }).await;
     }
 
     /// The record this node's own DHT store holds under `key`.
@@ -594,6 +614,12 @@ impl EventLoop {
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     warn!(%addr, "dial failed: {e}");
                 }
+            }
+            Command::IsConnected { peer, reply } => {
+                let _ = reply.send(self.swarm.is_connected(&peer));
+            }
+            Command::AddAddress { peer, addr } => {
+                self.swarm.add_peer_address(peer, addr);
             }
             Command::LocalRecord { key, reply } => {
                 let rec = b.kad.store_mut().get(&RecordKey::new(&key)).map(|r| r.value.clone());

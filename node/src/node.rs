@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
+use prost::Message as _;
 use tidings_protocol::identity::{AccountId, AccountKey, DeviceCertificate, DeviceKey};
+use tidings_protocol::mailbox;
 use tidings_protocol::mls::{MlsEngine, signature_keys_from_seed};
 use tidings_protocol::pb;
 use tidings_protocol::record::{UserRecord, user_record_key};
@@ -23,6 +25,10 @@ use crate::types::{ContactView, MessageView, NodeEvent, NodeStatus};
 
 /// How long a device certificate made by `init` is valid.
 pub const DEVICE_CERT_VALIDITY_MS: u64 = 365 * 24 * 3600 * 1000;
+/// Longest time direct deliveries wait for the first mailbox catch-up.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(15);
+/// How often a node re-checks its relay mailboxes (pushes cover the time between).
+const MAILBOX_RECHECK: Duration = Duration::from_secs(10);
 /// Capacity of the core's input queue.
 const CORE_QUEUE: usize = 4096;
 /// Capacity of the event broadcast (slow subscribers miss events, never block the node).
@@ -35,6 +41,10 @@ pub struct NodeConfig {
     pub clock: Clock,
     /// Run the relay services (set `net.relay_server` too).
     pub relay: Option<RelayOptions>,
+    /// This device's home relays (`…/p2p/<relay id>`): its mailboxes live there,
+    /// they are published in its user record and card, and it reserves a circuit
+    /// on them so that it stays reachable without a public address.
+    pub home_relays: Vec<Multiaddr>,
     /// Registry for libp2p's metrics (relays export it on `/metrics`).
     pub metrics: Option<Arc<std::sync::Mutex<prometheus_client::registry::Registry>>>,
 }
@@ -45,6 +55,7 @@ impl Default for NodeConfig {
             net: NetConfig::default(),
             clock: Clock::system(),
             relay: None,
+            home_relays: Vec::new(),
             metrics: None,
         }
     }
@@ -102,6 +113,8 @@ struct Inner {
     store: Arc<Store>,
     events: broadcast::Sender<NodeEvent>,
     account_seed: [u8; 32],
+    device_seed: [u8; 32],
+    home_relays: Vec<Multiaddr>,
     account: AccountId,
     cert: DeviceCertificate,
     name: String,
@@ -137,8 +150,17 @@ impl Node {
             .metrics
             .as_ref()
             .and_then(|r| r.lock().ok().map(|mut r| libp2p::metrics::Metrics::new(&mut r)));
+        let mut net_config = config.net.clone();
+        for relay in &config.home_relays {
+            if !net_config.bootstrap.contains(relay) {
+                net_config.bootstrap.push(relay.clone());
+            }
+            if !net_config.reserve_on.contains(relay) {
+                net_config.reserve_on.push(relay.clone());
+            }
+        }
         let (net, mut net_events, listen_addrs, net_task) =
-            net::spawn(keypair, config.net.clone(), config.clock.clone(), libp2p_metrics).await?;
+            net::spawn(keypair, net_config, config.clock.clone(), libp2p_metrics).await?;
         let mut tasks = vec![net_task];
         if let Some(opts) = config.relay.clone() {
             // Mailbox requests go to the mailbox service, everything else to the core.
@@ -171,6 +193,14 @@ impl Node {
             cert.device_key,
             events.clone(),
             tx.clone(),
+            config
+                .home_relays
+                .iter()
+                .filter_map(|a| match a.iter().last() {
+                    Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
+                    _ => None,
+                })
+                .collect(),
         )?;
         tasks.push(tokio::spawn(core.run(rx, net_events)));
         let handle = NodeHandle {
@@ -180,6 +210,8 @@ impl Node {
                 store,
                 events,
                 account_seed: identity.account_seed,
+                device_seed: identity.device_seed,
+                home_relays: config.home_relays.clone(),
                 account: account_key.id(),
                 cert,
                 name: identity.name,
@@ -189,6 +221,18 @@ impl Node {
         };
         info!(account = %handle.account(), peer = %handle.peer_id(), "node started");
         tasks.push(handle.spawn_contact_resolver());
+        let relays: Vec<(PeerId, Multiaddr)> = handle
+            .inner
+            .home_relays
+            .iter()
+            .filter_map(|a| match a.iter().last() {
+                Some(libp2p::multiaddr::Protocol::P2p(p)) => Some((p, a.clone())),
+                _ => None,
+            })
+            .collect();
+        if !relays.is_empty() {
+            tasks.push(tokio::spawn(handle.clone().mailbox_sync(relays)));
+        }
         Ok(Node {
             handle,
             tasks,
@@ -247,7 +291,12 @@ impl NodeHandle {
             account: self.inner.account,
             name: self.inner.name.clone(),
             devices: vec![self.inner.cert.clone()],
-            relays: Vec::new(),
+            relays: self.inner.home_relays.iter().map(|a| a.to_string()).collect(),
+            capabilities: vec![mailbox::issue_capability(
+                &self.inner.device_seed,
+                self.inner.cert.expires_ms,
+                None,
+            )],
         }
     }
 
@@ -268,7 +317,7 @@ impl NodeHandle {
             &key,
             seq,
             std::slice::from_ref(&self.inner.cert),
-            &[],
+            &self.inner.home_relays.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             &self.inner.name,
             self.inner.clock.now_ms(),
         );
@@ -327,6 +376,7 @@ impl NodeHandle {
                                 name: r.name.clone(),
                                 devices: r.devices.iter().map(|d| d.to_bytes()).collect(),
                                 relays: r.relays.clone(),
+                                capabilities: Vec::new(),
                                 record_seq: r.seq,
                                 conversations: Vec::new(),
                                 added_ms: h.inner.clock.now_ms(),
@@ -364,6 +414,7 @@ impl NodeHandle {
                 name: card.name,
                 devices: card.devices.iter().map(|d| d.to_bytes()).collect(),
                 relays: card.relays,
+                capabilities: card.capabilities.iter().map(|c| c.encode_to_vec()).collect(),
                 record_seq: 0,
                 conversations: Vec::new(),
                 added_ms: now,
@@ -376,6 +427,7 @@ impl NodeHandle {
                 name: record.name,
                 devices: record.devices.iter().map(|d| d.to_bytes()).collect(),
                 relays: record.relays,
+                capabilities: Vec::new(),
                 record_seq: record.seq,
                 conversations: Vec::new(),
                 added_ms: now,
@@ -498,7 +550,13 @@ impl NodeHandle {
             };
             match self.fetch_key_package(peer).await {
                 Ok(kp) => key_packages.push(kp),
-                Err(e) => last_error = e.to_string(),
+                Err(e) => {
+                    last_error = e.to_string();
+                    // The device is away: claim one of its key packages from its relays.
+                    if let Some(kp) = self.claim_key_package(&contact.relays, &cert.device_key).await {
+                        key_packages.push(kp);
+                    }
+                }
             }
         }
         if key_packages.is_empty() {
@@ -511,6 +569,207 @@ impl NodeHandle {
         })
         .await?;
         Ok(())
+    }
+
+    /// Claims a key package of `device` from one of `relays`.
+    async fn claim_key_package(&self, relays: &[String], device: &[u8; 32]) -> Option<Vec<u8>> {
+        for r in relays {
+            let Ok(addr) = r.parse::<Multiaddr>() else { continue };
+            let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
+                continue;
+            };
+            self.inner.net.add_address(peer, addr).await;
+            let request = pb::MailboxRequest {
+                op: Some(pb::mailbox_request::Op::ClaimKeyPackage(pb::ClaimKeyPackage {
+                    owner_key: device.to_vec(),
+                })),
+            };
+            match self.inner.net.mailbox(peer, request).await {
+                Ok(pb::MailboxResponse {
+                    result: Some(pb::mailbox_response::Result::KeyPackage(kp)),
+                    ..
+                }) if !kp.is_empty() => return Some(kp),
+                Ok(resp) => debug!(relay = %peer, status = resp.status, "no key package from relay"),
+                Err(e) => debug!(relay = %peer, "claiming a key package failed: {e}"),
+            }
+        }
+        None
+    }
+
+    fn owner_auth(&self, op: mailbox::Op, inbox: &[u8; 32], argument: u64) -> pb::OwnerAuth {
+        let mut nonce = [0u8; 16];
+        nonce.copy_from_slice(&random_seed()[..16]);
+        mailbox::sign_auth(
+            &self.inner.device_seed,
+            op,
+            inbox,
+            self.inner.clock.now_ms(),
+            nonce,
+            argument,
+        )
+    }
+
+    async fn mailbox_call(&self, relay: PeerId, op: pb::mailbox_request::Op) -> Result<pb::MailboxResponse, NodeError> {
+        let resp = self
+            .inner
+            .net
+            .mailbox(relay, pb::MailboxRequest { op: Some(op) })
+            .await?;
+        match pb::MailboxStatus::try_from(resp.status)
+            .ok()
+            .and_then(mailbox::MailboxError::from_status)
+        {
+            None => Ok(resp),
+            Some(e) => Err(NodeError::Unreachable(format!("relay refused: {}", e.code()))),
+        }
+    }
+
+    /// Fetches, applies and acknowledges everything waiting in one inbox on a
+    /// relay. Returns the number of envelopes applied.
+    async fn drain_inbox(&self, relay: PeerId, request_inbox: bool) -> Result<usize, NodeError> {
+        let device = self.inner.cert.device_key;
+        let inbox = mailbox::inbox_id(&device);
+        let mut cursor = 0u64;
+        let mut applied = 0usize;
+        loop {
+            let auth = self.owner_auth(mailbox::Op::Fetch, &inbox, cursor);
+            let resp = self
+                .mailbox_call(
+                    relay,
+                    pb::mailbox_request::Op::Fetch(pb::Fetch {
+                        inbox_id: inbox.to_vec(),
+                        request_inbox,
+                        after_index: cursor,
+                        limit: 512,
+                        auth: Some(auth),
+                    }),
+                )
+                .await?;
+            let Some(pb::mailbox_response::Result::Fetched(fetched)) = resp.result else {
+                return Ok(applied);
+            };
+            if fetched.envelopes.is_empty() {
+                return Ok(applied);
+            }
+            let mut indices = Vec::new();
+            let mut envelopes = Vec::new();
+            let mut up_to = None;
+            for e in fetched.envelopes {
+                match pb::Envelope::decode(e.envelope.as_slice()) {
+                    Ok(env) => {
+                        indices.push(e.index);
+                        envelopes.push(env);
+                    }
+                    // Nothing we could ever apply: acknowledge it away.
+                    Err(_) if envelopes.is_empty() => up_to = Some(e.index),
+                    Err(_) => {}
+                }
+            }
+            let n = envelopes.len();
+            let statuses = self
+                .core(|reply| CoreInput::ApplyMailbox {
+                    relay,
+                    envelopes,
+                    reply,
+                })
+                .await?;
+            let mut complete = statuses.len() == n;
+            for (idx, st) in indices.iter().zip(&statuses) {
+                match st {
+                    pb::DeliverStatus::Accepted | pb::DeliverStatus::Duplicate | pb::DeliverStatus::Rejected => {
+                        up_to = Some(*idx);
+                        applied += 1;
+                    }
+                    _ => {
+                        complete = false;
+                        break;
+                    }
+                }
+            }
+            if let Some(u) = up_to {
+                let auth = self.owner_auth(mailbox::Op::Ack, &inbox, u);
+                self.mailbox_call(
+                    relay,
+                    pb::mailbox_request::Op::Ack(pb::Ack {
+                        inbox_id: inbox.to_vec(),
+                        request_inbox,
+                        up_to_index: u,
+                        auth: Some(auth),
+                    }),
+                )
+                .await?;
+                cursor = u;
+            }
+            if !complete || !fetched.more {
+                return Ok(applied);
+            }
+        }
+    }
+
+    /// Puts fresh key packages on a relay, so that people can start a
+    /// conversation with this device while it is away.
+    async fn publish_key_packages(&self, relay: PeerId) -> Result<(), NodeError> {
+        let (kps, last_resort) = self.core(|reply| CoreInput::MakeKeyPackages { n: 20, reply }).await?;
+        let inbox = mailbox::inbox_id(&self.inner.cert.device_key);
+        let auth = self.owner_auth(mailbox::Op::PublishKeyPackages, &inbox, kps.len() as u64);
+        self.mailbox_call(
+            relay,
+            pb::mailbox_request::Op::PublishKeyPackages(pb::PublishKeyPackages {
+                inbox_id: inbox.to_vec(),
+                key_packages: kps,
+                last_resort,
+                auth: Some(auth),
+            }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Keeps this device's relay mailboxes drained: on start it fetches
+    /// everything that waited while it was away (direct deliveries wait until
+    /// then), then subscribes for pushes, and re-checks periodically.
+    async fn mailbox_sync(self, relays: Vec<(PeerId, Multiaddr)>) {
+        let _ = self.inner.tx.send(CoreInput::CatchingUp(true)).await;
+        // Unreachable relays must not hold direct deliveries back for long.
+        let tx = self.inner.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CATCH_UP_LIMIT).await;
+            let _ = tx.send(CoreInput::CatchingUp(false)).await;
+        });
+        let mut published = std::collections::HashSet::new();
+        let mut first = true;
+        loop {
+            for (relay, addr) in &relays {
+                self.inner.net.add_address(*relay, addr.clone()).await;
+                for request_inbox in [false, true] {
+                    match self.drain_inbox(*relay, request_inbox).await {
+                        Ok(n) if n > 0 => info!(relay = %relay, n, "fetched mail"),
+                        Ok(_) => {}
+                        Err(e) => debug!(relay = %relay, "fetching mail failed: {e}"),
+                    }
+                }
+                let inbox = mailbox::inbox_id(&self.inner.cert.device_key);
+                let auth = self.owner_auth(mailbox::Op::Subscribe, &inbox, 0);
+                let _ = self
+                    .mailbox_call(
+                        *relay,
+                        pb::mailbox_request::Op::Subscribe(pb::Subscribe {
+                            inbox_id: inbox.to_vec(),
+                            after_index: 0,
+                            auth: Some(auth),
+                        }),
+                    )
+                    .await;
+                if !published.contains(relay) && self.publish_key_packages(*relay).await.is_ok() {
+                    published.insert(*relay);
+                }
+            }
+            if first {
+                first = false;
+                let _ = self.inner.tx.send(CoreInput::CatchingUp(false)).await;
+            }
+            tokio::time::sleep(MAILBOX_RECHECK).await;
+        }
     }
 
     async fn fetch_key_package(&self, peer: PeerId) -> Result<Vec<u8>, NetError> {

@@ -63,6 +63,8 @@ pub enum NodeEvent {
     Message(MessageView),
     /// Every recipient device acknowledged one of our messages after its durable commit.
     Delivered { id: String, contact: String },
+    /// One of our messages left the outbox with a relay's custody receipt (the device was away).
+    Stored { id: String, contact: String },
     /// A contact was added or changed.
     Contact(ContactView),
 }

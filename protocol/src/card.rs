@@ -37,6 +37,8 @@ pub struct ContactCard {
     pub name: String,
     pub devices: Vec<DeviceCertificate>,
     pub relays: Vec<String>,
+    /// Deposit capabilities for the devices' relay inboxes (see `mailbox`).
+    pub capabilities: Vec<pb::Capability>,
 }
 
 impl ContactCard {
@@ -46,6 +48,7 @@ impl ContactCard {
             name: self.name.clone(),
             devices: self.devices.iter().map(|d| d.wire().clone()).collect(),
             relays: self.relays.clone(),
+            capabilities: self.capabilities.clone(),
         };
         let mut bytes = wire.encode_to_vec();
         let sum = Sha256::digest(&bytes);
@@ -72,6 +75,7 @@ impl ContactCard {
         }
         let wire = pb::ContactCard::decode(data).map_err(|e| CardError::Decode(e.to_string()))?;
         if wire.devices.len() > MAX_DEVICES
+            || wire.capabilities.len() > MAX_DEVICES
             || wire.relays.len() > MAX_RELAYS
             || wire.name.len() > MAX_NAME
             || wire.relays.iter().any(|r| r.len() > MAX_RELAY_ADDR)
@@ -92,6 +96,7 @@ impl ContactCard {
             name: wire.name,
             devices,
             relays: wire.relays,
+            capabilities: wire.capabilities,
         })
     }
 }
@@ -109,6 +114,7 @@ mod tests {
             name: "alice".into(),
             devices: vec![cert],
             relays: vec![],
+            capabilities: vec![],
         }
     }
 

@@ -143,6 +143,7 @@ impl Store {
         w.open_table(OUTBOX)?;
         w.open_table(SEEN_ENVELOPES)?;
         w.open_table(DHT_RECORDS)?;
+        w.open_table(RECEIPTS)?;
         w.commit()?;
         Ok(())
     }
@@ -442,6 +443,28 @@ impl Store {
             w.open_table(SEEN_ENVELOPES)?.insert(id, now_ms)?;
             Ok(())
         })
+    }
+
+    // ------------------------------------------------------------ receipts
+
+    /// Keeps a relay's custody receipt for a message (or envelope) id.
+    pub fn add_receipt(&self, id: &[u8; 16], relay: &[u8; 32], receipt: &[u8]) -> Result<()> {
+        self.with_txn(true, |w| {
+            w.open_table(RECEIPTS)?.insert((id, relay), receipt)?;
+            Ok(())
+        })
+    }
+
+    /// The custody receipts held for a message (or envelope) id.
+    pub fn receipts(&self, id: &[u8; 16]) -> Result<Vec<Vec<u8>>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(RECEIPTS)?;
+        let mut out = Vec::new();
+        for e in t.range((id, &[0u8; 32])..=(id, &[0xffu8; 32]))? {
+            let (_, v) = e?;
+            out.push(v.value().to_vec());
+        }
+        Ok(out)
     }
 
     // --------------------------------------------------------- DHT records

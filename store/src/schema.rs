@@ -29,6 +29,8 @@ pub const MESSAGE_IDS: TableDefinition<&[u8; 16], MessageKey> = TableDefinition:
 pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// Envelope ids that were durably applied → time applied (ms). Transport dedup.
 pub const SEEN_ENVELOPES: TableDefinition<&[u8; 16], u64> = TableDefinition::new("seen_envelopes");
+/// Custody receipts relays signed for our envelopes: (message or envelope id, relay key) → receipt.
+pub const RECEIPTS: TableDefinition<(&[u8; 16], &[u8; 32]), &[u8]> = TableDefinition::new("receipts");
 /// Records learned from or published to the DHT: DHT key → signed record bytes.
 pub const DHT_RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dht_records");
 

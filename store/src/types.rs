@@ -30,6 +30,9 @@ pub struct Contact {
     /// Encoded device certificates we know of (from the card or the DHT).
     pub devices: Vec<Vec<u8>>,
     pub relays: Vec<String>,
+    /// Encoded deposit capabilities (`pb::Capability`) for their devices' inboxes.
+    #[serde(default)]
+    pub capabilities: Vec<Vec<u8>>,
     /// Highest user-record sequence number seen.
     pub record_seq: u64,
     /// MLS group ids of conversations with this contact, oldest first.
@@ -66,6 +69,8 @@ pub struct Conversation {
 pub enum MessageState {
     /// Committed to our outbox, not yet acknowledged.
     Pending,
+    /// A relay signed a custody receipt for it; the device has not acknowledged it yet.
+    Stored,
     /// Acknowledged by every recipient device after its durable commit.
     Delivered,
     /// Received from someone else.

@@ -1,0 +1,142 @@
+//! Offline delivery through community relays: mailboxes, custody receipts,
+//! key packages claimed while the recipient is away.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use common::*;
+use libp2p::Multiaddr;
+use tidings_node::Node;
+use tidings_node::demo::{start_node_with_relays, start_relay};
+use tidings_protocol::mailbox;
+use tidings_protocol::pb;
+use tidings_store::MessageState;
+
+struct Relays {
+    dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+    addrs: Vec<Multiaddr>,
+}
+
+async fn relays(n: usize) -> Relays {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut addrs: Vec<Multiaddr> = Vec::new();
+    for i in 0..n {
+        let r = start_relay(&dir.path().join(format!("relay{i}")), addrs.clone())
+            .await
+            .unwrap();
+        addrs.push(r.listen_addrs()[0].clone());
+        nodes.push(r);
+    }
+    Relays { dir, nodes, addrs }
+}
+
+async fn user(dir: &Path, name: &str, r: &Relays) -> Node {
+    start_node_with_relays(&dir.join(name), name, vec![r.addrs[0].clone()], r.addrs.clone())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_recipient_gets_1000_messages_exactly_once_in_order_with_receipts() {
+    let r = relays(2).await;
+    let base = r.dir.path();
+    let a_node = user(base, "alice", &r).await;
+    let b_node = user(base, "bob", &r).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    befriend(&a, &b).await;
+    a.send_text(&acct(&b), "hello").await.unwrap();
+    eventually("bob got hello", || b.history(&acct(&a)).unwrap().len() == 1).await;
+    let (a_acct, b_acct) = (acct(&a), acct(&b));
+    drop(b);
+    b_node.shutdown().await;
+
+    let t0 = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..1000 {
+        ids.push(a.send_text(&b_acct, &format!("m{i}")).await.unwrap().id);
+    }
+    eprintln!("sent in {:?}", t0.elapsed());
+    eventually("every message is in a relay's custody", || {
+        a.store().outbox_len().unwrap() == 0
+    })
+    .await;
+    eprintln!("in custody after {:?}", t0.elapsed());
+    for id in &ids {
+        let id: [u8; 16] = hex::decode(id).unwrap().try_into().unwrap();
+        let receipts = a.store().receipts(&id).unwrap();
+        assert!(!receipts.is_empty(), "a custody receipt for every message");
+        for bytes in receipts {
+            let receipt = mailbox::verify_receipt(&prost::Message::decode(bytes.as_slice()).unwrap()).unwrap();
+            assert_eq!(receipt.inbox_id, mailbox::inbox_id(&b_node_device(&a, &b_acct)));
+        }
+    }
+    let h = a.history(&b_acct).unwrap();
+    assert!(
+        h.iter()
+            .filter(|m| m.outgoing && m.text != "hello")
+            .all(|m| m.state == MessageState::Stored)
+    );
+
+    let b_node = user(base, "bob", &r).await;
+    let b = b_node.handle();
+    eventually("bob fetched all 1001", || b.history(&a_acct).unwrap().len() >= 1001).await;
+    eprintln!("fetched after {:?}", t0.elapsed());
+    let h = b.history(&a_acct).unwrap();
+    assert_eq!(h.len(), 1001, "exactly once");
+    let texts: Vec<&str> = h[1..].iter().map(|m| m.text.as_str()).collect();
+    let expected: Vec<String> = (0..1000).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected, "in order");
+    assert_eq!(h.iter().map(|m| &m.id).collect::<HashSet<_>>().len(), 1001);
+    drop(r.nodes);
+}
+
+fn b_node_device(a: &tidings_node::NodeHandle, b_acct: &str) -> [u8; 32] {
+    let c = a.find_contact(b_acct).unwrap();
+    tidings_protocol::DeviceCertificate::from_bytes(&c.devices[0])
+        .unwrap()
+        .device_key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_message_to_an_offline_person_uses_a_key_package_from_their_relay() {
+    let r = relays(1).await;
+    let base = r.dir.path();
+    let a_node = user(base, "alice", &r).await;
+    let b_node = user(base, "bob", &r).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    // Bob's node publishes key packages on his relay; wait until one can be claimed.
+    let bob_card = b.card().to_uri();
+    let bob_device = b.card().devices[0].device_key;
+    let relay = r.nodes[0].handle();
+    let _ = relay;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let b_acct = acct(&b);
+    drop(b);
+    b_node.shutdown().await;
+
+    a.add_contact(&bob_card, None).await.unwrap();
+    let sent = a
+        .send_text(&b_acct, "you were away")
+        .await
+        .expect("conversation via relay key package");
+    eventually("welcome and message in the relay's custody", || {
+        a.store().outbox_len().unwrap() == 0
+    })
+    .await;
+    let id: [u8; 16] = hex::decode(&sent.id).unwrap().try_into().unwrap();
+    assert!(!a.store().receipts(&id).unwrap().is_empty());
+    let _ = (bob_device, pb::DeliverStatus::Accepted);
+
+    let b_node = user(base, "bob", &r).await;
+    let b = b_node.handle();
+    eventually("bob joined and read it", || {
+        b.history(&acct(&a))
+            .map(|h| h.iter().any(|m| m.text == "you were away"))
+            .unwrap_or(false)
+    })
+    .await;
+}
