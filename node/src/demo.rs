@@ -33,23 +33,52 @@ pub async fn start_node(dir: &Path, name: &str, bootstrap: Vec<Multiaddr>) -> an
 
 /// Creates (if needed) and starts a relay on loopback whose data lives in `dir`.
 pub async fn start_relay(dir: &Path, bootstrap: Vec<Multiaddr>) -> anyhow::Result<Node> {
+    start_relay_with(dir, bootstrap, RelayTestOptions::default()).await
+}
+
+/// Settings of a relay started by [`start_relay_with`].
+#[derive(Debug, Clone)]
+pub struct RelayTestOptions {
+    pub limits: tidings_store::mailbox::MailboxLimits,
+    pub clock: Clock,
+    pub pow_bits: u32,
+    pub sweep_interval: Duration,
+    pub key_package_claims_per_minute: u32,
+    pub request_deposits_per_minute: u32,
+}
+
+impl Default for RelayTestOptions {
+    fn default() -> Self {
+        Self {
+            limits: tidings_store::mailbox::MailboxLimits::default(),
+            clock: Clock::system(),
+            pow_bits: tidings_protocol::mailbox::DEFAULT_POW_BITS,
+            sweep_interval: Duration::from_secs(60),
+            key_package_claims_per_minute: 60,
+            request_deposits_per_minute: 600,
+        }
+    }
+}
+
+/// Like [`start_relay`], with explicit limits, clock and intervals (tests).
+pub async fn start_relay_with(dir: &Path, bootstrap: Vec<Multiaddr>, opts: RelayTestOptions) -> anyhow::Result<Node> {
     std::fs::create_dir_all(dir)?;
     let store = crate::open_store(dir)?;
-    let clock = Clock::system();
+    let clock = opts.clock.clone();
     if store.identity().is_err() {
         crate::create_identity(&store, "relay", clock.now_ms())?;
     }
     let mailboxes = std::sync::Arc::new(tidings_store::mailbox::Mailboxes::open(
         &dir.join("mailboxes.redb"),
-        tidings_store::mailbox::MailboxLimits::default(),
+        opts.limits.clone(),
     )?);
     let mut registry = prometheus_client::registry::Registry::default();
     let relay = crate::relay::RelayOptions {
         mailboxes,
-        pow_bits: tidings_protocol::mailbox::DEFAULT_POW_BITS,
-        key_package_claims_per_minute: 60,
-        request_deposits_per_minute: 600,
-        sweep_interval: Duration::from_secs(60),
+        pow_bits: opts.pow_bits,
+        key_package_claims_per_minute: opts.key_package_claims_per_minute,
+        request_deposits_per_minute: opts.request_deposits_per_minute,
+        sweep_interval: opts.sweep_interval,
         metrics: crate::relay::RelayMetrics::register(&mut registry),
     };
     let net = NetConfig {
