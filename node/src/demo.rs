@@ -180,6 +180,17 @@ struct Line {
     ack_ms: f64,
 }
 
+/// Waits until message `id` is acknowledged by the device (`direct`) or held
+/// by a relay with a custody receipt (`mailbox`).
+pub async fn wait_settled(rx: &mut broadcast::Receiver<NodeEvent>, id: &str) -> anyhow::Result<&'static str> {
+    wait_event(rx, STEP_TIMEOUT, |ev| match ev {
+        NodeEvent::Delivered { id: d, .. } if d == id => Some("direct"),
+        NodeEvent::Stored { id: d, .. } if d == id => Some("mailbox"),
+        _ => None,
+    })
+    .await
+}
+
 async fn exchange(
     from: (&'static str, &NodeHandle),
     to: (&'static str, &NodeHandle),
@@ -198,7 +209,7 @@ async fn exchange(
         .await
         .with_context(|| format!("{} never received {:?}", to.0, text))?;
     let display = t0.elapsed();
-    wait_delivered(&mut from_rx, &sent.id)
+    let path = wait_settled(&mut from_rx, &sent.id)
         .await
         .with_context(|| format!("{} never got the ack for {:?}", from.0, text))?;
     let ack = t0.elapsed();
@@ -209,7 +220,7 @@ async fn exchange(
         from: from.0,
         to: to.0,
         text: text.to_owned(),
-        path: "direct",
+        path,
         display_ms: ms(display),
         ack_ms: ms(ack),
     });
@@ -220,24 +231,23 @@ async fn exchange(
 pub async fn run() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let started = Instant::now();
-    println!("Tidings demo: one bootstrap node and two people on loopback, each with its own data directory.\n");
+    println!("Tidings demo: a bootstrap node, a community relay and two people on loopback.\n");
 
     let boot = start_node(&tmp.path().join("bootstrap"), "bootstrap", Vec::new()).await?;
     let boot_addrs: Vec<Multiaddr> = boot.listen_addrs();
-    println!(
-        "[1] bootstrap node {} listening on {}",
-        boot.handle().peer_id(),
-        boot_addrs[0]
-    );
+    println!("[1] bootstrap node listening on {}", boot_addrs[0]);
+    let relay = start_relay(&tmp.path().join("relay"), boot_addrs.clone()).await?;
+    let relay_addrs = vec![relay.listen_addrs()[0].clone()];
+    println!("    community relay listening on {}", relay_addrs[0]);
 
     let alice_dir = tmp.path().join("alice");
     let bob_dir = tmp.path().join("bob");
-    let alice_node = start_node(&alice_dir, "alice", boot_addrs.clone()).await?;
-    let mut bob_node = start_node(&bob_dir, "bob", boot_addrs.clone()).await?;
+    let alice_node = start_node_with_relays(&alice_dir, "alice", boot_addrs.clone(), relay_addrs.clone()).await?;
+    let mut bob_node = start_node_with_relays(&bob_dir, "bob", boot_addrs.clone(), relay_addrs.clone()).await?;
     let alice = alice_node.handle();
     let mut bob = bob_node.handle();
     println!(
-        "[2] alice ({}) and bob ({}) joined through the bootstrap node",
+        "[2] alice ({}) and bob ({}) joined; both keep their mailboxes on the relay",
         alice.account(),
         bob.account()
     );
@@ -247,14 +257,14 @@ pub async fn run() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("{who} could not publish the user record"))?;
     }
-    println!("[3] both published their signed user records in the DHT");
+    println!("[3] both published their signed user records (devices and home relay) in the DHT");
 
     let alice_card = alice.card().to_uri();
     let bob_card = bob.card().to_uri();
     alice.add_contact(&bob_card, None).await?;
     bob.add_contact(&alice_card, None).await?;
     println!(
-        "[4] they exchanged contact cards (no addresses inside): {}…",
+        "[4] they exchanged contact cards (relay and deposit capability inside, no device address): {}…",
         &bob_card[..40]
     );
 
@@ -300,21 +310,36 @@ pub async fn run() -> anyhow::Result<()> {
     drop(bob);
     bob_node.shutdown().await;
     println!("[8] bob's node stopped");
+    let bob_account = bob_card_account(&bob_card)?;
+    let mut alice_rx = alice.subscribe();
     let mut queued = Vec::new();
-    for text in ["Are you there, Bob?", "Write back when you are online."] {
-        queued.push(alice.send_text(&bob_card_account(&bob_card)?, text).await?);
+    for text in [
+        "Are you there, Bob?",
+        "The relay keeps these for you.",
+        "Write back when you are online.",
+    ] {
+        let t0 = Instant::now();
+        let m = alice.send_text(&bob_account, text).await?;
+        let path = wait_settled(&mut alice_rx, &m.id)
+            .await
+            .with_context(|| format!("the relay never signed for {text:?}"))?;
+        queued.push((m, path, ms(t0.elapsed())));
     }
+    let receipts: usize = queued
+        .iter()
+        .filter_map(|(m, _, _)| hex::decode(&m.id).ok()?.try_into().ok())
+        .map(|id: [u8; 16]| alice.store().receipts(&id).map(|r| r.len()).unwrap_or(0))
+        .sum();
     let outbox = alice.status().await?.outbox;
     println!(
-        "    alice wrote {} messages while bob was away; her outbox holds {outbox}",
+        "    alice wrote {} messages while bob was away: the relay holds them ({receipts} signed custody receipts), her outbox holds {outbox}",
         queued.len()
     );
 
     let t_restart = Instant::now();
-    bob_node = start_node(&bob_dir, "bob", boot_addrs.clone()).await?;
+    bob_node = start_node_with_relays(&bob_dir, "bob", boot_addrs.clone(), relay_addrs.clone()).await?;
     bob = bob_node.handle();
     let mut bob_rx = bob.subscribe();
-    bob.reconnect_contacts().await;
     let after = bob.history(&alice.account().to_base58())?;
     if after.len() < before.len() || after[..before.len()] != before[..] {
         bail!("bob's history did not survive the restart");
@@ -323,7 +348,7 @@ pub async fn run() -> anyhow::Result<()> {
         "[9] bob restarted from the same data directory; his {} messages are intact",
         before.len()
     );
-    for m in &queued {
+    for (m, path, stored_ms) in &queued {
         let got = wait_message(&mut bob_rx, &m.id)
             .await
             .with_context(|| format!("bob never received the queued {:?}", m.text))?;
@@ -331,9 +356,9 @@ pub async fn run() -> anyhow::Result<()> {
             from: "alice",
             to: "bob",
             text: got.text.clone(),
-            path: "direct, queued",
+            path,
             display_ms: ms(t_restart.elapsed()),
-            ack_ms: f64::NAN,
+            ack_ms: *stored_ms,
         });
     }
     // Messages are shown before the receiver's commit; the history follows it.
@@ -347,22 +372,19 @@ pub async fn run() -> anyhow::Result<()> {
     if final_history.len() != expected {
         bail!("bob has {} messages, expected exactly {expected}", final_history.len());
     }
-    println!("[10] the queued messages arrived after the restart, each exactly once\n");
+    println!("[10] bob fetched the messages from his mailbox on the relay, each exactly once\n");
 
-    println!("Transcript (latency from send to the receiver's display, and to the sender holding the ack):");
+    println!("Transcript (path; latency from send to the receiver's display, and to the sender holding the");
+    println!("device's ack or the relay's custody receipt; mailbox display times count from bob's restart):");
     for l in &lines {
-        let ack = if l.ack_ms.is_nan() {
-            "   -    ".to_owned()
-        } else {
-            format!("{:7.2} ms", l.ack_ms)
-        };
         println!(
-            "  {:>5} → {:<5} {:<34} {:<15} display {:7.2} ms  ack {ack}",
+            "  {:>5} → {:<5} {:<34} {:<8} display {:7.2} ms  ack {:7.2} ms",
             l.from,
             l.to,
             format!("{:?}", l.text),
             l.path,
-            l.display_ms
+            l.display_ms,
+            l.ack_ms
         );
     }
     println!("\nAll steps passed in {:.1} s.", started.elapsed().as_secs_f64());
@@ -370,6 +392,7 @@ pub async fn run() -> anyhow::Result<()> {
     drop((alice, bob));
     alice_node.shutdown().await;
     bob_node.shutdown().await;
+    relay.shutdown().await;
     boot.shutdown().await;
     Ok(())
 }
