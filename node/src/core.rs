@@ -1023,7 +1023,17 @@ impl Core {
                     // the next batches go direct.
                     Some(target) if !net.is_connected(peer).await => {
                         let n2 = net.clone();
+                        let circuits: Vec<Multiaddr> = target
+                            .relays
+                            .iter()
+                            .filter(|(relay, _)| *relay != peer)
+                            .map(|(_, addr)| addr.clone().with(Protocol::P2pCircuit).with(Protocol::P2p(peer)))
+                            .collect();
                         tokio::spawn(async move {
+                            // A device behind a NAT answers only through its relays' circuits.
+                            for c in circuits {
+                                let _ = n2.dial(c).await;
+                            }
                             if let Ok(addrs) = n2.find_peer(peer).await {
                                 for a in addrs {
                                     let _ = n2.dial(a.with(Protocol::P2p(peer))).await;

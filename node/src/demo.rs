@@ -45,6 +45,7 @@ pub struct RelayTestOptions {
     pub sweep_interval: Duration,
     pub key_package_claims_per_minute: u32,
     pub request_deposits_per_minute: u32,
+    pub request_deposits_per_ip_per_minute: u32,
 }
 
 impl Default for RelayTestOptions {
@@ -56,6 +57,7 @@ impl Default for RelayTestOptions {
             sweep_interval: Duration::from_secs(60),
             key_package_claims_per_minute: 60,
             request_deposits_per_minute: 600,
+            request_deposits_per_ip_per_minute: 2400,
         }
     }
 }
@@ -78,6 +80,7 @@ pub async fn start_relay_with(dir: &Path, bootstrap: Vec<Multiaddr>, opts: Relay
         pow_bits: opts.pow_bits,
         key_package_claims_per_minute: opts.key_package_claims_per_minute,
         request_deposits_per_minute: opts.request_deposits_per_minute,
+        request_deposits_per_ip_per_minute: opts.request_deposits_per_ip_per_minute,
         sweep_interval: opts.sweep_interval,
         metrics: crate::relay::RelayMetrics::register(&mut registry),
     };
@@ -85,6 +88,7 @@ pub async fn start_relay_with(dir: &Path, bootstrap: Vec<Multiaddr>, opts: Relay
         listen: loopback(),
         bootstrap,
         relay_server: Some(crate::net::RelayServerConfig::default()),
+        announce_listen_addrs: true,
         ..NetConfig::default()
     };
     Node::start(
@@ -97,6 +101,57 @@ pub async fn start_relay_with(dir: &Path, bootstrap: Vec<Multiaddr>, opts: Relay
         },
     )
     .await
+}
+
+fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == libp2p::multiaddr::Protocol::P2pCircuit)
+}
+
+/// A node behind a NAT: it listens on nothing, so nobody can dial it; it is a
+/// DHT client and reachable only through circuits it reserves on its relays.
+pub async fn start_node_behind_nat(
+    dir: &Path,
+    name: &str,
+    bootstrap: Vec<Multiaddr>,
+    home_relays: Vec<Multiaddr>,
+) -> anyhow::Result<Node> {
+    std::fs::create_dir_all(dir)?;
+    let store = crate::open_store(dir)?;
+    let clock = Clock::system();
+    if store.identity().is_err() {
+        crate::create_identity(&store, name, clock.now_ms())?;
+    }
+    let net = NetConfig {
+        listen: Vec::new(),
+        bootstrap,
+        dht_server: false,
+        ..NetConfig::default()
+    };
+    Node::start(
+        store,
+        NodeConfig {
+            net,
+            clock,
+            home_relays,
+            ..NodeConfig::default()
+        },
+    )
+    .await
+}
+
+/// Waits until `h` holds a circuit reservation; returns its circuit address.
+pub async fn wait_circuit(h: &NodeHandle) -> anyhow::Result<String> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let status = h.status().await?;
+        if let Some(a) = status.listen_addrs.iter().find(|a| a.contains("/p2p-circuit")) {
+            return Ok(a.clone());
+        }
+        if Instant::now() >= deadline {
+            bail!("no circuit reservation on the relay");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Like [`start_node`], with home relays (`…/p2p/<relay id>`).
@@ -209,10 +264,19 @@ async fn exchange(
         .await
         .with_context(|| format!("{} never received {:?}", to.0, text))?;
     let display = t0.elapsed();
+    // The connection the message just crossed (checked before either side
+    // has reason to open another).
+    let conns = from.1.connections(to.1.peer_id()).await;
     let path = wait_settled(&mut from_rx, &sent.id)
         .await
         .with_context(|| format!("{} never got the ack for {:?}", from.0, text))?;
     let ack = t0.elapsed();
+    // "direct" over a relayed connection is a delivery through a circuit.
+    let path = if path == "direct" && !conns.is_empty() && conns.iter().all(is_circuit) {
+        "circuit"
+    } else {
+        path
+    };
     if got.text != text {
         bail!("{} received {:?} instead of {:?}", to.0, got.text, text);
     }
@@ -372,7 +436,60 @@ pub async fn run() -> anyhow::Result<()> {
     if final_history.len() != expected {
         bail!("bob has {} messages, expected exactly {expected}", final_history.len());
     }
-    println!("[10] bob fetched the messages from his mailbox on the relay, each exactly once\n");
+    println!("[10] bob fetched the messages from his mailbox on the relay, each exactly once");
+
+    let carol_node = start_node_behind_nat(
+        &tmp.path().join("carol"),
+        "carol",
+        boot_addrs.clone(),
+        relay_addrs.clone(),
+    )
+    .await?;
+    let carol = carol_node.handle();
+    retry_until(STEP_TIMEOUT, || carol.publish_record())
+        .await
+        .context("carol could not publish the user record")?;
+    let circuit = wait_circuit(&carol).await?;
+    if carol
+        .status()
+        .await?
+        .listen_addrs
+        .iter()
+        .any(|a| !a.contains("/p2p-circuit"))
+    {
+        bail!("carol should have no direct address");
+    }
+    println!("[11] carol joined from behind a NAT: no address anyone can dial; reachable only through the relay");
+    println!("     at {}…", &circuit[..circuit.len().min(72)]);
+    alice.add_contact(&carol.card().to_uri(), None).await?;
+    let before_carol = lines.len();
+    exchange(
+        ("alice", &alice),
+        ("carol", &carol),
+        "Hi Carol, through your relay!",
+        &mut lines,
+    )
+    .await?;
+    exchange(
+        ("carol", &carol),
+        ("alice", &alice),
+        "Hi Alice, NAT or not.",
+        &mut lines,
+    )
+    .await?;
+    if lines[before_carol].path == "mailbox" {
+        bail!("alice never reached carol's device; her message waited in the mailbox");
+    }
+    // Either side may be the one that sees the upgrade complete.
+    let punched = alice.status().await?.hole_punches + carol.status().await?.hole_punches;
+    if punched > 0 {
+        println!(
+            "     alice reached carol's device through the relay circuit; hole punching (DCUtR) then made the connection direct"
+        );
+    } else {
+        println!("     alice reached carol's device through the relay circuit");
+    }
+    println!();
 
     println!("Transcript (path; latency from send to the receiver's display, and to the sender holding the");
     println!("device's ack or the relay's custody receipt; mailbox display times count from bob's restart):");
@@ -389,7 +506,8 @@ pub async fn run() -> anyhow::Result<()> {
     }
     println!("\nAll steps passed in {:.1} s.", started.elapsed().as_secs_f64());
 
-    drop((alice, bob));
+    drop((alice, bob, carol));
+    carol_node.shutdown().await;
     alice_node.shutdown().await;
     bob_node.shutdown().await;
     relay.shutdown().await;

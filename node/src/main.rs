@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
 use std::sync::Arc;
 use tidings_node::api::{ADDR_FILE, AddContactBody, CardView, SendBody, TOKEN_FILE};
 
@@ -102,6 +103,12 @@ struct RelayArgs {
     /// Log as JSON lines.
     #[arg(long)]
     json_logs: bool,
+    /// Override any setting of the file: `--set mailbox.retention_ms=86400000`
+    /// (repeatable). Environment variables `TIDINGS_RELAY__<KEY>` do the same,
+    /// with `__` between sections: `TIDINGS_RELAY__MAILBOX__RETENTION_MS=86400000`.
+    /// Precedence: flags, then `--set`, then the environment, then the file.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -452,6 +459,23 @@ fn relay_config(args: &RelayArgs, data_dir: Option<PathBuf>) -> anyhow::Result<R
         }
         None => RelayConfig::default(),
     };
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter_map(|(k, v)| {
+            let key = k.strip_prefix("TIDINGS_RELAY__")?;
+            Some((key.to_lowercase().replace("__", "."), v))
+        })
+        .collect();
+    cfg = cfg
+        .with_overrides(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .context("invalid TIDINGS_RELAY__ environment variable")?;
+    let mut sets = Vec::new();
+    for s in &args.set {
+        let (k, v) = s
+            .split_once('=')
+            .with_context(|| format!("--set {s:?}: expected KEY=VALUE"))?;
+        sets.push((k.trim(), v.trim()));
+    }
+    cfg = cfg.with_overrides(sets).context("invalid --set")?;
     if let Some(d) = data_dir {
         cfg.data_dir = d;
     }
@@ -518,6 +542,15 @@ fn relay_main(args: &RelayArgs, data_dir: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// Whether a listen address binds one specific IP (not `0.0.0.0` or `::`).
+fn names_specific_ip(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => !ip.is_unspecified(),
+        Some(Protocol::Ip6(ip)) => !ip.is_unspecified(),
+        _ => false,
+    }
+}
+
 async fn run_relay(cfg: RelayConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
     let store = tidings_node::open_store(&cfg.data_dir)
@@ -534,12 +567,23 @@ async fn run_relay(cfg: RelayConfig) -> anyhow::Result<()> {
         Ok(mut r) => RelayMetrics::register(&mut r),
         Err(_) => bail!("metrics registry poisoned"),
     };
+    let listen = parse_addrs(&cfg.listen, "listen")?;
+    let external_addrs = parse_addrs(&cfg.external_addresses, "external")?;
+    // A relay grants circuit reservations only once it has an external address:
+    // the configured ones, else its listen addresses when they name a specific IP.
+    let announce_listen_addrs = external_addrs.is_empty() && listen.iter().all(names_specific_ip);
+    if external_addrs.is_empty() && !announce_listen_addrs {
+        tracing::warn!(
+            "no external_addresses configured: circuit reservations wait until AutoNAT confirms a public address"
+        );
+    }
     let net = NetConfig {
-        listen: parse_addrs(&cfg.listen, "listen")?,
+        listen,
         bootstrap: parse_addrs(&cfg.bootstrap, "bootstrap")?,
-        external_addrs: parse_addrs(&cfg.external_addresses, "external")?,
+        external_addrs,
         relay_server: Some(cfg.circuits.clone()),
         dht_server: true,
+        announce_listen_addrs,
         ..NetConfig::default()
     };
     let relay = RelayOptions {
@@ -547,6 +591,7 @@ async fn run_relay(cfg: RelayConfig) -> anyhow::Result<()> {
         pow_bits: cfg.pow_bits,
         key_package_claims_per_minute: cfg.key_package_claims_per_minute,
         request_deposits_per_minute: cfg.request_deposits_per_minute,
+        request_deposits_per_ip_per_minute: cfg.request_deposits_per_ip_per_minute,
         sweep_interval: Duration::from_secs(cfg.sweep_interval_secs.max(1)),
         metrics,
     };

@@ -7,16 +7,18 @@
 //! committed what it received.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
 use libp2p::kad::{self, GetClosestPeersOk, GetRecordOk, InboundRequest, QueryResult, Quorum, Record, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yamux,
 };
@@ -92,11 +94,16 @@ pub struct NetConfig {
     /// Relays (`…/p2p/<relay id>`) to reserve a circuit on, so that peers that
     /// cannot dial us directly reach us through `/p2p-circuit`.
     pub reserve_on: Vec<Multiaddr>,
+    /// Announce every bound listen address as an external address. A relay
+    /// must have at least one external address to grant circuit reservations;
+    /// set this when the listen addresses are the ones others dial (a specific
+    /// public IP, or loopback in tests and the demo).
+    pub announce_listen_addrs: bool,
 }
 
 /// Limits of the circuit relay v2 server.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RelayServerConfig {
     pub max_reservations: usize,
     pub max_reservations_per_peer: usize,
@@ -135,6 +142,7 @@ impl Default for NetConfig {
             relay_server: None,
             external_addrs: Vec::new(),
             reserve_on: Vec::new(),
+            announce_listen_addrs: false,
         }
     }
 }
@@ -145,6 +153,8 @@ pub enum NetEvent {
     Mailbox {
         id: u64,
         peer: PeerId,
+        /// IP address the request's connection comes from (for per-IP limits).
+        ip: Option<IpAddr>,
         request: pb::MailboxRequest,
     },
     Deliver {
@@ -167,6 +177,8 @@ pub struct NetStatus {
     pub listen_addrs: Vec<String>,
     pub connected_peers: usize,
     pub dht_peers: usize,
+    /// Relayed connections upgraded to direct ones by hole punching (DCUtR).
+    pub hole_punches: u64,
 }
 
 enum Command {
@@ -220,6 +232,10 @@ enum Command {
     IsConnected {
         peer: PeerId,
         reply: oneshot::Sender<bool>,
+    },
+    Connections {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<Multiaddr>>,
     },
     LocalRecord {
         key: Vec<u8>,
@@ -302,6 +318,14 @@ impl Network {
         self.call(|reply| Command::IsConnected { peer, reply })
             .await
             .unwrap_or(false)
+    }
+
+    /// Remote addresses of our open connections to `peer`; a relayed one
+    /// contains `/p2p-circuit`.
+    pub async fn connections(&self, peer: PeerId) -> Vec<Multiaddr> {
+        self.call(|reply| Command::Connections { peer, reply })
+            .await
+            .unwrap_or_default()
     }
 
     /// Remembers an address for a peer (used when dialling it).
@@ -431,9 +455,15 @@ pub async fn spawn(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
         .build();
 
-    if config.dht_server {
-        swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
-    }
+    // Fixed either way: in automatic mode a circuit reservation (which the relay
+    // client reports as a confirmed external address) would turn a node behind
+    // a NAT into a DHT server that publishes addresses nobody can dial.
+    let mode = if config.dht_server {
+        kad::Mode::Server
+    } else {
+        kad::Mode::Client
+    };
+    swarm.behaviour_mut().kad.set_mode(Some(mode));
     if let Some(relay) = swarm.behaviour_mut().relay.as_mut() {
         // Serve circuits even before an external address is confirmed (LANs, tests).
         relay.set_status(Some(relay::Status::Enable));
@@ -454,6 +484,11 @@ pub async fn spawn(
             _ => {}
         }
     }
+    if config.announce_listen_addrs {
+        for addr in &listen_addrs {
+            swarm.add_external_address(addr.clone());
+        }
+    }
     for addr in &config.bootstrap {
         match addr.iter().last() {
             Some(Protocol::P2p(peer)) => {
@@ -469,10 +504,28 @@ pub async fn spawn(
     if !config.bootstrap.is_empty() {
         let _ = swarm.behaviour_mut().kad.bootstrap();
     }
+    // Circuits are reserved once the connection to the relay is up (see
+    // `EventLoop::reserve_circuits`): a reservation dial racing the bootstrap
+    // dial to the same relay would be refused and end the listener.
+    let mut reservations = HashMap::new();
     for relay_addr in &config.reserve_on {
-        let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
-        if let Err(e) = swarm.listen_on(circuit) {
-            warn!(%relay_addr, "cannot reserve a circuit: {e}");
+        match relay_addr.iter().last() {
+            Some(Protocol::P2p(relay)) => {
+                swarm.add_peer_address(relay, relay_addr.clone());
+                if !config.bootstrap.contains(relay_addr)
+                    && let Err(e) = swarm.dial(relay_addr.clone())
+                {
+                    warn!(%relay_addr, "cannot dial relay: {e}");
+                }
+                reservations.insert(
+                    relay,
+                    Reservation {
+                        circuit: relay_addr.clone().with(Protocol::P2pCircuit),
+                        listener: None,
+                    },
+                );
+            }
+            _ => warn!(%relay_addr, "relay address has no /p2p/<peer id>; cannot reserve a circuit"),
         }
     }
 
@@ -494,6 +547,9 @@ pub async fn spawn(
         find_peer: HashMap::new(),
         put_record: HashMap::new(),
         get_record: HashMap::new(),
+        reservations,
+        connections: HashMap::new(),
+        hole_punches: 0,
     };
     let task = tokio::spawn(event_loop.run());
     Ok((Network { tx: cmd_tx, peer_id }, ev_rx, listen_addrs, task))
@@ -520,6 +576,31 @@ struct EventLoop {
     find_peer: HashMap<kad::QueryId, FindPeerQuery>,
     put_record: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
     get_record: HashMap<kad::QueryId, GetRecordQuery>,
+    /// Circuits we hold (or want) on relays, by relay.
+    reservations: HashMap<PeerId, Reservation>,
+    hole_punches: u64,
+    /// Peer and remote address of each open connection.
+    connections: HashMap<ConnectionId, (PeerId, Multiaddr)>,
+}
+
+/// A circuit reservation on one relay.
+struct Reservation {
+    /// `<relay addr>/p2p/<relay>/p2p-circuit`.
+    circuit: Multiaddr,
+    /// The relay-client listener holding the reservation, while it is alive.
+    listener: Option<ListenerId>,
+}
+
+/// How often lost circuit reservations are retried.
+const RESERVATION_RETRY: Duration = Duration::from_secs(15);
+
+/// The IP address a multiaddr starts with, if any.
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
 }
 
 fn outbound_error(e: &request_response::OutboundFailure) -> NetError {
@@ -534,6 +615,8 @@ fn outbound_error(e: &request_response::OutboundFailure) -> NetError {
 
 impl EventLoop {
     async fn run(mut self) {
+        let mut retry = tokio::time::interval(RESERVATION_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -542,6 +625,7 @@ impl EventLoop {
                     None => break,
                 },
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev).await,
+                _ = retry.tick(), if !self.reservations.is_empty() => self.reserve_circuits(true),
             }
         }
         debug!("network task stopped");
@@ -618,6 +702,15 @@ impl EventLoop {
             Command::IsConnected { peer, reply } => {
                 let _ = reply.send(self.swarm.is_connected(&peer));
             }
+            Command::Connections { peer, reply } => {
+                let addrs = self
+                    .connections
+                    .values()
+                    .filter(|(p, _)| *p == peer)
+                    .map(|(_, a)| a.clone())
+                    .collect();
+                let _ = reply.send(addrs);
+            }
             Command::AddAddress { peer, addr } => {
                 self.swarm.add_peer_address(peer, addr);
             }
@@ -632,6 +725,7 @@ impl EventLoop {
                     listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
                     connected_peers: self.swarm.connected_peers().count(),
                     dht_peers,
+                    hole_punches: self.hole_punches,
                 });
             }
         }
@@ -733,7 +827,11 @@ impl EventLoop {
                 request_response::Event::ResponseSent { .. } => {}
             },
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(ev)) => match ev {
-                request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Event::Message {
+                    peer,
+                    connection_id,
+                    message,
+                } => match message {
                     request_response::Message::Request { request, channel, .. } => {
                         if self.inbound_mailbox.len() >= MAX_PENDING_INBOUND {
                             warn!(%peer, "too many pending mailbox requests; dropping one");
@@ -741,7 +839,9 @@ impl EventLoop {
                         }
                         let id = self.next_id();
                         self.inbound_mailbox.insert(id, channel);
-                        if self.events.send(NetEvent::Mailbox { id, peer, request }).await.is_err() {
+                        let ip = self.connections.get(&connection_id).and_then(|(_, a)| ip_of(a));
+                        let event = NetEvent::Mailbox { id, peer, ip, request };
+                        if self.events.send(event).await.is_err() {
                             self.inbound_mailbox.remove(&id);
                         }
                     }
@@ -766,14 +866,63 @@ impl EventLoop {
                 ..
             })) => info!(relay = %relay_peer_id, "circuit reservation accepted"),
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
-                Ok(_) => info!(peer = %remote_peer_id, "upgraded a relayed connection to a direct one"),
+                Ok(_) => {
+                    self.hole_punches += 1;
+                    info!(peer = %remote_peer_id, "upgraded a relayed connection to a direct one");
+                }
                 Err(e) => debug!(peer = %remote_peer_id, "hole punching failed: {e}"),
             },
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                self.connections
+                    .insert(connection_id, (peer_id, endpoint.get_remote_address().clone()));
+                if self.reservations.get(&peer_id).is_some_and(|r| r.listener.is_none()) {
+                    self.reserve_circuits(false);
+                }
                 let _ = self.events.try_send(NetEvent::Connected(peer_id));
+            }
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+                self.connections.remove(&connection_id);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id, reason, ..
+            } => {
+                if let Some((relay, r)) = self
+                    .reservations
+                    .iter_mut()
+                    .find(|(_, r)| r.listener == Some(listener_id))
+                {
+                    match reason {
+                        Ok(()) => info!(%relay, "circuit reservation ended; will renew"),
+                        Err(e) => warn!(%relay, "circuit reservation failed: {e}; will retry"),
+                    }
+                    r.listener = None;
+                }
             }
             SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),
             _ => {}
+        }
+    }
+
+    /// Starts a reservation on every relay we are connected to and hold none
+    /// on; with `redial`, also dials the relays we are not connected to.
+    fn reserve_circuits(&mut self, redial: bool) {
+        for (relay, r) in self.reservations.iter_mut() {
+            if r.listener.is_some() {
+                continue;
+            }
+            if self.swarm.is_connected(relay) {
+                match self.swarm.listen_on(r.circuit.clone()) {
+                    Ok(id) => r.listener = Some(id),
+                    Err(e) => warn!(circuit = %r.circuit, "cannot reserve a circuit: {e}"),
+                }
+            } else if redial {
+                let _ = self.swarm.dial(*relay);
+            }
         }
     }
 

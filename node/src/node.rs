@@ -20,7 +20,7 @@ use tracing::{debug, info};
 use crate::clock::Clock;
 use crate::core::{Core, CoreInput, NodeError, peer_id_of};
 use crate::net::{self, NetConfig, NetError, NetEvent, Network};
-use crate::relay::{MailboxService, RelayOptions};
+use crate::relay::{MailboxService, RelayMetrics, RelayOptions};
 use crate::types::{ContactView, MessageView, NodeEvent, NodeStatus};
 
 /// How long a device certificate made by `init` is valid.
@@ -99,6 +99,7 @@ pub struct Node {
     handle: NodeHandle,
     tasks: Vec<JoinHandle<()>>,
     listen_addrs: Vec<Multiaddr>,
+    relay: Option<RelayOptions>,
 }
 
 impl std::fmt::Debug for Node {
@@ -237,6 +238,7 @@ impl Node {
             handle,
             tasks,
             listen_addrs,
+            relay: config.relay,
         })
     }
 
@@ -251,6 +253,16 @@ impl Node {
             .iter()
             .map(|a| a.clone().with(libp2p::multiaddr::Protocol::P2p(p)))
             .collect()
+    }
+
+    /// The relay's metrics, if this node runs the relay services.
+    pub fn relay_metrics(&self) -> Option<Arc<RelayMetrics>> {
+        self.relay.as_ref().map(|r| r.metrics.clone())
+    }
+
+    /// The relay's mailbox database, if this node runs the relay services.
+    pub fn relay_mailboxes(&self) -> Option<Arc<tidings_store::mailbox::Mailboxes>> {
+        self.relay.as_ref().map(|r| r.mailboxes.clone())
     }
 
     /// Stops the node. Every unit of work is atomic, so stopping between units
@@ -548,6 +560,8 @@ impl NodeHandle {
             let Some(peer) = peer_id_of(&cert.device_key) else {
                 continue;
             };
+            // A device behind a NAT is reachable only through its relays' circuits.
+            add_circuit_addresses(&self.inner.net, peer, &contact.relays).await;
             match self.fetch_key_package(peer).await {
                 Ok(kp) => key_packages.push(kp),
                 Err(e) => {
@@ -824,7 +838,11 @@ impl NodeHandle {
                     continue;
                 };
                 let net = self.inner.net.clone();
+                let relays = c.relays.clone();
                 tokio::spawn(async move {
+                    for circuit in add_circuit_addresses(&net, peer, &relays).await {
+                        let _ = net.dial(circuit).await;
+                    }
                     if let Ok(addrs) = net.find_peer(peer).await {
                         for a in addrs {
                             let _ = net.dial(a.with(libp2p::multiaddr::Protocol::P2p(peer))).await;
@@ -838,6 +856,17 @@ impl NodeHandle {
     /// Dials an address (for example a bootstrap node).
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
         Ok(self.inner.net.dial(addr).await?)
+    }
+
+    /// Whether this node has a connection to `peer` right now.
+    pub async fn is_connected(&self, peer: PeerId) -> bool {
+        self.inner.net.is_connected(peer).await
+    }
+
+    /// Remote addresses of this node's open connections to `peer`; a relayed
+    /// connection's address contains `/p2p-circuit`.
+    pub async fn connections(&self, peer: PeerId) -> Vec<Multiaddr> {
+        self.inner.net.connections(peer).await
     }
 
     /// Looks a peer up in the DHT.
@@ -855,7 +884,30 @@ impl NodeHandle {
             listen_addrs: net.listen_addrs.iter().map(|a| format!("{a}/p2p/{peer}")).collect(),
             connected_peers: net.connected_peers,
             dht_peers: net.dht_peers,
+            hole_punches: net.hole_punches,
             outbox: self.inner.store.outbox_len()?,
         })
     }
+}
+
+/// Tells the swarm that `peer` can be reached through a circuit on each of
+/// `relays` (`…/p2p/<relay>`): `<relay>/p2p-circuit/p2p/<peer>`. Returns
+/// those circuit addresses.
+pub(crate) async fn add_circuit_addresses(net: &Network, peer: PeerId, relays: &[String]) -> Vec<Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    let mut circuits = Vec::new();
+    for r in relays {
+        let Ok(addr) = r.parse::<Multiaddr>() else { continue };
+        let Some(Protocol::P2p(relay)) = addr.iter().last() else {
+            continue;
+        };
+        if relay == peer {
+            continue;
+        }
+        net.add_address(relay, addr.clone()).await;
+        let circuit = addr.with(Protocol::P2pCircuit).with(Protocol::P2p(peer));
+        net.add_address(peer, circuit.clone()).await;
+        circuits.push(circuit);
+    }
+    circuits
 }

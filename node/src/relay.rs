@@ -7,6 +7,8 @@
 //! deposit's two-phase durable commit, with a signed custody receipt.
 
 use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -69,6 +71,9 @@ pub struct RelayConfig {
     pub key_package_claims_per_minute: u32,
     /// First-contact (request inbox) deposits one peer may make per minute.
     pub request_deposits_per_minute: u32,
+    /// First-contact (request inbox) deposits all peers behind one IP address
+    /// may make per minute.
+    pub request_deposits_per_ip_per_minute: u32,
     /// Seconds between retention sweeps.
     pub sweep_interval_secs: u64,
     pub mailbox: MailboxLimits,
@@ -88,6 +93,7 @@ impl Default for RelayConfig {
             pow_bits: mb::DEFAULT_POW_BITS,
             key_package_claims_per_minute: 10,
             request_deposits_per_minute: 30,
+            request_deposits_per_ip_per_minute: 120,
             sweep_interval_secs: 60,
             mailbox: MailboxLimits::default(),
             circuits: RelayServerConfig::default(),
@@ -103,6 +109,48 @@ impl RelayConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+
+    /// Applies `key=value` overrides, where `key` is a dotted path into the
+    /// file (`mailbox.retention_secs`, `pow_bits`) and `value` is a TOML value
+    /// (a bare word that is not valid TOML is taken as a string).
+    pub fn with_overrides<'a>(
+        self,
+        overrides: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, ConfigOverrideError> {
+        let mut root = toml::Table::try_from(&self).map_err(|e| ConfigOverrideError::Invalid(e.to_string()))?;
+        for (key, raw) in overrides {
+            let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+            let mut parts = key.split('.').peekable();
+            let mut table = &mut root;
+            while let Some(part) = parts.next() {
+                if parts.peek().is_none() {
+                    table.insert(part.to_string(), value.clone());
+                    break;
+                }
+                table = match table
+                    .entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                {
+                    toml::Value::Table(t) => t,
+                    _ => return Err(ConfigOverrideError::NotATable(key.to_string())),
+                };
+            }
+        }
+        root.try_into()
+            .map_err(|e: toml::de::Error| ConfigOverrideError::Invalid(e.to_string()))
+    }
+}
+
+/// Why a configuration override was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigOverrideError {
+    #[error("{0:?} is not a section of the configuration")]
+    NotATable(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// The relay's own Prometheus metrics (libp2p's are registered beside them).
@@ -160,6 +208,7 @@ pub struct RelayOptions {
     pub pow_bits: u32,
     pub key_package_claims_per_minute: u32,
     pub request_deposits_per_minute: u32,
+    pub request_deposits_per_ip_per_minute: u32,
     pub sweep_interval: Duration,
     pub metrics: Arc<RelayMetrics>,
 }
@@ -195,6 +244,7 @@ pub struct MailboxService {
     subs: HashMap<[u8; 32], Subscription>,
     claim_budget: HashMap<PeerId, (Instant, u32)>,
     request_budget: HashMap<PeerId, (Instant, u32)>,
+    request_budget_ip: HashMap<IpAddr, (Instant, u32)>,
     push_tx: mpsc::Sender<PushDone>,
     push_rx: mpsc::Receiver<PushDone>,
 }
@@ -202,6 +252,7 @@ pub struct MailboxService {
 struct Pending {
     id: u64,
     peer: PeerId,
+    ip: Option<IpAddr>,
     request: pb::MailboxRequest,
 }
 
@@ -230,12 +281,13 @@ fn inbox32(bytes: &[u8]) -> Result<[u8; 32], MailboxError> {
     bytes.try_into().map_err(|_| MailboxError::BadRequest)
 }
 
-fn allow(budget: &mut HashMap<PeerId, (Instant, u32)>, peer: PeerId, per_minute: u32) -> bool {
+/// Counts one use of `key`'s per-minute budget; false once it is spent.
+fn allow<K: Eq + Hash>(budget: &mut HashMap<K, (Instant, u32)>, key: K, per_minute: u32) -> bool {
     let now = Instant::now();
     if budget.len() > 100_000 {
         budget.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
     }
-    let e = budget.entry(peer).or_insert((now, 0));
+    let e = budget.entry(key).or_insert((now, 0));
     if now.duration_since(e.0) >= Duration::from_secs(60) {
         *e = (now, 0);
     }
@@ -254,6 +306,7 @@ impl MailboxService {
             subs: HashMap::new(),
             claim_budget: HashMap::new(),
             request_budget: HashMap::new(),
+            request_budget_ip: HashMap::new(),
             push_tx,
             push_rx,
         }
@@ -270,8 +323,8 @@ impl MailboxService {
                     let mut batch = Vec::new();
                     let mut next = Some(first);
                     while let Some(ev) = next {
-                        if let NetEvent::Mailbox { id, peer, request } = ev {
-                            batch.push(Pending { id, peer, request });
+                        if let NetEvent::Mailbox { id, peer, ip, request } = ev {
+                            batch.push(Pending { id, peer, ip, request });
                         }
                         next = if batch.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
                     }
@@ -336,7 +389,7 @@ impl MailboxService {
                 .get_or_create(&vec![("op".into(), op.into())])
                 .inc();
             let result = match &p.request.op {
-                Some(mailbox_request::Op::Deposit(d)) => match self.check_deposit(&p.peer, d, now) {
+                Some(mailbox_request::Op::Deposit(d)) => match self.check_deposit(&p.peer, p.ip, d, now) {
                     Ok(req) => {
                         deposits.push((p, req));
                         continue;
@@ -365,7 +418,13 @@ impl MailboxService {
         }
     }
 
-    fn check_deposit(&mut self, peer: &PeerId, d: &pb::Deposit, now: u64) -> Result<DepositRequest, MailboxError> {
+    fn check_deposit(
+        &mut self,
+        peer: &PeerId,
+        ip: Option<IpAddr>,
+        d: &pb::Deposit,
+        now: u64,
+    ) -> Result<DepositRequest, MailboxError> {
         let inbox = inbox32(&d.inbox_id)?;
         if d.envelope.len() > self.opts.mailboxes.limits().max_envelope_bytes {
             return Err(MailboxError::TooLarge);
@@ -375,6 +434,15 @@ impl MailboxService {
         }
         if d.request_inbox {
             if !allow(&mut self.request_budget, *peer, self.opts.request_deposits_per_minute) {
+                return Err(MailboxError::RateLimited);
+            }
+            if let Some(ip) = ip
+                && !allow(
+                    &mut self.request_budget_ip,
+                    ip,
+                    self.opts.request_deposits_per_ip_per_minute,
+                )
+            {
                 return Err(MailboxError::RateLimited);
             }
             if !mb::pow_ok(&inbox, &d.envelope, &d.pow_nonce, self.opts.pow_bits) {
@@ -733,4 +801,38 @@ pub async fn serve_metrics(
         }
     });
     Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_reach_nested_limits_and_keep_other_settings() {
+        let cfg = RelayConfig::default()
+            .with_overrides([
+                ("mailbox.retention_ms", "3600000"),
+                ("pow_bits", "20"),
+                ("log", "debug"),
+                ("metrics", "127.0.0.1:9999"),
+            ])
+            .unwrap();
+        assert_eq!(cfg.mailbox.retention_ms, 3_600_000);
+        assert_eq!(cfg.pow_bits, 20);
+        assert_eq!(cfg.log, "debug");
+        assert_eq!(cfg.metrics.as_deref(), Some("127.0.0.1:9999"));
+        assert_eq!(cfg.sweep_interval_secs, RelayConfig::default().sweep_interval_secs);
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused() {
+        assert!(RelayConfig::default().with_overrides([("no_such_key", "1")]).is_err());
+        assert!(RelayConfig::default().with_overrides([("pow_bits", "many")]).is_err());
+        assert!(RelayConfig::default().with_overrides([("pow_bits.x", "1")]).is_err());
+        assert!(
+            RelayConfig::default()
+                .with_overrides([("mailbox.no_such_limit", "1")])
+                .is_err()
+        );
+    }
 }

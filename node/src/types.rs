@@ -78,6 +78,8 @@ pub struct NodeStatus {
     pub listen_addrs: Vec<String>,
     pub connected_peers: usize,
     pub dht_peers: usize,
+    /// Relayed connections upgraded to direct ones by hole punching.
+    pub hole_punches: u64,
     pub outbox: u64,
 }
 

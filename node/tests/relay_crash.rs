@@ -18,7 +18,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts `tidings relay` as a child process and returns it with its address.
@@ -62,11 +66,18 @@ async fn relay_killed_during_deposits_loses_no_acknowledged_message() {
     let (mut r2, r2_addr) = spawn_relay(&r2_dir, port, &r1_addr).await;
     let relays = vec![r1_addr.clone(), r2_addr.clone()];
 
-    let a_node = start_node_with_relays(&dir.path().join("alice"), "alice", vec![r1_addr.clone()], relays.clone())
+    let a_node = start_node_with_relays(
+        &dir.path().join("alice"),
+        "alice",
+        vec![r1_addr.clone()],
+        relays.clone(),
+    )
+    .await
+    .unwrap();
+    let bdir = dir.path().join("bob");
+    let b_node = start_node_with_relays(&bdir, "bob", vec![r1_addr.clone()], relays.clone())
         .await
         .unwrap();
-    let bdir = dir.path().join("bob");
-    let b_node = start_node_with_relays(&bdir, "bob", vec![r1_addr.clone()], relays.clone()).await.unwrap();
     let (a, b) = (a_node.handle(), b_node.handle());
     befriend(&a, &b).await;
     a.send_text(&acct(&b), "hello").await.unwrap();
@@ -89,7 +100,10 @@ async fn relay_killed_during_deposits_loses_no_acknowledged_message() {
         }
     }
     let (r2_again, _) = spawn_relay(&r2_dir, port, &r1_addr).await;
-    eventually("every message in a relay's custody", || a.store().outbox_len().unwrap() == 0).await;
+    eventually("every message in a relay's custody", || {
+        a.store().outbox_len().unwrap() == 0
+    })
+    .await;
 
     // Every receipt relay 2 signed, before or after the kill, names an envelope
     // it still holds.
@@ -125,13 +139,19 @@ async fn relay_killed_during_deposits_loses_no_acknowledged_message() {
             .map(|e| (e.index, mailbox::envelope_hash(&e.envelope)))
             .collect();
         for r in &r2_receipts {
-            assert!(held.contains(&(r.index, r.envelope_hash)), "acknowledged envelope {} lost", r.index);
+            assert!(
+                held.contains(&(r.index, r.envelope_hash)),
+                "acknowledged envelope {} lost",
+                r.index
+            );
         }
     }
     let (_r2, _) = spawn_relay(&r2_dir, port, &r1_addr).await;
 
     // Bob comes back and gets everything exactly once, in order.
-    let b_node = start_node_with_relays(&bdir, "bob", vec![r1_addr.clone()], relays.clone()).await.unwrap();
+    let b_node = start_node_with_relays(&bdir, "bob", vec![r1_addr.clone()], relays.clone())
+        .await
+        .unwrap();
     let b = b_node.handle();
     eventually("bob got all 301", || b.history(&a_acct).unwrap().len() >= 301).await;
     tokio::time::sleep(Duration::from_millis(300)).await;

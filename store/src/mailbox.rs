@@ -61,7 +61,7 @@ fn corrupt(what: &str) -> StoreError {
 /// Limits a relay enforces on its mailboxes. Missing fields in a serialized form
 /// take their defaults.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct MailboxLimits {
     /// Largest envelope accepted, in bytes (default 256 KiB).
     pub max_envelope_bytes: usize,
