@@ -1,10 +1,13 @@
 //! `tidings demo`: a whole Tidings network on loopback, in one process.
 //!
-//! A bootstrap node and two people (alice and bob) with temporary data
-//! directories. They exchange contact cards (which carry no addresses), find
-//! each other through the DHT, talk both ways over MLS, bob restarts while
-//! alice keeps writing, and the demo checks that bob's history survived and
-//! the queued messages arrived exactly once. It exits non-zero if any step fails.
+//! A bootstrap node, a community relay and three people (alice, bob, carol)
+//! with temporary data directories. Alice and bob exchange contact cards (which
+//! carry no addresses), find each other through the DHT and talk both ways over
+//! MLS; bob stops while alice keeps writing and the relay keeps her messages in
+//! his mailbox (with signed custody receipts); the demo checks that bob's
+//! history survived and the queued messages arrived exactly once. Carol is
+//! behind a NAT (no listen address) and is reached through a relay circuit. It
+//! exits non-zero if any step fails.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -295,7 +298,7 @@ async fn exchange(
 pub async fn run() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let started = Instant::now();
-    println!("Tidings demo: a bootstrap node, a community relay and two people on loopback.\n");
+    println!("Tidings demo: a bootstrap node, a community relay and three people on loopback.\n");
 
     let boot = start_node(&tmp.path().join("bootstrap"), "bootstrap", Vec::new()).await?;
     let boot_addrs: Vec<Multiaddr> = boot.listen_addrs();
