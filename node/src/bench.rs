@@ -70,7 +70,7 @@ const MESSAGE_BYTES: usize = 100;
 /// Longest wait for one message of the latency run.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Durable commits timed to characterise the disk.
-const COMMIT_PROBES: usize = 50;
+pub(crate) const COMMIT_PROBES: usize = 50;
 const COMMIT_PROBES_WARMUP: usize = 20;
 /// How long the measured node idles before its memory is read.
 const IDLE_BEFORE_RSS: Duration = Duration::from_secs(3);
@@ -202,20 +202,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 // ------------------------------------------------------------------ machine
 
-struct Machine {
-    cpu: String,
-    cores: usize,
-    mem_total_mb: Option<f64>,
-    kernel: String,
+pub(crate) struct Machine {
+    pub(crate) cpu: String,
+    pub(crate) cores: usize,
+    pub(crate) mem_total_mb: Option<f64>,
+    pub(crate) kernel: String,
     /// 1, 5 and 15 minute load averages when the benchmark started.
-    load: String,
+    pub(crate) load: String,
     /// Median time of one durable redb commit of a small row in the data directory.
-    commit_ms: f64,
-    commit_min_ms: f64,
+    pub(crate) commit_ms: f64,
+    pub(crate) commit_min_ms: f64,
 }
 
 impl Machine {
-    fn read() -> Self {
+    pub(crate) fn read() -> Self {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu = cpuinfo
             .lines()
@@ -244,7 +244,7 @@ impl Machine {
         }
     }
 
-    fn print(&self, tmp: &Path) {
+    pub(crate) fn print(&self, tmp: &Path) {
         println!("  CPU:     {}", self.cpu);
         println!("  cores:   {}", self.cores);
         match self.mem_total_mb {
@@ -267,7 +267,7 @@ impl Machine {
 /// Times durable commits of one small row in a fresh database in `dir`: the
 /// floor under every latency figure (display needs two commits, durable three).
 /// Returns (minimum, median) in ms.
-fn commit_probe(dir: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
+pub(crate) fn commit_probe(dir: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
     let path = dir.join("commit-probe.redb");
     let store = Store::open(&path)?;
     let mut times = Vec::with_capacity(n);
@@ -286,7 +286,7 @@ fn commit_probe(dir: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
 }
 
 /// A `Name:   123 kB` field of a /proc file, in kB.
-fn kb_field(text: &str, name: &str) -> Option<u64> {
+pub(crate) fn kb_field(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name))
         .and_then(|rest| rest.split_whitespace().next())
@@ -323,15 +323,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Summary {
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
+pub(crate) struct Summary {
+    pub(crate) p50: f64,
+    pub(crate) p90: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
 }
 
 impl Summary {
-    fn of(mut v: Vec<f64>) -> Self {
+    pub(crate) fn of(mut v: Vec<f64>) -> Self {
         v.sort_by(f64::total_cmp);
         Self {
             p50: percentile(&v, 50.0),
@@ -341,18 +341,18 @@ impl Summary {
         }
     }
 
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::json!({ "p50": self.p50, "p90": self.p90, "p99": self.p99, "max": self.max })
     }
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     percentile(&v, 50.0)
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -913,7 +913,7 @@ async fn start_child(exe: &Path, dir: &Path) -> anyhow::Result<(Duration, tokio:
 }
 
 /// Asks the child to stop (SIGTERM on Unix), killing it if it does not within 10 s.
-async fn stop_child(child: &mut tokio::process::Child) -> anyhow::Result<()> {
+pub(crate) async fn stop_child(child: &mut tokio::process::Child) -> anyhow::Result<()> {
     #[cfg(unix)]
     if let Some(pid) = child.id() {
         let _ = tokio::process::Command::new("kill")
@@ -957,14 +957,14 @@ struct Report {
 }
 
 #[derive(Clone, Copy)]
-enum Target {
+pub(crate) enum Target {
     AtMost(f64),
     AtLeast(f64),
     None,
 }
 
 impl Target {
-    fn met(self, v: f64) -> Option<bool> {
+    pub(crate) fn met(self, v: f64) -> Option<bool> {
         match self {
             _ if v.is_nan() => None,
             Target::AtMost(t) => Some(v <= t),
@@ -973,7 +973,7 @@ impl Target {
         }
     }
 
-    fn json(self, v: f64) -> serde_json::Value {
+    pub(crate) fn json(self, v: f64) -> serde_json::Value {
         match self {
             Target::AtMost(t) => serde_json::json!({ "at_most": t, "met": self.met(v) }),
             Target::AtLeast(t) => serde_json::json!({ "at_least": t, "met": self.met(v) }),
@@ -982,7 +982,7 @@ impl Target {
     }
 }
 
-struct Row {
+pub(crate) struct Row {
     name: String,
     value: f64,
     unit: &'static str,
@@ -991,7 +991,13 @@ struct Row {
 }
 
 impl Row {
-    fn new(name: impl Into<String>, value: f64, unit: &'static str, decimals: usize, target: Target) -> Self {
+    pub(crate) fn new(
+        name: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        decimals: usize,
+        target: Target,
+    ) -> Self {
         Self {
             name: name.into(),
             value,
@@ -1171,7 +1177,21 @@ impl Report {
 }
 
 fn print_table(report: &Report) {
-    let rows = report.rows();
+    print_rows(&report.rows());
+    if let Some(t) = &report.throughput
+        && (t.display_counted_from_store || t.durable_counted_from_store)
+    {
+        println!("* the event stream lagged; completion was read from the store instead");
+    }
+    if report.mls.is_some() {
+        println!(
+            "MLS figures: medians per message; both variants run each encrypt and each decrypt in one store unit."
+        );
+    }
+}
+
+/// Prints figures as a table: name, value, target and whether it was met.
+pub(crate) fn print_rows(rows: &[Row]) {
     let fmt_value = |r: &Row| {
         if r.value.is_nan() {
             "n/a".to_owned()
@@ -1199,7 +1219,7 @@ fn print_table(report: &Report) {
         .max(6);
     println!("{:<w0$}  {:>w1$}  {:<w2$}  result", "figure", "value", "target");
     println!("{}", "-".repeat(w0 + w1 + w2 + 12));
-    for r in &rows {
+    for r in rows {
         let result = match r.target.met(r.value) {
             Some(true) => "MET",
             Some(false) => "MISSED",
@@ -1213,16 +1233,6 @@ fn print_table(report: &Report) {
             fmt_target(r)
         );
         println!("{}", line.trim_end());
-    }
-    if let Some(t) = &report.throughput
-        && (t.display_counted_from_store || t.durable_counted_from_store)
-    {
-        println!("* the event stream lagged; completion was read from the store instead");
-    }
-    if report.mls.is_some() {
-        println!(
-            "MLS figures: medians per message; both variants run each encrypt and each decrypt in one store unit."
-        );
     }
 }
 

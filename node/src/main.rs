@@ -59,6 +59,12 @@ enum Cmd {
         /// Do not answer DHT queries (for nodes that others cannot dial).
         #[arg(long)]
         dht_client: bool,
+        /// Home relay, `/ip4/…/tcp/…/p2p/<relay id>` (repeatable; two or more
+        /// recommended): your mailboxes live there while you are away, you stay
+        /// reachable through its circuits behind a NAT, and your card and user
+        /// record name it.
+        #[arg(long = "relay", value_name = "MULTIADDR")]
+        relays: Vec<Multiaddr>,
     },
     /// Print your contact card as a `tidings:` URI and a QR code.
     Card,
@@ -81,6 +87,8 @@ enum Cmd {
     Demo,
     /// Measure latency, throughput, MLS cost, memory and start-up time.
     Bench(tidings_node::bench::BenchArgs),
+    /// Measure a community relay: deposit throughput, reconnect drain and latency, memory.
+    BenchRelay(tidings_node::bench_relay::BenchRelayArgs),
 }
 
 #[derive(clap::Args)]
@@ -186,6 +194,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Demo => return tidings_node::demo::run().await,
         Cmd::Bench(args) => return tidings_node::bench::run(args).await,
+        Cmd::BenchRelay(args) => return tidings_node::bench_relay::run(args).await,
         _ => {}
     }
     let dir = data_dir(&cli.data_dir)?;
@@ -197,7 +206,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             api,
             mdns,
             dht_client,
-        } => run(&dir, listen, bootstrap, api, mdns, dht_client).await,
+            relays,
+        } => run(&dir, listen, bootstrap, api, mdns, dht_client, relays).await,
         Cmd::Card => {
             let card: CardView = Client::new(&dir)?.get("/api/card").await?;
             out!("{}\n", card.uri);
@@ -249,7 +259,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             out!("outbox:    {} envelopes", s.outbox);
             Ok(())
         }
-        Cmd::Demo | Cmd::Bench(_) | Cmd::Relay(_) => Ok(()),
+        Cmd::Demo | Cmd::Bench(_) | Cmd::BenchRelay(_) | Cmd::Relay(_) => Ok(()),
     }
 }
 
@@ -318,7 +328,13 @@ async fn run(
     api: SocketAddr,
     mdns: bool,
     dht_client: bool,
+    home_relays: Vec<Multiaddr>,
 ) -> anyhow::Result<()> {
+    for r in &home_relays {
+        if !matches!(r.iter().last(), Some(Protocol::P2p(_))) {
+            bail!("relay address {r} must end in /p2p/<relay id>");
+        }
+    }
     let store =
         tidings_node::open_store(dir).with_context(|| format!("cannot open the data directory {}", dir.display()))?;
     store
@@ -341,6 +357,7 @@ async fn run(
         store,
         NodeConfig {
             net,
+            home_relays,
             ..NodeConfig::default()
         },
     )
@@ -489,11 +506,12 @@ fn relay_config(args: &RelayArgs, data_dir: Option<PathBuf>) -> anyhow::Result<R
         cfg.bootstrap = args.bootstrap.iter().map(|a| a.to_string()).collect();
     }
     if let Some(m) = &args.metrics {
-        cfg.metrics = (m != "off").then(|| m.clone());
+        cfg.metrics = m.clone();
     }
     if args.json_logs {
         cfg.log_format = LogFormat::Json;
     }
+    cfg.validate().context("invalid relay configuration")?;
     Ok(cfg)
 }
 
@@ -605,11 +623,8 @@ async fn run_relay(cfg: RelayConfig) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let metrics_task = match &cfg.metrics {
+    let metrics_task = match cfg.metrics_addr()? {
         Some(addr) => {
-            let addr: SocketAddr = addr
-                .parse()
-                .with_context(|| format!("invalid metrics address {addr:?}"))?;
             let (bound, task) = tidings_node::relay::serve_metrics(addr, registry).await?;
             note!("metrics on http://{bound}/metrics");
             Some(task)

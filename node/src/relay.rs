@@ -60,8 +60,8 @@ pub struct RelayConfig {
     pub external_addresses: Vec<String>,
     /// Other relays or bootstrap peers (`…/p2p/<peer id>`).
     pub bootstrap: Vec<String>,
-    /// Address of the Prometheus `/metrics` endpoint; none to disable.
-    pub metrics: Option<String>,
+    /// Address of the Prometheus `/metrics` endpoint, or `off`.
+    pub metrics: String,
     pub log_format: LogFormat,
     /// Log filter (`info`, `tidings_node=debug`, …).
     pub log: String,
@@ -87,7 +87,7 @@ impl Default for RelayConfig {
             listen: vec!["/ip4/0.0.0.0/tcp/4001".into(), "/ip4/0.0.0.0/udp/4001/quic-v1".into()],
             external_addresses: Vec::new(),
             bootstrap: Vec::new(),
-            metrics: Some("127.0.0.1:9464".into()),
+            metrics: "127.0.0.1:9464".into(),
             log_format: LogFormat::Text,
             log: "info".into(),
             pow_bits: mb::DEFAULT_POW_BITS,
@@ -108,6 +108,48 @@ impl RelayConfig {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Where to serve `/metrics`, or None when switched off.
+    pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigOverrideError> {
+        if self.metrics == "off" {
+            return Ok(None);
+        }
+        self.metrics.parse().map(Some).map_err(|_| {
+            ConfigOverrideError::Invalid(format!("metrics: {:?} is not an address or `off`", self.metrics))
+        })
+    }
+
+    /// Checks the settings that could otherwise break the relay at run time.
+    pub fn validate(&self) -> Result<(), ConfigOverrideError> {
+        let bad = |m: String| Err(ConfigOverrideError::Invalid(m));
+        self.metrics_addr()?;
+        for (what, list) in [
+            ("listen", &self.listen),
+            ("external_addresses", &self.external_addresses),
+            ("bootstrap", &self.bootstrap),
+        ] {
+            for a in list {
+                if a.parse::<libp2p::Multiaddr>().is_err() {
+                    return bad(format!("{what}: {a:?} is not a multiaddr"));
+                }
+            }
+        }
+        if self.pow_bits > mb::DEFAULT_POW_BITS {
+            return bad(format!(
+                "pow_bits: clients solve {} bits; a higher setting would refuse every first contact",
+                mb::DEFAULT_POW_BITS
+            ));
+        }
+        // Nonces must be remembered for the whole ±60 s window of owner auth.
+        if self.mailbox.nonce_window_ms < 120_000 {
+            return bad("mailbox.nonce_window_ms: must be at least 120000 (the ±60 s auth window)".into());
+        }
+        // A fetch or push of one envelope must fit a frame with room to spare.
+        if self.mailbox.max_envelope_bytes > MAX_ENVELOPE_LIMIT {
+            return bad(format!("mailbox.max_envelope_bytes: at most {MAX_ENVELOPE_LIMIT}"));
+        }
+        Ok(())
     }
 
     /// Applies `key=value` overrides, where `key` is a dotted path into the
@@ -143,6 +185,12 @@ impl RelayConfig {
             .map_err(|e: toml::de::Error| ConfigOverrideError::Invalid(e.to_string()))
     }
 }
+
+/// Most envelope bytes in one push to a subscribed owner.
+const PUSH_MAX_BYTES: usize = tidings_protocol::limits::MAX_DELIVER_FRAME / 2;
+
+/// Largest `mailbox.max_envelope_bytes` a relay accepts (a quarter of a frame).
+pub const MAX_ENVELOPE_LIMIT: usize = tidings_protocol::limits::MAX_MAILBOX_FRAME / 4;
 
 /// Why a configuration override was refused.
 #[derive(Debug, thiserror::Error)]
@@ -357,15 +405,29 @@ impl MailboxService {
 
     async fn sweep(&mut self) {
         let now = self.clock.now_ms();
-        match self.blocking(move |m| m.sweep(now)).await {
-            Ok(Ok(n)) => {
-                if n > 0 {
-                    info!(removed = n, "retention sweep");
+        // Each call does bounded work; keep going while a call comes back full.
+        let mut removed = 0;
+        loop {
+            match self.blocking(move |m| m.sweep(now)).await {
+                Ok(Ok(n)) => {
+                    removed += n;
+                    self.opts.metrics.swept.inc_by(n);
+                    if n < tidings_store::mailbox::SWEEP_MAX_ENVELOPES as u64 {
+                        break;
+                    }
                 }
-                self.opts.metrics.swept.inc_by(n);
+                Ok(Err(e)) => {
+                    warn!("retention sweep failed: {e}");
+                    break;
+                }
+                Err(e) => {
+                    warn!("retention sweep failed: {e}");
+                    break;
+                }
             }
-            Ok(Err(e)) => warn!("retention sweep failed: {e}"),
-            Err(e) => warn!("retention sweep failed: {e}"),
+        }
+        if removed > 0 {
+            info!(removed, "retention sweep");
         }
         self.update_gauges().await;
     }
@@ -689,6 +751,19 @@ impl MailboxService {
                     .await;
                 return;
             }
+            // One push must fit a delivery frame: stop at the byte budget
+            // (always at least one envelope; a single one fits by config).
+            let mut budget = PUSH_MAX_BYTES;
+            let envs: Vec<_> = envs
+                .into_iter()
+                .enumerate()
+                .take_while(|(i, e)| {
+                    let fits = *i == 0 || e.envelope.len() <= budget;
+                    budget = budget.saturating_sub(e.envelope.len());
+                    fits
+                })
+                .map(|(_, e)| e)
+                .collect();
             let attempted_up_to = envs.last().map_or(cursor, |e| e.index);
             let mut indices = Vec::new();
             let mut envelopes = Vec::new();
@@ -812,15 +887,18 @@ mod tests {
         let cfg = RelayConfig::default()
             .with_overrides([
                 ("mailbox.retention_ms", "3600000"),
-                ("pow_bits", "20"),
+                ("pow_bits", "12"),
                 ("log", "debug"),
                 ("metrics", "127.0.0.1:9999"),
+                ("mailbox.cache_bytes", "1073741824"),
             ])
             .unwrap();
         assert_eq!(cfg.mailbox.retention_ms, 3_600_000);
-        assert_eq!(cfg.pow_bits, 20);
+        assert_eq!(cfg.mailbox.cache_bytes, 1 << 30);
+        assert_eq!(cfg.pow_bits, 12);
         assert_eq!(cfg.log, "debug");
-        assert_eq!(cfg.metrics.as_deref(), Some("127.0.0.1:9999"));
+        assert_eq!(cfg.metrics, "127.0.0.1:9999");
+        cfg.validate().unwrap();
         assert_eq!(cfg.sweep_interval_secs, RelayConfig::default().sweep_interval_secs);
     }
 
@@ -834,5 +912,32 @@ mod tests {
                 .with_overrides([("mailbox.no_such_limit", "1")])
                 .is_err()
         );
+    }
+}
+
+#[cfg(test)]
+mod validation_tests {
+    use super::*;
+
+    #[test]
+    fn printed_config_with_metrics_off_reads_back_as_off() {
+        let cfg = RelayConfig::default().with_overrides([("metrics", "off")]).unwrap();
+        let again = RelayConfig::from_toml(&cfg.to_toml()).unwrap();
+        assert_eq!(again.metrics_addr().unwrap(), None);
+    }
+
+    #[test]
+    fn settings_that_would_break_the_relay_are_refused() {
+        for (k, v) in [
+            ("pow_bits", "24"),
+            ("mailbox.nonce_window_ms", "1000"),
+            ("mailbox.max_envelope_bytes", "4194304"),
+            ("metrics", "nowhere"),
+            ("listen", "[\"not an address\"]"),
+        ] {
+            let cfg = RelayConfig::default().with_overrides([(k, v)]).unwrap();
+            assert!(cfg.validate().is_err(), "{k}={v} accepted");
+        }
+        RelayConfig::default().validate().unwrap();
     }
 }

@@ -48,6 +48,8 @@ pub const SWEEP_MAX_NONCES: usize = 10_000;
 const CHECK_NONCE_PURGE: usize = 16;
 /// Most expired envelopes a deposit into a full inbox deletes to make room.
 const DEPOSIT_RECLAIM_MAX: usize = 1_000;
+/// Default size of the mailbox database's page cache (see [`MailboxLimits::cache_bytes`]).
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 const KEY_SCHEMA_VERSION: &str = "mailbox_schema_version";
 const KEY_INBOXES: &str = "inboxes";
@@ -79,6 +81,10 @@ pub struct MailboxLimits {
     pub max_key_packages: usize,
     /// How long an owner-auth nonce is remembered (default 120 s).
     pub nonce_window_ms: u64,
+    /// Memory for the database's page cache, in bytes (default 64 MiB). The
+    /// cache keeps recently read and written pages, so a busy relay's
+    /// mailboxes grow to about this much memory (redb's own default is 1 GiB).
+    pub cache_bytes: u64,
 }
 
 impl Default for MailboxLimits {
@@ -92,6 +98,7 @@ impl Default for MailboxLimits {
             retention_ms: 14 * 24 * 60 * 60 * 1000,
             max_key_packages: 100,
             nonce_window_ms: 120_000,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -165,15 +172,23 @@ impl std::fmt::Debug for Mailboxes {
 }
 
 impl Mailboxes {
-    /// Opens (or creates) the mailbox database file at `path`.
+    /// Opens (or creates) the mailbox database file at `path`, with a page
+    /// cache of `limits.cache_bytes`.
     pub fn open(path: &Path, limits: MailboxLimits) -> Result<Self> {
-        Self::init(Database::create(path)?, limits)
+        let db = Self::builder(&limits).create(path)?;
+        Self::init(db, limits)
     }
 
     /// Opens a mailbox database that lives only in memory (tests, the simulator).
     pub fn open_in_memory(limits: MailboxLimits) -> Result<Self> {
-        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        let db = Self::builder(&limits).create_with_backend(redb::backends::InMemoryBackend::new())?;
         Self::init(db, limits)
+    }
+
+    fn builder(limits: &MailboxLimits) -> redb::Builder {
+        let mut b = Database::builder();
+        b.set_cache_size(usize::try_from(limits.cache_bytes).unwrap_or(usize::MAX));
+        b
     }
 
     /// The limits this database enforces.
