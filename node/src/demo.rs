@@ -118,28 +118,13 @@ pub async fn start_node_behind_nat(
     bootstrap: Vec<Multiaddr>,
     home_relays: Vec<Multiaddr>,
 ) -> anyhow::Result<Node> {
-    std::fs::create_dir_all(dir)?;
-    let store = crate::open_store(dir)?;
-    let clock = Clock::system();
-    if store.identity().is_err() {
-        crate::create_identity(&store, name, clock.now_ms())?;
-    }
     let net = NetConfig {
         listen: Vec::new(),
         bootstrap,
         dht_server: false,
         ..NetConfig::default()
     };
-    Node::start(
-        store,
-        NodeConfig {
-            net,
-            clock,
-            home_relays,
-            ..NodeConfig::default()
-        },
-    )
-    .await
+    start_node_with_net(dir, name, net, home_relays).await
 }
 
 /// Waits until `h` holds a circuit reservation; returns its circuit address.
@@ -164,17 +149,28 @@ pub async fn start_node_with_relays(
     bootstrap: Vec<Multiaddr>,
     home_relays: Vec<Multiaddr>,
 ) -> anyhow::Result<Node> {
+    let net = NetConfig {
+        listen: loopback(),
+        bootstrap,
+        ..NetConfig::default()
+    };
+    start_node_with_net(dir, name, net, home_relays).await
+}
+
+/// Creates (if needed) and starts a node whose data lives in `dir`, with the
+/// given network settings and home relays.
+pub async fn start_node_with_net(
+    dir: &Path,
+    name: &str,
+    net: NetConfig,
+    home_relays: Vec<Multiaddr>,
+) -> anyhow::Result<Node> {
     std::fs::create_dir_all(dir)?;
     let store = crate::open_store(dir)?;
     let clock = Clock::system();
     if store.identity().is_err() {
         crate::create_identity(&store, name, clock.now_ms())?;
     }
-    let net = NetConfig {
-        listen: loopback(),
-        bootstrap,
-        ..NetConfig::default()
-    };
     Node::start(
         store,
         NodeConfig {

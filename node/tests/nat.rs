@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
-use tidings_node::demo::{start_relay, wait_message};
-use tidings_node::{Clock, NetConfig, Node, NodeConfig};
+use tidings_node::demo::{start_node_behind_nat, start_node_with_net, start_relay, wait_message};
+use tidings_node::{NetConfig, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_without_a_listen_address_is_reached_through_a_relay_circuit() {
@@ -15,24 +15,9 @@ async fn node_without_a_listen_address_is_reached_through_a_relay_circuit() {
     let relay_addr = relay.listen_addrs()[0].clone();
 
     // Bob listens on nothing: nobody can dial him directly.
-    let bdir = dir.path().join("bob");
-    std::fs::create_dir_all(&bdir).unwrap();
-    let store = tidings_node::open_store(&bdir).unwrap();
-    tidings_node::create_identity(&store, "bob", Clock::system().now_ms()).unwrap();
-    let b_node = Node::start(
-        store,
-        NodeConfig {
-            net: NetConfig {
-                listen: Vec::new(),
-                dht_server: false,
-                ..NetConfig::default()
-            },
-            home_relays: vec![relay_addr.clone()],
-            ..NodeConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let b_node = start_node_behind_nat(&dir.path().join("bob"), "bob", Vec::new(), vec![relay_addr.clone()])
+        .await
+        .unwrap();
     let b = b_node.handle();
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
@@ -108,23 +93,12 @@ async fn relayed_connection_is_upgraded_to_a_direct_one_by_hole_punching() {
 /// A node that listens on loopback but publishes no address: a DHT client
 /// with one home relay.
 async fn start_unlisted(dir: &std::path::Path, name: &str, relay: &libp2p::Multiaddr) -> Node {
-    std::fs::create_dir_all(dir).unwrap();
-    let store = tidings_node::open_store(dir).unwrap();
-    tidings_node::create_identity(&store, name, Clock::system().now_ms()).unwrap();
-    Node::start(
-        store,
-        NodeConfig {
-            net: NetConfig {
-                listen: tidings_node::demo::loopback(),
-                dht_server: false,
-                ..NetConfig::default()
-            },
-            home_relays: vec![relay.clone()],
-            ..NodeConfig::default()
-        },
-    )
-    .await
-    .unwrap()
+    let net = NetConfig {
+        listen: tidings_node::demo::loopback(),
+        dht_server: false,
+        ..NetConfig::default()
+    };
+    start_node_with_net(dir, name, net, vec![relay.clone()]).await.unwrap()
 }
 
 /// Logs with `RUST_LOG=…` when a test needs looking into.
