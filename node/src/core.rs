@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use crate::clock::Clock;
 use crate::net::{NetError, NetEvent, Network};
-use crate::types::{ContactView, MessageView, NodeEvent};
+use crate::types::{ContactView, MailGapView, MessageView, NodeEvent, RefusalView};
 
 /// Errors reported to API callers.
 #[derive(Debug, thiserror::Error)]
@@ -127,11 +127,16 @@ pub(crate) enum CoreInput {
         result: Result<pb::DeliverResponse, NetError>,
         /// Verified custody receipts per envelope, when the envelopes went to relays.
         receipts: Vec<Vec<Vec<u8>>>,
+        /// Relays that refused a deposit, with the reason they gave.
+        refusals: Vec<(PeerId, &'static str)>,
     },
     /// Envelopes fetched from one of our relays' mailboxes.
     ApplyMailbox {
         relay: PeerId,
+        request_inbox: bool,
         envelopes: Vec<pb::Envelope>,
+        /// The mailbox index of each envelope.
+        indices: Vec<u64>,
         reply: oneshot::Sender<Result<Vec<DeliverStatus>, NodeError>>,
     },
     /// While catching up from mailboxes, direct deliveries wait (they could
@@ -194,7 +199,17 @@ pub(crate) struct Core {
     catching_up: bool,
     /// Messages at least one of whose envelopes went to a relay.
     via_relay: HashSet<[u8; 16]>,
+    /// The latest deposit refusal per (recipient account, relay), shared with the API.
+    refusals: Refusals,
 }
+
+/// Deposit refusals the node is living with: per (recipient account, relay),
+/// the latest refusal. An entry goes away once that relay signs for that
+/// recipient's mail again.
+pub(crate) type Refusals = Arc<std::sync::Mutex<HashMap<([u8; 32], PeerId), RefusalView>>>;
+
+/// Most (recipient, relay) pairs whose refusals are remembered.
+const MAX_REFUSALS: usize = 1024;
 
 enum Abort {
     Envelope(usize, String),
@@ -245,6 +260,7 @@ impl Core {
         events: broadcast::Sender<NodeEvent>,
         self_tx: mpsc::Sender<CoreInput>,
         home_relays: HashSet<PeerId>,
+        refusals: Refusals,
     ) -> Result<Self, StoreError> {
         let mut core = Self {
             provider: Provider::new(store.clone()),
@@ -265,6 +281,7 @@ impl Core {
             home_relays,
             catching_up: false,
             via_relay: HashSet::new(),
+            refusals,
         };
         for e in core.store.list_outbox()? {
             match pb::Envelope::decode(e.envelope.as_slice()) {
@@ -375,13 +392,20 @@ impl Core {
                 ids,
                 result,
                 receipts,
-            } => self.on_deliver_result(device, ids, result, receipts),
+                refusals,
+            } => self.on_deliver_result(device, ids, result, receipts, refusals),
             CoreInput::ApplyMailbox {
                 relay,
+                request_inbox,
                 envelopes,
+                indices,
                 reply,
             } => {
-                let (resp, events) = self.apply_batch(relay, pb::DeliverRequest { envelopes }, true);
+                let request = pb::DeliverRequest {
+                    envelopes,
+                    mailbox_indices: indices,
+                };
+                let (resp, events) = self.apply_batch(relay, request, Some(request_inbox));
                 for e in events {
                     let _ = self.events.send(e);
                 }
@@ -753,20 +777,25 @@ impl Core {
             let n = req.envelopes.len();
             return (statuses(vec![DeliverStatus::NotProcessed; n]), Vec::new());
         }
-        self.apply_batch(peer, req, via_mailbox)
+        // Pushes come from the normal inbox (the request inbox is only fetched).
+        self.apply_batch(peer, req, via_mailbox.then_some(false))
     }
 
     /// Applies a batch of envelopes in one unit of work and returns one status
     /// per envelope plus the events to emit once the unit committed.
-    /// `via_mailbox`: the envelopes come from one of our relay inboxes, so the
-    /// transport peer is the relay, not the sender.
+    /// `mailbox`: the envelopes come from one of our inboxes on relay `peer`
+    /// (`Some(request_inbox)`), so the transport peer is the relay, not the
+    /// sender; their mailbox indices advance our cursor on that relay in the
+    /// same commit, and any index skipped is reported as missing mail.
     fn apply_batch(
         &mut self,
         peer: PeerId,
         req: pb::DeliverRequest,
-        via_mailbox: bool,
+        mailbox: Option<bool>,
     ) -> (pb::DeliverResponse, Vec<NodeEvent>) {
+        let via_mailbox = mailbox.is_some();
         let n = req.envelopes.len();
+        let relay_key = key_of_peer(&peer);
         if n > MAX_ENVELOPES_PER_BATCH {
             warn!(%peer, n, "delivery batch too large; refused");
             return (statuses(vec![DeliverStatus::Rejected; n]), Vec::new());
@@ -811,6 +840,33 @@ impl Core {
                             out.push(s);
                         }
                         Apply::Invalid(why) => return Err(Abort::Envelope(i, why)),
+                    }
+                }
+                if let (Some(request_inbox), Some(relay)) = (mailbox, relay_key.as_ref())
+                    && req.mailbox_indices.len() == n
+                {
+                    // Only the applied prefix: the rest comes again later.
+                    let applied: Vec<u64> = req
+                        .mailbox_indices
+                        .iter()
+                        .zip(&out)
+                        .take_while(|(_, s)| {
+                            matches!(
+                                s,
+                                DeliverStatus::Accepted | DeliverStatus::Duplicate | DeliverStatus::Rejected
+                            )
+                        })
+                        .map(|(i, _)| *i)
+                        .collect();
+                    for gap in self.store.record_mail_indices(relay, request_inbox, &applied, now)? {
+                        warn!(
+                            relay = %peer,
+                            request_inbox,
+                            from = gap.from,
+                            to = gap.to,
+                            "relay skipped mailbox indices: mail it accepted was not delivered"
+                        );
+                        events.push(NodeEvent::MailMissing(MailGapView::from_gap(&gap)));
                     }
                 }
                 // Every envelope applied: show new messages now, before the
@@ -1015,8 +1071,11 @@ impl Core {
             let tx = self.self_tx.clone();
             let now_ms = self.clock.now_ms();
             tokio::spawn(async move {
-                let request = pb::DeliverRequest { envelopes };
-                let (result, receipts) = match target {
+                let request = pb::DeliverRequest {
+                    envelopes,
+                    ..Default::default()
+                };
+                let (result, Deposited { receipts, refusals }) = match target {
                     // Not connected, and the device has relays: its mail goes there
                     // at once (dialling a device that is away can take seconds), while
                     // a connection attempt runs in the background. Once connected,
@@ -1053,7 +1112,7 @@ impl Core {
                         // The device is away: hand the envelopes to its relays instead.
                         let receipts = match (&result, target) {
                             (Err(_), Some(target)) => deposit_all(&net, &target, &request.envelopes, now_ms).await,
-                            _ => Vec::new(),
+                            _ => Deposited::default(),
                         };
                         (result, receipts)
                     }
@@ -1064,6 +1123,7 @@ impl Core {
                         ids,
                         result,
                         receipts,
+                        refusals,
                     })
                     .await;
             });
@@ -1108,10 +1168,13 @@ impl Core {
         ids: Vec<u64>,
         result: Result<pb::DeliverResponse, NetError>,
         receipts: Vec<Vec<Vec<u8>>>,
+        refusals: Vec<(PeerId, &'static str)>,
     ) {
         let Some(q) = self.queues.get_mut(&device) else { return };
         q.in_flight = false;
         let account = q.account;
+        self.note_refusals(account, &receipts, refusals);
+        let Some(q) = self.queues.get_mut(&device) else { return };
         let statuses: Vec<DeliverStatus> = match result {
             Ok(resp) if resp.statuses.len() == ids.len() => resp
                 .statuses
@@ -1127,6 +1190,16 @@ impl Core {
                 vec![DeliverStatus::NotProcessed; ids.len()]
             }
         };
+        if statuses
+            .iter()
+            .any(|s| matches!(s, DeliverStatus::Accepted | DeliverStatus::Duplicate))
+        {
+            // The device itself takes our mail again: nothing is stuck behind refusals.
+            self.refusals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(a, _), _| *a != account);
+        }
         let mut done = Vec::new();
         let mut stored: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
         let mut retry = false;
@@ -1236,6 +1309,55 @@ impl Core {
     }
 }
 
+impl Core {
+    /// Remembers relays' refusals to hold mail for `account` (and tells
+    /// observers), and forgets those of relays that signed for it this time.
+    fn note_refusals(&mut self, account: [u8; 32], receipts: &[Vec<Vec<u8>>], refusals: Vec<(PeerId, &'static str)>) {
+        let signed: HashSet<[u8; 32]> = receipts
+            .iter()
+            .flatten()
+            .filter_map(|b| pb::CustodyReceipt::decode(b.as_slice()).ok())
+            .filter_map(|r| mb::verify_receipt(&r).ok())
+            .map(|r| r.relay_key)
+            .collect();
+        let now = self.clock.now_ms();
+        let contact = bs58::encode(account).into_string();
+        let mut events = Vec::new();
+        {
+            let mut map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            map.retain(|(a, relay), _| !(*a == account && key_of_peer(relay).is_some_and(|k| signed.contains(&k))));
+            for (relay, code) in refusals {
+                if map.len() >= MAX_REFUSALS && !map.contains_key(&(account, relay)) {
+                    continue;
+                }
+                let view = map.entry((account, relay)).or_insert_with(|| RefusalView {
+                    contact: contact.clone(),
+                    relay: relay.to_string(),
+                    code: code.to_string(),
+                    count: 0,
+                    last_ms: now,
+                });
+                view.code = code.to_string();
+                view.count += 1;
+                view.last_ms = now;
+                events.push(NodeEvent::DepositRefused(view.clone()));
+            }
+        }
+        for e in events {
+            let _ = self.events.send(e);
+        }
+    }
+}
+
+/// What a round of deposits on a device's relays brought back.
+#[derive(Default)]
+struct Deposited {
+    /// Per envelope, the encoded custody receipts that verified.
+    receipts: Vec<Vec<Vec<u8>>>,
+    /// Relays that refused, with their reason.
+    refusals: Vec<(PeerId, &'static str)>,
+}
+
 /// A send waiting for its unit: recipient account, text, reply.
 type PendingSend = ([u8; 32], String, oneshot::Sender<Result<MessageView, NodeError>>);
 
@@ -1258,8 +1380,9 @@ pub(crate) fn key_of_peer(peer: &PeerId) -> Option<[u8; 32]> {
 /// Deposits every envelope in the device's inbox on every relay: in order on
 /// each relay (the receiver must apply a sender's messages roughly in order,
 /// within the ratchet's out-of-order tolerance), all relays at once. Returns,
-/// per envelope, the encoded custody receipts that verified.
-async fn deposit_all(net: &Network, t: &MailboxTarget, envelopes: &[pb::Envelope], now_ms: u64) -> Vec<Vec<Vec<u8>>> {
+/// per envelope, the encoded custody receipts that verified, and the relays
+/// that refused.
+async fn deposit_all(net: &Network, t: &MailboxTarget, envelopes: &[pb::Envelope], now_ms: u64) -> Deposited {
     let mut prepared = Vec::with_capacity(envelopes.len());
     for env in envelopes {
         let bytes = env.encode_to_vec();
@@ -1280,6 +1403,7 @@ async fn deposit_all(net: &Network, t: &MailboxTarget, envelopes: &[pb::Envelope
         async move {
             net.add_address(*peer, addr.clone()).await;
             let mut got: Vec<Option<Vec<u8>>> = vec![None; prepared.len()];
+            let mut refused = None;
             for (i, (bytes, hash, pow_nonce)) in prepared.iter().enumerate() {
                 let request = pb::MailboxRequest {
                     op: Some(pb::mailbox_request::Op::Deposit(pb::Deposit {
@@ -1321,16 +1445,19 @@ async fn deposit_all(net: &Network, t: &MailboxTarget, envelopes: &[pb::Envelope
                             .and_then(mb::MailboxError::from_status)
                             .map_or("unknown", |e| e.code());
                         info!(relay = %peer, "deposit refused: {code}");
+                        refused = Some((*peer, code));
                         break;
                     }
                 }
             }
-            got
+            (got, refused)
         }
     });
     let results = futures::future::join_all(per_relay).await;
     let mut receipts = vec![Vec::new(); envelopes.len()];
-    for got in results {
+    let mut refusals = Vec::new();
+    for (got, refused) in results {
+        refusals.extend(refused);
         for (i, r) in got.into_iter().enumerate() {
             if let Some(r) = r {
                 receipts[i].push(r);
@@ -1344,7 +1471,7 @@ async fn deposit_all(net: &Network, t: &MailboxTarget, envelopes: &[pb::Envelope
             r.clear();
         }
     }
-    receipts
+    Deposited { receipts, refusals }
 }
 
 /// How far ahead of our clock a sender's timestamp may be.

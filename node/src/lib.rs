@@ -17,4 +17,4 @@ pub use clock::Clock;
 pub use core::NodeError;
 pub use net::NetConfig;
 pub use node::{Node, NodeConfig, NodeHandle, create_identity, open_store};
-pub use types::{ContactView, MessageView, NodeEvent, NodeStatus};
+pub use types::{ContactView, MailGapView, MessageView, NodeEvent, NodeStatus, RefusalView};

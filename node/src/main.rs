@@ -257,6 +257,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             out!("connected: {} peers", s.connected_peers);
             out!("DHT peers: {}", s.dht_peers);
             out!("outbox:    {} envelopes", s.outbox);
+            for r in &s.deposit_refusals {
+                out!(
+                    "refused:   relay {} holds no mail for {}: {} ({}x, last {})",
+                    r.relay,
+                    r.contact,
+                    r.code,
+                    r.count,
+                    format_ts(r.last_ms)
+                );
+            }
+            for g in &s.mail_missing {
+                let inbox = if g.request_inbox { "request inbox" } else { "inbox" };
+                out!(
+                    "MISSING:   relay {} skipped {inbox} indices {}..={} (found {}); senders hold its receipts",
+                    g.relay,
+                    g.from,
+                    g.to,
+                    format_ts(g.detected_ms)
+                );
+            }
             Ok(())
         }
         Cmd::Demo | Cmd::Bench(_) | Cmd::BenchRelay(_) | Cmd::Relay(_) => Ok(()),

@@ -18,10 +18,10 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
 use crate::clock::Clock;
-use crate::core::{Core, CoreInput, NodeError, peer_id_of};
+use crate::core::{Core, CoreInput, NodeError, Refusals, peer_id_of};
 use crate::net::{self, NetConfig, NetError, NetEvent, Network};
 use crate::relay::{MailboxService, RelayMetrics, RelayOptions};
-use crate::types::{ContactView, MessageView, NodeEvent, NodeStatus};
+use crate::types::{ContactView, MailGapView, MessageView, NodeEvent, NodeStatus, RefusalView};
 
 /// How long a device certificate made by `init` is valid.
 pub const DEVICE_CERT_VALIDITY_MS: u64 = 365 * 24 * 3600 * 1000;
@@ -121,6 +121,7 @@ struct Inner {
     name: String,
     clock: Clock,
     conversation_lock: Mutex<()>,
+    refusals: Refusals,
 }
 
 /// A cloneable handle to a running node: what the API, the CLI and tests use.
@@ -185,6 +186,7 @@ impl Node {
         }
         let (tx, rx) = mpsc::channel(CORE_QUEUE);
         let (events, _) = broadcast::channel(EVENT_QUEUE);
+        let refusals = Refusals::default();
         let core = Core::new(
             store.clone(),
             engine,
@@ -202,6 +204,7 @@ impl Node {
                     _ => None,
                 })
                 .collect(),
+            refusals.clone(),
         )?;
         tasks.push(tokio::spawn(core.run(rx, net_events)));
         let handle = NodeHandle {
@@ -218,6 +221,7 @@ impl Node {
                 name: identity.name,
                 clock: config.clock,
                 conversation_lock: Mutex::new(()),
+                refusals,
             }),
         };
         info!(account = %handle.account(), peer = %handle.peer_id(), "node started");
@@ -674,7 +678,8 @@ impl NodeHandle {
                         indices.push(e.index);
                         envelopes.push(env);
                     }
-                    // Nothing we could ever apply: acknowledge it away.
+                    // Nothing we could ever apply (relays refuse such deposits):
+                    // acknowledge it away.
                     Err(_) if envelopes.is_empty() => up_to = Some(e.index),
                     Err(_) => {}
                 }
@@ -683,7 +688,9 @@ impl NodeHandle {
             let statuses = self
                 .core(|reply| CoreInput::ApplyMailbox {
                     relay,
+                    request_inbox,
                     envelopes,
+                    indices: indices.clone(),
                     reply,
                 })
                 .await?;
@@ -886,6 +893,19 @@ impl NodeHandle {
             dht_peers: net.dht_peers,
             hole_punches: net.hole_punches,
             outbox: self.inner.store.outbox_len()?,
+            mail_missing: self
+                .inner
+                .store
+                .mail_gaps()?
+                .iter()
+                .map(MailGapView::from_gap)
+                .collect(),
+            deposit_refusals: {
+                let map = self.inner.refusals.lock().unwrap_or_else(|p| p.into_inner());
+                let mut v: Vec<RefusalView> = map.values().cloned().collect();
+                v.sort_by(|a, b| (&a.contact, &a.relay).cmp(&(&b.contact, &b.relay)));
+                v
+            },
         })
     }
 }

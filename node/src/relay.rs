@@ -735,6 +735,19 @@ impl MailboxService {
         let tx = self.push_tx.clone();
         let now = self.clock.now_ms();
         tokio::spawn(async move {
+            // Pushes go only over an open connection: a relay never dials an
+            // owner who went away (it fetches from its cursor when back).
+            if !net.is_connected(peer).await {
+                let _ = tx
+                    .send(PushDone {
+                        inbox,
+                        peer,
+                        acked: None,
+                        attempted_up_to: cursor,
+                    })
+                    .await;
+                return;
+            }
             let fetched = tokio::task::spawn_blocking(move || m.fetch(&inbox, false, cursor, 256, now)).await;
             let envs = match fetched {
                 Ok(Ok((envs, _))) => envs,
@@ -773,7 +786,11 @@ impl MailboxService {
                     envelopes.push(env);
                 }
             }
-            let acked = match net.deliver(peer, pb::DeliverRequest { envelopes }).await {
+            let request = pb::DeliverRequest {
+                envelopes,
+                mailbox_indices: indices.clone(),
+            };
+            let acked = match net.deliver(peer, request).await {
                 Ok(resp) => {
                     let mut acked = cursor;
                     for (i, s) in indices.iter().zip(resp.statuses) {

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use tidings_protocol::AccountId;
-use tidings_store::{Contact, MessageState, StoredMessage};
+use tidings_store::{Contact, MailGap, MessageState, StoredMessage};
 
 /// A contact as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -67,6 +67,53 @@ pub enum NodeEvent {
     Stored { id: String, contact: String },
     /// A contact was added or changed.
     Contact(ContactView),
+    /// One of our relays skipped mailbox indices: it accepted mail for us
+    /// (and signed receipts for it) that it never delivered.
+    MailMissing(MailGapView),
+    /// A relay refused to hold our mail for a contact; the mail stays in the
+    /// outbox (other relays or a direct delivery may still take it).
+    DepositRefused(RefusalView),
+}
+
+/// A relay's latest refusal to hold our mail for one contact.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusalView {
+    pub contact: String,
+    /// The relay's peer id.
+    pub relay: String,
+    /// The relay's error code: `quota_exceeded`, `too_large`, `unauthorized`, ...
+    pub code: String,
+    /// Refusals since this relay last signed for this contact's mail.
+    pub count: u64,
+    pub last_ms: u64,
+}
+
+/// Mailbox indices a relay skipped, as the API shows them. The senders hold
+/// the relay's signed receipts naming these indices.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MailGapView {
+    /// The relay's peer id.
+    pub relay: String,
+    pub request_inbox: bool,
+    /// First and last missing index (inclusive).
+    pub from: u64,
+    pub to: u64,
+    pub detected_ms: u64,
+}
+
+impl MailGapView {
+    pub fn from_gap(g: &MailGap) -> Self {
+        let relay = libp2p::identity::ed25519::PublicKey::try_from_bytes(&g.relay)
+            .map(|k| libp2p::PeerId::from_public_key(&k.into()).to_string())
+            .unwrap_or_else(|_| hex::encode(g.relay));
+        Self {
+            relay,
+            request_inbox: g.request_inbox,
+            from: g.from,
+            to: g.to,
+            detected_ms: g.detected_ms,
+        }
+    }
 }
 
 /// `tidings status`.
@@ -81,6 +128,12 @@ pub struct NodeStatus {
     /// Relayed connections upgraded to direct ones by hole punching.
     pub hole_punches: u64,
     pub outbox: u64,
+    /// Mail our relays accepted but never handed over (see [`MailGapView`]).
+    #[serde(default)]
+    pub mail_missing: Vec<MailGapView>,
+    /// Relays currently refusing to hold our mail for a contact.
+    #[serde(default)]
+    pub deposit_refusals: Vec<RefusalView>,
 }
 
 pub fn account_text(a: &AccountId) -> String {

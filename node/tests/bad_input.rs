@@ -173,6 +173,7 @@ async fn garbage_truncated_and_oversized_delivery_frames_are_refused_without_sta
     // Truncated: a valid request cut inside a length-delimited field.
     let valid = pb::DeliverRequest {
         envelopes: vec![envelope(b"some conversation", vec![0xab; 1000])],
+        ..Default::default()
     }
     .encode_to_vec();
     assert!(refused(
@@ -181,6 +182,7 @@ async fn garbage_truncated_and_oversized_delivery_frames_are_refused_without_sta
     // Oversized: more than the 4 MiB cap is refused before decoding.
     let huge = pb::DeliverRequest {
         envelopes: vec![envelope(b"c", vec![0; 5 << 20])],
+        ..Default::default()
     }
     .encode_to_vec();
     assert!(refused(raw_deliver(&mut evil, &target, huge).await));
@@ -195,6 +197,7 @@ async fn garbage_truncated_and_oversized_delivery_frames_are_refused_without_sta
         &target,
         pb::DeliverRequest {
             envelopes: vec![envelope(&conv, vec![0x42; 200]), bad_id, bad_kind],
+            ..Default::default()
         },
     )
     .await;
@@ -202,6 +205,7 @@ async fn garbage_truncated_and_oversized_delivery_frames_are_refused_without_sta
     // Too many envelopes in one batch.
     let many = pb::DeliverRequest {
         envelopes: (0..600).map(|_| envelope(&conv, vec![1])).collect(),
+        ..Default::default()
     };
     assert_eq!(
         deliver(&mut evil, &target, many).await,
@@ -229,6 +233,7 @@ async fn message_for_an_unknown_conversation_is_refused_and_changes_nothing() {
                 envelope(b"no such conversation", vec![0; 64]),
                 envelope(b"x", vec![0; 8]),
             ],
+            ..Default::default()
         },
     )
     .await;
@@ -273,6 +278,7 @@ async fn replayed_envelope_is_acknowledged_as_duplicate_and_displayed_once() {
         &target,
         pb::DeliverRequest {
             envelopes: vec![captured.clone()],
+            ..Default::default()
         },
     )
     .await;
@@ -285,6 +291,7 @@ async fn replayed_envelope_is_acknowledged_as_duplicate_and_displayed_once() {
         &target,
         pb::DeliverRequest {
             envelopes: vec![renamed],
+            ..Default::default()
         },
     )
     .await;

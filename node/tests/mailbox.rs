@@ -8,11 +8,12 @@ use std::path::Path;
 
 use common::*;
 use libp2p::Multiaddr;
-use tidings_node::Node;
-use tidings_node::demo::{start_node_with_relays, start_relay};
+use tidings_node::demo::{RelayTestOptions, start_node_with_relays, start_relay, start_relay_with};
+use tidings_node::{Node, NodeEvent};
 use tidings_protocol::mailbox;
 use tidings_protocol::pb;
 use tidings_store::MessageState;
+use tidings_store::mailbox::MailboxLimits;
 
 struct Relays {
     dir: tempfile::TempDir,
@@ -92,6 +93,164 @@ async fn offline_recipient_gets_1000_messages_exactly_once_in_order_with_receipt
     assert_eq!(texts, expected, "in order");
     assert_eq!(h.iter().map(|m| &m.id).collect::<HashSet<_>>().len(), 1001);
     drop(r.nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_that_drops_accepted_mail_is_caught_by_the_recipient_and_the_mail_still_arrives() {
+    let r = relays(2).await;
+    let base = r.dir.path();
+    let a_node = user(base, "alice", &r).await;
+    let b_node = user(base, "bob", &r).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    befriend(&a, &b).await;
+    a.send_text(&acct(&b), "hello").await.unwrap();
+    eventually("bob got hello", || b.history(&acct(&a)).unwrap().len() == 1).await;
+    let (a_acct, b_acct) = (acct(&a), acct(&b));
+    let b_peer = b_node.handle().peer_id();
+    drop(b);
+    b_node.shutdown().await;
+    // Once the relays see bob gone, nothing of what follows can reach him
+    // before he is back.
+    for relay in &r.nodes {
+        let h = relay.handle();
+        eventually_async("relay saw bob leave", || {
+            let h = h.clone();
+            async move { !h.is_connected(b_peer).await }
+        })
+        .await;
+    }
+
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(a.send_text(&b_acct, &format!("m{i}")).await.unwrap().id);
+    }
+    eventually("all in custody", || a.store().outbox_len().unwrap() == 0).await;
+    // Relay 0 misbehaves: it silently deletes the first three envelopes it
+    // accepted (and signed receipts for) before bob comes back.
+    let bad = &r.nodes[0];
+    let bad_key = bad.handle().card().devices[0].device_key;
+    let inbox = mailbox::inbox_id(&b_node_device(&a, &b_acct));
+    let dropped_indices: Vec<u64> = ids[..3]
+        .iter()
+        .map(|id| {
+            let id: [u8; 16] = hex::decode(id).unwrap().try_into().unwrap();
+            let receipts = a.store().receipts(&id).unwrap();
+            receipts
+                .iter()
+                .map(|b| mailbox::verify_receipt(&prost::Message::decode(b.as_slice()).unwrap()).unwrap())
+                .find(|rc| rc.relay_key == bad_key)
+                .expect("a receipt from the misbehaving relay")
+                .index
+        })
+        .collect();
+    let last_dropped = *dropped_indices.iter().max().unwrap();
+    assert_eq!(
+        bad.relay_mailboxes().unwrap().ack(&inbox, false, last_dropped).unwrap(),
+        3
+    );
+
+    let b_node = user(base, "bob", &r).await;
+    let b = b_node.handle();
+    eventually("bob has every message, through the honest relay", || {
+        b.history(&a_acct).unwrap().len() == 11
+    })
+    .await;
+    let texts: Vec<String> = b.history(&a_acct).unwrap()[1..]
+        .iter()
+        .map(|m| m.text.clone())
+        .collect();
+    assert_eq!(texts, (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    // Bob's node noticed which indices the bad relay skipped, and they are
+    // exactly the ones alice holds the bad relay's signed receipts for.
+    let status = b.status().await.unwrap();
+    let bad_peer = bad.handle().peer_id().to_string();
+    let missing: Vec<u64> = status
+        .mail_missing
+        .iter()
+        .inspect(|g| assert_eq!(g.relay, bad_peer, "only the misbehaving relay is blamed"))
+        .flat_map(|g| g.from..=g.to)
+        .collect();
+    assert_eq!(missing, dropped_indices);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_refusal_reaches_the_sender_and_the_mail_waits_in_the_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = MailboxLimits {
+        sender_max_envelopes: 3,
+        ..MailboxLimits::default()
+    };
+    let relay = start_relay_with(
+        &dir.path().join("relay"),
+        Vec::new(),
+        RelayTestOptions {
+            limits,
+            ..RelayTestOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let r = Relays {
+        addrs: relay.listen_addrs()[..1].to_vec(),
+        nodes: vec![relay],
+        dir,
+    };
+    let base = r.dir.path();
+    let a_node = user(base, "alice", &r).await;
+    let b_node = user(base, "bob", &r).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    befriend(&a, &b).await;
+    a.send_text(&acct(&b), "hello").await.unwrap();
+    eventually("bob got hello", || b.history(&acct(&a)).unwrap().len() == 1).await;
+    let (a_acct, b_acct) = (acct(&a), acct(&b));
+    let b_peer = b.peer_id();
+    drop(b);
+    b_node.shutdown().await;
+    let relay = r.nodes[0].handle();
+    eventually_async("relay saw bob leave", || {
+        let h = relay.clone();
+        async move { !h.is_connected(b_peer).await }
+    })
+    .await;
+
+    let mut events = a.subscribe();
+    for i in 0..5 {
+        a.send_text(&b_acct, &format!("m{i}")).await.unwrap();
+    }
+    // The relay holds three from alice, then says why it takes no more.
+    let refusal = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(30), events.recv()).await {
+            Ok(Ok(NodeEvent::DepositRefused(r))) => break r,
+            Ok(Ok(_)) => {}
+            other => panic!("no refusal event: {other:?}"),
+        }
+    };
+    assert_eq!(refusal.code, "quota_exceeded");
+    assert_eq!(refusal.contact, b_acct);
+    assert_eq!(refusal.relay, relay.peer_id().to_string());
+    let status = a.status().await.unwrap();
+    assert!(
+        status
+            .deposit_refusals
+            .iter()
+            .any(|r| r.code == "quota_exceeded" && r.contact == b_acct)
+    );
+    eventually("the three held leave the outbox, the two refused stay", || {
+        a.store().outbox_len().unwrap() == 2
+    })
+    .await;
+
+    // Bob comes back: he drains the three, alice's other two reach him, and
+    // the refusal is over.
+    let b_node = user(base, "bob", &r).await;
+    let b = b_node.handle();
+    eventually("bob has all five", || b.history(&a_acct).unwrap().len() == 6).await;
+    eventually("outbox empty", || a.store().outbox_len().unwrap() == 0).await;
+    eventually_async("refusal cleared", || {
+        let a = a.clone();
+        async move { a.status().await.unwrap().deposit_refusals.is_empty() }
+    })
+    .await;
 }
 
 fn b_node_device(a: &tidings_node::NodeHandle, b_acct: &str) -> [u8; 32] {

@@ -74,6 +74,11 @@ fn from_json<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// Page cache of a node's database. A device's working set (MLS state, recent
+/// history, the outbox) is small; redb's default of 1 GiB would let a long-running
+/// node grow far beyond what it needs.
+pub const NODE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// The node's database.
 pub struct Store {
     db: Database,
@@ -89,7 +94,7 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (or creates) the database file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::init(Database::create(path)?)
+        Self::init(Database::builder().set_cache_size(NODE_CACHE_BYTES).create(path)?)
     }
 
     /// Opens a database that lives only in memory (tests, the simulator).
@@ -144,6 +149,8 @@ impl Store {
         w.open_table(SEEN_ENVELOPES)?;
         w.open_table(DHT_RECORDS)?;
         w.open_table(RECEIPTS)?;
+        w.open_table(MAIL_CURSORS)?;
+        w.open_table(MAIL_GAPS)?;
         w.commit()?;
         Ok(())
     }
@@ -467,6 +474,95 @@ impl Store {
         Ok(out)
     }
 
+    // ------------------------------------------------------- mail cursors
+
+    /// Records that envelopes with `indices` (in the order applied) came from
+    /// our inbox on `relay`: advances the cursor, records every index skipped
+    /// over as missing, and clears missing indices that arrive late. Returns
+    /// the gaps found by this call. Inside a unit this commits with the
+    /// messages the envelopes carried.
+    pub fn record_mail_indices(
+        &self,
+        relay: &[u8; 32],
+        request_inbox: bool,
+        indices: &[u64],
+        now_ms: u64,
+    ) -> Result<Vec<MailGap>> {
+        if indices.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.with_txn(true, |w| {
+            let mut cursors = w.open_table(MAIL_CURSORS)?;
+            let mut gaps = w.open_table(MAIL_GAPS)?;
+            let mut cursor = cursors.get((relay, request_inbox))?.map_or(0, |v| v.value());
+            let mut found = Vec::new();
+            for &i in indices {
+                if i > cursor {
+                    if i > cursor + 1 {
+                        let gap = MailGap {
+                            relay: *relay,
+                            request_inbox,
+                            from: cursor + 1,
+                            to: i - 1,
+                            detected_ms: now_ms,
+                        };
+                        gaps.insert((relay, request_inbox, gap.from), (gap.to, now_ms))?;
+                        found.push(gap);
+                    }
+                    cursor = i;
+                    continue;
+                }
+                // At or behind the cursor: a late arrival may fill a gap.
+                let hit = gaps
+                    .range((relay, request_inbox, 0)..=(relay, request_inbox, i))?
+                    .next_back()
+                    .transpose()?
+                    .map(|(k, v)| (k.value().2, v.value()));
+                if let Some((from, (to, detected))) = hit
+                    && i <= to
+                {
+                    gaps.remove((relay, request_inbox, from))?;
+                    if from < i {
+                        gaps.insert((relay, request_inbox, from), (i - 1, detected))?;
+                    }
+                    if i < to {
+                        gaps.insert((relay, request_inbox, i + 1), (to, detected))?;
+                    }
+                    found.retain(|g: &MailGap| !(g.from <= i && i <= g.to));
+                }
+            }
+            cursors.insert((relay, request_inbox), cursor)?;
+            Ok(found)
+        })
+    }
+
+    /// Highest mailbox index applied from our inbox on `relay`.
+    pub fn mail_cursor(&self, relay: &[u8; 32], request_inbox: bool) -> Result<u64> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(MAIL_CURSORS)?;
+        Ok(t.get((relay, request_inbox))?.map_or(0, |v| v.value()))
+    }
+
+    /// Every range of mailbox indices a relay skipped, oldest relay key first.
+    pub fn mail_gaps(&self) -> Result<Vec<MailGap>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(MAIL_GAPS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let (relay, request_inbox, from) = k.value();
+            let (to, detected_ms) = v.value();
+            out.push(MailGap {
+                relay: *relay,
+                request_inbox,
+                from,
+                to,
+                detected_ms,
+            });
+        }
+        Ok(out)
+    }
+
     // --------------------------------------------------------- DHT records
 
     pub fn put_dht_record(&self, key: &[u8], value: &[u8]) -> Result<()> {
@@ -504,6 +600,30 @@ mod tests {
         }
         // Refusing did not rewrite the stored version.
         assert!(matches!(Store::open(&path), Err(StoreError::SchemaVersion { .. })));
+    }
+
+    #[test]
+    fn skipped_mailbox_indices_are_recorded_as_gaps_and_late_arrivals_fill_them() {
+        let s = Store::open_in_memory().unwrap();
+        let relay = [7u8; 32];
+        assert!(s.record_mail_indices(&relay, false, &[1, 2, 3], 10).unwrap().is_empty());
+        let found = s.record_mail_indices(&relay, false, &[4, 8, 9], 20).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].from, found[0].to, found[0].detected_ms), (5, 7, 20));
+        assert_eq!(s.mail_cursor(&relay, false).unwrap(), 9);
+        // The request inbox and other relays keep cursors of their own.
+        assert_eq!(s.mail_cursor(&relay, true).unwrap(), 0);
+        assert_eq!(s.mail_cursor(&[8; 32], false).unwrap(), 0);
+        // Index 6 arrives late: the gap splits around it.
+        s.record_mail_indices(&relay, false, &[6], 30).unwrap();
+        let gaps: Vec<_> = s.mail_gaps().unwrap().iter().map(|g| (g.from, g.to)).collect();
+        assert_eq!(gaps, vec![(5, 5), (7, 7)]);
+        // Re-deliveries of applied indices change nothing.
+        s.record_mail_indices(&relay, false, &[2, 9], 40).unwrap();
+        assert_eq!(s.mail_gaps().unwrap().len(), 2);
+        s.record_mail_indices(&relay, false, &[5, 7], 50).unwrap();
+        assert!(s.mail_gaps().unwrap().is_empty());
+        assert_eq!(s.mail_cursor(&relay, false).unwrap(), 9);
     }
 
     #[test]

@@ -31,6 +31,13 @@ pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 pub const SEEN_ENVELOPES: TableDefinition<&[u8; 16], u64> = TableDefinition::new("seen_envelopes");
 /// Custody receipts relays signed for our envelopes: (message or envelope id, relay key) → receipt.
 pub const RECEIPTS: TableDefinition<(&[u8; 16], &[u8; 32]), &[u8]> = TableDefinition::new("receipts");
+/// Per relay inbox of ours: (relay key, is the request inbox) → highest mailbox
+/// index applied. Advanced in the same commit as the messages it covers.
+pub const MAIL_CURSORS: TableDefinition<(&[u8; 32], bool), u64> = TableDefinition::new("mail_cursors");
+/// Mailbox indices a relay never handed us: (relay key, is the request inbox,
+/// first missing index) → (last missing index, detected ms). Indices are dense
+/// per inbox, so a jump past the cursor is mail the relay dropped (or expired).
+pub const MAIL_GAPS: TableDefinition<(&[u8; 32], bool, u64), (u64, u64)> = TableDefinition::new("mail_gaps");
 /// Records learned from or published to the DHT: DHT key → signed record bytes.
 pub const DHT_RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dht_records");
 

@@ -108,3 +108,15 @@ pub struct OutboxEntry {
     pub message_id: Option<[u8; 16]>,
     pub created_ms: u64,
 }
+
+/// Mailbox indices a relay skipped when handing us our mail: envelopes it
+/// accepted (and signed receipts for) but never delivered, unless they
+/// expired after the relay's retention while we were away.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MailGap {
+    pub relay: [u8; 32],
+    pub request_inbox: bool,
+    pub from: u64,
+    pub to: u64,
+    pub detected_ms: u64,
+}
