@@ -142,9 +142,11 @@ pub(crate) enum CoreInput {
     /// While catching up from mailboxes, direct deliveries wait (they could
     /// otherwise overtake older mail by more than the ratchet tolerates).
     CatchingUp(bool),
-    /// Fresh key packages to publish on relays: `n` one-time ones plus a last-resort one.
+    /// Fresh key packages to publish on relays: `n` one-time ones, plus a
+    /// last-resort one if asked (empty otherwise).
     MakeKeyPackages {
         n: usize,
+        last_resort: bool,
         reply: oneshot::Sender<Result<KeyPackages, NodeError>>,
     },
 }
@@ -201,6 +203,11 @@ pub(crate) struct Core {
     via_relay: HashSet<[u8; 16]>,
     /// The latest deposit refusal per (recipient account, relay), shared with the API.
     refusals: Refusals,
+    /// What this device hands conversation members so they can leave it mail.
+    grant: pb::MailboxGrant,
+    /// Outbox entries made while applying received envelopes; queued once
+    /// their unit commits, dropped if it rolls back.
+    deferred: Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>,
 }
 
 /// Deposit refusals the node is living with: per (recipient account, relay),
@@ -261,6 +268,7 @@ impl Core {
         self_tx: mpsc::Sender<CoreInput>,
         home_relays: HashSet<PeerId>,
         refusals: Refusals,
+        grant: pb::MailboxGrant,
     ) -> Result<Self, StoreError> {
         let mut core = Self {
             provider: Provider::new(store.clone()),
@@ -282,6 +290,8 @@ impl Core {
             catching_up: false,
             via_relay: HashSet::new(),
             refusals,
+            grant,
+            deferred: Vec::new(),
         };
         for e in core.store.list_outbox()? {
             match pb::Envelope::decode(e.envelope.as_slice()) {
@@ -417,14 +427,18 @@ impl Core {
                 let _ = reply.send(Ok(statuses));
             }
             CoreInput::CatchingUp(on) => self.catching_up = on,
-            CoreInput::MakeKeyPackages { n, reply } => {
+            CoreInput::MakeKeyPackages { n, last_resort, reply } => {
                 let store = self.store.clone();
                 let r = store.unit(|| -> Result<_, NodeError> {
                     let mut kps = Vec::with_capacity(n);
                     for _ in 0..n {
                         kps.push(self.engine.key_package(&self.provider, false)?);
                     }
-                    let last = self.engine.key_package(&self.provider, true)?;
+                    let last = if last_resort {
+                        self.engine.key_package(&self.provider, true)?
+                    } else {
+                        Vec::new()
+                    };
                     Ok((kps, last))
                 });
                 let _ = reply.send(r);
@@ -653,7 +667,7 @@ impl Core {
             let mut c = store
                 .contact(&contact)?
                 .ok_or_else(|| NodeError::UnknownContact(account.to_base58()))?;
-            let (group, welcome) = self.engine.create_group(&self.provider, &gid, &kps)?;
+            let (mut group, welcome) = self.engine.create_group(&self.provider, &gid, &kps)?;
             let welcome = welcome.ok_or(NodeError::NoConversation)?;
             store.put_conversation(&Conversation {
                 group_id: gid.to_vec(),
@@ -681,6 +695,20 @@ impl Core {
                     created_ms: now,
                 })?;
                 entries.push((cert.device_key, oid, env.clone()));
+            }
+            // Right behind the Welcome: what the new member needs to leave us mail.
+            let grant = self.grant_envelope(&mut group, &gid, now)?;
+            let bytes = grant.encode_to_vec();
+            for cert in &certs {
+                let oid = store.push_outbox(OutboxEntry {
+                    id: 0,
+                    device: cert.device_key,
+                    account: contact,
+                    envelope: bytes.clone(),
+                    message_id: None,
+                    created_ms: now,
+                })?;
+                entries.push((cert.device_key, oid, grant.clone()));
             }
             Ok((group, entries))
         });
@@ -878,8 +906,14 @@ impl Core {
                 }
                 Ok(())
             });
+            let deferred = std::mem::take(&mut self.deferred);
             match result {
-                Ok(()) => return (statuses(out), events),
+                Ok(()) => {
+                    for (account, device, oid, env) in deferred {
+                        self.enqueue(account, device, oid, None, env);
+                    }
+                    return (statuses(out), events);
+                }
                 Err(Abort::Envelope(i, why)) => {
                     // The unit rolled back; cached groups may be ahead of storage.
                     info!(%peer, "refused envelope: {why}");
@@ -961,6 +995,28 @@ impl Core {
                     peer: *other.as_bytes(),
                     created_ms: now,
                 })?;
+                // Hand the other side what it needs to leave us mail.
+                let mut group = group;
+                let grant = match self.grant_envelope(&mut group, gid, now) {
+                    Ok(g) => Some(g),
+                    Err(NodeError::Store(e)) => return Err(Abort::Store(e)),
+                    Err(e) => {
+                        warn!("cannot seal our mailbox grant: {e}");
+                        None
+                    }
+                };
+                let devices = members.iter().map(|c| c.device_key).filter(|d| *d != self.my_device);
+                for (device, grant) in devices.zip(std::iter::repeat(grant).flatten()) {
+                    let oid = self.store.push_outbox(OutboxEntry {
+                        id: 0,
+                        device,
+                        account: *other.as_bytes(),
+                        envelope: grant.encode_to_vec(),
+                        message_id: None,
+                        created_ms: now,
+                    })?;
+                    self.deferred.push((*other.as_bytes(), device, oid, grant.clone()));
+                }
                 self.members.insert(gid.to_vec(), members);
                 self.groups.insert(gid.to_vec(), group);
                 events.push(NodeEvent::Contact(ContactView::from_contact(&contact)));
@@ -985,7 +1041,16 @@ impl Core {
                             Ok(p) => p,
                             Err(e) => return Ok(Apply::Invalid(format!("payload: {e}"))),
                         };
-                        let Body::Text(text) = payload.body;
+                        let text = match payload.body {
+                            Body::Text(text) => text,
+                            Body::Grant { capabilities, relays } => {
+                                if cert.account != self.me {
+                                    self.accept_grant(conv.peer, &cert, capabilities, relays, now, events)?;
+                                }
+                                self.store.mark_envelope_seen(&id, now)?;
+                                return Ok(Apply::Status(DeliverStatus::Accepted));
+                            }
+                        };
                         let msg = StoredMessage {
                             id: payload.id,
                             peer: conv.peer,
@@ -1013,6 +1078,75 @@ impl Core {
         }
         self.store.mark_envelope_seen(&id, now)?;
         Ok(Apply::Status(DeliverStatus::Accepted))
+    }
+
+    /// Encrypts our mailbox grant as a control message in `group`.
+    fn grant_envelope(&self, group: &mut MlsGroup, gid: &[u8], now: u64) -> Result<pb::Envelope, NodeError> {
+        let payload = Payload {
+            id: rand::random(),
+            sender_seq: 0,
+            timestamp_ms: now,
+            body: Body::Grant {
+                capabilities: self.grant.capabilities.clone(),
+                relays: self.grant.relays.clone(),
+            },
+        };
+        let ct = self.engine.encrypt(&self.provider, group, &payload.encode())?;
+        Ok(pb::Envelope {
+            id: rand::random::<[u8; 16]>().to_vec(),
+            conversation_id: gid.to_vec(),
+            kind: EnvelopeKind::Message as i32,
+            mls_message: ct,
+        })
+    }
+
+    /// Takes a contact device's mailbox grant: the capabilities that its own
+    /// device key issued for its own inbox replace the ones we held for that
+    /// inbox; its relays are kept if we knew none. Anything else is ignored.
+    fn accept_grant(
+        &mut self,
+        account: [u8; 32],
+        cert: &DeviceCertificate,
+        capabilities: Vec<pb::Capability>,
+        relays: Vec<String>,
+        now: u64,
+        events: &mut Vec<NodeEvent>,
+    ) -> Result<(), StoreError> {
+        if *cert.account.as_bytes() != account {
+            return Ok(());
+        }
+        let Some(mut contact) = self.store.contact(&account)? else {
+            return Ok(());
+        };
+        let inbox = mb::inbox_id(&cert.device_key);
+        let valid: Vec<Vec<u8>> = capabilities
+            .iter()
+            .filter(|c| mb::verify_capability(c, &inbox, now).is_ok())
+            .map(|c| c.encode_to_vec())
+            .collect();
+        if valid.is_empty() {
+            return Ok(());
+        }
+        contact.capabilities.retain(|b| {
+            pb::Capability::decode(b.as_slice())
+                .ok()
+                .and_then(|c| pb::CapabilityBody::decode(c.body.as_slice()).ok())
+                .is_none_or(|body| body.inbox_id != inbox)
+        });
+        contact.capabilities.extend(valid);
+        if contact.relays.is_empty() {
+            contact.relays = relays
+                .into_iter()
+                .filter(|r| {
+                    r.parse::<Multiaddr>()
+                        .is_ok_and(|a| matches!(a.iter().last(), Some(Protocol::P2p(_))))
+                })
+                .collect();
+        }
+        self.store.put_contact(&contact)?;
+        debug!(contact = %bs58::encode(account).into_string(), "mailbox grant taken");
+        events.push(NodeEvent::Contact(ContactView::from_contact(&contact)));
+        Ok(())
     }
 
     fn cert_for(&mut self, credential_identity: &[u8]) -> Result<DeviceCertificate, MlsError> {

@@ -257,6 +257,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             out!("connected: {} peers", s.connected_peers);
             out!("DHT peers: {}", s.dht_peers);
             out!("outbox:    {} envelopes", s.outbox);
+            for r in &s.home_relays {
+                out!("relay:     {r}");
+            }
+            if s.home_relays.len() < 2 {
+                out!(
+                    "warning:   {} home relay(s): mail for you waits with fewer than two operators; add relays with `tidings run --relay <addr>`",
+                    s.home_relays.len()
+                );
+            }
             for r in &s.deposit_refusals {
                 out!(
                     "refused:   relay {} holds no mail for {}: {} ({}x, last {})",
@@ -355,6 +364,13 @@ async fn run(
             bail!("relay address {r} must end in /p2p/<relay id>");
         }
     }
+    if home_relays.len() < 2 {
+        tracing::warn!(
+            relays = home_relays.len(),
+            "fewer than two home relays: mail for you while you are away rests with a single operator, or none; \
+             pass --relay twice"
+        );
+    }
     let store =
         tidings_node::open_store(dir).with_context(|| format!("cannot open the data directory {}", dir.display()))?;
     store
@@ -405,13 +421,22 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
+        // SIGHUP (a closed terminal, or `systemctl reload`) must not kill a
+        // node: settings are read at start, so it is only logged.
+        let mut hup = signal(SignalKind::hangup()).ok();
         match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+            Ok(mut term) => loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
+                    Some(()) = async {
+                        match hup.as_mut() {
+                            Some(h) => h.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => tracing::info!("SIGHUP ignored: settings are read at start; restart to change them"),
                 }
-            }
+            },
             Err(_) => {
                 let _ = tokio::signal::ctrl_c().await;
             }

@@ -27,6 +27,8 @@ use crate::types::{ContactView, MailGapView, MessageView, NodeEvent, NodeStatus,
 pub const DEVICE_CERT_VALIDITY_MS: u64 = 365 * 24 * 3600 * 1000;
 /// Longest time direct deliveries wait for the first mailbox catch-up.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(15);
+/// One-time key packages a device keeps on each home relay.
+pub const KEY_PACKAGE_POOL: usize = 20;
 /// How often a node re-checks its relay mailboxes (pushes cover the time between).
 const MAILBOX_RECHECK: Duration = Duration::from_secs(10);
 /// Capacity of the core's input queue.
@@ -205,6 +207,10 @@ impl Node {
                 })
                 .collect(),
             refusals.clone(),
+            pb::MailboxGrant {
+                capabilities: vec![mailbox::issue_capability(&identity.device_seed, cert.expires_ms, None)],
+                relays: config.home_relays.iter().map(|a| a.to_string()).collect(),
+            },
         )?;
         tasks.push(tokio::spawn(core.run(rx, net_events)));
         let handle = NodeHandle {
@@ -727,23 +733,52 @@ impl NodeHandle {
         }
     }
 
-    /// Puts fresh key packages on a relay, so that people can start a
-    /// conversation with this device while it is away.
-    async fn publish_key_packages(&self, relay: PeerId) -> Result<(), NodeError> {
-        let (kps, last_resort) = self.core(|reply| CoreInput::MakeKeyPackages { n: 20, reply }).await?;
+    /// Keeps this device's pool of one-time key packages on a relay topped up,
+    /// so that people can start a conversation with it while it is away: asks
+    /// how many are left and, when fewer than half of [`KEY_PACKAGE_POOL`],
+    /// fills the pool up again. `with_last_resort` also replaces the
+    /// last-resort package. Returns how many were published.
+    async fn top_up_key_packages(&self, relay: PeerId, with_last_resort: bool) -> Result<usize, NodeError> {
+        let held = match self.publish_key_packages(relay, Vec::new(), Vec::new()).await? {
+            pb::MailboxResponse {
+                result: Some(pb::mailbox_response::Result::Deleted(n)),
+                ..
+            } => usize::try_from(n).unwrap_or(usize::MAX),
+            _ => 0,
+        };
+        if held >= KEY_PACKAGE_POOL / 2 && !with_last_resort {
+            return Ok(0);
+        }
+        let n = KEY_PACKAGE_POOL.saturating_sub(held);
+        let (kps, last_resort) = self
+            .core(|reply| CoreInput::MakeKeyPackages {
+                n,
+                last_resort: with_last_resort,
+                reply,
+            })
+            .await?;
+        self.publish_key_packages(relay, kps, last_resort).await?;
+        Ok(n)
+    }
+
+    async fn publish_key_packages(
+        &self,
+        relay: PeerId,
+        key_packages: Vec<Vec<u8>>,
+        last_resort: Vec<u8>,
+    ) -> Result<pb::MailboxResponse, NodeError> {
         let inbox = mailbox::inbox_id(&self.inner.cert.device_key);
-        let auth = self.owner_auth(mailbox::Op::PublishKeyPackages, &inbox, kps.len() as u64);
+        let auth = self.owner_auth(mailbox::Op::PublishKeyPackages, &inbox, key_packages.len() as u64);
         self.mailbox_call(
             relay,
             pb::mailbox_request::Op::PublishKeyPackages(pb::PublishKeyPackages {
                 inbox_id: inbox.to_vec(),
-                key_packages: kps,
+                key_packages,
                 last_resort,
                 auth: Some(auth),
             }),
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     /// Keeps this device's relay mailboxes drained: on start it fetches
@@ -781,8 +816,16 @@ impl NodeHandle {
                         }),
                     )
                     .await;
-                if !published.contains(relay) && self.publish_key_packages(*relay).await.is_ok() {
-                    published.insert(*relay);
+                // The last-resort package is replaced once per run; the
+                // one-time pool is topped up whenever claims ran it low.
+                match self.top_up_key_packages(*relay, !published.contains(relay)).await {
+                    Ok(n) => {
+                        published.insert(*relay);
+                        if n > 0 {
+                            debug!(relay = %relay, n, "key packages published");
+                        }
+                    }
+                    Err(e) => debug!(relay = %relay, "publishing key packages failed: {e}"),
                 }
             }
             if first {
@@ -893,6 +936,7 @@ impl NodeHandle {
             dht_peers: net.dht_peers,
             hole_punches: net.hole_punches,
             outbox: self.inner.store.outbox_len()?,
+            home_relays: self.inner.home_relays.iter().map(|a| a.to_string()).collect(),
             mail_missing: self
                 .inner
                 .store

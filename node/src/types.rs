@@ -131,6 +131,10 @@ pub struct NodeStatus {
     /// Mail our relays accepted but never handed over (see [`MailGapView`]).
     #[serde(default)]
     pub mail_missing: Vec<MailGapView>,
+    /// This device's home relays (its mailboxes). Fewer than two leaves its
+    /// mail with a single operator.
+    #[serde(default)]
+    pub home_relays: Vec<String>,
     /// Relays currently refusing to hold our mail for a contact.
     #[serde(default)]
     pub deposit_refusals: Vec<RefusalView>,

@@ -253,6 +253,84 @@ async fn a_relay_refusal_reaches_the_sender_and_the_mail_waits_in_the_outbox() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn someone_who_learned_of_us_from_a_welcome_leaves_mail_with_a_capability() {
+    let r = relays(1).await;
+    let base = r.dir.path();
+    let a_node = user(base, "alice", &r).await;
+    let b_node = user(base, "bob", &r).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    // Only alice has bob's card; bob learns of alice from her Welcome.
+    a.add_contact(&b.card().to_uri(), None).await.unwrap();
+    a.send_text(&acct(&b), "hi bob").await.unwrap();
+    let a_acct = acct(&a);
+    eventually("bob has alice's capability and relays", || {
+        b.find_contact(&a_acct)
+            .is_ok_and(|c| !c.capabilities.is_empty() && !c.relays.is_empty())
+    })
+    .await;
+    eventually("bob read it", || b.history(&a_acct).unwrap().len() == 1).await;
+
+    let a_peer = a.peer_id();
+    drop(a);
+    a_node.shutdown().await;
+    let relay = r.nodes[0].handle();
+    eventually_async("relay saw alice leave", || {
+        let h = relay.clone();
+        async move { !h.is_connected(a_peer).await }
+    })
+    .await;
+    let reply = b.send_text(&a_acct, "hi alice").await.unwrap();
+    eventually("reply in the relay's custody", || b.store().outbox_len().unwrap() == 0).await;
+    let id: [u8; 16] = hex::decode(&reply.id).unwrap().try_into().unwrap();
+    let receipts = b.store().receipts(&id).unwrap();
+    assert!(!receipts.is_empty());
+    for bytes in receipts {
+        let rc = mailbox::verify_receipt(&prost::Message::decode(bytes.as_slice()).unwrap()).unwrap();
+        assert!(!rc.request_inbox, "deposited with a capability, not as first contact");
+    }
+
+    let a_node = user(base, "alice", &r).await;
+    let a = a_node.handle();
+    eventually("alice got the reply", || {
+        a.history(&acct(&b))
+            .unwrap()
+            .iter()
+            .any(|m| m.text == "hi alice" && !m.outgoing)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_package_pool_on_the_relay_is_topped_up_after_claims() {
+    let r = relays(1).await;
+    let b_node = user(r.dir.path(), "bob", &r).await;
+    let b = b_node.handle();
+    let owner = b.card().devices[0].device_key;
+    let mailboxes = r.nodes[0].relay_mailboxes().unwrap();
+    let pool = tidings_node::node::KEY_PACKAGE_POOL;
+    eventually("bob's pool is full", || {
+        mailboxes.key_packages_held(&owner).unwrap() == pool
+    })
+    .await;
+    // Strangers claim most of it while bob stays online.
+    let mut claimed = HashSet::new();
+    for _ in 0..pool - 3 {
+        claimed.insert(mailboxes.claim_key_package(&owner).unwrap().unwrap());
+    }
+    assert_eq!(claimed.len(), pool - 3, "each one-time package handed out once");
+    assert_eq!(mailboxes.key_packages_held(&owner).unwrap(), 3);
+    eventually("bob filled the pool up again", || {
+        mailboxes.key_packages_held(&owner).unwrap() == pool
+    })
+    .await;
+    // Fresh packages, none of them one handed out before.
+    for _ in 0..pool {
+        let kp = mailboxes.claim_key_package(&owner).unwrap().unwrap();
+        assert!(!claimed.contains(&kp));
+    }
+}
+
 fn b_node_device(a: &tidings_node::NodeHandle, b_acct: &str) -> [u8; 32] {
     let c = a.find_contact(b_acct).unwrap();
     tidings_protocol::DeviceCertificate::from_bytes(&c.devices[0])

@@ -18,12 +18,25 @@ pub enum PayloadError {
     Empty,
     #[error("text is longer than {MAX_TEXT} bytes")]
     TooLong,
+    #[error("mailbox grant holds too many or too long entries")]
+    BadGrant,
 }
+
+/// Most capabilities, and most relays, one [`Body::Grant`] may carry.
+pub const MAX_GRANT_ENTRIES: usize = 8;
+/// Longest relay address in a grant.
+pub const MAX_RELAY_ADDR: usize = 512;
 
 /// What a message says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     Text(String),
+    /// Control: the sender device's deposit capabilities and home relays.
+    /// Capabilities are checked by the receiver against the sender's device.
+    Grant {
+        capabilities: Vec<pb::Capability>,
+        relays: Vec<String>,
+    },
 }
 
 /// A decoded, validated application payload.
@@ -48,6 +61,10 @@ impl Payload {
     pub fn encode(&self) -> Vec<u8> {
         let body = match &self.body {
             Body::Text(t) => pb::app_payload::Body::Text(pb::Text { text: t.clone() }),
+            Body::Grant { capabilities, relays } => pb::app_payload::Body::Grant(pb::MailboxGrant {
+                capabilities: capabilities.clone(),
+                relays: relays.clone(),
+            }),
         };
         pb::AppPayload {
             message_id: self.id.to_vec(),
@@ -68,6 +85,18 @@ impl Payload {
                 }
                 Body::Text(t.text)
             }
+            pb::app_payload::Body::Grant(g) => {
+                if g.capabilities.len() > MAX_GRANT_ENTRIES
+                    || g.relays.len() > MAX_GRANT_ENTRIES
+                    || g.relays.iter().any(|r| r.len() > MAX_RELAY_ADDR)
+                {
+                    return Err(PayloadError::BadGrant);
+                }
+                Body::Grant {
+                    capabilities: g.capabilities,
+                    relays: g.relays,
+                }
+            }
         };
         Ok(Self {
             id,
@@ -86,6 +115,40 @@ mod tests {
     fn payload_round_trips() {
         let p = Payload::text([1; 16], 3, 99, "hello");
         assert_eq!(Payload::decode(&p.encode()).unwrap(), p);
+    }
+
+    #[test]
+    fn grant_round_trips_and_oversized_grants_are_refused() {
+        let cap = pb::Capability {
+            body: vec![1; 40],
+            signature: vec![2; 64],
+        };
+        let p = Payload {
+            id: [4; 16],
+            sender_seq: 0,
+            timestamp_ms: 7,
+            body: Body::Grant {
+                capabilities: vec![cap.clone()],
+                relays: vec!["/ip4/1.2.3.4/tcp/1/p2p/x".into()],
+            },
+        };
+        assert_eq!(Payload::decode(&p.encode()).unwrap(), p);
+        let many = Payload {
+            body: Body::Grant {
+                capabilities: vec![cap; MAX_GRANT_ENTRIES + 1],
+                relays: Vec::new(),
+            },
+            ..p.clone()
+        };
+        assert_eq!(Payload::decode(&many.encode()), Err(PayloadError::BadGrant));
+        let long = Payload {
+            body: Body::Grant {
+                capabilities: Vec::new(),
+                relays: vec!["x".repeat(MAX_RELAY_ADDR + 1)],
+            },
+            ..p
+        };
+        assert_eq!(Payload::decode(&long.encode()), Err(PayloadError::BadGrant));
     }
 
     #[test]

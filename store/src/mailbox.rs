@@ -454,6 +454,10 @@ impl Mailboxes {
     /// dropped. Returns the pool size. Commits durably (two-phase). Package sizes
     /// are the caller's to bound.
     pub fn publish_key_packages(&self, owner: &[u8; 32], kps: &[Vec<u8>], last_resort: Option<&[u8]>) -> Result<usize> {
+        if kps.is_empty() && last_resort.is_none() {
+            // Nothing to add: the owner is asking how many it holds.
+            return self.key_packages_held(owner);
+        }
         let max = self.limits.max_key_packages;
         let w = self.begin_write(true)?;
         let size = {
@@ -485,6 +489,13 @@ impl Mailboxes {
         };
         w.commit()?;
         Ok(size)
+    }
+
+    /// How many one-time key packages `owner`'s pool holds.
+    pub fn key_packages_held(&self, owner: &[u8; 32]) -> Result<usize> {
+        let r = self.db.begin_read()?;
+        let count = r.open_table(MAILBOX_KP_POOLS)?.get(owner)?.map_or(0, |v| v.value().1);
+        usize::try_from(count).map_err(|_| corrupt("key-package count"))
     }
 
     /// Takes `owner`'s oldest one-time key package out of the pool. When the pool
