@@ -294,14 +294,21 @@ async fn exchange(
 pub async fn run() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let started = Instant::now();
-    println!("Tidings demo: a bootstrap node, a community relay and three people on loopback.\n");
+    println!("Tidings demo: a bootstrap node, two community relays and three people on loopback.\n");
 
     let boot = start_node(&tmp.path().join("bootstrap"), "bootstrap", Vec::new()).await?;
     let boot_addrs: Vec<Multiaddr> = boot.listen_addrs();
     println!("[1] bootstrap node listening on {}", boot_addrs[0]);
-    let relay = start_relay(&tmp.path().join("relay"), boot_addrs.clone()).await?;
-    let relay_addrs = vec![relay.listen_addrs()[0].clone()];
-    println!("    community relay listening on {}", relay_addrs[0]);
+    // Everyone keeps mailboxes on two relays run by different communities, so
+    // no single operator can lose (or withhold) their mail.
+    let mut relays = Vec::new();
+    let mut relay_addrs = Vec::new();
+    for name in ["relay-a", "relay-b"] {
+        let relay = start_relay(&tmp.path().join(name), boot_addrs.clone()).await?;
+        relay_addrs.push(relay.listen_addrs()[0].clone());
+        println!("    community relay {name} listening on {}", relay.listen_addrs()[0]);
+        relays.push(relay);
+    }
 
     let alice_dir = tmp.path().join("alice");
     let bob_dir = tmp.path().join("bob");
@@ -310,7 +317,7 @@ pub async fn run() -> anyhow::Result<()> {
     let alice = alice_node.handle();
     let mut bob = bob_node.handle();
     println!(
-        "[2] alice ({}) and bob ({}) joined; both keep their mailboxes on the relay",
+        "[2] alice ({}) and bob ({}) joined; both keep their mailboxes on the two relays",
         alice.account(),
         bob.account()
     );
@@ -320,14 +327,14 @@ pub async fn run() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("{who} could not publish the user record"))?;
     }
-    println!("[3] both published their signed user records (devices and home relay) in the DHT");
+    println!("[3] both published their signed user records (devices and home relays) in the DHT");
 
     let alice_card = alice.card().to_uri();
     let bob_card = bob.card().to_uri();
     alice.add_contact(&bob_card, None).await?;
     bob.add_contact(&alice_card, None).await?;
     println!(
-        "[4] they exchanged contact cards (relay and deposit capability inside, no device address): {}…",
+        "[4] they exchanged contact cards (relays and deposit capability inside, no device address): {}…",
         &bob_card[..40]
     );
 
@@ -378,7 +385,7 @@ pub async fn run() -> anyhow::Result<()> {
     let mut queued = Vec::new();
     for text in [
         "Are you there, Bob?",
-        "The relay keeps these for you.",
+        "The relays keep these for you.",
         "Write back when you are online.",
     ] {
         let t0 = Instant::now();
@@ -395,7 +402,7 @@ pub async fn run() -> anyhow::Result<()> {
         .sum();
     let outbox = alice.status().await?.outbox;
     println!(
-        "    alice wrote {} messages while bob was away: the relay holds them ({receipts} signed custody receipts), her outbox holds {outbox}",
+        "    alice wrote {} messages while bob was away: both relays hold them ({receipts} signed custody receipts), her outbox holds {outbox}",
         queued.len()
     );
 
@@ -435,7 +442,13 @@ pub async fn run() -> anyhow::Result<()> {
     if final_history.len() != expected {
         bail!("bob has {} messages, expected exactly {expected}", final_history.len());
     }
-    println!("[10] bob fetched the messages from his mailbox on the relay, each exactly once");
+    let missing = bob.status().await?.mail_missing;
+    if !missing.is_empty() {
+        bail!("a relay skipped mail for bob: {missing:?}");
+    }
+    println!(
+        "[10] bob fetched the messages from his mailboxes on both relays, each shown exactly once; no relay skipped any"
+    );
 
     let carol_node = start_node_behind_nat(
         &tmp.path().join("carol"),
@@ -458,14 +471,14 @@ pub async fn run() -> anyhow::Result<()> {
     {
         bail!("carol should have no direct address");
     }
-    println!("[11] carol joined from behind a NAT: no address anyone can dial; reachable only through the relay");
+    println!("[11] carol joined from behind a NAT: no address anyone can dial; reachable only through her relays");
     println!("     at {}…", &circuit[..circuit.len().min(72)]);
     alice.add_contact(&carol.card().to_uri(), None).await?;
     let before_carol = lines.len();
     exchange(
         ("alice", &alice),
         ("carol", &carol),
-        "Hi Carol, through your relay!",
+        "Hi Carol, through your relays!",
         &mut lines,
     )
     .await?;
@@ -509,7 +522,9 @@ pub async fn run() -> anyhow::Result<()> {
     carol_node.shutdown().await;
     alice_node.shutdown().await;
     bob_node.shutdown().await;
-    relay.shutdown().await;
+    for relay in relays {
+        relay.shutdown().await;
+    }
     boot.shutdown().await;
     Ok(())
 }

@@ -15,7 +15,7 @@ use tidings_protocol::{CardError, ContactCard};
 use tidings_store::{Contact, Identity, Store};
 use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::clock::Clock;
 use crate::core::{Core, CoreInput, NodeError, Refusals, peer_id_of};
@@ -93,7 +93,22 @@ pub fn create_identity(store: &Store, name: &str, now_ms: u64) -> Result<Identit
 
 /// Opens the node database in `data_dir`.
 pub fn open_store(data_dir: &Path) -> Result<Store, NodeError> {
+    restrict_to_owner(data_dir);
     Ok(Store::open(&data_dir.join("tidings.redb"))?)
+}
+
+/// The data directory holds this device's secret keys: only its owner may
+/// read it, whatever the umask (on Unix; elsewhere the system's ACLs apply).
+fn restrict_to_owner(data_dir: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)) {
+            warn!(dir = %data_dir.display(), "cannot restrict the data directory to its owner: {e}");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = data_dir;
 }
 
 /// A running node.
@@ -804,6 +819,14 @@ impl NodeHandle {
                         Err(e) => debug!(relay = %relay, "fetching mail failed: {e}"),
                     }
                 }
+            }
+            if first {
+                // Everything that waited is in: direct deliveries may go ahead
+                // (before subscribing and key-package upkeep, which take a while).
+                first = false;
+                let _ = self.inner.tx.send(CoreInput::CatchingUp(false)).await;
+            }
+            for (relay, _) in &relays {
                 let inbox = mailbox::inbox_id(&self.inner.cert.device_key);
                 let auth = self.owner_auth(mailbox::Op::Subscribe, &inbox, 0);
                 let _ = self
@@ -827,10 +850,6 @@ impl NodeHandle {
                     }
                     Err(e) => debug!(relay = %relay, "publishing key packages failed: {e}"),
                 }
-            }
-            if first {
-                first = false;
-                let _ = self.inner.tx.send(CoreInput::CatchingUp(false)).await;
             }
             tokio::time::sleep(MAILBOX_RECHECK).await;
         }
@@ -974,4 +993,21 @@ pub(crate) async fn add_circuit_addresses(net: &Network, peer: PeerId, relays: &
         circuits.push(circuit);
     }
     circuits
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn data_directory_is_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("node");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let store = super::open_store(&data).unwrap();
+        drop(store);
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
 }
