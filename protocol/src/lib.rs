@@ -6,6 +6,7 @@
 //! and in the simulator.
 
 pub mod card;
+pub mod group;
 pub mod identity;
 pub mod limits;
 pub mod mailbox;

@@ -19,6 +19,7 @@ use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_traits::OpenMlsProvider;
 
+use crate::group::{self, CommitSummary, GROUP_META_EXTENSION, GroupError, GroupMeta, Intent};
 use crate::identity::{AccountId, DeviceCertificate, IdentityError};
 use crate::limits::MAX_MLS_MESSAGE;
 
@@ -62,6 +63,12 @@ pub enum MlsError {
     Update(String),
     #[error("storage failed: {0}")]
     Storage(String),
+    #[error("group: {0}")]
+    Group(#[from] GroupError),
+    #[error("not allowed: {0}")]
+    Unauthorized(String),
+    #[error("committing failed: {0}")]
+    Commit(String),
 }
 
 fn err<E: std::fmt::Debug>(f: fn(String) -> MlsError) -> impl Fn(E) -> MlsError {
@@ -78,6 +85,52 @@ pub enum Incoming {
     Commit { epoch: u64 },
     /// A proposal was stored for a later commit.
     Proposal,
+}
+
+/// One handshake or application message of a group, processed in the order
+/// the group's sequencing relay gave it.
+#[derive(Debug)]
+pub enum Sequenced {
+    /// An application message from another member.
+    Application { sender: Vec<u8>, plaintext: Vec<u8> },
+    /// A commit moved the group to `epoch`. `ours`: it was our pending commit.
+    /// `lost`: we had a pending commit for the same epoch, and this one came
+    /// first, so ours is void and its intent must be re-applied.
+    /// `removed_us`: the commit removed this device.
+    Commit {
+        epoch: u64,
+        ours: bool,
+        lost: bool,
+        removed_us: bool,
+    },
+    /// A proposal, kept for a later commit.
+    Proposal,
+    /// A commit for an epoch that an earlier commit already decided: ignored.
+    Stale,
+    /// One of our own application messages coming back.
+    Own,
+    /// Invalid or not allowed: ignored; the group is unchanged.
+    Refused(String),
+}
+
+/// A commit made for an intent, waiting to be sequenced. It is pending in the
+/// group until the sequence shows whether it won its epoch.
+#[derive(Debug, Clone)]
+pub struct StagedIntent {
+    /// TLS-encoded commit, for the group's relays.
+    pub commit: Vec<u8>,
+    /// TLS-encoded Welcome for added devices: send it only once the commit won.
+    pub welcome: Option<Vec<u8>>,
+    /// The epoch the commit is for.
+    pub epoch: u64,
+}
+
+/// The leaf capabilities every Tidings device advertises: the defaults plus
+/// the group metadata extension.
+fn leaf_capabilities() -> Capabilities {
+    Capabilities::builder()
+        .extensions(vec![ExtensionType::Unknown(GROUP_META_EXTENSION)])
+        .build()
 }
 
 /// Derives the Ed25519 MLS signature key pair from a secret seed.
@@ -129,6 +182,7 @@ impl MlsEngine {
         let ratchet = SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAX_FORWARD_DISTANCE);
         let create_config = MlsGroupCreateConfig::builder()
             .ciphersuite(CIPHERSUITE)
+            .capabilities(leaf_capabilities())
             .use_ratchet_tree_extension(true)
             .max_past_epochs(MAX_PAST_EPOCHS)
             .sender_ratchet_configuration(ratchet)
@@ -149,7 +203,7 @@ impl MlsEngine {
     /// Creates a fresh key package (its private keys go to the provider's storage)
     /// and returns it TLS-encoded as an MLSMessage.
     pub fn key_package<P: OpenMlsProvider>(&self, provider: &P, last_resort: bool) -> Result<Vec<u8>, MlsError> {
-        let mut builder = KeyPackage::builder();
+        let mut builder = KeyPackage::builder().leaf_node_capabilities(leaf_capabilities());
         if last_resort {
             builder = builder.mark_as_last_resort();
         }
@@ -309,6 +363,287 @@ impl MlsEngine {
         commit.to_bytes().map_err(err(MlsError::Update))
     }
 
+    /// Creates a group (a chat with a name, roles and relays) that holds only
+    /// this device; members are added by commits.
+    pub fn create_named_group<P: OpenMlsProvider>(
+        &self,
+        provider: &P,
+        group_id: &[u8],
+        meta: &GroupMeta,
+    ) -> Result<MlsGroup, MlsError> {
+        meta.validate()?;
+        let extensions = meta_extensions(meta).map_err(err(MlsError::Create))?;
+        let ratchet = SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAX_FORWARD_DISTANCE);
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .capabilities(leaf_capabilities())
+            .use_ratchet_tree_extension(true)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .sender_ratchet_configuration(ratchet)
+            .with_group_context_extensions(extensions)
+            .build();
+        MlsGroup::new_with_group_id(
+            provider,
+            &self.signer,
+            &config,
+            GroupId::from_slice(group_id),
+            self.credential.clone(),
+        )
+        .map_err(err(MlsError::Create))
+    }
+
+    /// The group's metadata in its current epoch.
+    pub fn group_meta(group: &MlsGroup) -> Result<GroupMeta, MlsError> {
+        let ext = group
+            .extensions()
+            .unknown(GROUP_META_EXTENSION)
+            .ok_or(GroupError::Missing)?;
+        Ok(GroupMeta::decode(&ext.0)?)
+    }
+
+    /// Makes a commit for `intent` on the group's current epoch and leaves it
+    /// pending. Returns None when the intent has nothing left to do (the
+    /// devices are already in, or already gone, or the metadata is current),
+    /// which is how an intent that another member's commit already carried
+    /// out ends. Refused while a commit of ours is still waiting for its
+    /// epoch: should that one win, a second commit for the same epoch would
+    /// leave us unable to follow the group.
+    pub fn commit_intent<P: OpenMlsProvider>(
+        &self,
+        provider: &P,
+        group: &mut MlsGroup,
+        intent: &Intent,
+        now_ms: u64,
+    ) -> Result<Option<StagedIntent>, MlsError> {
+        if group.pending_commit().is_some() {
+            return Err(MlsError::Commit(
+                "a commit of ours is still waiting for its epoch".into(),
+            ));
+        }
+        let meta = Self::group_meta(group)?;
+        let me = self.account()?;
+        let members = member_leaves(group);
+        let epoch = group.epoch().as_u64();
+        let mut summary = CommitSummary::default();
+        let mut builder = group.commit_builder();
+        match intent {
+            Intent::Add(key_packages) => {
+                let mut kps = Vec::new();
+                for bytes in key_packages {
+                    let (kp, cert) = Self::verify_any_key_package(provider, bytes, now_ms)?;
+                    if members.iter().any(|(_, c)| c.device_key == cert.device_key)
+                        || kps.iter().any(|(_, d)| *d == cert.device_key)
+                    {
+                        continue;
+                    }
+                    summary.added.push(*cert.account.as_bytes());
+                    kps.push((kp, cert.device_key));
+                }
+                if kps.is_empty() {
+                    return Ok(None);
+                }
+                builder = builder.propose_adds(kps.into_iter().map(|(kp, _)| kp));
+            }
+            Intent::Remove(devices) => {
+                let leaves: Vec<LeafNodeIndex> = members
+                    .iter()
+                    .filter(|(_, c)| devices.contains(&c.device_key))
+                    .map(|(leaf, c)| {
+                        summary.removed.push(*c.account.as_bytes());
+                        *leaf
+                    })
+                    .collect();
+                if leaves.is_empty() {
+                    return Ok(None);
+                }
+                builder = builder.propose_removals(leaves);
+            }
+            Intent::SetMeta(new) => {
+                if *new == meta {
+                    return Ok(None);
+                }
+                summary.new_meta = Some(new.clone());
+                let ext = meta_extensions(new).map_err(err(MlsError::Commit))?;
+                builder = builder
+                    .propose_group_context_extensions(ext)
+                    .map_err(err(MlsError::Commit))?;
+            }
+            Intent::SelfUpdate => builder = builder.force_self_update(true),
+        }
+        group::authorize(&meta, me.as_bytes(), &summary).map_err(MlsError::Unauthorized)?;
+        let bundle = builder
+            .load_psks(provider.storage())
+            .map_err(err(MlsError::Commit))?
+            .build(provider.rand(), provider.crypto(), &self.signer, |_| true)
+            .map_err(err(MlsError::Commit))?
+            .stage_commit(provider)
+            .map_err(err(MlsError::Commit))?;
+        let (commit, welcome, _info) = bundle.into_messages();
+        Ok(Some(StagedIntent {
+            commit: commit.to_bytes().map_err(err(MlsError::Commit))?,
+            welcome: welcome
+                .map(|w| w.to_bytes().map_err(err(MlsError::Commit)))
+                .transpose()?,
+            epoch,
+        }))
+    }
+
+    /// Processes the next message of a group's sequence (handshake messages in
+    /// the order the group's first relay gave them). The first valid, allowed
+    /// commit for an epoch wins; later ones for that epoch are [`Sequenced::Stale`].
+    /// `our_pending` is the commit of ours waiting for its epoch, if any.
+    /// Invalid or unauthorised messages leave the group unchanged.
+    pub fn process_sequenced<P: OpenMlsProvider>(
+        &self,
+        provider: &P,
+        group: &mut MlsGroup,
+        bytes: &[u8],
+        our_pending: Option<&[u8]>,
+    ) -> Result<Sequenced, MlsError> {
+        let msg = match decode_message(bytes).and_then(|m| {
+            m.try_into_protocol_message()
+                .map_err(|_| MlsError::UnexpectedType("protocol message"))
+        }) {
+            Ok(m) => m,
+            Err(e) => return Ok(Sequenced::Refused(e.to_string())),
+        };
+        if msg.group_id() != group.group_id() {
+            return Ok(Sequenced::Refused("message for another group".into()));
+        }
+        let current = group.epoch().as_u64();
+        if msg.content_type() == ContentType::Commit {
+            let epoch = msg.epoch().as_u64();
+            if epoch < current {
+                return Ok(Sequenced::Stale);
+            }
+            if epoch > current {
+                return Ok(Sequenced::Refused(format!(
+                    "commit for epoch {epoch}, the group is at {current}"
+                )));
+            }
+            if our_pending == Some(bytes) && group.pending_commit().is_some() {
+                group.merge_pending_commit(provider).map_err(err(MlsError::Merge))?;
+                return Ok(Sequenced::Commit {
+                    epoch: group.epoch().as_u64(),
+                    ours: true,
+                    lost: false,
+                    removed_us: false,
+                });
+            }
+        }
+        let processed = match group.process_message(provider, msg) {
+            Ok(p) => p,
+            Err(e) => return Ok(Sequenced::Refused(format!("{e:?}"))),
+        };
+        let sender = processed.credential().clone();
+        let sender_key = match processed.sender() {
+            Sender::Member(leaf) => group.member_at(*leaf).map(|m| m.signature_key),
+            _ => None,
+        };
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(app) => {
+                let basic = BasicCredential::try_from(sender).map_err(err(MlsError::Decode))?;
+                Ok(Sequenced::Application {
+                    sender: basic.identity().to_vec(),
+                    plaintext: app.into_bytes(),
+                })
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let Some(sender_key) = sender_key else {
+                    return Ok(Sequenced::Refused("commit from outside the group".into()));
+                };
+                let committer = match verify_credential(&sender, &sender_key) {
+                    Ok(c) => c,
+                    Err(e) => return Ok(Sequenced::Refused(e.to_string())),
+                };
+                let meta = Self::group_meta(group)?;
+                let mut summary = CommitSummary::default();
+                for add in staged.add_proposals() {
+                    let leaf = add.add_proposal().key_package().leaf_node();
+                    match verify_credential(leaf.credential(), leaf.signature_key().as_slice()) {
+                        Ok(c) => summary.added.push(*c.account.as_bytes()),
+                        Err(e) => return Ok(Sequenced::Refused(format!("added member: {e}"))),
+                    }
+                }
+                let members = member_leaves(group);
+                for rm in staged.remove_proposals() {
+                    let removed = rm.remove_proposal().removed();
+                    match members.iter().find(|(leaf, _)| *leaf == removed) {
+                        Some((_, c)) => summary.removed.push(*c.account.as_bytes()),
+                        None => return Ok(Sequenced::Refused("removes an unknown leaf".into())),
+                    }
+                }
+                if let Some(ext) = staged.group_context().extensions().unknown(GROUP_META_EXTENSION) {
+                    let new = match GroupMeta::decode(&ext.0) {
+                        Ok(m) => m,
+                        Err(e) => return Ok(Sequenced::Refused(e.to_string())),
+                    };
+                    if new != meta {
+                        summary.new_meta = Some(new);
+                    }
+                } else {
+                    return Ok(Sequenced::Refused("commit drops the group metadata".into()));
+                }
+                if let Err(why) = group::authorize(&meta, committer.account.as_bytes(), &summary) {
+                    return Ok(Sequenced::Refused(why));
+                }
+                let lost = group.pending_commit().is_some();
+                let removed_us = staged.self_removed();
+                group
+                    .merge_staged_commit(provider, *staged)
+                    .map_err(err(MlsError::Merge))?;
+                Ok(Sequenced::Commit {
+                    epoch: group.epoch().as_u64(),
+                    ours: false,
+                    lost,
+                    removed_us,
+                })
+            }
+            ProcessedMessageContent::ProposalMessage(proposal) => {
+                group
+                    .store_pending_proposal(provider.storage(), *proposal)
+                    .map_err(err(MlsError::Storage))?;
+                Ok(Sequenced::Proposal)
+            }
+            ProcessedMessageContent::OwnPendingCommit => {
+                group.merge_pending_commit(provider).map_err(err(MlsError::Merge))?;
+                Ok(Sequenced::Commit {
+                    epoch: group.epoch().as_u64(),
+                    ours: true,
+                    lost: false,
+                    removed_us: false,
+                })
+            }
+            ProcessedMessageContent::OwnPrivateMessage => Ok(Sequenced::Own),
+            ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
+                Ok(Sequenced::Refused("external joins are not accepted".into()))
+            }
+        }
+    }
+
+    /// Decodes and validates a key package of any account.
+    pub fn verify_any_key_package<P: OpenMlsProvider>(
+        provider: &P,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<(KeyPackage, DeviceCertificate), MlsError> {
+        let kp_in = match decode_message(bytes)?.extract() {
+            MlsMessageBodyIn::KeyPackage(kp) => kp,
+            _ => return Err(MlsError::UnexpectedType("key package")),
+        };
+        let account = {
+            let leaf = kp_in.unverified_credential();
+            let cert = verify_credential(&leaf.credential, leaf.signature_key.as_slice())?;
+            cert.account
+        };
+        Self::verify_key_package(provider, bytes, &account, now_ms)
+    }
+
+    fn account(&self) -> Result<AccountId, MlsError> {
+        let basic = BasicCredential::try_from(self.credential.credential.clone()).map_err(err(MlsError::Decode))?;
+        Ok(DeviceCertificate::from_bytes(basic.identity())?.account)
+    }
+
     /// Loads a group from storage.
     pub fn load<P: OpenMlsProvider>(provider: &P, group_id: &[u8]) -> Result<Option<MlsGroup>, MlsError> {
         MlsGroup::load(provider.storage(), &GroupId::from_slice(group_id)).map_err(err(MlsError::Storage))
@@ -321,6 +656,28 @@ impl MlsEngine {
             .filter_map(|m| verify_credential(&m.credential, &m.signature_key).ok())
             .collect()
     }
+}
+
+/// A group's GroupContext extensions: its metadata, and the requirement
+/// that every member supports the metadata extension (which lets commits
+/// change it).
+fn meta_extensions(meta: &GroupMeta) -> Result<Extensions<GroupContext>, InvalidExtensionError> {
+    Extensions::from_vec(vec![
+        Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
+            &[ExtensionType::Unknown(GROUP_META_EXTENSION)],
+            &[],
+            &[],
+        )),
+        Extension::Unknown(GROUP_META_EXTENSION, UnknownExtension(meta.encode())),
+    ])
+}
+
+/// Leaf index and verified certificate of every member.
+fn member_leaves(group: &MlsGroup) -> Vec<(LeafNodeIndex, DeviceCertificate)> {
+    group
+        .members()
+        .filter_map(|m| Some((m.index, verify_credential(&m.credential, &m.signature_key).ok()?)))
+        .collect()
 }
 
 fn decode_message(bytes: &[u8]) -> Result<MlsMessageIn, MlsError> {
