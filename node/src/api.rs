@@ -11,6 +11,13 @@
 //! - `GET  /api/contacts`, `POST /api/contacts` `{ "card": "...", "name": "..." }`
 //! - `GET  /api/contacts/{contact}/messages`
 //! - `POST /api/messages` `{ "contact": "...", "text": "..." }`
+//! - `GET  /api/groups`, `POST /api/groups` `{ "name": "...", "members": ["contact", ...] }`
+//! - `GET  /api/groups/{group}`, `GET /api/groups/{group}/messages`,
+//!   `POST /api/groups/{group}/messages` `{ "text": "..." }`
+//! - `POST /api/groups/{group}/members` `{ "contacts": ["...", ...] }` (invite)
+//! - `DELETE /api/groups/{group}/members/{member}` (remove; your own account: leave)
+//! - `POST /api/groups/{group}/info` `{ "name": "...", "description": "..." }`
+//! - `POST /api/groups/{group}/roles` `{ "member": "...", "role": "owner" | "admin" | "member" }`
 //! - `GET  /api/events` (server-sent events, one JSON `NodeEvent` each)
 
 use std::convert::Infallible;
@@ -23,14 +30,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::core::NodeError;
+use crate::core::{GroupView, NodeError};
 use crate::node::NodeHandle;
 use crate::types::{ContactView, MessageView, NodeStatus};
 
@@ -77,6 +84,7 @@ impl From<NodeError> for ApiError {
             NodeError::NoConversation => StatusCode::CONFLICT,
             NodeError::Unreachable(_) | NodeError::Net(_) => StatusCode::BAD_GATEWAY,
             NodeError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::Mls(tidings_protocol::MlsError::Unauthorized(_)) => StatusCode::FORBIDDEN,
             NodeError::Store(_) | NodeError::Mls(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
@@ -109,6 +117,37 @@ pub struct SendBody {
     pub text: String,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateGroupBody {
+    pub name: String,
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GroupTextBody {
+    pub text: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InviteBody {
+    pub contacts: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GroupInfoBody {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RoleBody {
+    pub member: String,
+    pub role: String,
+}
+
 /// Builds the API router.
 pub fn router(node: NodeHandle, token: &str) -> Router {
     let state = ApiState {
@@ -121,6 +160,13 @@ pub fn router(node: NodeHandle, token: &str) -> Router {
         .route("/api/contacts", get(contacts).post(add_contact))
         .route("/api/contacts/{contact}/messages", get(history))
         .route("/api/messages", post(send))
+        .route("/api/groups", get(groups).post(create_group))
+        .route("/api/groups/{group}", get(group))
+        .route("/api/groups/{group}/messages", get(group_history).post(send_group))
+        .route("/api/groups/{group}/members", post(invite))
+        .route("/api/groups/{group}/members/{member}", delete(remove_member))
+        .route("/api/groups/{group}/info", post(group_info))
+        .route("/api/groups/{group}/roles", post(group_role))
         .route("/api/events", get(events))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -220,6 +266,97 @@ async fn send(
 ) -> Result<Json<MessageView>, ApiError> {
     let Json(body) = body?;
     Ok(Json(s.node.send_text(&body.contact, &body.text).await?))
+}
+
+async fn groups(State(s): State<ApiState>) -> Result<Json<Vec<GroupView>>, ApiError> {
+    Ok(Json(s.node.groups().await?))
+}
+
+async fn create_group(
+    State(s): State<ApiState>,
+    body: Result<Json<CreateGroupBody>, JsonRejection>,
+) -> Result<Json<GroupView>, ApiError> {
+    let Json(body) = body?;
+    let members: Vec<&str> = body.members.iter().map(String::as_str).collect();
+    Ok(Json(s.node.create_group(&body.name, &members).await?))
+}
+
+async fn group(State(s): State<ApiState>, Path(group): Path<String>) -> Result<Json<GroupView>, ApiError> {
+    Ok(Json(s.node.group(&group).await?))
+}
+
+async fn group_history(
+    State(s): State<ApiState>,
+    Path(group): Path<String>,
+) -> Result<Json<Vec<MessageView>>, ApiError> {
+    Ok(Json(s.node.group_history(&group)?))
+}
+
+async fn send_group(
+    State(s): State<ApiState>,
+    Path(group): Path<String>,
+    body: Result<Json<GroupTextBody>, JsonRejection>,
+) -> Result<Json<MessageView>, ApiError> {
+    let Json(body) = body?;
+    Ok(Json(s.node.send_group(&group, &body.text).await?))
+}
+
+async fn invite(
+    State(s): State<ApiState>,
+    Path(group): Path<String>,
+    body: Result<Json<InviteBody>, JsonRejection>,
+) -> Result<Json<GroupView>, ApiError> {
+    let Json(body) = body?;
+    let contacts: Vec<&str> = body.contacts.iter().map(String::as_str).collect();
+    s.node.invite(&group, &contacts).await?;
+    Ok(Json(s.node.group(&group).await?))
+}
+
+async fn remove_member(
+    State(s): State<ApiState>,
+    Path((group, member)): Path<(String, String)>,
+) -> Result<Json<GroupView>, ApiError> {
+    if member == s.node.account().to_base58() {
+        s.node.leave_group(&group).await?;
+    } else {
+        s.node.remove_member(&group, &member).await?;
+    }
+    Ok(Json(s.node.group(&group).await?))
+}
+
+async fn group_info(
+    State(s): State<ApiState>,
+    Path(group): Path<String>,
+    body: Result<Json<GroupInfoBody>, JsonRejection>,
+) -> Result<Json<GroupView>, ApiError> {
+    let Json(body) = body?;
+    s.node
+        .set_group_info(&group, body.name.as_deref(), body.description.as_deref())
+        .await?;
+    Ok(Json(s.node.group(&group).await?))
+}
+
+async fn group_role(
+    State(s): State<ApiState>,
+    Path(group): Path<String>,
+    body: Result<Json<RoleBody>, JsonRejection>,
+) -> Result<Json<GroupView>, ApiError> {
+    let Json(body) = body?;
+    let role = parse_role(&body.role)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "role must be owner, admin or member"))?;
+    s.node.set_group_role(&group, &body.member, role).await?;
+    Ok(Json(s.node.group(&group).await?))
+}
+
+/// `owner`, `admin` or `member`.
+pub fn parse_role(s: &str) -> Option<tidings_protocol::group::Role> {
+    use tidings_protocol::group::Role;
+    match s {
+        "owner" => Some(Role::Owner),
+        "admin" => Some(Role::Admin),
+        "member" => Some(Role::Member),
+        _ => None,
+    }
 }
 
 async fn events(State(s): State<ApiState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {

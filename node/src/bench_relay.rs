@@ -6,8 +6,9 @@
 //! 1. deposit throughput: an in-process relay ([`start_relay_with`]) and many raw
 //!    libp2p clients ([`net::spawn`], TCP) depositing 1 KiB envelopes with real
 //!    capabilities into real inboxes, a few requests in flight each; every
-//!    deposit must come back with a custody receipt. Also one sender alone, as
-//!    a reference;
+//!    deposit must come back with a custody receipt. Then the same senders
+//!    with `DepositBatch` requests of several envelopes each (one receipt per
+//!    envelope, checked the same way). Also one sender alone, as a reference;
 //! 2. reconnect drain: two real nodes with the relay as home relay; bob stops,
 //!    alice queues messages that end up in bob's relay mailbox, then bob
 //!    restarts from the same data directory and the benchmark times how long
@@ -65,6 +66,10 @@ pub struct BenchRelayArgs {
     /// Deposit requests each sender keeps in flight [default: 4].
     #[arg(long, value_name = "N")]
     pub in_flight: Option<usize>,
+    /// Envelopes per DepositBatch request in the batched deposit run, at most
+    /// 64 [default: 16; 0 skips the batched run].
+    #[arg(long, value_name = "N")]
+    pub batch: Option<usize>,
     /// Deposits per timed round of the single-sender reference [default: 3000].
     #[arg(long, value_name = "N")]
     pub single: Option<usize>,
@@ -102,6 +107,8 @@ pub struct BenchRelayArgs {
 const ENVELOPE_BYTES: usize = 1024;
 /// Timed rounds of each deposit run; the figure is their median.
 const TIMED_ROUNDS: usize = 3;
+/// Envelopes per `DepositBatch` request in the batched run, by default.
+const DEFAULT_BATCH: usize = 16;
 /// Every N-th receipt's signature is verified (all are checked against what was sent).
 const RECEIPT_SIGNATURE_SAMPLE: usize = 16;
 /// Longest wait for one step.
@@ -127,6 +134,7 @@ struct Counts {
     senders: usize,
     deposits: usize,
     in_flight: usize,
+    batch: usize,
     single: usize,
     drain: usize,
     small: usize,
@@ -144,6 +152,7 @@ impl Counts {
                 senders: 20,
                 deposits: 100,
                 in_flight: 4,
+                batch: DEFAULT_BATCH,
                 single: 500,
                 drain: 1_000,
                 small: 100,
@@ -158,6 +167,7 @@ impl Counts {
                 senders: 100,
                 deposits: 300,
                 in_flight: 4,
+                batch: DEFAULT_BATCH,
                 single: 3_000,
                 drain: 10_000,
                 small: 100,
@@ -172,6 +182,7 @@ impl Counts {
             senders: a.senders.unwrap_or(d.senders),
             deposits: a.deposits.unwrap_or(d.deposits).max(1),
             in_flight: a.in_flight.unwrap_or(d.in_flight).max(1),
+            batch: a.batch.unwrap_or(d.batch).min(mb::MAX_DEPOSITS_PER_BATCH),
             single: a.single.unwrap_or(d.single),
             drain: a.drain.unwrap_or(d.drain),
             small: a.small.unwrap_or(d.small).max(1),
@@ -210,9 +221,12 @@ pub async fn run(args: BenchRelayArgs) -> anyhow::Result<()> {
         );
         let d = deposits(&tmp.path().join("deposit-relay"), &counts).await?;
         println!(
-            "    {:.0} envelopes/s ({} senders), {:.0} envelopes/s (1 sender); {} failures",
+            "    {:.0} envelopes/s ({} senders), {:.0} envelopes/s ({} senders, batches of {}), {:.0} envelopes/s (1 sender); {} failures",
             d.many.per_s,
             counts.senders,
+            d.batched.as_ref().map_or(f64::NAN, |b| b.per_s),
+            counts.senders,
+            counts.batch,
             d.single.as_ref().map_or(f64::NAN, |s| s.per_s),
             d.failures()
         );
@@ -301,6 +315,7 @@ fn envelope(tag: u64, len: usize) -> Vec<u8> {
             conversation_id: vec![0xc0; 32],
             kind: pb::EnvelopeKind::Message as i32,
             mls_message: vec![0x5a; mls],
+            ..Default::default()
         }
         .encode_to_vec()
     };
@@ -318,6 +333,25 @@ fn deposit_request(inbox: &[u8; 32], capability: &pb::Capability, envelope: Vec<
             pow_nonce: Vec::new(),
             envelope,
         })),
+    }
+}
+
+/// One `DepositBatch` request of the deposits `(inbox, capability, envelope)`.
+fn batch_request<'a>(
+    items: impl IntoIterator<Item = (&'a [u8; 32], &'a pb::Capability, Vec<u8>)>,
+) -> pb::MailboxRequest {
+    let deposits = items
+        .into_iter()
+        .map(|(inbox, capability, envelope)| pb::Deposit {
+            inbox_id: inbox.to_vec(),
+            request_inbox: false,
+            capability: Some(capability.clone()),
+            pow_nonce: Vec::new(),
+            envelope,
+        })
+        .collect();
+    pb::MailboxRequest {
+        op: Some(mailbox_request::Op::DepositBatch(pb::DepositBatch { deposits })),
     }
 }
 
@@ -486,14 +520,60 @@ fn check_receipt(
     }
 }
 
+/// One envelope of a request: (its number in the sender's round, its target, its bytes).
+type Sent = (usize, usize, Vec<u8>);
+
+/// Checks the answer to a `DepositBatch` item by item, like [`check_receipt`]
+/// would check each as a single deposit's answer.
+fn check_batch(
+    result: Result<pb::MailboxResponse, net::NetError>,
+    sent: &[Sent],
+    targets: &Targets,
+    relay_key: &[u8; 32],
+    sender_no: usize,
+    f: &mut Failures,
+) {
+    let n = sent.len() as u64;
+    let resp = match result {
+        Ok(r) => r,
+        Err(_) => {
+            f.transport += n;
+            return;
+        }
+    };
+    if let Some(e) = refusal(&resp) {
+        *f.refused.entry(e.code()).or_insert(0) += n;
+        return;
+    }
+    let Some(mailbox_response::Result::DepositResults(r)) = resp.result else {
+        f.bad_receipt += n;
+        return;
+    };
+    if r.results.len() != sent.len() {
+        f.bad_receipt += n;
+        return;
+    }
+    for (item, (i, t, env)) in r.results.into_iter().zip(sent) {
+        let answer = pb::MailboxResponse {
+            status: item.status,
+            detail: String::new(),
+            result: item.receipt.map(mailbox_response::Result::Receipt),
+        };
+        let verify = (sender_no + i).is_multiple_of(RECEIPT_SIGNATURE_SAMPLE);
+        check_receipt(Ok(answer), &targets.owners[*t].inbox, env, relay_key, verify, f);
+    }
+}
+
 /// The inboxes senders deposit into, with a capability for each.
 struct Targets {
     owners: Vec<Owner>,
     caps: Vec<pb::Capability>,
 }
 
-/// One sender's share of a round: `n` deposits, `in_flight` at a time, into the
-/// targets in turn. Returns the latencies (ms) and the failures.
+/// One sender's share of a round: `n` deposits into the targets in turn,
+/// `in_flight` requests at a time; each request a single `Deposit`, or with
+/// `batch`, a `DepositBatch` of up to that many. Returns the latencies (ms,
+/// per request) and the failures.
 #[allow(clippy::too_many_arguments)]
 async fn sender_round(
     client: Network,
@@ -504,38 +584,72 @@ async fn sender_round(
     round: u64,
     n: usize,
     in_flight: usize,
+    batch: Option<usize>,
 ) -> (Vec<f64>, Failures) {
-    let mut latencies = Vec::with_capacity(n);
+    let per_request = batch.unwrap_or(1).max(1);
+    let mut latencies = Vec::with_capacity(n.div_ceil(per_request));
     let mut failures = Failures::default();
     let mut pending = FuturesUnordered::new();
     let mut next = 0usize;
     loop {
         while next < n && pending.len() < in_flight {
-            let t = (sender_no + next) % targets.owners.len();
-            let tag = (round << 48) | ((sender_no as u64) << 24) | next as u64;
-            let env = envelope(tag, ENVELOPE_BYTES);
-            let req = deposit_request(&targets.owners[t].inbox, &targets.caps[t], env.clone());
+            let sent: Vec<Sent> = (next..(next + per_request).min(n))
+                .map(|i| {
+                    let t = (sender_no + i) % targets.owners.len();
+                    let tag = (round << 48) | ((sender_no as u64) << 24) | i as u64;
+                    (i, t, envelope(tag, ENVELOPE_BYTES))
+                })
+                .collect();
+            next += sent.len();
+            let req = match batch {
+                None => {
+                    let (_, t, env) = &sent[0];
+                    deposit_request(&targets.owners[*t].inbox, &targets.caps[*t], env.clone())
+                }
+                Some(_) => batch_request(
+                    sent.iter()
+                        .map(|(_, t, env)| (&targets.owners[*t].inbox, &targets.caps[*t], env.clone())),
+                ),
+            };
             let client = client.clone();
-            let i = next;
             pending.push(async move {
                 let t0 = Instant::now();
                 let r = client.mailbox(relay, req).await;
-                (i, t, env, r, t0.elapsed())
+                (sent, r, t0.elapsed())
             });
-            next += 1;
         }
-        let Some((i, t, env, r, took)) = pending.next().await else {
+        let Some((sent, r, took)) = pending.next().await else {
             break;
         };
         latencies.push(ms(took));
-        let verify = (sender_no + i).is_multiple_of(RECEIPT_SIGNATURE_SAMPLE);
-        check_receipt(r, &targets.owners[t].inbox, &env, &relay_key, verify, &mut failures);
+        match batch {
+            None => {
+                let (i, t, env) = &sent[0];
+                let verify = (sender_no + i).is_multiple_of(RECEIPT_SIGNATURE_SAMPLE);
+                check_receipt(r, &targets.owners[*t].inbox, env, &relay_key, verify, &mut failures);
+            }
+            Some(_) => check_batch(r, &sent, &targets, &relay_key, sender_no, &mut failures),
+        }
     }
     (latencies, failures)
 }
 
+/// CPU time this process has used so far (user + system), in seconds (Linux only).
+fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // /proc reports clock ticks of USER_HZ, which is 100 on Linux.
+    Some((utime + stime) as f64 / 100.0)
+}
+
 struct Round {
     per_s: f64,
+    /// CPU the whole process (relay and clients) used in the round, in seconds.
+    cpu_s: Option<f64>,
     latencies: Vec<f64>,
     failures: Failures,
 }
@@ -548,8 +662,10 @@ async fn deposit_round(
     round: u64,
     per_sender: usize,
     in_flight: usize,
+    batch: Option<usize>,
 ) -> anyhow::Result<Round> {
     let t0 = Instant::now();
+    let cpu0 = process_cpu_s();
     let tasks: Vec<_> = clients
         .iter()
         .enumerate()
@@ -563,6 +679,7 @@ async fn deposit_round(
                 round,
                 per_sender,
                 in_flight,
+                batch,
             ))
         })
         .collect();
@@ -574,8 +691,10 @@ async fn deposit_round(
         failures.add(&f);
     }
     let elapsed = t0.elapsed();
+    let cpu_s = process_cpu_s().zip(cpu0).map(|(b, a)| b - a);
     Ok(Round {
         per_s: (clients.len() * per_sender) as f64 / elapsed.as_secs_f64(),
+        cpu_s,
         latencies,
         failures,
     })
@@ -584,10 +703,16 @@ async fn deposit_round(
 struct DepositFigures {
     senders: usize,
     in_flight: usize,
+    /// Envelopes per `DepositBatch` request; None for single deposits.
+    batch: Option<usize>,
     per_round: usize,
+    /// Envelopes sent, warm-up included.
+    sent: usize,
     rounds_per_s: Vec<f64>,
     /// Median of the timed rounds.
     per_s: f64,
+    /// CPU of the whole process per envelope over the timed rounds, in µs.
+    cpu_us: Option<f64>,
     latency: Summary,
     failures: Failures,
 }
@@ -600,30 +725,38 @@ async fn deposit_run(
     first_round: u64,
     per_sender: usize,
     in_flight: usize,
+    batch: Option<usize>,
 ) -> anyhow::Result<DepositFigures> {
-    let warm = deposit_round(
-        clients,
-        relay,
-        targets,
-        first_round,
-        (per_sender / 3).max(10),
-        in_flight,
-    )
-    .await?;
+    let warm_per_sender = (per_sender / 3).max(10);
+    let warm = deposit_round(clients, relay, targets, first_round, warm_per_sender, in_flight, batch).await?;
     let mut failures = warm.failures;
     let mut rounds_per_s = Vec::new();
     let mut latencies = Vec::new();
+    let mut cpu_s = Some(0.0);
     for r in 0..TIMED_ROUNDS as u64 {
-        let round = deposit_round(clients, relay, targets, first_round + 1 + r, per_sender, in_flight).await?;
+        let round = deposit_round(
+            clients,
+            relay,
+            targets,
+            first_round + 1 + r,
+            per_sender,
+            in_flight,
+            batch,
+        )
+        .await?;
         rounds_per_s.push(round.per_s);
+        cpu_s = cpu_s.zip(round.cpu_s).map(|(a, b)| a + b);
         latencies.extend(round.latencies);
         failures.add(&round.failures);
     }
     Ok(DepositFigures {
         senders: clients.len(),
         in_flight,
+        batch,
         per_round: clients.len() * per_sender,
+        sent: clients.len() * (warm_per_sender + TIMED_ROUNDS * per_sender),
         per_s: median(&rounds_per_s),
+        cpu_us: cpu_s.map(|c| c * 1e6 / (TIMED_ROUNDS * clients.len() * per_sender) as f64),
         rounds_per_s,
         latency: Summary::of(latencies),
         failures,
@@ -632,6 +765,8 @@ async fn deposit_run(
 
 struct Deposits {
     many: DepositFigures,
+    /// The same senders with `DepositBatch` requests.
+    batched: Option<DepositFigures>,
     single: Option<DepositFigures>,
     /// Deposits the relay counted as stored (its `deposits{result="ok"}` metric).
     relay_ok: u64,
@@ -642,8 +777,14 @@ struct Deposits {
 }
 
 impl Deposits {
+    fn runs(&self) -> impl Iterator<Item = &DepositFigures> {
+        std::iter::once(&self.many)
+            .chain(self.batched.as_ref())
+            .chain(self.single.as_ref())
+    }
+
     fn failures(&self) -> u64 {
-        self.many.failures.total() + self.single.as_ref().map_or(0, |s| s.failures.total())
+        self.runs().map(|d| d.failures.total()).sum()
     }
 }
 
@@ -687,8 +828,25 @@ async fn deposits(dir: &Path, counts: &Counts) -> anyhow::Result<Deposits> {
             0,
             counts.deposits,
             counts.in_flight,
+            None,
         )
         .await?;
+        let batched = if counts.batch > 0 {
+            Some(
+                deposit_run(
+                    &nets,
+                    (relay_peer, relay_key),
+                    &targets,
+                    20,
+                    counts.deposits,
+                    counts.in_flight,
+                    Some(counts.batch),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         let single = if counts.single > 0 {
             Some(
                 deposit_run(
@@ -698,23 +856,21 @@ async fn deposits(dir: &Path, counts: &Counts) -> anyhow::Result<Deposits> {
                     10,
                     counts.single,
                     counts.in_flight,
+                    None,
                 )
                 .await?,
             )
         } else {
             None
         };
-        anyhow::Ok((many, single))
+        anyhow::Ok((many, batched, single))
     }
     .await;
     close_all(clients).await;
-    let (many, single) = result?;
-    let sent = |d: &DepositFigures| {
-        // Warm-up plus timed rounds.
-        (d.per_round / d.senders * (TIMED_ROUNDS) + (d.per_round / d.senders / 3).max(10)) * d.senders
-    };
-    let total = sent(&many) as u64 + single.as_ref().map_or(0, |s| sent(s) as u64);
-    let failed = many.failures.total() + single.as_ref().map_or(0, |s| s.failures.total());
+    let (many, batched, single) = result?;
+    let runs = || std::iter::once(&many).chain(batched.as_ref()).chain(single.as_ref());
+    let total: u64 = runs().map(|d| d.sent as u64).sum();
+    let failed: u64 = runs().map(|d| d.failures.total()).sum();
     let metrics = relay.relay_metrics().context("a relay has metrics")?;
     let relay_ok = metrics
         .deposits
@@ -729,6 +885,7 @@ async fn deposits(dir: &Path, counts: &Counts) -> anyhow::Result<Deposits> {
     relay.shutdown().await;
     Ok(Deposits {
         many,
+        batched,
         single,
         relay_ok,
         receipts: total - failed,
@@ -1327,6 +1484,33 @@ impl Report {
                 2,
                 Target::None,
             ));
+            if let Some(b) = &d.batched {
+                let per = b.batch.unwrap_or(1);
+                rows.push(Row::new(
+                    format!(
+                        "[1] deposits of 1 KiB in batches of {per}, {} senders × {} in flight (median of {TIMED_ROUNDS})",
+                        b.senders, b.in_flight
+                    ),
+                    b.per_s,
+                    "env/s",
+                    0,
+                    Target::AtLeast(TARGET_DEPOSITS_PER_S),
+                ));
+                rows.push(Row::new(
+                    format!("[1] batch of {per} latency p50, {} senders", b.senders),
+                    b.latency.p50,
+                    "ms",
+                    2,
+                    Target::None,
+                ));
+                rows.push(Row::new(
+                    format!("[1] batch of {per} latency p99, {} senders", b.senders),
+                    b.latency.p99,
+                    "ms",
+                    2,
+                    Target::None,
+                ));
+            }
             if let Some(s) = &d.single {
                 rows.push(Row::new(
                     format!("[1] deposits, 1 sender × {} in flight (reference)", s.in_flight),
@@ -1468,13 +1652,26 @@ impl Report {
 
     fn print_notes(&self) {
         if let Some(d) = &self.deposits {
-            let f = {
-                let mut f = d.many.failures.clone();
-                if let Some(s) = &d.single {
-                    f.add(&s.failures);
-                }
+            let f = d.runs().fold(Failures::default(), |mut f, r| {
+                f.add(&r.failures);
                 f
-            };
+            });
+            let cpu: Vec<String> = d
+                .runs()
+                .map(|r| {
+                    format!(
+                        "{} × {}{}: {:.0} µs",
+                        r.senders,
+                        r.in_flight,
+                        r.batch.map_or(String::new(), |b| format!(" × batches of {b}")),
+                        opt(r.cpu_us)
+                    )
+                })
+                .collect();
+            println!(
+                "[1] CPU of the whole process (relay and clients, both cores) per envelope: {}",
+                cpu.join("; ")
+            );
             println!(
                 "[1] every receipt checked against what was sent; {} signatures verified; relay stored {} (metric) / {} (database), senders hold {} receipts{}",
                 f.signatures_checked,
@@ -1553,6 +1750,7 @@ impl Report {
                 "senders": counts.senders,
                 "deposits_per_sender_per_round": counts.deposits,
                 "in_flight_per_sender": counts.in_flight,
+                "deposits_per_batch": counts.batch,
                 "single_sender_deposits_per_round": counts.single,
                 "timed_rounds": TIMED_ROUNDS,
                 "envelope_bytes": ENVELOPE_BYTES,
@@ -1570,9 +1768,12 @@ impl Report {
             json!({
                 "senders": d.senders,
                 "in_flight": d.in_flight,
+                "deposits_per_request": d.batch.unwrap_or(1),
                 "deposits_per_round": d.per_round,
+                "deposits_sent": d.sent,
                 "rounds_per_s": d.rounds_per_s,
                 "per_s": d.per_s,
+                "cpu_us_per_envelope": d.cpu_us,
                 "latency_ms": d.latency.json(),
                 "failures": d.failures.json(),
             })
@@ -1580,12 +1781,14 @@ impl Report {
         if let Some(d) = &self.deposits {
             v["deposits"] = json!({
                 "many": dep(&d.many),
+                "batched": d.batched.as_ref().map(dep),
                 "single": d.single.as_ref().map(dep),
                 "relay_ok_metric": d.relay_ok,
                 "relay_stored": d.stored,
                 "receipts": d.receipts,
                 "targets": {
                     "per_s": Target::AtLeast(TARGET_DEPOSITS_PER_S).json(d.many.per_s),
+                    "batched_per_s": d.batched.as_ref().map(|b| Target::AtLeast(TARGET_DEPOSITS_PER_S).json(b.per_s)),
                 },
             });
         }
@@ -1712,5 +1915,52 @@ mod tests {
         check_receipt(Ok(refused), &owner.inbox, &env, &relay_key, false, &mut f);
         assert_eq!(f.refused.get("quota_exceeded"), Some(&1));
         assert_eq!(f.total(), 2);
+    }
+
+    #[test]
+    fn batch_answers_are_checked_item_by_item() {
+        let relay_seed = [3u8; 32];
+        let relay_key = DeviceKey::from_seed(relay_seed).public();
+        let owners: Vec<Owner> = (0..2).map(Owner::new).collect();
+        let caps = owners.iter().map(|o| o.capability(10)).collect();
+        let targets = Targets { owners, caps };
+        let sent: Vec<Sent> = (0..3).map(|i| (i, i % 2, envelope(i as u64, 300))).collect();
+        let item = |(_, t, env): &Sent, index| pb::DepositResult {
+            status: pb::MailboxStatus::Ok as i32,
+            receipt: Some(mb::sign_receipt(
+                &relay_seed,
+                &mb::Receipt {
+                    relay_key: [0; 32],
+                    inbox_id: targets.owners[*t].inbox,
+                    request_inbox: false,
+                    envelope_hash: mb::envelope_hash(env),
+                    index,
+                    accepted_ms: 1,
+                    keep_until_ms: 2,
+                },
+            )),
+        };
+        let answer = |results| {
+            Ok(pb::MailboxResponse {
+                status: pb::MailboxStatus::Ok as i32,
+                detail: String::new(),
+                result: Some(mailbox_response::Result::DepositResults(pb::DepositResults { results })),
+            })
+        };
+        let mut f = Failures::default();
+        let good: Vec<_> = sent.iter().zip(1..).map(|(s, i)| item(s, i)).collect();
+        check_batch(answer(good.clone()), &sent, &targets, &relay_key, 0, &mut f);
+        assert_eq!((f.total(), f.signatures_checked), (0, 1));
+        // A refused item, a receipt for another envelope, a missing item.
+        let mut mixed = good.clone();
+        mixed[0] = pb::DepositResult {
+            status: pb::MailboxStatus::QuotaExceeded as i32,
+            receipt: None,
+        };
+        mixed[1] = item(&sent[2], 2);
+        check_batch(answer(mixed), &sent, &targets, &relay_key, 0, &mut f);
+        assert_eq!((f.refused.get("quota_exceeded"), f.bad_receipt), (Some(&1), 1));
+        check_batch(answer(good[..2].to_vec()), &sent, &targets, &relay_key, 0, &mut f);
+        assert_eq!(f.bad_receipt, 4, "a short answer fails every item");
     }
 }

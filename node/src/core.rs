@@ -33,6 +33,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+mod groups;
+
+pub(crate) use groups::GroupInbox;
+pub use groups::{GroupMemberView, GroupView};
+
 use crate::clock::Clock;
 use crate::net::{NetError, NetEvent, Network};
 use crate::types::{ContactView, MailGapView, MessageView, NodeEvent, RefusalView};
@@ -142,6 +147,48 @@ pub(crate) enum CoreInput {
     /// While catching up from mailboxes, direct deliveries wait (they could
     /// otherwise overtake older mail by more than the ratchet tolerates).
     CatchingUp(bool),
+    /// Creates a group on `relays`; replies with its id.
+    CreateGroup {
+        name: String,
+        relays: Vec<String>,
+        reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
+    },
+    /// Commits a change to a group; replies whether a commit was made.
+    GroupIntent {
+        group_id: Vec<u8>,
+        intent: tidings_store::IntentRow,
+        reply: oneshot::Sender<Result<bool, NodeError>>,
+    },
+    SendGroup {
+        group_id: Vec<u8>,
+        text: String,
+        reply: oneshot::Sender<Result<MessageView, NodeError>>,
+    },
+    /// Where to fetch each group's sequencing inbox.
+    GroupInboxes {
+        reply: oneshot::Sender<Result<Vec<GroupInbox>, NodeError>>,
+    },
+    /// Envelopes fetched from a group's sequencing inbox, with their indices.
+    ApplyGroupInbox {
+        group_id: Vec<u8>,
+        inbox_seed: [u8; 32],
+        items: Vec<(u64, pb::Envelope)>,
+        reply: oneshot::Sender<Result<usize, NodeError>>,
+    },
+    GroupView {
+        group_id: Vec<u8>,
+        reply: oneshot::Sender<Result<GroupView, NodeError>>,
+    },
+    /// Member device keys of these accounts in a group.
+    GroupMemberDevices {
+        group_id: Vec<u8>,
+        accounts: Vec<[u8; 32]>,
+        reply: oneshot::Sender<Result<Vec<[u8; 32]>, NodeError>>,
+    },
+    GroupMeta {
+        group_id: Vec<u8>,
+        reply: oneshot::Sender<Result<tidings_protocol::group::GroupMeta, NodeError>>,
+    },
     /// Fresh key packages to publish on relays: `n` one-time ones, plus a
     /// last-resort one if asked (empty otherwise).
     MakeKeyPackages {
@@ -208,6 +255,10 @@ pub(crate) struct Core {
     /// Outbox entries made while applying received envelopes; queued once
     /// their unit commits, dropped if it rolls back.
     deferred: Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>,
+    /// Group inboxes on relays, by the pseudo-device their outbox entries use.
+    group_targets: HashMap<[u8; 32], (Vec<u8>, groups::GroupTarget)>,
+    /// Groups joined while applying received envelopes (targets set up after commit).
+    joined_groups: Vec<Vec<u8>>,
 }
 
 /// Deposit refusals the node is living with: per (recipient account, relay),
@@ -292,7 +343,10 @@ impl Core {
             refusals,
             grant,
             deferred: Vec::new(),
+            group_targets: HashMap::new(),
+            joined_groups: Vec::new(),
         };
+        core.load_group_targets();
         for e in core.store.list_outbox()? {
             match pb::Envelope::decode(e.envelope.as_slice()) {
                 Ok(env) => core.enqueue(e.account, e.device, e.id, e.message_id, env),
@@ -427,6 +481,62 @@ impl Core {
                 let _ = reply.send(Ok(statuses));
             }
             CoreInput::CatchingUp(on) => self.catching_up = on,
+            CoreInput::CreateGroup { name, relays, reply } => {
+                let _ = reply.send(self.create_group(&name, relays));
+            }
+            CoreInput::GroupIntent {
+                group_id,
+                intent,
+                reply,
+            } => {
+                let _ = reply.send(self.group_intent(&group_id, intent));
+            }
+            CoreInput::SendGroup { group_id, text, reply } => {
+                let now = self.clock.now_ms();
+                let store = self.store.clone();
+                let r = store.unit(|| self.send_group_one(&group_id, &text, now));
+                let r = match r {
+                    Ok((msg, entries)) => {
+                        let env = entries.first().map(|(_, _, e)| e.clone());
+                        for (device, id, env) in entries {
+                            self.enqueue(msg.peer, device, id, Some(msg.id), env);
+                        }
+                        if let Some(env) = env {
+                            self.push_to_members(&group_id, env);
+                        }
+                        Ok(MessageView::from_stored(&msg))
+                    }
+                    Err(e) => {
+                        self.groups.remove(group_id.as_slice());
+                        Err(e)
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            CoreInput::GroupInboxes { reply } => {
+                let _ = reply.send(self.group_inboxes());
+            }
+            CoreInput::ApplyGroupInbox {
+                group_id,
+                inbox_seed,
+                items,
+                reply,
+            } => {
+                let _ = reply.send(self.apply_group_inbox(&group_id, inbox_seed, items));
+            }
+            CoreInput::GroupView { group_id, reply } => {
+                let _ = reply.send(self.group_view(&group_id));
+            }
+            CoreInput::GroupMemberDevices {
+                group_id,
+                accounts,
+                reply,
+            } => {
+                let _ = reply.send(self.member_devices_of(&group_id, &accounts));
+            }
+            CoreInput::GroupMeta { group_id, reply } => {
+                let _ = reply.send(self.group_meta_of(&group_id));
+            }
             CoreInput::MakeKeyPackages { n, last_resort, reply } => {
                 let store = self.store.clone();
                 let r = store.unit(|| -> Result<_, NodeError> {
@@ -541,6 +651,7 @@ impl Core {
             conversation_id: gid.clone(),
             kind: EnvelopeKind::Message as i32,
             mls_message: ct,
+            ..Default::default()
         };
         let env_bytes = env.encode_to_vec();
         let mut entries = Vec::new();
@@ -614,6 +725,7 @@ impl Core {
                 conversation_id: gid.clone(),
                 kind: EnvelopeKind::Message as i32,
                 mls_message: commit,
+                ..Default::default()
             };
             let bytes = env.encode_to_vec();
             let mut entries = Vec::new();
@@ -673,6 +785,7 @@ impl Core {
                 group_id: gid.to_vec(),
                 peer: contact,
                 created_ms: now,
+                group: None,
             })?;
             c.conversations.push(gid.to_vec());
             c.conversations.sort();
@@ -682,6 +795,7 @@ impl Core {
                 conversation_id: gid.to_vec(),
                 kind: EnvelopeKind::Welcome as i32,
                 mls_message: welcome,
+                ..Default::default()
             };
             let bytes = env.encode_to_vec();
             let mut entries = Vec::new();
@@ -907,10 +1021,14 @@ impl Core {
                 Ok(())
             });
             let deferred = std::mem::take(&mut self.deferred);
+            let joined = std::mem::take(&mut self.joined_groups);
             match result {
                 Ok(()) => {
                     for (account, device, oid, env) in deferred {
                         self.enqueue(account, device, oid, None, env);
+                    }
+                    for gid in joined {
+                        self.refresh_group_targets(&gid);
                     }
                     return (statuses(out), events);
                 }
@@ -964,6 +1082,20 @@ impl Core {
                 if !via_mailbox && !members.iter().any(|c| peer_id_of(&c.device_key) == Some(peer)) {
                     return Ok(Apply::Invalid("welcome from a peer outside the group".into()));
                 }
+                if let Some(row) = Self::joined_group_row(&group, env.sequence_start, now) {
+                    self.store.put_conversation(&Conversation {
+                        group_id: gid.to_vec(),
+                        peer: tidings_protocol::group::group_chat_key(gid),
+                        created_ms: now,
+                        group: Some(row),
+                    })?;
+                    self.members.insert(gid.to_vec(), members);
+                    self.groups.insert(gid.to_vec(), group);
+                    self.joined_groups.push(gid.to_vec());
+                    info!(group = %hex::encode(gid), "joined a group");
+                    self.store.mark_envelope_seen(&id, now)?;
+                    return Ok(Apply::Status(DeliverStatus::Accepted));
+                }
                 let others: HashSet<AccountId> = members.iter().map(|c| c.account).filter(|a| *a != self.me).collect();
                 if others.len() != 1 {
                     return Ok(Apply::Invalid("not a one-to-one conversation".into()));
@@ -994,6 +1126,7 @@ impl Core {
                     group_id: gid.to_vec(),
                     peer: *other.as_bytes(),
                     created_ms: now,
+                    group: None,
                 })?;
                 // Hand the other side what it needs to leave us mail.
                 let mut group = group;
@@ -1025,6 +1158,9 @@ impl Core {
                 let Some(conv) = self.store.conversation(gid)? else {
                     return Ok(Apply::Status(DeliverStatus::UnknownConversation));
                 };
+                if conv.group.is_some() {
+                    return self.apply_group_push(&conv, &id, env, now, events);
+                }
                 let group = match load_group(&mut self.groups, &self.provider, gid) {
                     Ok(Some(g)) => g,
                     Ok(None) => return Ok(Apply::Status(DeliverStatus::UnknownConversation)),
@@ -1097,6 +1233,7 @@ impl Core {
             conversation_id: gid.to_vec(),
             kind: EnvelopeKind::Message as i32,
             mls_message: ct,
+            ..Default::default()
         })
     }
 
@@ -1181,6 +1318,10 @@ impl Core {
             .map(|(d, _)| *d)
             .collect();
         for device in due {
+            if let Some((_, target)) = self.group_targets.get(&device).cloned() {
+                self.pump_group(device, target);
+                continue;
+            }
             let Some(peer) = peer_id_of(&device) else { continue };
             let target = self
                 .queues
@@ -1266,6 +1407,38 @@ impl Core {
 
     /// Where a device's mail goes when the device is away: its account's relays,
     /// its inbox there, and the capability it gave us (if any).
+    /// Deposits a batch of a group's outbox into the group inbox on one relay.
+    fn pump_group(&mut self, device: [u8; 32], target: groups::GroupTarget) {
+        let Some(q) = self.queues.get_mut(&device) else { return };
+        let mut ids = Vec::new();
+        let mut envelopes = Vec::new();
+        for (id, _, env) in q.entries.iter().take(MAX_ENVELOPES_PER_BATCH) {
+            ids.push(*id);
+            envelopes.push(env.clone());
+        }
+        q.in_flight = true;
+        let net = self.net.clone();
+        let tx = self.self_tx.clone();
+        let now_ms = self.clock.now_ms();
+        tokio::spawn(async move {
+            let t = MailboxTarget {
+                relays: vec![target.relay],
+                inbox: target.inbox,
+                capability: Some(target.capability),
+            };
+            let Deposited { receipts, refusals } = deposit_all(&net, &t, &envelopes, now_ms).await;
+            let _ = tx
+                .send(CoreInput::DeliverResult {
+                    device,
+                    ids,
+                    result: Err(NetError::Unreachable("group inbox".into())),
+                    receipts,
+                    refusals,
+                })
+                .await;
+        });
+    }
+
     fn mailbox_target(&self, account: &[u8; 32], device: &[u8; 32]) -> Option<MailboxTarget> {
         let contact = self.store.contact(account).ok()??;
         let relays: Vec<(PeerId, Multiaddr)> = contact
@@ -1538,49 +1711,56 @@ async fn deposit_all(net: &Network, t: &MailboxTarget, envelopes: &[pb::Envelope
             net.add_address(*peer, addr.clone()).await;
             let mut got: Vec<Option<Vec<u8>>> = vec![None; prepared.len()];
             let mut refused = None;
-            for (i, (bytes, hash, pow_nonce)) in prepared.iter().enumerate() {
-                let request = pb::MailboxRequest {
-                    op: Some(pb::mailbox_request::Op::Deposit(pb::Deposit {
+            let mut next = 0;
+            // In order, up to MAX_DEPOSITS_PER_BATCH per request; a relay
+            // stores a batch in one durable commit.
+            'chunks: for chunk in prepared.chunks(mb::MAX_DEPOSITS_PER_BATCH) {
+                let deposits: Vec<pb::Deposit> = chunk
+                    .iter()
+                    .map(|(bytes, _, pow_nonce)| pb::Deposit {
                         inbox_id: t.inbox.to_vec(),
                         request_inbox: t.capability.is_none(),
                         capability: t.capability.clone(),
                         pow_nonce: pow_nonce.clone(),
                         envelope: bytes.clone(),
-                    })),
-                };
-                let resp = match net.mailbox(*peer, request).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // Later envelopes must not overtake this one on this relay.
+                    })
+                    .collect();
+                let outcomes = match deposit_chunk(net, *peer, deposits).await {
+                    Ok(o) => o,
+                    Err(DepositFailure::Transport(e)) => {
+                        // Later envelopes must not overtake these on this relay.
                         debug!(relay = %peer, "deposit failed: {e}");
                         break;
                     }
+                    Err(DepositFailure::Refused(code)) => {
+                        info!(relay = %peer, "deposit refused: {code}");
+                        refused = Some((*peer, code));
+                        break;
+                    }
                 };
-                match resp.result {
-                    Some(pb::mailbox_response::Result::Receipt(r)) if resp.status == pb::MailboxStatus::Ok as i32 => {
-                        match mb::verify_receipt(&r) {
+                for ((_, hash, _), (status, receipt)) in chunk.iter().zip(outcomes) {
+                    match receipt {
+                        Some(r) if status == pb::MailboxStatus::Ok as i32 => match mb::verify_receipt(&r) {
                             Ok(rc)
                                 if Some(rc.relay_key) == key_of_peer(peer)
                                     && rc.inbox_id == t.inbox
                                     && rc.envelope_hash == *hash
                                     && rc.keep_until_ms > now_ms =>
                             {
-                                got[i] = Some(r.encode_to_vec());
+                                got[next] = Some(r.encode_to_vec());
+                                next += 1;
                             }
                             _ => {
                                 warn!(relay = %peer, "relay returned an invalid custody receipt");
-                                break;
+                                break 'chunks;
                             }
+                        },
+                        _ => {
+                            let code = status_code(status);
+                            info!(relay = %peer, "deposit refused: {code}");
+                            refused = Some((*peer, code));
+                            break 'chunks;
                         }
-                    }
-                    _ => {
-                        let code = pb::MailboxStatus::try_from(resp.status)
-                            .ok()
-                            .and_then(mb::MailboxError::from_status)
-                            .map_or("unknown", |e| e.code());
-                        info!(relay = %peer, "deposit refused: {code}");
-                        refused = Some((*peer, code));
-                        break;
                     }
                 }
             }
@@ -1606,6 +1786,47 @@ async fn deposit_all(net: &Network, t: &MailboxTarget, envelopes: &[pb::Envelope
         }
     }
     Deposited { receipts, refusals }
+}
+
+enum DepositFailure {
+    Transport(NetError),
+    Refused(&'static str),
+}
+
+fn status_code(status: i32) -> &'static str {
+    pb::MailboxStatus::try_from(status)
+        .ok()
+        .and_then(mb::MailboxError::from_status)
+        .map_or("unknown", |e| e.code())
+}
+
+/// Sends one chunk of deposits to a relay: a plain `Deposit` for one, a
+/// `DepositBatch` for more. Returns (status, receipt) per deposit, in order.
+async fn deposit_chunk(
+    net: &Network,
+    relay: PeerId,
+    mut deposits: Vec<pb::Deposit>,
+) -> Result<Vec<(i32, Option<pb::CustodyReceipt>)>, DepositFailure> {
+    let n = deposits.len();
+    let op = if n == 1 {
+        pb::mailbox_request::Op::Deposit(deposits.remove(0))
+    } else {
+        pb::mailbox_request::Op::DepositBatch(pb::DepositBatch { deposits })
+    };
+    let resp = net
+        .mailbox(relay, pb::MailboxRequest { op: Some(op) })
+        .await
+        .map_err(DepositFailure::Transport)?;
+    match resp.result {
+        Some(pb::mailbox_response::Result::Receipt(r)) if n == 1 => Ok(vec![(resp.status, Some(r))]),
+        Some(pb::mailbox_response::Result::DepositResults(rs))
+            if n > 1 && resp.status == pb::MailboxStatus::Ok as i32 && rs.results.len() == n =>
+        {
+            Ok(rs.results.into_iter().map(|r| (r.status, r.receipt)).collect())
+        }
+        _ if resp.status != pb::MailboxStatus::Ok as i32 => Err(DepositFailure::Refused(status_code(resp.status))),
+        _ => Err(DepositFailure::Refused("bad_response")),
+    }
 }
 
 /// How far ahead of our clock a sender's timestamp may be.

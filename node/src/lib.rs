@@ -14,7 +14,7 @@ pub mod relay;
 pub mod types;
 
 pub use clock::Clock;
-pub use core::NodeError;
+pub use core::{GroupMemberView, GroupView, NodeError};
 pub use net::NetConfig;
 pub use node::{Node, NodeConfig, NodeHandle, create_identity, open_store};
 pub use types::{ContactView, MailGapView, MessageView, NodeEvent, NodeStatus, RefusalView};

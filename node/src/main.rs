@@ -10,11 +10,14 @@ use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use std::sync::Arc;
-use tidings_node::api::{ADDR_FILE, AddContactBody, CardView, SendBody, TOKEN_FILE};
+use tidings_node::api::{
+    ADDR_FILE, AddContactBody, CardView, CreateGroupBody, GroupInfoBody, GroupTextBody, InviteBody, RoleBody, SendBody,
+    TOKEN_FILE,
+};
 
 use prometheus_client::registry::Registry;
 use tidings_node::relay::{LogFormat, RelayConfig, RelayMetrics, RelayOptions};
-use tidings_node::{ContactView, MessageView, NetConfig, Node, NodeConfig, NodeStatus};
+use tidings_node::{ContactView, GroupView, MessageView, NetConfig, Node, NodeConfig, NodeStatus};
 use tidings_store::mailbox::Mailboxes;
 
 #[derive(Parser)]
@@ -79,6 +82,11 @@ enum Cmd {
     Send { contact: String, text: String },
     /// Show the history with a contact.
     Log { contact: String },
+    /// Group chats: create, invite, remove, leave, send, read.
+    Group {
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
     /// Show the node's peer id, addresses, DHT peers and outbox size.
     Status,
     /// Run a community relay: DHT server, circuit relay, AutoNAT server and mailboxes.
@@ -120,6 +128,44 @@ struct RelayArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Create a group on your home relays, inviting contacts.
+    Create {
+        name: String,
+        /// A contact to invite (repeatable).
+        #[arg(long = "member")]
+        members: Vec<String>,
+    },
+    /// List your groups.
+    List,
+    /// Show a group's members, roles and relays.
+    Members { group: String },
+    /// Invite contacts (admins).
+    Invite { group: String, contacts: Vec<String> },
+    /// Remove a member (admins).
+    Remove { group: String, member: String },
+    /// Leave a group.
+    Leave { group: String },
+    /// Send a text to a group.
+    Send { group: String, text: String },
+    /// Show a group's history.
+    Log { group: String },
+    /// Rename a group or change its description (admins).
+    Rename {
+        group: String,
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Give a member a role: owner (transfers ownership), admin or member (owner only).
+    Role {
+        group: String,
+        member: String,
+        role: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -247,6 +293,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Group { cmd } => group_cmd(&dir, cmd).await,
         Cmd::Status => {
             let s: NodeStatus = Client::new(&dir)?.get("/api/status").await?;
             out!("account:   {} ({})", s.account, s.name);
@@ -290,6 +337,93 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo | Cmd::Bench(_) | Cmd::BenchRelay(_) | Cmd::Relay(_) => Ok(()),
     }
+}
+
+async fn group_cmd(dir: &Path, cmd: GroupCmd) -> anyhow::Result<()> {
+    let client = Client::new(dir)?;
+    let show = |g: &GroupView| {
+        let state = if g.left { " (you left)" } else { "" };
+        out!("{}  {}{state}  epoch {}", g.id, g.name, g.epoch);
+        for m in &g.members {
+            out!("  {:<7} {}  devices: {}", m.role, m.account, m.devices);
+        }
+    };
+    match cmd {
+        GroupCmd::Create { name, members } => {
+            let g: GroupView = client.post("/api/groups", &CreateGroupBody { name, members }).await?;
+            show(&g);
+        }
+        GroupCmd::List => {
+            let list: Vec<GroupView> = client.get("/api/groups").await?;
+            for g in &list {
+                show(g);
+            }
+        }
+        GroupCmd::Members { group } => {
+            let g: GroupView = client.get(&format!("/api/groups/{group}")).await?;
+            show(&g);
+            for r in &g.relays {
+                out!("  relay   {r}");
+            }
+        }
+        GroupCmd::Invite { group, contacts } => {
+            let g: GroupView = client
+                .post(&format!("/api/groups/{group}/members"), &InviteBody { contacts })
+                .await?;
+            show(&g);
+        }
+        GroupCmd::Remove { group, member } => {
+            let g: GroupView = client.delete(&format!("/api/groups/{group}/members/{member}")).await?;
+            show(&g);
+        }
+        GroupCmd::Leave { group } => {
+            let card: CardView = client.get("/api/card").await?;
+            let _: GroupView = client
+                .delete(&format!("/api/groups/{group}/members/{}", card.account))
+                .await?;
+            out!("left {group}");
+        }
+        GroupCmd::Send { group, text } => {
+            let m: MessageView = client
+                .post(&format!("/api/groups/{group}/messages"), &GroupTextBody { text })
+                .await?;
+            out!("queued {} (state: {:?})", m.id, m.state);
+        }
+        GroupCmd::Log { group } => {
+            let list: Vec<MessageView> = client.get(&format!("/api/groups/{group}/messages")).await?;
+            for m in list {
+                let who = if m.outgoing {
+                    "me".to_owned()
+                } else {
+                    m.sender.chars().take(8).collect()
+                };
+                out!("{} {:>8}: {}", format_ts(m.timestamp_ms), who, m.text);
+            }
+        }
+        GroupCmd::Rename {
+            group,
+            name,
+            description,
+        } => {
+            let g: GroupView = client
+                .post(
+                    &format!("/api/groups/{group}/info"),
+                    &GroupInfoBody {
+                        name: Some(name),
+                        description,
+                    },
+                )
+                .await?;
+            show(&g);
+        }
+        GroupCmd::Role { group, member, role } => {
+            let g: GroupView = client
+                .post(&format!("/api/groups/{group}/roles"), &RoleBody { member, role })
+                .await?;
+            show(&g);
+        }
+    }
+    Ok(())
 }
 
 fn display_name(c: &ContactView) -> &str {
@@ -489,6 +623,17 @@ impl Client {
         let resp = self
             .http
             .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .context("cannot reach the node (is `tidings run` still running?)")?;
+        Self::finish(resp).await
+    }
+
+    async fn delete<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self
+            .http
+            .delete(format!("{}{path}", self.base))
             .bearer_auth(&self.token)
             .send()
             .await

@@ -6,19 +6,20 @@ use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 use prost::Message as _;
+use tidings_protocol::group::Role;
 use tidings_protocol::identity::{AccountId, AccountKey, DeviceCertificate, DeviceKey};
 use tidings_protocol::mailbox;
 use tidings_protocol::mls::{MlsEngine, signature_keys_from_seed};
 use tidings_protocol::pb;
 use tidings_protocol::record::{UserRecord, user_record_key};
 use tidings_protocol::{CardError, ContactCard};
-use tidings_store::{Contact, Identity, Store};
+use tidings_store::{Contact, Identity, IntentRow, Store};
 use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::clock::Clock;
-use crate::core::{Core, CoreInput, NodeError, Refusals, peer_id_of};
+use crate::core::{Core, CoreInput, GroupView, NodeError, Refusals, peer_id_of};
 use crate::net::{self, NetConfig, NetError, NetEvent, Network};
 use crate::relay::{MailboxService, RelayMetrics, RelayOptions};
 use crate::types::{ContactView, MailGapView, MessageView, NodeEvent, NodeStatus, RefusalView};
@@ -27,6 +28,19 @@ use crate::types::{ContactView, MailGapView, MessageView, NodeEvent, NodeStatus,
 pub const DEVICE_CERT_VALIDITY_MS: u64 = 365 * 24 * 3600 * 1000;
 /// Longest time direct deliveries wait for the first mailbox catch-up.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(15);
+/// How often a node fetches its groups' inboxes when nothing wakes it earlier.
+const GROUP_POLL: Duration = Duration::from_secs(1);
+/// Longest a group change waits for an earlier change of ours to be decided.
+const GROUP_CHANGE_WAIT: Duration = Duration::from_secs(30);
+
+/// Parses a group id given in hex.
+fn parse_group_id(s: &str) -> Result<Vec<u8>, NodeError> {
+    match hex::decode(s.trim()) {
+        Ok(b) if !b.is_empty() && b.len() <= 64 => Ok(b),
+        _ => Err(NodeError::NoConversation),
+    }
+}
+
 /// One-time key packages a device keeps on each home relay.
 pub const KEY_PACKAGE_POOL: usize = 20;
 /// How often a node re-checks its relay mailboxes (pushes cover the time between).
@@ -139,6 +153,8 @@ struct Inner {
     clock: Clock,
     conversation_lock: Mutex<()>,
     refusals: Refusals,
+    /// Wakes the group sync task.
+    group_wake: tokio::sync::Notify,
 }
 
 /// A cloneable handle to a running node: what the API, the CLI and tests use.
@@ -243,6 +259,7 @@ impl Node {
                 clock: config.clock,
                 conversation_lock: Mutex::new(()),
                 refusals,
+                group_wake: tokio::sync::Notify::new(),
             }),
         };
         info!(account = %handle.account(), peer = %handle.peer_id(), "node started");
@@ -259,6 +276,7 @@ impl Node {
         if !relays.is_empty() {
             tasks.push(tokio::spawn(handle.clone().mailbox_sync(relays)));
         }
+        tasks.push(tokio::spawn(handle.clone().group_sync()));
         Ok(Node {
             handle,
             tasks,
@@ -572,6 +590,19 @@ impl NodeHandle {
                 })
                 .await?;
         }
+        let key_packages = self.key_packages_for(&contact).await?;
+        self.core(|reply| CoreInput::CreateConversation {
+            contact: account,
+            key_packages,
+            reply,
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// One key package for each of a contact's devices: fetched from the
+    /// device, or claimed from its relays when the device is away.
+    async fn key_packages_for(&self, contact: &Contact) -> Result<Vec<Vec<u8>>, NodeError> {
         let now = self.inner.clock.now_ms();
         let mut key_packages = Vec::new();
         let mut last_error = String::from("no devices known");
@@ -601,13 +632,264 @@ impl NodeHandle {
         if key_packages.is_empty() {
             return Err(NodeError::Unreachable(last_error));
         }
-        self.core(|reply| CoreInput::CreateConversation {
-            contact: account,
-            key_packages,
-            reply,
-        })
-        .await?;
-        Ok(())
+        Ok(key_packages)
+    }
+
+    // ------------------------------------------------------------- groups
+
+    /// Creates a group on this device's home relays and invites `members`
+    /// (contacts, by name or account).
+    pub async fn create_group(&self, name: &str, members: &[&str]) -> Result<GroupView, NodeError> {
+        let relays: Vec<String> = self.inner.home_relays.iter().map(|a| a.to_string()).collect();
+        let name = name.to_owned();
+        let gid = self
+            .core(|reply| CoreInput::CreateGroup { name, relays, reply })
+            .await?;
+        self.group_sync_now();
+        if !members.is_empty() {
+            self.invite(&hex::encode(&gid), members).await?;
+        }
+        self.group(&hex::encode(&gid)).await
+    }
+
+    /// Adds contacts to a group: claims a key package for each of their
+    /// devices and commits the add. The Welcome goes out once the group's
+    /// sequencing relay has put the commit first in its epoch.
+    pub async fn invite(&self, group: &str, contacts: &[&str]) -> Result<(), NodeError> {
+        let group_id = parse_group_id(group)?;
+        let mut key_packages = Vec::new();
+        for who in contacts {
+            let contact = self.find_contact(who)?;
+            key_packages.extend(self.key_packages_for(&contact).await?);
+        }
+        self.group_change(group_id, IntentRow::Add { key_packages }).await
+    }
+
+    /// Removes a contact's devices from a group (admins; see `group::authorize`).
+    pub async fn remove_member(&self, group: &str, who: &str) -> Result<(), NodeError> {
+        let group_id = parse_group_id(group)?;
+        let account = match self.find_contact(who) {
+            Ok(c) => c.account,
+            Err(e) => *AccountId::from_base58(who).map_err(|_| e)?.as_bytes(),
+        };
+        let devices = self
+            .core(|reply| CoreInput::GroupMemberDevices {
+                group_id: group_id.clone(),
+                accounts: vec![account],
+                reply,
+            })
+            .await?;
+        if devices.is_empty() {
+            return Err(NodeError::UnknownContact(format!("{who} is not in the group")));
+        }
+        self.group_change(group_id, IntentRow::Remove { devices }).await
+    }
+
+    /// Leaves a group: removes every device of this account from it.
+    pub async fn leave_group(&self, group: &str) -> Result<(), NodeError> {
+        let group_id = parse_group_id(group)?;
+        let devices = self
+            .core(|reply| CoreInput::GroupMemberDevices {
+                group_id: group_id.clone(),
+                accounts: vec![*self.inner.account.as_bytes()],
+                reply,
+            })
+            .await?;
+        self.group_change(group_id, IntentRow::Remove { devices }).await
+    }
+
+    /// Renames a group, or changes its description (admins).
+    pub async fn set_group_info(
+        &self,
+        group: &str,
+        name: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<(), NodeError> {
+        let group_id = parse_group_id(group)?;
+        let mut meta = self
+            .core(|reply| CoreInput::GroupMeta {
+                group_id: group_id.clone(),
+                reply,
+            })
+            .await?;
+        if let Some(n) = name {
+            meta.name = n.to_owned();
+        }
+        if let Some(d) = description {
+            meta.description = d.to_owned();
+        }
+        self.group_change(group_id, IntentRow::SetMeta { meta: meta.encode() })
+            .await
+    }
+
+    /// Gives a member a role (owner only); making someone owner transfers
+    /// ownership (this account becomes an admin).
+    pub async fn set_group_role(&self, group: &str, who: &str, role: Role) -> Result<(), NodeError> {
+        let group_id = parse_group_id(group)?;
+        let account = match self.find_contact(who) {
+            Ok(c) => c.account,
+            Err(e) => *AccountId::from_base58(who).map_err(|_| e)?.as_bytes(),
+        };
+        let mut meta = self
+            .core(|reply| CoreInput::GroupMeta {
+                group_id: group_id.clone(),
+                reply,
+            })
+            .await?;
+        if role == Role::Owner {
+            meta.roles.insert(*self.inner.account.as_bytes(), Role::Admin);
+        }
+        if role == Role::Member {
+            meta.roles.remove(&account);
+        } else {
+            meta.roles.insert(account, role);
+        }
+        self.group_change(group_id, IntentRow::SetMeta { meta: meta.encode() })
+            .await
+    }
+
+    /// Commits a change, waiting (bounded) while an earlier change of ours is
+    /// still undecided.
+    async fn group_change(&self, group_id: Vec<u8>, intent: IntentRow) -> Result<(), NodeError> {
+        let deadline = tokio::time::Instant::now() + GROUP_CHANGE_WAIT;
+        loop {
+            let r = self
+                .core(|reply| CoreInput::GroupIntent {
+                    group_id: group_id.clone(),
+                    intent: intent.clone(),
+                    reply,
+                })
+                .await;
+            match r {
+                Ok(_) => {
+                    self.group_sync_now();
+                    return Ok(());
+                }
+                Err(NodeError::Unreachable(why))
+                    if why.contains("still waiting") && tokio::time::Instant::now() < deadline =>
+                {
+                    self.group_sync_now();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends a text to a group.
+    pub async fn send_group(&self, group: &str, text: &str) -> Result<MessageView, NodeError> {
+        let group_id = parse_group_id(group)?;
+        let text = text.to_owned();
+        let m = self
+            .core(|reply| CoreInput::SendGroup { group_id, text, reply })
+            .await?;
+        self.group_sync_now();
+        Ok(m)
+    }
+
+    /// A group's history, oldest first.
+    pub fn group_history(&self, group: &str) -> Result<Vec<MessageView>, NodeError> {
+        let group_id = parse_group_id(group)?;
+        let key = tidings_protocol::group::group_chat_key(&group_id);
+        Ok(self
+            .inner
+            .store
+            .list_messages(&key)?
+            .iter()
+            .map(MessageView::from_stored)
+            .collect())
+    }
+
+    /// A group's name, members, roles and relays.
+    pub async fn group(&self, group: &str) -> Result<GroupView, NodeError> {
+        let group_id = parse_group_id(group)?;
+        self.core(|reply| CoreInput::GroupView { group_id, reply }).await
+    }
+
+    /// Every group this device is (or was) in.
+    pub async fn groups(&self) -> Result<Vec<GroupView>, NodeError> {
+        let mut out = Vec::new();
+        for c in self.inner.store.list_groups()? {
+            let group_id = c.group_id;
+            out.push(self.core(|reply| CoreInput::GroupView { group_id, reply }).await?);
+        }
+        Ok(out)
+    }
+
+    /// Wakes the group sync task.
+    fn group_sync_now(&self) {
+        self.inner.group_wake.notify_one();
+    }
+
+    /// Keeps every group applied: fetches each group's sequencing inbox from
+    /// its cursor and hands what it finds to the core, in order. Runs every
+    /// [`GROUP_POLL`], and at once after this device changed or sent something.
+    async fn group_sync(self) {
+        loop {
+            let mut busy = false;
+            let inboxes = self.core(|reply| CoreInput::GroupInboxes { reply }).await;
+            let Ok(inboxes) = inboxes else { return };
+            for g in inboxes {
+                match self.fetch_group(&g).await {
+                    Ok(more) => busy |= more,
+                    Err(e) => debug!(group = %hex::encode(&g.group_id), "group fetch failed: {e}"),
+                }
+            }
+            if !busy {
+                let _ = tokio::time::timeout(GROUP_POLL, self.inner.group_wake.notified()).await;
+            }
+        }
+    }
+
+    /// Fetches one page of a group's sequencing inbox and applies it.
+    /// Returns whether there may be more.
+    async fn fetch_group(&self, g: &crate::core::GroupInbox) -> Result<bool, NodeError> {
+        let (relay, addr) = &g.relay;
+        self.inner.net.add_address(*relay, addr.clone()).await;
+        let key = tidings_protocol::DeviceKey::from_seed(g.key_seed).public();
+        let inbox = mailbox::inbox_id(&key);
+        let mut nonce = [0u8; 16];
+        nonce.copy_from_slice(&random_seed()[..16]);
+        let auth = mailbox::sign_auth(
+            &g.key_seed,
+            mailbox::Op::Fetch,
+            &inbox,
+            self.inner.clock.now_ms(),
+            nonce,
+            g.cursor,
+        );
+        let resp = self
+            .mailbox_call(
+                *relay,
+                pb::mailbox_request::Op::Fetch(pb::Fetch {
+                    inbox_id: inbox.to_vec(),
+                    request_inbox: false,
+                    after_index: g.cursor,
+                    limit: 256,
+                    auth: Some(auth),
+                }),
+            )
+            .await?;
+        let Some(pb::mailbox_response::Result::Fetched(fetched)) = resp.result else {
+            return Ok(false);
+        };
+        if fetched.envelopes.is_empty() {
+            return Ok(false);
+        }
+        let items: Vec<(u64, pb::Envelope)> = fetched
+            .envelopes
+            .iter()
+            .map(|e| (e.index, pb::Envelope::decode(e.envelope.as_slice()).unwrap_or_default()))
+            .collect();
+        let applied = self
+            .core(|reply| CoreInput::ApplyGroupInbox {
+                group_id: g.group_id.clone(),
+                inbox_seed: g.inbox_seed,
+                items,
+                reply,
+            })
+            .await?;
+        Ok(applied > 0)
     }
 
     /// Claims a key package of `device` from one of `relays`.

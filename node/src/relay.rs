@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tidings_protocol::mailbox::{self as mb, MailboxError, Op};
 use tidings_protocol::pb::{self, mailbox_request, mailbox_response};
-use tidings_store::mailbox::{DepositRequest, MailboxLimits, Mailboxes};
+use tidings_store::mailbox::{DepositRefusal, DepositRequest, Deposited, MailboxLimits, Mailboxes};
 use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -38,6 +39,8 @@ const MAX_FETCH: usize = 512;
 const MAX_FETCH_BYTES: usize = 3 * 1024 * 1024;
 /// Most mailbox requests folded into one pass (deposits in one transaction).
 const MAX_BATCH: usize = 512;
+/// Requests stop being folded into a pass once it holds this many deposits.
+const MAX_PASS_DEPOSITS: usize = 1024;
 
 /// Output format of the relay's logs.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -284,11 +287,33 @@ struct PushDone {
 }
 
 /// The task that answers `/tidings/mailbox/1` on a relay.
+///
+/// Deposits go through three stages. The service task checks each one (size,
+/// envelope, capability or proof of work, rate limits); capabilities it has
+/// not seen verify on blocking threads, in parallel, and the verified ones are
+/// remembered ([`CapabilityCache`]). Checked deposits are staged, and handed
+/// to a commit task as soon as no commit runs: one durable redb commit of
+/// everything staged, then receipts signed (in parallel on blocking threads
+/// when there are many), then the answers. So while a commit runs, the
+/// service checks and stages what arrives, and the next commit may run while
+/// the previous one's receipts are signed. Commits never overlap, and at most
+/// [`ANSWERING_PASSES`] passes are between commit and answer.
 pub struct MailboxService {
     opts: RelayOptions,
     net: Network,
     clock: Clock,
-    relay_seed: [u8; 32],
+    signer: Arc<mb::ReceiptSigner>,
+    /// How many blocking threads verify or sign at once.
+    parallel: usize,
+    caps: CapabilityCache,
+    /// Reports when the running commit is durable, with the normal inboxes
+    /// that received envelopes; None when no commit is running.
+    commit: Option<oneshot::Receiver<Vec<[u8; 32]>>>,
+    /// One permit per pass between the start of its commit and its answers.
+    answering: Arc<Semaphore>,
+    /// Checked deposits waiting for the next commit (gathered while the
+    /// current one runs).
+    staged: Staged,
     subs: HashMap<[u8; 32], Subscription>,
     claim_budget: HashMap<PeerId, (Instant, u32)>,
     request_budget: HashMap<PeerId, (Instant, u32)>,
@@ -302,6 +327,164 @@ struct Pending {
     peer: PeerId,
     ip: Option<IpAddr>,
     request: pb::MailboxRequest,
+}
+
+/// Most verified capabilities a relay remembers.
+pub const CAPABILITY_CACHE_MAX: usize = 65_536;
+/// Most passes between the start of their commit and their answers.
+const ANSWERING_PASSES: usize = 2;
+/// Passes with fewer receipts than this sign them in the commit task itself.
+const INLINE_SIGNATURES: usize = 8;
+/// Smallest share of work worth a blocking thread of its own.
+const MIN_CHUNK: usize = 4;
+
+/// What a verified capability grants: its inbox, until `expires_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Grant {
+    inbox: [u8; 32],
+    expires_ms: u64,
+}
+
+impl Grant {
+    /// The same answer [`mb::verify_capability`] gives for this capability.
+    fn allows(self, inbox: &[u8; 32], now: u64) -> Result<(), MailboxError> {
+        if self.inbox != *inbox {
+            return Err(MailboxError::Unauthorized);
+        }
+        if now > self.expires_ms {
+            return Err(MailboxError::Expired);
+        }
+        Ok(())
+    }
+}
+
+/// Capabilities whose owner signature verified, by a hash of their exact
+/// bytes. A sender reuses one capability for every deposit, so the signature
+/// is checked once; each use still checks the inbox and the expiry
+/// ([`Grant::allows`]). Two generations of at most half of
+/// [`CAPABILITY_CACHE_MAX`] each: when the newer fills, the older is dropped
+/// and a hit in the older one moves to the newer.
+#[derive(Default)]
+struct CapabilityCache {
+    current: HashMap<[u8; 32], Grant>,
+    previous: HashMap<[u8; 32], Grant>,
+}
+
+impl CapabilityCache {
+    /// SHA-256 over the capability's body (length-prefixed) and signature.
+    fn key(cap: &pb::Capability) -> [u8; 32] {
+        Sha256::new()
+            .chain_update(b"tidings/relay-cap-cache/v1")
+            .chain_update((cap.body.len() as u64).to_be_bytes())
+            .chain_update(&cap.body)
+            .chain_update(&cap.signature)
+            .finalize()
+            .into()
+    }
+
+    fn get(&mut self, key: &[u8; 32]) -> Option<Grant> {
+        if let Some(g) = self.current.get(key) {
+            return Some(*g);
+        }
+        let g = self.previous.remove(key)?;
+        self.insert(*key, g);
+        Some(g)
+    }
+
+    fn insert(&mut self, key: [u8; 32], grant: Grant) {
+        if self.current.len() >= CAPABILITY_CACHE_MAX / 2 {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, grant);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+}
+
+/// Runs `f` over `items` on up to `parallel` blocking threads at once, in
+/// contiguous chunks of at least [`MIN_CHUNK`]; the results keep the order.
+async fn parallel_map<T, R, F>(items: Vec<T>, parallel: usize, f: F) -> Result<Vec<R>, MailboxError>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> R + Send + Sync + 'static,
+{
+    let n = items.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let chunks = parallel.clamp(1, n.div_ceil(MIN_CHUNK));
+    let per = n.div_ceil(chunks);
+    let f = Arc::new(f);
+    let mut handles = Vec::with_capacity(chunks);
+    let mut rest = items.into_iter();
+    loop {
+        let chunk: Vec<T> = rest.by_ref().take(per).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        let f = f.clone();
+        handles.push(tokio::task::spawn_blocking(move || {
+            chunk.into_iter().map(|t| f(t)).collect::<Vec<R>>()
+        }));
+    }
+    let mut out = Vec::with_capacity(n);
+    for h in handles {
+        out.extend(h.await.map_err(|_| MailboxError::Unavailable)?);
+    }
+    Ok(out)
+}
+
+/// One deposit after the service's checks.
+enum Checked {
+    /// Passed every check; goes to the commit.
+    Ready(DepositRequest),
+    /// Passed the other checks; waits for the signature check of the
+    /// capability with this cache key.
+    NeedsCapability(DepositRequest, [u8; 32]),
+}
+
+/// A deposit request (single or batch) on its way to an answer.
+struct DepositCall {
+    id: u64,
+    peer: PeerId,
+    /// A [`pb::DepositBatch`] (answered with [`pb::DepositResults`]).
+    batch: bool,
+    items: Vec<Result<Checked, MailboxError>>,
+}
+
+/// Where one item of a call stands once its checks are done.
+enum Slot {
+    Refused(MailboxError),
+    /// Its position in the pass's commit.
+    Commit(usize),
+}
+
+/// Checked deposits for the next commit, and the calls they answer.
+#[derive(Default)]
+struct Staged {
+    calls: Vec<CommitCall>,
+    reqs: Vec<DepositRequest>,
+}
+
+/// What a commit task answers.
+struct CommitCall {
+    id: u64,
+    batch: bool,
+    slots: Vec<Slot>,
+}
+
+/// What a commit task needs from the service.
+#[derive(Clone)]
+struct CommitContext {
+    mailboxes: Arc<Mailboxes>,
+    net: Network,
+    metrics: Arc<RelayMetrics>,
+    signer: Arc<mb::ReceiptSigner>,
+    parallel: usize,
 }
 
 fn respond_err(e: MailboxError, detail: impl Into<String>) -> pb::MailboxResponse {
@@ -318,6 +501,32 @@ fn respond_ok(result: mailbox_response::Result) -> pb::MailboxResponse {
         detail: String::new(),
         result: Some(result),
     }
+}
+
+/// The answer to a deposit request, from each item's receipt or refusal.
+fn deposit_answer(batch: bool, mut items: Vec<Result<pb::CustodyReceipt, MailboxError>>) -> pb::MailboxResponse {
+    if !batch {
+        return match items.pop() {
+            Some(Ok(receipt)) => respond_ok(mailbox_response::Result::Receipt(receipt)),
+            Some(Err(MailboxError::Unavailable)) => respond_err(MailboxError::Unavailable, "cannot commit"),
+            Some(Err(e)) => respond_err(e, ""),
+            None => respond_err(MailboxError::BadRequest, ""),
+        };
+    }
+    let results = items
+        .into_iter()
+        .map(|item| match item {
+            Ok(receipt) => pb::DepositResult {
+                status: pb::MailboxStatus::Ok as i32,
+                receipt: Some(receipt),
+            },
+            Err(e) => pb::DepositResult {
+                status: e.status() as i32,
+                receipt: None,
+            },
+        })
+        .collect();
+    respond_ok(mailbox_response::Result::DepositResults(pb::DepositResults { results }))
 }
 
 /// A depositor's identity for per-sender quotas.
@@ -343,14 +552,41 @@ fn allow<K: Eq + Hash>(budget: &mut HashMap<K, (Instant, u32)>, key: K, per_minu
     e.1 <= per_minute
 }
 
+/// Deposits a request carries (for sizing a pass; a refused batch counts 1).
+fn deposits_in(ev: &NetEvent) -> usize {
+    match ev {
+        NetEvent::Mailbox { request, .. } => match &request.op {
+            Some(mailbox_request::Op::DepositBatch(b)) => b.deposits.len().clamp(1, mb::MAX_DEPOSITS_PER_BATCH),
+            _ => 1,
+        },
+        _ => 0,
+    }
+}
+
+/// Waits until the running commit is durable; never returns if none runs.
+async fn commit_finished(
+    commit: &mut Option<oneshot::Receiver<Vec<[u8; 32]>>>,
+) -> Result<Vec<[u8; 32]>, oneshot::error::RecvError> {
+    match commit {
+        Some(rx) => rx.await,
+        None => std::future::pending().await,
+    }
+}
+
 impl MailboxService {
     pub fn new(opts: RelayOptions, net: Network, clock: Clock, relay_seed: [u8; 32]) -> Self {
         let (push_tx, push_rx) = mpsc::channel(1024);
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
         Self {
             opts,
             net,
             clock,
-            relay_seed,
+            signer: Arc::new(mb::ReceiptSigner::new(&relay_seed)),
+            parallel,
+            caps: CapabilityCache::default(),
+            commit: None,
+            answering: Arc::new(Semaphore::new(ANSWERING_PASSES)),
+            staged: Staged::default(),
             subs: HashMap::new(),
             claim_budget: HashMap::new(),
             request_budget: HashMap::new(),
@@ -366,23 +602,96 @@ impl MailboxService {
         self.update_gauges().await;
         loop {
             tokio::select! {
-                ev = rx.recv() => {
+                // Read no more while a full pass waits for the running commit.
+                ev = rx.recv(), if self.staged.reqs.len() < MAX_PASS_DEPOSITS => {
                     let Some(first) = ev else { break };
                     let mut batch = Vec::new();
+                    let mut deposits = self.staged.reqs.len();
                     let mut next = Some(first);
                     while let Some(ev) = next {
+                        deposits += deposits_in(&ev);
                         if let NetEvent::Mailbox { id, peer, ip, request } = ev {
                             batch.push(Pending { id, peer, ip, request });
                         }
-                        next = if batch.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
+                        next = if batch.len() < MAX_BATCH && deposits < MAX_PASS_DEPOSITS {
+                            rx.try_recv().ok()
+                        } else {
+                            None
+                        };
                     }
                     self.on_batch(batch).await;
+                }
+                done = commit_finished(&mut self.commit) => {
+                    self.commit = None;
+                    self.after_commit(done);
                 }
                 Some(done) = self.push_rx.recv() => self.on_push_done(done).await,
                 _ = sweep.tick() => self.sweep().await,
             }
+            self.start_commit().await;
+        }
+        // Commit what was checked and let it be answered before stopping
+        // (answers are sent by the commit tasks).
+        loop {
+            if let Some(rx) = self.commit.take() {
+                let done = rx.await;
+                self.after_commit(done);
+            }
+            if self.staged.reqs.is_empty() {
+                break;
+            }
+            self.start_commit().await;
         }
         debug!("mailbox service stopped");
+    }
+
+    /// Hands everything staged to a commit task, unless a commit runs.
+    async fn start_commit(&mut self) {
+        if self.commit.is_some() || self.staged.reqs.is_empty() {
+            return;
+        }
+        // Room among the passes still signing and answering.
+        let permit = match self.answering.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => {
+                // The semaphore is never closed; answer rather than drop.
+                warn!("deposit pass refused: no commit slot");
+                let Staged { calls, .. } = std::mem::take(&mut self.staged);
+                for call in calls {
+                    let items = call.slots.iter().map(|s| match s {
+                        Slot::Refused(e) => Err(*e),
+                        Slot::Commit(_) => Err(MailboxError::Unavailable),
+                    });
+                    self.net
+                        .respond_mailbox(call.id, deposit_answer(call.batch, items.collect()))
+                        .await;
+                }
+                return;
+            }
+        };
+        let Staged { calls, reqs } = std::mem::take(&mut self.staged);
+        let (committed_tx, committed_rx) = oneshot::channel();
+        let ctx = CommitContext {
+            mailboxes: self.opts.mailboxes.clone(),
+            net: self.net.clone(),
+            metrics: self.opts.metrics.clone(),
+            signer: self.signer.clone(),
+            parallel: self.parallel,
+        };
+        let now = self.clock.now_ms();
+        self.commit = Some(committed_rx);
+        tokio::spawn(commit_deposits(ctx, calls, reqs, now, committed_tx, permit));
+    }
+
+    fn after_commit(&mut self, done: Result<Vec<[u8; 32]>, oneshot::error::RecvError>) {
+        match done {
+            Ok(touched) => {
+                for inbox in touched {
+                    self.push(inbox);
+                }
+            }
+            Err(_) => warn!("a deposit commit task ended without reporting"),
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -434,10 +743,13 @@ impl MailboxService {
 
     async fn on_batch(&mut self, batch: Vec<Pending>) {
         let now = self.clock.now_ms();
-        let mut deposits: Vec<(Pending, DepositRequest)> = Vec::new();
-        for p in batch {
+        let mut calls: Vec<DepositCall> = Vec::new();
+        // Capabilities to verify in this pass, by cache key (each once).
+        let mut uncached: HashMap<[u8; 32], pb::Capability> = HashMap::new();
+        for mut p in batch {
             let op = match &p.request.op {
                 Some(mailbox_request::Op::Deposit(_)) => "deposit",
+                Some(mailbox_request::Op::DepositBatch(_)) => "deposit_batch",
                 Some(mailbox_request::Op::Fetch(_)) => "fetch",
                 Some(mailbox_request::Op::Ack(_)) => "ack",
                 Some(mailbox_request::Op::Subscribe(_)) => "subscribe",
@@ -450,19 +762,50 @@ impl MailboxService {
                 .requests
                 .get_or_create(&vec![("op".into(), op.into())])
                 .inc();
-            let result = match &p.request.op {
-                Some(mailbox_request::Op::Deposit(d)) => match self.check_deposit(&p.peer, p.ip, d, now) {
-                    Ok(req) => {
-                        deposits.push((p, req));
+            let result = match p.request.op.take() {
+                Some(mailbox_request::Op::Deposit(d)) => {
+                    let sender = sender_key(&p.peer);
+                    let item = self.check_deposit(&sender, &p.peer, p.ip, d, now, &mut uncached);
+                    if let Err(e) = item {
+                        // Refused before any work: answer at once.
+                        self.refuse_item(&p.peer, e);
+                        self.net
+                            .respond_mailbox(p.id, deposit_answer(false, vec![Err(e)]))
+                            .await;
                         continue;
                     }
-                    Err(e) => Err(e),
-                },
-                Some(mailbox_request::Op::Fetch(f)) => self.fetch(f, now).await,
-                Some(mailbox_request::Op::Ack(a)) => self.ack(a, now).await,
-                Some(mailbox_request::Op::Subscribe(s)) => self.subscribe(p.peer, s, now).await,
-                Some(mailbox_request::Op::ClaimKeyPackage(c)) => self.claim(p.peer, c).await,
-                Some(mailbox_request::Op::PublishKeyPackages(k)) => self.publish(k, now).await,
+                    calls.push(DepositCall {
+                        id: p.id,
+                        peer: p.peer,
+                        batch: false,
+                        items: vec![item],
+                    });
+                    continue;
+                }
+                Some(mailbox_request::Op::DepositBatch(b))
+                    if !b.deposits.is_empty() && b.deposits.len() <= mb::MAX_DEPOSITS_PER_BATCH =>
+                {
+                    let sender = sender_key(&p.peer);
+                    let items = b
+                        .deposits
+                        .into_iter()
+                        .map(|d| self.check_deposit(&sender, &p.peer, p.ip, d, now, &mut uncached))
+                        .collect();
+                    calls.push(DepositCall {
+                        id: p.id,
+                        peer: p.peer,
+                        batch: true,
+                        items,
+                    });
+                    continue;
+                }
+                // Empty, or more than a batch may hold: refused whole.
+                Some(mailbox_request::Op::DepositBatch(_)) => Err(MailboxError::BadRequest),
+                Some(mailbox_request::Op::Fetch(f)) => self.fetch(&f, now).await,
+                Some(mailbox_request::Op::Ack(a)) => self.ack(&a, now).await,
+                Some(mailbox_request::Op::Subscribe(s)) => self.subscribe(p.peer, &s, now).await,
+                Some(mailbox_request::Op::ClaimKeyPackage(c)) => self.claim(p.peer, &c).await,
+                Some(mailbox_request::Op::PublishKeyPackages(k)) => self.publish(&k, now).await,
                 None => Err(MailboxError::BadRequest),
             };
             let response = match result {
@@ -475,18 +818,28 @@ impl MailboxService {
             };
             self.net.respond_mailbox(p.id, response).await;
         }
-        if !deposits.is_empty() {
-            self.commit_deposits(deposits, now).await;
+        if !calls.is_empty() {
+            self.finish_deposits(calls, uncached, now).await;
         }
     }
 
+    fn refuse_item(&self, peer: &PeerId, e: MailboxError) {
+        self.opts.metrics.refuse("deposit", e);
+        debug!(%peer, op = "deposit", "refused: {e}");
+    }
+
+    /// The checks of one deposit that need no signature verification. A
+    /// capability seen before is settled from the cache; one not seen before
+    /// is added to `uncached` and settled in [`Self::finish_deposits`].
     fn check_deposit(
         &mut self,
+        sender: &[u8; 32],
         peer: &PeerId,
         ip: Option<IpAddr>,
-        d: &pb::Deposit,
+        d: pb::Deposit,
         now: u64,
-    ) -> Result<DepositRequest, MailboxError> {
+        uncached: &mut HashMap<[u8; 32], pb::Capability>,
+    ) -> Result<Checked, MailboxError> {
         let inbox = inbox32(&d.inbox_id)?;
         if d.envelope.len() > self.opts.mailboxes.limits().max_envelope_bytes {
             return Err(MailboxError::TooLarge);
@@ -510,86 +863,103 @@ impl MailboxService {
             if !mb::pow_ok(&inbox, &d.envelope, &d.pow_nonce, self.opts.pow_bits) {
                 return Err(MailboxError::InsufficientWork);
             }
-        } else {
-            let cap = d.capability.as_ref().ok_or(MailboxError::Unauthorized)?;
-            mb::verify_capability(cap, &inbox, now)?;
         }
-        Ok(DepositRequest {
+        let req = DepositRequest {
             inbox,
             request_inbox: d.request_inbox,
-            sender: sender_key(peer),
-            envelope: d.envelope.clone(),
-        })
+            sender: *sender,
+            envelope: d.envelope,
+        };
+        if d.request_inbox {
+            return Ok(Checked::Ready(req));
+        }
+        let cap = d.capability.ok_or(MailboxError::Unauthorized)?;
+        let key = CapabilityCache::key(&cap);
+        match self.caps.get(&key) {
+            Some(grant) => {
+                grant.allows(&inbox, now)?;
+                Ok(Checked::Ready(req))
+            }
+            None => {
+                uncached.entry(key).or_insert(cap);
+                Ok(Checked::NeedsCapability(req, key))
+            }
+        }
     }
 
-    async fn commit_deposits(&mut self, deposits: Vec<(Pending, DepositRequest)>, now: u64) {
-        let (pending, reqs): (Vec<Pending>, Vec<DepositRequest>) = deposits.into_iter().unzip();
-        let reqs = Arc::new(reqs);
-        let r2 = reqs.clone();
-        let result = self.blocking(move |m| m.deposit_batch(&r2, now)).await;
-        let outcomes = match result {
-            Ok(Ok(o)) if o.len() == pending.len() => o,
-            other => {
-                match other {
-                    Ok(Err(e)) => warn!("deposit commit failed: {e}"),
-                    Err(e) => warn!("deposit commit failed: {e}"),
-                    Ok(Ok(_)) => warn!("deposit commit returned a wrong count"),
-                }
-                for p in pending {
-                    self.opts.metrics.refuse("deposit", MailboxError::Unavailable);
-                    self.net
-                        .respond_mailbox(p.id, respond_err(MailboxError::Unavailable, "cannot commit"))
-                        .await;
-                }
-                return;
-            }
-        };
-        let mut touched = Vec::new();
-        for ((p, req), outcome) in pending.into_iter().zip(reqs.iter()).zip(outcomes) {
-            let response = match outcome {
-                Ok(dep) => {
-                    self.opts
-                        .metrics
-                        .deposits
-                        .get_or_create(&vec![("result".into(), "ok".into())])
-                        .inc();
-                    if !req.request_inbox {
-                        touched.push(req.inbox);
-                    }
-                    let receipt = mb::sign_receipt(
-                        &self.relay_seed,
-                        &mb::Receipt {
-                            relay_key: [0; 32],
-                            inbox_id: req.inbox,
-                            request_inbox: req.request_inbox,
-                            envelope_hash: mb::envelope_hash(&req.envelope),
-                            index: dep.index,
-                            accepted_ms: dep.accepted_ms,
-                            keep_until_ms: dep.keep_until_ms,
-                        },
-                    );
-                    respond_ok(mailbox_response::Result::Receipt(receipt))
-                }
-                Err(refusal) => {
-                    let e = match refusal {
-                        tidings_store::mailbox::DepositRefusal::TooLarge => MailboxError::TooLarge,
-                        tidings_store::mailbox::DepositRefusal::QuotaExceeded => MailboxError::QuotaExceeded,
-                    };
-                    self.opts
-                        .metrics
-                        .deposits
-                        .get_or_create(&vec![("result".into(), e.code().into())])
-                        .inc();
-                    self.opts.metrics.refuse("deposit", e);
-                    respond_err(e, "")
+    /// Verifies the pass's new capabilities in parallel, answers the calls
+    /// that have nothing left to commit, and stages the rest.
+    async fn finish_deposits(
+        &mut self,
+        calls: Vec<DepositCall>,
+        uncached: HashMap<[u8; 32], pb::Capability>,
+        now: u64,
+    ) {
+        let verified: HashMap<[u8; 32], Result<Grant, MailboxError>> =
+            match parallel_map(uncached.into_iter().collect(), self.parallel, |(key, cap)| {
+                let grant = mb::verify_capability_signature(&cap).map(|(inbox, info)| Grant {
+                    inbox,
+                    expires_ms: info.expires_ms,
+                });
+                (key, grant)
+            })
+            .await
+            {
+                Ok(v) => v.into_iter().collect(),
+                Err(e) => {
+                    warn!("capability verification failed: {e}");
+                    HashMap::new()
                 }
             };
-            self.net.respond_mailbox(p.id, response).await;
+        for (key, grant) in &verified {
+            if let Ok(g) = grant
+                && now <= g.expires_ms
+            {
+                self.caps.insert(*key, *g);
+            }
         }
-        touched.sort();
-        touched.dedup();
-        for inbox in touched {
-            self.push(inbox);
+
+        for call in calls {
+            let mut slots = Vec::with_capacity(call.items.len());
+            for item in call.items {
+                let settled = match item {
+                    Ok(Checked::Ready(req)) => Ok(req),
+                    Ok(Checked::NeedsCapability(req, key)) => match verified.get(&key) {
+                        Some(Ok(grant)) => grant.allows(&req.inbox, now).map(|()| req),
+                        Some(Err(e)) => Err(*e),
+                        None => Err(MailboxError::Unavailable),
+                    },
+                    Err(e) => Err(e),
+                };
+                slots.push(match settled {
+                    Ok(req) => {
+                        self.staged.reqs.push(req);
+                        Slot::Commit(self.staged.reqs.len() - 1)
+                    }
+                    Err(e) => {
+                        self.refuse_item(&call.peer, e);
+                        Slot::Refused(e)
+                    }
+                });
+            }
+            if slots.iter().any(|s| matches!(s, Slot::Commit(_))) {
+                self.staged.calls.push(CommitCall {
+                    id: call.id,
+                    batch: call.batch,
+                    slots,
+                });
+            } else {
+                let items = slots
+                    .into_iter()
+                    .map(|s| match s {
+                        Slot::Refused(e) => Err(e),
+                        Slot::Commit(_) => Err(MailboxError::Unavailable),
+                    })
+                    .collect();
+                self.net
+                    .respond_mailbox(call.id, deposit_answer(call.batch, items))
+                    .await;
+            }
         }
     }
 
@@ -850,6 +1220,136 @@ impl MailboxService {
     }
 }
 
+/// Commits one pass's checked deposits in one durable transaction, reports
+/// the normal inboxes that received envelopes on `committed`, then signs a
+/// receipt for each stored deposit (in parallel) and answers every call. No
+/// receipt is signed before the commit returned. Holds `_permit` until the
+/// answers are sent.
+async fn commit_deposits(
+    ctx: CommitContext,
+    calls: Vec<CommitCall>,
+    reqs: Vec<DepositRequest>,
+    now: u64,
+    committed: oneshot::Sender<Vec<[u8; 32]>>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let n = reqs.len();
+    let reqs = Arc::new(reqs);
+    let (m, r2) = (ctx.mailboxes.clone(), reqs.clone());
+    let started = std::time::Instant::now();
+    let result = tokio::task::spawn_blocking(move || m.deposit_batch(&r2, now)).await;
+    let commit_done = std::time::Instant::now();
+    let stored: Vec<Result<Deposited, MailboxError>> = match result {
+        Ok(Ok(o)) if o.len() == n => o
+            .into_iter()
+            .map(|outcome| {
+                let e = match outcome {
+                    Ok(dep) => {
+                        ctx.metrics
+                            .deposits
+                            .get_or_create(&vec![("result".into(), "ok".into())])
+                            .inc();
+                        return Ok(dep);
+                    }
+                    Err(DepositRefusal::TooLarge) => MailboxError::TooLarge,
+                    Err(DepositRefusal::QuotaExceeded) => MailboxError::QuotaExceeded,
+                };
+                ctx.metrics
+                    .deposits
+                    .get_or_create(&vec![("result".into(), e.code().into())])
+                    .inc();
+                ctx.metrics.refuse("deposit", e);
+                Err(e)
+            })
+            .collect(),
+        other => {
+            match other {
+                Ok(Err(e)) => warn!("deposit commit failed: {e}"),
+                Err(e) => warn!("deposit commit failed: {e}"),
+                Ok(Ok(_)) => warn!("deposit commit returned a wrong count"),
+            }
+            for _ in 0..n {
+                ctx.metrics.refuse("deposit", MailboxError::Unavailable);
+            }
+            vec![Err(MailboxError::Unavailable); n]
+        }
+    };
+
+    // Durably committed (or failed): the next pass may commit now.
+    let mut touched: Vec<[u8; 32]> = stored
+        .iter()
+        .zip(reqs.iter())
+        .filter(|(s, req)| s.is_ok() && !req.request_inbox)
+        .map(|(_, req)| req.inbox)
+        .collect();
+    touched.sort();
+    touched.dedup();
+    let _ = committed.send(touched);
+
+    // Sign the receipts.
+    let to_sign: Vec<(usize, Deposited)> = stored
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.as_ref().ok().map(|dep| (i, *dep)))
+        .collect();
+    let (signer, r3) = (ctx.signer.clone(), reqs.clone());
+    let sign = move |(i, dep): (usize, Deposited)| {
+        let req = &r3[i];
+        let receipt = signer.sign(&mb::Receipt {
+            relay_key: [0; 32],
+            inbox_id: req.inbox,
+            request_inbox: req.request_inbox,
+            envelope_hash: mb::envelope_hash(&req.envelope),
+            index: dep.index,
+            accepted_ms: dep.accepted_ms,
+            keep_until_ms: dep.keep_until_ms,
+        });
+        (i, receipt)
+    };
+    // A few signatures cost less than handing them to other threads.
+    let signed = if to_sign.len() < INLINE_SIGNATURES {
+        Ok(to_sign.into_iter().map(&sign).collect::<Vec<_>>())
+    } else {
+        parallel_map(to_sign, ctx.parallel, sign).await
+    };
+    debug!(
+        deposits = n,
+        requests = calls.len(),
+        commit_us = (commit_done - started).as_micros() as u64,
+        sign_us = commit_done.elapsed().as_micros() as u64,
+        "deposit pass committed"
+    );
+    let mut receipts: Vec<Option<pb::CustodyReceipt>> = vec![None; n];
+    match signed {
+        Ok(signed) => {
+            for (i, r) in signed {
+                receipts[i] = Some(r);
+            }
+        }
+        // Stored, but without a receipt the sender must retry (recipients
+        // drop the duplicate by envelope id).
+        Err(e) => warn!("signing custody receipts failed: {e}"),
+    }
+
+    for call in calls {
+        let items = call
+            .slots
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Refused(e) => Err(e),
+                Slot::Commit(i) => match (&stored[i], receipts[i].take()) {
+                    (Ok(_), Some(receipt)) => Ok(receipt),
+                    (Ok(_), None) => Err(MailboxError::Unavailable),
+                    (Err(e), _) => Err(*e),
+                },
+            })
+            .collect();
+        ctx.net
+            .respond_mailbox(call.id, deposit_answer(call.batch, items))
+            .await;
+    }
+}
+
 /// Serves the Prometheus text format on `http://addr/metrics`.
 pub async fn serve_metrics(
     addr: std::net::SocketAddr,
@@ -929,6 +1429,62 @@ mod tests {
                 .with_overrides([("mailbox.no_such_limit", "1")])
                 .is_err()
         );
+    }
+}
+
+#[cfg(test)]
+mod deposit_tests {
+    use super::*;
+
+    fn grant(n: u8, expires_ms: u64) -> Grant {
+        Grant {
+            inbox: [n; 32],
+            expires_ms,
+        }
+    }
+
+    #[test]
+    fn a_grant_allows_only_its_inbox_and_only_until_it_expires() {
+        let g = grant(1, 100);
+        assert_eq!(g.allows(&[1; 32], 100), Ok(()));
+        assert_eq!(g.allows(&[1; 32], 101), Err(MailboxError::Expired));
+        assert_eq!(g.allows(&[2; 32], 50), Err(MailboxError::Unauthorized));
+        assert_eq!(g.allows(&[2; 32], 101), Err(MailboxError::Unauthorized));
+    }
+
+    #[test]
+    fn the_capability_cache_stays_bounded_and_keeps_recently_used_entries() {
+        let mut cache = CapabilityCache::default();
+        let key = |i: u64| -> [u8; 32] { Sha256::digest(i.to_be_bytes()).into() };
+        cache.insert(key(0), grant(0, 1));
+        for i in 1..(3 * CAPABILITY_CACHE_MAX as u64) {
+            cache.insert(key(i), grant(1, i));
+            // Entry 0 is used all the time, so it is never dropped.
+            assert_eq!(cache.get(&key(0)), Some(grant(0, 1)));
+            assert!(cache.len() <= CAPABILITY_CACHE_MAX);
+        }
+        assert_eq!(cache.get(&key(1)), None, "an old unused entry is gone");
+    }
+
+    #[test]
+    fn the_cache_key_covers_body_and_signature() {
+        let cap = mb::issue_capability(&[7; 32], 10, None);
+        let mut other_sig = cap.clone();
+        other_sig.signature[0] ^= 1;
+        let mut moved = cap.clone();
+        let b = moved.signature.remove(0);
+        moved.body.push(b);
+        let k = CapabilityCache::key(&cap);
+        assert_ne!(k, CapabilityCache::key(&other_sig));
+        assert_ne!(k, CapabilityCache::key(&moved));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_map_keeps_the_order() {
+        for n in [0usize, 1, 3, 4, 5, 17, 100] {
+            let out = parallel_map((0..n).collect(), 2, |i| i * 10).await.unwrap();
+            assert_eq!(out, (0..n).map(|i| i * 10).collect::<Vec<_>>());
+        }
     }
 }
 

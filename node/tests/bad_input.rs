@@ -152,6 +152,7 @@ fn envelope(conversation: &[u8], mls: Vec<u8>) -> pb::Envelope {
         conversation_id: conversation.to_vec(),
         kind: EnvelopeKind::Message as i32,
         mls_message: mls,
+        ..Default::default()
     }
 }
 

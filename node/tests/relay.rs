@@ -35,8 +35,9 @@ use tidings_store::mailbox::{MailboxLimits, MailboxStats, Mailboxes};
 const DAY_MS: u64 = 24 * 3600 * 1000;
 const HOUR_MS: u64 = 3600 * 1000;
 /// Every operation label the relay's metrics use.
-const OPS: [&str; 7] = [
+const OPS: [&str; 8] = [
     "deposit",
+    "deposit_batch",
     "fetch",
     "ack",
     "subscribe",
@@ -140,6 +141,40 @@ impl Relay {
         r
     }
 
+    /// Sends a [`batch`] and returns each item's receipt or refusal, in order;
+    /// the batch itself must be accepted for examination.
+    async fn ask_batch(
+        &self,
+        client: &Network,
+        req: pb::MailboxRequest,
+    ) -> Vec<Result<pb::CustodyReceipt, MailboxError>> {
+        let Some(mailbox_request::Op::DepositBatch(b)) = &req.op else {
+            panic!("not a batch")
+        };
+        let n = b.deposits.len();
+        let result = self.ask(client, req).await.expect("the batch is examined");
+        let mailbox_response::Result::DepositResults(r) = result else {
+            panic!("a batch is answered with deposit results, got {result:?}")
+        };
+        assert_eq!(r.results.len(), n, "one result per item");
+        r.results
+            .into_iter()
+            .map(|item| {
+                let status = pb::MailboxStatus::try_from(item.status).expect("a known status");
+                match MailboxError::from_status(status) {
+                    None => {
+                        assert_eq!(status, pb::MailboxStatus::Ok, "never UNSPECIFIED");
+                        Ok(item.receipt.expect("an accepted item carries a receipt"))
+                    }
+                    Some(e) => {
+                        assert!(item.receipt.is_none(), "a refused item ({e}) carries no receipt");
+                        Err(e)
+                    }
+                }
+            })
+            .collect()
+    }
+
     /// Everything the owner can fetch from one of its inboxes now (following `more`).
     async fn holdings(
         &self,
@@ -178,6 +213,11 @@ impl Relay {
         OPS.iter()
             .flat_map(|op| MailboxError::ALL.iter().map(move |e| self.refusals(op, *e)))
             .sum()
+    }
+
+    fn requests(&self, op: &str) -> u64 {
+        let labels = vec![("op".to_owned(), op.to_owned())];
+        self.metrics.requests.get(&labels).map_or(0, |c| c.get())
     }
 
     fn deposits(&self, result: &str) -> u64 {
@@ -317,6 +357,20 @@ fn request_deposit(inbox: &[u8; 32], pow_nonce: Vec<u8>, envelope: &[u8]) -> pb:
     }
 }
 
+/// One `DepositBatch` of the deposits in `reqs` (made with [`deposit`] or [`request_deposit`]).
+fn batch(reqs: impl IntoIterator<Item = pb::MailboxRequest>) -> pb::MailboxRequest {
+    let deposits = reqs
+        .into_iter()
+        .map(|r| match r.op {
+            Some(mailbox_request::Op::Deposit(d)) => d,
+            other => panic!("not a deposit: {other:?}"),
+        })
+        .collect();
+    pb::MailboxRequest {
+        op: Some(mailbox_request::Op::DepositBatch(pb::DepositBatch { deposits })),
+    }
+}
+
 /// An encoded envelope of exactly `len` bytes (at least 128) whose conversation
 /// id starts with `tag`, so that the owner can tell who deposited it.
 fn envelope(tag: &str, len: usize) -> Vec<u8> {
@@ -328,6 +382,7 @@ fn envelope(tag: &str, len: usize) -> Vec<u8> {
             conversation_id: conversation,
             kind: pb::EnvelopeKind::Message as i32,
             mls_message: vec![0x5a; mls],
+            ..Default::default()
         }
         .encode_to_vec()
     };
@@ -1438,5 +1493,407 @@ async fn a_flood_of_deposits_from_many_peers_does_not_block_a_legitimate_user() 
         "no request got in without work"
     );
     drop((owner, legit));
+    relay.shutdown().await;
+}
+
+// ------------------------------------------------------------- batched deposits
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_deposits_gets_one_receipt_per_item_with_consecutive_indices() {
+    let dir = tempfile::tempdir().unwrap();
+    let (time, clock) = manual_clock();
+    let relay = Relay::start(
+        &dir.path().join("relay"),
+        RelayTestOptions {
+            clock,
+            ..RelayTestOptions::default()
+        },
+    )
+    .await;
+    let now = time.load(Ordering::Relaxed);
+    let alice = Owner::new(dir.path(), "alice");
+    let bob = Owner::new(dir.path(), "bob");
+    let (alice_cap, bob_cap) = (alice.capability(now + DAY_MS), bob.capability(now + DAY_MS));
+    let sender = client(None, &relay.addr).await;
+
+    // A single deposit first: the batch continues alice's indices after it.
+    let first = envelope("first", 300);
+    let r = relay
+        .deposit_ok(&sender, deposit(&alice.inbox, Some(alice_cap.clone()), &first))
+        .await;
+    assert_eq!(r.index, 1);
+
+    // 24 items, alternating between alice's and bob's inboxes.
+    let items: Vec<([u8; 32], Vec<u8>)> = (0..24)
+        .map(|i| {
+            let inbox = if i % 2 == 0 { alice.inbox } else { bob.inbox };
+            (inbox, envelope(&format!("b{i}"), 300 + i))
+        })
+        .collect();
+    let req = batch(items.iter().map(|(inbox, env)| {
+        let cap = if *inbox == alice.inbox { &alice_cap } else { &bob_cap };
+        deposit(inbox, Some(cap.clone()), env)
+    }));
+    let results = relay.ask_batch(&sender, req).await;
+    let receipts: Vec<mb::Receipt> = results
+        .into_iter()
+        .zip(&items)
+        .map(|(r, (inbox, env))| {
+            let wire = r.expect("every item is accepted");
+            // Signed by the relay, for this item's inbox and envelope hash.
+            relay.check_receipt(mailbox_response::Result::Receipt(wire), inbox, false, env)
+        })
+        .collect();
+    assert_ne!(
+        receipts[0].envelope_hash,
+        mb::envelope_hash(&items[2].1),
+        "each receipt names its own envelope"
+    );
+    let indices = |inbox: [u8; 32]| -> Vec<u64> {
+        receipts
+            .iter()
+            .zip(&items)
+            .filter(|(_, (i, _))| *i == inbox)
+            .map(|(r, _)| r.index)
+            .collect()
+    };
+    assert_eq!(indices(alice.inbox), (2..=13).collect::<Vec<u64>>(), "in batch order");
+    assert_eq!(indices(bob.inbox), (1..=12).collect::<Vec<u64>>(), "in batch order");
+    assert!(receipts.iter().all(|r| r.accepted_ms == now));
+
+    // Each owner finds exactly its envelopes, under the indices its receipts name.
+    for (owner, mut expected) in [(&alice, vec![(1, first)]), (&bob, Vec::new())] {
+        expected.extend(
+            receipts
+                .iter()
+                .zip(&items)
+                .filter(|(_, (i, _))| *i == owner.inbox)
+                .map(|(r, (_, env))| (r.index, env.clone())),
+        );
+        let dev = client(Some(owner.seed), &relay.addr).await;
+        let held = relay.holdings(&dev, owner, now, false).await;
+        assert_eq!(
+            held.into_iter().map(|e| (e.index, e.envelope)).collect::<Vec<_>>(),
+            expected
+        );
+    }
+    assert_eq!(relay.deposits("ok"), 25, "each item counts as a deposit");
+    assert_eq!((relay.requests("deposit_batch"), relay.requests("deposit")), (1, 1));
+    assert_eq!(relay.all_refusals(), 0);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_mixing_refused_items_answers_each_and_stores_the_valid_ones() {
+    const CAP: usize = 4096;
+    const POW_BITS: u32 = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let (time, clock) = manual_clock();
+    let relay = Relay::start(
+        &dir.path().join("relay"),
+        RelayTestOptions {
+            clock,
+            pow_bits: POW_BITS,
+            limits: MailboxLimits {
+                sender_max_envelopes: 3,
+                max_envelope_bytes: CAP,
+                ..MailboxLimits::default()
+            },
+            ..RelayTestOptions::default()
+        },
+    )
+    .await;
+    let now = time.load(Ordering::Relaxed);
+    let alice = Owner::new(dir.path(), "alice");
+    let cap = alice.capability(now + DAY_MS);
+    let sender = client(None, &relay.addr).await;
+
+    let valid: Vec<Vec<u8>> = (0..4).map(|i| envelope(&format!("a{i}"), 300)).collect();
+    let first_contact = envelope("first contact", 300);
+    let work = mb::solve_pow(&alice.inbox, &first_contact, POW_BITS);
+    let lazy = envelope("no work", 300);
+    // Each item, and what it should come to: accepted (into the request inbox
+    // or not, with this envelope) or refused.
+    type Expect<'a> = Result<(bool, &'a [u8]), MailboxError>;
+    let items: Vec<(pb::MailboxRequest, Expect)> = vec![
+        (
+            deposit(&alice.inbox, Some(cap.clone()), &valid[0]),
+            Ok((false, &valid[0])),
+        ),
+        (
+            deposit(&alice.inbox, None, &envelope("no capability", 300)),
+            Err(MailboxError::Unauthorized),
+        ),
+        (
+            deposit(&alice.inbox, Some(cap.clone()), &envelope("big", CAP + 1)),
+            Err(MailboxError::TooLarge),
+        ),
+        (
+            deposit(&alice.inbox, Some(cap.clone()), &valid[1]),
+            Ok((false, &valid[1])),
+        ),
+        (
+            request_deposit(&alice.inbox, insufficient_nonce(&alice.inbox, &lazy, POW_BITS), &lazy),
+            Err(MailboxError::InsufficientWork),
+        ),
+        (
+            deposit(&alice.inbox, Some(cap.clone()), &valid[2]),
+            Ok((false, &valid[2])),
+        ),
+        // The sender's fourth envelope: earlier items of the batch fill its quota of three.
+        (
+            deposit(&alice.inbox, Some(cap.clone()), &valid[3]),
+            Err(MailboxError::QuotaExceeded),
+        ),
+        (
+            request_deposit(&alice.inbox, work, &first_contact),
+            Ok((true, &first_contact)),
+        ),
+        (
+            deposit(&alice.inbox, Some(alice.capability(now - 1)), &envelope("late", 300)),
+            Err(MailboxError::Expired),
+        ),
+    ];
+    let expected: Vec<_> = items.iter().map(|(_, e)| *e).collect();
+    let results = relay
+        .ask_batch(&sender, batch(items.iter().map(|(r, _)| r.clone())))
+        .await;
+    let mut receipts = Vec::new();
+    for (i, (got, want)) in results.into_iter().zip(expected).enumerate() {
+        match (got, want) {
+            (Ok(wire), Ok((request_inbox, env))) => receipts.push(relay.check_receipt(
+                mailbox_response::Result::Receipt(wire),
+                &alice.inbox,
+                request_inbox,
+                env,
+            )),
+            (got, want) => assert_eq!(got.map(|_| ()), want.map(|_| ()), "item {i}"),
+        }
+    }
+    let indices: Vec<(bool, u64)> = receipts.iter().map(|r| (r.request_inbox, r.index)).collect();
+    assert_eq!(indices, vec![(false, 1), (false, 2), (false, 3), (true, 1)]);
+
+    // Only the accepted items were stored.
+    let owner = client(Some(alice.seed), &relay.addr).await;
+    let held = relay.holdings(&owner, &alice, now, false).await;
+    assert_eq!(
+        held.into_iter().map(|e| e.envelope).collect::<Vec<_>>(),
+        valid[..3].to_vec()
+    );
+    let requests = relay.holdings(&owner, &alice, now, true).await;
+    assert_eq!(
+        requests.into_iter().map(|e| e.envelope).collect::<Vec<_>>(),
+        vec![first_contact]
+    );
+    assert_eq!(relay.stats().envelopes, 4);
+
+    // Every item was counted like a single deposit.
+    assert_eq!(relay.deposits("ok"), 4);
+    assert_eq!(relay.deposits("quota_exceeded"), 1);
+    for e in [
+        MailboxError::Unauthorized,
+        MailboxError::TooLarge,
+        MailboxError::InsufficientWork,
+        MailboxError::QuotaExceeded,
+        MailboxError::Expired,
+    ] {
+        assert_eq!(relay.refusals("deposit", e), 1, "{e}");
+    }
+    assert_eq!(relay.all_refusals(), 5);
+    assert_eq!(relay.requests("deposit_batch"), 1);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_the_limit_is_refused_whole_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (time, clock) = manual_clock();
+    let relay = Relay::start(
+        &dir.path().join("relay"),
+        RelayTestOptions {
+            clock,
+            ..RelayTestOptions::default()
+        },
+    )
+    .await;
+    let now = time.load(Ordering::Relaxed);
+    let alice = Owner::new(dir.path(), "alice");
+    let cap = alice.capability(now + DAY_MS);
+    let sender = client(None, &relay.addr).await;
+    let envelopes: Vec<Vec<u8>> = (0..=mb::MAX_DEPOSITS_PER_BATCH)
+        .map(|i| envelope(&format!("e{i}"), 300))
+        .collect();
+    let deposits = |envs: &[Vec<u8>]| batch(envs.iter().map(|e| deposit(&alice.inbox, Some(cap.clone()), e)));
+
+    assert_eq!(
+        relay.ask(&sender, deposits(&envelopes)).await,
+        Err(MailboxError::BadRequest),
+        "{} valid deposits in one batch",
+        envelopes.len()
+    );
+    assert_eq!(
+        relay.ask(&sender, deposits(&[])).await,
+        Err(MailboxError::BadRequest),
+        "an empty batch"
+    );
+    assert_eq!(relay.stats(), MailboxStats::default(), "nothing was stored");
+    assert_eq!(relay.deposits("ok"), 0);
+    assert_eq!(relay.refusals("deposit_batch", MailboxError::BadRequest), 2);
+    assert_eq!(relay.all_refusals(), 2);
+
+    // Exactly the limit is accepted, item by item.
+    let at_limit = &envelopes[..mb::MAX_DEPOSITS_PER_BATCH];
+    let results = relay.ask_batch(&sender, deposits(at_limit)).await;
+    for (i, (r, env)) in results.into_iter().zip(at_limit).enumerate() {
+        let wire = r.expect("accepted");
+        let r = relay.check_receipt(mailbox_response::Result::Receipt(wire), &alice.inbox, false, env);
+        assert_eq!(r.index, i as u64 + 1);
+    }
+    assert_eq!(relay.stats().envelopes, mb::MAX_DEPOSITS_PER_BATCH as u64);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capability_for_another_inbox_is_refused_even_after_a_valid_one_was_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let (time, clock) = manual_clock();
+    let relay = Relay::start(
+        &dir.path().join("relay"),
+        RelayTestOptions {
+            clock,
+            ..RelayTestOptions::default()
+        },
+    )
+    .await;
+    let now = time.load(Ordering::Relaxed);
+    let alice = Owner::new(dir.path(), "alice");
+    let bob = Owner::new(dir.path(), "bob");
+    let mallory = Owner::new(dir.path(), "mallory");
+    let genuine = alice.capability(now + DAY_MS);
+    let sender = client(None, &relay.addr).await;
+    let other_sender = client(None, &relay.addr).await;
+
+    // Alice's capability is verified and remembered, and used again.
+    for i in 0..2 {
+        let env = envelope(&format!("ok{i}"), 300);
+        relay
+            .deposit_ok(&sender, deposit(&alice.inbox, Some(genuine.clone()), &env))
+            .await;
+    }
+    // It opens alice's inbox only: alone, in a batch, from any sender.
+    let env = envelope("elsewhere", 300);
+    assert_eq!(
+        relay
+            .ask(&sender, deposit(&bob.inbox, Some(genuine.clone()), &env))
+            .await,
+        Err(MailboxError::Unauthorized)
+    );
+    assert_eq!(
+        relay
+            .ask(&other_sender, deposit(&mallory.inbox, Some(genuine.clone()), &env))
+            .await,
+        Err(MailboxError::Unauthorized)
+    );
+    let in_batch = relay
+        .ask_batch(
+            &sender,
+            batch([
+                deposit(&bob.inbox, Some(genuine.clone()), &env),
+                deposit(&alice.inbox, Some(genuine.clone()), &env),
+                deposit(&mallory.inbox, Some(genuine.clone()), &env),
+            ]),
+        )
+        .await;
+    let codes: Vec<_> = in_batch
+        .iter()
+        .map(|r| r.as_ref().map(|_| ()).map_err(|e| *e))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![Err(MailboxError::Unauthorized), Ok(()), Err(MailboxError::Unauthorized)]
+    );
+    // The cached body with another signature is not the cached capability.
+    let mut bad_sig = genuine.clone();
+    bad_sig.signature[5] ^= 1;
+    let forged = pb::Capability {
+        body: genuine.body.clone(),
+        signature: mallory.capability(now + DAY_MS).signature,
+    };
+    for cap in [bad_sig, forged] {
+        assert_eq!(
+            relay.ask(&sender, deposit(&alice.inbox, Some(cap), &env)).await,
+            Err(MailboxError::Unauthorized)
+        );
+    }
+    assert_eq!(relay.refusals("deposit", MailboxError::Unauthorized), 6);
+    assert_eq!(relay.all_refusals(), 6);
+    let stats = relay.stats();
+    assert_eq!(
+        (stats.inboxes, stats.envelopes),
+        (1, 3),
+        "only alice's inbox holds mail"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_capability_is_refused_even_if_it_was_cached_while_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (time, clock) = manual_clock();
+    let relay = Relay::start(
+        &dir.path().join("relay"),
+        RelayTestOptions {
+            clock,
+            ..RelayTestOptions::default()
+        },
+    )
+    .await;
+    let t0 = time.load(Ordering::Relaxed);
+    let alice = Owner::new(dir.path(), "alice");
+    let cap = alice.capability(t0 + HOUR_MS);
+    let sender = client(None, &relay.addr).await;
+
+    // Used (and remembered) while valid, up to its last millisecond.
+    relay
+        .deposit_ok(
+            &sender,
+            deposit(&alice.inbox, Some(cap.clone()), &envelope("early", 300)),
+        )
+        .await;
+    time.store(t0 + HOUR_MS, Ordering::Relaxed);
+    let r = relay
+        .deposit_ok(
+            &sender,
+            deposit(&alice.inbox, Some(cap.clone()), &envelope("last", 300)),
+        )
+        .await;
+    assert_eq!(r.accepted_ms, t0 + HOUR_MS);
+
+    // One millisecond later it is expired, alone or in a batch.
+    time.store(t0 + HOUR_MS + 1, Ordering::Relaxed);
+    let late = envelope("late", 300);
+    assert_eq!(
+        relay
+            .ask(&sender, deposit(&alice.inbox, Some(cap.clone()), &late))
+            .await,
+        Err(MailboxError::Expired)
+    );
+    let renewed = alice.capability(t0 + DAY_MS);
+    let results = relay
+        .ask_batch(
+            &sender,
+            batch([
+                deposit(&alice.inbox, Some(cap.clone()), &late),
+                deposit(&alice.inbox, Some(renewed), &late),
+            ]),
+        )
+        .await;
+    assert_eq!(results[0], Err(MailboxError::Expired));
+    let wire = results[1].clone().expect("a renewed capability works");
+    let r = relay.check_receipt(mailbox_response::Result::Receipt(wire), &alice.inbox, false, &late);
+    assert_eq!(r.index, 3);
+    assert_eq!(relay.refusals("deposit", MailboxError::Expired), 2);
+    assert_eq!(relay.all_refusals(), 2);
+    assert_eq!(relay.stats().envelopes, 3);
     relay.shutdown().await;
 }

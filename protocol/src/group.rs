@@ -91,16 +91,20 @@ pub struct GroupMeta {
     pub roles: BTreeMap<[u8; 32], Role>,
     /// The group's relays; the first sequences handshake messages.
     pub relays: Vec<String>,
+    /// The group inbox key derives from this ([`group_inbox_seed`]). Only
+    /// members learn it; it is replaced when someone is removed.
+    pub inbox_seed: [u8; 32],
 }
 
 impl GroupMeta {
-    /// Metadata of a new group owned by `owner`.
-    pub fn new(name: impl Into<String>, owner: &AccountId, relays: Vec<String>) -> Self {
+    /// Metadata of a new group owned by `owner`; `inbox_seed` must be random.
+    pub fn new(name: impl Into<String>, owner: &AccountId, relays: Vec<String>, inbox_seed: [u8; 32]) -> Self {
         Self {
             name: name.into(),
             description: String::new(),
             roles: BTreeMap::from([(*owner.as_bytes(), Role::Owner)]),
             relays,
+            inbox_seed,
         }
     }
 
@@ -144,6 +148,7 @@ impl GroupMeta {
                 })
                 .collect(),
             relays: self.relays.clone(),
+            inbox_seed: self.inbox_seed.to_vec(),
         }
         .encode_to_vec()
     }
@@ -166,15 +171,41 @@ impl GroupMeta {
                 return Err(GroupError::Decode("an account is listed twice".into()));
             }
         }
+        let inbox_seed = m
+            .inbox_seed
+            .as_slice()
+            .try_into()
+            .map_err(|_| GroupError::Decode("inbox seed must be 32 bytes".into()))?;
         let meta = Self {
             name: m.name,
             description: m.description,
             roles,
             relays: m.relays,
+            inbox_seed,
         };
         meta.validate()?;
         Ok(meta)
     }
+}
+
+/// The Ed25519 seed of a group's inbox key: the inbox on the group's relays is
+/// `mailbox::inbox_id` of its public key, members sign fetches with it and
+/// issue themselves deposit capabilities with it.
+pub fn group_inbox_seed(inbox_seed: &[u8; 32]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"tidings group inbox v1");
+    h.update(inbox_seed);
+    h.finalize().into()
+}
+
+/// The account-sized key under which a group's history rows are kept.
+pub fn group_chat_key(group_id: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"tidings group chat v1");
+    h.update(group_id);
+    h.finalize().into()
 }
 
 /// What a member wants to change. A commit carries one intent; when another
@@ -225,7 +256,14 @@ pub fn authorize(meta: &GroupMeta, sender: &[u8; 32], summary: &CommitSummary) -
     }
     if let Some(new) = &summary.new_meta {
         new.validate().map_err(|e| e.to_string())?;
-        if role < Role::Admin {
+        // A removal always moves the group to a new inbox; whoever may remove
+        // may do that. Anything else about the group is for admins.
+        let only_inbox = !summary.removed.is_empty() && {
+            let mut same = new.clone();
+            same.inbox_seed = meta.inbox_seed;
+            same == *meta
+        };
+        if role < Role::Admin && !only_inbox {
             return Err("only admins change the group".into());
         }
         if new.roles != meta.roles && role != Role::Owner {
@@ -247,7 +285,7 @@ mod tests {
     #[test]
     fn metadata_round_trips_and_needs_exactly_one_owner() {
         let owner = acct(1);
-        let mut m = GroupMeta::new("friends", &owner, vec!["/ip4/1.2.3.4/tcp/1/p2p/x".into()]);
+        let mut m = GroupMeta::new("friends", &owner, vec!["/ip4/1.2.3.4/tcp/1/p2p/x".into()], [9; 32]);
         m.roles.insert(*acct(2).as_bytes(), Role::Admin);
         assert_eq!(GroupMeta::decode(&m.encode()).unwrap(), m);
         let mut two = m.clone();
@@ -265,7 +303,7 @@ mod tests {
     #[test]
     fn only_admins_change_membership_except_for_their_own_devices() {
         let (owner, admin, member, other) = (acct(1), acct(2), acct(3), acct(4));
-        let mut meta = GroupMeta::new("g", &owner, Vec::new());
+        let mut meta = GroupMeta::new("g", &owner, Vec::new(), [9; 32]);
         meta.roles.insert(*admin.as_bytes(), Role::Admin);
         let add = |a: &AccountId| CommitSummary {
             added: vec![*a.as_bytes()],
@@ -296,7 +334,7 @@ mod tests {
     #[test]
     fn only_the_owner_changes_roles_and_ownership_moves_by_the_owner() {
         let (owner, admin, member) = (acct(1), acct(2), acct(3));
-        let mut meta = GroupMeta::new("g", &owner, Vec::new());
+        let mut meta = GroupMeta::new("g", &owner, Vec::new(), [9; 32]);
         meta.roles.insert(*admin.as_bytes(), Role::Admin);
         let mut renamed = meta.clone();
         renamed.name = "new name".into();

@@ -107,8 +107,10 @@ pub enum Sequenced {
     Proposal,
     /// A commit for an epoch that an earlier commit already decided: ignored.
     Stale,
-    /// One of our own application messages coming back.
-    Own,
+    /// One of our own messages coming back; `epoch` is the epoch it was
+    /// encrypted in. An application message of an epoch older than the
+    /// group's is unreadable to devices that joined since: send it again.
+    Own { epoch: u64 },
     /// Invalid or not allowed: ignored; the group is unchanged.
     Refused(String),
 }
@@ -456,7 +458,16 @@ impl MlsEngine {
                 if leaves.is_empty() {
                     return Ok(None);
                 }
-                builder = builder.propose_removals(leaves);
+                // Whoever leaves must lose the group inbox too: a fresh seed
+                // in the same commit moves the group to a new inbox.
+                let mut rotated = meta.clone();
+                rotated.inbox_seed = provider.rand().random_array().map_err(err(MlsError::Commit))?;
+                summary.new_meta = Some(rotated.clone());
+                let ext = meta_extensions(&rotated).map_err(err(MlsError::Commit))?;
+                builder = builder
+                    .propose_removals(leaves)
+                    .propose_group_context_extensions(ext)
+                    .map_err(err(MlsError::Commit))?;
             }
             Intent::SetMeta(new) => {
                 if *new == meta {
@@ -511,8 +522,9 @@ impl MlsEngine {
             return Ok(Sequenced::Refused("message for another group".into()));
         }
         let current = group.epoch().as_u64();
+        let msg_epoch = msg.epoch().as_u64();
         if msg.content_type() == ContentType::Commit {
-            let epoch = msg.epoch().as_u64();
+            let epoch = msg_epoch;
             if epoch < current {
                 return Ok(Sequenced::Stale);
             }
@@ -614,10 +626,19 @@ impl MlsEngine {
                     removed_us: false,
                 })
             }
-            ProcessedMessageContent::OwnPrivateMessage => Ok(Sequenced::Own),
+            ProcessedMessageContent::OwnPrivateMessage => Ok(Sequenced::Own { epoch: msg_epoch }),
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
                 Ok(Sequenced::Refused("external joins are not accepted".into()))
             }
+        }
+    }
+
+    /// Whether `bytes` is a handshake message (commit or proposal). Group
+    /// handshakes are accepted only in the sequencer's order, never directly.
+    pub fn is_handshake(bytes: &[u8]) -> bool {
+        match decode_message(bytes).map(|m| m.try_into_protocol_message()) {
+            Ok(Ok(m)) => m.content_type() != ContentType::Application,
+            _ => false,
         }
     }
 

@@ -122,7 +122,12 @@ impl World {
 
     /// Device `owner` creates the group and adds `members` through the sequencer.
     fn create(&mut self, owner: usize, admins: &[usize], members: &[usize]) {
-        let mut meta = GroupMeta::new("group", &self.devices[owner].account.id(), vec!["relay".into()]);
+        let mut meta = GroupMeta::new(
+            "group",
+            &self.devices[owner].account.id(),
+            vec!["relay".into()],
+            [7; 32],
+        );
         for a in admins {
             meta.roles.insert(self.account(*a), Role::Admin);
         }
@@ -192,7 +197,7 @@ impl World {
                 eprintln!("device {d} refused index {index}: {why}");
                 self.refused += 1;
             }
-            Sequenced::Stale | Sequenced::Own | Sequenced::Proposal | Sequenced::Application { .. } => {}
+            Sequenced::Stale | Sequenced::Own { .. } | Sequenced::Proposal | Sequenced::Application { .. } => {}
         }
         true
     }
@@ -333,12 +338,22 @@ fn a_removed_member_cannot_decrypt_what_is_sent_after_removal() {
     let mut w = World::with_devices(3);
     w.create(0, &[], &[1, 2]);
     let victim = w.devices[2].cert.device_key;
+    let seed_before = MlsEngine::group_meta(w.devices[0].group.as_ref().unwrap())
+        .unwrap()
+        .inbox_seed;
     let rm = w.devices[0].commit(Intent::Remove(vec![victim])).unwrap();
     w.sequence(rm);
     // The removed device keeps its old group state (it never processes the
     // removal), which is the strongest position it can be in.
     w.process_all(0);
     w.process_all(1);
+    let seed_after = MlsEngine::group_meta(w.devices[1].group.as_ref().unwrap())
+        .unwrap()
+        .inbox_seed;
+    assert_ne!(
+        seed_before, seed_after,
+        "the group moved to an inbox the removed device cannot derive"
+    );
     let d0 = &mut w.devices[0];
     let g0 = d0.group.as_mut().unwrap();
     let secret = d0.engine.encrypt(&d0.provider, g0, b"after the removal").unwrap();

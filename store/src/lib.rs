@@ -151,6 +151,7 @@ impl Store {
         w.open_table(RECEIPTS)?;
         w.open_table(MAIL_CURSORS)?;
         w.open_table(MAIL_GAPS)?;
+        w.open_table(GROUP_SENT)?;
         w.commit()?;
         Ok(())
     }
@@ -330,6 +331,39 @@ impl Store {
         self.with_txn(false, |w| {
             let t = w.open_table(CONVERSATIONS)?;
             t.get(group_id)?.map(|v| from_json(v.value())).transpose()
+        })
+    }
+
+    /// Every group chat, in group id order (committed state).
+    pub fn list_groups(&self) -> Result<Vec<Conversation>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(CONVERSATIONS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (_, v) = e?;
+            let c: Conversation = from_json(v.value())?;
+            if c.group.is_some() {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remembers a group message of ours until it is seen in the sequence.
+    pub fn put_group_sent(&self, envelope_id: &[u8; 16], sent: &GroupSent) -> Result<()> {
+        let bytes = to_json(sent)?;
+        self.with_txn(true, |w| {
+            w.open_table(GROUP_SENT)?.insert(envelope_id, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Takes (removes and returns) a group message of ours by envelope id.
+    pub fn take_group_sent(&self, envelope_id: &[u8; 16]) -> Result<Option<GroupSent>> {
+        self.with_txn(true, |w| {
+            let mut t = w.open_table(GROUP_SENT)?;
+            let v = t.remove(envelope_id)?;
+            v.map(|v| from_json(v.value())).transpose()
         })
     }
 

@@ -38,6 +38,10 @@ pub const MAIL_CURSORS: TableDefinition<(&[u8; 32], bool), u64> = TableDefinitio
 /// first missing index) → (last missing index, detected ms). Indices are dense
 /// per inbox, so a jump past the cursor is mail the relay dropped (or expired).
 pub const MAIL_GAPS: TableDefinition<(&[u8; 32], bool, u64), (u64, u64)> = TableDefinition::new("mail_gaps");
+/// Our group application messages not yet seen in their group's sequence:
+/// envelope id → json `GroupSent`. Lets a message that a commit overtook be
+/// encrypted again for devices that joined in between.
+pub const GROUP_SENT: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("group_sent");
 /// Records learned from or published to the DHT: DHT key → signed record bytes.
 pub const DHT_RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dht_records");
 

@@ -58,9 +58,50 @@ fn bs58_encode(bytes: &[u8]) -> String {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Conversation {
     pub group_id: Vec<u8>,
-    /// The other person's account (one-to-one conversations).
+    /// The other person's account (one-to-one conversations), or the group's
+    /// chat key (`group::group_chat_key`) under which its history is kept.
     pub peer: [u8; 32],
     pub created_ms: u64,
+    /// Set for group chats.
+    #[serde(default)]
+    pub group: Option<GroupRow>,
+}
+
+/// A group chat's local state besides its MLS state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupRow {
+    /// Highest index of the group's sequencing inbox applied (in the same
+    /// commit as what it carried).
+    pub cursor: u64,
+    /// The inbox seed the cursor belongs to; a new seed starts at index 0.
+    pub cursor_seed: [u8; 32],
+    /// Our commit waiting for its epoch, if any.
+    pub pending: Option<PendingCommit>,
+    /// An intent whose commit lost its epoch, to re-apply.
+    pub retry: Option<IntentRow>,
+    /// This device was removed (or left).
+    pub left: bool,
+    /// When a commit of ours last won (or we joined): the leaf keys' age.
+    #[serde(default)]
+    pub updated_ms: u64,
+}
+
+/// A commit of ours sent to the sequencer and not yet decided.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingCommit {
+    pub commit: Vec<u8>,
+    pub welcome: Option<Vec<u8>>,
+    pub epoch: u64,
+    pub intent: IntentRow,
+}
+
+/// A group change, kept so that it can be re-applied when another commit wins.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum IntentRow {
+    Add { key_packages: Vec<Vec<u8>> },
+    Remove { devices: Vec<[u8; 32]> },
+    SetMeta { meta: Vec<u8> },
+    SelfUpdate,
 }
 
 /// Delivery state of a message, in increasing order.
@@ -119,4 +160,13 @@ pub struct MailGap {
     pub from: u64,
     pub to: u64,
     pub detected_ms: u64,
+}
+
+/// One of our group messages waiting to be seen in the group's sequence.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupSent {
+    pub group_id: Vec<u8>,
+    /// The encoded application payload (same message id when sent again).
+    pub payload: Vec<u8>,
+    pub message_id: [u8; 16],
 }

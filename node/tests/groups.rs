@@ -1,0 +1,222 @@
+//! Group chats between real nodes: MLS groups whose commits a relay
+//! sequences, with messages deposited once per relay and pushed to members
+//! who are online.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use libp2p::Multiaddr;
+use tidings_node::demo::{start_node_with_relays, start_relay};
+use tidings_node::{Node, NodeHandle};
+
+struct Net {
+    dir: tempfile::TempDir,
+    relays: Vec<Node>,
+    addrs: Vec<Multiaddr>,
+}
+
+async fn net(n: usize) -> Net {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relays: Vec<Node> = Vec::new();
+    let mut addrs: Vec<Multiaddr> = Vec::new();
+    for i in 0..n {
+        let r = start_relay(&dir.path().join(format!("relay{i}")), addrs.clone())
+            .await
+            .unwrap();
+        addrs.push(r.listen_addrs()[0].clone());
+        relays.push(r);
+    }
+    Net { dir, relays, addrs }
+}
+
+async fn user(dir: &Path, name: &str, n: &Net) -> Node {
+    start_node_with_relays(&dir.join(name), name, vec![n.addrs[0].clone()], n.addrs.clone())
+        .await
+        .unwrap()
+}
+
+fn texts(h: &NodeHandle, group: &str) -> Vec<String> {
+    h.group_history(group).unwrap().into_iter().map(|m| m.text).collect()
+}
+
+async fn in_group(h: &NodeHandle, group: &str) -> bool {
+    h.group(group).await.is_ok_and(|g| !g.left)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_people_see_every_group_message_once_in_the_same_order() {
+    let n = net(2).await;
+    let base = n.dir.path();
+    let nodes = [
+        user(base, "alice", &n).await,
+        user(base, "bob", &n).await,
+        user(base, "carol", &n).await,
+    ];
+    let [a, b, c] = [nodes[0].handle(), nodes[1].handle(), nodes[2].handle()];
+    befriend(&a, &b).await;
+    befriend(&a, &c).await;
+
+    let view = a.create_group("friends", &[&acct(&b), &acct(&c)]).await.unwrap();
+    let gid = view.id.clone();
+    for h in [&b, &c] {
+        eventually_async("joined the group", || {
+            let (h, gid) = (h.clone(), gid.clone());
+            async move { in_group(&h, &gid).await }
+        })
+        .await;
+    }
+    let v = b.group(&gid).await.unwrap();
+    assert_eq!(v.name, "friends");
+    assert_eq!(v.members.len(), 3);
+    assert_eq!(
+        v.members
+            .iter()
+            .find(|m| m.account == acct(&a))
+            .map(|m| m.role.as_str()),
+        Some("owner")
+    );
+
+    let mut expected = Vec::new();
+    for round in 0..3 {
+        for (who, h) in [("alice", &a), ("bob", &b), ("carol", &c)] {
+            let t = format!("{who} {round}");
+            h.send_group(&gid, &t).await.unwrap();
+            expected.push(t);
+        }
+    }
+    for h in [&a, &b, &c] {
+        eventually("all 9 messages", || texts(h, &gid).len() >= 9).await;
+    }
+    let reference = texts(&a, &gid);
+    assert_eq!(reference.len(), 9, "exactly once");
+    let mut sorted = reference.clone();
+    sorted.sort();
+    let mut want = expected.clone();
+    want.sort();
+    assert_eq!(sorted, want);
+    for h in [&b, &c] {
+        assert_eq!(texts(h, &gid), reference, "the same order everywhere");
+    }
+    drop(nodes);
+    drop(n.relays);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn someone_added_later_reads_on_and_someone_removed_reads_nothing_more() {
+    let n = net(2).await;
+    let base = n.dir.path();
+    let nodes = [
+        user(base, "alice", &n).await,
+        user(base, "bob", &n).await,
+        user(base, "carol", &n).await,
+        user(base, "dave", &n).await,
+    ];
+    let [a, b, c, d] = [
+        nodes[0].handle(),
+        nodes[1].handle(),
+        nodes[2].handle(),
+        nodes[3].handle(),
+    ];
+    for h in [&b, &c, &d] {
+        befriend(&a, h).await;
+    }
+    let gid = a.create_group("club", &[&acct(&b), &acct(&c)]).await.unwrap().id;
+    for h in [&b, &c] {
+        eventually_async("joined", || {
+            let (h, gid) = (h.clone(), gid.clone());
+            async move { in_group(&h, &gid).await }
+        })
+        .await;
+    }
+    b.send_group(&gid, "before dave").await.unwrap();
+    eventually("carol got it", || texts(&c, &gid).len() == 1).await;
+
+    a.invite(&gid, &[&acct(&d)]).await.unwrap();
+    eventually_async("dave joined", || {
+        let (d, gid) = (d.clone(), gid.clone());
+        async move { in_group(&d, &gid).await }
+    })
+    .await;
+    c.send_group(&gid, "hello dave").await.unwrap();
+    eventually("dave reads on", || texts(&d, &gid) == ["hello dave"]).await;
+
+    a.remove_member(&gid, &acct(&c)).await.unwrap();
+    eventually_async("carol knows she was removed", || {
+        let (c, gid) = (c.clone(), gid.clone());
+        async move { c.group(&gid).await.is_ok_and(|g| g.left) }
+    })
+    .await;
+    eventually_async("bob sees three members", || {
+        let (b, gid) = (b.clone(), gid.clone());
+        async move { b.group(&gid).await.is_ok_and(|g| g.members.len() == 3) }
+    })
+    .await;
+    b.send_group(&gid, "after carol left").await.unwrap();
+    eventually("dave got it", || {
+        texts(&d, &gid).contains(&"after carol left".to_string())
+    })
+    .await;
+    eventually("alice got it", || {
+        texts(&a, &gid).contains(&"after carol left".to_string())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!texts(&c, &gid).contains(&"after carol left".to_string()));
+    assert!(c.send_group(&gid, "let me back").await.is_err());
+    drop(nodes);
+    drop(n.relays);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_offline_across_ten_epochs_catches_up_in_order() {
+    let n = net(2).await;
+    let base = n.dir.path();
+    let a_node = user(base, "alice", &n).await;
+    let b_node = user(base, "bob", &n).await;
+    let c_node = user(base, "carol", &n).await;
+    let (a, b, c) = (a_node.handle(), b_node.handle(), c_node.handle());
+    befriend(&a, &b).await;
+    befriend(&a, &c).await;
+    let gid = a.create_group("travel", &[&acct(&b), &acct(&c)]).await.unwrap().id;
+    for h in [&b, &c] {
+        eventually_async("joined", || {
+            let (h, gid) = (h.clone(), gid.clone());
+            async move { in_group(&h, &gid).await }
+        })
+        .await;
+    }
+    let start_epoch = a.group(&gid).await.unwrap().epoch;
+    drop(b);
+    b_node.shutdown().await;
+
+    // Ten commits (renames) while bob is away, with messages in every epoch.
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        a.set_group_info(&gid, Some(&format!("travel {i}")), None)
+            .await
+            .unwrap();
+        eventually_async("the rename landed", || {
+            let (a, gid) = (a.clone(), gid.clone());
+            async move { a.group(&gid).await.is_ok_and(|g| g.epoch == start_epoch + i + 1) }
+        })
+        .await;
+        let sender = if i % 2 == 0 { &a } else { &c };
+        let t = format!("epoch {}", start_epoch + i + 1);
+        sender.send_group(&gid, &t).await.unwrap();
+        sent.push(t);
+    }
+    let b_node = user(base, "bob", &n).await;
+    let b = b_node.handle();
+    eventually("bob caught up", || texts(&b, &gid).len() == 10).await;
+    let mut got = texts(&b, &gid);
+    got.sort();
+    let mut want = sent.clone();
+    want.sort();
+    assert_eq!(got, want);
+    let v = b.group(&gid).await.unwrap();
+    assert_eq!(v.epoch, start_epoch + 10);
+    assert_eq!(v.name, "travel 9");
+    drop(n.relays);
+}
