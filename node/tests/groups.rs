@@ -220,3 +220,77 @@ async fn a_member_offline_across_ten_epochs_catches_up_in_order() {
     assert_eq!(v.name, "travel 9");
     drop(n.relays);
 }
+
+/// A raw libp2p client of a relay (a stranger, not a Tidings node).
+async fn stranger(relay: &Multiaddr) -> tidings_node::net::Network {
+    let config = tidings_node::NetConfig {
+        listen: Vec::new(),
+        bootstrap: vec![relay.clone()],
+        dht_server: false,
+        ..tidings_node::NetConfig::default()
+    };
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let (net, mut events, _, _task) = tidings_node::net::spawn(keypair, config, tidings_node::Clock::system(), None)
+        .await
+        .unwrap();
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    net
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn someone_claiming_10000_key_packages_is_rate_limited_and_cannot_stop_an_invite() {
+    use tidings_protocol::pb;
+    let n = net(1).await;
+    let base = n.dir.path();
+    let a_node = user(base, "alice", &n).await;
+    let b_node = user(base, "bob", &n).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    befriend(&a, &b).await;
+    let bob_device = b.card().devices[0].device_key;
+    let b_acct = acct(&b);
+    let mailboxes = n.relays[0].relay_mailboxes().unwrap();
+    eventually("bob's key packages are on the relay", || {
+        mailboxes.key_packages_held(&bob_device).unwrap() == tidings_node::node::KEY_PACKAGE_POOL
+    })
+    .await;
+    // Bob goes away: from now on only his relay can hand out his key packages.
+    drop(b);
+    b_node.shutdown().await;
+
+    let attacker = stranger(&n.addrs[0]).await;
+    let relay_peer = n.relays[0].handle().peer_id();
+    let (mut got, mut limited) = (0, 0);
+    for _ in 0..10_000 {
+        let request = pb::MailboxRequest {
+            op: Some(pb::mailbox_request::Op::ClaimKeyPackage(pb::ClaimKeyPackage {
+                owner_key: bob_device.to_vec(),
+            })),
+        };
+        match attacker.mailbox(relay_peer, request).await {
+            Ok(r) if r.status == pb::MailboxStatus::Ok as i32 => got += 1,
+            Ok(r) if r.status == pb::MailboxStatus::RateLimited as i32 => limited += 1,
+            other => panic!("unexpected answer: {other:?}"),
+        }
+    }
+    eprintln!("attacker: {got} key packages, {limited} refusals as rate limited");
+    assert!(got <= 60, "claims per requester are limited per minute ({got} served)");
+    assert_eq!(got + limited, 10_000);
+    assert_eq!(
+        mailboxes.key_packages_held(&bob_device).unwrap(),
+        0,
+        "the one-time pool is gone"
+    );
+
+    // Alice still adds bob: the relay hands her bob's last-resort package.
+    let gid = a.create_group("still works", &[&b_acct]).await.unwrap().id;
+    let b_node = user(base, "bob", &n).await;
+    let b = b_node.handle();
+    eventually_async("bob joined with his last-resort package", || {
+        let (b, gid) = (b.clone(), gid.clone());
+        async move { in_group(&b, &gid).await }
+    })
+    .await;
+    a.send_group(&gid, "welcome back").await.unwrap();
+    eventually("bob reads", || texts(&b, &gid) == ["welcome back"]).await;
+    drop(n.relays);
+}

@@ -128,10 +128,14 @@ pub struct StagedIntent {
 }
 
 /// The leaf capabilities every Tidings device advertises: the defaults plus
-/// the group metadata extension.
+/// the group metadata and last-resort extensions.
 fn leaf_capabilities() -> Capabilities {
     Capabilities::builder()
-        .extensions(vec![ExtensionType::Unknown(GROUP_META_EXTENSION)])
+        .extensions(vec![
+            ExtensionType::Unknown(GROUP_META_EXTENSION),
+            // A last-resort key package carries this extension; its leaf must list it.
+            ExtensionType::LastResort,
+        ])
         .build()
 }
 

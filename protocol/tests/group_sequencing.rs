@@ -518,3 +518,119 @@ fn run_random_schedule(seed: u64) -> World {
     assert_eq!(w.refused, 0, "seed {seed}: an honest commit was refused");
     w
 }
+
+#[test]
+fn commits_from_a_removed_member_or_for_a_past_epoch_change_nothing() {
+    let mut w = World::with_devices(4);
+    w.create(0, &[1], &[1, 2, 3]);
+    // Device 3 is removed; it never processes that, and commits on its old state.
+    let victim = w.devices[3].cert.device_key;
+    let rm = w.devices[0].commit(Intent::Remove(vec![victim])).unwrap();
+    w.sequence(rm);
+    for d in 0..3 {
+        w.process_all(d);
+    }
+    let late = w.devices[3].commit(Intent::SelfUpdate).unwrap();
+    w.sequence(late);
+    // (It is out; only the remaining members' views must agree.)
+    w.devices[3].removed = true;
+    let before = w.views();
+    // And a commit from device 1 made before it saw the removal (a past epoch).
+    let d1 = &mut w.devices[1];
+    let g1 = d1.group.as_mut().unwrap();
+    let epoch = g1.epoch().as_u64();
+    let stale_bytes = w.log[w.log.len() - 2].clone();
+    assert!(matches!(
+        d1.engine
+            .process_sequenced(&d1.provider, g1, &stale_bytes, None)
+            .unwrap(),
+        Sequenced::Stale
+    ));
+    assert_eq!(g1.epoch().as_u64(), epoch);
+    for d in 0..3 {
+        w.process_all(d);
+    }
+    assert_eq!(w.views(), before, "the removed member's commit changed nothing");
+    assert_converged(&w, 0);
+}
+
+#[test]
+fn garbage_and_malformed_key_packages_are_refused_and_the_group_is_unchanged() {
+    let mut w = World::with_devices(3);
+    w.create(0, &[], &[1, 2]);
+    let before = w.views();
+    let d0 = &mut w.devices[0];
+    let g0 = d0.group.as_mut().unwrap();
+    for bad in [vec![], vec![0xff; 300], b"not a key package".to_vec()] {
+        assert!(
+            d0.engine
+                .commit_intent(&d0.provider, g0, &Intent::Add(vec![bad]), NOW)
+                .is_err()
+        );
+    }
+    // A key package cut short.
+    let kp = w.devices[2].key_package();
+    let d0 = &mut w.devices[0];
+    let g0 = d0.group.as_mut().unwrap();
+    assert!(
+        d0.engine
+            .commit_intent(&d0.provider, g0, &Intent::Add(vec![kp[..kp.len() / 2].to_vec()]), NOW)
+            .is_err()
+    );
+    assert!(g0.pending_commit().is_none());
+    // Garbage in the sequence is ignored by every member.
+    w.sequence(vec![0x00, 0x01, 0x02]);
+    w.sequence(vec![0xff; 5000]);
+    for d in 0..3 {
+        w.process_all(d);
+    }
+    assert_eq!(w.refused, 6, "two garbage entries, refused by each of three members");
+    assert_eq!(w.views(), before);
+}
+
+#[test]
+fn a_withheld_commit_sent_again_later_still_lands_or_is_stale() {
+    let mut w = World::with_devices(3);
+    w.create(0, &[1], &[1, 2]);
+    // Device 1's commit is withheld by the relay; device 0 commits meanwhile.
+    let withheld = w.devices[1].commit(Intent::SelfUpdate).unwrap();
+    let c0 = w.devices[0].commit(Intent::SelfUpdate).unwrap();
+    w.sequence(c0);
+    for d in 0..3 {
+        w.process_all(d);
+    }
+    // Device 1 learnt its commit lost; the relay now releases the old copy.
+    assert!(w.devices[1].retry.is_some());
+    w.sequence(withheld);
+    for d in 0..3 {
+        w.process_all(d);
+    }
+    let intent = w.devices[1].retry.take().unwrap();
+    let again = w.devices[1].commit(intent).unwrap();
+    w.sequence(again);
+    for d in 0..3 {
+        w.process_all(d);
+    }
+    assert_eq!(w.refused, 0);
+    assert_converged(&w, 0);
+    assert_eq!(w.devices[0].epoch(), w.devices[2].epoch());
+}
+
+#[test]
+fn a_replayed_application_message_is_refused_the_second_time() {
+    let mut w = World::with_devices(2);
+    w.create(0, &[], &[1]);
+    let d0 = &mut w.devices[0];
+    let g0 = d0.group.as_mut().unwrap();
+    let msg = d0.engine.encrypt(&d0.provider, g0, b"once").unwrap();
+    let d1 = &mut w.devices[1];
+    let g1 = d1.group.as_mut().unwrap();
+    assert!(matches!(
+        d1.engine.process_sequenced(&d1.provider, g1, &msg, None).unwrap(),
+        Sequenced::Application { .. }
+    ));
+    assert!(matches!(
+        d1.engine.process_sequenced(&d1.provider, g1, &msg, None).unwrap(),
+        Sequenced::Refused(_)
+    ));
+}

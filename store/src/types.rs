@@ -93,6 +93,9 @@ pub struct PendingCommit {
     pub welcome: Option<Vec<u8>>,
     pub epoch: u64,
     pub intent: IntentRow,
+    /// When the commit was last handed to the sequencer.
+    #[serde(default)]
+    pub sent_ms: u64,
 }
 
 /// A group change, kept so that it can be re-applied when another commit wins.

@@ -27,6 +27,9 @@ use tracing::{debug, info, warn};
 use super::{Abort, Apply, Core, NodeError, load_group};
 use crate::types::{MessageView, NodeEvent};
 
+/// A commit of ours not seen in the sequence after this long is sent again.
+const PENDING_RESEND_MS: u64 = 30_000;
+
 /// Leaf keys of ours older than this are renewed by a self-update commit.
 pub(crate) const SELF_UPDATE_INTERVAL_MS: u64 = 24 * 3600 * 1000;
 
@@ -263,10 +266,21 @@ impl Core {
             welcome: staged.welcome,
             epoch: staged.epoch,
             intent,
+            sent_ms: now,
         });
         row.retry = None;
         self.store.put_conversation(&conv)?;
-        // Commits go to the sequencer only.
+        Ok(vec![self.sequencer_entry(gid, &meta, env, now)?])
+    }
+
+    /// An outbox entry handing a commit to the group's sequencing relay.
+    fn sequencer_entry(
+        &mut self,
+        gid: &[u8],
+        meta: &GroupMeta,
+        env: pb::Envelope,
+        now: u64,
+    ) -> Result<([u8; 32], [u8; 32], u64, pb::Envelope), NodeError> {
         let Some(first) = meta.relays.iter().find(|r| parse_relay(r).is_some()) else {
             return Err(NodeError::Unreachable("the group has no relay".into()));
         };
@@ -282,7 +296,43 @@ impl Core {
             message_id: None,
             created_ms: now,
         })?;
-        Ok(vec![(chat, device, oid, env)])
+        Ok((chat, device, oid, env))
+    }
+
+    /// Hands a pending commit to the sequencer again when it has not shown up
+    /// in the sequence for [`PENDING_RESEND_MS`] (a relay lost or withheld
+    /// it). Should both copies arrive, the later one is stale.
+    fn resend_pending(&mut self, gid: &[u8], now: u64) -> Result<(), NodeError> {
+        let store = self.store.clone();
+        let entries = store.unit(|| -> Result<_, NodeError> {
+            let Some(mut conv) = store.conversation(gid)? else {
+                return Ok(None);
+            };
+            let Some(row) = conv.group.as_mut() else {
+                return Ok(None);
+            };
+            let Some(p) = row.pending.as_mut() else { return Ok(None) };
+            if now.saturating_sub(p.sent_ms) < PENDING_RESEND_MS {
+                return Ok(None);
+            }
+            p.sent_ms = now;
+            let env = pb::Envelope {
+                id: rand::random::<[u8; 16]>().to_vec(),
+                conversation_id: gid.to_vec(),
+                kind: EnvelopeKind::Message as i32,
+                mls_message: p.commit.clone(),
+                ..Default::default()
+            };
+            store.put_conversation(&conv)?;
+            let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
+            let meta = MlsEngine::group_meta(group)?;
+            Ok(Some(self.sequencer_entry(gid, &meta, env, now)?))
+        })?;
+        if let Some((account, device, oid, env)) = entries {
+            debug!(group = %hex::encode(gid), "our commit has not been sequenced yet; sending it again");
+            self.enqueue(account, device, oid, None, env);
+        }
+        Ok(())
     }
 
     /// Encrypts a text once for the group: one outbox entry per relay, plus a
@@ -436,6 +486,11 @@ impl Core {
             let Some(row) = c.group else { continue };
             if row.left {
                 continue;
+            }
+            if row.pending.is_some()
+                && let Err(e) = self.resend_pending(&c.group_id, now)
+            {
+                debug!(group = %hex::encode(&c.group_id), "re-sending our commit failed: {e}");
             }
             if row.pending.is_none()
                 && row.retry.is_none()
