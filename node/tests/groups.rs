@@ -294,3 +294,78 @@ async fn someone_claiming_10000_key_packages_is_rate_limited_and_cannot_stop_an_
     eventually("bob reads", || texts(&b, &gid) == ["welcome back"]).await;
     drop(n.relays);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_admins_adding_at_the_same_time_converge_on_one_membership() {
+    let n = net(2).await;
+    let base = n.dir.path();
+    let nodes = [
+        user(base, "alice", &n).await,
+        user(base, "bob", &n).await,
+        user(base, "carol", &n).await,
+        user(base, "dave", &n).await,
+    ];
+    let [a, b, c, d] = [
+        nodes[0].handle(),
+        nodes[1].handle(),
+        nodes[2].handle(),
+        nodes[3].handle(),
+    ];
+    befriend(&a, &b).await;
+    befriend(&a, &c).await;
+    befriend(&b, &d).await;
+    let gid = a.create_group("team", &[&acct(&b)]).await.unwrap().id;
+    eventually_async("bob joined", || {
+        let (b, gid) = (b.clone(), gid.clone());
+        async move { in_group(&b, &gid).await }
+    })
+    .await;
+    a.set_group_role(&gid, &acct(&b), tidings_protocol::group::Role::Admin)
+        .await
+        .unwrap();
+    eventually_async("bob is an admin", || {
+        let (b, gid, me) = (b.clone(), gid.clone(), acct(&b));
+        async move {
+            b.group(&gid)
+                .await
+                .is_ok_and(|g| g.members.iter().any(|m| m.account == me && m.role == "admin"))
+        }
+    })
+    .await;
+    // Both add someone in the same epoch.
+    eventually_async("alice applied her own change too", || {
+        let (a, b, gid) = (a.clone(), b.clone(), gid.clone());
+        async move { a.group(&gid).await.unwrap().epoch == b.group(&gid).await.unwrap().epoch }
+    })
+    .await;
+    let epoch = a.group(&gid).await.unwrap().epoch;
+    let (c_acct, d_acct) = (acct(&c), acct(&d));
+    let (cs, ds) = ([c_acct.as_str()], [d_acct.as_str()]);
+    let (ra, rb) = tokio::join!(a.invite(&gid, &cs), b.invite(&gid, &ds));
+    ra.unwrap();
+    rb.unwrap();
+    // One wins the epoch; the other's add is re-applied on the next. Both land.
+    for h in [&a, &b, &c, &d] {
+        eventually_async("four members, one epoch", || {
+            let (h, gid) = (h.clone(), gid.clone());
+            async move {
+                h.group(&gid)
+                    .await
+                    .is_ok_and(|g| !g.left && g.members.len() == 4 && g.epoch == epoch + 2)
+            }
+        })
+        .await;
+    }
+    for (i, h) in [&a, &b, &c, &d].into_iter().enumerate() {
+        h.send_group(&gid, &format!("hello from {i}")).await.unwrap();
+    }
+    for h in [&a, &b, &c, &d] {
+        eventually("everyone reads everyone", || texts(h, &gid).len() == 4).await;
+    }
+    let reference = texts(&a, &gid);
+    for h in [&b, &c, &d] {
+        assert_eq!(texts(h, &gid), reference);
+    }
+    drop(nodes);
+    drop(n.relays);
+}
