@@ -142,7 +142,18 @@ async fn someone_added_later_reads_on_and_someone_removed_reads_nothing_more() {
     c.send_group(&gid, "hello dave").await.unwrap();
     eventually("dave reads on", || texts(&d, &gid) == ["hello dave"]).await;
 
-    a.remove_member(&gid, &acct(&c)).await.unwrap();
+    // Bob writes while alice removes carol: whichever lands first, the message
+    // reaches everyone who stays (the removal moves the group to a new inbox).
+    let c_acct = acct(&c);
+    let (removed, during) = tokio::join!(a.remove_member(&gid, &c_acct), b.send_group(&gid, "during the removal"));
+    removed.unwrap();
+    during.unwrap();
+    for h in [&a, &d] {
+        eventually("the message sent during the removal arrives", || {
+            texts(h, &gid).contains(&"during the removal".to_string())
+        })
+        .await;
+    }
     eventually_async("carol knows she was removed", || {
         let (c, gid) = (c.clone(), gid.clone());
         async move { c.group(&gid).await.is_ok_and(|g| g.left) }

@@ -367,6 +367,27 @@ impl Store {
         })
     }
 
+    /// Takes every group message of ours in `group_id` not yet seen in its sequence.
+    pub fn take_group_sent_of(&self, group_id: &[u8]) -> Result<Vec<GroupSent>> {
+        self.with_txn(true, |w| {
+            let mut t = w.open_table(GROUP_SENT)?;
+            let mut ids = Vec::new();
+            let mut out = Vec::new();
+            for e in t.iter()? {
+                let (k, v) = e?;
+                let sent: GroupSent = from_json(v.value())?;
+                if sent.group_id == group_id {
+                    ids.push(*k.value());
+                    out.push(sent);
+                }
+            }
+            for id in ids {
+                t.remove(&id)?;
+            }
+            Ok(out)
+        })
+    }
+
     // ------------------------------------------------------------ messages
 
     /// Stores a history row unless a message with the same id exists.

@@ -133,9 +133,9 @@ impl Core {
         }
     }
 
-    /// Recomputes one group's outbox targets from its current metadata.
+    /// Adds one group's outbox targets for its current metadata. Targets of
+    /// earlier inboxes stay, so that what is queued for them still goes out.
     pub(super) fn refresh_group_targets(&mut self, gid: &[u8]) {
-        self.group_targets.retain(|_, (g, _)| g != gid);
         let meta = match load_group(&mut self.groups, &self.provider, gid) {
             Ok(Some(g)) if g.is_active() => MlsEngine::group_meta(g),
             _ => return,
@@ -620,6 +620,16 @@ impl Core {
                             .and_then(|g| MlsEngine::group_meta(g).ok())
                             .is_some_and(|m| m.inbox_seed != row.cursor_seed);
                         if moved {
+                            // Our messages not seen yet may sit in the old inbox
+                            // behind this commit, where nobody reads: send them
+                            // again in the new one (same message ids).
+                            for sent in store.take_group_sent_of(gid)? {
+                                let entries = self.resend_in_unit(gid, conv.peer, sent, now).map_err(|e| match e {
+                                    NodeError::Store(e) => Abort::Store(e),
+                                    other => Abort::Store(tidings_store::StoreError::Corrupt(other.to_string())),
+                                })?;
+                                deferred.extend(entries);
+                            }
                             break;
                         }
                     }
