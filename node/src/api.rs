@@ -18,6 +18,8 @@
 //! - `DELETE /api/groups/{group}/members/{member}` (remove; your own account: leave)
 //! - `POST /api/groups/{group}/info` `{ "name": "...", "description": "..." }`
 //! - `POST /api/groups/{group}/roles` `{ "member": "...", "role": "owner" | "admin" | "member" }`
+//! - `POST /api/devices/link` (a link code for a new device), `GET /api/devices`,
+//!   `DELETE /api/devices/{device}` (revoke)
 //! - `GET  /api/events` (server-sent events, one JSON `NodeEvent` each)
 
 use std::convert::Infallible;
@@ -148,6 +150,20 @@ pub struct RoleBody {
     pub role: String,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LinkCodeView {
+    pub code: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// The device key, hex.
+    pub device: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub this_device: bool,
+}
+
 /// Builds the API router.
 pub fn router(node: NodeHandle, token: &str) -> Router {
     let state = ApiState {
@@ -167,6 +183,9 @@ pub fn router(node: NodeHandle, token: &str) -> Router {
         .route("/api/groups/{group}/members/{member}", delete(remove_member))
         .route("/api/groups/{group}/info", post(group_info))
         .route("/api/groups/{group}/roles", post(group_role))
+        .route("/api/devices", get(devices))
+        .route("/api/devices/link", post(link_device))
+        .route("/api/devices/{device}", delete(revoke_device))
         .route("/api/events", get(events))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -357,6 +376,36 @@ pub fn parse_role(s: &str) -> Option<tidings_protocol::group::Role> {
         "member" => Some(Role::Member),
         _ => None,
     }
+}
+
+async fn link_device(State(s): State<ApiState>) -> Result<Json<LinkCodeView>, ApiError> {
+    Ok(Json(LinkCodeView {
+        code: s.node.link_offer().await?,
+    }))
+}
+
+async fn devices(State(s): State<ApiState>) -> Result<Json<Vec<DeviceView>>, ApiError> {
+    let me = s.node.card().devices.first().map(|d| d.device_key);
+    Ok(Json(
+        s.node
+            .devices()?
+            .iter()
+            .map(|c| DeviceView {
+                device: hex::encode(c.device_key),
+                created_ms: c.created_ms,
+                expires_ms: c.expires_ms,
+                this_device: Some(c.device_key) == me,
+            })
+            .collect(),
+    ))
+}
+
+async fn revoke_device(
+    State(s): State<ApiState>,
+    Path(device): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let groups = s.node.revoke_device(&device).await?;
+    Ok(Json(serde_json::json!({ "groups": groups })))
 }
 
 async fn events(State(s): State<ApiState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {

@@ -34,9 +34,11 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 mod groups;
+mod link;
 
 pub(crate) use groups::GroupInbox;
 pub use groups::{GroupMemberView, GroupView};
+pub(crate) use link::{LinkOffer, LinkOffers};
 
 use crate::clock::Clock;
 use crate::net::{NetError, NetEvent, Network};
@@ -189,6 +191,15 @@ pub(crate) enum CoreInput {
         group_id: Vec<u8>,
         reply: oneshot::Sender<Result<tidings_protocol::group::GroupMeta, NodeError>>,
     },
+    /// Revokes one of our other devices; replies with the number of groups it leaves.
+    RevokeDevice {
+        device: [u8; 32],
+        reply: oneshot::Sender<Result<usize, NodeError>>,
+    },
+    /// Groups lacking one of our own devices.
+    MissingOwnDevices {
+        reply: oneshot::Sender<Vec<(Vec<u8>, DeviceCertificate)>>,
+    },
     /// Fresh key packages to publish on relays: `n` one-time ones, plus a
     /// last-resort one if asked (empty otherwise).
     MakeKeyPackages {
@@ -259,6 +270,8 @@ pub(crate) struct Core {
     group_targets: HashMap<[u8; 32], (Vec<u8>, groups::GroupTarget)>,
     /// Groups joined while applying received envelopes (targets set up after commit).
     joined_groups: Vec<Vec<u8>>,
+    /// The open device-link offer, if any.
+    link: LinkOffers,
 }
 
 /// Deposit refusals the node is living with: per (recipient account, relay),
@@ -320,6 +333,7 @@ impl Core {
         home_relays: HashSet<PeerId>,
         refusals: Refusals,
         grant: pb::MailboxGrant,
+        link: LinkOffers,
     ) -> Result<Self, StoreError> {
         let mut core = Self {
             provider: Provider::new(store.clone()),
@@ -345,6 +359,7 @@ impl Core {
             deferred: Vec::new(),
             group_targets: HashMap::new(),
             joined_groups: Vec::new(),
+            link,
         };
         core.load_group_targets();
         for e in core.store.list_outbox()? {
@@ -536,6 +551,12 @@ impl Core {
             }
             CoreInput::GroupMeta { group_id, reply } => {
                 let _ = reply.send(self.group_meta_of(&group_id));
+            }
+            CoreInput::RevokeDevice { device, reply } => {
+                let _ = reply.send(self.revoke_device(device));
+            }
+            CoreInput::MissingOwnDevices { reply } => {
+                let _ = reply.send(self.missing_own_devices());
             }
             CoreInput::MakeKeyPackages { n, last_resort, reply } => {
                 let store = self.store.clone();
@@ -871,6 +892,10 @@ impl Core {
                     pb::KeyPackageResponse::default()
                 };
                 self.net.respond_key_package(id, response).await;
+            }
+            NetEvent::Link { id, peer, request } => {
+                let response = self.on_link(peer, request);
+                self.net.respond_link(id, response).await;
             }
             NetEvent::Mailbox { id, .. } => {
                 // Only relays run the mailbox service; they route these elsewhere.

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod codec;
 pub mod core;
 pub mod demo;
+pub mod link;
 pub mod net;
 pub mod node;
 pub mod relay;

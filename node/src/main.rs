@@ -11,8 +11,8 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use std::sync::Arc;
 use tidings_node::api::{
-    ADDR_FILE, AddContactBody, CardView, CreateGroupBody, GroupInfoBody, GroupTextBody, InviteBody, RoleBody, SendBody,
-    TOKEN_FILE,
+    ADDR_FILE, AddContactBody, CardView, CreateGroupBody, DeviceView, GroupInfoBody, GroupTextBody, InviteBody,
+    LinkCodeView, RoleBody, SendBody, TOKEN_FILE,
 };
 
 use prometheus_client::registry::Registry;
@@ -44,6 +44,10 @@ enum Cmd {
         /// Your display name.
         #[arg(long, default_value = "")]
         name: String,
+        /// Join your existing account as a new device: the code that
+        /// `tidings device link` shows on a device you already use.
+        #[arg(long, value_name = "CODE")]
+        link: Option<String>,
     },
     /// Start the node (network + local API) and keep it running.
     Run {
@@ -82,6 +86,11 @@ enum Cmd {
     Send { contact: String, text: String },
     /// Show the history with a contact.
     Log { contact: String },
+    /// Your account's devices: link a new one, list, revoke.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
     /// Group chats: create, invite, remove, leave, send, read.
     Group {
         #[command(subcommand)]
@@ -128,6 +137,16 @@ struct RelayArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Show a code (valid five minutes) for `tidings init --link <code>` on a new device.
+    Link,
+    /// List this account's devices.
+    List,
+    /// Remove a lost device from every group and from your user record.
+    Revoke { device: String },
 }
 
 #[derive(Subcommand)]
@@ -245,7 +264,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
     let dir = data_dir(&cli.data_dir)?;
     match cli.cmd {
-        Cmd::Init { name } => init(&dir, &name),
+        Cmd::Init { name, link: None } => init(&dir, &name),
+        Cmd::Init { link: Some(code), .. } => init_linked(&dir, &code).await,
+        Cmd::Device { cmd } => device_cmd(&dir, cmd).await,
         Cmd::Run {
             listen,
             bootstrap,
@@ -457,6 +478,49 @@ fn init(dir: &Path, name: &str) -> anyhow::Result<()> {
     let id = store.identity()?;
     let account = tidings_protocol::AccountKey::from_seed(id.account_seed).id();
     out!("created identity {account} in {}", dir.display());
+    Ok(())
+}
+
+async fn init_linked(dir: &Path, code: &str) -> anyhow::Result<()> {
+    let joined = tidings_node::link::join_account(dir, code, &tidings_node::Clock::system()).await?;
+    write_token(dir)?;
+    let account = tidings_protocol::AccountKey::from_seed(joined.identity.account_seed).id();
+    out!("joined account {account} as a new device in {}", dir.display());
+    out!(
+        "  {} contacts and {} history rows came over",
+        joined.contacts,
+        joined.history
+    );
+    out!("  your other device adds this one to your groups once it runs; start it with:");
+    let relays: Vec<String> = joined.relays.iter().map(|r| format!(" --relay {r}")).collect();
+    out!("  tidings --data-dir {} run{}", dir.display(), relays.concat());
+    Ok(())
+}
+
+async fn device_cmd(dir: &Path, cmd: DeviceCmd) -> anyhow::Result<()> {
+    let client = Client::new(dir)?;
+    match cmd {
+        DeviceCmd::Link => {
+            let code: LinkCodeView = client.post("/api/devices/link", &serde_json::json!({})).await?;
+            out!("On the new device, within five minutes:\n");
+            out!("  tidings init --link {}\n", code.code);
+            out!("{}", qr(&code.code)?);
+        }
+        DeviceCmd::List => {
+            let list: Vec<DeviceView> = client.get("/api/devices").await?;
+            for d in list {
+                let this = if d.this_device { "  (this device)" } else { "" };
+                out!("{}  since {}{this}", d.device, format_ts(d.created_ms));
+            }
+        }
+        DeviceCmd::Revoke { device } => {
+            let r: serde_json::Value = client.delete(&format!("/api/devices/{device}")).await?;
+            out!(
+                "revoked; removed from {} groups",
+                r.get("groups").and_then(|g| g.as_u64()).unwrap_or(0)
+            );
+        }
+    }
     Ok(())
 }
 

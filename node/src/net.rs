@@ -35,6 +35,7 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0
 pub const DELIVER_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/deliver/1");
 pub const KEY_PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/keypackage/1");
 pub const MAILBOX_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/mailbox/1");
+pub const LINK_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/link/1");
 pub const IDENTIFY_PROTOCOL: &str = "/tidings/id/1.0.0";
 
 /// Capacity of the command and event channels.
@@ -45,6 +46,7 @@ const MAX_PENDING_INBOUND: usize = 4096;
 type DeliverBehaviour = request_response::Behaviour<ProstCodec<pb::DeliverRequest, pb::DeliverResponse>>;
 type KeyPackageBehaviour = request_response::Behaviour<ProstCodec<pb::KeyPackageRequest, pb::KeyPackageResponse>>;
 type MailboxBehaviour = request_response::Behaviour<ProstCodec<pb::MailboxRequest, pb::MailboxResponse>>;
+type LinkBehaviour = request_response::Behaviour<ProstCodec<pb::LinkRequest, pb::LinkResponse>>;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
@@ -59,6 +61,7 @@ pub struct Behaviour {
     deliver: DeliverBehaviour,
     key_package: KeyPackageBehaviour,
     mailbox: MailboxBehaviour,
+    link: LinkBehaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -167,6 +170,12 @@ pub enum NetEvent {
         peer: PeerId,
         request: pb::KeyPackageRequest,
     },
+    /// A device of ours being linked (`/tidings/link/1`).
+    Link {
+        id: u64,
+        peer: PeerId,
+        request: pb::LinkRequest,
+    },
     Connected(PeerId),
 }
 
@@ -199,6 +208,15 @@ enum Command {
     RespondKeyPackage {
         id: u64,
         response: pb::KeyPackageResponse,
+    },
+    Link {
+        peer: PeerId,
+        request: pb::LinkRequest,
+        reply: oneshot::Sender<Result<pb::LinkResponse, NetError>>,
+    },
+    RespondLink {
+        id: u64,
+        response: pb::LinkResponse,
     },
     Mailbox {
         peer: PeerId,
@@ -297,6 +315,15 @@ impl Network {
 
     pub async fn respond_key_package(&self, id: u64, response: pb::KeyPackageResponse) {
         let _ = self.tx.send(Command::RespondKeyPackage { id, response }).await;
+    }
+
+    /// Sends a link request to a device of our account.
+    pub async fn link(&self, peer: PeerId, request: pb::LinkRequest) -> Result<pb::LinkResponse, NetError> {
+        self.call(|reply| Command::Link { peer, request, reply }).await?
+    }
+
+    pub async fn respond_link(&self, id: u64, response: pb::LinkResponse) {
+        let _ = self.tx.send(Command::RespondLink { id, response }).await;
     }
 
     /// Looks a peer up in the DHT and remembers the addresses found.
@@ -413,6 +440,11 @@ pub async fn spawn(
                 [(MAILBOX_PROTOCOL, mailbox_support)],
                 rr_cfg.with_max_concurrent_streams(1024),
             );
+            let link = request_response::Behaviour::with_codec(
+                ProstCodec::new(MAX_DELIVER_FRAME),
+                [(LINK_PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+            );
             let relay = relay_cfg.as_ref().map(|c| {
                 relay::Behaviour::new(
                     peer_id,
@@ -449,6 +481,7 @@ pub async fn spawn(
                 deliver,
                 key_package,
                 mailbox,
+                link,
                 mdns: mdns.into(),
             })
         })?
@@ -540,10 +573,12 @@ pub async fn spawn(
         next_inbound: 0,
         inbound_deliver: HashMap::new(),
         inbound_key_package: HashMap::new(),
+        inbound_link: HashMap::new(),
         inbound_mailbox: HashMap::new(),
         outbound_mailbox: HashMap::new(),
         outbound_deliver: HashMap::new(),
         outbound_key_package: HashMap::new(),
+        outbound_link: HashMap::new(),
         find_peer: HashMap::new(),
         put_record: HashMap::new(),
         get_record: HashMap::new(),
@@ -569,8 +604,10 @@ struct EventLoop {
     next_inbound: u64,
     inbound_deliver: HashMap<u64, ResponseChannel<pb::DeliverResponse>>,
     inbound_key_package: HashMap<u64, ResponseChannel<pb::KeyPackageResponse>>,
+    inbound_link: HashMap<u64, ResponseChannel<pb::LinkResponse>>,
     outbound_deliver: HashMap<OutboundRequestId, oneshot::Sender<Result<pb::DeliverResponse, NetError>>>,
     outbound_key_package: HashMap<OutboundRequestId, oneshot::Sender<Result<pb::KeyPackageResponse, NetError>>>,
+    outbound_link: HashMap<OutboundRequestId, oneshot::Sender<Result<pb::LinkResponse, NetError>>>,
     inbound_mailbox: HashMap<u64, ResponseChannel<pb::MailboxResponse>>,
     outbound_mailbox: HashMap<OutboundRequestId, oneshot::Sender<Result<pb::MailboxResponse, NetError>>>,
     find_peer: HashMap<kad::QueryId, FindPeerQuery>,
@@ -655,6 +692,15 @@ impl EventLoop {
             Command::RespondKeyPackage { id, response } => {
                 if let Some(ch) = self.inbound_key_package.remove(&id) {
                     let _ = b.key_package.send_response(ch, response);
+                }
+            }
+            Command::Link { peer, request, reply } => {
+                let id = b.link.send_request(&peer, request);
+                self.outbound_link.insert(id, reply);
+            }
+            Command::RespondLink { id, response } => {
+                if let Some(ch) = self.inbound_link.remove(&id) {
+                    let _ = b.link.send_response(ch, response);
                 }
             }
             Command::Mailbox { peer, request, reply } => {
@@ -823,6 +869,34 @@ impl EventLoop {
                 }
                 request_response::Event::InboundFailure { peer, error, .. } => {
                     info!(%peer, "refused inbound key package request: {error}");
+                }
+                request_response::Event::ResponseSent { .. } => {}
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Link(ev)) => match ev {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        if self.inbound_link.len() >= 16 {
+                            return;
+                        }
+                        let id = self.next_id();
+                        self.inbound_link.insert(id, channel);
+                        if self.events.send(NetEvent::Link { id, peer, request }).await.is_err() {
+                            self.inbound_link.remove(&id);
+                        }
+                    }
+                    request_response::Message::Response { request_id, response } => {
+                        if let Some(reply) = self.outbound_link.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                },
+                request_response::Event::OutboundFailure { request_id, error, .. } => {
+                    if let Some(reply) = self.outbound_link.remove(&request_id) {
+                        let _ = reply.send(Err(outbound_error(&error)));
+                    }
+                }
+                request_response::Event::InboundFailure { peer, error, .. } => {
+                    info!(%peer, "refused inbound link request: {error}");
                 }
                 request_response::Event::ResponseSent { .. } => {}
             },

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::clock::Clock;
-use crate::core::{Core, CoreInput, GroupView, NodeError, Refusals, peer_id_of};
+use crate::core::{Core, CoreInput, GroupView, LinkOffer, LinkOffers, NodeError, Refusals, peer_id_of};
 use crate::net::{self, NetConfig, NetError, NetEvent, Network};
 use crate::relay::{MailboxService, RelayMetrics, RelayOptions};
 use crate::types::{ContactView, MailGapView, MessageView, NodeEvent, NodeStatus, RefusalView};
@@ -30,6 +30,8 @@ pub const DEVICE_CERT_VALIDITY_MS: u64 = 365 * 24 * 3600 * 1000;
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(15);
 /// How often a node fetches its groups' inboxes when nothing wakes it earlier.
 const GROUP_POLL: Duration = Duration::from_secs(1);
+/// How often a node checks that its account's other devices are in all its groups.
+const OWN_DEVICE_RECHECK: Duration = Duration::from_secs(2);
 /// Longest a group change waits for an earlier change of ours to be decided.
 const GROUP_CHANGE_WAIT: Duration = Duration::from_secs(30);
 
@@ -77,7 +79,7 @@ impl Default for NodeConfig {
     }
 }
 
-fn random_seed() -> [u8; 32] {
+pub(crate) fn random_seed() -> [u8; 32] {
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).expect("the OS random number generator failed");
     seed
@@ -155,6 +157,8 @@ struct Inner {
     refusals: Refusals,
     /// Wakes the group sync task.
     group_wake: tokio::sync::Notify,
+    /// The open device-link offer.
+    link: LinkOffers,
 }
 
 /// A cloneable handle to a running node: what the API, the CLI and tests use.
@@ -220,6 +224,7 @@ impl Node {
         let (tx, rx) = mpsc::channel(CORE_QUEUE);
         let (events, _) = broadcast::channel(EVENT_QUEUE);
         let refusals = Refusals::default();
+        let link = LinkOffers::default();
         let core = Core::new(
             store.clone(),
             engine,
@@ -242,6 +247,7 @@ impl Node {
                 capabilities: vec![mailbox::issue_capability(&identity.device_seed, cert.expires_ms, None)],
                 relays: config.home_relays.iter().map(|a| a.to_string()).collect(),
             },
+            link.clone(),
         )?;
         tasks.push(tokio::spawn(core.run(rx, net_events)));
         let handle = NodeHandle {
@@ -260,6 +266,7 @@ impl Node {
                 conversation_lock: Mutex::new(()),
                 refusals,
                 group_wake: tokio::sync::Notify::new(),
+                link,
             }),
         };
         info!(account = %handle.account(), peer = %handle.peer_id(), "node started");
@@ -368,10 +375,22 @@ impl NodeHandle {
     pub async fn publish_record(&self) -> Result<(), NodeError> {
         let seq = self.core(|reply| CoreInput::NextRecordSeq { reply }).await?;
         let key = AccountKey::from_seed(self.inner.account_seed);
+        let now = self.inner.clock.now_ms();
+        let mut devices: Vec<DeviceCertificate> = self
+            .inner
+            .store
+            .own_devices()?
+            .iter()
+            .filter_map(|b| DeviceCertificate::from_bytes(b).ok())
+            .filter(|c| DeviceCertificate::verify(c.wire(), now).is_ok())
+            .collect();
+        if !devices.iter().any(|c| c.device_key == self.inner.cert.device_key) {
+            devices.push(self.inner.cert.clone());
+        }
         let record = UserRecord::sign(
             &key,
             seq,
-            std::slice::from_ref(&self.inner.cert),
+            &devices,
             &self.inner.home_relays.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             &self.inner.name,
             self.inner.clock.now_ms(),
@@ -816,6 +835,102 @@ impl NodeHandle {
         Ok(out)
     }
 
+    // ------------------------------------------------------------ devices
+
+    /// Opens a link offer for a new device of this account and returns the
+    /// code to give it (`tidings init --link <code>`), valid for five minutes.
+    pub async fn link_offer(&self) -> Result<String, NodeError> {
+        let now = self.inner.clock.now_ms();
+        let mut secret = [0u8; 16];
+        secret.copy_from_slice(&random_seed()[..16]);
+        let peer = self.peer_id();
+        let status = self.inner.net.status().await?;
+        let code = tidings_protocol::link::LinkCode {
+            peer_id: peer.to_bytes(),
+            addrs: status.listen_addrs,
+            secret,
+            expires_ms: now + tidings_protocol::link::LINK_VALIDITY_MS,
+        };
+        if code.addrs.is_empty() {
+            return Err(NodeError::Unreachable(
+                "this node listens on no address a new device could dial".into(),
+            ));
+        }
+        *self.inner.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(LinkOffer {
+            secret,
+            expires_ms: code.expires_ms,
+            bound: None,
+        });
+        Ok(code.to_text())
+    }
+
+    /// Revokes another device of this account (by its device key, hex): it is
+    /// removed from every group and from the published user record.
+    pub async fn revoke_device(&self, device: &str) -> Result<usize, NodeError> {
+        let device: [u8; 32] = hex::decode(device.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| NodeError::InvalidContact("a device is named by its 64-hex-digit key".into()))?;
+        let groups = self.core(|reply| CoreInput::RevokeDevice { device, reply }).await?;
+        self.group_sync_now();
+        if let Err(e) = self.publish_record().await {
+            warn!("republishing the user record after a revocation failed: {e}");
+        }
+        Ok(groups)
+    }
+
+    /// Every device certificate of this account known here.
+    pub fn devices(&self) -> Result<Vec<DeviceCertificate>, NodeError> {
+        let mut out: Vec<DeviceCertificate> = self
+            .inner
+            .store
+            .own_devices()?
+            .iter()
+            .filter_map(|b| DeviceCertificate::from_bytes(b).ok())
+            .collect();
+        if !out.iter().any(|c| c.device_key == self.inner.cert.device_key) {
+            out.push(self.inner.cert.clone());
+        }
+        Ok(out)
+    }
+
+    /// Adds our own devices to the groups they are missing from (after a new
+    /// device was linked): a key package from the device, or from our relays.
+    async fn add_own_devices(&self) {
+        let missing = match self.core_plain(|reply| CoreInput::MissingOwnDevices { reply }).await {
+            Some(m) => m,
+            None => return,
+        };
+        let relays: Vec<String> = self.inner.home_relays.iter().map(|a| a.to_string()).collect();
+        for (group_id, cert) in missing {
+            let kp = match peer_id_of(&cert.device_key) {
+                Some(peer) => match self.fetch_key_package(peer).await {
+                    Ok(kp) => Some(kp),
+                    Err(_) => self.claim_key_package(&relays, &cert.device_key).await,
+                },
+                None => None,
+            };
+            let Some(kp) = kp else { continue };
+            match self
+                .core(|reply| CoreInput::GroupIntent {
+                    group_id: group_id.clone(),
+                    intent: IntentRow::Add { key_packages: vec![kp] },
+                    reply,
+                })
+                .await
+            {
+                Ok(_) => info!(group = %hex::encode(&group_id), "adding our new device to the group"),
+                Err(e) => debug!(group = %hex::encode(&group_id), "adding our device failed: {e}"),
+            }
+        }
+    }
+
+    async fn core_plain<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> CoreInput) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.tx.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
     /// Wakes the group sync task.
     fn group_sync_now(&self) {
         self.inner.group_wake.notify_one();
@@ -825,7 +940,12 @@ impl NodeHandle {
     /// its cursor and hands what it finds to the core, in order. Runs every
     /// [`GROUP_POLL`], and at once after this device changed or sent something.
     async fn group_sync(self) {
+        let mut last_reconcile = tokio::time::Instant::now();
         loop {
+            if last_reconcile.elapsed() >= OWN_DEVICE_RECHECK {
+                last_reconcile = tokio::time::Instant::now();
+                self.add_own_devices().await;
+            }
             let mut busy = false;
             let inboxes = self.core(|reply| CoreInput::GroupInboxes { reply }).await;
             let Ok(inboxes) = inboxes else { return };

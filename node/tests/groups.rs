@@ -380,3 +380,103 @@ async fn two_admins_adding_at_the_same_time_converge_on_one_membership() {
     drop(nodes);
     drop(n.relays);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_device_gets_the_history_and_joins_every_group() {
+    let n = net(2).await;
+    let base = n.dir.path();
+    let a1_node = user(base, "alice", &n).await;
+    let b_node = user(base, "bob", &n).await;
+    let (a1, b) = (a1_node.handle(), b_node.handle());
+    befriend(&a1, &b).await;
+    a1.send_text(&acct(&b), "one to one, before linking").await.unwrap();
+    let gid = a1.create_group("family", &[&acct(&b)]).await.unwrap().id;
+    eventually_async("bob joined", || {
+        let (b, gid) = (b.clone(), gid.clone());
+        async move { in_group(&b, &gid).await }
+    })
+    .await;
+    b.send_group(&gid, "before the new device").await.unwrap();
+    eventually("alice has it", || texts(&a1, &gid).len() == 1).await;
+
+    // Alice links a second device.
+    let code = a1.link_offer().await.unwrap();
+    let joined = tidings_node::link::join_account(&base.join("alice2"), &code, &tidings_node::Clock::system())
+        .await
+        .unwrap();
+    assert_eq!(joined.contacts, 1);
+    assert!(joined.history >= 2, "history moved over: {}", joined.history);
+    // The code is bound to that device now: another one cannot use it.
+    let stolen = tidings_node::link::join_account(&base.join("mallory"), &code, &tidings_node::Clock::system()).await;
+    assert!(stolen.is_err());
+
+    let a2_node = user(base, "alice2", &n).await;
+    let a2 = a2_node.handle();
+    assert_eq!(a2.account(), a1.account());
+    assert_eq!(
+        texts(&a2, &gid),
+        ["before the new device"],
+        "the prior history is on the new device"
+    );
+    assert!(
+        a2.history(&acct(&b))
+            .unwrap()
+            .iter()
+            .any(|m| m.text == "one to one, before linking" && m.outgoing)
+    );
+    eventually_async("the new device was added to the group", || {
+        let (a2, gid) = (a2.clone(), gid.clone());
+        async move { in_group(&a2, &gid).await }
+    })
+    .await;
+    let view = b.group(&gid).await.unwrap();
+    let alice = view.members.iter().find(|m| m.account == acct(&a1)).unwrap();
+    assert_eq!(alice.devices, 2);
+
+    b.send_group(&gid, "hello, both of you").await.unwrap();
+    for h in [&a1, &a2] {
+        eventually("both of alice's devices get it", || {
+            texts(h, &gid).contains(&"hello, both of you".to_string())
+        })
+        .await;
+    }
+    a2.send_group(&gid, "from alice's second device").await.unwrap();
+    eventually("bob gets it", || {
+        texts(&b, &gid).contains(&"from alice's second device".to_string())
+    })
+    .await;
+    eventually("alice's first device shows it as hers", || {
+        a1.group_history(&gid)
+            .unwrap()
+            .iter()
+            .any(|m| m.text == "from alice's second device" && m.outgoing)
+    })
+    .await;
+
+    // The second device is lost: alice revokes it from her first one.
+    let a2_key = hex::encode(a2.card().devices[0].device_key);
+    assert_eq!(a1.revoke_device(&a2_key).await.unwrap(), 1);
+    eventually_async("the revoked device is out", || {
+        let (a2, gid) = (a2.clone(), gid.clone());
+        async move { a2.group(&gid).await.is_ok_and(|g| g.left) }
+    })
+    .await;
+    assert_eq!(a1.devices().unwrap().len(), 1);
+    eventually_async("bob sees one device of alice's", || {
+        let (b, gid, a) = (b.clone(), gid.clone(), acct(&a1));
+        async move {
+            b.group(&gid)
+                .await
+                .is_ok_and(|g| g.members.iter().any(|m| m.account == a && m.devices == 1))
+        }
+    })
+    .await;
+    b.send_group(&gid, "after the revocation").await.unwrap();
+    eventually("alice's remaining device gets it", || {
+        texts(&a1, &gid).contains(&"after the revocation".to_string())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!texts(&a2, &gid).contains(&"after the revocation".to_string()));
+    drop(n.relays);
+}

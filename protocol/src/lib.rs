@@ -9,6 +9,7 @@ pub mod card;
 pub mod group;
 pub mod identity;
 pub mod limits;
+pub mod link;
 pub mod mailbox;
 pub mod mls;
 pub mod payload;

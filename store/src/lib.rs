@@ -259,6 +259,44 @@ impl Store {
     }
 
     /// Increments and returns a named counter (starts at 1).
+    /// Encoded certificates of every device of this account we know of
+    /// (this one included once linking happened; empty before).
+    pub fn own_devices(&self) -> Result<Vec<Vec<u8>>> {
+        self.with_txn(false, |w| {
+            let t = w.open_table(META)?;
+            t.get("own_devices")?
+                .map(|v| from_json(v.value()))
+                .transpose()
+                .map(Option::unwrap_or_default)
+        })
+    }
+
+    pub fn put_own_devices(&self, certs: &[Vec<u8>]) -> Result<()> {
+        let bytes = to_json(&certs)?;
+        self.with_txn(true, |w| {
+            w.open_table(META)?.insert("own_devices", bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Up to `limit` history rows of every chat, in table order, after the
+    /// first `after`; and whether more follow.
+    pub fn messages_page(&self, after: u64, limit: usize) -> Result<(Vec<StoredMessage>, bool)> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(MESSAGES)?;
+        let mut out = Vec::new();
+        let mut more = false;
+        for e in t.iter()?.skip(usize::try_from(after).unwrap_or(usize::MAX)) {
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            let (_, v) = e?;
+            out.push(from_json(v.value())?);
+        }
+        Ok((out, more))
+    }
+
     pub fn next_counter(&self, name: &str) -> Result<u64> {
         let key = format!("counter/{name}");
         self.with_txn(true, |w| {
