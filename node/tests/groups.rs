@@ -480,3 +480,98 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
     assert!(!texts(&a2, &gid).contains(&"after the revocation".to_string()));
     drop(n.relays);
 }
+
+/// Links a second device to the account of `first`, starts it and returns it.
+async fn second_device(base: &Path, name: &str, first: &NodeHandle, n: &Net) -> Node {
+    let code = first.link_offer().await.unwrap();
+    tidings_node::link::join_account(&base.join(name), &code, &tidings_node::Clock::system())
+        .await
+        .unwrap();
+    user(base, name, n).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_people_with_two_devices_each_and_one_added_later_see_every_message_once_in_one_order() {
+    let n = net(2).await;
+    let base = n.dir.path();
+    let firsts = [
+        user(base, "alice", &n).await,
+        user(base, "bob", &n).await,
+        user(base, "carol", &n).await,
+        user(base, "dave", &n).await,
+    ];
+    let [a1, b1, c1, d1] = [
+        firsts[0].handle(),
+        firsts[1].handle(),
+        firsts[2].handle(),
+        firsts[3].handle(),
+    ];
+    for h in [&b1, &c1, &d1] {
+        befriend(&a1, h).await;
+    }
+    let seconds = [
+        second_device(base, "alice2", &a1, &n).await,
+        second_device(base, "bob2", &b1, &n).await,
+        second_device(base, "carol2", &c1, &n).await,
+    ];
+    let [a2, b2, c2] = [seconds[0].handle(), seconds[1].handle(), seconds[2].handle()];
+    let gid = a1
+        .create_group("six devices", &[&acct(&b1), &acct(&c1)])
+        .await
+        .unwrap()
+        .id;
+    let six = [&a1, &a2, &b1, &b2, &c1, &c2];
+    for h in six {
+        eventually_async("every device is in the group", || {
+            let (h, gid) = (h.clone(), gid.clone());
+            async move {
+                h.group(&gid)
+                    .await
+                    .is_ok_and(|g| !g.left && g.members.iter().all(|m| m.devices == 2))
+            }
+        })
+        .await;
+    }
+    for (i, h) in six.iter().enumerate() {
+        h.send_group(&gid, &format!("first round, device {i}")).await.unwrap();
+    }
+    for h in six {
+        eventually("six messages everywhere", || texts(h, &gid).len() == 6).await;
+    }
+
+    // Dave joins later, with one device.
+    a1.invite(&gid, &[&acct(&d1)]).await.unwrap();
+    eventually_async("dave joined", || {
+        let (d1, gid) = (d1.clone(), gid.clone());
+        async move { in_group(&d1, &gid).await }
+    })
+    .await;
+    let seven = [&a1, &a2, &b1, &b2, &c1, &c2, &d1];
+    for h in seven {
+        eventually_async("everyone sees dave", || {
+            let (h, gid) = (h.clone(), gid.clone());
+            async move { h.group(&gid).await.is_ok_and(|g| g.members.len() == 4) }
+        })
+        .await;
+    }
+    for (i, h) in seven.iter().enumerate() {
+        h.send_group(&gid, &format!("second round, device {i}")).await.unwrap();
+    }
+    for h in six {
+        eventually("thirteen messages on each early device", || texts(h, &gid).len() >= 13).await;
+    }
+    eventually("seven on dave's", || texts(&d1, &gid).len() >= 7).await;
+    let reference = texts(&a1, &gid);
+    assert_eq!(reference.len(), 13, "exactly once");
+    for h in six {
+        assert_eq!(texts(h, &gid), reference, "one order on every device");
+    }
+    let later: Vec<String> = reference.iter().filter(|t| t.starts_with("second")).cloned().collect();
+    assert_eq!(
+        texts(&d1, &gid),
+        later,
+        "dave sees everything from his joining on, in the same order"
+    );
+    drop((firsts, seconds));
+    drop(n.relays);
+}

@@ -437,9 +437,19 @@ impl Store {
             if ids.get(&m.id)?.is_some() {
                 return Ok(false);
             }
-            let key = (&m.peer, m.timestamp_ms, &m.sender, m.sender_seq);
+            // Devices of one account count their sequence numbers apart, so
+            // two of them can send with the same time and number: the key's
+            // last part also carries the start of the message id (the same
+            // on every device, so every device orders alike), and a clash
+            // beyond that moves to the next free slot.
+            let mut slot = (m.sender_seq << 16) | u64::from(u16::from_be_bytes([m.id[0], m.id[1]]));
+            let mut messages = w.open_table(MESSAGES)?;
+            while messages.get((&m.peer, m.timestamp_ms, &m.sender, slot))?.is_some() {
+                slot = slot.wrapping_add(1);
+            }
+            let key = (&m.peer, m.timestamp_ms, &m.sender, slot);
             ids.insert(&m.id, key)?;
-            w.open_table(MESSAGES)?.insert(key, bytes.as_slice())?;
+            messages.insert(key, bytes.as_slice())?;
             Ok(true)
         })
     }
@@ -717,6 +727,31 @@ mod tests {
         s.record_mail_indices(&relay, false, &[5, 7], 50).unwrap();
         assert!(s.mail_gaps().unwrap().is_empty());
         assert_eq!(s.mail_cursor(&relay, false).unwrap(), 9);
+    }
+
+    #[test]
+    fn two_devices_sending_with_the_same_time_and_number_keep_both_rows_in_one_order() {
+        let row = |id: [u8; 16], text: &str| StoredMessage {
+            id,
+            peer: [2; 32],
+            sender: [3; 32],
+            sender_seq: 7,
+            timestamp_ms: 100,
+            received_ms: 100,
+            outgoing: false,
+            text: text.into(),
+            state: MessageState::Received,
+        };
+        // Arrival order differs between two devices; the history order does not.
+        for order in [[0, 1], [1, 0]] {
+            let s = Store::open_in_memory().unwrap();
+            let rows = [row([9; 16], "from device b"), row([1; 16], "from device a")];
+            for i in order {
+                assert!(s.insert_message(&rows[i]).unwrap());
+            }
+            let texts: Vec<String> = s.list_messages(&[2; 32]).unwrap().into_iter().map(|m| m.text).collect();
+            assert_eq!(texts, ["from device a", "from device b"]);
+        }
     }
 
     #[test]

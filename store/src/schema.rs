@@ -18,8 +18,10 @@ pub const MLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mls");
 pub const CONTACTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("contacts");
 /// Conversations by MLS group id → json `Conversation`.
 pub const CONVERSATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("conversations");
-/// Position of a history row: (peer account, display timestamp, sender account, sender seq).
-/// Rows sort by chat, then time, with a stable tie-break on sender and sequence.
+/// Position of a history row: (peer account, display timestamp, sender account,
+/// sender seq << 16 | the message id's first two bytes). Rows sort by chat, then
+/// time, with a stable tie-break on sender, sequence and id, the same on every
+/// device (devices of one account number their messages independently).
 pub type MessageKey<'a> = (&'a [u8; 32], u64, &'a [u8; 32], u64);
 /// Chat history: `MessageKey` → json `StoredMessage`.
 pub const MESSAGES: TableDefinition<MessageKey, &[u8]> = TableDefinition::new("messages");
