@@ -429,9 +429,15 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
         async move { in_group(&a2, &gid).await }
     })
     .await;
-    let view = b.group(&gid).await.unwrap();
-    let alice = view.members.iter().find(|m| m.account == acct(&a1)).unwrap();
-    assert_eq!(alice.devices, 2);
+    eventually_async("bob sees both of alice's devices", || {
+        let (b, gid, a) = (b.clone(), gid.clone(), acct(&a1));
+        async move {
+            b.group(&gid)
+                .await
+                .is_ok_and(|g| g.members.iter().any(|m| m.account == a && m.devices == 2))
+        }
+    })
+    .await;
 
     b.send_group(&gid, "hello, both of you").await.unwrap();
     for h in [&a1, &a2] {
