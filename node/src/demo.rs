@@ -544,8 +544,29 @@ pub async fn run() -> anyhow::Result<()> {
         println!("     alice reached carol's device through the relay circuit");
     }
 
-    // A group of three: created on alice's relays, with bob away for part of it.
-    let members = [("alice", alice.clone()), ("bob", bob.clone()), ("carol", carol.clone())];
+    // Alice links her phone: a second device of her account.
+    let code = alice.link_offer().await?;
+    let phone_dir = tmp.path().join("alice-phone");
+    let joined = crate::link::join_account(&phone_dir, &code, &Clock::system())
+        .await
+        .context("alice's phone could not join her account")?;
+    let phone_node = start_node_with_relays(&phone_dir, "alice", boot_addrs.clone(), relay_addrs.clone()).await?;
+    let phone = phone_node.handle();
+    if phone.account() != alice.account() {
+        bail!("the phone holds another account");
+    }
+    println!(
+        "[12] alice linked her phone with a one-time code: same account, her {} contacts and {} history rows came over directly",
+        joined.contacts, joined.history
+    );
+
+    // A group of three people (four devices): created on alice's relays, with bob away for part of it.
+    let members = [
+        ("alice", alice.clone()),
+        ("phone", phone.clone()),
+        ("bob", bob.clone()),
+        ("carol", carol.clone()),
+    ];
     bob.add_contact(&carol.card().to_uri(), None).await?;
     let group = alice
         .create_group("weekend", &[&bob.account().to_base58(), &carol.account().to_base58()])
@@ -553,6 +574,7 @@ pub async fn run() -> anyhow::Result<()> {
         .context("alice could not create the group")?;
     let gid = group.id.clone();
     for (who, h) in members.iter().skip(1) {
+        // (alice's phone is added by alice's own device once the group exists.)
         let deadline = Instant::now() + STEP_TIMEOUT;
         while !h.group(&gid).await.is_ok_and(|g| !g.left) {
             if Instant::now() > deadline {
@@ -561,15 +583,22 @@ pub async fn run() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    println!("[12] alice created the group \"weekend\" with bob and carol; its first relay orders every change");
+    println!(
+        "[13] alice created the group \"weekend\" with bob and carol; her phone joined it too; its first relay orders every change"
+    );
     group_exchange(0, &members, &gid, "Who is in for Saturday?", &mut lines).await?;
-    group_exchange(1, &members, &gid, "Me!", &mut lines).await?;
-    group_exchange(2, &members, &gid, "Me too.", &mut lines).await?;
+    group_exchange(2, &members, &gid, "Me!", &mut lines).await?;
+    group_exchange(3, &members, &gid, "Me too.", &mut lines).await?;
+    group_exchange(1, &members, &gid, "(from my phone) Great!", &mut lines).await?;
     drop((bob, members));
     bob_node.shutdown().await;
-    let online = [("alice", alice.clone()), ("carol", carol.clone())];
+    let online = [
+        ("alice", alice.clone()),
+        ("phone", phone.clone()),
+        ("carol", carol.clone()),
+    ];
     group_exchange(0, &online, &gid, "Bob is away; we pick the place.", &mut lines).await?;
-    group_exchange(1, &online, &gid, "The lake, at ten.", &mut lines).await?;
+    group_exchange(2, &online, &gid, "The lake, at ten.", &mut lines).await?;
     bob_node = start_node_with_relays(&bob_dir, "bob", boot_addrs.clone(), relay_addrs.clone()).await?;
     let bob = bob_node.handle();
     let expected = alice.group_history(&gid)?;
@@ -583,11 +612,11 @@ pub async fn run() -> anyhow::Result<()> {
     let order = |h: &NodeHandle| -> anyhow::Result<Vec<String>> {
         Ok(h.group_history(&gid)?.into_iter().map(|m| m.id).collect())
     };
-    if order(&bob)? != order(&alice)? || order(&carol)? != order(&alice)? {
-        bail!("the group's members disagree on its history");
+    if order(&bob)? != order(&alice)? || order(&carol)? != order(&alice)? || order(&phone)? != order(&alice)? {
+        bail!("the group's devices disagree on its history");
     }
     println!(
-        "[13] bob was away for two group messages; back, he read them from the group inbox: all three hold the same {} messages in the same order",
+        "[14] bob was away for two group messages; back, he read them from the group inbox: all four devices hold the same {} messages in the same order",
         expected.len()
     );
     println!();
@@ -608,7 +637,8 @@ pub async fn run() -> anyhow::Result<()> {
     }
     println!("\nAll steps passed in {:.1} s.", started.elapsed().as_secs_f64());
 
-    drop((alice, bob, carol));
+    drop((alice, bob, carol, phone));
+    phone_node.shutdown().await;
     carol_node.shutdown().await;
     alice_node.shutdown().await;
     bob_node.shutdown().await;

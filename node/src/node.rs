@@ -31,7 +31,16 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(15);
 /// How often a node fetches its groups' inboxes when nothing wakes it earlier.
 const GROUP_POLL: Duration = Duration::from_secs(1);
 /// How often a node checks that its account's other devices are in all its groups.
-const OWN_DEVICE_RECHECK: Duration = Duration::from_secs(2);
+const OWN_DEVICE_RECHECK: Duration = Duration::from_millis(500);
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 /// Longest a group change waits for an earlier change of ours to be decided.
 const GROUP_CHANGE_WAIT: Duration = Duration::from_secs(30);
 
@@ -940,12 +949,16 @@ impl NodeHandle {
     /// its cursor and hands what it finds to the core, in order. Runs every
     /// [`GROUP_POLL`], and at once after this device changed or sent something.
     async fn group_sync(self) {
-        let mut last_reconcile = tokio::time::Instant::now();
-        loop {
-            if last_reconcile.elapsed() >= OWN_DEVICE_RECHECK {
-                last_reconcile = tokio::time::Instant::now();
-                self.add_own_devices().await;
+        // Adding our own devices fetches key packages, which can take a while:
+        // a task of its own, so that it never holds the groups back.
+        let h = self.clone();
+        let _own = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(OWN_DEVICE_RECHECK).await;
+                h.add_own_devices().await;
             }
+        }));
+        loop {
             let mut busy = false;
             let inboxes = self.core(|reply| CoreInput::GroupInboxes { reply }).await;
             let Ok(inboxes) = inboxes else { return };
