@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_groups;
 pub mod bench_relay;
 pub mod clock;
 pub mod codec;

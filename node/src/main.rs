@@ -106,6 +106,8 @@ enum Cmd {
     Bench(tidings_node::bench::BenchArgs),
     /// Measure a community relay: deposit throughput, reconnect drain and latency, memory.
     BenchRelay(tidings_node::bench_relay::BenchRelayArgs),
+    /// Measure MLS group operations at growing group sizes, against raw openmls.
+    BenchGroups(tidings_node::bench_groups::BenchGroupsArgs),
 }
 
 #[derive(clap::Args)]
@@ -260,6 +262,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Demo => return tidings_node::demo::run().await,
         Cmd::Bench(args) => return tidings_node::bench::run(args).await,
         Cmd::BenchRelay(args) => return tidings_node::bench_relay::run(args).await,
+        Cmd::BenchGroups(args) => return tidings_node::bench_groups::run(args).await,
         _ => {}
     }
     let dir = data_dir(&cli.data_dir)?;
@@ -356,7 +359,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Demo | Cmd::Bench(_) | Cmd::BenchRelay(_) | Cmd::Relay(_) => Ok(()),
+        Cmd::Demo | Cmd::Bench(_) | Cmd::BenchRelay(_) | Cmd::BenchGroups(_) | Cmd::Relay(_) => Ok(()),
     }
 }
 
