@@ -22,7 +22,7 @@ use openmls::prelude::MlsGroup;
 use openmls_rust_crypto::RustCrypto;
 use prost::Message as _;
 use tidings_protocol::identity::{AccountId, DeviceCertificate};
-use tidings_protocol::limits::{MAX_DELIVER_FRAME, MAX_ENVELOPES_PER_BATCH, MAX_MLS_MESSAGE, MAX_TEXT};
+use tidings_protocol::limits::{MAX_DELIVER_FRAME, MAX_ENVELOPES_PER_BATCH, MAX_MLS_MESSAGE, MAX_TEXT, MAX_WELCOME};
 use tidings_protocol::mailbox as mb;
 use tidings_protocol::mls::{Incoming, MlsEngine};
 use tidings_protocol::payload::{Body, Payload};
@@ -975,7 +975,8 @@ impl Core {
                 let ok = e.id.len() == 16
                     && !e.conversation_id.is_empty()
                     && e.conversation_id.len() <= 64
-                    && e.mls_message.len() <= MAX_MLS_MESSAGE
+                    && (e.mls_message.len() <= MAX_MLS_MESSAGE
+                        || (e.kind == EnvelopeKind::Welcome as i32 && e.mls_message.len() <= MAX_WELCOME))
                     && matches!(
                         EnvelopeKind::try_from(e.kind),
                         Ok(EnvelopeKind::Welcome | EnvelopeKind::Message)

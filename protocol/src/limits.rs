@@ -4,8 +4,11 @@
 pub const MAX_DELIVER_FRAME: usize = 4 * 1024 * 1024;
 /// Most envelopes in one delivery batch.
 pub const MAX_ENVELOPES_PER_BATCH: usize = 512;
-/// Largest single MLS message inside an envelope.
+/// Largest single MLS message inside an envelope (a Welcome excepted).
 pub const MAX_MLS_MESSAGE: usize = 256 * 1024;
+/// Largest Welcome: it carries the whole ratchet tree, about 360 bytes per
+/// member, so this admits groups of about 10,000 and still fits a delivery frame.
+pub const MAX_WELCOME: usize = MAX_DELIVER_FRAME - 256 * 1024;
 /// Largest `/tidings/keypackage/1` frame.
 pub const MAX_KEY_PACKAGE_FRAME: usize = 16 * 1024;
 /// Largest signed user record (must fit a Kademlia packet).

@@ -571,6 +571,27 @@ impl Core {
                 if env.conversation_id != gid || store.envelope_seen(&id)? {
                     continue;
                 }
+                // One of our own messages: groups keep no past epochs, so it is
+                // recognised by its envelope id, not by decrypting it.
+                if !MlsEngine::is_handshake(&env.mls_message)
+                    && let Some(sent) = store.take_group_sent(&id)?
+                {
+                    store.mark_envelope_seen(&id, now)?;
+                    let sent_epoch = MlsEngine::message_epoch(&env.mls_message).unwrap_or(0);
+                    let current = load_group(&mut self.groups, &self.provider, gid)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |g| g.epoch().as_u64());
+                    if sent_epoch < current {
+                        debug!(group = %hex::encode(gid), "a commit overtook our message; sending it again");
+                        let entries = self.resend_in_unit(gid, conv.peer, sent, now).map_err(|e| match e {
+                            NodeError::Store(e) => Abort::Store(e),
+                            other => Abort::Store(tidings_store::StoreError::Corrupt(other.to_string())),
+                        })?;
+                        deferred.extend(entries);
+                    }
+                    continue;
+                }
                 let pending = row.pending.as_ref().map(|p| p.commit.clone());
                 let group = load_group(&mut self.groups, &self.provider, gid)
                     .map_err(|e| Abort::Store(tidings_store::StoreError::Corrupt(e.to_string())))?
