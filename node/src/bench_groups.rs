@@ -48,7 +48,7 @@ use tidings_protocol::group::{GroupMeta, Intent};
 use tidings_protocol::identity::{AccountKey, DeviceCertificate, DeviceKey};
 use tidings_protocol::limits::MAX_MLS_MESSAGE;
 use tidings_protocol::mls::{
-    CIPHERSUITE, MAX_FORWARD_DISTANCE, MAX_PAST_EPOCHS, MlsEngine, MlsError, OUT_OF_ORDER_TOLERANCE, Sequenced,
+    CIPHERSUITE, GROUP_PAST_EPOCHS, MAX_FORWARD_DISTANCE, MlsEngine, MlsError, OUT_OF_ORDER_TOLERANCE, Sequenced,
     signature_keys_from_seed, verify_credential,
 };
 use tidings_protocol::pb::{self, EnvelopeKind};
@@ -518,7 +518,7 @@ impl<P: OpenMlsProvider> EngineVariant<P> {
 fn engine_join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .use_ratchet_tree_extension(true)
-        .max_past_epochs(MAX_PAST_EPOCHS)
+        .max_past_epochs(GROUP_PAST_EPOCHS)
         .sender_ratchet_configuration(SenderRatchetConfiguration::new(
             OUT_OF_ORDER_TOLERANCE,
             MAX_FORWARD_DISTANCE,
@@ -666,7 +666,7 @@ enum RawKind {
     /// Plain openmls: default configuration (no past epochs kept) and
     /// `add_members`, which always puts an UpdatePath in the commit.
     Plain,
-    /// openmls with the engine's settings: [`MAX_PAST_EPOCHS`] past epochs
+    /// openmls with the engine's group settings: [`GROUP_PAST_EPOCHS`] past epochs
     /// kept, the engine's sender ratchet, and add commits from the commit
     /// builder without a forced UpdatePath, as `commit_intent` makes them.
     Like,
@@ -687,7 +687,7 @@ impl RawKind {
         match self {
             RawKind::Plain => b.build(),
             RawKind::Like => b
-                .max_past_epochs(MAX_PAST_EPOCHS)
+                .max_past_epochs(GROUP_PAST_EPOCHS)
                 .sender_ratchet_configuration(SenderRatchetConfiguration::new(
                     OUT_OF_ORDER_TOLERANCE,
                     MAX_FORWARD_DISTANCE,
