@@ -1275,13 +1275,22 @@ impl NodeHandle {
             account_key: self.inner.account.as_bytes().to_vec(),
         };
         let net = &self.inner.net;
-        let resp = match net.fetch_key_package(peer, request.clone()).await {
-            Err(NetError::Unreachable(_)) => {
-                net.find_peer(peer).await?;
-                net.fetch_key_package(peer, request).await?
+        let mut result = net.fetch_key_package(peer, request.clone()).await;
+        // Not connected and no known address: ask the DHT, then try again. A
+        // device that just started may answer only a moment later (its
+        // addresses reach the DHT while our dial is under way), so a device
+        // the DHT knows gets two more short tries.
+        if matches!(result, Err(NetError::Unreachable(_))) {
+            let found = net.find_peer(peer).await?;
+            for wait in [0u64, 150, 400] {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                result = net.fetch_key_package(peer, request.clone()).await;
+                if !matches!(result, Err(NetError::Unreachable(_))) || found.is_empty() {
+                    break;
+                }
             }
-            r => r?,
-        };
+        }
+        let resp = result?;
         if resp.key_package.is_empty() {
             return Err(NetError::Failed("the device refused to hand out a key package".into()));
         }
