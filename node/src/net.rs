@@ -946,6 +946,9 @@ impl EventLoop {
                 }
                 Err(e) => debug!(peer = %remote_peer_id, "hole punching failed: {e}"),
             },
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, "dial failed: {error}");
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,

@@ -33,14 +33,6 @@ const GROUP_POLL: Duration = Duration::from_secs(1);
 /// How often a node checks that its account's other devices are in all its groups.
 const OWN_DEVICE_RECHECK: Duration = Duration::from_millis(500);
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 /// Longest a group change waits for an earlier change of ours to be decided.
 const GROUP_CHANGE_WAIT: Duration = Duration::from_secs(30);
 
@@ -293,6 +285,15 @@ impl Node {
             tasks.push(tokio::spawn(handle.clone().mailbox_sync(relays)));
         }
         tasks.push(tokio::spawn(handle.clone().group_sync()));
+        // Adding our own devices fetches key packages, which can take a while:
+        // a task of its own, so that it never holds the groups back.
+        let h = handle.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(OWN_DEVICE_RECHECK).await;
+                h.add_own_devices().await;
+            }
+        }));
         Ok(Node {
             handle,
             tasks,
@@ -949,15 +950,6 @@ impl NodeHandle {
     /// its cursor and hands what it finds to the core, in order. Runs every
     /// [`GROUP_POLL`], and at once after this device changed or sent something.
     async fn group_sync(self) {
-        // Adding our own devices fetches key packages, which can take a while:
-        // a task of its own, so that it never holds the groups back.
-        let h = self.clone();
-        let _own = AbortOnDrop(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(OWN_DEVICE_RECHECK).await;
-                h.add_own_devices().await;
-            }
-        }));
         loop {
             let mut busy = false;
             let inboxes = self.core(|reply| CoreInput::GroupInboxes { reply }).await;
@@ -1277,17 +1269,15 @@ impl NodeHandle {
         let net = &self.inner.net;
         let mut result = net.fetch_key_package(peer, request.clone()).await;
         // Not connected and no known address: ask the DHT, then try again. A
-        // device that just started may answer only a moment later (its
-        // addresses reach the DHT while our dial is under way), so a device
-        // the DHT knows gets two more short tries.
-        if matches!(result, Err(NetError::Unreachable(_))) {
-            let found = net.find_peer(peer).await?;
-            for wait in [0u64, 150, 400] {
-                tokio::time::sleep(Duration::from_millis(wait)).await;
+        // device that just started may not be in the DHT yet, so the lookup
+        // and the request get three tries over about a second.
+        for wait in [0u64, 250, 750] {
+            if !matches!(result, Err(NetError::Unreachable(_))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            if net.find_peer(peer).await.is_ok_and(|found| !found.is_empty()) {
                 result = net.fetch_key_package(peer, request.clone()).await;
-                if !matches!(result, Err(NetError::Unreachable(_))) || found.is_empty() {
-                    break;
-                }
             }
         }
         let resp = result?;
