@@ -191,6 +191,12 @@ pub(crate) enum CoreInput {
         group_id: Vec<u8>,
         reply: oneshot::Sender<Result<tidings_protocol::group::GroupMeta, NodeError>>,
     },
+    /// Adds one of our own devices to a conversation, by its key package.
+    AddOwnDevice {
+        group_id: Vec<u8>,
+        key_package: Vec<u8>,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
     /// Revokes one of our other devices; replies with the number of groups it leaves.
     RevokeDevice {
         device: [u8; 32],
@@ -551,6 +557,13 @@ impl Core {
             }
             CoreInput::GroupMeta { group_id, reply } => {
                 let _ = reply.send(self.group_meta_of(&group_id));
+            }
+            CoreInput::AddOwnDevice {
+                group_id,
+                key_package,
+                reply,
+            } => {
+                let _ = reply.send(self.add_own_device(&group_id, key_package));
             }
             CoreInput::RevokeDevice { device, reply } => {
                 let _ = reply.send(self.revoke_device(device));

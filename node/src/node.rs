@@ -922,15 +922,15 @@ impl NodeHandle {
             };
             let Some(kp) = kp else { continue };
             match self
-                .core(|reply| CoreInput::GroupIntent {
+                .core(|reply| CoreInput::AddOwnDevice {
                     group_id: group_id.clone(),
-                    intent: IntentRow::Add { key_packages: vec![kp] },
+                    key_package: kp,
                     reply,
                 })
                 .await
             {
-                Ok(_) => info!(group = %hex::encode(&group_id), "adding our new device to the group"),
-                Err(e) => debug!(group = %hex::encode(&group_id), "adding our device failed: {e}"),
+                Ok(()) => info!(conversation = %hex::encode(&group_id), "adding our new device"),
+                Err(e) => debug!(conversation = %hex::encode(&group_id), "adding our device failed: {e}"),
             }
         }
     }
@@ -1270,8 +1270,8 @@ impl NodeHandle {
         let mut result = net.fetch_key_package(peer, request.clone()).await;
         // Not connected and no known address: ask the DHT, then try again. A
         // device that just started may not be in the DHT yet, so the lookup
-        // and the request get three tries over about a second.
-        for wait in [0u64, 250, 750] {
+        // and the request get four tries over about two and a half seconds.
+        for wait in [0u64, 250, 750, 1500] {
             if !matches!(result, Err(NetError::Unreachable(_))) {
                 break;
             }

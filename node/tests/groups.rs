@@ -439,6 +439,37 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
     })
     .await;
 
+    // The one-to-one conversation with bob takes in the new device too.
+    eventually("the new device is in the conversation with bob", || {
+        a2.find_contact(&acct(&b)).is_ok_and(|c| !c.conversations.is_empty())
+    })
+    .await;
+    b.send_text(&acct(&a1), "one to one, to both devices").await.unwrap();
+    for h in [&a1, &a2] {
+        eventually("both devices read bob's direct message", || {
+            h.history(&acct(&b))
+                .unwrap()
+                .iter()
+                .any(|m| m.text == "one to one, to both devices")
+        })
+        .await;
+    }
+    a2.send_text(&acct(&b), "answered from the new device").await.unwrap();
+    eventually("bob reads it as alice's", || {
+        b.history(&acct(&a1))
+            .unwrap()
+            .iter()
+            .any(|m| m.text == "answered from the new device" && !m.outgoing)
+    })
+    .await;
+    eventually("alice's first device shows it as hers", || {
+        a1.history(&acct(&b))
+            .unwrap()
+            .iter()
+            .any(|m| m.text == "answered from the new device" && m.outgoing)
+    })
+    .await;
+
     b.send_group(&gid, "hello, both of you").await.unwrap();
     for h in [&a1, &a2] {
         eventually("both of alice's devices get it", || {
@@ -482,8 +513,25 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
         texts(&a1, &gid).contains(&"after the revocation".to_string())
     })
     .await;
+    b.send_text(&acct(&a1), "one to one, after the revocation")
+        .await
+        .unwrap();
+    eventually("alice's remaining device reads the direct message", || {
+        a1.history(&acct(&b))
+            .unwrap()
+            .iter()
+            .any(|m| m.text == "one to one, after the revocation")
+    })
+    .await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert!(!texts(&a2, &gid).contains(&"after the revocation".to_string()));
+    assert!(
+        !a2.history(&acct(&b))
+            .unwrap()
+            .iter()
+            .any(|m| m.text == "one to one, after the revocation"),
+        "the revoked device is out of the one-to-one conversation too"
+    );
     drop(n.relays);
 }
 
