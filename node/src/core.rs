@@ -1446,6 +1446,27 @@ impl Core {
 
     /// Where a device's mail goes when the device is away: its account's relays,
     /// its inbox there, and the capability it gave us (if any).
+    /// Queues `env` for `device` in the outbox, inside the caller's unit of
+    /// work; returns the entry to hand to [`Core::enqueue`] once it commits.
+    pub(crate) fn outbox_entry(
+        &self,
+        account: [u8; 32],
+        device: [u8; 32],
+        env: &pb::Envelope,
+        message_id: Option<[u8; 16]>,
+        now: u64,
+    ) -> Result<([u8; 32], [u8; 32], u64, pb::Envelope), StoreError> {
+        let oid = self.store.push_outbox(OutboxEntry {
+            id: 0,
+            device,
+            account,
+            envelope: env.encode_to_vec(),
+            message_id,
+            created_ms: now,
+        })?;
+        Ok((account, device, oid, env.clone()))
+    }
+
     /// Deposits a batch of a group's outbox into the group inbox on one relay.
     fn pump_group(&mut self, device: [u8; 32], target: groups::GroupTarget) {
         let Some(q) = self.queues.get_mut(&device) else { return };
@@ -1715,6 +1736,17 @@ struct MailboxTarget {
     relays: Vec<(PeerId, Multiaddr)>,
     inbox: [u8; 32],
     capability: Option<pb::Capability>,
+}
+
+/// A new envelope of conversation `gid` carrying `mls_message`.
+pub(crate) fn new_envelope(gid: &[u8], kind: EnvelopeKind, mls_message: Vec<u8>) -> pb::Envelope {
+    pb::Envelope {
+        id: rand::random::<[u8; 16]>().to_vec(),
+        conversation_id: gid.to_vec(),
+        kind: kind as i32,
+        mls_message,
+        ..Default::default()
+    }
 }
 
 /// The Ed25519 key behind a PeerId (relays sign receipts with it).

@@ -180,34 +180,14 @@ impl DeviceCertificate {
 
     /// Verifies only the signature, not the validity window (for history display).
     pub fn verify_signature(wire: &pb::DeviceCertificate) -> Result<Self, IdentityError> {
-        let body =
-            pb::DeviceCertificateBody::decode(&wire.body[..]).map_err(|e| IdentityError::Decode(e.to_string()))?;
-        let account = AccountId::from_bytes(&body.account_key)?;
-        let device_key: [u8; 32] = body
-            .device_key
-            .as_slice()
-            .try_into()
-            .map_err(|_| IdentityError::BadKey)?;
-        VerifyingKey::from_bytes(&device_key).map_err(|_| IdentityError::BadKey)?;
-        if body.mls_signature_key.len() != 32 {
-            return Err(IdentityError::BadKey);
-        }
-        account.verify(DEVICE_CERT_CONTEXT, &wire.body, &wire.signature)?;
-        Ok(Self {
-            account,
-            device_key,
-            mls_signature_key: body.mls_signature_key,
-            created_ms: body.created_ms,
-            expires_ms: body.expires_ms,
-            wire: wire.clone(),
-        })
+        let cert = Self::parse(wire.clone())?;
+        VerifyingKey::from_bytes(&cert.device_key).map_err(|_| IdentityError::BadKey)?;
+        cert.account.verify(DEVICE_CERT_CONTEXT, &wire.body, &wire.signature)?;
+        Ok(cert)
     }
 
-    /// Decodes a certificate whose signature was verified before (one taken
-    /// from our own group state, checked when its member entered). Checks the
-    /// keys' shapes but not the account's signature.
-    pub fn from_trusted_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
-        let wire = pb::DeviceCertificate::decode(bytes).map_err(|e| IdentityError::Decode(e.to_string()))?;
+    /// Decodes the body and checks the keys' lengths; no signature check.
+    fn parse(wire: pb::DeviceCertificate) -> Result<Self, IdentityError> {
         let body =
             pb::DeviceCertificateBody::decode(&wire.body[..]).map_err(|e| IdentityError::Decode(e.to_string()))?;
         let account = AccountId::from_bytes(&body.account_key)?;
@@ -227,6 +207,13 @@ impl DeviceCertificate {
             expires_ms: body.expires_ms,
             wire,
         })
+    }
+
+    /// Decodes a certificate whose signature was verified before (one taken
+    /// from our own group state, checked when its member entered). Checks the
+    /// keys' shapes but not the account's signature.
+    pub fn from_trusted_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
+        Self::parse(pb::DeviceCertificate::decode(bytes).map_err(|e| IdentityError::Decode(e.to_string()))?)
     }
 
     /// Decodes and verifies the signature of an encoded certificate.

@@ -254,13 +254,7 @@ impl Core {
             self.store.put_conversation(&conv)?;
             return Ok(Vec::new());
         };
-        let env = pb::Envelope {
-            id: rand::random::<[u8; 16]>().to_vec(),
-            conversation_id: gid.to_vec(),
-            kind: EnvelopeKind::Message as i32,
-            mls_message: staged.commit.clone(),
-            ..Default::default()
-        };
+        let env = super::new_envelope(gid, EnvelopeKind::Message, staged.commit.clone());
         row.pending = Some(PendingCommit {
             commit: staged.commit,
             welcome: staged.welcome,
@@ -287,16 +281,7 @@ impl Core {
         let key_seed = group_inbox_seed(&meta.inbox_seed);
         let inbox = mb::inbox_id(&ed25519_public(&key_seed));
         let device = target_key(&inbox, first);
-        let chat = group_chat_key(gid);
-        let oid = self.store.push_outbox(OutboxEntry {
-            id: 0,
-            device,
-            account: chat,
-            envelope: env.encode_to_vec(),
-            message_id: None,
-            created_ms: now,
-        })?;
-        Ok((chat, device, oid, env))
+        Ok(self.outbox_entry(group_chat_key(gid), device, &env, None, now)?)
     }
 
     /// Hands a pending commit to the sequencer again when it has not shown up
@@ -316,13 +301,7 @@ impl Core {
                 return Ok(None);
             }
             p.sent_ms = now;
-            let env = pb::Envelope {
-                id: rand::random::<[u8; 16]>().to_vec(),
-                conversation_id: gid.to_vec(),
-                kind: EnvelopeKind::Message as i32,
-                mls_message: p.commit.clone(),
-                ..Default::default()
-            };
+            let env = super::new_envelope(gid, EnvelopeKind::Message, p.commit.clone());
             store.put_conversation(&conv)?;
             let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
             let meta = MlsEngine::group_meta(group)?;
@@ -357,13 +336,7 @@ impl Core {
         let payload = Payload::text(id, seq, ts, text).encode();
         let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
         let ct = self.engine.encrypt(&self.provider, group, &payload)?;
-        let env = pb::Envelope {
-            id: rand::random::<[u8; 16]>().to_vec(),
-            conversation_id: gid.to_vec(),
-            kind: EnvelopeKind::Message as i32,
-            mls_message: ct,
-            ..Default::default()
-        };
+        let env = super::new_envelope(gid, EnvelopeKind::Message, ct);
         let bytes = env.encode_to_vec();
         let mut entries = Vec::new();
         self.store.put_group_sent(
@@ -427,25 +400,11 @@ impl Core {
     ) -> Result<Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>, NodeError> {
         let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
         let ct = self.engine.encrypt(&self.provider, group, &sent.payload)?;
-        let env = pb::Envelope {
-            id: rand::random::<[u8; 16]>().to_vec(),
-            conversation_id: gid.to_vec(),
-            kind: EnvelopeKind::Message as i32,
-            mls_message: ct,
-            ..Default::default()
-        };
+        let env = super::new_envelope(gid, EnvelopeKind::Message, ct);
         self.store.put_group_sent(&envelope_id(&env), &sent)?;
         let mut out = Vec::new();
         for device in self.current_target_keys(gid)? {
-            let oid = self.store.push_outbox(OutboxEntry {
-                id: 0,
-                device,
-                account: chat,
-                envelope: env.encode_to_vec(),
-                message_id: None,
-                created_ms: now,
-            })?;
-            out.push((chat, device, oid, env.clone()));
+            out.push(self.outbox_entry(chat, device, &env, None, now)?);
         }
         Ok(out)
     }
@@ -811,15 +770,7 @@ impl Core {
             let Ok((_, cert)) = MlsEngine::verify_any_key_package(&self.provider, kp, now) else {
                 continue;
             };
-            let oid = self.store.push_outbox(OutboxEntry {
-                id: 0,
-                device: cert.device_key,
-                account: *cert.account.as_bytes(),
-                envelope: env.encode_to_vec(),
-                message_id: None,
-                created_ms: now,
-            })?;
-            out.push((*cert.account.as_bytes(), cert.device_key, oid, env.clone()));
+            out.push(self.outbox_entry(*cert.account.as_bytes(), cert.device_key, &env, None, now)?);
         }
         Ok(out)
     }

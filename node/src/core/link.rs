@@ -169,7 +169,6 @@ impl Core {
     /// a group through a sequenced commit, a one-to-one conversation through
     /// a commit merged at once and sent to the other members.
     pub(super) fn add_own_device(&mut self, gid: &[u8], key_package: Vec<u8>) -> Result<(), super::NodeError> {
-        use prost::Message as _;
         use tidings_protocol::pb::EnvelopeKind;
         let conv = self.store.conversation(gid)?.ok_or(super::NodeError::NoConversation)?;
         if conv.group.is_some() {
@@ -208,26 +207,10 @@ impl Core {
                 } else {
                     conv.peer
                 };
-                let oid = store.push_outbox(tidings_store::OutboxEntry {
-                    id: 0,
-                    device: *device,
-                    account,
-                    envelope: commit_env.encode_to_vec(),
-                    message_id: None,
-                    created_ms: now,
-                })?;
-                entries.push((account, *device, oid, commit_env.clone()));
+                entries.push(self.outbox_entry(account, *device, &commit_env, None, now)?);
             }
             let welcome_env = envelope(EnvelopeKind::Welcome, welcome);
-            let oid = store.push_outbox(tidings_store::OutboxEntry {
-                id: 0,
-                device: cert.device_key,
-                account: *self.me.as_bytes(),
-                envelope: welcome_env.encode_to_vec(),
-                message_id: None,
-                created_ms: now,
-            })?;
-            entries.push((*self.me.as_bytes(), cert.device_key, oid, welcome_env));
+            entries.push(self.outbox_entry(*self.me.as_bytes(), cert.device_key, &welcome_env, None, now)?);
             Ok(entries)
         });
         match result {
@@ -253,7 +236,6 @@ impl Core {
         peer: [u8; 32],
         device: [u8; 32],
     ) -> Result<(), super::NodeError> {
-        use prost::Message as _;
         let now = self.clock.now_ms();
         let own = self.own_device_keys();
         let store = self.store.clone();
@@ -274,15 +256,7 @@ impl Core {
             let mut entries = Vec::new();
             for d in self.member_devices(gid)? {
                 let account = if own.contains(&d) { *self.me.as_bytes() } else { peer };
-                let oid = store.push_outbox(tidings_store::OutboxEntry {
-                    id: 0,
-                    device: d,
-                    account,
-                    envelope: env.encode_to_vec(),
-                    message_id: None,
-                    created_ms: now,
-                })?;
-                entries.push((account, d, oid, env.clone()));
+                entries.push(self.outbox_entry(account, d, &env, None, now)?);
             }
             Ok(entries)
         });
