@@ -85,7 +85,7 @@ impl From<NodeError> for ApiError {
             NodeError::BadText | NodeError::InvalidContact(_) | NodeError::Card(_) => StatusCode::BAD_REQUEST,
             NodeError::NoConversation => StatusCode::CONFLICT,
             NodeError::Unreachable(_) | NodeError::Net(_) => StatusCode::BAD_GATEWAY,
-            NodeError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::Stopped | NodeError::Randomness => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::Mls(tidings_protocol::MlsError::Unauthorized(_)) => StatusCode::FORBIDDEN,
             NodeError::Store(_) | NodeError::Mls(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -67,6 +67,8 @@ pub enum NodeError {
     Net(#[from] NetError),
     #[error("the node has stopped")]
     Stopped,
+    #[error("the system's random number generator failed")]
+    Randomness,
 }
 
 /// The openmls provider of a node: RustCrypto plus the redb store.

@@ -23,10 +23,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Loopback listen addresses: TCP and QUIC on any free port.
 pub fn loopback() -> Vec<Multiaddr> {
-    vec![
-        "/ip4/127.0.0.1/tcp/0".parse().expect("static multiaddr"),
-        "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("static multiaddr"),
-    ]
+    crate::net::any_port_addrs(std::net::Ipv4Addr::LOCALHOST)
 }
 
 /// Creates (if needed) and starts a node whose data lives in `dir`.

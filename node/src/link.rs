@@ -57,7 +57,7 @@ pub async fn join_account(data_dir: &Path, code: &str, clock: &Clock) -> Result<
     if store.identity().is_ok() {
         return Err(LinkJoinError::AlreadyInitialised);
     }
-    let (device_seed, mls_seed) = (random_seed(), random_seed());
+    let (device_seed, mls_seed) = (random_seed()?, random_seed()?);
     let device = DeviceKey::from_seed(device_seed);
     let mls = signature_keys_from_seed(mls_seed);
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(device_seed)

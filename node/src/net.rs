@@ -131,13 +131,20 @@ impl Default for RelayServerConfig {
     }
 }
 
+/// TCP and QUIC listen addresses on `ip`, any free port.
+pub fn any_port_addrs(ip: std::net::Ipv4Addr) -> Vec<Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    let base = Multiaddr::empty().with(Protocol::Ip4(ip));
+    vec![
+        base.clone().with(Protocol::Tcp(0)),
+        base.with(Protocol::Udp(0)).with(Protocol::QuicV1),
+    ]
+}
+
 impl Default for NetConfig {
     fn default() -> Self {
         Self {
-            listen: vec![
-                "/ip4/0.0.0.0/tcp/0".parse().expect("static multiaddr"),
-                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("static multiaddr"),
-            ],
+            listen: any_port_addrs(std::net::Ipv4Addr::UNSPECIFIED),
             bootstrap: Vec::new(),
             mdns: false,
             dht_server: true,

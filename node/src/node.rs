@@ -80,10 +80,11 @@ impl Default for NodeConfig {
     }
 }
 
-pub(crate) fn random_seed() -> [u8; 32] {
+/// 32 bytes from the operating system's random number generator.
+pub(crate) fn random_seed() -> Result<[u8; 32], NodeError> {
     let mut seed = [0u8; 32];
-    getrandom::getrandom(&mut seed).expect("the OS random number generator failed");
-    seed
+    getrandom::getrandom(&mut seed).map_err(|_| NodeError::Randomness)?;
+    Ok(seed)
 }
 
 /// Creates a new identity (account, device, MLS key, device certificate) in `store`.
@@ -91,7 +92,7 @@ pub fn create_identity(store: &Store, name: &str, now_ms: u64) -> Result<Identit
     if name.len() > tidings_protocol::limits::MAX_NAME {
         return Err(NodeError::InvalidContact("name is too long".into()));
     }
-    let (account_seed, device_seed, mls_seed) = (random_seed(), random_seed(), random_seed());
+    let (account_seed, device_seed, mls_seed) = (random_seed()?, random_seed()?, random_seed()?);
     let account = AccountKey::from_seed(account_seed);
     let device = DeviceKey::from_seed(device_seed);
     let mls = signature_keys_from_seed(mls_seed);
@@ -852,7 +853,7 @@ impl NodeHandle {
     pub async fn link_offer(&self) -> Result<String, NodeError> {
         let now = self.inner.clock.now_ms();
         let mut secret = [0u8; 16];
-        secret.copy_from_slice(&random_seed()[..16]);
+        secret.copy_from_slice(&random_seed()?[..16]);
         let peer = self.peer_id();
         let status = self.inner.net.status().await?;
         let code = tidings_protocol::link::LinkCode {
@@ -973,16 +974,7 @@ impl NodeHandle {
         self.inner.net.add_address(*relay, addr.clone()).await;
         let key = tidings_protocol::DeviceKey::from_seed(g.key_seed).public();
         let inbox = mailbox::inbox_id(&key);
-        let mut nonce = [0u8; 16];
-        nonce.copy_from_slice(&random_seed()[..16]);
-        let auth = mailbox::sign_auth(
-            &g.key_seed,
-            mailbox::Op::Fetch,
-            &inbox,
-            self.inner.clock.now_ms(),
-            nonce,
-            g.cursor,
-        );
+        let auth = self.signed_auth(&g.key_seed, mailbox::Op::Fetch, &inbox, g.cursor)?;
         let resp = self
             .mailbox_call(
                 *relay,
@@ -1042,17 +1034,29 @@ impl NodeHandle {
         None
     }
 
-    fn owner_auth(&self, op: mailbox::Op, inbox: &[u8; 32], argument: u64) -> pb::OwnerAuth {
+    /// Owner auth for this device's own inboxes.
+    fn owner_auth(&self, op: mailbox::Op, inbox: &[u8; 32], argument: u64) -> Result<pb::OwnerAuth, NodeError> {
+        self.signed_auth(&self.inner.device_seed, op, inbox, argument)
+    }
+
+    /// Owner auth signed with the key of `seed` (this device's, or a group inbox's).
+    fn signed_auth(
+        &self,
+        seed: &[u8; 32],
+        op: mailbox::Op,
+        inbox: &[u8; 32],
+        argument: u64,
+    ) -> Result<pb::OwnerAuth, NodeError> {
         let mut nonce = [0u8; 16];
-        nonce.copy_from_slice(&random_seed()[..16]);
-        mailbox::sign_auth(
-            &self.inner.device_seed,
+        nonce.copy_from_slice(&random_seed()?[..16]);
+        Ok(mailbox::sign_auth(
+            seed,
             op,
             inbox,
             self.inner.clock.now_ms(),
             nonce,
             argument,
-        )
+        ))
     }
 
     async fn mailbox_call(&self, relay: PeerId, op: pb::mailbox_request::Op) -> Result<pb::MailboxResponse, NodeError> {
@@ -1078,7 +1082,7 @@ impl NodeHandle {
         let mut cursor = 0u64;
         let mut applied = 0usize;
         loop {
-            let auth = self.owner_auth(mailbox::Op::Fetch, &inbox, cursor);
+            let auth = self.owner_auth(mailbox::Op::Fetch, &inbox, cursor)?;
             let resp = self
                 .mailbox_call(
                     relay,
@@ -1136,7 +1140,7 @@ impl NodeHandle {
                 }
             }
             if let Some(u) = up_to {
-                let auth = self.owner_auth(mailbox::Op::Ack, &inbox, u);
+                let auth = self.owner_auth(mailbox::Op::Ack, &inbox, u)?;
                 self.mailbox_call(
                     relay,
                     pb::mailbox_request::Op::Ack(pb::Ack {
@@ -1190,7 +1194,7 @@ impl NodeHandle {
         last_resort: Vec<u8>,
     ) -> Result<pb::MailboxResponse, NodeError> {
         let inbox = mailbox::inbox_id(&self.inner.cert.device_key);
-        let auth = self.owner_auth(mailbox::Op::PublishKeyPackages, &inbox, key_packages.len() as u64);
+        let auth = self.owner_auth(mailbox::Op::PublishKeyPackages, &inbox, key_packages.len() as u64)?;
         self.mailbox_call(
             relay,
             pb::mailbox_request::Op::PublishKeyPackages(pb::PublishKeyPackages {
@@ -1235,7 +1239,9 @@ impl NodeHandle {
             }
             for (relay, _) in &relays {
                 let inbox = mailbox::inbox_id(&self.inner.cert.device_key);
-                let auth = self.owner_auth(mailbox::Op::Subscribe, &inbox, 0);
+                let Ok(auth) = self.owner_auth(mailbox::Op::Subscribe, &inbox, 0) else {
+                    continue;
+                };
                 let _ = self
                     .mailbox_call(
                         *relay,
