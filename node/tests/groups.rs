@@ -8,46 +8,15 @@ use std::path::Path;
 
 use common::*;
 use libp2p::Multiaddr;
-use tidings_node::demo::{start_node_with_relays, start_relay};
 use tidings_node::{Node, NodeHandle};
-
-struct Net {
-    dir: tempfile::TempDir,
-    relays: Vec<Node>,
-    addrs: Vec<Multiaddr>,
-}
-
-async fn net(n: usize) -> Net {
-    let dir = tempfile::tempdir().unwrap();
-    let mut relays: Vec<Node> = Vec::new();
-    let mut addrs: Vec<Multiaddr> = Vec::new();
-    for i in 0..n {
-        let r = start_relay(&dir.path().join(format!("relay{i}")), addrs.clone())
-            .await
-            .unwrap();
-        addrs.push(r.listen_addrs()[0].clone());
-        relays.push(r);
-    }
-    Net { dir, relays, addrs }
-}
-
-async fn user(dir: &Path, name: &str, n: &Net) -> Node {
-    start_node_with_relays(&dir.join(name), name, vec![n.addrs[0].clone()], n.addrs.clone())
-        .await
-        .unwrap()
-}
 
 fn texts(h: &NodeHandle, group: &str) -> Vec<String> {
     h.group_history(group).unwrap().into_iter().map(|m| m.text).collect()
 }
 
-async fn in_group(h: &NodeHandle, group: &str) -> bool {
-    h.group(group).await.is_ok_and(|g| !g.left)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_people_see_every_group_message_once_in_the_same_order() {
-    let n = net(2).await;
+    let n = relays(2).await;
     let base = n.dir.path();
     let nodes = [
         user(base, "alice", &n).await,
@@ -61,11 +30,7 @@ async fn three_people_see_every_group_message_once_in_the_same_order() {
     let view = a.create_group("friends", &[&acct(&b), &acct(&c)]).await.unwrap();
     let gid = view.id.clone();
     for h in [&b, &c] {
-        eventually_async("joined the group", || {
-            let (h, gid) = (h.clone(), gid.clone());
-            async move { in_group(&h, &gid).await }
-        })
-        .await;
+        wait_joined(h, &gid).await;
     }
     let v = b.group(&gid).await.unwrap();
     assert_eq!(v.name, "friends");
@@ -100,12 +65,12 @@ async fn three_people_see_every_group_message_once_in_the_same_order() {
         assert_eq!(texts(h, &gid), reference, "the same order everywhere");
     }
     drop(nodes);
-    drop(n.relays);
+    drop(n.nodes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn someone_added_later_reads_on_and_someone_removed_reads_nothing_more() {
-    let n = net(2).await;
+    let n = relays(2).await;
     let base = n.dir.path();
     let nodes = [
         user(base, "alice", &n).await,
@@ -124,21 +89,13 @@ async fn someone_added_later_reads_on_and_someone_removed_reads_nothing_more() {
     }
     let gid = a.create_group("club", &[&acct(&b), &acct(&c)]).await.unwrap().id;
     for h in [&b, &c] {
-        eventually_async("joined", || {
-            let (h, gid) = (h.clone(), gid.clone());
-            async move { in_group(&h, &gid).await }
-        })
-        .await;
+        wait_joined(h, &gid).await;
     }
     b.send_group(&gid, "before dave").await.unwrap();
     eventually("carol got it", || texts(&c, &gid).len() == 1).await;
 
     a.invite(&gid, &[&acct(&d)]).await.unwrap();
-    eventually_async("dave joined", || {
-        let (d, gid) = (d.clone(), gid.clone());
-        async move { in_group(&d, &gid).await }
-    })
-    .await;
+    wait_joined(&d, &gid).await;
     c.send_group(&gid, "hello dave").await.unwrap();
     eventually("dave reads on", || texts(&d, &gid) == ["hello dave"]).await;
 
@@ -177,12 +134,12 @@ async fn someone_added_later_reads_on_and_someone_removed_reads_nothing_more() {
     assert!(!texts(&c, &gid).contains(&"after carol left".to_string()));
     assert!(c.send_group(&gid, "let me back").await.is_err());
     drop(nodes);
-    drop(n.relays);
+    drop(n.nodes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_offline_across_ten_epochs_catches_up_in_order() {
-    let n = net(2).await;
+    let n = relays(2).await;
     let base = n.dir.path();
     let a_node = user(base, "alice", &n).await;
     let b_node = user(base, "bob", &n).await;
@@ -192,11 +149,7 @@ async fn a_member_offline_across_ten_epochs_catches_up_in_order() {
     befriend(&a, &c).await;
     let gid = a.create_group("travel", &[&acct(&b), &acct(&c)]).await.unwrap().id;
     for h in [&b, &c] {
-        eventually_async("joined", || {
-            let (h, gid) = (h.clone(), gid.clone());
-            async move { in_group(&h, &gid).await }
-        })
-        .await;
+        wait_joined(h, &gid).await;
     }
     let start_epoch = a.group(&gid).await.unwrap().epoch;
     drop(b);
@@ -229,7 +182,7 @@ async fn a_member_offline_across_ten_epochs_catches_up_in_order() {
     let v = b.group(&gid).await.unwrap();
     assert_eq!(v.epoch, start_epoch + 10);
     assert_eq!(v.name, "travel 9");
-    drop(n.relays);
+    drop(n.nodes);
 }
 
 /// A raw libp2p client of a relay (a stranger, not a Tidings node).
@@ -251,7 +204,7 @@ async fn stranger(relay: &Multiaddr) -> tidings_node::net::Network {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn someone_claiming_10000_key_packages_is_rate_limited_and_cannot_stop_an_invite() {
     use tidings_protocol::pb;
-    let n = net(1).await;
+    let n = relays(1).await;
     let base = n.dir.path();
     let a_node = user(base, "alice", &n).await;
     let b_node = user(base, "bob", &n).await;
@@ -259,7 +212,7 @@ async fn someone_claiming_10000_key_packages_is_rate_limited_and_cannot_stop_an_
     befriend(&a, &b).await;
     let bob_device = b.card().devices[0].device_key;
     let b_acct = acct(&b);
-    let mailboxes = n.relays[0].relay_mailboxes().unwrap();
+    let mailboxes = n.nodes[0].relay_mailboxes().unwrap();
     eventually("bob's key packages are on the relay", || {
         mailboxes.key_packages_held(&bob_device).unwrap() == tidings_node::node::KEY_PACKAGE_POOL
     })
@@ -269,7 +222,7 @@ async fn someone_claiming_10000_key_packages_is_rate_limited_and_cannot_stop_an_
     b_node.shutdown().await;
 
     let attacker = stranger(&n.addrs[0]).await;
-    let relay_peer = n.relays[0].handle().peer_id();
+    let relay_peer = n.nodes[0].handle().peer_id();
     let (mut got, mut limited) = (0, 0);
     for _ in 0..10_000 {
         let request = pb::MailboxRequest {
@@ -296,19 +249,15 @@ async fn someone_claiming_10000_key_packages_is_rate_limited_and_cannot_stop_an_
     let gid = a.create_group("still works", &[&b_acct]).await.unwrap().id;
     let b_node = user(base, "bob", &n).await;
     let b = b_node.handle();
-    eventually_async("bob joined with his last-resort package", || {
-        let (b, gid) = (b.clone(), gid.clone());
-        async move { in_group(&b, &gid).await }
-    })
-    .await;
+    wait_joined(&b, &gid).await;
     a.send_group(&gid, "welcome back").await.unwrap();
     eventually("bob reads", || texts(&b, &gid) == ["welcome back"]).await;
-    drop(n.relays);
+    drop(n.nodes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_admins_adding_at_the_same_time_converge_on_one_membership() {
-    let n = net(2).await;
+    let n = relays(2).await;
     let base = n.dir.path();
     let nodes = [
         user(base, "alice", &n).await,
@@ -326,11 +275,7 @@ async fn two_admins_adding_at_the_same_time_converge_on_one_membership() {
     befriend(&a, &c).await;
     befriend(&b, &d).await;
     let gid = a.create_group("team", &[&acct(&b)]).await.unwrap().id;
-    eventually_async("bob joined", || {
-        let (b, gid) = (b.clone(), gid.clone());
-        async move { in_group(&b, &gid).await }
-    })
-    .await;
+    wait_joined(&b, &gid).await;
     a.set_group_role(&gid, &acct(&b), tidings_protocol::group::Role::Admin)
         .await
         .unwrap();
@@ -378,12 +323,12 @@ async fn two_admins_adding_at_the_same_time_converge_on_one_membership() {
         assert_eq!(texts(h, &gid), reference);
     }
     drop(nodes);
-    drop(n.relays);
+    drop(n.nodes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_linked_device_gets_the_history_and_joins_every_group() {
-    let n = net(2).await;
+    let n = relays(2).await;
     let base = n.dir.path();
     let a1_node = user(base, "alice", &n).await;
     let b_node = user(base, "bob", &n).await;
@@ -391,11 +336,7 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
     befriend(&a1, &b).await;
     a1.send_text(&acct(&b), "one to one, before linking").await.unwrap();
     let gid = a1.create_group("family", &[&acct(&b)]).await.unwrap().id;
-    eventually_async("bob joined", || {
-        let (b, gid) = (b.clone(), gid.clone());
-        async move { in_group(&b, &gid).await }
-    })
-    .await;
+    wait_joined(&b, &gid).await;
     b.send_group(&gid, "before the new device").await.unwrap();
     eventually("alice has it", || texts(&a1, &gid).len() == 1).await;
 
@@ -424,11 +365,7 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
             .iter()
             .any(|m| m.text == "one to one, before linking" && m.outgoing)
     );
-    eventually_async("the new device was added to the group", || {
-        let (a2, gid) = (a2.clone(), gid.clone());
-        async move { in_group(&a2, &gid).await }
-    })
-    .await;
+    wait_joined(&a2, &gid).await;
     eventually_async("bob sees both of alice's devices", || {
         let (b, gid, a) = (b.clone(), gid.clone(), acct(&a1));
         async move {
@@ -532,11 +469,11 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
             .any(|m| m.text == "one to one, after the revocation"),
         "the revoked device is out of the one-to-one conversation too"
     );
-    drop(n.relays);
+    drop(n.nodes);
 }
 
 /// Links a second device to the account of `first`, starts it and returns it.
-async fn second_device(base: &Path, name: &str, first: &NodeHandle, n: &Net) -> Node {
+async fn second_device(base: &Path, name: &str, first: &NodeHandle, n: &Relays) -> Node {
     let code = first.link_offer().await.unwrap();
     tidings_node::link::join_account(&base.join(name), &code, &tidings_node::Clock::system())
         .await
@@ -546,7 +483,7 @@ async fn second_device(base: &Path, name: &str, first: &NodeHandle, n: &Net) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_people_with_two_devices_each_and_one_added_later_see_every_message_once_in_one_order() {
-    let n = net(2).await;
+    let n = relays(2).await;
     let base = n.dir.path();
     let firsts = [
         user(base, "alice", &n).await,
@@ -595,11 +532,7 @@ async fn three_people_with_two_devices_each_and_one_added_later_see_every_messag
 
     // Dave joins later, with one device.
     a1.invite(&gid, &[&acct(&d1)]).await.unwrap();
-    eventually_async("dave joined", || {
-        let (d1, gid) = (d1.clone(), gid.clone());
-        async move { in_group(&d1, &gid).await }
-    })
-    .await;
+    wait_joined(&d1, &gid).await;
     let seven = [&a1, &a2, &b1, &b2, &c1, &c2, &d1];
     for h in seven {
         eventually_async("everyone sees dave", || {
@@ -627,5 +560,5 @@ async fn three_people_with_two_devices_each_and_one_added_later_see_every_messag
         "dave sees everything from his joining on, in the same order"
     );
     drop((firsts, seconds));
-    drop(n.relays);
+    drop(n.nodes);
 }

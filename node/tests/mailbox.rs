@@ -4,42 +4,14 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::Path;
 
 use common::*;
-use libp2p::Multiaddr;
-use tidings_node::demo::{RelayTestOptions, start_node_with_relays, start_relay, start_relay_with};
-use tidings_node::{Node, NodeEvent};
+use tidings_node::NodeEvent;
+use tidings_node::demo::{RelayTestOptions, start_relay_with};
 use tidings_protocol::mailbox;
 use tidings_protocol::pb;
 use tidings_store::MessageState;
 use tidings_store::mailbox::MailboxLimits;
-
-struct Relays {
-    dir: tempfile::TempDir,
-    nodes: Vec<Node>,
-    addrs: Vec<Multiaddr>,
-}
-
-async fn relays(n: usize) -> Relays {
-    let dir = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Node> = Vec::new();
-    let mut addrs: Vec<Multiaddr> = Vec::new();
-    for i in 0..n {
-        let r = start_relay(&dir.path().join(format!("relay{i}")), addrs.clone())
-            .await
-            .unwrap();
-        addrs.push(r.listen_addrs()[0].clone());
-        nodes.push(r);
-    }
-    Relays { dir, nodes, addrs }
-}
-
-async fn user(dir: &Path, name: &str, r: &Relays) -> Node {
-    start_node_with_relays(&dir.join(name), name, vec![r.addrs[0].clone()], r.addrs.clone())
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_recipient_gets_1000_messages_exactly_once_in_order_with_receipts() {

@@ -200,9 +200,10 @@ impl Core {
                 ..Default::default()
             };
             let commit_env = envelope(EnvelopeKind::Message, commit);
+            let own = self.own_device_keys();
             for device in &others {
                 // The contact's devices, or other devices of ours.
-                let account = if self.own_device_keys().contains(device) {
+                let account = if own.contains(device) {
                     *self.me.as_bytes()
                 } else {
                     conv.peer

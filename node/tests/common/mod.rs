@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use libp2p::Multiaddr;
-use tidings_node::demo::{retry_until, start_node};
+use tidings_node::demo::{retry_until, start_node, start_node_with_relays, start_relay};
 use tidings_node::{Node, NodeHandle};
 
 pub const TIMEOUT: Duration = Duration::from_secs(60);
@@ -74,4 +74,41 @@ pub async fn eventually_async<F: std::future::Future<Output = bool>>(what: &str,
 
 pub fn acct(h: &NodeHandle) -> String {
     h.account().to_base58()
+}
+
+/// Community relays on loopback, each bootstrapping from the ones before.
+pub struct Relays {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    pub addrs: Vec<Multiaddr>,
+}
+
+pub async fn relays(n: usize) -> Relays {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut addrs: Vec<Multiaddr> = Vec::new();
+    for i in 0..n {
+        let r = start_relay(&dir.path().join(format!("relay{i}")), addrs.clone())
+            .await
+            .unwrap();
+        addrs.push(r.listen_addrs()[0].clone());
+        nodes.push(r);
+    }
+    Relays { dir, nodes, addrs }
+}
+
+/// A person's node in `dir/name`, with every relay of `r` as a home relay.
+pub async fn user(dir: &Path, name: &str, r: &Relays) -> Node {
+    start_node_with_relays(&dir.join(name), name, vec![r.addrs[0].clone()], r.addrs.clone())
+        .await
+        .unwrap()
+}
+
+/// Waits until `h` is a member of `group` (and was not removed).
+pub async fn wait_joined(h: &NodeHandle, group: &str) {
+    eventually_async("joined the group", || {
+        let (h, group) = (h.clone(), group.to_owned());
+        async move { h.group(&group).await.is_ok_and(|g| !g.left) }
+    })
+    .await;
 }
