@@ -301,6 +301,22 @@ impl From<StoreError> for Abort {
     }
 }
 
+/// Anything else that stops a unit of work rolls it back like a storage failure.
+impl From<NodeError> for Abort {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Store(e) => Abort::Store(e),
+            other => Abort::Store(StoreError::Corrupt(other.to_string())),
+        }
+    }
+}
+
+impl From<MlsError> for Abort {
+    fn from(e: MlsError) -> Self {
+        Abort::Store(StoreError::Corrupt(e.to_string()))
+    }
+}
+
 enum Apply {
     Status(DeliverStatus),
     Invalid(String),

@@ -507,8 +507,7 @@ impl Core {
             }
             if row.cursor_seed != inbox_seed {
                 // Only the current inbox is applied; a new one starts at 0.
-                let current = load_group(&mut self.groups, &self.provider, gid)
-                    .map_err(|e| Abort::Store(tidings_store::StoreError::Corrupt(e.to_string())))?
+                let current = load_group(&mut self.groups, &self.provider, gid)?
                     .and_then(|g| MlsEngine::group_meta(g).ok())
                     .map(|m| m.inbox_seed);
                 if current != Some(inbox_seed) {
@@ -543,24 +542,18 @@ impl Core {
                         .map_or(0, |g| g.epoch().as_u64());
                     if sent_epoch < current {
                         debug!(group = %hex::encode(gid), "a commit overtook our message; sending it again");
-                        let entries = self.resend_in_unit(gid, conv.peer, sent, now).map_err(|e| match e {
-                            NodeError::Store(e) => Abort::Store(e),
-                            other => Abort::Store(tidings_store::StoreError::Corrupt(other.to_string())),
-                        })?;
+                        let entries = self.resend_in_unit(gid, conv.peer, sent, now)?;
                         deferred.extend(entries);
                     }
                     continue;
                 }
                 let pending = row.pending.as_ref().map(|p| p.commit.clone());
-                let group = load_group(&mut self.groups, &self.provider, gid)
-                    .map_err(|e| Abort::Store(tidings_store::StoreError::Corrupt(e.to_string())))?
-                    .ok_or(Abort::Store(tidings_store::StoreError::Corrupt(
-                        "group state missing".into(),
-                    )))?;
+                let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(Abort::Store(
+                    tidings_store::StoreError::Corrupt("group state missing".into()),
+                ))?;
                 let out = self
                     .engine
-                    .process_sequenced(&self.provider, group, &env.mls_message, pending.as_deref())
-                    .map_err(|e| Abort::Store(tidings_store::StoreError::Corrupt(e.to_string())))?;
+                    .process_sequenced(&self.provider, group, &env.mls_message, pending.as_deref())?;
                 store.mark_envelope_seen(&id, now)?;
                 match out {
                     Sequenced::Application { sender, plaintext } => {
@@ -604,30 +597,15 @@ impl Core {
                             // behind this commit, where nobody reads: send them
                             // again in the new one (same message ids).
                             for sent in store.take_group_sent_of(gid)? {
-                                let entries = self.resend_in_unit(gid, conv.peer, sent, now).map_err(|e| match e {
-                                    NodeError::Store(e) => Abort::Store(e),
-                                    other => Abort::Store(tidings_store::StoreError::Corrupt(other.to_string())),
-                                })?;
+                                let entries = self.resend_in_unit(gid, conv.peer, sent, now)?;
                                 deferred.extend(entries);
                             }
                             break;
                         }
                     }
-                    Sequenced::Own { epoch } => {
-                        if let Some(sent) = store.take_group_sent(&id)? {
-                            let current = self.groups.get(gid).map_or(0, |g| g.epoch().as_u64());
-                            if epoch < current {
-                                debug!(group = %hex::encode(gid), "a commit overtook our message; sending it again");
-                                let entries = self.resend_in_unit(gid, conv.peer, sent, now).map_err(|e| match e {
-                                    NodeError::Store(e) => Abort::Store(e),
-                                    other => Abort::Store(tidings_store::StoreError::Corrupt(other.to_string())),
-                                })?;
-                                deferred.extend(entries);
-                            }
-                        }
-                    }
                     Sequenced::Refused(why) => debug!(group = %hex::encode(gid), index, "ignored: {why}"),
-                    Sequenced::Stale | Sequenced::Proposal => {}
+                    // Our own messages were recognised by envelope id above.
+                    Sequenced::Stale | Sequenced::Proposal | Sequenced::Own { .. } => {}
                 }
             }
             conv.group = Some(row);
@@ -676,15 +654,12 @@ impl Core {
             return Ok(Apply::Status(DeliverStatus::Rejected));
         }
         let gid = conv.group_id.as_slice();
-        let group = load_group(&mut self.groups, &self.provider, gid)
-            .map_err(|e| Abort::Store(tidings_store::StoreError::Corrupt(e.to_string())))?
-            .ok_or(Abort::Store(tidings_store::StoreError::Corrupt(
-                "group state missing".into(),
-            )))?;
+        let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(Abort::Store(
+            tidings_store::StoreError::Corrupt("group state missing".into()),
+        ))?;
         let out = self
             .engine
-            .process_sequenced(&self.provider, group, &env.mls_message, None)
-            .map_err(|e| Abort::Store(tidings_store::StoreError::Corrupt(e.to_string())))?;
+            .process_sequenced(&self.provider, group, &env.mls_message, None)?;
         match out {
             Sequenced::Application { sender, plaintext } => {
                 if let Some(msg) = self.group_message(conv, &sender, &plaintext, now)
