@@ -138,6 +138,8 @@ pub(crate) enum CoreInput {
         receipts: Vec<Vec<Vec<u8>>>,
         /// Relays that refused a deposit, with the reason they gave.
         refusals: Vec<(PeerId, &'static str)>,
+        /// A direct delivery over an open connection failed or went unanswered.
+        direct_failed: bool,
     },
     /// Envelopes fetched from one of our relays' mailboxes.
     ApplyMailbox {
@@ -222,6 +224,15 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Most sends folded into one unit of work.
 const MAX_SENDS_PER_UNIT: usize = 256;
+/// How long a device whose direct delivery failed gets its mail through its
+/// relays before a direct attempt is made again (a new connection ends it sooner).
+const AWAY_FOR: Duration = Duration::from_secs(60);
+/// How long a direct delivery may go unanswered before the envelopes go to the
+/// device's relays as well (the device deduplicates by message id).
+const DIRECT_PATIENCE: Duration = Duration::from_secs(5);
+/// Most devices remembered as away.
+const MAX_AWAY: usize = 4096;
+
 /// Key packages one peer may ask for per minute.
 const KEY_PACKAGES_PER_MINUTE: u32 = 20;
 
@@ -267,6 +278,10 @@ pub(crate) struct Core {
     catching_up: bool,
     /// Messages at least one of whose envelopes went to a relay.
     via_relay: HashSet<[u8; 16]>,
+    /// Devices whose direct delivery failed while a connection looked open
+    /// (a sleeping laptop, a half-closed socket), with when: their mail goes to
+    /// their relays until they connect anew or [`AWAY_FOR`] passes.
+    away: HashMap<PeerId, Instant>,
     /// The latest deposit refusal per (recipient account, relay), shared with the API.
     refusals: Refusals,
     /// What this device hands conversation members so they can leave it mail.
@@ -378,6 +393,7 @@ impl Core {
             home_relays,
             catching_up: false,
             via_relay: HashSet::new(),
+            away: HashMap::new(),
             refusals,
             grant,
             deferred: Vec::new(),
@@ -496,7 +512,13 @@ impl Core {
                 result,
                 receipts,
                 refusals,
-            } => self.on_deliver_result(device, ids, result, receipts, refusals),
+                direct_failed,
+            } => {
+                if direct_failed && let Some(peer) = peer_id_of(&device) {
+                    self.mark_away(peer);
+                }
+                self.on_deliver_result(device, ids, result, receipts, refusals)
+            }
             CoreInput::ApplyMailbox {
                 relay,
                 request_inbox,
@@ -938,6 +960,7 @@ impl Core {
                 self.net.respond_mailbox(id, response).await;
             }
             NetEvent::Connected(peer) => {
+                self.away.remove(&peer);
                 let now = Instant::now();
                 for (device, q) in self.queues.iter_mut() {
                     if peer_id_of(device) == Some(peer) {
@@ -1380,6 +1403,7 @@ impl Core {
                 continue;
             }
             let Some(peer) = peer_id_of(&device) else { continue };
+            let away = self.is_away(peer);
             let target = self
                 .queues
                 .get(&device)
@@ -1407,46 +1431,42 @@ impl Core {
                     envelopes,
                     ..Default::default()
                 };
+                let mut direct_failed = false;
                 let (result, Deposited { receipts, refusals }) = match target {
-                    // Not connected, and the device has relays: its mail goes there
-                    // at once (dialling a device that is away can take seconds), while
-                    // a connection attempt runs in the background. Once connected,
-                    // the next batches go direct.
-                    Some(target) if !net.is_connected(peer).await => {
-                        let n2 = net.clone();
-                        let circuits: Vec<Multiaddr> = target
-                            .relays
-                            .iter()
-                            .filter(|(relay, _)| *relay != peer)
-                            .map(|(_, addr)| addr.clone().with(Protocol::P2pCircuit).with(Protocol::P2p(peer)))
-                            .collect();
-                        tokio::spawn(async move {
-                            // A device behind a NAT answers only through its relays' circuits.
-                            for c in circuits {
-                                let _ = n2.dial(c).await;
-                            }
-                            if let Ok(addrs) = n2.find_peer(peer).await {
-                                for a in addrs {
-                                    let _ = n2.dial(a.with(Protocol::P2p(peer))).await;
-                                }
-                            }
-                        });
+                    // Not connected (or known to be away), and the device has relays:
+                    // its mail goes there at once (dialling a device that is away can
+                    // take seconds), while a connection attempt runs in the background.
+                    // Once connected, the next batches go direct.
+                    Some(target) if away || !net.is_connected(peer).await => {
+                        reconnect_in_background(&net, &target, peer);
                         let receipts = deposit_all(&net, &target, &request.envelopes, now_ms).await;
                         (Err(NetError::Unreachable("not connected".into())), receipts)
                     }
-                    target => {
+                    // Connected, with relays to fall back on: a connection that went
+                    // silent must not hold the mail for a whole request timeout.
+                    Some(target) => {
+                        let result = tokio::time::timeout(DIRECT_PATIENCE, net.deliver(peer, request.clone()))
+                            .await
+                            .unwrap_or(Err(NetError::Timeout));
+                        match result {
+                            Ok(response) => (Ok(response), Deposited::default()),
+                            Err(e) => {
+                                direct_failed = true;
+                                reconnect_in_background(&net, &target, peer);
+                                (Err(e), deposit_all(&net, &target, &request.envelopes, now_ms).await)
+                            }
+                        }
+                    }
+                    // No relays: the device itself is the only way; look it up anew
+                    // if its address went stale.
+                    None => {
                         let mut result = net.deliver(peer, request.clone()).await;
                         if matches!(result, Err(NetError::Unreachable(_)))
                             && net.find_peer(peer).await.is_ok_and(|a| !a.is_empty())
                         {
                             result = net.deliver(peer, request.clone()).await;
                         }
-                        // The device is away: hand the envelopes to its relays instead.
-                        let receipts = match (&result, target) {
-                            (Err(_), Some(target)) => deposit_all(&net, &target, &request.envelopes, now_ms).await,
-                            _ => Deposited::default(),
-                        };
-                        (result, receipts)
+                        (result, Deposited::default())
                     }
                 };
                 let _ = tx
@@ -1456,6 +1476,7 @@ impl Core {
                         result,
                         receipts,
                         refusals,
+                        direct_failed,
                     })
                     .await;
             });
@@ -1512,9 +1533,32 @@ impl Core {
                     result: Err(NetError::Unreachable("group inbox".into())),
                     receipts,
                     refusals,
+                    direct_failed: false,
                 })
                 .await;
         });
+    }
+
+    /// Whether `peer`'s mail should go to its relays without a direct attempt.
+    fn is_away(&mut self, peer: PeerId) -> bool {
+        match self.away.get(&peer) {
+            Some(since) if since.elapsed() < AWAY_FOR => true,
+            Some(_) => {
+                self.away.remove(&peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark_away(&mut self, peer: PeerId) {
+        if self.away.len() >= MAX_AWAY {
+            self.away.retain(|_, since| since.elapsed() < AWAY_FOR);
+            if self.away.len() >= MAX_AWAY {
+                self.away.clear();
+            }
+        }
+        self.away.insert(peer, Instant::now());
     }
 
     fn mailbox_target(&self, account: &[u8; 32], device: &[u8; 32]) -> Option<MailboxTarget> {
@@ -1771,6 +1815,28 @@ pub(crate) fn new_envelope(gid: &[u8], kind: EnvelopeKind, mls_message: Vec<u8>)
 pub(crate) fn key_of_peer(peer: &PeerId) -> Option<[u8; 32]> {
     let pk = libp2p::identity::PublicKey::try_decode_protobuf(peer.as_ref().digest()).ok()?;
     Some(pk.try_into_ed25519().ok()?.to_bytes())
+}
+
+/// Tries to reach a device that is away: through its relays' circuits (a device
+/// behind a NAT answers only there) and at the addresses the DHT has for it.
+fn reconnect_in_background(net: &Network, target: &MailboxTarget, peer: PeerId) {
+    let net = net.clone();
+    let circuits: Vec<Multiaddr> = target
+        .relays
+        .iter()
+        .filter(|(relay, _)| *relay != peer)
+        .map(|(_, addr)| addr.clone().with(Protocol::P2pCircuit).with(Protocol::P2p(peer)))
+        .collect();
+    tokio::spawn(async move {
+        for c in circuits {
+            let _ = net.dial(c).await;
+        }
+        if let Ok(addrs) = net.find_peer(peer).await {
+            for a in addrs {
+                let _ = net.dial(a.with(Protocol::P2p(peer))).await;
+            }
+        }
+    });
 }
 
 /// Deposits every envelope in the device's inbox on every relay: in order on

@@ -1,5 +1,6 @@
-//! Crash safety with real processes: a receiver killed with SIGKILL loses
-//! nothing, and nothing arrives twice.
+//! Faults with real processes: a receiver killed with SIGKILL loses nothing
+//! and nothing arrives twice; a receiver that stops answering (SIGSTOP) does
+//! not hold its mail back from its relays.
 
 mod common;
 
@@ -9,8 +10,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
+use libp2p::Multiaddr;
 use tidings_node::MessageView;
+use tidings_node::NetConfig;
 use tidings_node::api::{ADDR_FILE, AddContactBody, CardView, TOKEN_FILE};
+use tidings_node::demo::{loopback, start_node_with_net};
+use tidings_store::MessageState;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -22,14 +27,20 @@ fn tidings() -> Command {
 
 /// Starts `tidings run` for `dir` and waits until its API is up.
 async fn spawn_node(dir: &Path, bootstrap: &str) -> Child {
+    spawn_node_with(dir, bootstrap, &[]).await
+}
+
+/// Like [`spawn_node`], with home relays.
+async fn spawn_node_with(dir: &Path, bootstrap: &str, relays: &[Multiaddr]) -> Child {
     let _ = std::fs::remove_file(dir.join(ADDR_FILE));
-    let mut child = tidings()
-        .arg("--data-dir")
+    let mut cmd = tidings();
+    cmd.arg("--data-dir")
         .arg(dir)
-        .args(["run", "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", bootstrap])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn tidings run");
+        .args(["run", "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", bootstrap]);
+    for r in relays {
+        cmd.arg("--relay").arg(r.to_string());
+    }
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn tidings run");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let ready = tokio::time::timeout(TIMEOUT, async {
         while let Ok(Some(line)) = lines.next_line().await {
@@ -78,6 +89,41 @@ impl Api {
     async fn history(&self, contact: &str) -> Vec<MessageView> {
         self.get(&format!("/api/contacts/{contact}/messages")).await
     }
+
+    /// Adds a contact by card and returns our own card.
+    async fn befriend(&self, card: &str) -> CardView {
+        let r = self
+            .http
+            .post(format!("{}/api/contacts", self.base))
+            .bearer_auth(&self.token)
+            .json(&AddContactBody {
+                card: card.to_owned(),
+                name: None,
+            })
+            .send()
+            .await
+            .expect("api reachable");
+        assert!(r.status().is_success(), "POST /api/contacts: {}", r.status());
+        self.get("/api/card").await
+    }
+}
+
+async fn init(dir: &Path, name: &str) {
+    let status = tidings()
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["init", "--name", name])
+        .status()
+        .await
+        .expect("init");
+    assert!(status.success());
+}
+
+/// Sends a signal to a child process with the system's `kill`.
+async fn signal(child: &Child, sig: &str) {
+    let pid = child.id().expect("running child").to_string();
+    let status = Command::new("kill").args([sig, &pid]).status().await.expect("kill");
+    assert!(status.success(), "kill {sig} {pid}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,29 +134,10 @@ async fn killed_receiver_gets_all_queued_messages_exactly_once_after_restart() {
     let a = a_node.handle();
 
     let bdir = net.dir.path().join("bob");
-    let status = tidings()
-        .arg("--data-dir")
-        .arg(&bdir)
-        .args(["init", "--name", "bob"])
-        .status()
-        .await
-        .expect("init");
-    assert!(status.success());
+    init(&bdir, "bob").await;
     let mut bob = spawn_node(&bdir, &boot).await;
     let api = Api::new(&bdir);
-    let card: CardView = api.get("/api/card").await;
-    let r = api
-        .http
-        .post(format!("{}/api/contacts", api.base))
-        .bearer_auth(&api.token)
-        .json(&AddContactBody {
-            card: a.card().to_uri(),
-            name: None,
-        })
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    let card = api.befriend(&a.card().to_uri()).await;
     a.add_contact(&card.uri, None).await.unwrap();
 
     for i in 0..5 {
@@ -152,4 +179,89 @@ async fn killed_receiver_gets_all_queued_messages_exactly_once_after_restart() {
     let queued: Vec<String> = history[5..].iter().map(|m| m.text.clone()).collect();
     let expected: Vec<String> = (0..50).map(|i| format!("queued {i}")).collect();
     assert_eq!(queued, expected, "in order");
+}
+
+/// A device that stops answering while its connection stays open (a laptop
+/// put to sleep, here a process stopped with SIGSTOP) must not hold its mail
+/// back: the sender gives up on the silent connection after a few seconds —
+/// far sooner than its request timeout, here set to five minutes so that
+/// waiting for it would fail the test — and every later batch goes straight
+/// to the relays until the device connects anew. When the device wakes up, it
+/// has everything exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_for_a_device_that_stopped_answering_goes_to_its_relays_without_waiting_for_timeouts() {
+    let r = relays(2).await;
+    let base = r.dir.path();
+    let patient = NetConfig {
+        listen: loopback(),
+        bootstrap: vec![r.addrs[0].clone()],
+        request_timeout: Duration::from_secs(300),
+        ..NetConfig::default()
+    };
+    let a_node = start_node_with_net(&base.join("alice"), "alice", patient, r.addrs.clone())
+        .await
+        .unwrap();
+    let a = a_node.handle();
+
+    let bdir = base.join("bob");
+    init(&bdir, "bob").await;
+    let mut bob = spawn_node_with(&bdir, &r.addrs[0].to_string(), &r.addrs).await;
+    let api = Api::new(&bdir);
+    let card = api.befriend(&a.card().to_uri()).await;
+    a.add_contact(&card.uri, None).await.unwrap();
+    // Ping until a message goes over a direct connection (the first ones may
+    // go through the relays while alice dials bob).
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut pings = 0;
+    loop {
+        let ping = a.send_text(&card.account, &format!("ping {pings}")).await.unwrap();
+        pings += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let h = a.history(&card.account).unwrap();
+        if h.iter().any(|m| m.id == ping.id && m.state == MessageState::Delivered) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no direct connection to bob");
+    }
+    eventually_async("bob got the pings", || async {
+        api.history(&acct(&a)).await.len() == pings
+    })
+    .await;
+
+    signal(&bob, "-STOP").await;
+    let t0 = std::time::Instant::now();
+    for i in 0..100 {
+        a.send_text(&card.account, &format!("asleep {i}")).await.unwrap();
+    }
+    // The sender's patience with a silent connection is 5 s; without it the
+    // mail would wait for libp2p's ping to fail (20 s) or the request timeout.
+    let custody = tokio::time::timeout(
+        Duration::from_secs(15),
+        eventually("every message is in a relay's custody", || {
+            a.store().outbox_len().unwrap() == 0
+        }),
+    )
+    .await;
+    assert!(custody.is_ok(), "mail for a silent device waited on its connection");
+    eprintln!("in custody after {:?}", t0.elapsed());
+    let h = a.history(&card.account).unwrap();
+    assert!(
+        h[pings..].iter().all(|m| m.state == MessageState::Stored),
+        "all went to relays"
+    );
+
+    signal(&bob, "-CONT").await;
+    eventually_async("bob woke up to everything", || async {
+        api.history(&acct(&a)).await.len() >= pings + 100
+    })
+    .await;
+    // Anything that was also on its way directly must not show twice.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let history = api.history(&acct(&a)).await;
+    assert_eq!(history.len(), pings + 100, "exactly once");
+    let texts: Vec<String> = history[pings..].iter().map(|m| m.text.clone()).collect();
+    let expected: Vec<String> = (0..100).map(|i| format!("asleep {i}")).collect();
+    assert_eq!(texts, expected, "in order");
+    bob.start_kill().expect("SIGKILL");
+    drop(r.nodes);
 }
