@@ -17,6 +17,7 @@
 //! - `POST /api/groups/{group}/members` `{ "contacts": ["...", ...] }` (invite)
 //! - `DELETE /api/groups/{group}/members/{member}` (remove; your own account: leave)
 //! - `POST /api/groups/{group}/info` `{ "name": "...", "description": "..." }`
+//! - `POST /api/groups/{group}/relays` `{ "relays": ["/ip4/…/p2p/…", ...] }` (move; admins)
 //! - `POST /api/groups/{group}/roles` `{ "member": "...", "role": "owner" | "admin" | "member" }`
 //! - `POST /api/devices/link` (a link code for a new device), `GET /api/devices`,
 //!   `DELETE /api/devices/{device}` (revoke)
@@ -137,6 +138,11 @@ pub struct InviteBody {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+pub struct RelaysBody {
+    pub relays: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct GroupInfoBody {
     #[serde(default)]
     pub name: Option<String>,
@@ -183,6 +189,7 @@ pub fn router(node: NodeHandle, token: &str) -> Router {
         .route("/api/groups/{group}/members/{member}", delete(remove_member))
         .route("/api/groups/{group}/info", post(group_info))
         .route("/api/groups/{group}/roles", post(group_role))
+        .route("/api/groups/{group}/relays", post(group_relays))
         .route("/api/devices", get(devices))
         .route("/api/devices/link", post(link_device))
         .route("/api/devices/{device}", delete(revoke_device))
@@ -352,6 +359,16 @@ async fn group_info(
     s.node
         .set_group_info(&group, body.name.as_deref(), body.description.as_deref())
         .await?;
+    Ok(Json(s.node.group(&group).await?))
+}
+
+async fn group_relays(
+    State(s): State<ApiState>,
+    Path(group): Path<String>,
+    body: Result<Json<RelaysBody>, JsonRejection>,
+) -> Result<Json<GroupView>, ApiError> {
+    let Json(body) = body?;
+    s.node.move_group(&group, body.relays).await?;
     Ok(Json(s.node.group(&group).await?))
 }
 

@@ -12,7 +12,7 @@ use libp2p::multiaddr::Protocol;
 use std::sync::Arc;
 use tidings_node::api::{
     ADDR_FILE, AddContactBody, CardView, CreateGroupBody, DeviceView, GroupInfoBody, GroupTextBody, InviteBody,
-    LinkCodeView, RoleBody, SendBody, TOKEN_FILE,
+    LinkCodeView, RelaysBody, RoleBody, SendBody, TOKEN_FILE,
 };
 
 use prometheus_client::registry::Registry;
@@ -180,6 +180,13 @@ enum GroupCmd {
         name: String,
         #[arg(long)]
         description: Option<String>,
+    },
+    /// Move a group to other relays (admins); the first one sequences its changes.
+    Move {
+        group: String,
+        /// Relay addresses, `/ip4/…/tcp/…/p2p/<relay id>`.
+        #[arg(required = true)]
+        relays: Vec<String>,
     },
     /// Give a member a role: owner (transfers ownership), admin or member (owner only).
     Role {
@@ -437,6 +444,12 @@ async fn group_cmd(dir: &Path, cmd: GroupCmd) -> anyhow::Result<()> {
                         description,
                     },
                 )
+                .await?;
+            show(&g);
+        }
+        GroupCmd::Move { group, relays } => {
+            let g: GroupView = client
+                .post(&format!("/api/groups/{group}/relays"), &RelaysBody { relays })
                 .await?;
             show(&g);
         }

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use prost::Message as _;
 use tidings_protocol::group::Role;
@@ -748,6 +749,35 @@ impl NodeHandle {
         if let Some(d) = description {
             meta.description = d.to_owned();
         }
+        self.group_change(group_id, IntentRow::SetMeta { meta: meta.encode() })
+            .await
+    }
+
+    /// Moves a group to other relays (admins): the commit names the new relays
+    /// and a new group inbox, which the first of them sequences from then on.
+    pub async fn move_group(&self, group: &str, relays: Vec<String>) -> Result<(), NodeError> {
+        let group_id = parse_group_id(group)?;
+        for r in &relays {
+            let addr: Multiaddr = r
+                .parse()
+                .map_err(|e| NodeError::InvalidContact(format!("relay address {r}: {e}")))?;
+            if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+                return Err(NodeError::InvalidContact(format!(
+                    "relay address {r} lacks /p2p/<peer id>"
+                )));
+            }
+        }
+        if relays.is_empty() {
+            return Err(NodeError::InvalidContact("a group needs at least one relay".into()));
+        }
+        let mut meta = self
+            .core(|reply| CoreInput::GroupMeta {
+                group_id: group_id.clone(),
+                reply,
+            })
+            .await?;
+        meta.relays = relays;
+        meta.inbox_seed = random_seed()?;
         self.group_change(group_id, IntentRow::SetMeta { meta: meta.encode() })
             .await
     }

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use common::*;
 use libp2p::Multiaddr;
+use tidings_node::demo::start_node_with_relays;
 use tidings_node::{Node, NodeHandle};
 
 fn texts(h: &NodeHandle, group: &str) -> Vec<String> {
@@ -561,4 +562,86 @@ async fn three_people_with_two_devices_each_and_one_added_later_see_every_messag
     );
     drop((firsts, seconds));
     drop(n.nodes);
+}
+
+/// A group moves from two relays to two others by a commit; once every member
+/// follows, the old relays go away and the group carries on: messages, the
+/// same order everywhere, and a newcomer added through the new sequencer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_moved_to_other_relays_carries_on_when_the_old_ones_are_gone() {
+    let mut r = relays(4).await;
+    let base = r.dir.path().to_path_buf();
+    let (old, new) = (r.addrs[..2].to_vec(), r.addrs[2..].to_vec());
+    let boot = vec![r.addrs[3].clone()];
+    let person = |name: &'static str, home: Vec<Multiaddr>| {
+        let (base, boot) = (base.clone(), boot.clone());
+        async move {
+            start_node_with_relays(&base.join(name), name, boot, home)
+                .await
+                .expect("node starts")
+        }
+    };
+    let nodes = [
+        person("alice", old.clone()).await,
+        person("bob", old.clone()).await,
+        person("carol", old.clone()).await,
+        person("dave", new.clone()).await,
+    ];
+    let [a, b, c, d] = [
+        nodes[0].handle(),
+        nodes[1].handle(),
+        nodes[2].handle(),
+        nodes[3].handle(),
+    ];
+    for h in [&b, &c, &d] {
+        befriend(&a, h).await;
+    }
+    let gid = a.create_group("movers", &[&acct(&b), &acct(&c)]).await.unwrap().id;
+    assert_eq!(a.group(&gid).await.unwrap().relays.len(), 2);
+    for h in [&b, &c] {
+        wait_joined(h, &gid).await;
+    }
+    b.send_group(&gid, "before the move").await.unwrap();
+    for h in [&a, &c] {
+        eventually("the first message", || texts(h, &gid) == ["before the move"]).await;
+    }
+
+    let new_text: Vec<String> = new.iter().map(|a| a.to_string()).collect();
+    a.move_group(&gid, new_text.clone()).await.unwrap();
+    for h in [&a, &b, &c] {
+        eventually_async("every member follows the move", || {
+            let (h, gid, want) = (h.clone(), gid.clone(), new_text.clone());
+            async move { h.group(&gid).await.is_ok_and(|g| g.relays == want) }
+        })
+        .await;
+    }
+    for old_relay in r.nodes.drain(..2) {
+        old_relay.shutdown().await;
+    }
+
+    c.send_group(&gid, "carol after the move").await.unwrap();
+    b.send_group(&gid, "bob after the move").await.unwrap();
+    for h in [&a, &b, &c] {
+        eventually("both messages after the move", || texts(h, &gid).len() >= 3).await;
+    }
+    a.invite(&gid, &[&acct(&d)]).await.unwrap();
+    wait_joined(&d, &gid).await;
+    b.send_group(&gid, "hello dave").await.unwrap();
+    eventually("dave reads on", || texts(&d, &gid) == ["hello dave"]).await;
+    for h in [&a, &c] {
+        eventually("everyone got the last message", || texts(h, &gid).len() == 4).await;
+    }
+    let reference = texts(&a, &gid);
+    assert_eq!(reference[0], "before the move");
+    for h in [&b, &c] {
+        assert_eq!(texts(h, &gid), reference, "the same order everywhere");
+    }
+    let mut after: Vec<String> = reference[1..3].to_vec();
+    after.sort();
+    assert_eq!(after, ["bob after the move", "carol after the move"]);
+    // A move that would keep the inbox on other relays, or go nowhere, is refused.
+    assert!(b.move_group(&gid, new_text.clone()).await.is_err(), "members do not move groups");
+    assert!(a.move_group(&gid, Vec::new()).await.is_err());
+    drop(nodes);
+    drop(r.nodes);
 }

@@ -269,6 +269,12 @@ pub fn authorize(meta: &GroupMeta, sender: &[u8; 32], summary: &CommitSummary) -
         if new.roles != meta.roles && role != Role::Owner {
             return Err("only the owner changes roles".into());
         }
+        // Members read the group inbox from a cursor on its first relay: a move
+        // to other relays starts a new inbox, so no cursor points into another
+        // relay's sequence.
+        if new.relays != meta.relays && (new.relays.is_empty() || new.inbox_seed == meta.inbox_seed) {
+            return Err("a move to other relays needs a new inbox and at least one relay".into());
+        }
     }
     Ok(())
 }
@@ -357,5 +363,28 @@ mod tests {
         let mut ownerless = meta.clone();
         ownerless.roles.remove(owner.as_bytes());
         assert!(authorize(&meta, owner.as_bytes(), &set(&ownerless)).is_err());
+    }
+
+    #[test]
+    fn a_move_to_other_relays_is_for_admins_and_needs_a_new_inbox() {
+        let (owner, member) = (acct(1), acct(3));
+        let meta = GroupMeta::new("g", &owner, vec!["/ip4/10.0.0.1/tcp/1/p2p/a".into()], [9; 32]);
+        let set = |m: &GroupMeta| CommitSummary {
+            new_meta: Some(m.clone()),
+            ..Default::default()
+        };
+        let mut moved = meta.clone();
+        moved.relays = vec!["/ip4/10.0.0.2/tcp/1/p2p/b".into()];
+        assert!(
+            authorize(&meta, owner.as_bytes(), &set(&moved)).is_err(),
+            "same inbox on another relay"
+        );
+        moved.inbox_seed = [7; 32];
+        assert!(authorize(&meta, owner.as_bytes(), &set(&moved)).is_ok());
+        assert!(authorize(&meta, member.as_bytes(), &set(&moved)).is_err());
+        let mut nowhere = meta.clone();
+        nowhere.relays.clear();
+        nowhere.inbox_seed = [7; 32];
+        assert!(authorize(&meta, owner.as_bytes(), &set(&nowhere)).is_err());
     }
 }
