@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 mod groups;
 mod link;
 
-pub(crate) use groups::GroupInbox;
+pub(crate) use groups::{GroupInbox, SELF_UPDATE_INTERVAL_MS};
 pub use groups::{GroupMemberView, GroupView};
 pub(crate) use link::{LinkOffer, LinkOffers};
 
@@ -295,6 +295,8 @@ pub(crate) struct Core {
     joined_groups: Vec<Vec<u8>>,
     /// The open device-link offer, if any.
     link: LinkOffers,
+    /// Our leaf keys in a group older than this are renewed by a self-update.
+    pub(crate) self_update_interval_ms: u64,
 }
 
 /// Deposit refusals the node is living with: per (recipient account, relay),
@@ -400,6 +402,7 @@ impl Core {
             group_targets: HashMap::new(),
             joined_groups: Vec::new(),
             link,
+            self_update_interval_ms: SELF_UPDATE_INTERVAL_MS,
         };
         core.load_group_targets();
         for e in core.store.list_outbox()? {

@@ -162,22 +162,23 @@ pub async fn start_node_with_net(
     net: NetConfig,
     home_relays: Vec<Multiaddr>,
 ) -> anyhow::Result<Node> {
+    let config = NodeConfig {
+        net,
+        home_relays,
+        ..NodeConfig::default()
+    };
+    start_node_with_config(dir, name, config).await
+}
+
+/// Creates (if needed) and starts a node whose data lives in `dir`, with a
+/// whole node configuration.
+pub async fn start_node_with_config(dir: &Path, name: &str, config: NodeConfig) -> anyhow::Result<Node> {
     std::fs::create_dir_all(dir)?;
     let store = crate::open_store(dir)?;
-    let clock = Clock::system();
     if store.identity().is_err() {
-        crate::create_identity(&store, name, clock.now_ms())?;
+        crate::create_identity(&store, name, config.clock.now_ms())?;
     }
-    Node::start(
-        store,
-        NodeConfig {
-            net,
-            clock,
-            home_relays,
-            ..NodeConfig::default()
-        },
-    )
-    .await
+    Node::start(store, config).await
 }
 
 /// Waits for `pred` to match an event.

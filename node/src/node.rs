@@ -20,7 +20,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::clock::Clock;
-use crate::core::{Core, CoreInput, GroupView, LinkOffer, LinkOffers, NodeError, Refusals, peer_id_of};
+use crate::core::{
+    Core, CoreInput, GroupView, LinkOffer, LinkOffers, NodeError, Refusals, SELF_UPDATE_INTERVAL_MS, peer_id_of,
+};
 use crate::net::{self, NetConfig, NetError, NetEvent, Network};
 use crate::relay::{MailboxService, RelayMetrics, RelayOptions};
 use crate::types::{ContactView, MailGapView, MessageView, NodeEvent, NodeStatus, RefusalView};
@@ -67,6 +69,9 @@ pub struct NodeConfig {
     pub home_relays: Vec<Multiaddr>,
     /// Registry for libp2p's metrics (relays export it on `/metrics`).
     pub metrics: Option<Arc<std::sync::Mutex<prometheus_client::registry::Registry>>>,
+    /// How old this device's leaf keys in a group may get before it commits a
+    /// self-update (post-compromise security). Default 24 hours.
+    pub key_update_interval: Duration,
 }
 
 impl Default for NodeConfig {
@@ -77,6 +82,7 @@ impl Default for NodeConfig {
             relay: None,
             home_relays: Vec::new(),
             metrics: None,
+            key_update_interval: Duration::from_millis(SELF_UPDATE_INTERVAL_MS),
         }
     }
 }
@@ -228,7 +234,7 @@ impl Node {
         let (events, _) = broadcast::channel(EVENT_QUEUE);
         let refusals = Refusals::default();
         let link = LinkOffers::default();
-        let core = Core::new(
+        let mut core = Core::new(
             store.clone(),
             engine,
             net.clone(),
@@ -252,6 +258,7 @@ impl Node {
             },
             link.clone(),
         )?;
+        core.self_update_interval_ms = u64::try_from(config.key_update_interval.as_millis()).unwrap_or(u64::MAX);
         tasks.push(tokio::spawn(core.run(rx, net_events)));
         let handle = NodeHandle {
             inner: Arc::new(Inner {

@@ -8,8 +8,8 @@ use std::path::Path;
 
 use common::*;
 use libp2p::Multiaddr;
-use tidings_node::demo::start_node_with_relays;
-use tidings_node::{Node, NodeHandle};
+use tidings_node::demo::{loopback, start_node_with_config, start_node_with_relays};
+use tidings_node::{NetConfig, Node, NodeConfig, NodeHandle};
 
 fn texts(h: &NodeHandle, group: &str) -> Vec<String> {
     h.group_history(group).unwrap().into_iter().map(|m| m.text).collect()
@@ -640,8 +640,67 @@ async fn a_group_moved_to_other_relays_carries_on_when_the_old_ones_are_gone() {
     after.sort();
     assert_eq!(after, ["bob after the move", "carol after the move"]);
     // A move that would keep the inbox on other relays, or go nowhere, is refused.
-    assert!(b.move_group(&gid, new_text.clone()).await.is_err(), "members do not move groups");
+    assert!(
+        b.move_group(&gid, new_text.clone()).await.is_err(),
+        "members do not move groups"
+    );
     assert!(a.move_group(&gid, Vec::new()).await.is_err());
     drop(nodes);
+    drop(r.nodes);
+}
+
+/// A device renews its leaf keys in every group on a schedule (post-compromise
+/// security) without anyone asking: here bob's interval is two seconds, and
+/// the group's epoch moves on by his self-updates alone while messages keep
+/// flowing both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_renews_its_group_keys_on_schedule_and_the_group_carries_on() {
+    let r = relays(2).await;
+    let base = r.dir.path();
+    let a_node = user(base, "alice", &r).await;
+    let config = NodeConfig {
+        net: NetConfig {
+            listen: loopback(),
+            bootstrap: vec![r.addrs[0].clone()],
+            ..NetConfig::default()
+        },
+        home_relays: r.addrs.clone(),
+        key_update_interval: std::time::Duration::from_secs(2),
+        ..NodeConfig::default()
+    };
+    let b_node = start_node_with_config(&base.join("bob"), "bob", config).await.unwrap();
+    let c_node = user(base, "carol", &r).await;
+    let [a, b, c] = [a_node.handle(), b_node.handle(), c_node.handle()];
+    befriend(&a, &b).await;
+    befriend(&a, &c).await;
+    let gid = a.create_group("fresh keys", &[&acct(&b), &acct(&c)]).await.unwrap().id;
+    for h in [&b, &c] {
+        wait_joined(h, &gid).await;
+    }
+    let start = a.group(&gid).await.unwrap().epoch;
+    for h in [&a, &c] {
+        eventually_async("two self-updates of bob's reach everyone", || {
+            let (h, gid) = (h.clone(), gid.clone());
+            async move { h.group(&gid).await.is_ok_and(|g| g.epoch >= start + 2) }
+        })
+        .await;
+    }
+    a.send_group(&gid, "still here").await.unwrap();
+    c.send_group(&gid, "me too").await.unwrap();
+    b.send_group(&gid, "with new keys").await.unwrap();
+    for h in [&a, &b, &c] {
+        eventually("three messages after the updates", || texts(h, &gid).len() >= 3).await;
+    }
+    let reference = texts(&a, &gid);
+    assert_eq!(reference.len(), 3);
+    for h in [&b, &c] {
+        assert_eq!(texts(h, &gid), reference, "the same order everywhere");
+    }
+    assert_eq!(
+        a.group(&gid).await.unwrap().members.len(),
+        3,
+        "the updates changed nobody's membership"
+    );
+    drop((a_node, b_node, c_node));
     drop(r.nodes);
 }

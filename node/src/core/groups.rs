@@ -30,7 +30,8 @@ use crate::types::{MessageView, NodeEvent};
 /// A commit of ours not seen in the sequence after this long is sent again.
 const PENDING_RESEND_MS: u64 = 30_000;
 
-/// Leaf keys of ours older than this are renewed by a self-update commit.
+/// Leaf keys of ours older than this are renewed by a self-update commit
+/// (the default of [`crate::NodeConfig::key_update_interval`]).
 pub(crate) const SELF_UPDATE_INTERVAL_MS: u64 = 24 * 3600 * 1000;
 
 /// How long a group inbox capability we issue ourselves is valid.
@@ -437,7 +438,7 @@ impl Core {
 
     /// What the group sync task fetches: one entry per group we are in.
     /// Also starts the periodic self-update of groups whose leaf keys of
-    /// ours are older than [`SELF_UPDATE_INTERVAL_MS`] (post-compromise security).
+    /// ours are older than the node's key update interval (post-compromise security).
     pub(super) fn group_inboxes(&mut self) -> Result<Vec<GroupInbox>, NodeError> {
         let mut out = Vec::new();
         let now = self.clock.now_ms();
@@ -453,7 +454,7 @@ impl Core {
             }
             if row.pending.is_none()
                 && row.retry.is_none()
-                && now.saturating_sub(row.updated_ms) > SELF_UPDATE_INTERVAL_MS
+                && now.saturating_sub(row.updated_ms) > self.self_update_interval_ms
                 && let Err(e) = self.group_intent(&c.group_id, IntentRow::SelfUpdate)
             {
                 debug!(group = %hex::encode(&c.group_id), "scheduled self-update failed: {e}");
