@@ -5,126 +5,13 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::process::*;
 use common::*;
-use libp2p::Multiaddr;
-use tidings_node::MessageView;
 use tidings_node::NetConfig;
-use tidings_node::api::{ADDR_FILE, AddContactBody, CardView, TOKEN_FILE};
 use tidings_node::demo::{loopback, start_node_with_net};
 use tidings_store::MessageState;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-fn tidings() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tidings"));
-    c.kill_on_drop(true);
-    c
-}
-
-/// Starts `tidings run` for `dir` and waits until its API is up.
-async fn spawn_node(dir: &Path, bootstrap: &str) -> Child {
-    spawn_node_with(dir, bootstrap, &[]).await
-}
-
-/// Like [`spawn_node`], with home relays.
-async fn spawn_node_with(dir: &Path, bootstrap: &str, relays: &[Multiaddr]) -> Child {
-    let _ = std::fs::remove_file(dir.join(ADDR_FILE));
-    let mut cmd = tidings();
-    cmd.arg("--data-dir")
-        .arg(dir)
-        .args(["run", "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", bootstrap]);
-    for r in relays {
-        cmd.arg("--relay").arg(r.to_string());
-    }
-    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn tidings run");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let ready = tokio::time::timeout(TIMEOUT, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.starts_with("API on") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(ready, Ok(true), "tidings run did not come up");
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    child
-}
-
-struct Api {
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-impl Api {
-    fn new(dir: &Path) -> Api {
-        let addr = std::fs::read_to_string(dir.join(ADDR_FILE)).expect("api-addr");
-        let token = std::fs::read_to_string(dir.join(TOKEN_FILE)).expect("api-token");
-        Api {
-            base: format!("http://{}", addr.trim()),
-            token: token.trim().to_owned(),
-            http: reqwest::Client::new(),
-        }
-    }
-
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .expect("api reachable");
-        assert!(r.status().is_success(), "GET {path}: {}", r.status());
-        r.json().await.expect("json")
-    }
-
-    async fn history(&self, contact: &str) -> Vec<MessageView> {
-        self.get(&format!("/api/contacts/{contact}/messages")).await
-    }
-
-    /// Adds a contact by card and returns our own card.
-    async fn befriend(&self, card: &str) -> CardView {
-        let r = self
-            .http
-            .post(format!("{}/api/contacts", self.base))
-            .bearer_auth(&self.token)
-            .json(&AddContactBody {
-                card: card.to_owned(),
-                name: None,
-            })
-            .send()
-            .await
-            .expect("api reachable");
-        assert!(r.status().is_success(), "POST /api/contacts: {}", r.status());
-        self.get("/api/card").await
-    }
-}
-
-async fn init(dir: &Path, name: &str) {
-    let status = tidings()
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["init", "--name", name])
-        .status()
-        .await
-        .expect("init");
-    assert!(status.success());
-}
-
-/// Sends a signal to a child process with the system's `kill`.
-async fn signal(child: &Child, sig: &str) {
-    let pid = child.id().expect("running child").to_string();
-    let status = Command::new("kill").args([sig, &pid]).status().await.expect("kill");
-    assert!(status.success(), "kill {sig} {pid}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_receiver_gets_all_queued_messages_exactly_once_after_restart() {

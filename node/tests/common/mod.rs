@@ -2,6 +2,8 @@
 //! with real redb files in temporary directories.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -1,0 +1,460 @@
+//! The group and device commands end to end: people run real `tidings run`
+//! processes on loopback relays, and everything goes through the `tidings`
+//! CLI and the node's local HTTP API, as a user would drive them.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::process::*;
+use common::*;
+use reqwest::StatusCode;
+use serde_json::json;
+use tidings_node::GroupView;
+use tidings_node::api::DeviceView;
+use tokio::process::Child;
+
+/// One person: a data directory with a running `tidings run` process.
+struct Person {
+    dir: PathBuf,
+    account: String,
+    uri: String,
+    api: Api,
+    _node: Child,
+}
+
+impl Person {
+    /// `tidings init`, then `tidings run` with both relays as home relays.
+    async fn start(r: &Relays, name: &str) -> Person {
+        let dir = r.dir.path().join(name);
+        init(&dir, name).await;
+        let node = spawn_node_with(&dir, &r.addrs[0].to_string(), &r.addrs).await;
+        let (uri, account, shown_name) = parse_card(&cli(&dir, &["card"]).await);
+        assert_eq!(shown_name, name, "the card shows the name given to init");
+        let api = Api::new(&dir);
+        Person {
+            dir,
+            account,
+            uri,
+            api,
+            _node: node,
+        }
+    }
+
+    async fn cli(&self, args: &[&str]) -> String {
+        cli(&self.dir, args).await
+    }
+
+    /// `tidings contact add <card>` for `other`'s card.
+    async fn add_contact(&self, other: &Person) {
+        let out = self.cli(&["contact", "add", &other.uri]).await;
+        assert!(
+            out.contains(&format!("({})", other.account)),
+            "contact add names the account: {out}"
+        );
+    }
+
+    /// The group as `tidings group list` shows it, if it is listed.
+    async fn listed(&self, gid: &str) -> Option<Shown> {
+        parse_groups(&self.cli(&["group", "list"]).await)
+            .into_iter()
+            .find(|g| g.id == gid)
+    }
+
+    /// The group as `tidings group members` shows it.
+    async fn members(&self, gid: &str) -> Shown {
+        let mut groups = parse_groups(&self.cli(&["group", "members", gid]).await);
+        assert_eq!(groups.len(), 1, "group members shows one group");
+        groups.remove(0)
+    }
+
+    /// The texts of `tidings group log`, with who sent each.
+    async fn log(&self, gid: &str) -> Vec<(String, String)> {
+        parse_log(&self.cli(&["group", "log", gid]).await)
+    }
+
+    async fn texts(&self, gid: &str) -> Vec<String> {
+        self.log(gid).await.into_iter().map(|(_, t)| t).collect()
+    }
+
+    async fn wait_joined(&self, gid: &str) {
+        eventually_async("the group is listed and joined", || async {
+            self.listed(gid).await.is_some_and(|g| !g.left)
+        })
+        .await;
+    }
+
+    async fn wait_text(&self, gid: &str, text: &str) {
+        eventually_async(&format!("{text:?} in the group log"), || async {
+            self.texts(gid).await.iter().any(|t| t == text)
+        })
+        .await;
+    }
+
+    async fn send(&self, gid: &str, text: &str) {
+        let out = self.cli(&["group", "send", gid, text]).await;
+        assert!(out.starts_with("queued "), "group send: {out}");
+    }
+}
+
+/// `tidings card`: the URI on the first line, then a QR code, then
+/// `account: <account>  name: <name>`.
+fn parse_card(out: &str) -> (String, String, String) {
+    let uri = out.lines().next().unwrap_or_default().to_owned();
+    assert!(uri.starts_with("tidings:"), "card starts with its URI: {out}");
+    let last = out.lines().last().unwrap_or_default();
+    let (account, name) = last
+        .strip_prefix("account: ")
+        .and_then(|l| l.split_once("  name: "))
+        .unwrap_or_else(|| panic!("card ends with the account: {out}"));
+    (uri, account.to_owned(), name.to_owned())
+}
+
+/// A group as the CLI prints it: `<id>  <name>[ (you left)]  epoch <n>`, then
+/// `  <role> <account>  devices: <n>` per member and `  relay   <addr>` per relay.
+#[derive(Debug)]
+struct Shown {
+    id: String,
+    name: String,
+    left: bool,
+    epoch: u64,
+    /// Account → role.
+    members: BTreeMap<String, String>,
+    relays: Vec<String>,
+}
+
+fn parse_groups(out: &str) -> Vec<Shown> {
+    let mut groups: Vec<Shown> = Vec::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(rest) = line.strip_prefix("  ") {
+            let g = groups
+                .last_mut()
+                .unwrap_or_else(|| panic!("an indented line before any group: {out}"));
+            match rest.split_whitespace().collect::<Vec<_>>().as_slice() {
+                ["relay", addr] => g.relays.push((*addr).to_owned()),
+                [role, account, "devices:", n] => {
+                    assert!(n.parse::<usize>().is_ok_and(|n| n >= 1), "devices: {line}");
+                    g.members.insert((*account).to_owned(), (*role).to_owned());
+                }
+                _ => panic!("unexpected line {line:?} in {out}"),
+            }
+        } else {
+            let (id, rest) = line.split_once("  ").unwrap_or_else(|| panic!("group line {line:?}"));
+            let (name, epoch) = rest
+                .rsplit_once("  epoch ")
+                .unwrap_or_else(|| panic!("group line {line:?}"));
+            let (name, left) = match name.strip_suffix(" (you left)") {
+                Some(n) => (n, true),
+                None => (name, false),
+            };
+            groups.push(Shown {
+                id: id.to_owned(),
+                name: name.to_owned(),
+                left,
+                epoch: epoch.parse().unwrap_or_else(|_| panic!("epoch in {line:?}")),
+                members: BTreeMap::new(),
+                relays: Vec::new(),
+            });
+        }
+    }
+    groups
+}
+
+/// `tidings group log`: `<hh:mm:ssZ> <who>: <text>`, `who` being `me` or the
+/// sender's account cut to eight characters.
+fn parse_log(out: &str) -> Vec<(String, String)> {
+    out.lines()
+        .map(|line| {
+            let (head, text) = line.split_once(": ").unwrap_or_else(|| panic!("log line {line:?}"));
+            let who = head
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or_else(|| panic!("log line {line:?}"));
+            (who.to_owned(), text.to_owned())
+        })
+        .collect()
+}
+
+fn roles(pairs: &[(&Person, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(p, role)| (p.account.clone(), (*role).to_owned()))
+        .collect()
+}
+
+/// Lets anything still in flight arrive before checking that it did not.
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commands_work_end_to_end_through_the_cli_and_api() {
+    let r = relays(2).await;
+    let alice = Person::start(&r, "alice").await;
+    let bob = Person::start(&r, "bob").await;
+    let carol = Person::start(&r, "carol").await;
+    for (a, b) in [(&alice, &bob), (&alice, &carol), (&bob, &carol)] {
+        a.add_contact(b).await;
+        b.add_contact(a).await;
+    }
+    let contacts = alice.cli(&["contacts"]).await;
+    for (p, name) in [(&bob, "bob"), (&carol, "carol")] {
+        assert!(
+            contacts.lines().any(|l| l.starts_with(name) && l.contains(&p.account)),
+            "alice's contacts list {name} by the name on the card: {contacts}"
+        );
+    }
+
+    // Create with a member named as a contact; the printed id is the group's.
+    let created = parse_groups(&alice.cli(&["group", "create", "friends", "--member", "bob"]).await);
+    assert_eq!(created.len(), 1, "group create shows the new group");
+    let gid = created[0].id.clone();
+    assert!(
+        gid.len() >= 16 && gid.chars().all(|c| c.is_ascii_hexdigit()),
+        "group id is hex: {gid}"
+    );
+    assert_eq!(created[0].name, "friends");
+    assert_eq!(
+        created[0].members.get(&alice.account).map(String::as_str),
+        Some("owner")
+    );
+    bob.wait_joined(&gid).await;
+    let seen = bob.listed(&gid).await.expect("bob lists the group");
+    assert_eq!(seen.name, "friends");
+    assert_eq!(seen.members, roles(&[(&alice, "owner"), (&bob, "member")]));
+    assert!(
+        carol.listed(&gid).await.is_none(),
+        "carol was not invited and does not list the group"
+    );
+
+    // Messages both ways, attributed to their senders.
+    alice.send(&gid, "hello bob").await;
+    bob.wait_text(&gid, "hello bob").await;
+    let alice_short: String = alice.account.chars().take(8).collect();
+    assert_eq!(bob.log(&gid).await, [(alice_short, "hello bob".to_owned())]);
+    bob.send(&gid, "hi alice").await;
+    alice.wait_text(&gid, "hi alice").await;
+    let bob_short: String = bob.account.chars().take(8).collect();
+    assert_eq!(
+        alice.log(&gid).await,
+        [
+            ("me".to_owned(), "hello bob".to_owned()),
+            (bob_short, "hi alice".to_owned())
+        ]
+    );
+
+    // Carol is invited, joins and reads on from there, not before.
+    let invited = parse_groups(&alice.cli(&["group", "invite", &gid, &carol.account]).await);
+    assert_eq!(invited.len(), 1);
+    assert_eq!(invited[0].id, gid);
+    carol.wait_joined(&gid).await;
+    let everyone = roles(&[(&alice, "owner"), (&bob, "member"), (&carol, "member")]);
+    for p in [&alice, &bob, &carol] {
+        eventually_async("three members with alice as owner", || async {
+            p.members(&gid).await.members == everyone
+        })
+        .await;
+    }
+    let shown = carol.members(&gid).await;
+    let home: Vec<String> = r.addrs.iter().map(|a| a.to_string()).collect();
+    assert_eq!(shown.relays, home, "the group lives on alice's home relays");
+    alice.send(&gid, "welcome carol").await;
+    carol.wait_text(&gid, "welcome carol").await;
+    assert_eq!(
+        carol.texts(&gid).await,
+        ["welcome carol"],
+        "carol reads nothing from before she joined"
+    );
+
+    // Rename with a description: everyone sees it, and the epoch moves on.
+    let epoch = alice.members(&gid).await.epoch;
+    alice
+        .cli(&["group", "rename", &gid, "best friends", "--description", "since school"])
+        .await;
+    for p in [&alice, &bob, &carol] {
+        eventually_async("the new name is listed", || async {
+            p.listed(&gid).await.is_some_and(|g| g.name == "best friends")
+        })
+        .await;
+    }
+    assert!(alice.members(&gid).await.epoch > epoch, "the rename is a commit");
+    let view: GroupView = bob.api.get(&format!("/api/groups/{gid}")).await;
+    assert_eq!(view.description, "since school");
+
+    // A member may not rename; an unknown role is refused by name.
+    let refused = cli_err(&carol.dir, &["group", "rename", &gid, "carol's"]).await;
+    assert!(refused.contains("only admins"), "{refused}");
+    let refused = cli_err(&alice.dir, &["group", "role", &gid, "bob", "king"]).await;
+    assert!(refused.contains("role must be owner, admin or member"), "{refused}");
+
+    // Bob becomes an admin: the members output of every member shows it.
+    alice.cli(&["group", "role", &gid, "bob", "admin"]).await;
+    let with_admin = roles(&[(&alice, "owner"), (&bob, "admin"), (&carol, "member")]);
+    for p in [&alice, &bob, &carol] {
+        eventually_async("bob is an admin", || async {
+            p.members(&gid).await.members == with_admin
+        })
+        .await;
+    }
+    assert_eq!(
+        carol.listed(&gid).await.map(|g| g.name),
+        Some("best friends".to_owned()),
+        "the role change kept the name"
+    );
+
+    // Carol is removed: her node says so, and she reads nothing more.
+    alice.cli(&["group", "remove", &gid, "carol"]).await;
+    eventually_async("carol's node reports the group as left", || async {
+        carol.api.get::<GroupView>(&format!("/api/groups/{gid}")).await.left
+    })
+    .await;
+    assert!(carol.listed(&gid).await.is_some_and(|g| g.left), "listed as left");
+    let two = roles(&[(&alice, "owner"), (&bob, "admin")]);
+    for p in [&alice, &bob] {
+        eventually_async("two members left", || async { p.members(&gid).await.members == two }).await;
+    }
+    bob.send(&gid, "carol is gone").await;
+    alice.wait_text(&gid, "carol is gone").await;
+    settle().await;
+    let carols = carol.texts(&gid).await;
+    assert!(
+        !carols.iter().any(|t| t == "carol is gone"),
+        "a removed member reads on: {carols:?}"
+    );
+    assert_eq!(carols, ["welcome carol"], "carol keeps what she had");
+    cli_err(&carol.dir, &["group", "send", &gid, "let me back"]).await;
+
+    drop((alice, bob, carol));
+    drop(r.nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_list_shows_this_device_and_the_api_refuses_bad_group_requests() {
+    let r = relays(2).await;
+    let alice = Person::start(&r, "alice").await;
+
+    // One device, this one, the same through the CLI and the API.
+    let out = alice.cli(&["device", "list"]).await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one device: {out}");
+    let devices: Vec<DeviceView> = alice.api.get("/api/devices").await;
+    assert_eq!(devices.len(), 1);
+    assert!(devices[0].this_device);
+    assert!(devices[0].expires_ms > devices[0].created_ms);
+    let key = &devices[0].device;
+    assert!(
+        key.len() == 64 && key.chars().all(|c| c.is_ascii_hexdigit()),
+        "device key is hex: {key}"
+    );
+    assert!(lines[0].starts_with(&format!("{key}  since ")), "{out}");
+    assert!(lines[0].ends_with("(this device)"), "{out}");
+
+    let gid = parse_groups(&alice.cli(&["group", "create", "notes"]).await)
+        .pop()
+        .expect("group create shows the group")
+        .id;
+    let before: GroupView = alice.api.get(&format!("/api/groups/{gid}")).await;
+    assert_eq!(before.members.len(), 1);
+
+    // An empty text.
+    let (status, body) = alice
+        .api
+        .post_json(&format!("/api/groups/{gid}/messages"), &json!({ "text": "" }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("empty")), "{body}");
+
+    // A group that does not exist (a well-formed id, and not hex at all).
+    for unknown in ["00112233445566778899aabbccddeeff", "not-a-group"] {
+        let (status, body) = alice
+            .api
+            .post_json(&format!("/api/groups/{unknown}/messages"), &json!({ "text": "hello?" }))
+            .await;
+        assert!(status.is_client_error(), "{unknown}: {status} {body}");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    }
+
+    // A body without the text field.
+    let (status, body) = alice
+        .api
+        .post_json(&format!("/api/groups/{gid}/messages"), &json!({ "txt": "typo" }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("text")), "{body}");
+
+    // Moving a group to no relays at all, or to an address without a peer id.
+    let (status, body) = alice
+        .api
+        .post_json(&format!("/api/groups/{gid}/relays"), &json!({ "relays": [] }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("at least one relay")),
+        "{body}"
+    );
+    let (status, body) = alice
+        .api
+        .post_json(
+            &format!("/api/groups/{gid}/relays"),
+            &json!({ "relays": ["/ip4/127.0.0.1/tcp/1"] }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("/p2p/")), "{body}");
+
+    // Nothing of that changed the group or its history.
+    let after: GroupView = alice.api.get(&format!("/api/groups/{gid}")).await;
+    assert_eq!(after.relays, before.relays);
+    assert_eq!(after.epoch, before.epoch);
+    assert!(alice.texts(&gid).await.is_empty());
+
+    drop(alice);
+    drop(r.nodes);
+}
+
+/// Leaving is a commit that removes this device's own leaf, which openmls
+/// refuses: `tidings group leave` fails with "committing failed:
+/// CannotRemoveSelf" (HTTP 500). Run with `--ignored` once leaving works.
+#[ignore = "tidings group leave fails: openmls refuses a commit removing its own leaf (CannotRemoveSelf)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_who_leaves_through_the_cli_is_out_and_reads_nothing_more() {
+    let r = relays(2).await;
+    let alice = Person::start(&r, "alice").await;
+    let bob = Person::start(&r, "bob").await;
+    alice.add_contact(&bob).await;
+    bob.add_contact(&alice).await;
+    let gid = parse_groups(&alice.cli(&["group", "create", "pair", "--member", "bob"]).await)
+        .pop()
+        .expect("group create shows the group")
+        .id;
+    bob.wait_joined(&gid).await;
+    bob.send(&gid, "bye").await;
+    alice.wait_text(&gid, "bye").await;
+
+    // Bob leaves: his node says so, alice is alone and bob reads nothing more.
+    let out = bob.cli(&["group", "leave", &gid]).await;
+    assert_eq!(out.trim(), format!("left {gid}"));
+    eventually_async("bob's node reports the group as left", || async {
+        bob.api.get::<GroupView>(&format!("/api/groups/{gid}")).await.left
+    })
+    .await;
+    let alone = roles(&[(&alice, "owner")]);
+    eventually_async("alice is the only member", || async {
+        alice.members(&gid).await.members == alone
+    })
+    .await;
+    alice.send(&gid, "anyone here?").await;
+    alice.wait_text(&gid, "anyone here?").await;
+    settle().await;
+    let bobs = bob.texts(&gid).await;
+    assert!(
+        !bobs.iter().any(|t| t == "anyone here?"),
+        "bob reads on after leaving: {bobs:?}"
+    );
+    assert!(bobs.iter().any(|t| t == "bye"), "bob keeps his history");
+
+    drop((alice, bob));
+    drop(r.nodes);
+}
