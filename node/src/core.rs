@@ -108,11 +108,16 @@ pub(crate) enum CoreInput {
         text: String,
         reply: oneshot::Sender<Result<MessageView, NodeError>>,
     },
+    /// A new one-to-one conversation; with `replace`, it retires the others.
     CreateConversation {
         contact: [u8; 32],
         key_packages: Vec<Vec<u8>>,
+        replace: bool,
         reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
     },
+    /// Contacts whose conversation for sending lacks one of our devices or
+    /// holds one we revoked.
+    ConversationsToMend { reply: oneshot::Sender<Vec<[u8; 32]>> },
     PutContact {
         contact: Contact,
         reply: oneshot::Sender<Result<Contact, NodeError>>,
@@ -126,6 +131,11 @@ pub(crate) enum CoreInput {
     Epoch {
         contact: [u8; 32],
         reply: oneshot::Sender<Result<Option<u64>, NodeError>>,
+    },
+    /// The other devices the next message to a contact goes to.
+    ConversationDevices {
+        contact: [u8; 32],
+        reply: oneshot::Sender<Result<Vec<[u8; 32]>, NodeError>>,
     },
     NextRecordSeq {
         reply: oneshot::Sender<Result<u64, NodeError>>,
@@ -481,10 +491,14 @@ impl Core {
             CoreInput::CreateConversation {
                 contact,
                 key_packages,
+                replace,
                 reply,
             } => {
-                let r = self.create_conversation(contact, key_packages);
+                let r = self.create_conversation(contact, key_packages, replace);
                 let _ = reply.send(r);
+            }
+            CoreInput::ConversationsToMend { reply } => {
+                let _ = reply.send(self.conversations_to_mend());
             }
             CoreInput::PutContact { contact, reply } => {
                 let r = self.put_contact(contact);
@@ -496,6 +510,18 @@ impl Core {
             }
             CoreInput::Epoch { contact, reply } => {
                 let r = self.epoch(&contact);
+                let _ = reply.send(r);
+            }
+            CoreInput::ConversationDevices { contact, reply } => {
+                let r = match self.store.contact(&contact) {
+                    Ok(Some(c)) => match self.send_conversation(&c) {
+                        Ok(Some(gid)) => self.member_devices(&gid),
+                        Ok(None) => Ok(Vec::new()),
+                        Err(e) => Err(e.into()),
+                    },
+                    Ok(None) => Err(NodeError::UnknownContact(bs58::encode(contact).into_string())),
+                    Err(e) => Err(e.into()),
+                };
                 let _ = reply.send(r);
             }
             CoreInput::NextRecordSeq { reply } => {
@@ -716,7 +742,7 @@ impl Core {
             .store
             .contact(contact)?
             .ok_or_else(|| NodeError::UnknownContact(bs58::encode(contact).into_string()))?;
-        let gid = c.conversations.iter().min().cloned().ok_or(NodeError::NoConversation)?;
+        let gid = self.send_conversation(&c)?.ok_or(NodeError::NoConversation)?;
         let seq = self.store.next_counter("sender_seq")?;
         let ts = self.store.raise_counter("last_ts", now)?;
         let id: [u8; 16] = rand::random();
@@ -732,11 +758,18 @@ impl Core {
         };
         let env_bytes = env.encode_to_vec();
         let mut entries = Vec::new();
+        let own = self.own_device_keys();
         for device in self.member_devices(&gid)? {
+            // Our other devices are reached at our own relays.
+            let account = if own.contains(&device) {
+                *self.me.as_bytes()
+            } else {
+                *contact
+            };
             let oid = self.store.push_outbox(OutboxEntry {
                 id: 0,
                 device,
-                account: *contact,
+                account,
                 envelope: env_bytes.clone(),
                 message_id: Some(id),
                 created_ms: now,
@@ -780,10 +813,28 @@ impl Core {
         let Some(c) = self.store.contact(contact)? else {
             return Ok(None);
         };
-        let Some(gid) = c.conversations.iter().min() else {
+        let Some(gid) = self.send_conversation(&c)? else {
             return Ok(None);
         };
-        Ok(load_group(&mut self.groups, &self.provider, gid)?.map(|g| g.epoch().as_u64()))
+        Ok(load_group(&mut self.groups, &self.provider, &gid)?.map(|g| g.epoch().as_u64()))
+    }
+
+    /// The conversation to send in with a contact: the smallest id among those
+    /// not replaced by one we have (see `Body::Retire`); if every one was,
+    /// the smallest id of all.
+    pub(crate) fn send_conversation(&self, c: &Contact) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut live = Vec::new();
+        for gid in &c.conversations {
+            let replaced = self
+                .store
+                .conversation(gid)?
+                .and_then(|conv| conv.superseded_by)
+                .is_some_and(|s| s != *gid && c.conversations.contains(&s));
+            if !replaced {
+                live.push(gid);
+            }
+        }
+        Ok(live.into_iter().min().or_else(|| c.conversations.iter().min()).cloned())
     }
 
     fn update_keys(&mut self, contact: [u8; 32]) -> Result<u64, NodeError> {
@@ -793,7 +844,7 @@ impl Core {
             let c = store
                 .contact(&contact)?
                 .ok_or_else(|| NodeError::UnknownContact(bs58::encode(contact).into_string()))?;
-            let gid = c.conversations.iter().min().cloned().ok_or(NodeError::NoConversation)?;
+            let gid = self.send_conversation(&c)?.ok_or(NodeError::NoConversation)?;
             let group = load_group(&mut self.groups, &self.provider, &gid)?.ok_or(NodeError::NoConversation)?;
             let commit = self.engine.self_update(&self.provider, group)?;
             let epoch = group.epoch().as_u64();
@@ -833,13 +884,25 @@ impl Core {
         }
     }
 
-    fn create_conversation(&mut self, contact: [u8; 32], key_packages: Vec<Vec<u8>>) -> Result<Vec<u8>, NodeError> {
+    /// Creates a one-to-one conversation with the devices whose key packages
+    /// are given: the contact's, and our own other devices'. With `replace`,
+    /// every other conversation with the contact is retired in favour of the
+    /// new one (`Body::Retire`), so that both sides move over to it.
+    fn create_conversation(
+        &mut self,
+        contact: [u8; 32],
+        key_packages: Vec<Vec<u8>>,
+        replace: bool,
+    ) -> Result<Vec<u8>, NodeError> {
         let now = self.clock.now_ms();
         let account = AccountId::from_bytes(&contact).map_err(|e| NodeError::InvalidContact(e.to_string()))?;
         let mut kps = Vec::new();
         let mut certs = Vec::new();
         for bytes in &key_packages {
-            match MlsEngine::verify_key_package(&self.provider, bytes, &account, now) {
+            let verified = MlsEngine::verify_key_package(&self.provider, bytes, &account, now)
+                .or_else(|_| MlsEngine::verify_key_package(&self.provider, bytes, &self.me, now));
+            match verified {
+                Ok((_, cert)) if cert.device_key == self.my_device => {}
                 Ok((kp, cert)) => {
                     kps.push(kp);
                     certs.push(cert);
@@ -847,7 +910,7 @@ impl Core {
                 Err(e) => warn!("ignoring invalid key package: {e}"),
             }
         }
-        if kps.is_empty() {
+        if !certs.iter().any(|c| c.account == account) {
             return Err(NodeError::Unreachable("no valid key package".into()));
         }
         let gid: [u8; 16] = rand::random();
@@ -863,7 +926,10 @@ impl Core {
                 peer: contact,
                 created_ms: now,
                 group: None,
+                superseded_by: None,
             })?;
+            let older = std::mem::take(&mut c.conversations);
+            c.conversations = older.clone();
             c.conversations.push(gid.to_vec());
             c.conversations.sort();
             store.put_contact(&c)?;
@@ -874,48 +940,36 @@ impl Core {
                 mls_message: welcome,
                 ..Default::default()
             };
-            let bytes = env.encode_to_vec();
             let mut entries = Vec::new();
             for cert in &certs {
-                let oid = store.push_outbox(OutboxEntry {
-                    id: 0,
-                    device: cert.device_key,
-                    account: contact,
-                    envelope: bytes.clone(),
-                    message_id: None,
-                    created_ms: now,
-                })?;
-                entries.push((cert.device_key, oid, env.clone()));
+                entries.push(self.outbox_entry(*cert.account.as_bytes(), cert.device_key, &env, None, now)?);
             }
             // Right behind the Welcome: what the new member needs to leave us mail.
             let grant = self.grant_envelope(&mut group, &gid, now)?;
-            let bytes = grant.encode_to_vec();
             for cert in &certs {
-                let oid = store.push_outbox(OutboxEntry {
-                    id: 0,
-                    device: cert.device_key,
-                    account: contact,
-                    envelope: bytes.clone(),
-                    message_id: None,
-                    created_ms: now,
-                })?;
-                entries.push((cert.device_key, oid, grant.clone()));
+                entries.push(self.outbox_entry(*cert.account.as_bytes(), cert.device_key, &grant, None, now)?);
             }
-            Ok((group, entries))
+            self.groups.insert(gid.to_vec(), group);
+            if replace {
+                for old in &older {
+                    entries.extend(self.retire_entries(old, contact, gid, now)?);
+                }
+            }
+            Ok(entries)
         });
         match result {
-            Ok((group, entries)) => {
-                let certs = MlsEngine::members(&group);
-                self.members.insert(gid.to_vec(), certs);
-                self.groups.insert(gid.to_vec(), group);
-                for (d, id, env) in entries {
-                    self.enqueue(contact, d, id, None, env);
+            Ok(entries) => {
+                self.members.remove(gid.as_slice());
+                for (account, d, id, env) in entries {
+                    self.enqueue(account, d, id, None, env);
                 }
-                info!(contact = %account, "conversation created");
+                info!(contact = %account, replace, "conversation created");
                 Ok(gid.to_vec())
             }
             Err(e) => {
-                self.groups.remove(gid.as_slice());
+                // Retiring others advanced their ratchets in the cache only.
+                self.groups.clear();
+                self.members.clear();
                 Err(e)
             }
         }
@@ -1171,6 +1225,7 @@ impl Core {
                         peer: tidings_protocol::group::group_chat_key(gid),
                         created_ms: now,
                         group: Some(row),
+                        superseded_by: None,
                     })?;
                     self.members.insert(gid.to_vec(), members);
                     self.groups.insert(gid.to_vec(), group);
@@ -1210,6 +1265,7 @@ impl Core {
                     peer: *other.as_bytes(),
                     created_ms: now,
                     group: None,
+                    superseded_by: None,
                 })?;
                 // Hand the other side what it needs to leave us mail.
                 let mut group = group;
@@ -1269,6 +1325,20 @@ impl Core {
                                 self.store.mark_envelope_seen(&id, now)?;
                                 return Ok(Apply::Status(DeliverStatus::Accepted));
                             }
+                            Body::Retire { successor } => {
+                                if successor.as_slice() != gid {
+                                    debug!(
+                                        conversation = %hex::encode(gid),
+                                        successor = %hex::encode(successor),
+                                        "a member replaced this conversation"
+                                    );
+                                    let mut conv = conv;
+                                    conv.superseded_by = Some(successor.to_vec());
+                                    self.store.put_conversation(&conv)?;
+                                }
+                                self.store.mark_envelope_seen(&id, now)?;
+                                return Ok(Apply::Status(DeliverStatus::Accepted));
+                            }
                         };
                         let msg = StoredMessage {
                             id: payload.id,
@@ -1297,6 +1367,48 @@ impl Core {
         }
         self.store.mark_envelope_seen(&id, now)?;
         Ok(Apply::Status(DeliverStatus::Accepted))
+    }
+
+    /// Outbox entries telling every other member of the one-to-one
+    /// conversation `old` that `successor` replaces it; marks it replaced here.
+    #[allow(clippy::type_complexity)]
+    fn retire_entries(
+        &mut self,
+        old: &[u8],
+        contact: [u8; 32],
+        successor: [u8; 16],
+        now: u64,
+    ) -> Result<Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>, NodeError> {
+        let Some(mut conv) = self.store.conversation(old)? else {
+            return Ok(Vec::new());
+        };
+        conv.superseded_by = Some(successor.to_vec());
+        self.store.put_conversation(&conv)?;
+        let payload = Payload {
+            id: rand::random(),
+            sender_seq: 0,
+            timestamp_ms: now,
+            body: Body::Retire { successor },
+        };
+        let Some(group) = load_group(&mut self.groups, &self.provider, old)? else {
+            return Ok(Vec::new());
+        };
+        let env = new_envelope(
+            old,
+            EnvelopeKind::Message,
+            self.engine.encrypt(&self.provider, group, &payload.encode())?,
+        );
+        let own = self.own_device_keys();
+        let mut entries = Vec::new();
+        for device in self.member_devices(old)? {
+            let account = if own.contains(&device) {
+                *self.me.as_bytes()
+            } else {
+                contact
+            };
+            entries.push(self.outbox_entry(account, device, &env, None, now)?);
+        }
+        Ok(entries)
     }
 
     /// Encrypts our mailbox grant as a control message in `group`.

@@ -35,6 +35,8 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(15);
 const GROUP_POLL: Duration = Duration::from_secs(1);
 /// How often a node checks that its account's other devices are in all its groups.
 const OWN_DEVICE_RECHECK: Duration = Duration::from_millis(500);
+/// Least time between two replacements of the conversation with one contact.
+const MEND_INTERVAL: Duration = Duration::from_secs(3);
 
 /// Longest a group change waits for an earlier change of ours to be decided.
 const GROUP_CHANGE_WAIT: Duration = Duration::from_secs(30);
@@ -298,9 +300,11 @@ impl Node {
         // a task of its own, so that it never holds the groups back.
         let h = handle.clone();
         tasks.push(tokio::spawn(async move {
+            let mut mended = std::collections::HashMap::new();
             loop {
                 tokio::time::sleep(OWN_DEVICE_RECHECK).await;
                 h.add_own_devices().await;
+                h.mend_conversations(&mut mended).await;
             }
         }));
         Ok(Node {
@@ -600,6 +604,18 @@ impl NodeHandle {
     /// Creates the MLS conversation with a contact: refreshes their devices from
     /// the DHT, fetches a key package from each device, and hands them to the core.
     pub async fn start_conversation(&self, account: [u8; 32]) -> Result<(), NodeError> {
+        self.new_conversation(account, false).await
+    }
+
+    /// Replaces the conversation with a contact by a new one holding every
+    /// current device of both accounts (after one of ours was linked or
+    /// revoked). Only if a key package came from each of our other devices:
+    /// otherwise the new conversation would lack one again.
+    async fn replace_conversation(&self, account: [u8; 32]) -> Result<(), NodeError> {
+        self.new_conversation(account, true).await
+    }
+
+    async fn new_conversation(&self, account: [u8; 32], replace: bool) -> Result<(), NodeError> {
         let _guard = self.inner.conversation_lock.lock().await;
         let mut contact = self
             .inner
@@ -608,7 +624,7 @@ impl NodeHandle {
             .into_iter()
             .find(|c| c.account == account)
             .ok_or_else(|| NodeError::UnknownContact(bs58::encode(account).into_string()))?;
-        if !contact.conversations.is_empty() {
+        if !replace && !contact.conversations.is_empty() {
             return Ok(());
         }
         let id = AccountId::from_bytes(&account).map_err(|e| NodeError::InvalidContact(e.to_string()))?;
@@ -628,14 +644,42 @@ impl NodeHandle {
                 })
                 .await?;
         }
-        let key_packages = self.key_packages_for(&contact).await?;
+        let mut key_packages = self.key_packages_for(&contact).await?;
+        let own_wanted = self.devices()?.len().saturating_sub(1);
+        let own = self.own_key_packages().await;
+        if replace && own.len() < own_wanted {
+            return Err(NodeError::Unreachable("not every device of ours answered".into()));
+        }
+        key_packages.extend(own);
         self.core(|reply| CoreInput::CreateConversation {
             contact: account,
             key_packages,
+            replace,
             reply,
         })
         .await?;
         Ok(())
+    }
+
+    /// One key package from each of our other devices that answers (or from
+    /// our relays when it is away).
+    async fn own_key_packages(&self) -> Vec<Vec<u8>> {
+        let relays: Vec<String> = self.inner.home_relays.iter().map(|a| a.to_string()).collect();
+        let mut out = Vec::new();
+        for cert in self.devices().unwrap_or_default() {
+            if cert.device_key == self.inner.cert.device_key {
+                continue;
+            }
+            let Some(peer) = peer_id_of(&cert.device_key) else {
+                continue;
+            };
+            let kp = match self.fetch_key_package(peer).await {
+                Ok(kp) => Some(kp),
+                Err(_) => self.claim_key_package(&relays, &cert.device_key).await,
+            };
+            out.extend(kp);
+        }
+        out
     }
 
     /// One key package for each of a contact's devices: fetched from the
@@ -921,6 +965,8 @@ impl NodeHandle {
             .ok_or_else(|| NodeError::InvalidContact("a device is named by its 64-hex-digit key".into()))?;
         let groups = self.core(|reply| CoreInput::RevokeDevice { device, reply }).await?;
         self.group_sync_now();
+        // One-to-one conversations holding the device are replaced right away.
+        self.mend_conversations(&mut std::collections::HashMap::new()).await;
         if let Err(e) = self.publish_record().await {
             warn!("republishing the user record after a revocation failed: {e}");
         }
@@ -940,6 +986,30 @@ impl NodeHandle {
             out.push(self.inner.cert.clone());
         }
         Ok(out)
+    }
+
+    /// Replaces each one-to-one conversation that does not hold exactly our
+    /// current devices (see `Core::conversations_to_mend`), at most once per
+    /// [`MEND_INTERVAL`] per contact.
+    async fn mend_conversations(&self, last: &mut std::collections::HashMap<[u8; 32], tokio::time::Instant>) {
+        let Some(contacts) = self.core_plain(|reply| CoreInput::ConversationsToMend { reply }).await else {
+            return;
+        };
+        last.retain(|_, t| t.elapsed() < MEND_INTERVAL);
+        for account in contacts {
+            if last.contains_key(&account) {
+                continue;
+            }
+            last.insert(account, tokio::time::Instant::now());
+            match self.replace_conversation(account).await {
+                Ok(()) => {
+                    info!(contact = %bs58::encode(account).into_string(), "conversation replaced for our devices")
+                }
+                Err(e) => {
+                    debug!(contact = %bs58::encode(account).into_string(), "replacing a conversation failed: {e}")
+                }
+            }
+        }
     }
 
     /// Adds our own devices to the groups they are missing from (after a new
@@ -1338,6 +1408,16 @@ impl NodeHandle {
     }
 
     /// The MLS epoch of the conversation with `who`, if there is one.
+    /// The other devices (the contact's and our own) that the next message to
+    /// a contact goes to, as hex device keys; empty before the first message.
+    pub async fn conversation_devices(&self, who: &str) -> Result<Vec<String>, NodeError> {
+        let contact = self.find_contact(who)?.account;
+        let devices = self
+            .core(|reply| CoreInput::ConversationDevices { contact, reply })
+            .await?;
+        Ok(devices.iter().map(hex::encode).collect())
+    }
+
     pub async fn conversation_epoch(&self, who: &str) -> Result<Option<u64>, NodeError> {
         let contact = self.find_contact(who)?.account;
         self.core(|reply| CoreInput::Epoch { contact, reply }).await

@@ -382,6 +382,12 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
         a2.find_contact(&acct(&b)).is_ok_and(|c| !c.conversations.is_empty())
     })
     .await;
+    let a2_device = hex::encode(a2.card().devices[0].device_key);
+    eventually_async("bob's conversation with alice holds her new device", || {
+        let (b, a, key) = (b.clone(), acct(&a1), a2_device.clone());
+        async move { b.conversation_devices(&a).await.is_ok_and(|d| d.contains(&key)) }
+    })
+    .await;
     b.send_text(&acct(&a1), "one to one, to both devices").await.unwrap();
     for h in [&a1, &a2] {
         eventually("both devices read bob's direct message", || {
@@ -443,6 +449,18 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
             b.group(&gid)
                 .await
                 .is_ok_and(|g| g.members.iter().any(|m| m.account == a && m.devices == 1))
+        }
+    })
+    .await;
+    // Bob's next direct message goes to alice's remaining device only (the
+    // conversation was replaced by one without the revoked device).
+    let a1_key = hex::encode(a1.card().devices[0].device_key);
+    eventually_async("bob's conversation with alice holds only her first device", || {
+        let (b, a, a1_key, a2_key) = (b.clone(), acct(&a1), a1_key.clone(), a2_key.clone());
+        async move {
+            b.conversation_devices(&a)
+                .await
+                .is_ok_and(|d| d.contains(&a1_key) && !d.contains(&a2_key))
         }
     })
     .await;
@@ -703,4 +721,64 @@ async fn a_device_renews_its_group_keys_on_schedule_and_the_group_carries_on() {
     );
     drop((a_node, b_node, c_node));
     drop(r.nodes);
+}
+
+/// Both people link a new device at the same moment: each side adds its new
+/// device to their one-to-one conversation by a commit in the same epoch.
+/// The conversation must not end up split: afterwards every device of both
+/// reads what any device of the other sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_people_linking_a_device_at_once_leaves_their_conversation_whole() {
+    let n = relays(2).await;
+    let base = n.dir.path();
+    let a1_node = user(base, "alice", &n).await;
+    let b1_node = user(base, "bob", &n).await;
+    let (a1, b1) = (a1_node.handle(), b1_node.handle());
+    befriend(&a1, &b1).await;
+    a1.send_text(&acct(&b1), "before").await.unwrap();
+    eventually("bob has it", || b1.history(&acct(&a1)).unwrap().len() == 1).await;
+
+    let (a_code, b_code) = (a1.link_offer().await.unwrap(), b1.link_offer().await.unwrap());
+    let clock = tidings_node::Clock::system();
+    let (a2_dir, b2_dir) = (base.join("alice2"), base.join("bob2"));
+    let (a_join, b_join) = tokio::join!(
+        tidings_node::link::join_account(&a2_dir, &a_code, &clock),
+        tidings_node::link::join_account(&b2_dir, &b_code, &clock),
+    );
+    a_join.unwrap();
+    b_join.unwrap();
+    let (a2_node, b2_node) = tokio::join!(user(base, "alice2", &n), user(base, "bob2", &n));
+    let (a2, b2) = (a2_node.handle(), b2_node.handle());
+
+    // Each side replaces the conversation by one holding its new device; until
+    // both have moved over, a message may miss a new device. Probe until one
+    // reaches all four.
+    let reads = |reader: &NodeHandle, text: &str| {
+        let other = if reader.account() == a1.account() { &b1 } else { &a1 };
+        reader.history(&acct(other)).unwrap().iter().any(|m| m.text == text)
+    };
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    for probe in 0.. {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the conversation never became whole"
+        );
+        let text = format!("probe {probe}");
+        a1.send_text(&acct(&b1), &text).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        if [&a2, &b1, &b2].iter().all(|h| reads(h, &text)) {
+            break;
+        }
+    }
+    // From then on every message from any device reaches every device of both.
+    let everyone = [(&a1, &b1), (&a2, &b1), (&b1, &a1), (&b2, &a1)];
+    for (round, (from, to)) in everyone.iter().enumerate() {
+        let text = format!("after {round}");
+        from.send_text(&acct(to), &text).await.unwrap();
+        for reader in [&a1, &a2, &b1, &b2] {
+            eventually("every device of both reads it", || reads(reader, &text)).await;
+        }
+    }
+    drop((a1_node, a2_node, b1_node, b2_node));
+    drop(n.nodes);
 }

@@ -389,50 +389,6 @@ impl MlsEngine {
         commit.to_bytes().map_err(err(MlsError::Update))
     }
 
-    /// Adds devices to a one-to-one conversation (a device newly linked to
-    /// one of its accounts) and merges the commit at once, as one-to-one
-    /// conversations have no sequencer. Returns the commit for the other
-    /// members and the Welcome for the new devices.
-    pub fn add_to_conversation<P: OpenMlsProvider>(
-        &self,
-        provider: &P,
-        group: &mut MlsGroup,
-        key_packages: &[KeyPackage],
-    ) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
-        let (commit, welcome, _info) = group
-            .add_members(provider, &self.signer, key_packages)
-            .map_err(err(MlsError::Commit))?;
-        group.merge_pending_commit(provider).map_err(err(MlsError::Merge))?;
-        Ok((
-            commit.to_bytes().map_err(err(MlsError::Commit))?,
-            welcome.to_bytes().map_err(err(MlsError::Commit))?,
-        ))
-    }
-
-    /// Removes devices from a one-to-one conversation (a revoked device of
-    /// one of its accounts) and merges the commit at once. Returns the commit
-    /// for the remaining members, or None if none of them is a member.
-    pub fn remove_from_conversation<P: OpenMlsProvider>(
-        &self,
-        provider: &P,
-        group: &mut MlsGroup,
-        devices: &[[u8; 32]],
-    ) -> Result<Option<Vec<u8>>, MlsError> {
-        let leaves: Vec<LeafNodeIndex> = member_leaves(group)
-            .into_iter()
-            .filter(|(_, c)| devices.contains(&c.device_key))
-            .map(|(leaf, _)| leaf)
-            .collect();
-        if leaves.is_empty() {
-            return Ok(None);
-        }
-        let (commit, _welcome, _info) = group
-            .remove_members(provider, &self.signer, &leaves)
-            .map_err(err(MlsError::Commit))?;
-        group.merge_pending_commit(provider).map_err(err(MlsError::Merge))?;
-        Ok(Some(commit.to_bytes().map_err(err(MlsError::Commit))?))
-    }
-
     /// Creates a group (a chat with a name, roles and relays) that holds only
     /// this device; members are added by commits.
     pub fn create_named_group<P: OpenMlsProvider>(

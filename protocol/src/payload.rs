@@ -20,6 +20,8 @@ pub enum PayloadError {
     TooLong,
     #[error("mailbox grant holds too many or too long entries")]
     BadGrant,
+    #[error("a successor conversation id must be 16 bytes")]
+    BadSuccessor,
 }
 
 /// Most capabilities, and most relays, one [`Body::Grant`] may carry.
@@ -36,6 +38,12 @@ pub enum Body {
     Grant {
         capabilities: Vec<pb::Capability>,
         relays: Vec<String>,
+    },
+    /// Control, one-to-one conversations: the sender replaced this
+    /// conversation by `successor`, which holds every current device of both
+    /// accounts.
+    Retire {
+        successor: [u8; 16],
     },
 }
 
@@ -64,6 +72,9 @@ impl Payload {
             Body::Grant { capabilities, relays } => pb::app_payload::Body::Grant(pb::MailboxGrant {
                 capabilities: capabilities.clone(),
                 relays: relays.clone(),
+            }),
+            Body::Retire { successor } => pb::app_payload::Body::Retire(pb::Retire {
+                successor: successor.to_vec(),
             }),
         };
         pb::AppPayload {
@@ -97,6 +108,13 @@ impl Payload {
                     relays: g.relays,
                 }
             }
+            pb::app_payload::Body::Retire(r) => Body::Retire {
+                successor: r
+                    .successor
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| PayloadError::BadSuccessor)?,
+            },
         };
         Ok(Self {
             id,
@@ -115,6 +133,27 @@ mod tests {
     fn payload_round_trips() {
         let p = Payload::text([1; 16], 3, 99, "hello");
         assert_eq!(Payload::decode(&p.encode()).unwrap(), p);
+    }
+
+    #[test]
+    fn retire_round_trips_and_needs_a_16_byte_successor() {
+        let p = Payload {
+            id: [5; 16],
+            sender_seq: 0,
+            timestamp_ms: 1,
+            body: Body::Retire { successor: [6; 16] },
+        };
+        assert_eq!(Payload::decode(&p.encode()).unwrap(), p);
+        let bad = pb::AppPayload {
+            message_id: vec![5; 16],
+            sender_seq: 0,
+            timestamp_ms: 1,
+            body: Some(pb::app_payload::Body::Retire(pb::Retire { successor: vec![6; 15] })),
+        };
+        assert_eq!(
+            Payload::decode(&prost::Message::encode_to_vec(&bad)),
+            Err(PayloadError::BadSuccessor)
+        );
     }
 
     #[test]

@@ -65,6 +65,11 @@ pub struct Conversation {
     /// Set for group chats.
     #[serde(default)]
     pub group: Option<GroupRow>,
+    /// One-to-one conversations: the conversation that replaced this one (a
+    /// member sent `Retire`). Once that one is here, nothing is sent in this
+    /// one any more; what arrives in it is still read.
+    #[serde(default)]
+    pub superseded_by: Option<Vec<u8>>,
 }
 
 /// A group chat's local state besides its MLS state.

@@ -185,6 +185,7 @@ impl Core {
                     left: false,
                     updated_ms: now,
                 }),
+                superseded_by: None,
             })?;
             Ok(group)
         });

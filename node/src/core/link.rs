@@ -150,133 +150,26 @@ impl Core {
             }
             groups += 1;
         }
-        // One-to-one conversations: removed at once, the commit sent to the others.
-        for contact in self.store.list_contacts()? {
-            for gid in &contact.conversations {
-                if !self.member_devices(gid).is_ok_and(|m| m.contains(&device)) {
-                    continue;
-                }
-                if let Err(e) = self.remove_from_conversation(gid, contact.account, device) {
-                    warn!("removing a revoked device from a conversation failed: {e}");
-                }
-            }
-        }
+        // One-to-one conversations holding the device are replaced by the
+        // node's upkeep (`conversations_to_mend`).
         info!(device = %hex::encode(device), groups, "revoked a device of this account");
         Ok(groups)
     }
 
-    /// Adds one of our own devices (by its key package) to a conversation:
-    /// a group through a sequenced commit, a one-to-one conversation through
-    /// a commit merged at once and sent to the other members.
+    /// Adds one of our own devices (by its key package) to a group, through
+    /// a sequenced commit. (One-to-one conversations are replaced instead, see
+    /// [`Core::conversations_to_mend`].)
     pub(super) fn add_own_device(&mut self, gid: &[u8], key_package: Vec<u8>) -> Result<(), super::NodeError> {
-        use tidings_protocol::pb::EnvelopeKind;
-        let conv = self.store.conversation(gid)?.ok_or(super::NodeError::NoConversation)?;
-        if conv.group.is_some() {
-            self.group_intent(
-                gid,
-                tidings_store::IntentRow::Add {
-                    key_packages: vec![key_package],
-                },
-            )?;
-            return Ok(());
-        }
-        let now = self.clock.now_ms();
-        let (kp, cert) = tidings_protocol::MlsEngine::verify_key_package(&self.provider, &key_package, &self.me, now)?;
-        let others = self.member_devices(gid)?;
-        if others.contains(&cert.device_key) {
-            return Ok(());
-        }
-        let store = self.store.clone();
-        let result = store.unit(|| -> Result<_, super::NodeError> {
-            let group =
-                super::load_group(&mut self.groups, &self.provider, gid)?.ok_or(super::NodeError::NoConversation)?;
-            let (commit, welcome) = self.engine.add_to_conversation(&self.provider, group, &[kp])?;
-            let mut entries = Vec::new();
-            let envelope = |kind: EnvelopeKind, mls: Vec<u8>| pb::Envelope {
-                id: rand::random::<[u8; 16]>().to_vec(),
-                conversation_id: gid.to_vec(),
-                kind: kind as i32,
-                mls_message: mls,
-                ..Default::default()
-            };
-            let commit_env = envelope(EnvelopeKind::Message, commit);
-            let own = self.own_device_keys();
-            for device in &others {
-                // The contact's devices, or other devices of ours.
-                let account = if own.contains(device) {
-                    *self.me.as_bytes()
-                } else {
-                    conv.peer
-                };
-                entries.push(self.outbox_entry(account, *device, &commit_env, None, now)?);
-            }
-            let welcome_env = envelope(EnvelopeKind::Welcome, welcome);
-            entries.push(self.outbox_entry(*self.me.as_bytes(), cert.device_key, &welcome_env, None, now)?);
-            Ok(entries)
-        });
-        match result {
-            Ok(entries) => {
-                self.members.remove(gid);
-                for (account, device, oid, env) in entries {
-                    self.enqueue(account, device, oid, None, env);
-                }
-                info!(device = %hex::encode(cert.device_key), "added our new device to a conversation");
-                Ok(())
-            }
-            Err(e) => {
-                self.groups.remove(gid);
-                self.members.remove(gid);
-                Err(e)
-            }
-        }
+        self.group_intent(
+            gid,
+            tidings_store::IntentRow::Add {
+                key_packages: vec![key_package],
+            },
+        )?;
+        Ok(())
     }
 
-    fn remove_from_conversation(
-        &mut self,
-        gid: &[u8],
-        peer: [u8; 32],
-        device: [u8; 32],
-    ) -> Result<(), super::NodeError> {
-        let now = self.clock.now_ms();
-        let own = self.own_device_keys();
-        let store = self.store.clone();
-        let result = store.unit(|| -> Result<_, super::NodeError> {
-            let group =
-                super::load_group(&mut self.groups, &self.provider, gid)?.ok_or(super::NodeError::NoConversation)?;
-            let Some(commit) = self.engine.remove_from_conversation(&self.provider, group, &[device])? else {
-                return Ok(Vec::new());
-            };
-            self.members.remove(gid);
-            let env = pb::Envelope {
-                id: rand::random::<[u8; 16]>().to_vec(),
-                conversation_id: gid.to_vec(),
-                kind: pb::EnvelopeKind::Message as i32,
-                mls_message: commit,
-                ..Default::default()
-            };
-            let mut entries = Vec::new();
-            for d in self.member_devices(gid)? {
-                let account = if own.contains(&d) { *self.me.as_bytes() } else { peer };
-                entries.push(self.outbox_entry(account, d, &env, None, now)?);
-            }
-            Ok(entries)
-        });
-        match result {
-            Ok(entries) => {
-                for (account, d, oid, env) in entries {
-                    self.enqueue(account, d, oid, None, env);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.groups.remove(gid);
-                self.members.remove(gid);
-                Err(e)
-            }
-        }
-    }
-
-    fn own_device_keys(&self) -> Vec<[u8; 32]> {
+    pub(super) fn own_device_keys(&self) -> Vec<[u8; 32]> {
         self.store
             .own_devices()
             .unwrap_or_default()
@@ -286,8 +179,7 @@ impl Core {
             .collect()
     }
 
-    /// Conversations (groups and one-to-one) that lack one of our own
-    /// devices: (group id, certificate).
+    /// Groups that lack one of our own devices: (group id, certificate).
     pub(super) fn missing_own_devices(&mut self) -> Vec<(Vec<u8>, tidings_protocol::DeviceCertificate)> {
         let Ok(own) = self.store.own_devices() else {
             return Vec::new();
@@ -301,21 +193,6 @@ impl Core {
             return Vec::new();
         }
         let mut out = Vec::new();
-        // One-to-one conversations (each of a contact's, as either may be used).
-        if let Ok(contacts) = self.store.list_contacts() {
-            for contact in contacts {
-                for gid in &contact.conversations {
-                    let Ok(members) = self.member_devices(gid) else {
-                        continue;
-                    };
-                    for d in &own {
-                        if !members.contains(&d.device_key) {
-                            out.push((gid.clone(), d.clone()));
-                        }
-                    }
-                }
-            }
-        }
         let Ok(groups) = self.store.list_groups() else {
             return out;
         };
@@ -331,6 +208,42 @@ impl Core {
                 if !members.contains(&d.device_key) {
                     out.push((c.group_id.clone(), d.clone()));
                 }
+            }
+        }
+        out
+    }
+
+    /// Contacts whose conversation for sending does not hold exactly our
+    /// current devices: one we linked is missing, or one we revoked is still
+    /// in it. One-to-one conversations never change members by commits (two
+    /// devices committing in the same epoch would split the conversation);
+    /// the node replaces such a conversation by a new one with every current
+    /// device of both accounts instead.
+    pub(super) fn conversations_to_mend(&mut self) -> Vec<[u8; 32]> {
+        let mut ours: Vec<[u8; 32]> = self.own_device_keys();
+        if !ours.contains(&self.my_device) {
+            ours.push(self.my_device);
+        }
+        ours.sort();
+        let Ok(contacts) = self.store.list_contacts() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for contact in contacts {
+            let Ok(Some(gid)) = self.send_conversation(&contact) else {
+                continue;
+            };
+            let Ok(Some(group)) = super::load_group(&mut self.groups, &self.provider, &gid) else {
+                continue;
+            };
+            let mut in_it: Vec<[u8; 32]> = tidings_protocol::MlsEngine::members(group)
+                .into_iter()
+                .filter(|c| c.account == self.me)
+                .map(|c| c.device_key)
+                .collect();
+            in_it.sort();
+            if in_it != ours {
+                out.push(contact.account);
             }
         }
         out
