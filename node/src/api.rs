@@ -22,6 +22,14 @@
 //! - `POST /api/devices/link` (a link code for a new device), `GET /api/devices`,
 //!   `DELETE /api/devices/{device}` (revoke)
 //! - `GET  /api/events` (server-sent events, one JSON `NodeEvent` each)
+//!
+//! Errors answer `{ "error": "..." }` with the status saying whose fault it was:
+//! 400 for a malformed request or argument, 401 without the right token, 403
+//! for a refused host or origin, a change the group's rules do not allow this
+//! account ("not allowed: …") or a group this device is no longer in, 404 for
+//! an unknown contact or group, 409 for a contact with no conversation yet, 502
+//! when the network or the contact's devices fail, 503 while the node stops,
+//! and 500 for storage and encryption failures.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -82,9 +90,12 @@ impl IntoResponse for ApiError {
 impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> Self {
         let status = match &e {
-            NodeError::UnknownContact(_) => StatusCode::NOT_FOUND,
-            NodeError::BadText | NodeError::InvalidContact(_) | NodeError::Card(_) => StatusCode::BAD_REQUEST,
+            NodeError::UnknownContact(_) | NodeError::UnknownGroup(_) => StatusCode::NOT_FOUND,
+            NodeError::BadText | NodeError::InvalidContact(_) | NodeError::InvalidInput(_) | NodeError::Card(_) => {
+                StatusCode::BAD_REQUEST
+            }
             NodeError::NoConversation => StatusCode::CONFLICT,
+            NodeError::NotAMember(_) | NodeError::NotAllowed(_) => StatusCode::FORBIDDEN,
             NodeError::Unreachable(_) | NodeError::Net(_) => StatusCode::BAD_GATEWAY,
             NodeError::Stopped | NodeError::Randomness => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::Mls(tidings_protocol::MlsError::Unauthorized(_)) => StatusCode::FORBIDDEN,
@@ -445,5 +456,48 @@ mod tests {
         assert!(host_is_loopback("[::1]:80"));
         assert!(!host_is_loopback("evil.example:80"));
         assert!(!host_is_loopback("127.0.0.1.evil.example"));
+    }
+
+    fn status_of(e: NodeError) -> (u16, String) {
+        let api = ApiError::from(e);
+        (api.status, api.error)
+    }
+
+    #[test]
+    fn group_errors_have_their_own_status_and_words() {
+        let (status, msg) = status_of(NodeError::UnknownGroup("00ff".into()));
+        assert_eq!((status, msg.as_str()), (404, "unknown group: 00ff"));
+        let (status, msg) = status_of(NodeError::NotAMember("00ff".into()));
+        assert_eq!(status, 403);
+        assert!(msg.contains("no longer a member of group 00ff"), "{msg}");
+        let (status, msg) = status_of(NodeError::InvalidInput("a group needs at least one relay".into()));
+        assert_eq!(
+            (status, msg.as_str()),
+            (400, "invalid input: a group needs at least one relay")
+        );
+        // Neither speaks of a contact or a conversation.
+        for e in [NodeError::UnknownGroup("x".into()), NodeError::NotAMember("x".into())] {
+            let (_, msg) = status_of(e);
+            assert!(!msg.contains("contact") && !msg.contains("conversation"), "{msg}");
+        }
+        assert_eq!(status_of(NodeError::NoConversation).0, 409);
+        assert_eq!(status_of(NodeError::UnknownContact("bob".into())).0, 404);
+    }
+
+    #[test]
+    fn a_refusal_by_the_group_rules_is_forbidden_and_says_so() {
+        let e = NodeError::from(tidings_protocol::MlsError::Unauthorized(
+            "only admins change the group".into(),
+        ));
+        assert!(matches!(e, NodeError::NotAllowed(_)), "{e:?}");
+        let (status, msg) = status_of(e);
+        assert_eq!(
+            (status, msg.as_str()),
+            (403, "not allowed: only admins change the group")
+        );
+        // Other MLS failures stay internal errors.
+        let (status, msg) = status_of(tidings_protocol::MlsError::Encrypt("x".into()).into());
+        assert_eq!(status, 500);
+        assert!(msg.starts_with("encryption: "), "{msg}");
     }
 }

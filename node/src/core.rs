@@ -57,18 +57,41 @@ pub enum NodeError {
     BadText,
     #[error("invalid contact: {0}")]
     InvalidContact(String),
+    /// A malformed argument that is not a contact (a relay address, a group's metadata).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// No group with this id on this device (or the id is not a group id at all).
+    #[error("unknown group: {0}")]
+    UnknownGroup(String),
+    /// This device was removed from the group (or left it): it can change and
+    /// send nothing there any more.
+    #[error("this device is no longer a member of group {0}")]
+    NotAMember(String),
+    /// The group's rules refuse the change to this member (from `MlsError::Unauthorized`).
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
     #[error(transparent)]
     Card(#[from] CardError),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
     #[error("encryption: {0}")]
-    Mls(#[from] MlsError),
+    Mls(MlsError),
     #[error("network: {0}")]
     Net(#[from] NetError),
     #[error("the node has stopped")]
     Stopped,
     #[error("the system's random number generator failed")]
     Randomness,
+}
+
+/// A refusal by the group's rules is the caller's fault, not an encryption failure.
+impl From<MlsError> for NodeError {
+    fn from(e: MlsError) -> Self {
+        match e {
+            MlsError::Unauthorized(why) => NodeError::NotAllowed(why),
+            other => NodeError::Mls(other),
+        }
+    }
 }
 
 /// The openmls provider of a node: RustCrypto plus the redb store.
@@ -173,6 +196,11 @@ pub(crate) enum CoreInput {
     GroupIntent {
         group_id: Vec<u8>,
         intent: tidings_store::IntentRow,
+        reply: oneshot::Sender<Result<bool, NodeError>>,
+    },
+    /// Leave a group (proposals another member commits).
+    GroupLeave {
+        group_id: Vec<u8>,
         reply: oneshot::Sender<Result<bool, NodeError>>,
     },
     SendGroup {
@@ -580,6 +608,9 @@ impl Core {
                 reply,
             } => {
                 let _ = reply.send(self.group_intent(&group_id, intent));
+            }
+            CoreInput::GroupLeave { group_id, reply } => {
+                let _ = reply.send(self.leave_group(&group_id).map(|()| true));
             }
             CoreInput::SendGroup { group_id, text, reply } => {
                 let now = self.clock.now_ms();

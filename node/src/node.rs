@@ -41,11 +41,11 @@ const MEND_INTERVAL: Duration = Duration::from_secs(3);
 /// Longest a group change waits for an earlier change of ours to be decided.
 const GROUP_CHANGE_WAIT: Duration = Duration::from_secs(30);
 
-/// Parses a group id given in hex.
+/// Parses a group id given in hex; anything else names no group.
 fn parse_group_id(s: &str) -> Result<Vec<u8>, NodeError> {
     match hex::decode(s.trim()) {
         Ok(b) if !b.is_empty() && b.len() <= 64 => Ok(b),
-        _ => Err(NodeError::NoConversation),
+        _ => Err(NodeError::UnknownGroup(format!("{} (a group id is hex)", s.trim()))),
     }
 }
 
@@ -99,7 +99,7 @@ pub(crate) fn random_seed() -> Result<[u8; 32], NodeError> {
 /// Creates a new identity (account, device, MLS key, device certificate) in `store`.
 pub fn create_identity(store: &Store, name: &str, now_ms: u64) -> Result<Identity, NodeError> {
     if name.len() > tidings_protocol::limits::MAX_NAME {
-        return Err(NodeError::InvalidContact("name is too long".into()));
+        return Err(NodeError::InvalidInput("name is too long".into()));
     }
     let (account_seed, device_seed, mls_seed) = (random_seed()?, random_seed()?, random_seed()?);
     let account = AccountKey::from_seed(account_seed);
@@ -721,15 +721,46 @@ impl NodeHandle {
 
     /// Creates a group on this device's home relays and invites `members`
     /// (contacts, by name or account).
+    ///
+    /// Every member is resolved before the group exists, so a refused create
+    /// leaves nothing behind: an unknown or ambiguous contact fails with
+    /// [`NodeError::UnknownContact`], a contact without a valid device
+    /// certificate with [`NodeError::Unreachable`]. A contact named twice is
+    /// invited once.
+    ///
+    /// The members' key packages are fetched only once the group exists
+    /// (that takes the network). Should that fail for any member (or the
+    /// commit adding them be refused), the group stays with this device as
+    /// its only member, nobody is invited, and the error is returned; the
+    /// group is then listed by [`NodeHandle::groups`] and the members can be
+    /// invited to it with [`NodeHandle::invite`].
     pub async fn create_group(&self, name: &str, members: &[&str]) -> Result<GroupView, NodeError> {
+        let now = self.inner.clock.now_ms();
+        let mut accounts: Vec<String> = Vec::new();
+        for who in members {
+            let contact = self.find_contact(who)?;
+            let reachable = contact.devices.iter().any(|bytes| {
+                DeviceCertificate::from_bytes(bytes).is_ok_and(|cert| {
+                    DeviceCertificate::verify(cert.wire(), now).is_ok() && peer_id_of(&cert.device_key).is_some()
+                })
+            });
+            if !reachable {
+                return Err(NodeError::Unreachable(format!("{who} has no valid device")));
+            }
+            let account = bs58::encode(contact.account).into_string();
+            if !accounts.contains(&account) {
+                accounts.push(account);
+            }
+        }
         let relays: Vec<String> = self.inner.home_relays.iter().map(|a| a.to_string()).collect();
         let name = name.to_owned();
         let gid = self
             .core(|reply| CoreInput::CreateGroup { name, relays, reply })
             .await?;
         self.group_sync_now();
-        if !members.is_empty() {
-            self.invite(&hex::encode(&gid), members).await?;
+        if !accounts.is_empty() {
+            let accounts: Vec<&str> = accounts.iter().map(String::as_str).collect();
+            self.invite(&hex::encode(&gid), &accounts).await?;
         }
         self.group(&hex::encode(&gid)).await
     }
@@ -767,17 +798,16 @@ impl NodeHandle {
         self.group_change(group_id, IntentRow::Remove { devices }).await
     }
 
-    /// Leaves a group: removes every device of this account from it.
+    /// Leaves a group: proposes the removal of every device of this account
+    /// from it; another member commits that, and this device then shows the
+    /// group as left. The owner hands the group over first.
     pub async fn leave_group(&self, group: &str) -> Result<(), NodeError> {
         let group_id = parse_group_id(group)?;
-        let devices = self
-            .core(|reply| CoreInput::GroupMemberDevices {
-                group_id: group_id.clone(),
-                accounts: vec![*self.inner.account.as_bytes()],
-                reply,
-            })
-            .await?;
-        self.group_change(group_id, IntentRow::Remove { devices }).await
+        self.group_change_with(|reply| CoreInput::GroupLeave {
+            group_id: group_id.clone(),
+            reply,
+        })
+        .await
     }
 
     /// Renames a group, or changes its description (admins).
@@ -811,15 +841,15 @@ impl NodeHandle {
         for r in &relays {
             let addr: Multiaddr = r
                 .parse()
-                .map_err(|e| NodeError::InvalidContact(format!("relay address {r}: {e}")))?;
+                .map_err(|e| NodeError::InvalidInput(format!("relay address {r}: {e}")))?;
             if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
-                return Err(NodeError::InvalidContact(format!(
+                return Err(NodeError::InvalidInput(format!(
                     "relay address {r} lacks /p2p/<peer id>"
                 )));
             }
         }
         if relays.is_empty() {
-            return Err(NodeError::InvalidContact("a group needs at least one relay".into()));
+            return Err(NodeError::InvalidInput("a group needs at least one relay".into()));
         }
         let mut meta = self
             .core(|reply| CoreInput::GroupMeta {
@@ -862,15 +892,23 @@ impl NodeHandle {
     /// Commits a change, waiting (bounded) while an earlier change of ours is
     /// still undecided.
     async fn group_change(&self, group_id: Vec<u8>, intent: IntentRow) -> Result<(), NodeError> {
+        self.group_change_with(|reply| CoreInput::GroupIntent {
+            group_id: group_id.clone(),
+            intent: intent.clone(),
+            reply,
+        })
+        .await
+    }
+
+    /// Asks the core for a group change, waiting (bounded) while an earlier
+    /// change of ours is still undecided.
+    async fn group_change_with(
+        &self,
+        make: impl Fn(oneshot::Sender<Result<bool, NodeError>>) -> CoreInput,
+    ) -> Result<(), NodeError> {
         let deadline = tokio::time::Instant::now() + GROUP_CHANGE_WAIT;
         loop {
-            let r = self
-                .core(|reply| CoreInput::GroupIntent {
-                    group_id: group_id.clone(),
-                    intent: intent.clone(),
-                    reply,
-                })
-                .await;
+            let r = self.core(&make).await;
             match r {
                 Ok(_) => {
                     self.group_sync_now();
@@ -962,7 +1000,7 @@ impl NodeHandle {
         let device: [u8; 32] = hex::decode(device.trim())
             .ok()
             .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| NodeError::InvalidContact("a device is named by its 64-hex-digit key".into()))?;
+            .ok_or_else(|| NodeError::InvalidInput("a device is named by its 64-hex-digit key".into()))?;
         let groups = self.core(|reply| CoreInput::RevokeDevice { device, reply }).await?;
         self.group_sync_now();
         // One-to-one conversations holding the device are replaced right away.

@@ -19,14 +19,8 @@ fn texts(h: &NodeHandle, group: &str) -> Vec<String> {
 async fn three_people_see_every_group_message_once_in_the_same_order() {
     let n = relays(2).await;
     let base = n.dir.path();
-    let nodes = [
-        user(base, "alice", &n).await,
-        user(base, "bob", &n).await,
-        user(base, "carol", &n).await,
-    ];
+    let nodes = alice_bob_carol(base, &n).await;
     let [a, b, c] = [nodes[0].handle(), nodes[1].handle(), nodes[2].handle()];
-    befriend(&a, &b).await;
-    befriend(&a, &c).await;
 
     let view = a.create_group("friends", &[&acct(&b), &acct(&c)]).await.unwrap();
     let gid = view.id.clone();
@@ -142,12 +136,8 @@ async fn someone_added_later_reads_on_and_someone_removed_reads_nothing_more() {
 async fn a_member_offline_across_ten_epochs_catches_up_in_order() {
     let n = relays(2).await;
     let base = n.dir.path();
-    let a_node = user(base, "alice", &n).await;
-    let b_node = user(base, "bob", &n).await;
-    let c_node = user(base, "carol", &n).await;
+    let [a_node, b_node, c_node] = alice_bob_carol(base, &n).await;
     let (a, b, c) = (a_node.handle(), b_node.handle(), c_node.handle());
-    befriend(&a, &b).await;
-    befriend(&a, &c).await;
     let gid = a.create_group("travel", &[&acct(&b), &acct(&c)]).await.unwrap().id;
     for h in [&b, &c] {
         wait_joined(h, &gid).await;
@@ -491,6 +481,18 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
     drop(n.nodes);
 }
 
+/// Alice, bob and carol on the relays of `n`; alice is a contact of both.
+async fn alice_bob_carol(base: &Path, n: &Relays) -> [Node; 3] {
+    let people = [
+        user(base, "alice", n).await,
+        user(base, "bob", n).await,
+        user(base, "carol", n).await,
+    ];
+    befriend(&people[0].handle(), &people[1].handle()).await;
+    befriend(&people[0].handle(), &people[2].handle()).await;
+    people
+}
+
 /// Links a second device to the account of `first`, starts it and returns it.
 async fn second_device(base: &Path, name: &str, first: &NodeHandle, n: &Relays) -> Node {
     let code = first.link_offer().await.unwrap();
@@ -780,5 +782,61 @@ async fn both_people_linking_a_device_at_once_leaves_their_conversation_whole() 
         }
     }
     drop((a1_node, a2_node, b1_node, b2_node));
+    drop(n.nodes);
+}
+
+/// Bob, with two devices, leaves a group of three people: his proposals
+/// remove both devices once another member commits them, both of his devices
+/// show the group as left, the others carry on without him, and the owner
+/// cannot leave without handing the group over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn someone_with_two_devices_leaves_and_both_devices_are_out() {
+    let n = relays(2).await;
+    let base = n.dir.path();
+    let [a_node, b1_node, c_node] = alice_bob_carol(base, &n).await;
+    let (a, b1, c) = (a_node.handle(), b1_node.handle(), c_node.handle());
+    let b2_node = second_device(base, "bob2", &b1, &n).await;
+    let b2 = b2_node.handle();
+    let gid = a.create_group("book club", &[&acct(&b1), &acct(&c)]).await.unwrap().id;
+    for h in [&b1, &b2, &c] {
+        wait_joined(h, &gid).await;
+    }
+    eventually_async("both of bob's devices are members", || {
+        let (a, gid, b) = (a.clone(), gid.clone(), acct(&b1));
+        async move {
+            a.group(&gid)
+                .await
+                .is_ok_and(|g| g.members.iter().any(|m| m.account == b && m.devices == 2))
+        }
+    })
+    .await;
+    assert!(
+        a.leave_group(&gid).await.is_err(),
+        "the owner hands the group over first"
+    );
+
+    b2.leave_group(&gid).await.unwrap();
+    for h in [&b1, &b2] {
+        eventually_async("bob's device shows the group as left", || {
+            let (h, gid) = (h.clone(), gid.clone());
+            async move { h.group(&gid).await.is_ok_and(|g| g.left) }
+        })
+        .await;
+    }
+    for h in [&a, &c] {
+        eventually_async("the others see two members", || {
+            let (h, gid) = (h.clone(), gid.clone());
+            async move { h.group(&gid).await.is_ok_and(|g| g.members.len() == 2 && !g.left) }
+        })
+        .await;
+    }
+    c.send_group(&gid, "after bob left").await.unwrap();
+    eventually("alice reads it", || texts(&a, &gid) == ["after bob left"]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for h in [&b1, &b2] {
+        assert!(texts(h, &gid).is_empty(), "bob reads nothing after leaving");
+        assert!(h.send_group(&gid, "still here?").await.is_err());
+    }
+    drop((a_node, b1_node, b2_node, c_node));
     drop(n.nodes);
 }

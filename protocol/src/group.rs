@@ -220,6 +220,8 @@ pub enum Intent {
     SetMeta(GroupMeta),
     /// Fresh leaf keys for this device (post-compromise security).
     SelfUpdate,
+    /// Commit the pending proposals (members leaving); nothing if none.
+    CommitProposals,
 }
 
 /// What a commit changes, as far as the rules care.
@@ -227,8 +229,11 @@ pub enum Intent {
 pub struct CommitSummary {
     /// Accounts of the devices added.
     pub added: Vec<[u8; 32]>,
-    /// Accounts of the devices removed.
+    /// Accounts of the devices removed by someone of another account.
     pub removed: Vec<[u8; 32]>,
+    /// Accounts of the devices removed on their own account's proposal or
+    /// commit (leaving, revoking a device): allowed to anyone.
+    pub left: Vec<[u8; 32]>,
     /// The metadata after the commit, if the commit changes it.
     pub new_meta: Option<GroupMeta>,
 }
@@ -258,7 +263,7 @@ pub fn authorize(meta: &GroupMeta, sender: &[u8; 32], summary: &CommitSummary) -
         new.validate().map_err(|e| e.to_string())?;
         // A removal always moves the group to a new inbox; whoever may remove
         // may do that. Anything else about the group is for admins.
-        let only_inbox = !summary.removed.is_empty() && {
+        let only_inbox = !(summary.removed.is_empty() && summary.left.is_empty()) && {
             let mut same = new.clone();
             same.inbox_seed = meta.inbox_seed;
             same == *meta
@@ -386,5 +391,31 @@ mod tests {
         nowhere.relays.clear();
         nowhere.inbox_seed = [7; 32];
         assert!(authorize(&meta, owner.as_bytes(), &set(&nowhere)).is_err());
+    }
+
+    #[test]
+    fn anyone_commits_a_members_own_leaving_with_the_new_inbox_it_needs() {
+        let (owner, member, other) = (acct(1), acct(3), acct(4));
+        let meta = GroupMeta::new("g", &owner, vec!["/ip4/10.0.0.1/tcp/1/p2p/a".into()], [9; 32]);
+        let mut rotated = meta.clone();
+        rotated.inbox_seed = [7; 32];
+        let leaving = CommitSummary {
+            left: vec![*other.as_bytes()],
+            new_meta: Some(rotated),
+            ..Default::default()
+        };
+        assert!(authorize(&meta, member.as_bytes(), &leaving).is_ok());
+        let mut renamed = meta.clone();
+        renamed.inbox_seed = [7; 32];
+        renamed.name = "mine now".into();
+        let sneaky = CommitSummary {
+            left: vec![*other.as_bytes()],
+            new_meta: Some(renamed),
+            ..Default::default()
+        };
+        assert!(
+            authorize(&meta, member.as_bytes(), &sneaky).is_err(),
+            "a leave carries no other change"
+        );
     }
 }

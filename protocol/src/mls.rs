@@ -389,6 +389,63 @@ impl MlsEngine {
         commit.to_bytes().map_err(err(MlsError::Update))
     }
 
+    /// Proposes that this account leave the group: a Remove proposal for each
+    /// of its other devices in the group and one for this device (a commit
+    /// cannot remove its own committer). Another member commits them
+    /// ([`Intent::CommitProposals`]); they lapse if a commit of the epoch
+    /// leaves them out, and are then proposed again. The owner cannot leave.
+    pub fn propose_leave<P: OpenMlsProvider>(
+        &self,
+        provider: &P,
+        group: &mut MlsGroup,
+    ) -> Result<Vec<Vec<u8>>, MlsError> {
+        if group.pending_commit().is_some() {
+            return Err(MlsError::Commit(
+                "a commit of ours is still waiting for its epoch".into(),
+            ));
+        }
+        let me = self.account()?;
+        if Self::group_meta(group)?.role(me.as_bytes()) == group::Role::Owner {
+            return Err(MlsError::Unauthorized(
+                "the owner hands the group to someone else before leaving".into(),
+            ));
+        }
+        let own_leaf = group.own_leaf_index();
+        let mut out = Vec::new();
+        for (leaf, c) in member_leaves(group) {
+            if c.account == me && leaf != own_leaf {
+                let (msg, _) = group
+                    .propose_remove_member(provider, &self.signer, leaf)
+                    .map_err(err(MlsError::Commit))?;
+                out.push(msg.to_bytes().map_err(err(MlsError::Commit))?);
+            }
+        }
+        let msg = group
+            .leave_group(provider, &self.signer)
+            .map_err(err(MlsError::Commit))?;
+        out.push(msg.to_bytes().map_err(err(MlsError::Commit))?);
+        Ok(out)
+    }
+
+    /// Whether members' leaving proposals are pending and this device is the
+    /// one to commit them first: the staying member with the lowest leaf.
+    pub fn first_to_commit_proposals(group: &MlsGroup) -> bool {
+        let leaving: Vec<LeafNodeIndex> = group
+            .pending_proposals()
+            .filter_map(|p| match p.proposal() {
+                Proposal::Remove(r) => Some(r.removed()),
+                _ => None,
+            })
+            .collect();
+        !leaving.is_empty()
+            && group.members().map(|m| m.index).filter(|l| !leaving.contains(l)).min() == Some(group.own_leaf_index())
+    }
+
+    /// Whether any proposal waits to be committed.
+    pub fn has_pending_proposals(group: &MlsGroup) -> bool {
+        group.pending_proposals().next().is_some()
+    }
+
     /// Creates a group (a chat with a name, roles and relays) that holds only
     /// this device; members are added by commits.
     pub fn create_named_group<P: OpenMlsProvider>(
@@ -449,8 +506,19 @@ impl MlsEngine {
         let meta = Self::group_meta(group)?;
         let me = self.account()?;
         let members = member_leaves(group);
+        let account_at = |leaf: LeafNodeIndex| members.iter().find(|(l, _)| *l == leaf).map(|(_, c)| c.account);
         let epoch = group.epoch().as_u64();
         let mut summary = CommitSummary::default();
+        // Members who proposed their own leaving: any commit now takes them out
+        // (openmls includes the pending proposals).
+        for p in group.pending_proposals() {
+            if let Proposal::Remove(r) = p.proposal()
+                && let Some(account) = account_at(r.removed())
+            {
+                summary.left.push(*account.as_bytes());
+            }
+        }
+        let mut new_meta: Option<GroupMeta> = None;
         let mut builder = group.commit_builder();
         match intent {
             Intent::Add(key_packages) => {
@@ -475,35 +543,46 @@ impl MlsEngine {
                     .iter()
                     .filter(|(_, c)| devices.contains(&c.device_key))
                     .map(|(leaf, c)| {
-                        summary.removed.push(*c.account.as_bytes());
+                        if c.account == me {
+                            summary.left.push(*c.account.as_bytes());
+                        } else {
+                            summary.removed.push(*c.account.as_bytes());
+                        }
                         *leaf
                     })
                     .collect();
                 if leaves.is_empty() {
                     return Ok(None);
                 }
-                // Whoever leaves must lose the group inbox too: a fresh seed
-                // in the same commit moves the group to a new inbox.
-                let mut rotated = meta.clone();
-                rotated.inbox_seed = provider.rand().random_array().map_err(err(MlsError::Commit))?;
-                summary.new_meta = Some(rotated.clone());
-                let ext = meta_extensions(&rotated).map_err(err(MlsError::Commit))?;
-                builder = builder
-                    .propose_removals(leaves)
-                    .propose_group_context_extensions(ext)
-                    .map_err(err(MlsError::Commit))?;
+                builder = builder.propose_removals(leaves);
             }
             Intent::SetMeta(new) => {
-                if *new == meta {
+                if *new == meta && summary.left.is_empty() {
                     return Ok(None);
                 }
-                summary.new_meta = Some(new.clone());
-                let ext = meta_extensions(new).map_err(err(MlsError::Commit))?;
-                builder = builder
-                    .propose_group_context_extensions(ext)
-                    .map_err(err(MlsError::Commit))?;
+                new_meta = Some(new.clone());
             }
             Intent::SelfUpdate => builder = builder.force_self_update(true),
+            Intent::CommitProposals => {
+                if summary.left.is_empty() {
+                    return Ok(None);
+                }
+            }
+        }
+        // Whoever leaves must lose the group inbox too: a fresh seed in the
+        // same commit moves the group to a new inbox.
+        if !summary.removed.is_empty() || !summary.left.is_empty() {
+            let m = new_meta.get_or_insert_with(|| meta.clone());
+            if m.inbox_seed == meta.inbox_seed {
+                m.inbox_seed = provider.rand().random_array().map_err(err(MlsError::Commit))?;
+            }
+        }
+        if let Some(m) = new_meta.filter(|m| *m != meta) {
+            let ext = meta_extensions(&m).map_err(err(MlsError::Commit))?;
+            builder = builder
+                .propose_group_context_extensions(ext)
+                .map_err(err(MlsError::Commit))?;
+            summary.new_meta = Some(m);
         }
         group::authorize(&meta, me.as_bytes(), &summary).map_err(MlsError::Unauthorized)?;
         let bundle = builder
@@ -602,11 +681,21 @@ impl MlsEngine {
                     }
                 }
                 let members = member_leaves(group);
+                let account_at = |leaf: LeafNodeIndex| members.iter().find(|(l, _)| *l == leaf).map(|(_, c)| c.account);
                 for rm in staged.remove_proposals() {
-                    let removed = rm.remove_proposal().removed();
-                    match members.iter().find(|(leaf, _)| *leaf == removed) {
-                        Some((_, c)) => summary.removed.push(*c.account.as_bytes()),
-                        None => return Ok(Sequenced::Refused("removes an unknown leaf".into())),
+                    let Some(removed) = account_at(rm.remove_proposal().removed()) else {
+                        return Ok(Sequenced::Refused("removes an unknown leaf".into()));
+                    };
+                    // Proposed (or committed) by a device of the same account:
+                    // leaving, or revoking a device of one's own.
+                    let by = match rm.sender() {
+                        Sender::Member(leaf) => account_at(*leaf),
+                        _ => None,
+                    };
+                    if by == Some(removed) {
+                        summary.left.push(*removed.as_bytes());
+                    } else {
+                        summary.removed.push(*removed.as_bytes());
                     }
                 }
                 if let Some(ext) = staged.group_context().extensions().unknown(GROUP_META_EXTENSION) {
@@ -636,6 +725,19 @@ impl MlsEngine {
                 })
             }
             ProcessedMessageContent::ProposalMessage(proposal) => {
+                // The one proposal members make is their own leaving (a commit
+                // cannot remove its committer); anything else is refused.
+                let members = member_leaves(group);
+                let account_at = |leaf: LeafNodeIndex| members.iter().find(|(l, _)| *l == leaf).map(|(_, c)| c.account);
+                let own_leaving = match (proposal.proposal(), proposal.sender()) {
+                    (Proposal::Remove(r), Sender::Member(from)) => {
+                        account_at(r.removed()).is_some() && account_at(r.removed()) == account_at(*from)
+                    }
+                    _ => false,
+                };
+                if !own_leaving {
+                    return Ok(Sequenced::Refused("only a member's own leaving may be proposed".into()));
+                }
                 group
                     .store_pending_proposal(provider.storage(), *proposal)
                     .map_err(err(MlsError::Storage))?;

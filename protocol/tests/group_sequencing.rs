@@ -634,3 +634,106 @@ fn a_replayed_application_message_is_refused_the_second_time() {
         Sequenced::Refused(_)
     ));
 }
+
+#[test]
+fn a_member_leaves_by_proposal_that_any_member_commits_and_proposes_again_if_it_lapses() {
+    // 0 owner, 1 and 2 plain members; 2 leaves.
+    let mut w = World::with_devices(3);
+    w.create(0, &[], &[1, 2]);
+    let d0 = &mut w.devices[0];
+    assert!(
+        d0.engine
+            .propose_leave(&d0.provider, d0.group.as_mut().unwrap())
+            .is_err(),
+        "the owner hands the group over before leaving"
+    );
+    let seed_before = MlsEngine::group_meta(w.devices[0].group.as_ref().unwrap())
+        .unwrap()
+        .inbox_seed;
+
+    // First try: the owner's self-update, made before it saw the proposal,
+    // wins the epoch without it; the proposal lapses.
+    let d2 = &mut w.devices[2];
+    let leave = d2
+        .engine
+        .propose_leave(&d2.provider, d2.group.as_mut().unwrap())
+        .unwrap();
+    assert_eq!(leave.len(), 1, "one device, one proposal");
+    let update = w.devices[0].commit(Intent::SelfUpdate).unwrap();
+    for p in leave {
+        w.sequence(p);
+    }
+    w.sequence(update);
+    let refused_before = w.refused;
+    for d in 0..3 {
+        w.process_all(d);
+    }
+    assert!(w.devices[2].active(), "the proposal lapsed with the epoch");
+    assert!(!MlsEngine::has_pending_proposals(w.devices[1].group.as_ref().unwrap()));
+
+    // Second try: proposed again on the new epoch; the staying member with
+    // the lowest leaf is first to commit, but any member may (here the plain
+    // member 1, as if the owner were away).
+    let d2 = &mut w.devices[2];
+    for p in d2
+        .engine
+        .propose_leave(&d2.provider, d2.group.as_mut().unwrap())
+        .unwrap()
+    {
+        w.sequence(p);
+    }
+    w.process_all(0);
+    w.process_all(1);
+    assert!(MlsEngine::first_to_commit_proposals(
+        w.devices[0].group.as_ref().unwrap()
+    ));
+    assert!(!MlsEngine::first_to_commit_proposals(
+        w.devices[1].group.as_ref().unwrap()
+    ));
+    let commit = w.devices[1].commit(Intent::CommitProposals).unwrap();
+    w.sequence(commit);
+    for d in 0..3 {
+        w.process_all(d);
+    }
+    assert!(w.devices[2].removed, "the leaver learns it is out");
+    assert_converged(&w, 0);
+    let seed_after = MlsEngine::group_meta(w.devices[0].group.as_ref().unwrap())
+        .unwrap()
+        .inbox_seed;
+    assert_ne!(seed_before, seed_after, "the leaver loses the group inbox too");
+    assert_eq!(w.refused, refused_before, "nobody refused anything");
+    // With nothing pending, committing proposals is nothing.
+    let d1 = &mut w.devices[1];
+    let none = d1
+        .engine
+        .commit_intent(&d1.provider, d1.group.as_mut().unwrap(), &Intent::CommitProposals, NOW)
+        .unwrap();
+    assert!(none.is_none());
+}
+
+#[test]
+fn a_proposal_to_remove_someone_else_is_refused_and_never_committed() {
+    let mut w = World::with_devices(3);
+    w.create(0, &[1], &[1, 2]);
+    // Device 1 (an admin) proposes removing device 2 instead of committing it.
+    let leaf = MlsEngine::members(w.devices[1].group.as_ref().unwrap())
+        .iter()
+        .position(|c| c.device_key == w.devices[2].cert.device_key)
+        .unwrap();
+    let d1 = &mut w.devices[1];
+    let signer = signature_keys_from_seed([201; 32]);
+    let (msg, _) = d1
+        .group
+        .as_mut()
+        .unwrap()
+        .propose_remove_member(&d1.provider, &signer, openmls::prelude::LeafNodeIndex::new(leaf as u32))
+        .unwrap();
+    let bytes = openmls::prelude::tls_codec::Serialize::tls_serialize_detached(&msg).unwrap();
+    let d0 = &mut w.devices[0];
+    let out = d0
+        .engine
+        .process_sequenced(&d0.provider, d0.group.as_mut().unwrap(), &bytes, None)
+        .unwrap();
+    assert!(matches!(out, Sequenced::Refused(_)), "got {out:?}");
+    assert!(!MlsEngine::has_pending_proposals(w.devices[0].group.as_ref().unwrap()));
+}

@@ -89,6 +89,14 @@ pub struct GroupRow {
     /// When a commit of ours last won (or we joined): the leaf keys' age.
     #[serde(default)]
     pub updated_ms: u64,
+    /// We asked to leave: the epoch our leaving proposals were made in
+    /// (proposed again if an epoch passes without them).
+    #[serde(default)]
+    pub leaving: Option<u64>,
+    /// Since when others' leaving proposals wait for a commit (any member
+    /// commits them once they waited long enough).
+    #[serde(default)]
+    pub proposals_since_ms: Option<u64>,
 }
 
 /// A commit of ours sent to the sequencer and not yet decided.
@@ -106,10 +114,18 @@ pub struct PendingCommit {
 /// A group change, kept so that it can be re-applied when another commit wins.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum IntentRow {
-    Add { key_packages: Vec<Vec<u8>> },
-    Remove { devices: Vec<[u8; 32]> },
-    SetMeta { meta: Vec<u8> },
+    Add {
+        key_packages: Vec<Vec<u8>>,
+    },
+    Remove {
+        devices: Vec<[u8; 32]>,
+    },
+    SetMeta {
+        meta: Vec<u8>,
+    },
     SelfUpdate,
+    /// Commit the leaving proposals of others.
+    CommitProposals,
 }
 
 /// Delivery state of a message, in increasing order.

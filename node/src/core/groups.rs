@@ -30,6 +30,10 @@ use crate::types::{MessageView, NodeEvent};
 /// A commit of ours not seen in the sequence after this long is sent again.
 const PENDING_RESEND_MS: u64 = 30_000;
 
+/// Others' leaving proposals pending this long are committed by any member
+/// (not only by the one whose turn it is).
+const PROPOSAL_WAIT_MS: u64 = 30_000;
+
 /// Leaf keys of ours older than this are renewed by a self-update commit
 /// (the default of [`crate::NodeConfig::key_update_interval`]).
 pub(crate) const SELF_UPDATE_INTERVAL_MS: u64 = 24 * 3600 * 1000;
@@ -105,14 +109,32 @@ fn parse_relay(r: &str) -> Option<(PeerId, Multiaddr)> {
     }
 }
 
+/// The group row of `conv` if this device may change the group now: still a
+/// member, with no commit of ours undecided (the caller retries later).
+fn row_for_change<'a>(conv: &'a mut Conversation, gid: &[u8]) -> Result<&'a mut GroupRow, NodeError> {
+    let Some(row) = conv.group.as_mut() else {
+        return Err(NodeError::UnknownGroup(hex::encode(gid)));
+    };
+    if row.left {
+        return Err(NodeError::NotAMember(hex::encode(gid)));
+    }
+    if row.pending.is_some() {
+        return Err(NodeError::Unreachable(
+            "a change of ours to this group is still waiting for the relay".into(),
+        ));
+    }
+    Ok(row)
+}
+
 pub(crate) fn intent_of(row: &IntentRow) -> Result<Intent, NodeError> {
     Ok(match row {
         IntentRow::Add { key_packages } => Intent::Add(key_packages.clone()),
         IntentRow::Remove { devices } => Intent::Remove(devices.clone()),
         IntentRow::SetMeta { meta } => Intent::SetMeta(
-            GroupMeta::decode(meta).map_err(|e| NodeError::InvalidContact(format!("group metadata: {e}")))?,
+            GroupMeta::decode(meta).map_err(|e| NodeError::InvalidInput(format!("group metadata: {e}")))?,
         ),
         IntentRow::SelfUpdate => Intent::SelfUpdate,
+        IntentRow::CommitProposals => Intent::CommitProposals,
     })
 }
 
@@ -168,7 +190,7 @@ impl Core {
         let gid: [u8; 16] = rand::random();
         let meta = GroupMeta::new(name, &self.me, relays, rand::random());
         meta.validate()
-            .map_err(|e| NodeError::InvalidContact(format!("group: {e}")))?;
+            .map_err(|e| NodeError::InvalidInput(format!("group: {e}")))?;
         let now = self.clock.now_ms();
         let store = self.store.clone();
         let result = store.unit(|| -> Result<MlsGroup, NodeError> {
@@ -184,6 +206,8 @@ impl Core {
                     retry: None,
                     left: false,
                     updated_ms: now,
+                    leaving: None,
+                    proposals_since_ms: None,
                 }),
                 superseded_by: None,
             })?;
@@ -234,19 +258,16 @@ impl Core {
         intent: IntentRow,
         now: u64,
     ) -> Result<Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>, NodeError> {
-        let mut conv = self.store.conversation(gid)?.ok_or(NodeError::NoConversation)?;
-        let Some(row) = conv.group.as_mut() else {
-            return Err(NodeError::NoConversation);
-        };
-        if row.left {
-            return Err(NodeError::NoConversation);
+        let mut conv = self
+            .store
+            .conversation(gid)?
+            .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
+        let row = row_for_change(&mut conv, gid)?;
+        if row.leaving.is_some() {
+            return Err(NodeError::NotAMember(hex::encode(gid)));
         }
-        if row.pending.is_some() {
-            return Err(NodeError::Unreachable(
-                "a change of ours to this group is still waiting for the relay".into(),
-            ));
-        }
-        let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
+        let group = load_group(&mut self.groups, &self.provider, gid)?
+            .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         let meta = MlsEngine::group_meta(group)?;
         let Some(staged) = self
             .engine
@@ -267,6 +288,67 @@ impl Core {
         row.retry = None;
         self.store.put_conversation(&conv)?;
         Ok(vec![self.sequencer_entry(gid, &meta, env, now)?])
+    }
+
+    /// Asks to leave a group: proposals removing every device of ours from it
+    /// go to the sequencer (a commit cannot remove its own committer), and
+    /// another member commits them. Proposed again by [`Core::group_inboxes`]
+    /// if an epoch passes without them.
+    pub(super) fn leave_group(&mut self, gid: &[u8]) -> Result<(), NodeError> {
+        let now = self.clock.now_ms();
+        let store = self.store.clone();
+        let result = store.unit(|| -> Result<_, NodeError> {
+            let mut conv = store
+                .conversation(gid)?
+                .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
+            let row = row_for_change(&mut conv, gid)?;
+            let group = load_group(&mut self.groups, &self.provider, gid)?
+                .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
+            let epoch = group.epoch().as_u64();
+            let proposals = self.engine.propose_leave(&self.provider, group)?;
+            let meta = MlsEngine::group_meta(group)?;
+            row.leaving = Some(epoch);
+            row.retry = None;
+            store.put_conversation(&conv)?;
+            let mut entries = Vec::new();
+            for p in proposals {
+                let env = super::new_envelope(gid, EnvelopeKind::Message, p);
+                entries.push(self.sequencer_entry(gid, &meta, env, now)?);
+            }
+            Ok(entries)
+        });
+        match result {
+            Ok(entries) => {
+                for (account, device, oid, env) in entries {
+                    self.enqueue(account, device, oid, None, env);
+                }
+                info!(group = %hex::encode(gid), "asked to leave the group");
+                Ok(())
+            }
+            Err(e) => {
+                self.groups.remove(gid);
+                Err(e)
+            }
+        }
+    }
+
+    /// Commits others' leaving proposals: at once if this device is the one
+    /// to (the staying member with the lowest leaf), or when `waited` (they
+    /// have been pending too long for whoever that is).
+    fn commit_proposals(&mut self, gid: &[u8], waited: bool) {
+        let Ok(Some(Conversation { group: Some(row), .. })) = self.store.conversation(gid) else {
+            return;
+        };
+        if row.left || row.leaving.is_some() || row.pending.is_some() {
+            return;
+        }
+        let ours = match load_group(&mut self.groups, &self.provider, gid) {
+            Ok(Some(g)) => MlsEngine::has_pending_proposals(g) && (waited || MlsEngine::first_to_commit_proposals(g)),
+            _ => false,
+        };
+        if ours && let Err(e) = self.group_intent(gid, IntentRow::CommitProposals) {
+            debug!(group = %hex::encode(gid), "committing leaving proposals failed: {e}");
+        }
     }
 
     /// An outbox entry handing a commit to the group's sequencing relay.
@@ -305,7 +387,8 @@ impl Core {
             p.sent_ms = now;
             let env = super::new_envelope(gid, EnvelopeKind::Message, p.commit.clone());
             store.put_conversation(&conv)?;
-            let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
+            let group = load_group(&mut self.groups, &self.provider, gid)?
+                .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
             let meta = MlsEngine::group_meta(group)?;
             Ok(Some(self.sequencer_entry(gid, &meta, env, now)?))
         })?;
@@ -328,15 +411,22 @@ impl Core {
         if text.is_empty() || text.len() > tidings_protocol::limits::MAX_TEXT {
             return Err(NodeError::BadText);
         }
-        let conv = self.store.conversation(gid)?.ok_or(NodeError::NoConversation)?;
-        if conv.group.as_ref().is_none_or(|g| g.left) {
-            return Err(NodeError::NoConversation);
+        let conv = self
+            .store
+            .conversation(gid)?
+            .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
+        if conv.group.as_ref().is_none_or(|g| g.left || g.leaving.is_some()) {
+            return Err(match conv.group {
+                None => NodeError::UnknownGroup(hex::encode(gid)),
+                Some(_) => NodeError::NotAMember(hex::encode(gid)),
+            });
         }
         let seq = self.store.next_counter("sender_seq")?;
         let ts = self.store.raise_counter("last_ts", now)?;
         let id: [u8; 16] = rand::random();
         let payload = Payload::text(id, seq, ts, text).encode();
-        let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
+        let group = load_group(&mut self.groups, &self.provider, gid)?
+            .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         let ct = self.engine.encrypt(&self.provider, group, &payload)?;
         let env = super::new_envelope(gid, EnvelopeKind::Message, ct);
         let bytes = env.encode_to_vec();
@@ -378,7 +468,8 @@ impl Core {
     /// The outbox devices of a group's inbox on each of its relays, from the
     /// group's current metadata.
     fn current_target_keys(&mut self, gid: &[u8]) -> Result<Vec<[u8; 32]>, NodeError> {
-        let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
+        let group = load_group(&mut self.groups, &self.provider, gid)?
+            .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         let meta = MlsEngine::group_meta(group)?;
         let inbox = mb::inbox_id(&ed25519_public(&group_inbox_seed(&meta.inbox_seed)));
         Ok(meta
@@ -400,7 +491,8 @@ impl Core {
         sent: GroupSent,
         now: u64,
     ) -> Result<Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>, NodeError> {
-        let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
+        let group = load_group(&mut self.groups, &self.provider, gid)?
+            .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         let ct = self.engine.encrypt(&self.provider, group, &sent.payload)?;
         let env = super::new_envelope(gid, EnvelopeKind::Message, ct);
         self.store.put_group_sent(&envelope_id(&env), &sent)?;
@@ -455,10 +547,26 @@ impl Core {
             }
             if row.pending.is_none()
                 && row.retry.is_none()
+                && row.leaving.is_none()
                 && now.saturating_sub(row.updated_ms) > self.self_update_interval_ms
                 && let Err(e) = self.group_intent(&c.group_id, IntentRow::SelfUpdate)
             {
                 debug!(group = %hex::encode(&c.group_id), "scheduled self-update failed: {e}");
+            }
+            if row
+                .proposals_since_ms
+                .is_some_and(|t| now.saturating_sub(t) > PROPOSAL_WAIT_MS)
+            {
+                self.commit_proposals(&c.group_id, true);
+            }
+            let Ok(Some(group)) = load_group(&mut self.groups, &self.provider, &c.group_id) else {
+                continue;
+            };
+            // Our leaving proposals lapse with their epoch: propose again.
+            if row.leaving.is_some_and(|e| e != group.epoch().as_u64())
+                && let Err(e) = self.leave_group(&c.group_id)
+            {
+                debug!(group = %hex::encode(&c.group_id), "proposing to leave again failed: {e}");
             }
             let Ok(Some(group)) = load_group(&mut self.groups, &self.provider, &c.group_id) else {
                 continue;
@@ -499,6 +607,7 @@ impl Core {
         let mut events = Vec::new();
         let mut deferred = Vec::new();
         let mut refresh = false;
+        let mut proposals = false;
         let result = store.unit(|| -> Result<usize, Abort> {
             let Some(mut conv) = store.conversation(gid)? else {
                 return Ok(0);
@@ -570,6 +679,9 @@ impl Core {
                     } => {
                         self.members.remove(gid);
                         refresh = true;
+                        // A commit ends the epoch's proposals (taken in, or lapsed).
+                        row.proposals_since_ms = None;
+                        proposals = false;
                         if ours {
                             row.updated_ms = now;
                             if let Some(p) = row.pending.take()
@@ -605,9 +717,13 @@ impl Core {
                             break;
                         }
                     }
+                    Sequenced::Proposal => {
+                        row.proposals_since_ms.get_or_insert(now);
+                        proposals = true;
+                    }
                     Sequenced::Refused(why) => debug!(group = %hex::encode(gid), index, "ignored: {why}"),
                     // Our own messages were recognised by envelope id above.
-                    Sequenced::Stale | Sequenced::Proposal | Sequenced::Own { .. } => {}
+                    Sequenced::Stale | Sequenced::Own { .. } => {}
                 }
             }
             conv.group = Some(row);
@@ -626,6 +742,9 @@ impl Core {
                     self.refresh_group_targets(gid);
                 }
                 self.retry_group_intent(gid);
+                if proposals {
+                    self.commit_proposals(gid, false);
+                }
                 Ok(n)
             }
             Err(Abort::Store(e)) => {
@@ -762,14 +881,20 @@ impl Core {
             retry: None,
             left: false,
             updated_ms: now,
+            leaving: None,
+            proposals_since_ms: None,
         })
     }
 
     /// The API's view of a group.
     pub(super) fn group_view(&mut self, gid: &[u8]) -> Result<GroupView, NodeError> {
-        let conv = self.store.conversation(gid)?.ok_or(NodeError::NoConversation)?;
+        let conv = self
+            .store
+            .conversation(gid)?
+            .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         let left = conv.group.as_ref().is_none_or(|g| g.left);
-        let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
+        let group = load_group(&mut self.groups, &self.provider, gid)?
+            .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         let meta = MlsEngine::group_meta(group)?;
         let mut members: Vec<GroupMemberView> = Vec::new();
         let mut accounts: Vec<([u8; 32], usize)> = Vec::new();
@@ -800,7 +925,8 @@ impl Core {
 
     /// The device keys of the accounts given, as members of a group.
     pub(super) fn member_devices_of(&mut self, gid: &[u8], accounts: &[[u8; 32]]) -> Result<Vec<[u8; 32]>, NodeError> {
-        let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
+        let group = load_group(&mut self.groups, &self.provider, gid)?
+            .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         Ok(MlsEngine::members(group)
             .iter()
             .filter(|c| accounts.contains(c.account.as_bytes()))
@@ -810,7 +936,8 @@ impl Core {
 
     /// The group's metadata.
     pub(super) fn group_meta_of(&mut self, gid: &[u8]) -> Result<GroupMeta, NodeError> {
-        let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
+        let group = load_group(&mut self.groups, &self.provider, gid)?
+            .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         Ok(MlsEngine::group_meta(group)?)
     }
 }
