@@ -299,6 +299,7 @@ impl Owner {
                 after_index: 0,
                 limit: 512,
                 auth: Some(auth),
+                wait_ms: 0,
             })),
         }
     }

@@ -31,8 +31,11 @@ use crate::types::{ContactView, MailGapView, MessageView, NodeEvent, NodeStatus,
 pub const DEVICE_CERT_VALIDITY_MS: u64 = 365 * 24 * 3600 * 1000;
 /// Longest time direct deliveries wait for the first mailbox catch-up.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(15);
-/// How often a node fetches its groups' inboxes when nothing wakes it earlier.
-const GROUP_POLL: Duration = Duration::from_secs(1);
+/// How often the groups' upkeep runs when nothing wakes it earlier, and the
+/// fastest a group inbox is fetched from a relay that does not hold fetches.
+const GROUP_TICK: Duration = Duration::from_secs(1);
+/// How long a group fetch waits at the relay for something new.
+const GROUP_WAIT: Duration = Duration::from_millis(crate::relay::MAX_FETCH_WAIT_MS);
 /// How often a node checks that its account's other devices are in all its groups.
 const OWN_DEVICE_RECHECK: Duration = Duration::from_millis(500);
 /// Least time between two replacements of the conversation with one contact.
@@ -1092,29 +1095,57 @@ impl NodeHandle {
         self.inner.group_wake.notify_one();
     }
 
-    /// Keeps every group applied: fetches each group's sequencing inbox from
-    /// its cursor and hands what it finds to the core, in order. Runs every
-    /// [`GROUP_POLL`], and at once after this device changed or sent something.
+    /// Keeps every group applied. Each group's sequencing inbox is read by
+    /// a long poll of its own: the relay answers as soon as something is
+    /// deposited there, or with nothing after [`GROUP_WAIT`]. This loop starts
+    /// the polls and, every [`GROUP_TICK`] or when woken, runs the groups'
+    /// upkeep in the core (commits sent again, scheduled self-updates,
+    /// leaving).
     async fn group_sync(self) {
+        use futures::StreamExt as _;
+        // The polls are futures of this task (not tasks of their own), so
+        // that stopping this task drops them, and the node's state with them.
+        let mut polling = std::collections::HashSet::new();
+        let mut polls = futures::stream::FuturesUnordered::new();
         loop {
-            let mut busy = false;
-            let inboxes = self.core(|reply| CoreInput::GroupInboxes { reply }).await;
-            let Ok(inboxes) = inboxes else { return };
+            let Ok(inboxes) = self.core(|reply| CoreInput::GroupInboxes { reply }).await else {
+                return;
+            };
             for g in inboxes {
-                match self.fetch_group(&g).await {
-                    Ok(more) => busy |= more,
-                    Err(e) => debug!(group = %hex::encode(&g.group_id), "group fetch failed: {e}"),
+                if polling.insert((g.group_id.clone(), g.inbox_seed)) {
+                    polls.push(self.poll_group(g));
                 }
             }
-            if !busy {
-                let _ = tokio::time::timeout(GROUP_POLL, self.inner.group_wake.notified()).await;
+            tokio::select! {
+                _ = tokio::time::timeout(GROUP_TICK, self.inner.group_wake.notified()) => {}
+                Some(done) = polls.next(), if !polls.is_empty() => {
+                    polling.remove(&done);
+                }
             }
         }
     }
 
+    /// One long poll of a group's sequencing inbox, applied; returns the
+    /// (group, inbox seed) it polled once it may be polled again.
+    async fn poll_group(&self, g: crate::core::GroupInbox) -> (Vec<u8>, [u8; 32]) {
+        let started = tokio::time::Instant::now();
+        let pause = match self.fetch_group(&g, GROUP_WAIT).await {
+            Ok(true) => Duration::ZERO,
+            // A relay that does not hold fetches answers at once: never ask
+            // faster than once a tick.
+            Ok(false) => GROUP_TICK.saturating_sub(started.elapsed()),
+            Err(e) => {
+                debug!(group = %hex::encode(&g.group_id), "group fetch failed: {e}");
+                GROUP_TICK
+            }
+        };
+        tokio::time::sleep(pause).await;
+        (g.group_id, g.inbox_seed)
+    }
+
     /// Fetches one page of a group's sequencing inbox and applies it.
     /// Returns whether there may be more.
-    async fn fetch_group(&self, g: &crate::core::GroupInbox) -> Result<bool, NodeError> {
+    async fn fetch_group(&self, g: &crate::core::GroupInbox, wait: Duration) -> Result<bool, NodeError> {
         let (relay, addr) = &g.relay;
         self.inner.net.add_address(*relay, addr.clone()).await;
         let key = tidings_protocol::DeviceKey::from_seed(g.key_seed).public();
@@ -1129,6 +1160,7 @@ impl NodeHandle {
                     after_index: g.cursor,
                     limit: 256,
                     auth: Some(auth),
+                    wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
                 }),
             )
             .await?;
@@ -1237,6 +1269,7 @@ impl NodeHandle {
                         after_index: cursor,
                         limit: 512,
                         auth: Some(auth),
+                        wait_ms: 0,
                     }),
                 )
                 .await?;

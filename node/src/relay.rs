@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tidings_protocol::mailbox::{self as mb, MailboxError, Op};
 use tidings_protocol::pb::{self, mailbox_request, mailbox_response};
-use tidings_store::mailbox::{DepositRefusal, DepositRequest, Deposited, MailboxLimits, Mailboxes};
+use tidings_store::mailbox::{DepositRefusal, DepositRequest, Deposited, MailboxLimits, Mailboxes, StoredEnvelope};
 use tokio::sync::mpsc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::Instant;
@@ -35,6 +35,11 @@ use crate::net::{NetEvent, Network, RelayServerConfig};
 
 /// Most envelopes one fetch returns.
 const MAX_FETCH: usize = 512;
+/// Longest a fetch may wait for something to be deposited.
+pub const MAX_FETCH_WAIT_MS: u64 = 20_000;
+/// Most fetches waiting at once, in all, and per peer.
+const MAX_WAITING: usize = 50_000;
+const MAX_WAITING_PER_PEER: usize = 256;
 /// Most bytes one fetch returns (stays well under the mailbox frame cap).
 const MAX_FETCH_BYTES: usize = 3 * 1024 * 1024;
 /// Most mailbox requests folded into one pass (deposits in one transaction).
@@ -315,11 +320,24 @@ pub struct MailboxService {
     /// current one runs).
     staged: Staged,
     subs: HashMap<[u8; 32], Subscription>,
+    /// Fetches that found nothing and wait for a deposit, by inbox.
+    waiting: HashMap<[u8; 32], Vec<WaitingFetch>>,
+    waiting_per_peer: HashMap<PeerId, usize>,
     claim_budget: HashMap<PeerId, (Instant, u32)>,
     request_budget: HashMap<PeerId, (Instant, u32)>,
     request_budget_ip: HashMap<IpAddr, (Instant, u32)>,
     push_tx: mpsc::Sender<PushDone>,
     push_rx: mpsc::Receiver<PushDone>,
+}
+
+/// A fetch held until something is deposited or its deadline passes.
+struct WaitingFetch {
+    id: u64,
+    peer: PeerId,
+    request_inbox: bool,
+    after: u64,
+    limit: usize,
+    deadline: u64,
 }
 
 struct Pending {
@@ -495,6 +513,27 @@ fn respond_err(e: MailboxError, detail: impl Into<String>) -> pb::MailboxRespons
     }
 }
 
+/// A fetch answer from stored envelopes in index order, cut at
+/// [`MAX_FETCH_BYTES`] (then `more` is set).
+fn fetch_result(envs: impl Iterator<Item = StoredEnvelope>) -> pb::FetchResult {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    let mut more = false;
+    for e in envs {
+        bytes += e.envelope.len() + 16;
+        if bytes > MAX_FETCH_BYTES && !out.is_empty() {
+            more = true;
+            break;
+        }
+        out.push(pb::StoredEnvelope {
+            index: e.index,
+            envelope: e.envelope,
+            deposited_ms: e.deposited_ms,
+        });
+    }
+    pb::FetchResult { envelopes: out, more }
+}
+
 fn respond_ok(result: mailbox_response::Result) -> pb::MailboxResponse {
     pb::MailboxResponse {
         status: pb::MailboxStatus::Ok as i32,
@@ -588,6 +627,8 @@ impl MailboxService {
             answering: Arc::new(Semaphore::new(ANSWERING_PASSES)),
             staged: Staged::default(),
             subs: HashMap::new(),
+            waiting: HashMap::new(),
+            waiting_per_peer: HashMap::new(),
             claim_budget: HashMap::new(),
             request_budget: HashMap::new(),
             request_budget_ip: HashMap::new(),
@@ -599,6 +640,8 @@ impl MailboxService {
     pub async fn run(mut self, mut rx: mpsc::Receiver<NetEvent>) {
         let mut sweep = tokio::time::interval(self.opts.sweep_interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wait_tick = tokio::time::interval(Duration::from_millis(500));
+        wait_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.update_gauges().await;
         loop {
             tokio::select! {
@@ -627,6 +670,7 @@ impl MailboxService {
                 }
                 Some(done) = self.push_rx.recv() => self.on_push_done(done).await,
                 _ = sweep.tick() => self.sweep().await,
+                _ = wait_tick.tick(), if !self.waiting.is_empty() => self.expire_waiting(),
             }
             self.start_commit().await;
         }
@@ -688,6 +732,7 @@ impl MailboxService {
             Ok(touched) => {
                 for inbox in touched {
                     self.push(inbox);
+                    self.wake(inbox);
                 }
             }
             Err(_) => warn!("a deposit commit task ended without reporting"),
@@ -801,7 +846,15 @@ impl MailboxService {
                 }
                 // Empty, or more than a batch may hold: refused whole.
                 Some(mailbox_request::Op::DepositBatch(_)) => Err(MailboxError::BadRequest),
-                Some(mailbox_request::Op::Fetch(f)) => self.fetch(&f, now).await,
+                Some(mailbox_request::Op::Fetch(f)) => match self.fetch(&f, now).await {
+                    // Nothing yet, and the fetcher will wait: answered later.
+                    Ok(mailbox_response::Result::Fetched(r))
+                        if r.envelopes.is_empty() && f.wait_ms > 0 && self.hold(&p, &f, now) =>
+                    {
+                        continue;
+                    }
+                    r => r,
+                },
                 Some(mailbox_request::Op::Ack(a)) => self.ack(&a, now).await,
                 Some(mailbox_request::Op::Subscribe(s)) => self.subscribe(p.peer, &s, now).await,
                 Some(mailbox_request::Op::ClaimKeyPackage(c)) => self.claim(p.peer, &c).await,
@@ -986,28 +1039,102 @@ impl MailboxService {
             .await?;
         let (request_inbox, after) = (f.request_inbox, f.after_index);
         let limit = (f.limit as usize).clamp(1, MAX_FETCH);
-        let (envs, mut more) = self
+        let (envs, more) = self
             .blocking(move |m| m.fetch(&inbox, request_inbox, after, limit, now))
             .await?
             .map_err(|_| MailboxError::Unavailable)?;
-        let mut out = Vec::with_capacity(envs.len());
-        let mut bytes = 0;
-        for e in envs {
-            bytes += e.envelope.len() + 16;
-            if bytes > MAX_FETCH_BYTES && !out.is_empty() {
-                more = true;
-                break;
-            }
-            out.push(pb::StoredEnvelope {
-                index: e.index,
-                envelope: e.envelope,
-                deposited_ms: e.deposited_ms,
-            });
+        let mut result = fetch_result(envs.into_iter());
+        result.more |= more;
+        Ok(mailbox_response::Result::Fetched(result))
+    }
+
+    /// Keeps an empty fetch that asked to wait, within the limits; false if
+    /// it must be answered now.
+    fn hold(&mut self, p: &Pending, f: &pb::Fetch, now: u64) -> bool {
+        let Ok(inbox) = inbox32(&f.inbox_id) else { return false };
+        let held = self.waiting_per_peer.get(&p.peer).copied().unwrap_or(0);
+        let total: usize = self.waiting.values().map(Vec::len).sum();
+        if held >= MAX_WAITING_PER_PEER || total >= MAX_WAITING {
+            return false;
         }
-        Ok(mailbox_response::Result::Fetched(pb::FetchResult {
-            envelopes: out,
-            more,
-        }))
+        *self.waiting_per_peer.entry(p.peer).or_insert(0) += 1;
+        self.waiting.entry(inbox).or_default().push(WaitingFetch {
+            id: p.id,
+            peer: p.peer,
+            request_inbox: f.request_inbox,
+            after: f.after_index,
+            limit: (f.limit as usize).clamp(1, MAX_FETCH),
+            deadline: now + u64::from(f.wait_ms).min(MAX_FETCH_WAIT_MS),
+        });
+        true
+    }
+
+    fn release(&mut self, held: &[WaitingFetch]) {
+        for w in held {
+            if let Some(n) = self.waiting_per_peer.get_mut(&w.peer) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.waiting_per_peer.remove(&w.peer);
+                }
+            }
+        }
+    }
+
+    /// Answers the fetches waiting on `inbox` with what was just deposited.
+    fn wake(&mut self, inbox: [u8; 32]) {
+        let Some(held) = self.waiting.remove(&inbox) else {
+            return;
+        };
+        self.release(&held);
+        let m = self.opts.mailboxes.clone();
+        let net = self.net.clone();
+        let now = self.clock.now_ms();
+        tokio::spawn(async move {
+            // One read per inbox flag serves every waiter (members of a group
+            // usually wait at the same cursor).
+            for request_inbox in [false, true] {
+                let mine: Vec<&WaitingFetch> = held.iter().filter(|w| w.request_inbox == request_inbox).collect();
+                let Some(after) = mine.iter().map(|w| w.after).min() else {
+                    continue;
+                };
+                let m = m.clone();
+                let fetched =
+                    tokio::task::spawn_blocking(move || m.fetch(&inbox, request_inbox, after, MAX_FETCH, now)).await;
+                let envs = match fetched {
+                    Ok(Ok((envs, _))) => envs,
+                    _ => Vec::new(),
+                };
+                for w in mine {
+                    let result = fetch_result(envs.iter().filter(|e| e.index > w.after).take(w.limit).cloned());
+                    net.respond_mailbox(w.id, respond_ok(mailbox_response::Result::Fetched(result)))
+                        .await;
+                }
+            }
+        });
+    }
+
+    /// Answers waiting fetches whose deadline passed: nothing new.
+    fn expire_waiting(&mut self) {
+        let now = self.clock.now_ms();
+        let mut due = Vec::new();
+        self.waiting.retain(|_, held| {
+            let (expired, keep): (Vec<_>, Vec<_>) = std::mem::take(held).into_iter().partition(|w| w.deadline <= now);
+            due.extend(expired);
+            *held = keep;
+            !held.is_empty()
+        });
+        if due.is_empty() {
+            return;
+        }
+        self.release(&due);
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            for w in due {
+                let empty = fetch_result(std::iter::empty());
+                net.respond_mailbox(w.id, respond_ok(mailbox_response::Result::Fetched(empty)))
+                    .await;
+            }
+        });
     }
 
     async fn ack(&mut self, a: &pb::Ack, now: u64) -> Result<mailbox_response::Result, MailboxError> {

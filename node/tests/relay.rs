@@ -318,6 +318,7 @@ fn fetch(inbox: &[u8; 32], request_inbox: bool, after: u64, auth: pb::OwnerAuth)
             after_index: after,
             limit: 512,
             auth: Some(auth),
+            wait_ms: 0,
         })),
     }
 }
@@ -1895,5 +1896,81 @@ async fn an_expired_capability_is_refused_even_if_it_was_cached_while_valid() {
     assert_eq!(relay.refusals("deposit", MailboxError::Expired), 2);
     assert_eq!(relay.all_refusals(), 2);
     assert_eq!(relay.stats().envelopes, 3);
+    relay.shutdown().await;
+}
+
+/// A fetch that finds nothing and may wait is held by the relay: answered as
+/// soon as something is deposited in that inbox, or with nothing once its
+/// wait is over (here the relay's clock is moved past it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_may_wait_is_answered_when_mail_arrives_or_empty_when_the_wait_is_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (time, clock) = manual_clock();
+    let relay = Relay::start(
+        &dir.path().join("relay"),
+        RelayTestOptions {
+            clock,
+            ..RelayTestOptions::default()
+        },
+    )
+    .await;
+    let now = time.load(Ordering::Relaxed);
+    let alice = Owner::new(dir.path(), "alice");
+    let owner = client(Some(alice.seed), &relay.addr).await;
+    let sender = client(None, &relay.addr).await;
+    let waiting = |after: u64, ts: u64, wait_ms: u32| {
+        let mut req = fetch(&alice.inbox, false, after, alice.auth(Op::Fetch, ts, after));
+        if let Some(mailbox_request::Op::Fetch(f)) = req.op.as_mut() {
+            f.wait_ms = wait_ms;
+        }
+        req
+    };
+
+    // Nothing there: the answer waits for the deposit.
+    let (net, peer) = (owner.clone(), relay.peer);
+    let req = waiting(0, now, 15_000);
+    let held = tokio::spawn(async move { net.mailbox(peer, req).await });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert!(!held.is_finished(), "an empty fetch that may wait is held");
+    let env = envelope("first", 200);
+    relay
+        .deposit_ok(
+            &sender,
+            deposit(&alice.inbox, Some(alice.capability(now + DAY_MS)), &env),
+        )
+        .await;
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), held)
+        .await
+        .expect("answered once mail arrived")
+        .unwrap()
+        .unwrap();
+    let Ok(mailbox_response::Result::Fetched(f)) = outcome(answer) else {
+        panic!("a fetch result")
+    };
+    assert_eq!(f.envelopes.len(), 1);
+    assert_eq!((f.envelopes[0].index, f.envelopes[0].envelope.clone()), (1, env));
+
+    // Something already past the cursor: answered at once, wait or not.
+    let Ok(mailbox_response::Result::Fetched(f)) = relay.ask(&owner, waiting(0, now, 15_000)).await else {
+        panic!("a fetch result")
+    };
+    assert_eq!(f.envelopes.len(), 1);
+
+    // Nothing new past index 1: held until its wait is over, then empty.
+    let (net, peer) = (owner.clone(), relay.peer);
+    let req = waiting(1, now, 5_000);
+    let held = tokio::spawn(async move { net.mailbox(peer, req).await });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert!(!held.is_finished());
+    time.fetch_add(6_000, Ordering::Relaxed);
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), held)
+        .await
+        .expect("answered when the wait was over")
+        .unwrap()
+        .unwrap();
+    let Ok(mailbox_response::Result::Fetched(f)) = outcome(answer) else {
+        panic!("a fetch result")
+    };
+    assert!(f.envelopes.is_empty());
     relay.shutdown().await;
 }
