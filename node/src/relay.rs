@@ -323,6 +323,7 @@ pub struct MailboxService {
     /// Fetches that found nothing and wait for a deposit, by inbox.
     waiting: HashMap<[u8; 32], Vec<WaitingFetch>>,
     waiting_per_peer: HashMap<PeerId, usize>,
+    waiting_total: usize,
     claim_budget: HashMap<PeerId, (Instant, u32)>,
     request_budget: HashMap<PeerId, (Instant, u32)>,
     request_budget_ip: HashMap<IpAddr, (Instant, u32)>,
@@ -629,6 +630,7 @@ impl MailboxService {
             subs: HashMap::new(),
             waiting: HashMap::new(),
             waiting_per_peer: HashMap::new(),
+            waiting_total: 0,
             claim_budget: HashMap::new(),
             request_budget: HashMap::new(),
             request_budget_ip: HashMap::new(),
@@ -1053,11 +1055,11 @@ impl MailboxService {
     fn hold(&mut self, p: &Pending, f: &pb::Fetch, now: u64) -> bool {
         let Ok(inbox) = inbox32(&f.inbox_id) else { return false };
         let held = self.waiting_per_peer.get(&p.peer).copied().unwrap_or(0);
-        let total: usize = self.waiting.values().map(Vec::len).sum();
-        if held >= MAX_WAITING_PER_PEER || total >= MAX_WAITING {
+        if held >= MAX_WAITING_PER_PEER || self.waiting_total >= MAX_WAITING {
             return false;
         }
         *self.waiting_per_peer.entry(p.peer).or_insert(0) += 1;
+        self.waiting_total += 1;
         self.waiting.entry(inbox).or_default().push(WaitingFetch {
             id: p.id,
             peer: p.peer,
@@ -1070,6 +1072,7 @@ impl MailboxService {
     }
 
     fn release(&mut self, held: &[WaitingFetch]) {
+        self.waiting_total = self.waiting_total.saturating_sub(held.len());
         for w in held {
             if let Some(n) = self.waiting_per_peer.get_mut(&w.peer) {
                 *n = n.saturating_sub(1);
