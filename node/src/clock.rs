@@ -27,6 +27,15 @@ impl Clock {
         Self(Arc::new(move || time.load(Ordering::Relaxed)))
     }
 
+    /// Wall time that follows tokio's clock from `start_ms` on: virtual time
+    /// when the clock is paused (the simulator), real time otherwise.
+    pub fn tokio(start_ms: u64) -> Self {
+        let base = tokio::time::Instant::now();
+        Self(Arc::new(move || {
+            start_ms.saturating_add(u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX))
+        }))
+    }
+
     pub fn now_ms(&self) -> u64 {
         (self.0)()
     }

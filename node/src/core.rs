@@ -1998,7 +1998,7 @@ async fn deposit_all(net: &Network, t: &MailboxTarget, envelopes: &[pb::Envelope
         let pow_nonce = if t.capability.is_none() {
             // First contact: no capability, so the request inbox and proof of work.
             let (inbox, b) = (t.inbox, bytes.clone());
-            tokio::task::spawn_blocking(move || mb::solve_pow(&inbox, &b, mb::DEFAULT_POW_BITS))
+            crate::sim::off_thread(move || mb::solve_pow(&inbox, &b, mb::DEFAULT_POW_BITS))
                 .await
                 .unwrap_or_default()
         } else {

@@ -13,6 +13,7 @@ pub mod link;
 pub mod net;
 pub mod node;
 pub mod relay;
+pub mod sim;
 pub mod types;
 
 pub use clock::Clock;

@@ -102,6 +102,16 @@ pub struct NetConfig {
     /// set this when the listen addresses are the ones others dial (a specific
     /// public IP, or loopback in tests and the demo).
     pub announce_listen_addrs: bool,
+    /// Run over a simulated network instead of sockets (the simulator): the
+    /// node then listens and dials only `/memory/<port>` addresses.
+    pub sim: Option<SimHost>,
+}
+
+/// A host in a simulated network: its world and its port there.
+#[derive(Debug, Clone)]
+pub struct SimHost {
+    pub net: crate::sim::SimNetwork,
+    pub port: u64,
 }
 
 /// Limits of the circuit relay v2 server.
@@ -153,6 +163,7 @@ impl Default for NetConfig {
             external_addrs: Vec::new(),
             reserve_on: Vec::new(),
             announce_listen_addrs: false,
+            sim: None,
         }
     }
 }
@@ -384,6 +395,102 @@ impl Network {
     }
 }
 
+/// What the behaviours are made from (the same over sockets and in the simulator).
+struct BehaviourParams {
+    peer_id: PeerId,
+    mdns: bool,
+    relay: Option<RelayServerConfig>,
+    request_timeout: Duration,
+}
+
+fn behaviour(
+    key: &libp2p::identity::Keypair,
+    relay_client: relay::client::Behaviour,
+    params: &BehaviourParams,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let (peer_id, mdns_on, relay_cfg, request_timeout) =
+        (params.peer_id, params.mdns, &params.relay, params.request_timeout);
+    let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+    kad_cfg
+        .set_record_filtering(kad::StoreInserts::FilterBoth)
+        .set_query_timeout(Duration::from_secs(20));
+    let store = MemoryStore::with_config(
+        peer_id,
+        MemoryStoreConfig {
+            max_records: 4096,
+            max_value_bytes: MAX_USER_RECORD,
+            ..Default::default()
+        },
+    );
+    let kad = kad::Behaviour::with_config(peer_id, store, kad_cfg);
+    let rr_cfg = request_response::Config::default().with_request_timeout(request_timeout);
+    let deliver = request_response::Behaviour::with_codec(
+        ProstCodec::new(MAX_DELIVER_FRAME),
+        [(DELIVER_PROTOCOL, ProtocolSupport::Full)],
+        rr_cfg.clone().with_max_concurrent_streams(256),
+    );
+    let key_package = request_response::Behaviour::with_codec(
+        ProstCodec::new(MAX_KEY_PACKAGE_FRAME),
+        [(KEY_PACKAGE_PROTOCOL, ProtocolSupport::Full)],
+        rr_cfg.clone(),
+    );
+    // Only relays answer mailbox requests; everyone can ask.
+    let mailbox_support = if relay_cfg.is_some() {
+        ProtocolSupport::Full
+    } else {
+        ProtocolSupport::Outbound
+    };
+    let mailbox = request_response::Behaviour::with_codec(
+        ProstCodec::new(MAX_MAILBOX_FRAME),
+        [(MAILBOX_PROTOCOL, mailbox_support)],
+        rr_cfg.with_max_concurrent_streams(1024),
+    );
+    let link = request_response::Behaviour::with_codec(
+        ProstCodec::new(MAX_DELIVER_FRAME),
+        [(LINK_PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+    );
+    let relay = relay_cfg.as_ref().map(|c| {
+        relay::Behaviour::new(
+            peer_id,
+            relay::Config {
+                max_reservations: c.max_reservations,
+                max_reservations_per_peer: c.max_reservations_per_peer,
+                reservation_duration: Duration::from_secs(c.reservation_duration_secs),
+                max_circuits: c.max_circuits,
+                max_circuits_per_peer: c.max_circuits_per_peer,
+                max_circuit_duration: Duration::from_secs(c.max_circuit_duration_secs),
+                max_circuit_bytes: c.max_circuit_bytes,
+                ..relay::Config::default()
+            },
+        )
+    });
+    let autonat_server = relay_cfg.as_ref().map(|_| autonat::v2::server::Behaviour::default());
+    let mdns = if mdns_on {
+        Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+    } else {
+        None
+    };
+    Ok(Behaviour {
+        relay_client,
+        relay: relay.into(),
+        dcutr: dcutr::Behaviour::new(peer_id),
+        autonat_client: autonat::v2::client::Behaviour::default(),
+        autonat_server: autonat_server.into(),
+        identify: identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION"))),
+        ),
+        ping: ping::Behaviour::new(ping::Config::new()),
+        kad,
+        deliver,
+        key_package,
+        mailbox,
+        link,
+        mdns: mdns.into(),
+    })
+}
+
 /// Builds the swarm, starts listening and spawns the event loop.
 /// Returns once every listen address is bound.
 pub async fn spawn(
@@ -401,99 +508,44 @@ pub async fn spawn(
     let mdns_on = config.mdns;
     let relay_cfg = config.relay_server.clone();
     let request_timeout = config.request_timeout;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )?
-        .with_quic()
-        .with_dns()?
-        .with_relay_client(noise::Config::new, yamux::Config::default)?
-        .with_behaviour(|key, relay_client| {
-            let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
-            kad_cfg
-                .set_record_filtering(kad::StoreInserts::FilterBoth)
-                .set_query_timeout(Duration::from_secs(20));
-            let store = MemoryStore::with_config(
-                peer_id,
-                MemoryStoreConfig {
-                    max_records: 4096,
-                    max_value_bytes: MAX_USER_RECORD,
-                    ..Default::default()
-                },
-            );
-            let kad = kad::Behaviour::with_config(peer_id, store, kad_cfg);
-            let rr_cfg = request_response::Config::default().with_request_timeout(request_timeout);
-            let deliver = request_response::Behaviour::with_codec(
-                ProstCodec::new(MAX_DELIVER_FRAME),
-                [(DELIVER_PROTOCOL, ProtocolSupport::Full)],
-                rr_cfg.clone().with_max_concurrent_streams(256),
-            );
-            let key_package = request_response::Behaviour::with_codec(
-                ProstCodec::new(MAX_KEY_PACKAGE_FRAME),
-                [(KEY_PACKAGE_PROTOCOL, ProtocolSupport::Full)],
-                rr_cfg.clone(),
-            );
-            // Only relays answer mailbox requests; everyone can ask.
-            let mailbox_support = if relay_cfg.is_some() {
-                ProtocolSupport::Full
-            } else {
-                ProtocolSupport::Outbound
-            };
-            let mailbox = request_response::Behaviour::with_codec(
-                ProstCodec::new(MAX_MAILBOX_FRAME),
-                [(MAILBOX_PROTOCOL, mailbox_support)],
-                rr_cfg.with_max_concurrent_streams(1024),
-            );
-            let link = request_response::Behaviour::with_codec(
-                ProstCodec::new(MAX_DELIVER_FRAME),
-                [(LINK_PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
-            );
-            let relay = relay_cfg.as_ref().map(|c| {
-                relay::Behaviour::new(
-                    peer_id,
-                    relay::Config {
-                        max_reservations: c.max_reservations,
-                        max_reservations_per_peer: c.max_reservations_per_peer,
-                        reservation_duration: Duration::from_secs(c.reservation_duration_secs),
-                        max_circuits: c.max_circuits,
-                        max_circuits_per_peer: c.max_circuits_per_peer,
-                        max_circuit_duration: Duration::from_secs(c.max_circuit_duration_secs),
-                        max_circuit_bytes: c.max_circuit_bytes,
-                        ..relay::Config::default()
-                    },
+    let params = BehaviourParams {
+        peer_id,
+        mdns: mdns_on,
+        relay: relay_cfg,
+        request_timeout,
+    };
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(120));
+    let mut swarm = match &config.sim {
+        None => libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )?
+            .with_quic()
+            .with_dns()?
+            .with_relay_client(noise::Config::new, yamux::Config::default)?
+            .with_behaviour(|key, relay_client| behaviour(key, relay_client, &params))?
+            .with_swarm_config(idle)
+            .build(),
+        Some(host) => libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_other_transport(|key| {
+                use libp2p::core::Transport as _;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    host.net
+                        .transport(host.port)
+                        .upgrade(libp2p::core::upgrade::Version::V1)
+                        .authenticate(noise::Config::new(key)?)
+                        .multiplex(yamux::Config::default()),
                 )
-            });
-            let autonat_server = relay_cfg.as_ref().map(|_| autonat::v2::server::Behaviour::default());
-            let mdns = if mdns_on {
-                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
-            } else {
-                None
-            };
-            Ok(Behaviour {
-                relay_client,
-                relay: relay.into(),
-                dcutr: dcutr::Behaviour::new(peer_id),
-                autonat_client: autonat::v2::client::Behaviour::default(),
-                autonat_server: autonat_server.into(),
-                identify: identify::Behaviour::new(
-                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                        .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION"))),
-                ),
-                ping: ping::Behaviour::new(ping::Config::new()),
-                kad,
-                deliver,
-                key_package,
-                mailbox,
-                link,
-                mdns: mdns.into(),
-            })
-        })?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build();
+            })?
+            .with_relay_client(noise::Config::new, yamux::Config::default)?
+            .with_behaviour(|key, relay_client| behaviour(key, relay_client, &params))?
+            .with_swarm_config(idle)
+            .build(),
+    };
 
     // Fixed either way: in automatic mode a circuit reservation (which the relay
     // client reports as a confirmed external address) would turn a node behind

@@ -423,6 +423,11 @@ impl CapabilityCache {
     }
 }
 
+/// [`crate::sim::off_thread`], failing as `Unavailable`.
+async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, MailboxError> {
+    crate::sim::off_thread(f).await.ok_or(MailboxError::Unavailable)
+}
+
 /// Runs `f` over `items` on up to `parallel` blocking threads at once, in
 /// contiguous chunks of at least [`MIN_CHUNK`]; the results keep the order.
 async fn parallel_map<T, R, F>(items: Vec<T>, parallel: usize, f: F) -> Result<Vec<R>, MailboxError>
@@ -434,6 +439,9 @@ where
     let n = items.len();
     if n == 0 {
         return Ok(Vec::new());
+    }
+    if crate::sim::inline_blocking() {
+        return Ok(items.into_iter().map(f).collect());
     }
     let chunks = parallel.clamp(1, n.div_ceil(MIN_CHUNK));
     let per = n.div_ceil(chunks);
@@ -746,9 +754,7 @@ impl MailboxService {
         f: impl FnOnce(&Mailboxes) -> T + Send + 'static,
     ) -> Result<T, MailboxError> {
         let m = self.opts.mailboxes.clone();
-        tokio::task::spawn_blocking(move || f(&m))
-            .await
-            .map_err(|_| MailboxError::Unavailable)
+        off_thread(move || f(&m)).await
     }
 
     async fn update_gauges(&self) {
@@ -1101,8 +1107,7 @@ impl MailboxService {
                     continue;
                 };
                 let m = m.clone();
-                let fetched =
-                    tokio::task::spawn_blocking(move || m.fetch(&inbox, request_inbox, after, MAX_FETCH, now)).await;
+                let fetched = off_thread(move || m.fetch(&inbox, request_inbox, after, MAX_FETCH, now)).await;
                 let envs = match fetched {
                     Ok(Ok((envs, _))) => envs,
                     _ => Vec::new(),
@@ -1248,7 +1253,7 @@ impl MailboxService {
                     .await;
                 return;
             }
-            let fetched = tokio::task::spawn_blocking(move || m.fetch(&inbox, false, cursor, 256, now)).await;
+            let fetched = off_thread(move || m.fetch(&inbox, false, cursor, 256, now)).await;
             let envs = match fetched {
                 Ok(Ok((envs, _))) => envs,
                 _ => Vec::new(),
@@ -1367,7 +1372,7 @@ async fn commit_deposits(
     let reqs = Arc::new(reqs);
     let (m, r2) = (ctx.mailboxes.clone(), reqs.clone());
     let started = std::time::Instant::now();
-    let result = tokio::task::spawn_blocking(move || m.deposit_batch(&r2, now)).await;
+    let result = off_thread(move || m.deposit_batch(&r2, now)).await;
     let commit_done = std::time::Instant::now();
     let stored: Vec<Result<Deposited, MailboxError>> = match result {
         Ok(Ok(o)) if o.len() == n => o

@@ -1,0 +1,543 @@
+//! What the network simulator needs from a node: a libp2p transport over
+//! simulated links instead of sockets.
+//!
+//! A [`SimNetwork`] is one simulated world's switchboard (never a global, so
+//! that several worlds can run in one process). Each host has a port and
+//! listens on `/memory/<port>`; a [`LinkModel`] says how long a chunk of bytes
+//! takes from one host to another, or that the two cannot reach each other
+//! (a partition). Connections are ordered byte streams whose chunks arrive
+//! after the model's delay, on tokio's clock: with the clock paused
+//! (`tokio::time::pause`), the world runs in virtual time and jumps from one
+//! delivery to the next. libp2p's own timers follow the same clock (see
+//! `patches/futures-timer`).
+//!
+//! Noise and yamux run over these streams exactly as over TCP, so everything
+//! above the socket is the real node.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, Ready};
+use futures::{AsyncRead, AsyncWrite, FutureExt as _};
+use libp2p::Multiaddr;
+use libp2p::core::transport::{DialOpts, ListenerId, Transport, TransportError, TransportEvent};
+use libp2p::multiaddr::Protocol;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+
+/// Most bytes in flight in one direction of a connection before the writer
+/// waits (a send window).
+const WINDOW: usize = 1024 * 1024;
+/// Largest chunk one write puts on a link.
+const MAX_CHUNK: usize = 64 * 1024;
+/// How long a dial into a partition hangs before it fails.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections a listener may have waiting to be accepted.
+const BACKLOG: usize = 256;
+
+/// How the simulated network carries bytes between two hosts.
+pub trait LinkModel: Send + Sync + 'static {
+    /// The one-way delay of `bytes` sent now from host `from` to host `to`,
+    /// or `None` while they cannot reach each other.
+    fn delay(&self, from: u64, to: u64, bytes: usize) -> Option<Duration>;
+}
+
+/// Every link the same fixed one-way delay: the simplest world.
+#[derive(Debug, Clone, Copy)]
+pub struct FixedDelay(pub Duration);
+
+impl LinkModel for FixedDelay {
+    fn delay(&self, _from: u64, _to: u64, _bytes: usize) -> Option<Duration> {
+        Some(self.0)
+    }
+}
+
+/// One simulated world's switchboard: who listens on which port.
+#[derive(Clone)]
+pub struct SimNetwork {
+    hub: Arc<Mutex<HashMap<u64, mpsc::Sender<Incoming>>>>,
+    model: Arc<dyn LinkModel>,
+}
+
+impl std::fmt::Debug for SimNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimNetwork").finish_non_exhaustive()
+    }
+}
+
+struct Incoming {
+    conn: SimConn,
+    from: u64,
+}
+
+impl SimNetwork {
+    pub fn new(model: Arc<dyn LinkModel>) -> Self {
+        Self {
+            hub: Arc::default(),
+            model,
+        }
+    }
+
+    /// The address of host `port`.
+    pub fn address(port: u64) -> Multiaddr {
+        Multiaddr::empty().with(Protocol::Memory(port))
+    }
+
+    /// The transport of host `port` (it listens on [`SimNetwork::address`]).
+    pub fn transport(&self, port: u64) -> SimTransport {
+        SimTransport {
+            net: self.clone(),
+            port,
+            listeners: Vec::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    fn hub(&self) -> MutexGuard<'_, HashMap<u64, mpsc::Sender<Incoming>>> {
+        self.hub.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a connection from `from` to `to`: one trip there and one back
+    /// before it is usable, like a TCP handshake.
+    async fn connect(self, from: u64, to: u64) -> io::Result<SimConn> {
+        let Some(there) = self.model.delay(from, to, 0) else {
+            tokio::time::sleep(DIAL_TIMEOUT).await;
+            return Err(io::ErrorKind::TimedOut.into());
+        };
+        tokio::time::sleep(there).await;
+        let listener = self.hub().get(&to).cloned();
+        let Some(listener) = listener else {
+            return Err(io::ErrorKind::ConnectionRefused.into());
+        };
+        let (ours, theirs) = SimConn::pair(self.model.clone(), from, to);
+        listener
+            .try_send(Incoming { conn: theirs, from })
+            .map_err(|_| io::Error::from(io::ErrorKind::ConnectionRefused))?;
+        let back = self.model.delay(to, from, 0).unwrap_or(there);
+        tokio::time::sleep(back).await;
+        Ok(ours)
+    }
+}
+
+/// The port of a `/memory/<port>` address (a trailing `/p2p/…` is allowed).
+fn memory_port(addr: &Multiaddr) -> Option<u64> {
+    let mut it = addr.iter();
+    let port = match it.next()? {
+        Protocol::Memory(p) => p,
+        _ => return None,
+    };
+    match it.next() {
+        None | Some(Protocol::P2p(_)) if it.next().is_none() => Some(port),
+        _ => None,
+    }
+}
+
+/// A host's libp2p transport in a [`SimNetwork`].
+pub struct SimTransport {
+    net: SimNetwork,
+    port: u64,
+    listeners: Vec<(ListenerId, mpsc::Receiver<Incoming>)>,
+    events: VecDeque<TransportEvent<Ready<io::Result<SimConn>>, io::Error>>,
+}
+
+impl Transport for SimTransport {
+    type Output = SimConn;
+    type Error = io::Error;
+    type ListenerUpgrade = Ready<io::Result<SimConn>>;
+    type Dial = BoxFuture<'static, io::Result<SimConn>>;
+
+    fn listen_on(&mut self, id: ListenerId, addr: Multiaddr) -> Result<(), TransportError<io::Error>> {
+        match memory_port(&addr) {
+            Some(p) if p == self.port || p == 0 => {}
+            _ => return Err(TransportError::MultiaddrNotSupported(addr)),
+        }
+        let (tx, rx) = mpsc::channel(BACKLOG);
+        self.net.hub().insert(self.port, tx);
+        self.listeners.push((id, rx));
+        self.events.push_back(TransportEvent::NewAddress {
+            listener_id: id,
+            listen_addr: SimNetwork::address(self.port),
+        });
+        Ok(())
+    }
+
+    fn remove_listener(&mut self, id: ListenerId) -> bool {
+        let before = self.listeners.len();
+        self.listeners.retain(|(l, _)| *l != id);
+        if self.listeners.len() == before {
+            return false;
+        }
+        if self.listeners.is_empty() {
+            self.net.hub().remove(&self.port);
+        }
+        self.events.push_back(TransportEvent::ListenerClosed {
+            listener_id: id,
+            reason: Ok(()),
+        });
+        true
+    }
+
+    fn dial(&mut self, addr: Multiaddr, _opts: DialOpts) -> Result<Self::Dial, TransportError<io::Error>> {
+        let Some(to) = memory_port(&addr) else {
+            return Err(TransportError::MultiaddrNotSupported(addr));
+        };
+        Ok(self.net.clone().connect(self.port, to).boxed())
+    }
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
+        if let Some(ev) = self.events.pop_front() {
+            return Poll::Ready(ev);
+        }
+        let port = self.port;
+        for (id, rx) in self.listeners.iter_mut() {
+            if let Poll::Ready(Some(inc)) = rx.poll_recv(cx) {
+                return Poll::Ready(TransportEvent::Incoming {
+                    listener_id: *id,
+                    upgrade: futures::future::ready(Ok(inc.conn)),
+                    local_addr: SimNetwork::address(port),
+                    send_back_addr: SimNetwork::address(inc.from),
+                });
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// One direction of a connection: chunks with the time they arrive.
+#[derive(Default)]
+struct Half {
+    chunks: VecDeque<(Instant, Vec<u8>)>,
+    /// Bytes of the front chunk already read.
+    pos: usize,
+    queued: usize,
+    /// Arrival time of the last chunk (a link delivers in order).
+    last: Option<Instant>,
+    /// The writer closed this direction (after its chunks, the reader sees the end).
+    closed: bool,
+    /// The link broke (a partition cut it): the reader gets an error.
+    broken: bool,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+}
+
+type Shared = Arc<Mutex<Half>>;
+
+fn lock(h: &Shared) -> MutexGuard<'_, Half> {
+    h.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One end of a simulated connection.
+pub struct SimConn {
+    rx: Shared,
+    tx: Shared,
+    model: Arc<dyn LinkModel>,
+    local: u64,
+    remote: u64,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl std::fmt::Debug for SimConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimConn")
+            .field("local", &self.local)
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimConn {
+    fn pair(model: Arc<dyn LinkModel>, a: u64, b: u64) -> (SimConn, SimConn) {
+        let (ab, ba): (Shared, Shared) = (Arc::default(), Arc::default());
+        (
+            SimConn {
+                rx: ba.clone(),
+                tx: ab.clone(),
+                model: model.clone(),
+                local: a,
+                remote: b,
+                timer: None,
+            },
+            SimConn {
+                rx: ab,
+                tx: ba,
+                model,
+                local: b,
+                remote: a,
+                timer: None,
+            },
+        )
+    }
+}
+
+impl AsyncRead for SimConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        loop {
+            let rx = self.rx.clone();
+            let mut h = lock(&rx);
+            let due = match h.chunks.front() {
+                Some((at, _)) => *at,
+                None if h.broken => return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+                None if h.closed => return Poll::Ready(Ok(0)),
+                None => {
+                    h.reader = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            };
+            if due <= Instant::now() {
+                let pos = h.pos;
+                let Some((_, data)) = h.chunks.front() else { continue };
+                let n = buf.len().min(data.len() - pos);
+                buf[..n].copy_from_slice(&data[pos..pos + n]);
+                let len = data.len();
+                if pos + n == len {
+                    h.chunks.pop_front();
+                    h.pos = 0;
+                    h.queued -= len;
+                    if let Some(w) = h.writer.take() {
+                        w.wake();
+                    }
+                } else {
+                    h.pos += n;
+                }
+                drop(h);
+                self.timer = None;
+                return Poll::Ready(Ok(n));
+            }
+            drop(h);
+            // The front chunk is still on its way: wait for its arrival.
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SimConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let mut h = lock(&self.tx);
+        if h.closed || h.broken {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if h.queued >= WINDOW {
+            h.writer = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = buf.len().min(MAX_CHUNK).min(WINDOW - h.queued);
+        let Some(delay) = self.model.delay(self.local, self.remote, n) else {
+            h.broken = true;
+            if let Some(w) = h.reader.take() {
+                w.wake();
+            }
+            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+        };
+        let at = (Instant::now() + delay).max(h.last.unwrap_or_else(Instant::now));
+        h.last = Some(at);
+        h.chunks.push_back((at, buf[..n].to_vec()));
+        h.queued += n;
+        if let Some(w) = h.reader.take() {
+            w.wake();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut h = lock(&self.tx);
+        h.closed = true;
+        if let Some(w) = h.reader.take() {
+            w.wake();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for SimConn {
+    fn drop(&mut self) {
+        // Both directions end: the peer reads what is on its way, then the end,
+        // and its writes fail.
+        for half in [&self.tx, &self.rx] {
+            let mut h = lock(half);
+            h.closed = true;
+            for w in [h.reader.take(), h.writer.take()].into_iter().flatten() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// Whether blocking work should run inline: on a current-thread runtime (the
+/// simulator's), a blocking thread would let paused, virtual time jump ahead
+/// while the work runs.
+pub(crate) fn inline_blocking() -> bool {
+    tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
+}
+
+/// Runs blocking store or crypto work on a blocking thread, or inline when
+/// [`inline_blocking`]; `None` if the blocking thread failed.
+pub(crate) async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    if inline_blocking() {
+        return Some(f());
+    }
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
+/// Starts a relay on host `port` of `net`: its identity, store and mailboxes
+/// in memory, on `clock`.
+pub async fn start_relay(
+    net: &SimNetwork,
+    port: u64,
+    bootstrap: Vec<Multiaddr>,
+    clock: crate::Clock,
+) -> anyhow::Result<crate::Node> {
+    let store = tidings_store::Store::open_in_memory()?;
+    crate::create_identity(&store, "relay", clock.now_ms())?;
+    let mailboxes = Arc::new(tidings_store::mailbox::Mailboxes::open_in_memory(
+        tidings_store::mailbox::MailboxLimits::default(),
+    )?);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let relay = crate::relay::RelayOptions {
+        mailboxes,
+        pow_bits: tidings_protocol::mailbox::DEFAULT_POW_BITS,
+        key_package_claims_per_minute: 60,
+        request_deposits_per_minute: 600,
+        request_deposits_per_ip_per_minute: 2400,
+        sweep_interval: Duration::from_secs(60),
+        metrics: crate::relay::RelayMetrics::register(&mut registry),
+    };
+    let config = crate::NodeConfig {
+        net: host_config(net, port, bootstrap, Some(crate::net::RelayServerConfig::default())),
+        clock,
+        relay: Some(relay),
+        ..crate::NodeConfig::default()
+    };
+    crate::Node::start(store, config).await
+}
+
+/// Starts a person's device on host `port` of `net`, with `home_relays`
+/// (`/memory/<port>/p2p/<id>`): identity and store in memory, on `clock`.
+pub async fn start_node(
+    net: &SimNetwork,
+    port: u64,
+    name: &str,
+    bootstrap: Vec<Multiaddr>,
+    home_relays: Vec<Multiaddr>,
+    clock: crate::Clock,
+) -> anyhow::Result<crate::Node> {
+    let store = tidings_store::Store::open_in_memory()?;
+    crate::create_identity(&store, name, clock.now_ms())?;
+    let config = crate::NodeConfig {
+        net: host_config(net, port, bootstrap, None),
+        clock,
+        home_relays,
+        ..crate::NodeConfig::default()
+    };
+    crate::Node::start(store, config).await
+}
+
+fn host_config(
+    net: &SimNetwork,
+    port: u64,
+    bootstrap: Vec<Multiaddr>,
+    relay_server: Option<crate::net::RelayServerConfig>,
+) -> crate::NetConfig {
+    crate::NetConfig {
+        listen: vec![SimNetwork::address(port)],
+        bootstrap,
+        relay_server,
+        announce_listen_addrs: true,
+        sim: Some(crate::net::SimHost { net: net.clone(), port }),
+        ..crate::NetConfig::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn dial_opts() -> DialOpts {
+        DialOpts {
+            role: libp2p::core::Endpoint::Dialer,
+            port_use: libp2p::core::transport::PortUse::New,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_arrive_in_order_after_the_links_delay_in_virtual_time() {
+        let net = SimNetwork::new(Arc::new(FixedDelay(Duration::from_millis(40))));
+        let mut server = net.transport(1);
+        server.listen_on(ListenerId::next(), SimNetwork::address(1)).unwrap();
+        let mut client = net.transport(2);
+        let start = Instant::now();
+        let dial = client.dial(SimNetwork::address(1), dial_opts()).unwrap();
+        let accept = async {
+            loop {
+                match futures::future::poll_fn(|cx| Pin::new(&mut server).poll(cx)).await {
+                    TransportEvent::Incoming {
+                        upgrade,
+                        send_back_addr,
+                        ..
+                    } => {
+                        assert_eq!(send_back_addr, SimNetwork::address(2));
+                        return upgrade.await.unwrap();
+                    }
+                    _ => continue,
+                }
+            }
+        };
+        let (mut ours, mut theirs) = futures::join!(async { dial.await.unwrap() }, accept);
+        assert_eq!(start.elapsed(), Duration::from_millis(80), "a round trip to connect");
+        ours.write_all(b"hello ").await.unwrap();
+        ours.write_all(b"world").await.unwrap();
+        let sent = Instant::now();
+        let mut got = [0u8; 11];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello world");
+        assert_eq!(sent.elapsed(), Duration::from_millis(40), "one way");
+        drop(ours);
+        let mut rest = Vec::new();
+        assert_eq!(
+            theirs.read_to_end(&mut rest).await.unwrap(),
+            0,
+            "the end once the peer is gone"
+        );
+        assert!(theirs.write_all(b"anyone?").await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dial_to_nobody_is_refused_and_into_a_partition_times_out() {
+        struct Cut;
+        impl LinkModel for Cut {
+            fn delay(&self, from: u64, to: u64, _: usize) -> Option<Duration> {
+                (from / 100 == to / 100).then_some(Duration::from_millis(5))
+            }
+        }
+        let net = SimNetwork::new(Arc::new(Cut));
+        let mut far = net.transport(201);
+        far.listen_on(ListenerId::next(), SimNetwork::address(201)).unwrap();
+        let mut client = net.transport(101);
+        let refused = client.dial(SimNetwork::address(102), dial_opts()).unwrap().await;
+        assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
+        let start = Instant::now();
+        let cut = client.dial(SimNetwork::address(201), dial_opts()).unwrap().await;
+        assert_eq!(cut.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), DIAL_TIMEOUT);
+        assert!(client.dial("/ip4/1.2.3.4/tcp/1".parse().unwrap(), dial_opts()).is_err());
+    }
+}
