@@ -113,3 +113,75 @@ async fn real_nodes_talk_directly_and_through_relay_mailboxes_in_virtual_time() 
         n.shutdown().await;
     }
 }
+
+/// Not a test: a probe of how far real nodes in virtual time go on this
+/// machine, until the simulator's Tier A runner exists. `R` relays and `C`
+/// people in a ring of contacts, three rounds of one message each 20 virtual
+/// seconds apart; prints virtual and wall time and the process's memory.
+/// `R=10 C=90 cargo test --release -p tidings-node --test sim -- --ignored --nocapture`
+#[tokio::test(start_paused = true)]
+#[ignore = "a measurement, run by hand"]
+async fn probe_many_real_nodes_in_virtual_time() {
+    let var = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (relays_n, people_n) = (var("R", 10), var("C", 90));
+    let wall = std::time::Instant::now();
+    let net = SimNetwork::new(Arc::new(sim::FixedDelay(Duration::from_millis(30))));
+    let clock = Clock::tokio(START_MS);
+    let mut relays = Vec::new();
+    let mut addrs: Vec<Multiaddr> = Vec::new();
+    for i in 0..relays_n {
+        let (r, addr) = relay(&net, 1 + i, addrs.first().cloned().into_iter().collect(), &clock).await;
+        relays.push(r);
+        addrs.push(addr);
+    }
+    let mut people = Vec::new();
+    for i in 0..people_n {
+        let homes = vec![
+            addrs[(i % relays_n) as usize].clone(),
+            addrs[((i + 1) % relays_n) as usize].clone(),
+        ];
+        let name = format!("p{i}");
+        people.push(
+            sim::start_node(&net, 1000 + i, &name, vec![addrs[0].clone()], homes, clock.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let hs: Vec<NodeHandle> = people.iter().map(|p| p.handle()).collect();
+    let next = |i: usize| (i + 1) % hs.len();
+    for i in 0..hs.len() {
+        hs[i].add_contact(&hs[next(i)].card().to_uri(), None).await.unwrap();
+        hs[next(i)].add_contact(&hs[i].card().to_uri(), None).await.unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    for round in 0..3 {
+        for i in 0..hs.len() {
+            hs[i]
+                .send_text(&acct(&hs[next(i)]), &format!("round {round}"))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(20)).await;
+    }
+    let received: usize = (0..hs.len())
+        .map(|i| {
+            let from = &hs[(i + hs.len() - 1) % hs.len()];
+            hs[i]
+                .history(&acct(from))
+                .unwrap()
+                .iter()
+                .filter(|m| !m.outgoing)
+                .count()
+        })
+        .sum();
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS")).map(str::to_owned))
+        .unwrap_or_default();
+    eprintln!(
+        "{relays_n} relays + {people_n} people: {received} of {} messages; {:.1} s virtual after start-up, {:.1} s wall in all; {rss}",
+        3 * hs.len(),
+        started.elapsed().as_secs_f64(),
+        wall.elapsed().as_secs_f64(),
+    );
+}
