@@ -268,6 +268,8 @@ const AWAY_FOR: Duration = Duration::from_secs(60);
 /// How long a direct delivery may go unanswered before the envelopes go to the
 /// device's relays as well (the device deduplicates by message id).
 const DIRECT_PATIENCE: Duration = Duration::from_secs(5);
+/// Least time between two attempts to reach a device that is away.
+const RECONNECT_EVERY: Duration = Duration::from_secs(30);
 /// Most devices remembered as away.
 const MAX_AWAY: usize = 4096;
 
@@ -316,6 +318,9 @@ pub(crate) struct Core {
     catching_up: bool,
     /// Messages at least one of whose envelopes went to a relay.
     via_relay: HashSet<[u8; 16]>,
+    /// When we last tried to reach each device that is away (a DHT lookup and
+    /// dials): at most once per [`RECONNECT_EVERY`], not once per batch.
+    reconnects: HashMap<PeerId, Instant>,
     /// Devices whose direct delivery failed while a connection looked open
     /// (a sleeping laptop, a half-closed socket), with when: their mail goes to
     /// their relays until they connect anew or [`AWAY_FOR`] passes.
@@ -434,6 +439,7 @@ impl Core {
             catching_up: false,
             via_relay: HashSet::new(),
             away: HashMap::new(),
+            reconnects: HashMap::new(),
             refusals,
             grant,
             deferred: Vec::new(),
@@ -1049,6 +1055,7 @@ impl Core {
             }
             NetEvent::Connected(peer) => {
                 self.away.remove(&peer);
+                self.reconnects.remove(&peer);
                 let now = Instant::now();
                 for (device, q) in self.queues.iter_mut() {
                     if peer_id_of(device) == Some(peer) {
@@ -1550,6 +1557,7 @@ impl Core {
             }
             let Some(peer) = peer_id_of(&device) else { continue };
             let away = self.is_away(peer);
+            let reconnect = self.reconnect_due(peer);
             let target = self
                 .queues
                 .get(&device)
@@ -1584,7 +1592,9 @@ impl Core {
                     // take seconds), while a connection attempt runs in the background.
                     // Once connected, the next batches go direct.
                     Some(target) if away || !net.is_connected(peer).await => {
-                        reconnect_in_background(&net, &target, peer);
+                        if reconnect {
+                            reconnect_in_background(&net, &target, peer);
+                        }
                         let receipts = deposit_all(&net, &target, &request.envelopes, now_ms).await;
                         (Err(NetError::Unreachable("not connected".into())), receipts)
                     }
@@ -1598,7 +1608,9 @@ impl Core {
                             Ok(response) => (Ok(response), Deposited::default()),
                             Err(e) => {
                                 direct_failed = true;
-                                reconnect_in_background(&net, &target, peer);
+                                if reconnect {
+                                    reconnect_in_background(&net, &target, peer);
+                                }
                                 (Err(e), deposit_all(&net, &target, &request.envelopes, now_ms).await)
                             }
                         }
@@ -1694,6 +1706,25 @@ impl Core {
                 false
             }
             None => false,
+        }
+    }
+
+    /// Whether to try reaching `peer` again now (and note that we do).
+    fn reconnect_due(&mut self, peer: PeerId) -> bool {
+        let now = Instant::now();
+        if self.reconnects.len() >= MAX_AWAY {
+            self.reconnects
+                .retain(|_, at| now.duration_since(*at) < RECONNECT_EVERY);
+            if self.reconnects.len() >= MAX_AWAY {
+                self.reconnects.clear();
+            }
+        }
+        match self.reconnects.get(&peer) {
+            Some(at) if now.duration_since(*at) < RECONNECT_EVERY => false,
+            _ => {
+                self.reconnects.insert(peer, now);
+                true
+            }
         }
     }
 
