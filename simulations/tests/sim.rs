@@ -1,0 +1,314 @@
+//! End-to-end tests of tidings-sim: scenarios, determinism, invariants, outputs and the CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tidings_sim::output::{self, RunInfo};
+use tidings_sim::scenario::{Scenario, ScenarioError};
+use tidings_sim::sweep;
+use tidings_sim::tierb::{self, RunOptions, RunResult};
+
+fn scenarios_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios")
+}
+
+fn smoke() -> (Scenario, String) {
+    Scenario::load(&scenarios_dir().join("smoke.toml")).unwrap()
+}
+
+fn run(sc: &Scenario, seed: u64) -> RunResult {
+    tierb::run(
+        sc,
+        RunOptions {
+            seed,
+            events: None,
+            progress: None,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn same_seed_gives_the_same_trace_hash() {
+    let (sc, _) = smoke();
+    let (a, b) = (run(&sc, 42), run(&sc, 42));
+    assert_eq!(a.trace_hash, b.trace_hash);
+    assert_eq!(a.summary_text(), b.summary_text());
+}
+
+#[test]
+fn different_seeds_give_different_trace_hashes() {
+    let (sc, _) = smoke();
+    assert_ne!(run(&sc, 1).trace_hash, run(&sc, 2).trace_hash);
+}
+
+#[test]
+fn invariants_hold_on_smoke() {
+    let (sc, _) = smoke();
+    let r = run(&sc, sc.seed);
+    assert_eq!(r.violation_count, 0, "{:?}", r.violations);
+    assert!(r.metric("messages_sent").unwrap() > 500.0);
+    assert!(r.metric("delivery_ratio_by_end").unwrap() > 0.95);
+    assert!(r.metric("dht_get_record_success").unwrap() > 0.9);
+    for path in ["direct", "relayed", "mailbox"] {
+        assert!(
+            r.metric(&format!("path_share_{path}")).unwrap() > 0.0,
+            "some deliveries go {path}"
+        );
+    }
+}
+
+#[test]
+fn every_shipped_scenario_parses_and_validates() {
+    let mut names: Vec<String> = std::fs::read_dir(scenarios_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".toml"))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "churn.toml",
+            "eclipse.toml",
+            "large.toml",
+            "partition.toml",
+            "relay-failure.toml",
+            "smoke.toml"
+        ]
+    );
+    for name in names {
+        let path = scenarios_dir().join(&name);
+        let (sc, text) = Scenario::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let runs = sweep::expand(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!runs.is_empty());
+        assert!(!sc.name.is_empty());
+    }
+}
+
+const MINIMAL: &str = r#"
+name = "bad"
+duration = "1m"
+[[population]]
+class = "relay"
+role = "relay"
+count = 2
+[[population]]
+class = "client"
+role = "client"
+count = 10
+[workload]
+contacts_per_user = 2
+"#;
+
+fn refused(extra: &str) -> ScenarioError {
+    match Scenario::from_toml(&format!("{MINIMAL}{extra}")) {
+        Ok(_) => panic!("accepted: {extra}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn the_minimal_scenario_is_accepted() {
+    Scenario::from_toml(MINIMAL).unwrap();
+}
+
+#[test]
+fn unknown_keys_are_refused() {
+    assert!(matches!(refused("[churn]\nsesion = 3\n"), ScenarioError::Parse(_)));
+    assert!(matches!(
+        refused("[metrics]\ndeadlin = \"1s\"\n"),
+        ScenarioError::Parse(_)
+    ));
+    assert!(matches!(
+        refused("[[faults]]\nkind = \"meteor\"\nat = \"1s\"\n"),
+        ScenarioError::Parse(_)
+    ));
+}
+
+#[test]
+fn bad_durations_are_refused_when_parsing() {
+    let e = Scenario::from_toml(&MINIMAL.replace("\"1m\"", "\"1 fortnight\"")).unwrap_err();
+    assert!(matches!(e, ScenarioError::Parse(_)));
+    assert!(format!("{:?}", e).contains("not a duration"));
+}
+
+#[test]
+fn out_of_range_values_name_the_field() {
+    match refused("[network]\nloss = 1.5\n") {
+        ScenarioError::OutOfRange { field, .. } => assert_eq!(field, "network.loss"),
+        e => panic!("{e}"),
+    }
+    match refused("[adversaries]\ndropping_relays = -0.1\n") {
+        ScenarioError::OutOfRange { field, .. } => assert_eq!(field, "adversaries.dropping_relays"),
+        e => panic!("{e}"),
+    }
+}
+
+#[test]
+fn unknown_regions_are_refused() {
+    let e = Scenario::from_toml(&MINIMAL.replace("count = 10\n", "count = 10\nregions = { atlantis = 1.0 }\n"));
+    assert!(matches!(e, Err(ScenarioError::UnknownRegion { region, .. }) if region == "atlantis"));
+}
+
+#[test]
+fn rtt_matrix_must_be_square_and_symmetric() {
+    let net = "[network]\nregions = [{ name = \"x\" }, { name = \"y\" }]\n";
+    assert!(matches!(
+        refused(&format!("{net}rtt_ms = [[1.0, 2.0]]\n")),
+        ScenarioError::RttMatrix { .. }
+    ));
+    assert!(matches!(
+        refused(&format!("{net}rtt_ms = [[1.0, 2.0], [3.0, 1.0]]\n")),
+        ScenarioError::RttMatrix { .. }
+    ));
+    assert!(
+        matches!(refused(net), ScenarioError::RttMatrix { .. }),
+        "no matrix and not built-in regions"
+    );
+}
+
+#[test]
+fn faults_are_checked() {
+    let late = "[[faults]]\nkind = \"kill-relays\"\nat = \"2m\"\nfraction = 0.5\n";
+    assert!(matches!(refused(late), ScenarioError::BadFault { index: 0, .. }));
+    let half = "[[faults]]\nkind = \"partition\"\nat = \"10s\"\nsides = [[\"us-east\"], [\"eu-west\"]]\n";
+    assert!(
+        matches!(refused(half), ScenarioError::BadFault { .. }),
+        "sides must cover every region"
+    );
+    let heal = "[[faults]]\nkind = \"partition\"\nat = \"30s\"\nheal = \"20s\"\nsides = [[\"us-east\", \"us-west\", \"sa-east\"], [\"eu-west\", \"ap-northeast\", \"ap-southeast\"]]\n";
+    assert!(matches!(refused(heal), ScenarioError::BadFault { .. }));
+}
+
+#[test]
+fn populations_are_checked() {
+    let e = Scenario::from_toml(&MINIMAL.replace("count = 10\n", "count = 10\nhome_relays = 3\n"));
+    assert!(matches!(
+        e,
+        Err(ScenarioError::NotEnoughRelays {
+            wanted: 3,
+            relays: 2,
+            ..
+        })
+    ));
+    let e = Scenario::from_toml(&MINIMAL.replace("count = 10\n", "count = 3000000\n"));
+    assert!(matches!(e, Err(ScenarioError::TooLarge { what: "nodes", .. })));
+    let no_relays = MINIMAL
+        .replace("role = \"relay\"", "role = \"client\"")
+        .replace("class = \"relay\"", "class = \"c2\"");
+    assert!(matches!(
+        Scenario::from_toml(&no_relays),
+        Err(ScenarioError::NoRelaysOrClients)
+    ));
+    let e = refused("[adversaries.sybil]\nnodes = 5\ntarget_client = 99\n");
+    assert!(matches!(
+        e,
+        ScenarioError::NoSuchTarget {
+            target: 99,
+            clients: 10
+        }
+    ));
+}
+
+#[test]
+fn sweep_key_paths_are_checked() {
+    let e = sweep::expand(&format!(
+        "{MINIMAL}[sweep]\nseeds = 2\n[sweep.params]\n\"population.7.count\" = [1]\n"
+    ));
+    assert!(matches!(
+        e,
+        Err(sweep::SweepError::Scenario(ScenarioError::BadKeyPath { .. }))
+    ));
+    let e = sweep::expand(&format!(
+        "{MINIMAL}[sweep]\nseeds = 2\n[sweep.params]\n\"network.loss\" = [2.0]\n"
+    ));
+    assert!(matches!(
+        e,
+        Err(sweep::SweepError::Scenario(ScenarioError::OutOfRange { .. }))
+    ));
+}
+
+#[test]
+fn run_folder_holds_manifest_summary_events_and_plots_and_merges() {
+    let (sc, text) = smoke();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dirs = Vec::new();
+    for seed in [1, 2] {
+        let dir = tmp.path().join(format!("run{seed}"));
+        let events_path = output::prepare_dir(&dir).unwrap();
+        let file = std::fs::File::create(&events_path).unwrap();
+        let r = tierb::run(
+            &sc,
+            RunOptions {
+                seed,
+                events: Some(Box::new(file)),
+                progress: None,
+            },
+        )
+        .unwrap();
+        let info = RunInfo {
+            scenario: &sc,
+            scenario_text: &text,
+            scenario_file: None,
+            seed,
+            wall_seconds: 0.1,
+        };
+        let m = output::write_run(&dir, &info, &r).unwrap();
+        assert_eq!(m.trace_hash, r.trace_hash);
+        assert_eq!(m.scenario_sha256, output::sha256_hex(&text));
+        assert!(m.invariants.ok);
+        for f in [
+            "manifest.json",
+            "summary.csv",
+            "events.jsonl",
+            "latency_cdf.svg",
+            "delivery_over_time.svg",
+        ] {
+            assert!(dir.join(f).is_file(), "{f}");
+        }
+        for f in ["mailbox_occupancy.svg", "bytes_per_node.svg", "timeseries.csv"] {
+            assert!(dir.join(f).is_file(), "{f}");
+        }
+        let lines = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+        assert!(lines.lines().count() as u64 == m.events.written && m.events.written > 100);
+        let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+        assert!(first.get("ev").is_some());
+        dirs.push(dir);
+    }
+    let merged = tmp.path().join("merged");
+    assert_eq!(sweep::merge(&[tmp.path().to_path_buf()], &merged).unwrap(), 2);
+    let text = std::fs::read_to_string(merged.join("merged.csv")).unwrap();
+    let row = text.lines().find(|l| l.contains(",delivery_ratio_by_end,")).unwrap();
+    let fields: Vec<&str> = row.split(',').collect();
+    assert_eq!(fields[2], "2", "two runs: {row}");
+    let (lo, mean, hi): (f64, f64, f64) = (
+        fields[4].parse().unwrap(),
+        fields[3].parse().unwrap(),
+        fields[5].parse().unwrap(),
+    );
+    assert!(lo <= mean && mean <= hi);
+}
+
+#[test]
+fn cli_refuses_tier_a_with_a_clear_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidings-sim"))
+        .args(["run", "--tier", "a"])
+        .arg(scenarios_dir().join("smoke.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Tier A") && err.contains("not built yet"), "{err}");
+}
+
+#[test]
+fn cli_checks_determinism_of_smoke() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tidings-sim"))
+        .arg("check-determinism")
+        .arg(scenarios_dir().join("smoke.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deterministic"));
+}
