@@ -53,7 +53,11 @@ mod tests {
     async fn a_delay_follows_the_paused_clock_and_can_be_reset() {
         let start = tokio::time::Instant::now();
         Delay::new(Duration::from_secs(3600)).await;
-        assert_eq!(start.elapsed(), Duration::from_secs(3600), "virtual time jumped to the deadline");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(3600),
+            "virtual time jumped to the deadline"
+        );
         let mut d = Delay::new(Duration::from_secs(10));
         d.reset(Duration::from_secs(20));
         d.await;
