@@ -92,6 +92,20 @@ impl Relay {
         }
     }
 
+    /// A relay with default settings on a manual clock starting at the wall time.
+    async fn with_manual_clock(dir: &Path) -> (Relay, Arc<AtomicU64>) {
+        let (time, clock) = manual_clock();
+        let relay = Relay::start(
+            dir,
+            RelayTestOptions {
+                clock,
+                ..RelayTestOptions::default()
+            },
+        )
+        .await;
+        (relay, time)
+    }
+
     async fn shutdown(self) {
         let Relay {
             node,
@@ -426,15 +440,7 @@ fn count_tags(held: &[pb::StoredEnvelope]) -> HashMap<String, usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorised_fetch_and_ack_attempts_all_fail() {
     let dir = tempfile::tempdir().unwrap();
-    let (time, clock) = manual_clock();
-    let relay = Relay::start(
-        &dir.path().join("relay"),
-        RelayTestOptions {
-            clock,
-            ..RelayTestOptions::default()
-        },
-    )
-    .await;
+    let (relay, time) = Relay::with_manual_clock(&dir.path().join("relay")).await;
     let now = time.load(Ordering::Relaxed);
     let alice = Owner::new(dir.path(), "alice");
     let mallory = Owner::new(dir.path(), "mallory");
@@ -1116,15 +1122,7 @@ fn raw_outcome(r: Result<Vec<u8>, String>) -> Outcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_oversized_mailbox_frames_are_refused_and_the_relay_stays_up() {
     let dir = tempfile::tempdir().unwrap();
-    let (time, clock) = manual_clock();
-    let relay = Relay::start(
-        &dir.path().join("relay"),
-        RelayTestOptions {
-            clock,
-            ..RelayTestOptions::default()
-        },
-    )
-    .await;
+    let (relay, time) = Relay::with_manual_clock(&dir.path().join("relay")).await;
     let now = time.load(Ordering::Relaxed);
     let alice = Owner::new(dir.path(), "alice");
     let cap = alice.capability(now + DAY_MS);
@@ -1502,15 +1500,7 @@ async fn a_flood_of_deposits_from_many_peers_does_not_block_a_legitimate_user() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_deposits_gets_one_receipt_per_item_with_consecutive_indices() {
     let dir = tempfile::tempdir().unwrap();
-    let (time, clock) = manual_clock();
-    let relay = Relay::start(
-        &dir.path().join("relay"),
-        RelayTestOptions {
-            clock,
-            ..RelayTestOptions::default()
-        },
-    )
-    .await;
+    let (relay, time) = Relay::with_manual_clock(&dir.path().join("relay")).await;
     let now = time.load(Ordering::Relaxed);
     let alice = Owner::new(dir.path(), "alice");
     let bob = Owner::new(dir.path(), "bob");
@@ -1708,15 +1698,7 @@ async fn a_batch_mixing_refused_items_answers_each_and_stores_the_valid_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_over_the_limit_is_refused_whole_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (time, clock) = manual_clock();
-    let relay = Relay::start(
-        &dir.path().join("relay"),
-        RelayTestOptions {
-            clock,
-            ..RelayTestOptions::default()
-        },
-    )
-    .await;
+    let (relay, time) = Relay::with_manual_clock(&dir.path().join("relay")).await;
     let now = time.load(Ordering::Relaxed);
     let alice = Owner::new(dir.path(), "alice");
     let cap = alice.capability(now + DAY_MS);
@@ -1757,15 +1739,7 @@ async fn a_batch_over_the_limit_is_refused_whole_and_stores_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capability_for_another_inbox_is_refused_even_after_a_valid_one_was_cached() {
     let dir = tempfile::tempdir().unwrap();
-    let (time, clock) = manual_clock();
-    let relay = Relay::start(
-        &dir.path().join("relay"),
-        RelayTestOptions {
-            clock,
-            ..RelayTestOptions::default()
-        },
-    )
-    .await;
+    let (relay, time) = Relay::with_manual_clock(&dir.path().join("relay")).await;
     let now = time.load(Ordering::Relaxed);
     let alice = Owner::new(dir.path(), "alice");
     let bob = Owner::new(dir.path(), "bob");
@@ -1840,15 +1814,7 @@ async fn a_capability_for_another_inbox_is_refused_even_after_a_valid_one_was_ca
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_capability_is_refused_even_if_it_was_cached_while_valid() {
     let dir = tempfile::tempdir().unwrap();
-    let (time, clock) = manual_clock();
-    let relay = Relay::start(
-        &dir.path().join("relay"),
-        RelayTestOptions {
-            clock,
-            ..RelayTestOptions::default()
-        },
-    )
-    .await;
+    let (relay, time) = Relay::with_manual_clock(&dir.path().join("relay")).await;
     let t0 = time.load(Ordering::Relaxed);
     let alice = Owner::new(dir.path(), "alice");
     let cap = alice.capability(t0 + HOUR_MS);
@@ -1905,15 +1871,7 @@ async fn an_expired_capability_is_refused_even_if_it_was_cached_while_valid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_that_may_wait_is_answered_when_mail_arrives_or_empty_when_the_wait_is_over() {
     let dir = tempfile::tempdir().unwrap();
-    let (time, clock) = manual_clock();
-    let relay = Relay::start(
-        &dir.path().join("relay"),
-        RelayTestOptions {
-            clock,
-            ..RelayTestOptions::default()
-        },
-    )
-    .await;
+    let (relay, time) = Relay::with_manual_clock(&dir.path().join("relay")).await;
     let now = time.load(Ordering::Relaxed);
     let alice = Owner::new(dir.path(), "alice");
     let owner = client(Some(alice.seed), &relay.addr).await;
