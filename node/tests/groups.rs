@@ -321,10 +321,8 @@ async fn two_admins_adding_at_the_same_time_converge_on_one_membership() {
 async fn a_linked_device_gets_the_history_and_joins_every_group() {
     let n = relays(2).await;
     let base = n.dir.path();
-    let a1_node = user(base, "alice", &n).await;
-    let b_node = user(base, "bob", &n).await;
+    let [a1_node, b_node] = alice_and_bob(base, &n).await;
     let (a1, b) = (a1_node.handle(), b_node.handle());
-    befriend(&a1, &b).await;
     a1.send_text(&acct(&b), "one to one, before linking").await.unwrap();
     let gid = a1.create_group("family", &[&acct(&b)]).await.unwrap().id;
     wait_joined(&b, &gid).await;
@@ -479,6 +477,13 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
         "the revoked device is out of the one-to-one conversation too"
     );
     drop(n.nodes);
+}
+
+/// Alice and bob on the relays of `n`, contacts of each other.
+async fn alice_and_bob(base: &Path, n: &Relays) -> [Node; 2] {
+    let people = [user(base, "alice", n).await, user(base, "bob", n).await];
+    befriend(&people[0].handle(), &people[1].handle()).await;
+    people
 }
 
 /// Alice, bob and carol on the relays of `n`; alice is a contact of both.
@@ -733,10 +738,8 @@ async fn a_device_renews_its_group_keys_on_schedule_and_the_group_carries_on() {
 async fn both_people_linking_a_device_at_once_leaves_their_conversation_whole() {
     let n = relays(2).await;
     let base = n.dir.path();
-    let a1_node = user(base, "alice", &n).await;
-    let b1_node = user(base, "bob", &n).await;
+    let [a1_node, b1_node] = alice_and_bob(base, &n).await;
     let (a1, b1) = (a1_node.handle(), b1_node.handle());
-    befriend(&a1, &b1).await;
     a1.send_text(&acct(&b1), "before").await.unwrap();
     eventually("bob has it", || b1.history(&acct(&a1)).unwrap().len() == 1).await;
 
