@@ -77,6 +77,10 @@ pub struct NodeConfig {
     /// How old this device's leaf keys in a group may get before it commits a
     /// self-update (post-compromise security). Default 24 hours.
     pub key_update_interval: Duration,
+    /// Events kept for slow subscribers ([`NodeHandle::events`]); the channel
+    /// holds this many slots from the start. Default 16,384 (a mailbox
+    /// catch-up can raise thousands at once); the simulator uses fewer.
+    pub event_queue: usize,
 }
 
 impl Default for NodeConfig {
@@ -88,6 +92,7 @@ impl Default for NodeConfig {
             home_relays: Vec::new(),
             metrics: None,
             key_update_interval: Duration::from_millis(SELF_UPDATE_INTERVAL_MS),
+            event_queue: EVENT_QUEUE,
         }
     }
 }
@@ -236,7 +241,7 @@ impl Node {
             net_events = core_rx;
         }
         let (tx, rx) = mpsc::channel(CORE_QUEUE);
-        let (events, _) = broadcast::channel(EVENT_QUEUE);
+        let (events, _) = broadcast::channel(config.event_queue.max(1));
         let refusals = Refusals::default();
         let link = LinkOffers::default();
         let mut core = Core::new(

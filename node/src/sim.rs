@@ -38,6 +38,9 @@ const MAX_CHUNK: usize = 64 * 1024;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections a listener may have waiting to be accepted.
 const BACKLOG: usize = 256;
+/// Event slots of a simulated node: the simulator reads events as they come,
+/// and every slot costs memory from the start, times thousands of nodes.
+const SIM_EVENT_QUEUE: usize = 1024;
 
 /// How the simulated network carries bytes between two hosts.
 pub trait LinkModel: Send + Sync + 'static {
@@ -424,6 +427,7 @@ pub async fn start_relay(
         net: host_config(net, port, bootstrap, Some(crate::net::RelayServerConfig::default())),
         clock,
         relay: Some(relay),
+        event_queue: SIM_EVENT_QUEUE,
         ..crate::NodeConfig::default()
     };
     crate::Node::start(store, config).await
@@ -445,6 +449,7 @@ pub async fn start_node(
         net: host_config(net, port, bootstrap, None),
         clock,
         home_relays,
+        event_queue: SIM_EVENT_QUEUE,
         ..crate::NodeConfig::default()
     };
     crate::Node::start(store, config).await
