@@ -624,9 +624,9 @@ impl Core {
                 let r = store.unit(|| self.send_group_one(&group_id, &text, now));
                 let r = match r {
                     Ok((msg, entries)) => {
-                        let env = entries.first().map(|(_, _, e)| e.clone());
-                        for (device, id, env) in entries {
-                            self.enqueue(msg.peer, device, id, Some(msg.id), env);
+                        let env = entries.first().map(|(_, _, _, e)| e.clone());
+                        for (account, device, id, env) in entries {
+                            self.enqueue(account, device, id, Some(msg.id), env);
                         }
                         if let Some(env) = env {
                             self.push_to_members(&group_id, env);
@@ -756,8 +756,8 @@ impl Core {
         };
         for ((_, _, reply), r) in sends.into_iter().zip(results) {
             let r = r.map(|(msg, entries)| {
-                for (device, id, env) in entries {
-                    self.enqueue(msg.peer, device, id, Some(msg.id), env);
+                for (account, device, id, env) in entries {
+                    self.enqueue(account, device, id, Some(msg.id), env);
                 }
                 MessageView::from_stored(&msg)
             });
@@ -771,7 +771,7 @@ impl Core {
         contact: &[u8; 32],
         text: &str,
         now: u64,
-    ) -> Result<(StoredMessage, Vec<([u8; 32], u64, pb::Envelope)>), NodeError> {
+    ) -> Result<(StoredMessage, Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>), NodeError> {
         if text.is_empty() || text.len() > MAX_TEXT {
             return Err(NodeError::BadText);
         }
@@ -793,7 +793,6 @@ impl Core {
             mls_message: ct,
             ..Default::default()
         };
-        let env_bytes = env.encode_to_vec();
         let mut entries = Vec::new();
         let own = self.own_device_keys();
         for device in self.member_devices(&gid)? {
@@ -803,15 +802,7 @@ impl Core {
             } else {
                 *contact
             };
-            let oid = self.store.push_outbox(OutboxEntry {
-                id: 0,
-                device,
-                account,
-                envelope: env_bytes.clone(),
-                message_id: Some(id),
-                created_ms: now,
-            })?;
-            entries.push((device, oid, env.clone()));
+            entries.push(self.outbox_entry(account, device, &env, Some(id), now)?);
         }
         let msg = StoredMessage {
             id,

@@ -12,16 +12,13 @@
 
 use libp2p::{Multiaddr, PeerId};
 use openmls::prelude::MlsGroup;
-use prost::Message as _;
 use sha2::{Digest, Sha256};
 use tidings_protocol::group::{GroupMeta, Intent, Role, group_chat_key, group_inbox_seed};
 use tidings_protocol::mailbox as mb;
 use tidings_protocol::mls::{MlsEngine, Sequenced};
 use tidings_protocol::payload::{Body, Payload};
 use tidings_protocol::pb::{self, DeliverStatus, EnvelopeKind};
-use tidings_store::{
-    Conversation, GroupRow, GroupSent, IntentRow, MessageState, OutboxEntry, PendingCommit, StoredMessage,
-};
+use tidings_store::{Conversation, GroupRow, GroupSent, IntentRow, MessageState, PendingCommit, StoredMessage};
 use tracing::{debug, info, warn};
 
 use super::{Abort, Apply, Core, NodeError, load_group};
@@ -407,7 +404,7 @@ impl Core {
         gid: &[u8],
         text: &str,
         now: u64,
-    ) -> Result<(StoredMessage, Vec<([u8; 32], u64, pb::Envelope)>), NodeError> {
+    ) -> Result<(StoredMessage, Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>), NodeError> {
         if text.is_empty() || text.len() > tidings_protocol::limits::MAX_TEXT {
             return Err(NodeError::BadText);
         }
@@ -429,7 +426,6 @@ impl Core {
             .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         let ct = self.engine.encrypt(&self.provider, group, &payload)?;
         let env = super::new_envelope(gid, EnvelopeKind::Message, ct);
-        let bytes = env.encode_to_vec();
         let mut entries = Vec::new();
         self.store.put_group_sent(
             &envelope_id(&env),
@@ -440,15 +436,7 @@ impl Core {
             },
         )?;
         for device in self.current_target_keys(gid)? {
-            let oid = self.store.push_outbox(OutboxEntry {
-                id: 0,
-                device,
-                account: conv.peer,
-                envelope: bytes.clone(),
-                message_id: Some(id),
-                created_ms: now,
-            })?;
-            entries.push((device, oid, env.clone()));
+            entries.push(self.outbox_entry(conv.peer, device, &env, Some(id), now)?);
         }
         let msg = StoredMessage {
             id,
