@@ -67,18 +67,8 @@ async fn three_people_see_every_group_message_once_in_the_same_order() {
 async fn someone_added_later_reads_on_and_someone_removed_reads_nothing_more() {
     let n = relays(2).await;
     let base = n.dir.path();
-    let nodes = [
-        user(base, "alice", &n).await,
-        user(base, "bob", &n).await,
-        user(base, "carol", &n).await,
-        user(base, "dave", &n).await,
-    ];
-    let [a, b, c, d] = [
-        nodes[0].handle(),
-        nodes[1].handle(),
-        nodes[2].handle(),
-        nodes[3].handle(),
-    ];
+    let nodes = people(base, &n, ["alice", "bob", "carol", "dave"]).await;
+    let [a, b, c, d] = nodes.each_ref().map(Node::handle);
     for h in [&b, &c, &d] {
         befriend(&a, h).await;
     }
@@ -250,18 +240,8 @@ async fn someone_claiming_10000_key_packages_is_rate_limited_and_cannot_stop_an_
 async fn two_admins_adding_at_the_same_time_converge_on_one_membership() {
     let n = relays(2).await;
     let base = n.dir.path();
-    let nodes = [
-        user(base, "alice", &n).await,
-        user(base, "bob", &n).await,
-        user(base, "carol", &n).await,
-        user(base, "dave", &n).await,
-    ];
-    let [a, b, c, d] = [
-        nodes[0].handle(),
-        nodes[1].handle(),
-        nodes[2].handle(),
-        nodes[3].handle(),
-    ];
+    let nodes = people(base, &n, ["alice", "bob", "carol", "dave"]).await;
+    let [a, b, c, d] = nodes.each_ref().map(Node::handle);
     befriend(&a, &b).await;
     befriend(&a, &c).await;
     befriend(&b, &d).await;
@@ -488,14 +468,22 @@ async fn alice_and_bob(base: &Path, n: &Relays) -> [Node; 2] {
 
 /// Alice, bob and carol on the relays of `n`; alice is a contact of both.
 async fn alice_bob_carol(base: &Path, n: &Relays) -> [Node; 3] {
-    let people = [
-        user(base, "alice", n).await,
-        user(base, "bob", n).await,
-        user(base, "carol", n).await,
-    ];
-    befriend(&people[0].handle(), &people[1].handle()).await;
-    befriend(&people[0].handle(), &people[2].handle()).await;
-    people
+    let nodes = people(base, n, ["alice", "bob", "carol"]).await;
+    befriend(&nodes[0].handle(), &nodes[1].handle()).await;
+    befriend(&nodes[0].handle(), &nodes[2].handle()).await;
+    nodes
+}
+
+/// One person per name on the relays of `n`, started in order.
+async fn people<const N: usize>(base: &Path, n: &Relays, names: [&str; N]) -> [Node; N] {
+    let mut nodes = Vec::with_capacity(N);
+    for name in names {
+        nodes.push(user(base, name, n).await);
+    }
+    match nodes.try_into() {
+        Ok(nodes) => nodes,
+        Err(_) => unreachable!("one node per name"),
+    }
 }
 
 /// Links a second device to the account of `first`, starts it and returns it.
