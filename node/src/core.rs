@@ -340,6 +340,10 @@ pub(crate) struct Core {
     link: LinkOffers,
     /// Our leaf keys in a group older than this are renewed by a self-update.
     pub(crate) self_update_interval_ms: u64,
+    /// Something that decides which one-to-one conversations hold our current
+    /// devices changed (our device list, a new or replaced conversation)
+    /// since `conversations_to_mend` last found nothing to do.
+    mend_dirty: bool,
 }
 
 /// Deposit refusals the node is living with: per (recipient account, relay),
@@ -447,6 +451,7 @@ impl Core {
             joined_groups: Vec::new(),
             link,
             self_update_interval_ms: SELF_UPDATE_INTERVAL_MS,
+            mend_dirty: true,
         };
         core.load_group_targets();
         for e in core.store.list_outbox()? {
@@ -956,11 +961,11 @@ impl Core {
                 group: None,
                 superseded_by: None,
             })?;
-            let older = std::mem::take(&mut c.conversations);
-            c.conversations = older.clone();
+            let older = c.conversations.clone();
             c.conversations.push(gid.to_vec());
             c.conversations.sort();
             store.put_contact(&c)?;
+            self.mend_dirty = true;
             let env = pb::Envelope {
                 id: rand::random::<[u8; 16]>().to_vec(),
                 conversation_id: gid.to_vec(),
@@ -1289,6 +1294,7 @@ impl Core {
                 contact.conversations.push(gid.to_vec());
                 contact.conversations.sort();
                 self.store.put_contact(&contact)?;
+                self.mend_dirty = true;
                 self.store.put_conversation(&Conversation {
                     group_id: gid.to_vec(),
                     peer: *other.as_bytes(),
@@ -1363,6 +1369,7 @@ impl Core {
                                     );
                                     let mut conv = conv;
                                     conv.superseded_by = Some(successor.to_vec());
+                                    self.mend_dirty = true;
                                     self.store.put_conversation(&conv)?;
                                 }
                                 self.store.mark_envelope_seen(&id, now)?;

@@ -105,6 +105,7 @@ impl Core {
             devices.push(cert.to_bytes());
         }
         self.store.put_own_devices(&devices)?;
+        self.mend_dirty = true;
         let contacts = self
             .store
             .list_contacts()?
@@ -135,6 +136,7 @@ impl Core {
         let mut devices = self.store.own_devices()?;
         devices.retain(|d| tidings_protocol::DeviceCertificate::from_bytes(d).is_ok_and(|c| c.device_key != device));
         self.store.put_own_devices(&devices)?;
+        self.mend_dirty = true;
         let mut groups = 0;
         for mut c in self.store.list_groups()? {
             let Some(row) = c.group.as_mut() else { continue };
@@ -220,6 +222,9 @@ impl Core {
     /// the node replaces such a conversation by a new one with every current
     /// device of both accounts instead.
     pub(super) fn conversations_to_mend(&mut self) -> Vec<[u8; 32]> {
+        if !self.mend_dirty {
+            return Vec::new();
+        }
         let mut ours: Vec<[u8; 32]> = self.own_device_keys();
         if !ours.contains(&self.my_device) {
             ours.push(self.my_device);
@@ -246,6 +251,8 @@ impl Core {
                 out.push(contact.account);
             }
         }
+        // Looked at again only after the next change, unless something is left to mend.
+        self.mend_dirty = !out.is_empty();
         out
     }
 }
