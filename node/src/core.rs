@@ -268,6 +268,41 @@ const AWAY_FOR: Duration = Duration::from_secs(60);
 /// How long a direct delivery may go unanswered before the envelopes go to the
 /// device's relays as well (the device deduplicates by message id).
 const DIRECT_PATIENCE: Duration = Duration::from_secs(5);
+/// Peers noted within the last `ttl` (bounded: at most [`MAX_AWAY`]).
+struct RecentPeers {
+    at: HashMap<PeerId, Instant>,
+    ttl: Duration,
+}
+
+impl RecentPeers {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            at: HashMap::new(),
+            ttl,
+        }
+    }
+
+    /// Whether `peer` was noted less than `ttl` ago.
+    fn contains(&self, peer: PeerId) -> bool {
+        self.at.get(&peer).is_some_and(|t| t.elapsed() < self.ttl)
+    }
+
+    fn insert(&mut self, peer: PeerId) {
+        if self.at.len() >= MAX_AWAY {
+            let ttl = self.ttl;
+            self.at.retain(|_, t| t.elapsed() < ttl);
+            if self.at.len() >= MAX_AWAY {
+                self.at.clear();
+            }
+        }
+        self.at.insert(peer, Instant::now());
+    }
+
+    fn remove(&mut self, peer: &PeerId) {
+        self.at.remove(peer);
+    }
+}
+
 /// Least time between two attempts to reach a device that is away.
 const RECONNECT_EVERY: Duration = Duration::from_secs(30);
 /// Most devices remembered as away.
@@ -320,11 +355,11 @@ pub(crate) struct Core {
     via_relay: HashSet<[u8; 16]>,
     /// When we last tried to reach each device that is away (a DHT lookup and
     /// dials): at most once per [`RECONNECT_EVERY`], not once per batch.
-    reconnects: HashMap<PeerId, Instant>,
+    reconnects: RecentPeers,
     /// Devices whose direct delivery failed while a connection looked open
     /// (a sleeping laptop, a half-closed socket), with when: their mail goes to
     /// their relays until they connect anew or [`AWAY_FOR`] passes.
-    away: HashMap<PeerId, Instant>,
+    away: RecentPeers,
     /// The latest deposit refusal per (recipient account, relay), shared with the API.
     refusals: Refusals,
     /// What this device hands conversation members so they can leave it mail.
@@ -442,8 +477,8 @@ impl Core {
             home_relays,
             catching_up: false,
             via_relay: HashSet::new(),
-            away: HashMap::new(),
-            reconnects: HashMap::new(),
+            away: RecentPeers::new(AWAY_FOR),
+            reconnects: RecentPeers::new(RECONNECT_EVERY),
             refusals,
             grant,
             deferred: Vec::new(),
@@ -583,7 +618,7 @@ impl Core {
                 direct_failed,
             } => {
                 if direct_failed && let Some(peer) = peer_id_of(&device) {
-                    self.mark_away(peer);
+                    self.away.insert(peer);
                 }
                 self.on_deliver_result(device, ids, result, receipts, refusals)
             }
@@ -1554,8 +1589,12 @@ impl Core {
                 continue;
             }
             let Some(peer) = peer_id_of(&device) else { continue };
-            let away = self.is_away(peer);
-            let reconnect = self.reconnect_due(peer);
+            let away = self.away.contains(peer);
+            // Try to reach it again at most once per RECONNECT_EVERY.
+            let reconnect = !self.reconnects.contains(peer);
+            if reconnect {
+                self.reconnects.insert(peer);
+            }
             let target = self
                 .queues
                 .get(&device)
@@ -1693,47 +1732,6 @@ impl Core {
                 })
                 .await;
         });
-    }
-
-    /// Whether `peer`'s mail should go to its relays without a direct attempt.
-    fn is_away(&mut self, peer: PeerId) -> bool {
-        match self.away.get(&peer) {
-            Some(since) if since.elapsed() < AWAY_FOR => true,
-            Some(_) => {
-                self.away.remove(&peer);
-                false
-            }
-            None => false,
-        }
-    }
-
-    /// Whether to try reaching `peer` again now (and note that we do).
-    fn reconnect_due(&mut self, peer: PeerId) -> bool {
-        let now = Instant::now();
-        if self.reconnects.len() >= MAX_AWAY {
-            self.reconnects
-                .retain(|_, at| now.duration_since(*at) < RECONNECT_EVERY);
-            if self.reconnects.len() >= MAX_AWAY {
-                self.reconnects.clear();
-            }
-        }
-        match self.reconnects.get(&peer) {
-            Some(at) if now.duration_since(*at) < RECONNECT_EVERY => false,
-            _ => {
-                self.reconnects.insert(peer, now);
-                true
-            }
-        }
-    }
-
-    fn mark_away(&mut self, peer: PeerId) {
-        if self.away.len() >= MAX_AWAY {
-            self.away.retain(|_, since| since.elapsed() < AWAY_FOR);
-            if self.away.len() >= MAX_AWAY {
-                self.away.clear();
-            }
-        }
-        self.away.insert(peer, Instant::now());
     }
 
     fn mailbox_target(&self, account: &[u8; 32], device: &[u8; 32]) -> Option<MailboxTarget> {
