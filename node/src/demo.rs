@@ -62,6 +62,25 @@ impl Default for RelayTestOptions {
     }
 }
 
+impl RelayTestOptions {
+    /// The relay settings these options stand for, over `mailboxes`.
+    pub(crate) fn relay_options(
+        &self,
+        mailboxes: std::sync::Arc<tidings_store::mailbox::Mailboxes>,
+    ) -> crate::relay::RelayOptions {
+        let mut registry = prometheus_client::registry::Registry::default();
+        crate::relay::RelayOptions {
+            mailboxes,
+            pow_bits: self.pow_bits,
+            key_package_claims_per_minute: self.key_package_claims_per_minute,
+            request_deposits_per_minute: self.request_deposits_per_minute,
+            request_deposits_per_ip_per_minute: self.request_deposits_per_ip_per_minute,
+            sweep_interval: self.sweep_interval,
+            metrics: crate::relay::RelayMetrics::register(&mut registry),
+        }
+    }
+}
+
 /// Like [`start_relay`], with explicit limits, clock and intervals (tests).
 pub async fn start_relay_with(dir: &Path, bootstrap: Vec<Multiaddr>, opts: RelayTestOptions) -> anyhow::Result<Node> {
     std::fs::create_dir_all(dir)?;
@@ -74,16 +93,7 @@ pub async fn start_relay_with(dir: &Path, bootstrap: Vec<Multiaddr>, opts: Relay
         &dir.join("mailboxes.redb"),
         opts.limits.clone(),
     )?);
-    let mut registry = prometheus_client::registry::Registry::default();
-    let relay = crate::relay::RelayOptions {
-        mailboxes,
-        pow_bits: opts.pow_bits,
-        key_package_claims_per_minute: opts.key_package_claims_per_minute,
-        request_deposits_per_minute: opts.request_deposits_per_minute,
-        request_deposits_per_ip_per_minute: opts.request_deposits_per_ip_per_minute,
-        sweep_interval: opts.sweep_interval,
-        metrics: crate::relay::RelayMetrics::register(&mut registry),
-    };
+    let relay = opts.relay_options(mailboxes);
     let net = NetConfig {
         listen: loopback(),
         bootstrap,

@@ -410,19 +410,12 @@ pub async fn start_relay(
 ) -> anyhow::Result<crate::Node> {
     let store = tidings_store::Store::open_in_memory()?;
     crate::create_identity(&store, "relay", clock.now_ms())?;
-    let mailboxes = Arc::new(tidings_store::mailbox::Mailboxes::open_in_memory(
-        tidings_store::mailbox::MailboxLimits::default(),
-    )?);
-    let mut registry = prometheus_client::registry::Registry::default();
-    let relay = crate::relay::RelayOptions {
-        mailboxes,
-        pow_bits: tidings_protocol::mailbox::DEFAULT_POW_BITS,
-        key_package_claims_per_minute: 60,
-        request_deposits_per_minute: 600,
-        request_deposits_per_ip_per_minute: 2400,
-        sweep_interval: Duration::from_secs(60),
-        metrics: crate::relay::RelayMetrics::register(&mut registry),
+    let opts = crate::demo::RelayTestOptions {
+        clock: clock.clone(),
+        ..crate::demo::RelayTestOptions::default()
     };
+    let mailboxes = Arc::new(tidings_store::mailbox::Mailboxes::open_in_memory(opts.limits.clone())?);
+    let relay = opts.relay_options(mailboxes);
     let config = crate::NodeConfig {
         net: host_config(net, port, bootstrap, Some(crate::net::RelayServerConfig::default())),
         clock,
