@@ -195,7 +195,13 @@ impl std::fmt::Debug for NodeHandle {
 impl Node {
     /// Starts a node on `store`, which must hold an identity.
     pub async fn start(store: Store, config: NodeConfig) -> Result<Node, anyhow::Error> {
-        let store = Arc::new(store);
+        Self::start_shared(Arc::new(store), config).await
+    }
+
+    /// [`Node::start`] on a store the caller keeps, so that a stopped node can
+    /// start again on it (the simulator restarts hosts this way). Only one
+    /// running node may use a store at a time.
+    pub async fn start_shared(store: Arc<Store>, config: NodeConfig) -> Result<Node, anyhow::Error> {
         let identity = store.identity()?;
         let account_key = AccountKey::from_seed(identity.account_seed);
         let cert = DeviceCertificate::from_bytes(&identity.device_cert)?;

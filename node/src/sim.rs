@@ -17,6 +17,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -47,6 +48,14 @@ pub trait LinkModel: Send + Sync + 'static {
     /// The one-way delay of `bytes` sent now from host `from` to host `to`,
     /// or `None` while they cannot reach each other.
     fn delay(&self, from: u64, to: u64, bytes: usize) -> Option<Duration>;
+
+    /// Whether host `to` takes a connection that host `from` dials. A host
+    /// behind a NAT drops unsolicited connections: the dial times out. Hole
+    /// punching is a dial both ways at once, so a model may let a pair
+    /// through with the punch's chance of success.
+    fn accepts(&self, _from: u64, _to: u64) -> bool {
+        true
+    }
 }
 
 /// Every link the same fixed one-way delay: the simplest world.
@@ -64,6 +73,8 @@ impl LinkModel for FixedDelay {
 pub struct SimNetwork {
     hub: Arc<Mutex<HashMap<u64, mpsc::Sender<Incoming>>>>,
     model: Arc<dyn LinkModel>,
+    /// Bytes each host has put on its links.
+    sent: Arc<Mutex<HashMap<u64, Arc<AtomicU64>>>>,
 }
 
 impl std::fmt::Debug for SimNetwork {
@@ -82,7 +93,19 @@ impl SimNetwork {
         Self {
             hub: Arc::default(),
             model,
+            sent: Arc::default(),
         }
+    }
+
+    /// Bytes host `port` has sent on all its connections so far (libp2p's
+    /// framing, Noise and yamux included).
+    pub fn bytes_sent(&self, port: u64) -> u64 {
+        self.counter(port).load(Ordering::Relaxed)
+    }
+
+    fn counter(&self, port: u64) -> Arc<AtomicU64> {
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        sent.entry(port).or_default().clone()
     }
 
     /// The address of host `port`.
@@ -111,12 +134,16 @@ impl SimNetwork {
             tokio::time::sleep(DIAL_TIMEOUT).await;
             return Err(io::ErrorKind::TimedOut.into());
         };
+        if !self.model.accepts(from, to) {
+            tokio::time::sleep(DIAL_TIMEOUT).await;
+            return Err(io::ErrorKind::TimedOut.into());
+        }
         tokio::time::sleep(there).await;
         let listener = self.hub().get(&to).cloned();
         let Some(listener) = listener else {
             return Err(io::ErrorKind::ConnectionRefused.into());
         };
-        let (ours, theirs) = SimConn::pair(self.model.clone(), from, to);
+        let (ours, theirs) = SimConn::pair(self.model.clone(), (from, self.counter(from)), (to, self.counter(to)));
         listener
             .try_send(Incoming { conn: theirs, from })
             .map_err(|_| io::Error::from(io::ErrorKind::ConnectionRefused))?;
@@ -244,6 +271,8 @@ pub struct SimConn {
     local: u64,
     remote: u64,
     timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes the local host has sent (shared by all its connections).
+    sent: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for SimConn {
@@ -256,24 +285,26 @@ impl std::fmt::Debug for SimConn {
 }
 
 impl SimConn {
-    fn pair(model: Arc<dyn LinkModel>, a: u64, b: u64) -> (SimConn, SimConn) {
+    fn pair(model: Arc<dyn LinkModel>, a: (u64, Arc<AtomicU64>), b: (u64, Arc<AtomicU64>)) -> (SimConn, SimConn) {
         let (ab, ba): (Shared, Shared) = (Arc::default(), Arc::default());
         (
             SimConn {
                 rx: ba.clone(),
                 tx: ab.clone(),
                 model: model.clone(),
-                local: a,
-                remote: b,
+                local: a.0,
+                remote: b.0,
                 timer: None,
+                sent: a.1,
             },
             SimConn {
                 rx: ab,
                 tx: ba,
                 model,
-                local: b,
-                remote: a,
+                local: b.0,
+                remote: a.0,
                 timer: None,
+                sent: b.1,
             },
         )
     }
@@ -350,6 +381,7 @@ impl AsyncWrite for SimConn {
         h.last = Some(at);
         h.chunks.push_back((at, buf[..n].to_vec()));
         h.queued += n;
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(w) = h.reader.take() {
             w.wake();
         }
@@ -400,33 +432,123 @@ pub(crate) async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send +
     tokio::task::spawn_blocking(f).await.ok()
 }
 
-/// Starts a relay on host `port` of `net`: its identity, store and mailboxes
-/// in memory, on `clock`.
+/// What a simulated host keeps across restarts: its store (identity,
+/// conversations, outbox) and, for a relay, its mailboxes. All in memory.
+#[derive(Clone)]
+pub struct HostDisk {
+    pub store: Arc<tidings_store::Store>,
+    pub mailboxes: Option<Arc<tidings_store::mailbox::Mailboxes>>,
+}
+
+impl std::fmt::Debug for HostDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostDisk")
+            .field("relay", &self.mailboxes.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostDisk {
+    /// A new person's device: a fresh identity named `name`.
+    pub fn person(name: &str, now_ms: u64) -> anyhow::Result<Self> {
+        let store = tidings_store::Store::open_in_memory()?;
+        crate::create_identity(&store, name, now_ms)?;
+        Ok(Self {
+            store: Arc::new(store),
+            mailboxes: None,
+        })
+    }
+
+    /// A new relay: a fresh identity and empty mailboxes with the limits
+    /// test and demo relays have.
+    pub fn relay(now_ms: u64) -> anyhow::Result<Self> {
+        let store = tidings_store::Store::open_in_memory()?;
+        crate::create_identity(&store, "relay", now_ms)?;
+        let limits = crate::demo::RelayTestOptions::default().limits;
+        Ok(Self {
+            store: Arc::new(store),
+            mailboxes: Some(Arc::new(tidings_store::mailbox::Mailboxes::open_in_memory(limits)?)),
+        })
+    }
+}
+
+/// How a person's device sits in the simulated network.
+#[derive(Debug, Clone)]
+pub struct PersonHost {
+    pub port: u64,
+    pub bootstrap: Vec<Multiaddr>,
+    /// Home relays (`/memory/<port>/p2p/<id>`).
+    pub home_relays: Vec<Multiaddr>,
+    /// Others can dial it: it announces its address and answers DHT
+    /// queries. A device behind a NAT does neither; others reach it through
+    /// its home relays' circuits (and hole punching, as the link model allows).
+    pub reachable: bool,
+}
+
+/// Starts a relay on host `port` of `net` from `disk` (made with
+/// [`HostDisk::relay`]), on `clock`.
+pub async fn start_relay_on(
+    net: &SimNetwork,
+    port: u64,
+    disk: &HostDisk,
+    bootstrap: Vec<Multiaddr>,
+    clock: crate::Clock,
+) -> anyhow::Result<crate::Node> {
+    let Some(mailboxes) = disk.mailboxes.clone() else {
+        anyhow::bail!("a relay needs mailboxes (HostDisk::relay)");
+    };
+    let opts = crate::demo::RelayTestOptions {
+        clock: clock.clone(),
+        ..crate::demo::RelayTestOptions::default()
+    };
+    let config = crate::NodeConfig {
+        net: host_config(
+            net,
+            port,
+            bootstrap,
+            Some(crate::net::RelayServerConfig::default()),
+            true,
+        ),
+        clock,
+        relay: Some(opts.relay_options(mailboxes)),
+        event_queue: SIM_EVENT_QUEUE,
+        ..crate::NodeConfig::default()
+    };
+    crate::Node::start_shared(disk.store.clone(), config).await
+}
+
+/// Starts a person's device on `host` of `net` from `disk`, on `clock`.
+pub async fn start_person_on(
+    net: &SimNetwork,
+    host: &PersonHost,
+    disk: &HostDisk,
+    clock: crate::Clock,
+) -> anyhow::Result<crate::Node> {
+    let mut netc = host_config(net, host.port, host.bootstrap.clone(), None, host.reachable);
+    netc.dht_server = host.reachable;
+    let config = crate::NodeConfig {
+        net: netc,
+        clock,
+        home_relays: host.home_relays.clone(),
+        event_queue: SIM_EVENT_QUEUE,
+        ..crate::NodeConfig::default()
+    };
+    crate::Node::start_shared(disk.store.clone(), config).await
+}
+
+/// Starts a new relay on host `port` of `net`: its identity, store and
+/// mailboxes in memory, on `clock`.
 pub async fn start_relay(
     net: &SimNetwork,
     port: u64,
     bootstrap: Vec<Multiaddr>,
     clock: crate::Clock,
 ) -> anyhow::Result<crate::Node> {
-    let store = tidings_store::Store::open_in_memory()?;
-    crate::create_identity(&store, "relay", clock.now_ms())?;
-    let opts = crate::demo::RelayTestOptions {
-        clock: clock.clone(),
-        ..crate::demo::RelayTestOptions::default()
-    };
-    let mailboxes = Arc::new(tidings_store::mailbox::Mailboxes::open_in_memory(opts.limits.clone())?);
-    let relay = opts.relay_options(mailboxes);
-    let config = crate::NodeConfig {
-        net: host_config(net, port, bootstrap, Some(crate::net::RelayServerConfig::default())),
-        clock,
-        relay: Some(relay),
-        event_queue: SIM_EVENT_QUEUE,
-        ..crate::NodeConfig::default()
-    };
-    crate::Node::start(store, config).await
+    let disk = HostDisk::relay(clock.now_ms())?;
+    start_relay_on(net, port, &disk, bootstrap, clock).await
 }
 
-/// Starts a person's device on host `port` of `net`, with `home_relays`
+/// Starts a new person's device on host `port` of `net`, with `home_relays`
 /// (`/memory/<port>/p2p/<id>`): identity and store in memory, on `clock`.
 pub async fn start_node(
     net: &SimNetwork,
@@ -436,16 +558,14 @@ pub async fn start_node(
     home_relays: Vec<Multiaddr>,
     clock: crate::Clock,
 ) -> anyhow::Result<crate::Node> {
-    let store = tidings_store::Store::open_in_memory()?;
-    crate::create_identity(&store, name, clock.now_ms())?;
-    let config = crate::NodeConfig {
-        net: host_config(net, port, bootstrap, None),
-        clock,
+    let disk = HostDisk::person(name, clock.now_ms())?;
+    let host = PersonHost {
+        port,
+        bootstrap,
         home_relays,
-        event_queue: SIM_EVENT_QUEUE,
-        ..crate::NodeConfig::default()
+        reachable: true,
     };
-    crate::Node::start(store, config).await
+    start_person_on(net, &host, &disk, clock).await
 }
 
 fn host_config(
@@ -453,12 +573,13 @@ fn host_config(
     port: u64,
     bootstrap: Vec<Multiaddr>,
     relay_server: Option<crate::net::RelayServerConfig>,
+    announce: bool,
 ) -> crate::NetConfig {
     crate::NetConfig {
         listen: vec![SimNetwork::address(port)],
         bootstrap,
         relay_server,
-        announce_listen_addrs: true,
+        announce_listen_addrs: announce,
         sim: Some(crate::net::SimHost { net: net.clone(), port }),
         ..crate::NetConfig::default()
     }

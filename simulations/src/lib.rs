@@ -17,6 +17,7 @@ pub mod plot;
 pub mod rng;
 pub mod scenario;
 pub mod sweep;
+pub mod tiera;
 pub mod tierb;
 pub mod trace;
 

@@ -8,13 +8,14 @@ use std::process::{Command, ExitCode};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use tidings_sim::output::{self, RunInfo};
 use tidings_sim::scenario::Scenario;
 use tidings_sim::sweep::{self, SweepRun};
+use tidings_sim::tiera;
 use tidings_sim::tierb::{self, RunOptions, RunResult};
 
 #[derive(Parser)]
@@ -26,7 +27,7 @@ struct Cli {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Tier {
-    /// Real nodes in virtual time (not built yet).
+    /// Real nodes in virtual time.
     A,
     /// The model.
     B,
@@ -98,15 +99,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             out,
             quiet,
             tier,
-        } => {
-            if tier == Tier::A {
-                bail!(
-                    "Tier A (real Tidings nodes in virtual time) is not built yet; run the model with --tier b \
-                     (see docs/SIMULATOR.md)"
-                );
-            }
-            run(&scenario, seed, out, quiet)
-        }
+        } => run(&scenario, seed, out, quiet, tier),
         Cmd::Sweep {
             scenario,
             jobs,
@@ -131,7 +124,7 @@ fn load(path: &Path) -> Result<(Scenario, String)> {
     Scenario::load(path).with_context(|| format!("scenario {}", path.display()))
 }
 
-fn simulate(sc: &Scenario, seed: u64, events: Option<File>, quiet: bool) -> Result<RunResult> {
+fn simulate(sc: &Scenario, seed: u64, events: Option<File>, quiet: bool, tier: Tier) -> Result<RunResult> {
     let bar = (!quiet).then(|| {
         let bar = ProgressBar::new(sc.duration.micros() / 1_000_000);
         bar.set_style(
@@ -145,28 +138,29 @@ fn simulate(sc: &Scenario, seed: u64, events: Option<File>, quiet: bool) -> Resu
             b.set_position(now / 1_000_000);
         }
     };
-    let result = tierb::run(
-        sc,
-        RunOptions {
-            seed,
-            events: events.map(|f| Box::new(f) as Box<dyn std::io::Write>),
-            progress: Some(&mut tick),
-        },
-    )?;
+    let opts = RunOptions {
+        seed,
+        events: events.map(|f| Box::new(f) as Box<dyn std::io::Write>),
+        progress: Some(&mut tick),
+    };
+    let result = match tier {
+        Tier::A => tiera::run(sc, opts)?,
+        Tier::B => tierb::run(sc, opts)?,
+    };
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     Ok(result)
 }
 
-fn run(path: &Path, seed: Option<u64>, out: Option<PathBuf>, quiet: bool) -> Result<ExitCode> {
+fn run(path: &Path, seed: Option<u64>, out: Option<PathBuf>, quiet: bool, tier: Tier) -> Result<ExitCode> {
     let (sc, text) = load(path)?;
     let seed = seed.unwrap_or(sc.seed);
     let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-seed{seed}", sc.name)));
     let events_path = output::prepare_dir(&out)?;
     let events = File::create(&events_path).with_context(|| format!("creating {}", events_path.display()))?;
     let started = Instant::now();
-    let result = simulate(&sc, seed, Some(events), quiet)?;
+    let result = simulate(&sc, seed, Some(events), quiet, tier)?;
     let wall = started.elapsed().as_secs_f64();
     let info = RunInfo {
         scenario: &sc,
@@ -174,6 +168,10 @@ fn run(path: &Path, seed: Option<u64>, out: Option<PathBuf>, quiet: bool) -> Res
         scenario_file: Some(path),
         seed,
         wall_seconds: wall,
+        tier: match tier {
+            Tier::A => "a",
+            Tier::B => "b",
+        },
     };
     let manifest = output::write_run(&out, &info, &result)?;
     let f = |name: &str| result.metric(name).unwrap_or(f64::NAN);
@@ -294,8 +292,8 @@ fn run_sweep(path: &Path, jobs: usize, shard: Option<&str>, out: Option<PathBuf>
 fn check_determinism(path: &Path, seed: Option<u64>) -> Result<ExitCode> {
     let (sc, _) = load(path)?;
     let seed = seed.unwrap_or(sc.seed);
-    let first = simulate(&sc, seed, None, true)?;
-    let second = simulate(&sc, seed, None, true)?;
+    let first = simulate(&sc, seed, None, true, Tier::B)?;
+    let second = simulate(&sc, seed, None, true, Tier::B)?;
     println!("run 1: {}", first.trace_hash);
     println!("run 2: {}", second.trace_hash);
     if first.trace_hash != second.trace_hash || first.summary_text() != second.summary_text() {

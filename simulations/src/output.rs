@@ -133,6 +133,8 @@ pub struct RunInfo<'a> {
     pub scenario_file: Option<&'a Path>,
     pub seed: u64,
     pub wall_seconds: f64,
+    /// "a" (real nodes) or "b" (the model).
+    pub tier: &'a str,
 }
 
 /// Creates the folder and returns the events.jsonl path in it.
@@ -146,15 +148,16 @@ pub fn write_run(dir: &Path, info: &RunInfo<'_>, r: &RunResult) -> Result<Manife
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let file = info.scenario_file.map(|p| p.display().to_string());
     let replay = format!(
-        "tidings-sim run {} --seed {}",
+        "tidings-sim run {} --seed {} --tier {}",
         file.clone()
             .unwrap_or_else(|| format!("{}/scenario.toml", dir.display())),
-        info.seed
+        info.seed,
+        info.tier
     );
     let manifest = Manifest {
         tool: "tidings-sim".into(),
         version: crate::VERSION.into(),
-        tier: "b".into(),
+        tier: info.tier.into(),
         scenario_name: info.scenario.name.clone(),
         scenario_file: file,
         scenario_sha256: sha256_hex(info.scenario_text),

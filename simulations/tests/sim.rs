@@ -253,6 +253,7 @@ fn run_folder_holds_manifest_summary_events_and_plots_and_merges() {
             scenario_file: None,
             seed,
             wall_seconds: 0.1,
+            tier: "b",
         };
         let m = output::write_run(&dir, &info, &r).unwrap();
         assert_eq!(m.trace_hash, r.trace_hash);

@@ -32,7 +32,9 @@ use crate::scenario::{Scenario, SimDuration};
 use crate::trace::{Recorder, TraceEvent};
 use event::Ev;
 pub use event::Path;
-pub use report::{DeliveryBin, KAD_KINDS, KadKind, RunResult, Sample, Violation};
+pub use report::{
+    DeliveryBin, DeliveryRecord, KAD_KINDS, KadKind, RunResult, Sample, Violation, delivery_figures, latency_curves,
+};
 
 /// Simulated time in microseconds since the start of the run.
 pub type Time = u64;

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::event::Path;
 use super::{NEVER, NodeRole, Proto, World};
-use crate::scenario::Fault;
+use crate::scenario::{Fault, Scenario};
 
 /// Names of the lookup kinds, in `LookupKind::index` order.
 pub const KAD_KINDS: [&str; 4] = ["find_node", "get_record", "put_record", "target_get"];
@@ -114,35 +114,30 @@ fn mean(v: &[f32]) -> f64 {
     }
 }
 
-pub(super) fn build(mut w: World<'_>) -> Result<RunResult, std::io::Error> {
-    let sc = w.sc;
-    let end = w.end;
-    // Close the books on clients still online.
-    for ci in 0..w.clients.len() {
-        let node = w.clients[ci].node;
-        if w.nodes[node as usize].online {
-            let online_for = end - w.clients[ci].online_since;
-            w.clients[ci].online_total += online_for;
-            w.count_poll_bytes(ci, online_for);
-        }
-    }
-    let mut s: Vec<(String, f64)> = Vec::new();
-    let mut put = |name: &str, v: f64| s.push((name.to_string(), v));
-    let sybils = w.nodes.iter().filter(|n| n.role == NodeRole::Sybil).count();
-    put("nodes", w.nodes.len() as f64);
-    put("relays", w.relays.len() as f64);
-    put("clients", w.clients.len() as f64);
-    put("sybils", sybils as f64);
-    put("dht_servers", w.kad.server_count() as f64);
-    put("groups", w.groups.len() as f64);
-    put("duration_s", end as f64 / 1e6);
-    put("events_processed", w.c.events as f64);
-    put("event_queue_peak", w.q.peak() as f64);
-    put("kad_table_builds", w.kad.table_builds as f64);
-    put("messages_sent", w.msgs.len() as f64);
-    put("deliveries", w.deliveries.len() as f64);
+/// One message to one recipient, as either tier saw it (times in µs, [`NEVER`] for "not").
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryRecord {
+    pub sent: u64,
+    /// When the recipient was first online at or after the sending.
+    pub ready: u64,
+    /// When the recipient showed it.
+    pub delivered: u64,
+    pub path: Option<Path>,
+    /// The recipient went offline within the deadline after the delivery became ready.
+    pub recipient_left: bool,
+    /// The sender went offline before it held an ack for the message.
+    pub sender_left: bool,
+}
 
-    // Delivery ratio and latency.
+/// The delivery figures both tiers report: ratios within the deadline (of the recipient being
+/// online, and of the sending), latency percentiles and shares by path. Returns deliveries by
+/// the time they were sent and the sorted latencies (ms) by path.
+pub fn delivery_figures(
+    sc: &Scenario,
+    end: u64,
+    records: impl Iterator<Item = DeliveryRecord>,
+    put: &mut impl FnMut(&str, f64),
+) -> (Vec<DeliveryBin>, [Vec<f32>; 3]) {
     let deadline = sc.metrics.deadline.micros();
     let judged_until = end.saturating_sub(deadline);
     let (mut judged, mut on_time, mut by_end) = (0u64, 0u64, 0u64);
@@ -157,30 +152,28 @@ pub(super) fn build(mut w: World<'_>) -> Result<RunResult, std::io::Error> {
             delivered: 0,
         })
         .collect();
-    for d in &w.deliveries {
-        let sent = w.msgs[d.msg as usize].sent;
+    for d in records {
         let delivered = d.delivered != NEVER;
         // On time: within the deadline of the recipient being online (at or after the sending).
         let in_time = delivered && d.ready != NEVER && d.delivered.saturating_sub(d.ready) <= deadline;
-        if let Some(b) = bins.get_mut((sent / bin_w) as usize) {
+        if let Some(b) = bins.get_mut((d.sent / bin_w) as usize) {
             b.sent += 1;
             b.on_time += u64::from(in_time);
             b.delivered += u64::from(delivered);
         }
-        let left = d.flags & (super::flag::RECIPIENT_LEFT | super::flag::SENDER_LEFT) != 0;
-        recipient_left += u64::from(d.flags & super::flag::RECIPIENT_LEFT != 0);
-        sender_left += u64::from(d.flags & super::flag::SENDER_LEFT != 0);
-        if d.ready <= judged_until && !left {
+        recipient_left += u64::from(d.recipient_left);
+        sender_left += u64::from(d.sender_left);
+        if d.ready <= judged_until && !(d.recipient_left || d.sender_left) {
             judged += 1;
             on_time += u64::from(in_time);
             by_end += u64::from(delivered);
         }
-        if sent <= judged_until {
+        if d.sent <= judged_until {
             judged_send += 1;
-            on_time_send += u64::from(delivered && d.delivered - sent <= deadline);
+            on_time_send += u64::from(delivered && d.delivered.saturating_sub(d.sent) <= deadline);
         }
-        if delivered && let Some(p) = Path::from_u8(d.path) {
-            lat[p as usize].push(((d.delivered - sent) as f64 / 1_000.0) as f32);
+        if delivered && let Some(p) = d.path {
+            lat[p as usize].push((d.delivered.saturating_sub(d.sent) as f64 / 1_000.0) as f32);
         }
     }
     let ratio = |a: u64, b: u64| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
@@ -220,6 +213,64 @@ pub(super) fn build(mut w: World<'_>) -> Result<RunResult, std::io::Error> {
             put(&format!("path_share_{name}"), v.len() as f64 / delivered_total);
         }
     }
+    (bins, lat)
+}
+
+/// Latency quantile curves (all, and by path) for the plots.
+pub fn latency_curves(all: &[f32], lat: &[Vec<f32>; 3]) -> Vec<(String, Vec<(f64, f64)>)> {
+    [
+        ("all", all),
+        ("direct", &lat[0][..]),
+        ("relayed", &lat[1][..]),
+        ("mailbox", &lat[2][..]),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_string(), quantiles(v, 200)))
+    .collect()
+}
+
+pub(super) fn build(mut w: World<'_>) -> Result<RunResult, std::io::Error> {
+    let sc = w.sc;
+    let end = w.end;
+    // Close the books on clients still online.
+    for ci in 0..w.clients.len() {
+        let node = w.clients[ci].node;
+        if w.nodes[node as usize].online {
+            let online_for = end - w.clients[ci].online_since;
+            w.clients[ci].online_total += online_for;
+            w.count_poll_bytes(ci, online_for);
+        }
+    }
+    let mut s: Vec<(String, f64)> = Vec::new();
+    let mut put = |name: &str, v: f64| s.push((name.to_string(), v));
+    let sybils = w.nodes.iter().filter(|n| n.role == NodeRole::Sybil).count();
+    put("nodes", w.nodes.len() as f64);
+    put("relays", w.relays.len() as f64);
+    put("clients", w.clients.len() as f64);
+    put("sybils", sybils as f64);
+    put("dht_servers", w.kad.server_count() as f64);
+    put("groups", w.groups.len() as f64);
+    put("duration_s", end as f64 / 1e6);
+    put("events_processed", w.c.events as f64);
+    put("event_queue_peak", w.q.peak() as f64);
+    put("kad_table_builds", w.kad.table_builds as f64);
+    put("messages_sent", w.msgs.len() as f64);
+    put("deliveries", w.deliveries.len() as f64);
+
+    // Delivery ratio and latency.
+    let records = w.deliveries.iter().map(|d| DeliveryRecord {
+        sent: w.msgs[d.msg as usize].sent,
+        ready: d.ready,
+        delivered: d.delivered,
+        path: Path::from_u8(d.path),
+        recipient_left: d.flags & super::flag::RECIPIENT_LEFT != 0,
+        sender_left: d.flags & super::flag::SENDER_LEFT != 0,
+    });
+    let (bins, lat) = delivery_figures(sc, end, records, &mut put);
+    let mut all: Vec<f32> = lat.iter().flatten().copied().collect();
+    all.sort_unstable_by(f32::total_cmp);
+    let deadline = sc.metrics.deadline.micros();
+    let ratio = |a: u64, b: u64| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
     put("lost_acked_excused", w.c.lost_excused as f64);
     put("lost_expired", w.c.lost_expired as f64);
     put("outbox_overflow", w.c.outbox_overflow as f64);
@@ -351,15 +402,7 @@ pub(super) fn build(mut w: World<'_>) -> Result<RunResult, std::io::Error> {
         f64::from(u8::from(w.kad.mitigation() != crate::scenario::Mitigation::None)),
     );
 
-    let latency_quantiles = [
-        ("all", &all),
-        ("direct", &lat[0]),
-        ("relayed", &lat[1]),
-        ("mailbox", &lat[2]),
-    ]
-    .into_iter()
-    .map(|(n, v)| (n.to_string(), quantiles(v, 200)))
-    .collect();
+    let latency_quantiles = latency_curves(&all, &lat);
     let (trace_hash, events_written, events_dropped) = w.rec.finish()?;
     Ok(RunResult {
         seed: w.seed,

@@ -1,0 +1,778 @@
+//! Tier A: the real node — libp2p behaviours, Noise, yamux, Kademlia, circuit relays, MLS, the
+//! relays' mailboxes, the redb store (in memory) — for every host of a scenario, in one process
+//! on one thread, in virtual time.
+//!
+//! The runtime is tokio's current-thread runtime with its clock paused: when every task waits,
+//! the clock jumps to the next timer. The network is [`tidings_node::sim::SimNetwork`] with
+//! [`links::Links`] as its model (region RTTs, access links, bandwidth, jitter, loss, partitions,
+//! NATs). libp2p's own timers follow the paused clock through the workspace's `futures-timer`
+//! patch, and every node reads time through a [`tidings_node::Clock`] on the same clock.
+//!
+//! The run is driven by a [`plan::Plan`] drawn from the seed (who is where, who knows whom, when
+//! each client is online, when each message is sent, which relays the faults hit) and observed
+//! through the nodes' public API only: their event streams and, at the end, their stores.
+//!
+//! Not deterministic yet: identities, MLS and Noise keys come from the OS's randomness, so two
+//! runs of one seed differ in detail (the plan is the same). See docs/SIMULATOR.md.
+
+mod links;
+pub mod plan;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+use rand::Rng;
+use tidings_node::sim::{self, HostDisk, PersonHost, SimNetwork};
+use tidings_node::{Clock, Node, NodeEvent, NodeHandle};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::rng::{self, SimRng, stream};
+use crate::scenario::{Scenario, ScenarioError};
+use crate::tierb::{
+    DeliveryRecord, NEVER, Path, RunOptions, RunResult, Sample, Violation, delivery_figures, latency_curves,
+};
+use crate::trace::{Recorder, TraceEvent};
+use plan::{Plan, PlannedFault};
+
+pub use links::port;
+
+/// The wall-clock time the simulated world starts at (nodes stamp messages with it).
+const START_MS: u64 = 1_800_000_000_000;
+/// Violations kept in full (all are counted).
+const MAX_VIOLATIONS_KEPT: usize = 100;
+
+/// Why a Tier A run could not be carried out. Invariant violations are not errors: they are in
+/// [`RunResult::violations`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TierAError {
+    #[error(transparent)]
+    Scenario(#[from] ScenarioError),
+    #[error("Tier A does not run {0} yet; Tier B does")]
+    Unsupported(&'static str),
+    #[error("cannot build the runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("host {host} did not start: {msg}")]
+    Start { host: usize, msg: String },
+    #[error("cannot write events.jsonl")]
+    Events(#[source] std::io::Error),
+}
+
+/// What the nodes showed, collected by one task per running node.
+#[derive(Default)]
+struct Seen {
+    /// Message id → (client, when) for every display.
+    displays: HashMap<String, Vec<(usize, u64)>>,
+    /// Message id → when its sender saw every recipient device's ack.
+    acked: HashMap<String, u64>,
+    /// Message id → when its sender saw a relay's custody receipt.
+    stored: HashMap<String, u64>,
+    /// (id, from, to, when) of every message a sender's node took.
+    sent: Vec<(String, usize, usize, u64)>,
+    sends_failed: u64,
+    events_lagged: u64,
+    replies: u64,
+}
+
+type Shared = Arc<Mutex<Seen>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Seen> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// µs of virtual time since `t0`.
+fn since(t0: Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Action {
+    FaultEnd(usize),
+    FaultStart(usize),
+    Down(usize),
+    Up(usize),
+    Send(usize),
+    Sample,
+}
+
+struct Running {
+    node: Node,
+    watcher: JoinHandle<()>,
+}
+
+/// The world: hosts, their disks and running nodes.
+struct World<'s> {
+    sc: &'s Scenario,
+    plan: Plan,
+    net: SimNetwork,
+    links: Arc<links::Links>,
+    clock: Clock,
+    t0: Instant,
+    relay_disks: Vec<HostDisk>,
+    relay_addrs: Vec<Multiaddr>,
+    relays: Vec<Option<Node>>,
+    disks: Vec<HostDisk>,
+    hosts: Vec<PersonHost>,
+    accounts: Vec<[u8; 32]>,
+    account_index: Arc<HashMap<String, usize>>,
+    cards: Vec<String>,
+    clients: Vec<Option<Running>>,
+    seen: Shared,
+    samples: Vec<Sample>,
+    events: Vec<(u64, TraceEvent)>,
+    sent_count: u64,
+    seed: u64,
+}
+
+/// Runs a scenario in Tier A.
+pub fn run(sc: &Scenario, opts: RunOptions<'_>) -> Result<RunResult, TierAError> {
+    sc.validate()?;
+    let a = &sc.adversaries;
+    if a.sybil.is_some() || a.dropping_relays > 0.0 || a.withholding_relays > 0.0 {
+        return Err(TierAError::Unsupported("adversaries"));
+    }
+    let RunOptions {
+        seed,
+        events,
+        mut progress,
+    } = opts;
+    let plan = Plan::build(sc, seed);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .map_err(TierAError::Runtime)?;
+    let mut world = runtime.block_on(World::start(sc, plan, seed))?;
+    runtime.block_on(world.drive(&mut progress))?;
+    let result = runtime.block_on(world.finish(events))?;
+    drop(world);
+    drop(runtime);
+    Ok(result)
+}
+
+impl<'s> World<'s> {
+    async fn start(sc: &'s Scenario, plan: Plan, seed: u64) -> Result<World<'s>, TierAError> {
+        let t0 = Instant::now();
+        let links = Arc::new(links::Links::new(
+            &plan,
+            sc.network.jitter,
+            sc.network.loss,
+            sc.network.hole_punch.clone(),
+            seed,
+        ));
+        let net = SimNetwork::new(links.clone());
+        let clock = Clock::tokio(START_MS);
+        let fail = |host: usize| {
+            move |e: anyhow::Error| TierAError::Start {
+                host,
+                msg: format!("{e:#}"),
+            }
+        };
+
+        let mut relay_disks = Vec::new();
+        let mut relay_addrs: Vec<Multiaddr> = Vec::new();
+        let mut relays = Vec::new();
+        for &h in &plan.relays {
+            let disk = HostDisk::relay(clock.now_ms()).map_err(fail(h))?;
+            let boot: Vec<Multiaddr> = relay_addrs.first().cloned().into_iter().collect();
+            let node = sim::start_relay_on(&net, port(h), &disk, boot, clock.clone())
+                .await
+                .map_err(fail(h))?;
+            relay_addrs.push(SimNetwork::address(port(h)).with(Protocol::P2p(node.handle().peer_id())));
+            relay_disks.push(disk);
+            relays.push(Some(node));
+        }
+
+        let mut pr = rng::rng(seed, stream::POPULATION | (1 << 40));
+        let mut disks = Vec::new();
+        let mut hosts = Vec::new();
+        for (ci, c) in plan.clients.iter().enumerate() {
+            let disk = HostDisk::person(&format!("c{ci}"), clock.now_ms()).map_err(fail(c.host))?;
+            let home_relays: Vec<Multiaddr> = c.homes.iter().map(|&r| relay_addrs[r].clone()).collect();
+            // One more relay to join the DHT through, besides the home relays.
+            let extra = relay_addrs.get(pr.gen_range(0..relay_addrs.len().max(1))).cloned();
+            hosts.push(PersonHost {
+                port: port(c.host),
+                bootstrap: extra.into_iter().collect(),
+                home_relays,
+                reachable: plan.hosts[c.host].nat == plan::Nat::Public,
+            });
+            disks.push(disk);
+        }
+        let mut world = World {
+            sc,
+            net,
+            links,
+            clock,
+            t0,
+            relay_disks,
+            relay_addrs,
+            relays,
+            disks,
+            hosts,
+            accounts: Vec::new(),
+            account_index: Arc::default(),
+            cards: Vec::new(),
+            clients: Vec::new(),
+            seen: Shared::default(),
+            samples: Vec::new(),
+            events: Vec::new(),
+            sent_count: 0,
+            seed,
+            plan,
+        };
+
+        // Everyone starts once to learn their card; the contacts are exchanged like cards handed
+        // over in person; then those offline at the start stop.
+        let mut started = Vec::new();
+        for ci in 0..world.plan.clients.len() {
+            let node = sim::start_person_on(&world.net, &world.hosts[ci], &world.disks[ci], world.clock.clone())
+                .await
+                .map_err(fail(world.plan.clients[ci].host))?;
+            let h = node.handle();
+            world.accounts.push(*h.account().as_bytes());
+            world.cards.push(h.card().to_uri());
+            world.clients.push(None);
+            started.push(node);
+        }
+        world.account_index = Arc::new(
+            world
+                .accounts
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (bs58::encode(a).into_string(), i))
+                .collect(),
+        );
+        for (ci, node) in started.iter().enumerate() {
+            let h = node.handle();
+            for &other in &world.plan.clients[ci].contacts {
+                if let Err(e) = h.add_contact(&world.cards[other], None).await {
+                    return Err(TierAError::Start {
+                        host: world.plan.clients[ci].host,
+                        msg: format!("adding a contact: {e}"),
+                    });
+                }
+            }
+        }
+        for (ci, node) in started.into_iter().enumerate() {
+            if world.plan.clients[ci].online_at(0) {
+                let watcher = world.watch(ci, node.handle());
+                world.clients[ci] = Some(Running { node, watcher });
+                let host = host32(world.plan.clients[ci].host);
+                world.events.push((0, TraceEvent::Up { node: host }));
+            } else {
+                node.shutdown().await;
+            }
+        }
+        Ok(world)
+    }
+
+    /// A task that reads a client's events into [`Seen`] (and sends the replies the workload
+    /// asks for).
+    fn watch(&self, ci: usize, h: NodeHandle) -> JoinHandle<()> {
+        let mut rx = h.subscribe();
+        let seen = self.seen.clone();
+        let t0 = self.t0;
+        let index = self.account_index.clone();
+        let reply_p = self.sc.workload.reply_probability;
+        let reply_delay = Duration::from_micros(self.sc.workload.reply_delay.micros());
+        let mut rng: SimRng = rng::rng(self.seed, stream::WORKLOAD | (1 << 40) | ci as u64);
+        let online = self.plan.clients[ci].online.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        lock(&seen).events_lagged += n;
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let now = since(t0);
+                match ev {
+                    NodeEvent::Message(m) if !m.outgoing => {
+                        lock(&seen).displays.entry(m.id.clone()).or_default().push((ci, now));
+                        let Some(&from) = index.get(&m.sender) else { continue };
+                        if reply_p > 0.0 && rng.r#gen::<f64>() < reply_p {
+                            let at = now + u64::try_from(reply_delay.as_micros()).unwrap_or(0);
+                            if online.iter().any(|&(a, b)| a <= at && at < b) {
+                                spawn_send(
+                                    h.clone(),
+                                    seen.clone(),
+                                    t0,
+                                    ci,
+                                    from,
+                                    m.sender.clone(),
+                                    reply_delay,
+                                    true,
+                                );
+                            }
+                        }
+                    }
+                    NodeEvent::Delivered { id, .. } => {
+                        lock(&seen).acked.entry(id).or_insert(now);
+                    }
+                    NodeEvent::Stored { id, .. } => {
+                        lock(&seen).stored.entry(id).or_insert(now);
+                    }
+                    _ => {}
+                }
+            }
+        })
+    }
+
+    async fn drive(&mut self, progress: &mut Option<&mut dyn FnMut(u64, u64)>) -> Result<(), TierAError> {
+        let end = self.plan.end;
+        let mut timeline: Vec<(u64, Action)> = Vec::new();
+        for (ci, c) in self.plan.clients.iter().enumerate() {
+            for &(a, b) in &c.online {
+                if a > 0 {
+                    timeline.push((a, Action::Up(ci)));
+                }
+                if b < end {
+                    timeline.push((b, Action::Down(ci)));
+                }
+            }
+        }
+        for (i, s) in self.plan.sends.iter().enumerate() {
+            timeline.push((s.at, Action::Send(i)));
+        }
+        for (fi, f) in self.plan.faults.iter().enumerate() {
+            let (at, back) = match f {
+                PlannedFault::Partition { at, heal, .. } => (*at, *heal),
+                PlannedFault::Relays { at, back, .. } => (*at, *back),
+            };
+            timeline.push((at, Action::FaultStart(fi)));
+            if let Some(b) = back.filter(|b| *b < end) {
+                timeline.push((b, Action::FaultEnd(fi)));
+            }
+        }
+        let every = self.sc.metrics.sample_every.micros().max(1);
+        let mut t = 0;
+        while t <= end {
+            timeline.push((t, Action::Sample));
+            t += every;
+        }
+        timeline.sort();
+        for (at, action) in timeline {
+            tokio::time::sleep_until(self.t0 + Duration::from_micros(at)).await;
+            match action {
+                Action::Up(ci) => self.up(ci).await?,
+                Action::Down(ci) => self.down(ci).await,
+                Action::Send(i) => self.send(i),
+                Action::FaultStart(fi) => self.fault(fi, true).await?,
+                Action::FaultEnd(fi) => self.fault(fi, false).await?,
+                Action::Sample => {
+                    self.sample();
+                    if let Some(p) = progress.as_mut() {
+                        p(since(self.t0), end);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep_until(self.t0 + Duration::from_micros(end)).await;
+        Ok(())
+    }
+
+    async fn up(&mut self, ci: usize) -> Result<(), TierAError> {
+        if self.clients[ci].is_some() {
+            return Ok(());
+        }
+        let node = sim::start_person_on(&self.net, &self.hosts[ci], &self.disks[ci], self.clock.clone())
+            .await
+            .map_err(|e| TierAError::Start {
+                host: self.plan.clients[ci].host,
+                msg: format!("{e:#}"),
+            })?;
+        let watcher = self.watch(ci, node.handle());
+        self.clients[ci] = Some(Running { node, watcher });
+        let host = host32(self.plan.clients[ci].host);
+        self.events.push((since(self.t0), TraceEvent::Up { node: host }));
+        Ok(())
+    }
+
+    async fn down(&mut self, ci: usize) {
+        if let Some(r) = self.clients[ci].take() {
+            r.watcher.abort();
+            r.node.shutdown().await;
+            let host = host32(self.plan.clients[ci].host);
+            self.events.push((
+                since(self.t0),
+                TraceEvent::Down {
+                    node: host,
+                    silent: false,
+                },
+            ));
+        }
+    }
+
+    fn send(&mut self, i: usize) {
+        let s = self.plan.sends[i];
+        let Some(r) = &self.clients[s.from] else { return };
+        let to = bs58::encode(self.accounts[s.to]).into_string();
+        self.sent_count += 1;
+        spawn_send(
+            r.node.handle(),
+            self.seen.clone(),
+            self.t0,
+            s.from,
+            s.to,
+            to,
+            Duration::ZERO,
+            false,
+        );
+    }
+
+    async fn fault(&mut self, fi: usize, start: bool) -> Result<(), TierAError> {
+        self.events.push((
+            since(self.t0),
+            TraceEvent::Fault {
+                index: fi as u32,
+                start,
+            },
+        ));
+        match self.plan.faults[fi].clone() {
+            PlannedFault::Partition { side, .. } => self.links.set_cut(start.then_some(side)),
+            PlannedFault::Relays { relays, wipe, .. } => {
+                for ri in relays {
+                    if start {
+                        if let Some(node) = self.relays[ri].take() {
+                            node.shutdown().await;
+                        }
+                        if wipe && let Some(m) = &self.relay_disks[ri].mailboxes {
+                            let limits = m.limits().clone();
+                            let fresh = tidings_store::mailbox::Mailboxes::open_in_memory(limits).map_err(|e| {
+                                TierAError::Start {
+                                    host: self.plan.relays[ri],
+                                    msg: e.to_string(),
+                                }
+                            })?;
+                            self.relay_disks[ri].mailboxes = Some(Arc::new(fresh));
+                        }
+                    } else if self.relays[ri].is_none() {
+                        let h = self.plan.relays[ri];
+                        let boot: Vec<Multiaddr> = self
+                            .relay_addrs
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| *i != ri)
+                            .map(|(_, a)| a.clone())
+                            .take(1)
+                            .collect();
+                        let node =
+                            sim::start_relay_on(&self.net, port(h), &self.relay_disks[ri], boot, self.clock.clone())
+                                .await
+                                .map_err(|e| TierAError::Start {
+                                    host: h,
+                                    msg: format!("{e:#}"),
+                                })?;
+                        self.relays[ri] = Some(node);
+                        self.events
+                            .push((since(self.t0), TraceEvent::RelayBack { node: host32(h) }));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sample(&mut self) {
+        let (mut total, mut max) = (0u64, 0u64);
+        for (ri, d) in self.relay_disks.iter().enumerate() {
+            if self.relays[ri].is_none() {
+                continue;
+            }
+            if let Some(m) = &d.mailboxes
+                && let Ok(st) = m.stats()
+            {
+                total += st.envelopes;
+                max = max.max(st.envelopes);
+            }
+        }
+        let outbox: u64 = self.disks.iter().filter_map(|d| d.store.outbox_len().ok()).sum();
+        self.samples.push(Sample {
+            t_s: since(self.t0) as f64 / 1e6,
+            online_clients: self.clients.iter().filter(|c| c.is_some()).count() as u64,
+            relays_up: self.relays.iter().filter(|r| r.is_some()).count() as u64,
+            mailbox_total: total,
+            mailbox_max_relay: max,
+            outbox_pending: outbox,
+            messages_sent: self.sent_count,
+        });
+    }
+
+    /// Stops every node, checks the invariants against what the nodes showed and what their
+    /// stores hold, and turns it all into the run's figures.
+    async fn finish(&mut self, out: Option<Box<dyn std::io::Write + '_>>) -> Result<RunResult, TierAError> {
+        let end = self.plan.end;
+        for slot in &mut self.clients {
+            if let Some(r) = slot.take() {
+                r.watcher.abort();
+                r.node.shutdown().await;
+            }
+        }
+        for slot in &mut self.relays {
+            if let Some(n) = slot.take() {
+                n.shutdown().await;
+            }
+        }
+        let mut seen_guard = std::mem::take(&mut *lock(&self.seen));
+        let s = &mut seen_guard;
+        s.sent.sort_by_key(|m| (m.3, m.1, m.2));
+        let mut violations: Vec<Violation> = Vec::new();
+        let mut violation_count = 0u64;
+        let mut violate = |invariant: &'static str, detail: String, t: u64| {
+            violation_count += 1;
+            if violations.len() < MAX_VIOLATIONS_KEPT {
+                violations.push(Violation {
+                    invariant,
+                    detail,
+                    time_s: t as f64 / 1e6,
+                });
+            }
+        };
+
+        // What each client's store holds at the end, by message id.
+        let mut held: Vec<HashMap<String, u32>> = vec![HashMap::new(); self.disks.len()];
+        for (ci, d) in self.disks.iter().enumerate() {
+            for &other in &self.plan.clients[ci].contacts {
+                if let Ok(list) = d.store.list_messages(&self.accounts[other]) {
+                    for m in list.iter().filter(|m| !m.outgoing) {
+                        *held[ci].entry(hex::encode(m.id)).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let known: HashSet<&str> = s.sent.iter().map(|m| m.0.as_str()).collect();
+        for (id, shows) in &s.displays {
+            if !known.contains(id.as_str()) {
+                violate(
+                    "plaintext_to_non_member",
+                    format!("message {id} shown but never sent"),
+                    shows[0].1,
+                );
+            }
+        }
+        let mut records = Vec::with_capacity(s.sent.len());
+        let mut trace = std::mem::take(&mut self.events);
+        let (mut acked, mut lost_custody) = (0u64, 0u64);
+        for (mi, (id, from, to, at)) in s.sent.iter().enumerate() {
+            let shows = s.displays.get(id).map(Vec::as_slice).unwrap_or(&[]);
+            let mut delivered = NEVER;
+            for &(who, t) in shows {
+                if who != *to {
+                    violate(
+                        "plaintext_to_non_member",
+                        format!("message {id} for client {to} shown by client {who}"),
+                        t,
+                    );
+                } else if delivered != NEVER {
+                    violate("displayed_twice", format!("message {id} shown twice by client {to}"), t);
+                } else {
+                    delivered = t;
+                }
+            }
+            if held[*to].get(id).copied().unwrap_or(0) > 1 {
+                violate(
+                    "displayed_twice",
+                    format!("message {id} stored twice by client {to}"),
+                    end,
+                );
+            }
+            let ack = s.acked.get(id).copied();
+            if let Some(t) = ack {
+                acked += 1;
+                if !held[*to].contains_key(id) {
+                    violate(
+                        "acknowledged_message_lost",
+                        format!("message {id} from client {from} acknowledged by client {to}, not in its store"),
+                        t,
+                    );
+                }
+            }
+            let custody = s.stored.get(id).copied();
+            if custody.is_some() && delivered == NEVER {
+                lost_custody += 1;
+            }
+            let path = match custody {
+                Some(c) if c <= delivered => Path::Mailbox,
+                _ => Path::Direct,
+            };
+            let c_to = &self.plan.clients[*to];
+            let ready = c_to.ready_after(*at).unwrap_or(NEVER);
+            let deadline = self.sc.metrics.deadline.micros();
+            let recipient_left = ready != NEVER
+                && delivered.saturating_sub(ready) > deadline
+                && c_to
+                    .online_until(ready)
+                    .is_some_and(|u| u < ready.saturating_add(deadline));
+            let held_by = ack.or(custody).unwrap_or(NEVER);
+            let sender_left = self.plan.clients[*from].online_until(*at).is_some_and(|u| u < held_by);
+            records.push(DeliveryRecord {
+                sent: *at,
+                ready,
+                delivered,
+                path: (delivered != NEVER).then_some(path),
+                recipient_left,
+                sender_left,
+            });
+            trace.push((
+                *at,
+                TraceEvent::Sent {
+                    msg: mi as u32,
+                    from: host32(self.plan.clients[*from].host),
+                    to: host32(c_to.host),
+                    group: false,
+                    size: 0,
+                },
+            ));
+            if delivered != NEVER {
+                trace.push((
+                    delivered,
+                    TraceEvent::Delivered {
+                        delivery: mi as u32,
+                        node: host32(c_to.host),
+                        path,
+                    },
+                ));
+            }
+        }
+
+        let mut summary: Vec<(String, f64)> = Vec::new();
+        let mut put = |name: &str, v: f64| summary.push((name.to_string(), v));
+        put("nodes", self.plan.hosts.len() as f64);
+        put("relays", self.plan.relays.len() as f64);
+        put("clients", self.plan.clients.len() as f64);
+        put("duration_s", end as f64 / 1e6);
+        put("messages_sent", s.sent.len() as f64);
+        put("sends_failed", s.sends_failed as f64);
+        put("replies", s.replies as f64);
+        put("events_lagged", s.events_lagged as f64);
+        put("messages_acked", acked as f64);
+        put("custody_not_delivered_by_end", lost_custody as f64);
+        let (bins, lat) = delivery_figures(self.sc, end, records.into_iter(), &mut put);
+        let mut all: Vec<f32> = lat.iter().flatten().copied().collect();
+        all.sort_unstable_by(f32::total_cmp);
+        put("invariant_violations", violation_count as f64);
+
+        let hours = end as f64 / 3.6e9;
+        let mut bytes_q = Vec::new();
+        for (role, relay) in [("client", false), ("relay", true)] {
+            let mut v: Vec<f32> = (0..self.plan.hosts.len())
+                .filter(|&h| self.plan.hosts[h].relay == relay)
+                .map(|h| self.net.bytes_sent(port(h)) as f32)
+                .collect();
+            v.sort_unstable_by(f32::total_cmp);
+            let mean = if v.is_empty() {
+                f64::NAN
+            } else {
+                v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64
+            };
+            put(&format!("bytes_per_{role}_total_mean"), mean);
+            put(&format!("bytes_per_{role}_total_per_hour_mean"), mean / hours.max(1e-9));
+            bytes_q.push((role.to_string(), "total".to_string(), quantile_points(&v)));
+        }
+        let occ: Vec<f64> = self.samples.iter().map(|x| x.mailbox_total as f64).collect();
+        put(
+            "mailbox_occupancy_mean",
+            if occ.is_empty() {
+                f64::NAN
+            } else {
+                occ.iter().sum::<f64>() / occ.len() as f64
+            },
+        );
+        put(
+            "mailbox_occupancy_peak",
+            self.samples.iter().map(|x| x.mailbox_total).max().unwrap_or(0) as f64,
+        );
+
+        for (_, invariant) in violations.iter().map(|v| (v.time_s, v.invariant)) {
+            trace.push((end, TraceEvent::Violation { invariant }));
+        }
+        trace.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| trace_key(&a.1).cmp(&trace_key(&b.1))));
+        let mut rec = Recorder::new(self.sc, self.seed, out);
+        for (t, ev) in &trace {
+            rec.record(*t, ev);
+        }
+        let (trace_hash, events_written, events_dropped) = rec.finish().map_err(TierAError::Events)?;
+        Ok(RunResult {
+            seed: self.seed,
+            trace_hash,
+            events_written,
+            events_dropped,
+            summary,
+            samples: std::mem::take(&mut self.samples),
+            delivery_bins: bins,
+            latency_quantiles: latency_curves(&all, &lat),
+            bytes_quantiles: bytes_q,
+            violations,
+            violation_count,
+        })
+    }
+}
+
+/// Sends one message in its own task, so that the run goes on while the sender's node works
+/// (a first message sets up the conversation over the network).
+#[allow(clippy::too_many_arguments)]
+fn spawn_send(
+    h: NodeHandle,
+    seen: Shared,
+    t0: Instant,
+    from: usize,
+    to: usize,
+    to_account: String,
+    after: Duration,
+    reply: bool,
+) {
+    tokio::spawn(async move {
+        if !after.is_zero() {
+            tokio::time::sleep(after).await;
+        }
+        let at = since(t0);
+        let text = format!("m{from}-{to}-{at}");
+        match h.send_text(&to_account, &text).await {
+            Ok(m) => {
+                let mut s = lock(&seen);
+                s.sent.push((m.id, from, to, at));
+                s.replies += u64::from(reply);
+            }
+            Err(_) => lock(&seen).sends_failed += 1,
+        }
+    });
+}
+
+fn host32(h: usize) -> u32 {
+    u32::try_from(h).unwrap_or(u32::MAX)
+}
+
+/// A total order among events at the same time, so the trace does not depend on task order.
+fn trace_key(ev: &TraceEvent) -> (u8, u64) {
+    match ev {
+        TraceEvent::Fault { index, start } => (0, u64::from(*index) << 1 | u64::from(*start)),
+        TraceEvent::RelayBack { node } => (1, u64::from(*node)),
+        TraceEvent::Down { node, .. } => (2, u64::from(*node)),
+        TraceEvent::Up { node } => (3, u64::from(*node)),
+        TraceEvent::Sent { msg, .. } => (4, u64::from(*msg)),
+        TraceEvent::Delivered { delivery, .. } => (5, u64::from(*delivery)),
+        TraceEvent::Lookup { origin, .. } => (6, u64::from(*origin)),
+        TraceEvent::Lost { delivery, .. } => (7, u64::from(*delivery)),
+        TraceEvent::Violation { .. } => (8, 0),
+    }
+}
+
+fn quantile_points(sorted: &[f32]) -> Vec<(f64, f64)> {
+    if sorted.is_empty() {
+        return Vec::new();
+    }
+    (0..=100)
+        .map(|i| {
+            let q = f64::from(i) / 100.0;
+            let idx = ((q * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1);
+            (q, f64::from(sorted[idx]))
+        })
+        .collect()
+}

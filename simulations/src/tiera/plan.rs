@@ -1,0 +1,286 @@
+//! What a Tier A run will do, drawn from the scenario and the seed before any node starts: every
+//! host's place (region, NAT, access link, home relays), the contact graph, every client's online
+//! intervals, every message's time and recipient, and which relays the faults hit.
+
+use rand::Rng;
+
+use crate::rng::{self, stream};
+use crate::scenario::{Fault, MICROS_PER_MS, Role, Scenario, regions};
+
+/// A host's NAT class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    Public,
+    Cone,
+    Symmetric,
+}
+
+/// One host of the world.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub relay: bool,
+    pub region: u8,
+    pub nat: Nat,
+    /// One-way delay of its access link, µs.
+    pub access_us: u32,
+    pub mbps: f32,
+}
+
+/// A person's device.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// Index into [`Plan::hosts`].
+    pub host: usize,
+    /// Indices into [`Plan::relays`].
+    pub homes: Vec<usize>,
+    /// Client indices.
+    pub contacts: Vec<usize>,
+    /// Online intervals `[from, to)`, µs, sorted and disjoint.
+    pub online: Vec<(u64, u64)>,
+}
+
+impl Client {
+    pub fn online_at(&self, t: u64) -> bool {
+        self.online.iter().any(|&(a, b)| a <= t && t < b)
+    }
+
+    /// The first time at or after `t` that the client is online.
+    pub fn ready_after(&self, t: u64) -> Option<u64> {
+        self.online.iter().find(|&&(_, b)| b > t).map(|&(a, _)| a.max(t))
+    }
+
+    /// The end of the online interval that holds `t`.
+    pub fn online_until(&self, t: u64) -> Option<u64> {
+        self.online.iter().find(|&&(a, b)| a <= t && t < b).map(|&(_, b)| b)
+    }
+}
+
+/// A message the workload will send (if its sender is online then).
+#[derive(Debug, Clone, Copy)]
+pub struct PlannedSend {
+    pub at: u64,
+    pub from: usize,
+    pub to: usize,
+}
+
+/// A timed fault, resolved to the relays it hits.
+#[derive(Debug, Clone)]
+pub enum PlannedFault {
+    /// Cut between region sides (`side[region]`) from `at` to `heal`.
+    Partition { at: u64, heal: Option<u64>, side: Vec<u8> },
+    /// Stop these relays at `at`; start them again at `back` (mailboxes emptied if `wipe`).
+    Relays {
+        at: u64,
+        back: Option<u64>,
+        relays: Vec<usize>,
+        wipe: bool,
+    },
+}
+
+/// Everything drawn before the run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub hosts: Vec<Host>,
+    /// Host indices of the relays.
+    pub relays: Vec<usize>,
+    pub clients: Vec<Client>,
+    /// Sorted by time.
+    pub sends: Vec<PlannedSend>,
+    /// One per scenario fault, in order.
+    pub faults: Vec<PlannedFault>,
+    /// RTT between regions, µs, row-major.
+    pub rtt_us: Vec<u32>,
+    pub n_regions: usize,
+    pub end: u64,
+}
+
+impl Plan {
+    pub fn build(sc: &Scenario, seed: u64) -> Plan {
+        let mut r = rng::rng(seed, stream::POPULATION);
+        let region_names: Vec<&str> = sc.network.regions.iter().map(|x| x.name.as_str()).collect();
+        let k = region_names.len();
+        let mut rtt_us = vec![0u32; k * k];
+        for i in 0..k {
+            for j in 0..k {
+                let ms = match &sc.network.rtt_ms {
+                    Some(m) => m[i][j],
+                    None => regions::default_rtt(region_names[i], region_names[j]).unwrap_or(100.0),
+                };
+                rtt_us[i * k + j] = (ms * MICROS_PER_MS as f64) as u32;
+            }
+        }
+        let mut hosts = Vec::new();
+        let mut relays = Vec::new();
+        let mut client_hosts = Vec::new();
+        for class in &sc.population {
+            let weights: Vec<f64> = if class.regions.is_empty() {
+                vec![1.0; k]
+            } else {
+                region_names
+                    .iter()
+                    .map(|n| class.regions.get(*n).copied().unwrap_or(0.0))
+                    .collect()
+            };
+            let nat = class.nat();
+            let nat_w = [nat.public, nat.cone, nat.symmetric];
+            for _ in 0..class.count {
+                let region = rng::weighted(&mut r, &weights) as u8;
+                let nat = match rng::weighted(&mut r, &nat_w) {
+                    0 => Nat::Public,
+                    1 => Nat::Cone,
+                    _ => Nat::Symmetric,
+                };
+                let relay = class.role == Role::Relay;
+                let index = hosts.len();
+                hosts.push(Host {
+                    relay,
+                    region,
+                    nat: if relay { Nat::Public } else { nat },
+                    access_us: (class.access_rtt_ms() * MICROS_PER_MS as f64 / 2.0) as u32,
+                    mbps: class.bandwidth_mbps() as f32,
+                });
+                if relay {
+                    relays.push(index);
+                } else {
+                    client_hosts.push((index, class.home_relays(), class.churns() && sc.churn.is_some()));
+                }
+            }
+        }
+
+        let end = sc.duration.micros();
+        let mut cr = rng::rng(seed, stream::CHURN);
+        let mut clients: Vec<Client> = client_hosts
+            .iter()
+            .map(|&(host, n_homes, churns)| {
+                let mut homes = Vec::new();
+                let want = (n_homes as usize).min(relays.len());
+                while homes.len() < want {
+                    let cand = r.gen_range(0..relays.len());
+                    if !homes.contains(&cand) {
+                        homes.push(cand);
+                    }
+                }
+                let online = match (&sc.churn, churns) {
+                    (Some(ch), true) => {
+                        let mut iv = Vec::new();
+                        let mut on = cr.r#gen::<f64>() >= ch.offline_fraction();
+                        let mut t = 0u64;
+                        while t < end {
+                            let w = if on { &ch.session } else { &ch.offline };
+                            let len = rng::weibull(&mut cr, w.shape, w.scale.micros() as f64).max(1.0) as u64;
+                            let next = t.saturating_add(len).min(end);
+                            if on {
+                                iv.push((t, next));
+                            }
+                            t = next;
+                            on = !on;
+                        }
+                        iv
+                    }
+                    _ => vec![(0, end)],
+                };
+                Client {
+                    host,
+                    homes,
+                    contacts: Vec::new(),
+                    online,
+                }
+            })
+            .collect();
+
+        let n = clients.len();
+        let half = sc.workload.contacts_per_user.div_ceil(2) as usize;
+        if n > 1 {
+            for ci in 0..n {
+                for _ in 0..half {
+                    let other = r.gen_range(0..n);
+                    if other != ci {
+                        clients[ci].contacts.push(other);
+                        clients[other].contacts.push(ci);
+                    }
+                }
+            }
+        }
+        for c in &mut clients {
+            c.contacts.sort_unstable();
+            c.contacts.dedup();
+        }
+
+        // The workload: one-to-one messages at the scenario's rate, sent only while online.
+        let mut wr = rng::rng(seed, stream::WORKLOAD);
+        let per_us = sc.workload.messages_per_user_per_hour / 3.6e9;
+        let mut sends = Vec::new();
+        if per_us > 0.0 {
+            for (ci, c) in clients.iter().enumerate() {
+                if c.contacts.is_empty() {
+                    continue;
+                }
+                let mut t = rng::exp(&mut wr, 1.0 / per_us);
+                while (t as u64) < end {
+                    let at = t as u64;
+                    let to = c.contacts[wr.gen_range(0..c.contacts.len())];
+                    if c.online_at(at) {
+                        sends.push(PlannedSend { at, from: ci, to });
+                    }
+                    t += rng::exp(&mut wr, 1.0 / per_us);
+                }
+            }
+        }
+        sends.sort_by_key(|s| (s.at, s.from));
+
+        let mut fr = rng::rng(seed, stream::FAULTS);
+        let mut pick = |fraction: f64| {
+            let want = (fraction * relays.len() as f64).round() as usize;
+            let mut order: Vec<usize> = (0..relays.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, fr.gen_range(0..=i));
+            }
+            order.truncate(want);
+            order
+        };
+        let faults = sc
+            .faults
+            .iter()
+            .map(|f| match f {
+                Fault::Partition(p) => {
+                    let mut side = vec![0u8; k];
+                    for (s, names) in p.sides.iter().enumerate() {
+                        for name in names {
+                            if let Some(ri) = region_names.iter().position(|n| n == name) {
+                                side[ri] = s as u8;
+                            }
+                        }
+                    }
+                    PlannedFault::Partition {
+                        at: p.at.micros(),
+                        heal: p.heal.map(|h| h.micros()),
+                        side,
+                    }
+                }
+                Fault::KillRelays(kf) => PlannedFault::Relays {
+                    at: kf.at.micros(),
+                    back: kf.restart_after.map(|d| kf.at.micros() + d.micros()),
+                    relays: pick(kf.fraction),
+                    wipe: kf.data == crate::scenario::DataFate::Lost,
+                },
+                Fault::RestartRelays(rf) => PlannedFault::Relays {
+                    at: rf.at.micros(),
+                    back: Some(rf.at.micros() + rf.downtime.micros()),
+                    relays: pick(rf.fraction),
+                    wipe: false,
+                },
+            })
+            .collect();
+
+        Plan {
+            hosts,
+            relays,
+            clients,
+            sends,
+            faults,
+            rtt_us,
+            n_regions: k,
+            end,
+        }
+    }
+}
