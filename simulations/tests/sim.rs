@@ -291,16 +291,89 @@ fn run_folder_holds_manifest_summary_events_and_plots_and_merges() {
     assert!(lo <= mean && mean <= hi);
 }
 
+/// A small world of real nodes: three relays, fifteen people who come and go, one relay that
+/// restarts and a partition between the regions that heals.
+const TIER_A_SMALL: &str = r#"
+name = "tier-a-small"
+duration = "4m"
+seed = 7
+
+[[population]]
+class = "relay"
+role = "relay"
+count = 3
+
+[[population]]
+class = "desktop"
+role = "client"
+count = 15
+nat = { public = 0.4, cone = 0.4, symmetric = 0.2 }
+
+[churn]
+session = { shape = 1.5, scale = "90s" }
+offline = { shape = 1.0, scale = "30s" }
+
+[workload]
+contacts_per_user = 3
+messages_per_user_per_hour = 120
+groups_per_user = 0.0
+reply_probability = 0.3
+reply_delay = "5s"
+
+[[faults]]
+kind = "restart-relays"
+at = "1m"
+fraction = 0.34
+downtime = "30s"
+
+[[faults]]
+kind = "partition"
+at = "2m"
+heal = "2m30s"
+sides = [["us-east", "us-west", "sa-east"], ["eu-west", "ap-northeast", "ap-southeast"]]
+
+[metrics]
+deadline = "60s"
+sample_every = "10s"
+"#;
+
 #[test]
-fn cli_refuses_tier_a_with_a_clear_message() {
+fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_every_message_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("tier-a-small.toml");
+    std::fs::write(&scenario, TIER_A_SMALL).unwrap();
+    let out_dir = dir.path().join("run");
     let out = Command::new(env!("CARGO_BIN_EXE_tidings-sim"))
-        .args(["run", "--tier", "a"])
-        .arg(scenarios_dir().join("smoke.toml"))
+        .args(["run", "--tier", "a", "--quiet", "--out"])
+        .arg(&out_dir)
+        .arg(&scenario)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("Tier A") && err.contains("not built yet"), "{err}");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest = output::read_manifest(&out_dir).unwrap();
+    assert_eq!(manifest.tier, "a");
+    assert!(manifest.replay.contains("--tier a"));
+    assert!(manifest.invariants.ok);
+    let summary: std::collections::HashMap<String, f64> = output::read_csv(&out_dir.join("summary.csv"), 2)
+        .unwrap()
+        .into_iter()
+        .map(|row| (row[0].clone(), row[1].parse().unwrap_or(f64::NAN)))
+        .collect();
+    assert_eq!(summary["clients"], 15.0);
+    assert!(summary["messages_sent"] >= 20.0, "{summary:?}");
+    assert!(summary["deliveries_judged"] >= 10.0, "{summary:?}");
+    assert_eq!(summary["delivery_ratio_by_end"], 1.0, "{summary:?}");
+    assert!(summary["delivery_ratio_within_deadline"] >= 0.9, "{summary:?}");
+    assert_eq!(summary["invariant_violations"], 0.0);
+    assert!(summary["bytes_per_relay_total_mean"] > 0.0);
+    for file in ["events.jsonl", "timeseries.csv", "latency_cdf.svg"] {
+        assert!(out_dir.join(file).exists(), "{file}");
+    }
 }
 
 #[test]
