@@ -15,8 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tidings_sim::output::{self, RunInfo};
 use tidings_sim::scenario::Scenario;
 use tidings_sim::sweep::{self, SweepRun};
-use tidings_sim::tiera;
 use tidings_sim::tierb::{self, RunOptions, RunResult};
+use tidings_sim::{calibrate, tiera};
 
 #[derive(Parser)]
 #[command(name = "tidings-sim", version, about = "The Tidings network simulator")]
@@ -72,6 +72,22 @@ enum Cmd {
     },
     /// Redraw the SVG plots of a run folder from its CSVs.
     Plot { dir: PathBuf },
+    /// Run a scenario in both tiers at each size and compare them: the delivery ratio within the
+    /// deadline and the latency distributions (Kolmogorov–Smirnov distance).
+    Calibrate {
+        scenario: PathBuf,
+        /// Sizes (nodes) to compare at; every population class is scaled in proportion.
+        #[arg(long, value_delimiter = ',', default_value = "100,300")]
+        sizes: Vec<u64>,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Output folder (default: calibrations/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Exit with 4 when the delivery ratios differ by more than this many percentage points.
+        #[arg(long)]
+        max_ratio_diff_pp: Option<f64>,
+    },
     /// Run a scenario twice in this process and compare the trace hashes.
     CheckDeterminism {
         scenario: PathBuf,
@@ -117,6 +133,13 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CheckDeterminism { scenario, seed } => check_determinism(&scenario, seed),
+        Cmd::Calibrate {
+            scenario,
+            sizes,
+            seed,
+            out,
+            max_ratio_diff_pp,
+        } => calibrate(&scenario, &sizes, seed, out, max_ratio_diff_pp),
     }
 }
 
@@ -301,5 +324,84 @@ fn check_determinism(path: &Path, seed: Option<u64>) -> Result<ExitCode> {
         return Ok(ExitCode::from(3));
     }
     println!("deterministic: scenario {:?}, seed {seed}", sc.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn calibrate(
+    path: &Path,
+    sizes: &[u64],
+    seed: Option<u64>,
+    out: Option<PathBuf>,
+    max_ratio_diff_pp: Option<f64>,
+) -> Result<ExitCode> {
+    let (sc, _) = load(path)?;
+    let seed = seed.unwrap_or(sc.seed);
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("calibrations/{}", sc.name)));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut rows = Vec::new();
+    for &nodes in sizes {
+        let scaled = calibrate::scaled(&sc, nodes);
+        let text = toml::to_string(&scaled).context("writing the scaled scenario")?;
+        let mut results = Vec::new();
+        for tier in [Tier::A, Tier::B] {
+            let name = match tier {
+                Tier::A => "a",
+                Tier::B => "b",
+            };
+            let dir = out.join(format!("{nodes}-{name}"));
+            let events_path = output::prepare_dir(&dir)?;
+            std::fs::write(dir.join("scenario.toml"), &text)?;
+            let events = File::create(&events_path).with_context(|| format!("creating {}", events_path.display()))?;
+            let started = Instant::now();
+            let result = simulate(&scaled, seed, Some(events), true, tier)?;
+            let wall = started.elapsed().as_secs_f64();
+            let info = RunInfo {
+                scenario: &scaled,
+                scenario_text: &text,
+                scenario_file: None,
+                seed,
+                wall_seconds: wall,
+                tier: name,
+            };
+            output::write_run(&dir, &info, &result)?;
+            if result.violation_count > 0 {
+                eprintln!(
+                    "tier {name} at {nodes} nodes: {} invariant violation(s)",
+                    result.violation_count
+                );
+                for v in &result.violations {
+                    eprintln!("  [{:.3} s] {}: {}", v.time_s, v.invariant, v.detail);
+                }
+                return Ok(ExitCode::from(2));
+            }
+            results.push((result, wall));
+        }
+        let [(a, wall_a), (b, wall_b)] =
+            <[_; 2]>::try_from(results).map_err(|_| anyhow::anyhow!("two runs expected"))?;
+        let row = calibrate::compare(nodes, &a, &b, wall_a, wall_b);
+        println!(
+            "{nodes} nodes: delivered within the deadline A {:.4} / B {:.4} ({:.2} pp apart); latency KS distance {:.3} \
+             (direct {:.3}, mailbox {:.3}); p50 A {:.0} / B {:.0} ms; wall A {:.1} s / B {:.1} s",
+            row.ratio_a,
+            row.ratio_b,
+            row.ratio_diff_pp,
+            row.ks_all,
+            row.ks_direct,
+            row.ks_mailbox,
+            row.p50_a_ms,
+            row.p50_b_ms,
+            row.wall_a_s,
+            row.wall_b_s
+        );
+        rows.push(row);
+    }
+    std::fs::write(out.join("calibration.csv"), calibrate::to_csv(&rows))?;
+    println!("written to {}", out.join("calibration.csv").display());
+    if let Some(max) = max_ratio_diff_pp
+        && rows.iter().any(|r| r.ratio_diff_pp.is_nan() || r.ratio_diff_pp > max)
+    {
+        eprintln!("the tiers' delivery ratios differ by more than {max} percentage points");
+        return Ok(ExitCode::from(4));
+    }
     Ok(ExitCode::SUCCESS)
 }
