@@ -19,5 +19,5 @@ pub mod types;
 pub use clock::Clock;
 pub use core::{GroupMemberView, GroupView, NodeError};
 pub use net::NetConfig;
-pub use node::{Node, NodeConfig, NodeHandle, create_identity, open_store};
+pub use node::{Node, NodeConfig, NodeHandle, create_identity, create_identity_from_seed, open_store};
 pub use types::{ContactView, MailGapView, MessageView, NodeEvent, NodeStatus, RefusalView};

@@ -109,7 +109,46 @@ pub fn create_identity(store: &Store, name: &str, now_ms: u64) -> Result<Identit
     if name.len() > tidings_protocol::limits::MAX_NAME {
         return Err(NodeError::InvalidInput("name is too long".into()));
     }
-    let (account_seed, device_seed, mls_seed) = (random_seed()?, random_seed()?, random_seed()?);
+    let seeds = (random_seed()?, random_seed()?, random_seed()?);
+    put_identity(store, name, now_ms, seeds)
+}
+
+/// Creates an identity whose keys all derive from `seed` (SHA-256 with a label per key): the
+/// simulator gives every host one from (run seed, host), so that peer ids and accounts, and so
+/// who is close to whom in the DHT, are the same in every run of a seed. Never for real devices:
+/// anyone who knows the seed holds the keys.
+pub fn create_identity_from_seed(
+    store: &Store,
+    name: &str,
+    now_ms: u64,
+    seed: [u8; 32],
+) -> Result<Identity, NodeError> {
+    if name.len() > tidings_protocol::limits::MAX_NAME {
+        return Err(NodeError::InvalidInput("name is too long".into()));
+    }
+    let derive = |label: &[u8]| -> [u8; 32] {
+        use sha2::Digest as _;
+        sha2::Sha256::new()
+            .chain_update(b"tidings/sim-identity/v1/")
+            .chain_update(label)
+            .chain_update(seed)
+            .finalize()
+            .into()
+    };
+    put_identity(
+        store,
+        name,
+        now_ms,
+        (derive(b"account"), derive(b"device"), derive(b"mls")),
+    )
+}
+
+fn put_identity(
+    store: &Store,
+    name: &str,
+    now_ms: u64,
+    (account_seed, device_seed, mls_seed): ([u8; 32], [u8; 32], [u8; 32]),
+) -> Result<Identity, NodeError> {
     let account = AccountKey::from_seed(account_seed);
     let device = DeviceKey::from_seed(device_seed);
     let mls = signature_keys_from_seed(mls_seed);

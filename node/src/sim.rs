@@ -449,27 +449,36 @@ impl std::fmt::Debug for HostDisk {
 }
 
 impl HostDisk {
-    /// A new person's device: a fresh identity named `name`.
-    pub fn person(name: &str, now_ms: u64) -> anyhow::Result<Self> {
+    /// A new person's device: a fresh identity named `name`, from the operating system's
+    /// randomness or, with `seed`, derived from it (the same peer id and account every time).
+    pub fn person(name: &str, now_ms: u64, seed: Option<[u8; 32]>) -> anyhow::Result<Self> {
         let store = tidings_store::Store::open_in_memory()?;
-        crate::create_identity(&store, name, now_ms)?;
+        new_identity(&store, name, now_ms, seed)?;
         Ok(Self {
             store: Arc::new(store),
             mailboxes: None,
         })
     }
 
-    /// A new relay: a fresh identity and empty mailboxes with the limits
-    /// test and demo relays have.
-    pub fn relay(now_ms: u64) -> anyhow::Result<Self> {
+    /// A new relay: a fresh identity (from `seed` if given, as for [`HostDisk::person`]) and
+    /// empty mailboxes with the limits test and demo relays have.
+    pub fn relay(now_ms: u64, seed: Option<[u8; 32]>) -> anyhow::Result<Self> {
         let store = tidings_store::Store::open_in_memory()?;
-        crate::create_identity(&store, "relay", now_ms)?;
+        new_identity(&store, "relay", now_ms, seed)?;
         let limits = crate::demo::RelayTestOptions::default().limits;
         Ok(Self {
             store: Arc::new(store),
             mailboxes: Some(Arc::new(tidings_store::mailbox::Mailboxes::open_in_memory(limits)?)),
         })
     }
+}
+
+fn new_identity(store: &tidings_store::Store, name: &str, now_ms: u64, seed: Option<[u8; 32]>) -> anyhow::Result<()> {
+    match seed {
+        Some(seed) => crate::create_identity_from_seed(store, name, now_ms, seed)?,
+        None => crate::create_identity(store, name, now_ms)?,
+    };
+    Ok(())
 }
 
 /// How a person's device sits in the simulated network.
@@ -544,7 +553,7 @@ pub async fn start_relay(
     bootstrap: Vec<Multiaddr>,
     clock: crate::Clock,
 ) -> anyhow::Result<crate::Node> {
-    let disk = HostDisk::relay(clock.now_ms())?;
+    let disk = HostDisk::relay(clock.now_ms(), None)?;
     start_relay_on(net, port, &disk, bootstrap, clock).await
 }
 
@@ -558,7 +567,7 @@ pub async fn start_node(
     home_relays: Vec<Multiaddr>,
     clock: crate::Clock,
 ) -> anyhow::Result<crate::Node> {
-    let disk = HostDisk::person(name, clock.now_ms())?;
+    let disk = HostDisk::person(name, clock.now_ms(), None)?;
     let host = PersonHost {
         port,
         bootstrap,
@@ -637,6 +646,19 @@ mod tests {
             "the end once the peer is gone"
         );
         assert!(theirs.write_all(b"anyone?").await.is_err());
+    }
+
+    #[test]
+    fn hosts_made_from_one_seed_have_the_same_identity_and_other_seeds_other_ones() {
+        let ident = |seed| HostDisk::person("p", 0, seed).unwrap().store.identity().unwrap();
+        let (a, b) = (ident(Some([7; 32])), ident(Some([7; 32])));
+        assert_eq!(
+            (a.account_seed, a.device_seed, a.mls_seed, a.device_cert.clone()),
+            (b.account_seed, b.device_seed, b.mls_seed, b.device_cert.clone())
+        );
+        assert_ne!(a.account_seed, a.device_seed, "each key its own");
+        assert_ne!(ident(Some([8; 32])).account_seed, a.account_seed);
+        assert_ne!(ident(None).account_seed, ident(None).account_seed);
     }
 
     #[tokio::test(start_paused = true)]

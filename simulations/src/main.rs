@@ -87,6 +87,9 @@ enum Cmd {
         /// Exit with 4 when the delivery ratios differ by more than this many percentage points.
         #[arg(long)]
         max_ratio_diff_pp: Option<f64>,
+        /// Simulated time of each run instead of the scenario's (e.g. "5m").
+        #[arg(long)]
+        duration: Option<String>,
     },
     /// Run a scenario twice in this process and compare the trace hashes.
     CheckDeterminism {
@@ -139,7 +142,8 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             seed,
             out,
             max_ratio_diff_pp,
-        } => calibrate(&scenario, &sizes, seed, out, max_ratio_diff_pp),
+            duration,
+        } => calibrate(&scenario, &sizes, seed, out, max_ratio_diff_pp, duration.as_deref()),
     }
 }
 
@@ -333,8 +337,13 @@ fn calibrate(
     seed: Option<u64>,
     out: Option<PathBuf>,
     max_ratio_diff_pp: Option<f64>,
+    duration: Option<&str>,
 ) -> Result<ExitCode> {
-    let (sc, _) = load(path)?;
+    let (mut sc, _) = load(path)?;
+    if let Some(d) = duration {
+        sc.duration =
+            tidings_sim::scenario::SimDuration::parse(d).map_err(|e| anyhow::anyhow!("--duration {d}: {e}"))?;
+    }
     let seed = seed.unwrap_or(sc.seed);
     let out = out.unwrap_or_else(|| PathBuf::from(format!("calibrations/{}", sc.name)));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

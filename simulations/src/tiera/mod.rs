@@ -12,8 +12,10 @@
 //! each client is online, when each message is sent, which relays the faults hit) and observed
 //! through the nodes' public API only: their event streams and, at the end, their stores.
 //!
-//! Not deterministic yet: identities, MLS and Noise keys come from the OS's randomness, so two
-//! runs of one seed differ in detail (the plan is the same). See docs/SIMULATOR.md.
+//! Not fully deterministic yet: every identity (peer id, account, device and MLS signature keys)
+//! derives from (seed, host), and so does the plan, but Noise's ephemeral keys, MLS's own
+//! randomness and the iteration order of libp2p's hash maps do not, so two runs of one seed
+//! differ in detail. See docs/SIMULATOR.md.
 
 mod links;
 pub mod plan;
@@ -177,7 +179,7 @@ impl<'s> World<'s> {
         let mut relay_addrs: Vec<Multiaddr> = Vec::new();
         let mut relays = Vec::new();
         for &h in &plan.relays {
-            let disk = HostDisk::relay(clock.now_ms()).map_err(fail(h))?;
+            let disk = HostDisk::relay(clock.now_ms(), Some(host_seed(seed, h))).map_err(fail(h))?;
             let boot: Vec<Multiaddr> = relay_addrs.first().cloned().into_iter().collect();
             let node = sim::start_relay_on(&net, port(h), &disk, boot, clock.clone())
                 .await
@@ -191,7 +193,8 @@ impl<'s> World<'s> {
         let mut disks = Vec::new();
         let mut hosts = Vec::new();
         for (ci, c) in plan.clients.iter().enumerate() {
-            let disk = HostDisk::person(&format!("c{ci}"), clock.now_ms()).map_err(fail(c.host))?;
+            let disk = HostDisk::person(&format!("c{ci}"), clock.now_ms(), Some(host_seed(seed, c.host)))
+                .map_err(fail(c.host))?;
             let home_relays: Vec<Multiaddr> = c.homes.iter().map(|&r| relay_addrs[r].clone()).collect();
             // One more relay to join the DHT through, besides the home relays.
             let extra = relay_addrs.get(pr.gen_range(0..relay_addrs.len().max(1))).cloned();
@@ -743,6 +746,17 @@ fn spawn_send(
             Err(_) => lock(&seen).sends_failed += 1,
         }
     });
+}
+
+/// The seed of host `h`'s identity in a run of `seed`.
+fn host_seed(seed: u64, h: usize) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::new()
+        .chain_update(b"tidings-sim/host/")
+        .chain_update(seed.to_le_bytes())
+        .chain_update((h as u64).to_le_bytes())
+        .finalize()
+        .into()
 }
 
 fn host32(h: usize) -> u32 {
