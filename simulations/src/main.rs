@@ -186,6 +186,9 @@ fn run(path: &Path, seed: Option<u64>, out: Option<PathBuf>, quiet: bool, tier: 
     let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-seed{seed}", sc.name)));
     let events_path = output::prepare_dir(&out)?;
     let events = File::create(&events_path).with_context(|| format!("creating {}", events_path.display()))?;
+    if tier == Tier::A && (sc.workload.groups_per_user > 0.0 || sc.workload.record_lookups_per_user_per_hour > 0.0) {
+        eprintln!("note: Tier A runs one-to-one chat only; this scenario's groups and DHT record lookups are left out");
+    }
     let started = Instant::now();
     let result = simulate(&sc, seed, Some(events), quiet, tier)?;
     let wall = started.elapsed().as_secs_f64();
