@@ -90,7 +90,9 @@ impl IntoResponse for ApiError {
 impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> Self {
         let status = match &e {
-            NodeError::UnknownContact(_) | NodeError::UnknownGroup(_) => StatusCode::NOT_FOUND,
+            NodeError::UnknownContact(_) | NodeError::UnknownGroup(_) | NodeError::UnknownMessage(_) => {
+                StatusCode::NOT_FOUND
+            }
             NodeError::BadText | NodeError::InvalidContact(_) | NodeError::InvalidInput(_) | NodeError::Card(_) => {
                 StatusCode::BAD_REQUEST
             }
