@@ -283,6 +283,19 @@ impl NodeHandle {
         Ok(self.settings_view(&s))
     }
 
+    /// Sends a control payload to a chat exactly as given, without the checks
+    /// the other methods make: lets tests play a member who misbehaves.
+    #[doc(hidden)]
+    pub async fn send_raw_control(&self, chat: &str, body: tidings_protocol::payload::Body) -> Result<(), NodeError> {
+        let chat = ChatRef::parse(chat)?;
+        let group = matches!(chat, ChatRef::Group(_));
+        self.core(|reply| CoreInput::RawControl { chat, body, reply }).await?;
+        if group {
+            self.group_sync_now();
+        }
+        Ok(())
+    }
+
     /// Contacts who share their presence (only while we share ours).
     pub fn presence(&self) -> Result<Vec<PresenceView>, NodeError> {
         if !self.store().settings()?.presence {

@@ -163,6 +163,12 @@ pub(crate) enum CoreInput {
     },
     /// Tell contacts we are online (if we share presence).
     PresenceTick,
+    /// Sends a control payload as is, unchecked (tests of what receivers accept).
+    RawControl {
+        chat: ChatRef,
+        body: Body,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
     /// A new one-to-one conversation; with `replace`, it retires the others.
     CreateConversation {
         contact: [u8; 32],
@@ -635,6 +641,23 @@ impl Core {
                 let _ = reply.send(r);
             }
             CoreInput::PresenceTick => self.presence_heartbeat(),
+            CoreInput::RawControl { chat, body, reply } => {
+                let now = self.clock.now_ms();
+                let store = self.store.clone();
+                let r = store.unit(|| self.seal(&chat, body, now));
+                let r = match r {
+                    Ok(sealed) => {
+                        self.dispatch(sealed);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.groups.clear();
+                        self.members.clear();
+                        Err(e)
+                    }
+                };
+                let _ = reply.send(r);
+            }
             CoreInput::CreateConversation {
                 contact,
                 key_packages,

@@ -75,6 +75,13 @@ enum Cmd {
     },
     /// Print your contact card as a `tidings:` URI and a QR code.
     Card,
+    /// API tokens for scripts and bots.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Print a fresh one-time link that logs a browser into the running node's web UI.
+    UiLink,
     /// Manage contacts.
     Contact {
         #[command(subcommand)]
@@ -139,6 +146,20 @@ struct RelayArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make an API token for a script or bot and print it (shown once).
+    Create {
+        /// What it may do: `read` (every GET and the event streams), `send`
+        /// (sending messages only) or `full`.
+        #[arg(long)]
+        scope: String,
+        /// A name to recognise it by.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -277,6 +298,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Init { name, link: None } => init(&dir, &name),
         Cmd::Init { link: Some(code), .. } => init_linked(&dir, &code).await,
         Cmd::Device { cmd } => device_cmd(&dir, cmd).await,
+        Cmd::Token { cmd } => token_cmd(&dir, cmd).await,
+        Cmd::UiLink => {
+            #[derive(serde::Deserialize)]
+            struct Link {
+                url: String,
+            }
+            let link: Link = Client::new(&dir)?
+                .post("/api/login-codes", &serde_json::json!({}))
+                .await?;
+            out!("open {}", link.url);
+            Ok(())
+        }
         Cmd::Run {
             listen,
             bootstrap,
@@ -540,6 +573,40 @@ async fn device_cmd(dir: &Path, cmd: DeviceCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `tidings token create`: through the running node's API, or straight into
+/// the store when no node runs.
+async fn token_cmd(dir: &Path, cmd: TokenCmd) -> anyhow::Result<()> {
+    let TokenCmd::Create { scope, name } = cmd;
+    let Some(parsed) = tidings_node::api::parse_scope(&scope) else {
+        bail!("--scope must be read, send or full");
+    };
+    if name.len() > 64 {
+        bail!("--name is at most 64 bytes");
+    }
+    let token = match Client::new(dir) {
+        Ok(client) => {
+            let v: serde_json::Value = client
+                .post("/api/tokens", &serde_json::json!({ "scope": scope, "name": name }))
+                .await?;
+            v.get("token")
+                .and_then(|t| t.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow::anyhow!("the node gave no token"))?
+        }
+        Err(_) => {
+            let store = tidings_node::open_store(dir)
+                .with_context(|| format!("cannot open the data directory {}", dir.display()))?;
+            store
+                .identity()
+                .with_context(|| format!("no identity in {}; run `tidings init` first", dir.display()))?;
+            let now = tidings_node::Clock::system().now_ms();
+            tidings_node::api::create_token(&store, parsed, &name, now)?
+        }
+    };
+    out!("{token}");
+    Ok(())
+}
+
 fn write_token(dir: &Path) -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::getrandom(&mut bytes).context("no OS randomness")?;
@@ -613,7 +680,9 @@ async fn run(
     )
     .await?;
     let handle = node.handle();
-    let (api_addr, api_task) = tidings_node::api::serve(handle.clone(), api, &token).await?;
+    let served = tidings_node::api::serve_api(handle.clone(), api, &token).await?;
+    let login = served.login_url(tidings_node::Clock::system().now_ms());
+    let (api_addr, api_task) = (served.addr, served.task);
     write_private(&dir.join(ADDR_FILE), &api_addr.to_string())?;
     let publisher = handle.spawn_record_publisher(Duration::from_secs(3600));
     handle.reconnect_contacts().await;
@@ -622,6 +691,7 @@ async fn run(
         note!("listening on {a}");
     }
     note!("API on http://{api_addr}");
+    note!("open {login}");
     wait_for_signal().await;
     note!("shutting down");
     publisher.abort();

@@ -612,7 +612,7 @@ impl NodeHandle {
             .store
             .list_messages(&c.account)?
             .iter()
-            .map(MessageView::from_stored)
+            .map(|m| MessageView::of(&self.inner.store, m))
             .collect())
     }
 
@@ -990,7 +990,7 @@ impl NodeHandle {
             .store
             .list_messages(&key)?
             .iter()
-            .map(MessageView::from_stored)
+            .map(|m| MessageView::of(&self.inner.store, m))
             .collect())
     }
 

@@ -254,7 +254,7 @@ pub enum NodeEvent {
 }
 
 /// A relay's latest refusal to hold our mail for one contact.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct RefusalView {
     pub contact: String,
     /// The relay's peer id.
@@ -268,7 +268,7 @@ pub struct RefusalView {
 
 /// Mailbox indices a relay skipped, as the API shows them. The senders hold
 /// the relay's signed receipts naming these indices.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct MailGapView {
     /// The relay's peer id.
     pub relay: String,
@@ -295,7 +295,7 @@ impl MailGapView {
 }
 
 /// `tidings status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeStatus {
     pub account: String,
     pub name: String,

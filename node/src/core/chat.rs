@@ -376,7 +376,11 @@ impl Core {
             store.put_settings(&s)?;
             let mut sealed = Sealed::default();
             if profile {
-                let name = store.identity()?.name;
+                // The identity reader sees committed state only: the new name is ours to give.
+                let name = match &change.name {
+                    Some(n) => n.clone(),
+                    None => store.identity()?.name,
+                };
                 sealed.extend(self.seal_for_contacts(
                     Body::Profile {
                         name,

@@ -60,7 +60,7 @@ pub(crate) struct GroupInbox {
 }
 
 /// A group as the API shows it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct GroupView {
     /// The group id, hex.
     pub id: String,
@@ -74,7 +74,7 @@ pub struct GroupView {
 }
 
 /// One account in a group.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct GroupMemberView {
     pub account: String,
     pub role: String,

@@ -1,0 +1,337 @@
+//! Chat features end to end between real nodes on loopback (real redb, real
+//! openmls): replies, reactions, edits, deletes for everyone, read receipts,
+//! typing, presence, profiles and disappearing messages.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tidings_node::{MessageView, NodeEvent, NodeHandle};
+use tidings_protocol::payload::Body;
+use tidings_store::MessageState;
+
+fn chat_of(h: &NodeHandle) -> String {
+    format!("c:{}", acct(h))
+}
+
+async fn page(h: &NodeHandle, chat: &str) -> Vec<MessageView> {
+    h.chat_messages(chat, None, 1000).await.expect("page")
+}
+
+async fn find(h: &NodeHandle, chat: &str, id: &str) -> Option<MessageView> {
+    page(h, chat).await.into_iter().find(|m| m.id == id)
+}
+
+/// Waits until `f` holds for message `id` in `chat` on `h`.
+async fn until(h: &NodeHandle, chat: &str, id: &str, what: &str, f: impl Fn(&MessageView) -> bool) -> MessageView {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(m) = find(h, chat, id).await
+            && f(&m)
+        {
+            return m;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Alice and bob, contacts of each other, with a conversation and one
+/// message from alice that bob has.
+async fn alice_and_bob(net: &Net) -> (tidings_node::Node, tidings_node::Node, String) {
+    let (a_node, b_node) = (net.node("alice").await, net.node("bob").await);
+    let (a, b) = (a_node.handle(), b_node.handle());
+    befriend(&a, &b).await;
+    let hello = a.send_chat(&chat_of(&b), "hello bob", None).await.expect("send");
+    until(&b, &chat_of(&a), &hello.id, "bob has hello", |_| true).await;
+    (a_node, b_node, hello.id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_reaction_edit_and_delete_show_on_both_sides() {
+    let net = Net::new().await;
+    let (a_node, b_node, hello) = alice_and_bob(&net).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    let (ca, cb) = (chat_of(&a), chat_of(&b));
+
+    // Reply: the quote travels with the message.
+    let reply = b.send_chat(&ca, "hi alice", Some(&hello)).await.unwrap();
+    let got = until(&a, &cb, &reply.id, "alice has the reply", |_| true).await;
+    let quote = got.reply_to.expect("a quote");
+    assert_eq!((quote.id.as_str(), quote.text.as_str()), (hello.as_str(), "hello bob"));
+    assert_eq!(quote.sender, acct(&a));
+    assert_eq!(got.chat, cb);
+    assert_eq!(got.sender_name, "bob");
+
+    // Reactions: one per account; a new one replaces the old; empty removes.
+    b.react(&ca, &hello, "\u{1f44d}").await.unwrap();
+    until(&a, &cb, &hello, "alice sees bob's thumbs up", |m| {
+        m.reactions.len() == 1 && m.reactions[0].emoji == "\u{1f44d}" && m.reactions[0].accounts == [acct(&b)]
+    })
+    .await;
+    b.react(&ca, &hello, "\u{2764}\u{fe0f}").await.unwrap();
+    a.react(&cb, &hello, "\u{2764}\u{fe0f}").await.unwrap();
+    for (h, chat) in [(&a, &cb), (&b, &ca)] {
+        until(h, chat, &hello, "one heart from each, no thumbs up", |m| {
+            m.reactions.len() == 1 && m.reactions[0].emoji == "\u{2764}\u{fe0f}" && m.reactions[0].accounts.len() == 2
+        })
+        .await;
+    }
+    b.react(&ca, &hello, "").await.unwrap();
+    until(&a, &cb, &hello, "bob's reaction removed", |m| {
+        m.reactions.len() == 1 && m.reactions[0].accounts == [acct(&a)]
+    })
+    .await;
+    assert!(
+        b.react(&ca, &hello, "no words please").await.is_err(),
+        "a reaction is emoji"
+    );
+
+    // Edit: only the sender's own messages.
+    let edited = a.edit_message(&cb, &hello, "hello bob, edited").await.unwrap();
+    assert!(edited.edited_ms.is_some());
+    until(&b, &ca, &hello, "bob sees the edit", |m| {
+        m.text == "hello bob, edited" && m.edited_ms.is_some()
+    })
+    .await;
+    let refused = b.edit_message(&ca, &hello, "bob rewrites alice").await;
+    assert!(
+        matches!(refused, Err(tidings_node::NodeError::NotAllowed(_))),
+        "{refused:?}"
+    );
+
+    // Delete for everyone: text and reactions gone on both sides.
+    a.delete_message(&cb, &hello).await.unwrap();
+    let gone = until(&b, &ca, &hello, "bob sees the delete", |m| m.deleted).await;
+    assert_eq!(gone.text, "");
+    assert!(gone.reactions.is_empty());
+    assert!(
+        a.search("edited", 10).unwrap().is_empty(),
+        "a deleted text is not found"
+    );
+    assert!(b.search("edited", 10).unwrap().is_empty());
+    // An edit of a deleted message is refused.
+    assert!(a.edit_message(&cb, &hello, "back again").await.is_err());
+    drop((a_node, b_node));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_and_deletes_of_someone_elses_message_are_ignored_by_receivers() {
+    let net = Net::new().await;
+    let (a_node, b_node, hello) = alice_and_bob(&net).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    let (ca, cb) = (chat_of(&a), chat_of(&b));
+    let target: [u8; 16] = hex::decode(&hello).unwrap().try_into().unwrap();
+    // Bob's node sends what a hostile client could: an edit and a delete of alice's message.
+    b.send_raw_control(
+        &ca,
+        Body::Edit {
+            target,
+            text: "forged".into(),
+        },
+    )
+    .await
+    .unwrap();
+    b.send_raw_control(&ca, Body::Delete { target }).await.unwrap();
+    // Then something alice does apply, to know the forgeries arrived before it.
+    let marker = b.send_chat(&ca, "after the forgeries", None).await.unwrap();
+    until(&a, &cb, &marker.id, "alice has the marker", |_| true).await;
+    let m = find(&a, &cb, &hello).await.unwrap();
+    assert_eq!(m.text, "hello bob");
+    assert!(!m.deleted && m.edited_ms.is_none());
+    // A reaction to a message alice never had changes nothing and breaks nothing.
+    b.send_raw_control(
+        &ca,
+        Body::Reaction {
+            target: [9; 16],
+            emoji: "\u{1f600}".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let after = b.send_chat(&ca, "still fine", None).await.unwrap();
+    until(&a, &cb, &after.id, "alice still receives", |_| true).await;
+    drop((a_node, b_node));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_receipts_mark_messages_read_and_none_are_sent_when_turned_off() {
+    let net = Net::new().await;
+    let (a_node, b_node, hello) = alice_and_bob(&net).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    let (ca, cb) = (chat_of(&a), chat_of(&b));
+    assert_eq!(b.chat(&ca).await.unwrap().unread, 1);
+    until(&a, &cb, &hello, "delivered", |m| m.state == MessageState::Delivered).await;
+    b.mark_read(&ca, &hello).await.unwrap();
+    assert_eq!(b.chat(&ca).await.unwrap().unread, 0);
+    until(&a, &cb, &hello, "alice sees it read", |m| m.state == MessageState::Read).await;
+
+    // Read receipts off: bob reads, alice's message stays delivered.
+    b.change_settings(None, None, Some(false), None).await.unwrap();
+    let second = a.send_chat(&cb, "second", None).await.unwrap();
+    until(&b, &ca, &second.id, "bob has it", |_| true).await;
+    until(&a, &cb, &second.id, "delivered", |m| m.state == MessageState::Delivered).await;
+    b.mark_read(&ca, &second.id).await.unwrap();
+    assert_eq!(b.chat(&ca).await.unwrap().unread, 0, "read locally all the same");
+    // A later message from bob shows that anything bob sent before it arrived.
+    let marker = b.send_chat(&ca, "marker", None).await.unwrap();
+    until(&a, &cb, &marker.id, "alice has the marker", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        find(&a, &cb, &second.id).await.unwrap().state,
+        MessageState::Delivered,
+        "no read receipt was sent"
+    );
+    drop((a_node, b_node));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_the_other_side_as_an_event_and_is_not_stored() {
+    let net = Net::new().await;
+    let (a_node, b_node, _) = alice_and_bob(&net).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    let mut events = b.subscribe();
+    let rows_before = b.store().message_count().unwrap();
+    a.typing(&chat_of(&b)).await.unwrap();
+    let got = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            if let Ok(NodeEvent::Typing { chat, account }) = events.recv().await {
+                return (chat, account);
+            }
+        }
+    })
+    .await
+    .expect("a typing event");
+    assert_eq!(got, (chat_of(&a), acct(&a)));
+    assert_eq!(b.store().message_count().unwrap(), rows_before);
+    assert_eq!(a.store().outbox_len().unwrap(), 0, "typing is never queued for retry");
+    drop((a_node, b_node));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_seen_only_when_both_sides_share_it() {
+    let net = Net::new().await;
+    let (a_node, b_node, _) = alice_and_bob(&net).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    // Alice shares, bob does not: bob learns nothing.
+    a.change_settings(None, None, None, Some(true)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(b.presence().unwrap().is_empty());
+    // Bob shares too: his announcement reaches alice, who shares.
+    let mut events = a.subscribe();
+    b.change_settings(None, None, None, Some(true)).await.unwrap();
+    let seen = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            if let Ok(NodeEvent::Presence(p)) = events.recv().await {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("a presence event");
+    assert_eq!(seen.account, acct(&b));
+    assert!(seen.online);
+    eventually("alice lists bob as online", || {
+        a.presence().unwrap().iter().any(|p| p.account == acct(&b) && p.online)
+    })
+    .await;
+    // Alice stops sharing: she sees nobody.
+    a.change_settings(None, None, None, Some(false)).await.unwrap();
+    assert!(a.presence().unwrap().is_empty());
+    drop((a_node, b_node));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_profile_name_and_picture_reach_contacts() {
+    let net = Net::new().await;
+    let (a_node, b_node, _) = alice_and_bob(&net).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    let png = "data:image/png;base64,iVBORw0KGgo=";
+    let s = a
+        .change_settings(Some("Alice A."), Some(png), None, None)
+        .await
+        .unwrap();
+    assert_eq!((s.name.as_str(), s.picture.as_deref()), ("Alice A.", Some(png)));
+    eventually("bob knows alice's new name", || {
+        b.contacts().unwrap().iter().any(|c| c.name == "Alice A.")
+    })
+    .await;
+    let pic = b.store().picture(a.account().as_bytes()).unwrap().expect("picture");
+    assert_eq!(pic.0, "image/png");
+    // Too large or not an image: refused before anything is sent.
+    let big = format!("data:image/png;base64,{}", "A".repeat(300 * 1024));
+    assert!(a.change_settings(None, Some(&big), None, None).await.is_err());
+    assert!(
+        a.change_settings(None, Some("data:text/html;base64,PHA+"), None, None)
+            .await
+            .is_err()
+    );
+    drop((a_node, b_node));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disappearing_messages_vanish_from_both_stores_and_search_after_the_timer() {
+    let net = Net::new().await;
+    let (a_node, b_node, hello) = alice_and_bob(&net).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    let (ca, cb) = (chat_of(&a), chat_of(&b));
+    let view = a.change_chat(&cb, None, None, Some(1)).await.unwrap();
+    assert_eq!(view.disappearing_secs, 1);
+    eventually_async("bob's chat has the timer", || {
+        let b = b.clone();
+        let ca = ca.clone();
+        async move { b.chat(&ca).await.is_ok_and(|c| c.disappearing_secs == 1) }
+    })
+    .await;
+    let mut a_events = a.subscribe();
+    let mut b_events = b.subscribe();
+    let secret = a.send_chat(&cb, "ephemeral secret", None).await.unwrap();
+    assert!(secret.expires_ms.is_some());
+    let on_b = until(&b, &ca, &secret.id, "bob has it", |_| true).await;
+    assert!(on_b.expires_ms.is_some(), "bob's copy disappears too");
+    // Gone from both stores, their pages, and search.
+    for (h, chat) in [(&a, &cb), (&b, &ca)] {
+        eventually_async("the message vanished", || {
+            let (h, chat, id) = (h.clone(), chat.clone(), secret.id.clone());
+            async move { find(&h, &chat, &id).await.is_none() }
+        })
+        .await;
+        assert!(h.search("ephemeral", 10).unwrap().is_empty());
+        assert!(
+            h.message_view(&hex::decode(&secret.id).unwrap().try_into().unwrap())
+                .unwrap()
+                .is_none()
+        );
+        // The message from before the timer stays.
+        assert!(find(h, chat, &hello).await.is_some());
+    }
+    for events in [&mut a_events, &mut b_events] {
+        let removed = tokio::time::timeout(TIMEOUT, async {
+            loop {
+                if let Ok(NodeEvent::MessageRemoved { id, .. }) = events.recv().await {
+                    return id;
+                }
+            }
+        })
+        .await
+        .expect("a message_removed event");
+        assert_eq!(removed, secret.id);
+    }
+    drop((a_node, b_node));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injection_payloads_come_back_as_exactly_the_text_sent() {
+    let net = Net::new().await;
+    let (a_node, b_node, _) = alice_and_bob(&net).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    for text in ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>"] {
+        let sent = a.send_chat(&chat_of(&b), text, None).await.unwrap();
+        let got = until(&b, &chat_of(&a), &sent.id, "bob has it", |_| true).await;
+        assert_eq!(got.text, text);
+    }
+    drop((a_node, b_node));
+}
