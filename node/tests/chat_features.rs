@@ -335,3 +335,84 @@ async fn injection_payloads_come_back_as_exactly_the_text_sent() {
     }
     drop((a_node, b_node));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_group_reactions_edits_and_timers_reach_everyone_and_read_needs_every_member() {
+    let n = relays(2).await;
+    let base = n.dir.path();
+    let nodes = [
+        user(base, "alice", &n).await,
+        user(base, "bob", &n).await,
+        user(base, "carol", &n).await,
+    ];
+    let [a, b, c] = [nodes[0].handle(), nodes[1].handle(), nodes[2].handle()];
+    for h in [&b, &c] {
+        befriend(&a, h).await;
+    }
+    let gid = a.create_group("club", &[&acct(&b), &acct(&c)]).await.unwrap().id;
+    for h in [&b, &c] {
+        wait_joined(h, &gid).await;
+    }
+    let chat = format!("g:{gid}");
+    let first = a.send_chat(&chat, "welcome all", None).await.unwrap();
+    assert_eq!(first.chat, chat);
+    for h in [&b, &c] {
+        until(h, &chat, &first.id, "the member has it", |_| true).await;
+    }
+    // A reply and a reaction from bob reach carol and alice.
+    let reply = b.send_chat(&chat, "thanks", Some(&first.id)).await.unwrap();
+    b.react(&chat, &first.id, "\u{1f389}").await.unwrap();
+    for h in [&a, &c] {
+        let m = until(h, &chat, &reply.id, "the reply", |_| true).await;
+        assert_eq!(m.reply_to.map(|q| q.text), Some("welcome all".to_owned()));
+        until(h, &chat, &first.id, "bob's reaction", |m| {
+            m.reactions.iter().any(|r| r.accounts == [acct(&b)])
+        })
+        .await;
+    }
+    // Alice's edit reaches both.
+    a.edit_message(&chat, &first.id, "welcome, all").await.unwrap();
+    for h in [&b, &c] {
+        until(h, &chat, &first.id, "the edit", |m| m.text == "welcome, all").await;
+    }
+    // Read: bob alone is not enough; carol too, and it is read.
+    b.mark_read(&chat, &first.id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = find(&a, &chat, &first.id).await.unwrap();
+    assert_ne!(m.state, MessageState::Read, "one of two readers");
+    c.mark_read(&chat, &first.id).await.unwrap();
+    until(&a, &chat, &first.id, "read by every member", |m| {
+        m.state == MessageState::Read
+    })
+    .await;
+    // A timer set by carol applies to every member's copies.
+    c.change_chat(&chat, None, None, Some(1)).await.unwrap();
+    for h in [&a, &b] {
+        eventually_async("the member has the timer", || {
+            let (h, chat) = (h.clone(), chat.clone());
+            async move { h.chat(&chat).await.is_ok_and(|v| v.disappearing_secs == 1) }
+        })
+        .await;
+    }
+    let mut subs = [a.subscribe(), b.subscribe(), c.subscribe()];
+    let gone = a.send_chat(&chat, "short lived", None).await.unwrap();
+    for (h, events) in [&a, &b, &c].into_iter().zip(subs.iter_mut()) {
+        // Each member stored it (a removal follows only a stored row) and removed it.
+        let removed = tokio::time::timeout(TIMEOUT, async {
+            loop {
+                if let Ok(NodeEvent::MessageRemoved { id, chat: c }) = events.recv().await
+                    && id == gone.id
+                {
+                    return c;
+                }
+            }
+        })
+        .await
+        .expect("the message came and went");
+        assert_eq!(removed, chat);
+        assert!(find(h, &chat, &gone.id).await.is_none());
+        assert!(h.search("short", 5).unwrap().is_empty());
+    }
+    drop(nodes);
+    drop(n.nodes);
+}

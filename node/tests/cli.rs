@@ -549,3 +549,57 @@ async fn a_member_who_leaves_through_the_cli_is_out_and_reads_nothing_more() {
     drop((alice, bob));
     drop(r.nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_tokens_from_the_cli_work_with_or_without_a_running_node_and_ui_link_logs_a_browser_in() {
+    let r = relays(1).await;
+    let dir = r.dir.path().join("alice");
+    init(&dir, "alice").await;
+    // No node running: the token goes straight into the store.
+    let read = cli(&dir, &["token", "create", "--scope", "read", "--name", "dashboard"]).await;
+    let read = read.trim().to_owned();
+    assert!(
+        read.len() == 64 && read.chars().all(|c| c.is_ascii_hexdigit()),
+        "{read}"
+    );
+    assert!(
+        cli_err(&dir, &["token", "create", "--scope", "admin"])
+            .await
+            .contains("--scope")
+    );
+    let _node = spawn_node_with(&dir, &r.addrs[0].to_string(), &r.addrs).await;
+    // A node running: through its API.
+    let send = cli(&dir, &["token", "create", "--scope", "send"])
+        .await
+        .trim()
+        .to_owned();
+    let addr = std::fs::read_to_string(dir.join(ADDR_FILE)).unwrap();
+    let base = format!("http://{}", addr.trim());
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get = |token: &str| http.get(format!("{base}/api/chats")).bearer_auth(token).send();
+    assert_eq!(get(&read).await.unwrap().status(), 200);
+    assert_eq!(get(&send).await.unwrap().status(), 403);
+    let r2 = http
+        .post(format!("{base}/api/tokens"))
+        .bearer_auth(&read)
+        .json(&json!({ "scope": "full" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r2.status(), 403, "a read token makes no tokens");
+    // `tidings ui-link` prints a one-time login link to this node.
+    let out = cli(&dir, &["ui-link"]).await;
+    let url = out.trim().strip_prefix("open ").expect("open <url>").to_owned();
+    assert!(url.starts_with(&format!("{base}/login?code=")), "{url}");
+    let login = http.get(&url).send().await.unwrap();
+    assert_eq!(login.status(), 303);
+    assert!(
+        login.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .starts_with("tidings_session=")
+    );
+}
