@@ -1,8 +1,8 @@
 //! The local JSON/HTTP API, served on 127.0.0.1 only.
 //!
 //! Every request must be addressed to a loopback `Host`; a browser `Origin`,
-//! if present, must be a loopback origin too (refuses other web sites and
-//! DNS-rebinding). Every `/api` route needs one of:
+//! if present, must be this server's own origin (refuses other web sites,
+//! other local servers and DNS-rebinding). Every `/api` route needs one of:
 //! - `Authorization: Bearer <token>`: the token in the data directory's
 //!   `api-token` file (full scope), or a scoped token made with
 //!   `tidings token create --scope read|send|full` (stored hashed);
@@ -382,12 +382,15 @@ async fn guard(State(state): State<ApiState>, headers: HeaderMap, mut req: Reque
     if !host_is_loopback(host) {
         return ApiError::new(StatusCode::FORBIDDEN, "requests must be addressed to a loopback host").into_response();
     }
+    // A browser's Origin must be this very server (scheme, host and port): a
+    // page served by another local program shares the cookie's site (cookies
+    // ignore ports) but not the origin.
     if let Some(origin) = headers.get(header::ORIGIN) {
         let ok = origin
             .to_str()
             .ok()
             .and_then(|o| o.strip_prefix("http://"))
-            .is_some_and(host_is_loopback);
+            .is_some_and(|o| host_is_loopback(o) && o.eq_ignore_ascii_case(host));
         if !ok {
             return ApiError::new(StatusCode::FORBIDDEN, "cross-origin requests are refused").into_response();
         }

@@ -248,7 +248,7 @@ async fn requests_without_credentials_are_401_and_wrong_scopes_403() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn foreign_hosts_and_origins_are_refused_on_every_route() {
+async fn foreign_hosts_and_origins_including_other_local_ports_are_refused_on_every_route() {
     let net = Net::new().await;
     let a_node = net.node("alice").await;
     let api = Api::serve(&a_node.handle()).await;
@@ -268,7 +268,24 @@ async fn foreign_hosts_and_origins_are_refused_on_every_route() {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "{m} {p} from origin evil.example");
+        // Another server on this machine is another origin, though the same site.
+        let r = api
+            .req(method(m), &url, Some(&api.token))
+            .header("Origin", "http://127.0.0.1:1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{m} {p} from another local port");
     }
+    // The node's own origin passes.
+    let own = api.base.clone();
+    let r = api
+        .req(Method::GET, "/api/chats", Some(&api.token))
+        .header("Origin", own)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     drop(a_node);
 }
 
