@@ -72,6 +72,12 @@ enum Cmd {
         /// record name it.
         #[arg(long = "relay", value_name = "MULTIADDR")]
         relays: Vec<Multiaddr>,
+        /// Port of the web UI and the API on 127.0.0.1 (sets the port of `--api`).
+        #[arg(long, value_name = "PORT")]
+        ui_port: Option<u16>,
+        /// Open the web UI in the browser (`$BROWSER`, else `xdg-open`), logged in.
+        #[arg(long)]
+        open: bool,
     },
     /// Print your contact card as a `tidings:` URI and a QR code.
     Card,
@@ -317,7 +323,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             mdns,
             dht_client,
             relays,
-        } => run(&dir, listen, bootstrap, api, mdns, dht_client, relays).await,
+            ui_port,
+            open,
+        } => {
+            let mut api = api;
+            if let Some(port) = ui_port {
+                api.set_port(port);
+            }
+            run(&dir, listen, bootstrap, api, mdns, dht_client, relays, open).await
+        }
         Cmd::Card => {
             let card: CardView = Client::new(&dir)?.get("/api/card").await?;
             out!("{}\n", card.uri);
@@ -631,6 +645,7 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     dir: &Path,
     listen: Vec<Multiaddr>,
@@ -639,6 +654,7 @@ async fn run(
     mdns: bool,
     dht_client: bool,
     home_relays: Vec<Multiaddr>,
+    open: bool,
 ) -> anyhow::Result<()> {
     for r in &home_relays {
         if !matches!(r.iter().last(), Some(Protocol::P2p(_))) {
@@ -692,6 +708,9 @@ async fn run(
     }
     note!("API on http://{api_addr}");
     note!("open {login}");
+    if open {
+        open_ui(api_addr, &token).await;
+    }
     wait_for_signal().await;
     note!("shutting down");
     publisher.abort();
@@ -699,6 +718,51 @@ async fn run(
     node.shutdown().await;
     let _ = std::fs::remove_file(dir.join(ADDR_FILE));
     Ok(())
+}
+
+/// Opens the web UI in the browser with a fresh login link (`--open`). Any
+/// failure only prints the link.
+async fn open_ui(api_addr: SocketAddr, token: &str) {
+    let url = login_url(api_addr, token)
+        .await
+        .unwrap_or_else(|| format!("http://{api_addr}/"));
+    let browser = std::env::var("BROWSER")
+        .ok()
+        .and_then(|b| b.split(':').map(str::trim).find(|b| !b.is_empty()).map(str::to_owned));
+    let program = browser.unwrap_or_else(|| if cfg!(target_os = "macos") { "open" } else { "xdg-open" }.to_owned());
+    let spawned = std::process::Command::new(&program)
+        .arg(&url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(_) => note!("opened the web UI with {program}"),
+        Err(e) => note!("cannot start {program} ({e}); open {url} in your browser"),
+    }
+}
+
+/// A one-time login link from our own API, if it hands them out.
+async fn login_url(api_addr: SocketAddr, token: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct LoginLink {
+        url: String,
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?;
+    let resp = http
+        .post(format!("http://{api_addr}/api/login-codes"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json::<LoginLink>().await.ok().map(|l| l.url)
 }
 
 async fn wait_for_signal() {

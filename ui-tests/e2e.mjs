@@ -1,0 +1,246 @@
+// End-to-end test of the web UI in a real browser: two relays and two people
+// (alice, bob) as real `tidings` processes on loopback, each person's own UI
+// in headless Chromium, driven as a person would.
+//
+//   node ui-tests/e2e.mjs
+//
+// Needs a built `tidings` (TIDINGS_BIN, else target/release/tidings, else
+// target/debug/tidings) and Chromium (CHROMIUM, else /usr/bin/chromium).
+// Screenshots go to ui-tests/out/. Exits non-zero if any check fails; the
+// last line is `N passed, N failed`.
+
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+import { Cluster, OUT, CHROMIUM_ARGS, chromiumPath, befriend, openUi, until, sleep } from './lib.mjs';
+
+const WAIT = 20000; // every wait for the other side is bounded by this
+const WATCHDOG = 6 * 60 * 1000; // the whole run
+
+const results = [];
+async function check(name, fn) {
+  const t0 = Date.now();
+  try {
+    await fn();
+    results.push({ name, ok: true });
+    console.log(`ok   ${name} (${Date.now() - t0} ms)`);
+  } catch (e) {
+    results.push({ name, ok: false });
+    console.log(`FAIL ${name} (${Date.now() - t0} ms): ${(e && e.message ? e.message : String(e)).split('\n')[0]}`);
+  }
+}
+
+const exact = (s) => new RegExp(`^${s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`);
+
+/** The row of the message whose text is exactly `text`. */
+const row = (page, text) => page.locator('.msg-row', { has: page.locator('.text', { hasText: exact(text) }) });
+
+/** Opens the chat named `name` from the chat list. */
+async function openChat(page, name) {
+  await page.locator('.chat-item', { has: page.locator('.chat-name', { hasText: exact(name) }) }).click({ timeout: WAIT });
+  await page.locator('.compose-input').waitFor({ timeout: WAIT });
+}
+
+async function send(page, text) {
+  const input = page.locator('.compose-input');
+  await input.click();
+  await input.fill(text);
+  await input.press('Enter');
+}
+
+/** Opens the actions menu of the message with text `text`. */
+async function menu(page, text) {
+  const r = row(page, text);
+  await r.locator('.bubble').hover({ timeout: WAIT });
+  await r.locator('.msg-more').click({ timeout: WAIT });
+  await page.locator('.menu').waitFor({ timeout: WAIT });
+}
+
+async function main() {
+  mkdirSync(OUT, { recursive: true });
+  const cluster = new Cluster('tidings-ui-e2e');
+  let browser = null;
+  const watchdog = setTimeout(() => {
+    console.log('FAIL the whole run took longer than the watchdog allows');
+    cluster.killNow();
+    console.log(`${results.filter((r) => r.ok).length} passed, ${results.filter((r) => !r.ok).length + 1} failed`);
+    process.exit(1);
+  }, WATCHDOG);
+  const onSignal = () => { cluster.killNow(); process.exit(130); };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('exit', () => cluster.killNow());
+  try {
+    await cluster.startRelays(2);
+    const [alice, bob] = [await cluster.person('alice'), await cluster.person('bob')];
+    await befriend(alice, bob);
+    browser = await chromium.launch({ executablePath: chromiumPath(), headless: true, args: CHROMIUM_ARGS });
+    const A = await openUi(browser, alice);
+    const B = await openUi(browser, bob);
+    const a = A.page, b = B.page;
+
+    await check('the login link signs each person in (session cookie)', async () => {
+      if (!A.viaLink || !B.viaLink) throw new Error('the node gave no login link; the pages used the API token header instead');
+      const cookies = await A.context.cookies();
+      const s = cookies.find((c) => c.name === 'tidings_session');
+      if (!s) throw new Error('no tidings_session cookie');
+      if (!s.httpOnly || s.sameSite !== 'Strict') throw new Error(`cookie flags: httpOnly=${s.httpOnly} sameSite=${s.sameSite}`);
+    });
+
+    await check('each chat list shows the other person', async () => {
+      await a.locator('.chat-item .chat-name', { hasText: exact('bob') }).waitFor({ timeout: WAIT });
+      await b.locator('.chat-item .chat-name', { hasText: exact('alice') }).waitFor({ timeout: WAIT });
+    });
+
+    const hello = 'Hello bob, this is alice';
+    await check('alice types and presses Enter; bob\'s chat list shows the message, unread', async () => {
+      await openChat(a, 'bob');
+      await send(a, hello);
+      await row(a, hello).waitFor({ timeout: WAIT });
+      const item = b.locator('.chat-item', { has: b.locator('.chat-name', { hasText: exact('alice') }) });
+      await item.locator('.chat-preview', { hasText: hello }).waitFor({ timeout: WAIT });
+      await item.locator('.unread').waitFor({ timeout: WAIT });
+    });
+
+    await check('bob opens the chat and sees the message; his unread count clears', async () => {
+      await openChat(b, 'alice');
+      await row(b, hello).waitFor({ timeout: WAIT });
+      const item = b.locator('.chat-item', { has: b.locator('.chat-name', { hasText: exact('alice') }) });
+      await until('no unread badge', async () => (await item.locator('.unread').count()) === 0, WAIT);
+    });
+
+    await check('alice\'s page shows the message as read', async () => {
+      await row(a, hello).locator('.ticks[data-state="read"]').waitFor({ timeout: WAIT });
+    });
+
+    await check('bob types; alice sees "typing…"', async () => {
+      await b.locator('.compose-input').click();
+      await b.keyboard.type('wait', { delay: 20 });
+      await a.locator('.conv-head .head-sub', { hasText: 'typing' }).waitFor({ timeout: WAIT });
+      await b.locator('.compose-input').fill('');
+    });
+
+    await check('Shift+Enter makes a new line, Enter sends both lines', async () => {
+      const input = a.locator('.compose-input');
+      await input.click();
+      await a.keyboard.type('line one');
+      await a.keyboard.press('Shift+Enter');
+      await a.keyboard.type('line two');
+      await a.keyboard.press('Enter');
+      await row(b, 'line one\nline two').waitFor({ timeout: WAIT });
+    });
+
+    await check('bob reacts 👍; both pages show the reaction', async () => {
+      await menu(b, hello);
+      await b.locator('.menu button[aria-label="React 👍"]').click();
+      for (const p of [a, b]) await row(p, hello).locator('.reaction', { hasText: '👍' }).waitFor({ timeout: WAIT });
+    });
+
+    const reply = 'A reply from bob';
+    await check('bob replies quoting the message; both pages show the quote', async () => {
+      await menu(b, hello);
+      await b.locator('.menu button', { hasText: 'Reply' }).click();
+      await b.locator('.compose-bar .quote-text', { hasText: hello }).waitFor({ timeout: WAIT });
+      await send(b, reply);
+      for (const p of [a, b]) await row(p, reply).locator('.quote .quote-text', { hasText: hello }).waitFor({ timeout: WAIT });
+    });
+
+    const edited = 'Hello bob, this is alice (edited)';
+    await check('alice edits her message; both pages show the new text, marked edited', async () => {
+      await menu(a, hello);
+      await a.locator('.menu button', { hasText: 'Edit' }).click();
+      const input = a.locator('.compose-input');
+      await until('the composer holds the text', async () => (await input.inputValue()) === hello, WAIT);
+      await input.fill(edited);
+      await input.press('Enter');
+      for (const p of [a, b]) await row(p, edited).locator('.edited').waitFor({ timeout: WAIT });
+    });
+
+    const doomed = 'This one will be deleted';
+    await check('alice deletes a message for everyone; it is gone from both pages', async () => {
+      await send(a, doomed);
+      await row(b, doomed).waitFor({ timeout: WAIT });
+      await menu(a, doomed);
+      const del = a.locator('.menu button', { hasText: 'Delete for everyone' });
+      await del.click();
+      await del.click();
+      for (const p of [a, b]) {
+        await until(`"${doomed}" gone`, async () => (await row(p, doomed).count()) === 0, WAIT);
+        await p.locator('.text.deleted').first().waitFor({ timeout: WAIT });
+      }
+    });
+
+    const payloads = ['<script>window.__pwned=1</script>', '<img src=x onerror="window.__pwned=1">'];
+    await check('HTML payloads arrive as visible text and run nothing', async () => {
+      for (const t of payloads) await send(a, t);
+      for (const p of [a, b]) {
+        for (const t of payloads) await row(p, t).waitFor({ timeout: WAIT });
+        await sleep(300);
+        const pwned = await p.evaluate(() => typeof window.__pwned);
+        if (pwned !== 'undefined') throw new Error(`window.__pwned is ${pwned}`);
+        const imgs = await p.locator('.messages img, .chat-list img[src="x"]').count();
+        if (imgs) throw new Error(`${imgs} <img> elements inside the messages`);
+      }
+      const preview = b.locator('.chat-item .chat-preview', { hasText: payloads[1] });
+      await preview.waitFor({ timeout: WAIT });
+    });
+
+    const vanish = 'This message disappears';
+    await check('a 5 s disappearing timer removes the message from both pages and both stores', async () => {
+      await a.locator('.timer-select').selectOption('5');
+      await b.locator('.conv-head .timer-on').waitFor({ timeout: WAIT });
+      await send(a, vanish);
+      for (const p of [a, b]) await row(p, vanish).locator('.expires').waitFor({ timeout: WAIT });
+      for (const p of [a, b]) await until(`"${vanish}" removed`, async () => (await row(p, vanish).count()) === 0, WAIT);
+      for (const [who, chat] of [[alice, `c:${bob.account}`], [bob, `c:${alice.account}`]]) {
+        await until(`${who.name}'s store drops it`, async () => {
+          const msgs = await who.get(`/api/chats/${encodeURIComponent(chat)}/messages?limit=1000`);
+          return !msgs.some((m) => m.text === vanish);
+        }, WAIT);
+      }
+      await a.locator('.timer-select').selectOption('0');
+    });
+
+    await check('search finds a message in the history', async () => {
+      await a.locator('#search').fill('reply from');
+      await a.locator('.search-results .result-text', { hasText: reply }).waitFor({ timeout: WAIT });
+      await a.locator('#search').fill('');
+    });
+
+    await check('pinning a chat shows the pin in the chat list', async () => {
+      await b.locator('.conv-head button[aria-label="Pin chat"]').click();
+      await b.locator('.chat-item .badge-icon[title="Pinned"]').waitFor({ timeout: WAIT });
+    });
+
+    await check('contacts panel shows the own card as a QR image; Esc closes it', async () => {
+      await a.locator('button[aria-label="Contacts"]').click();
+      const qr = a.locator('#panel img.qr');
+      await qr.waitFor({ timeout: WAIT });
+      await until('the QR code loads', () => qr.evaluate((img) => img.complete && img.naturalWidth > 0), WAIT);
+      await a.keyboard.press('Escape');
+      await until('the panel closes', async () => a.locator('#panel').isHidden(), WAIT);
+    });
+
+    await check('no script errors or Content-Security-Policy violations on either page', async () => {
+      const bad = [...a.problems, ...b.problems].filter((p) => /page error|Content Security Policy|Refused to/i.test(p));
+      if (bad.length) throw new Error(bad.join(' | '));
+    });
+
+    await a.screenshot({ path: join(OUT, 'alice.png') });
+    await b.screenshot({ path: join(OUT, 'bob.png') });
+    console.log(`screenshots: ${join(OUT, 'alice.png')}, ${join(OUT, 'bob.png')}`);
+  } catch (e) {
+    results.push({ name: 'setup', ok: false });
+    console.log(`FAIL setup: ${e && e.stack ? e.stack : e}`);
+  } finally {
+    clearTimeout(watchdog);
+    if (browser) await browser.close().catch(() => {});
+    await cluster.stop();
+  }
+  const passed = results.filter((r) => r.ok).length;
+  const failed = results.length - passed;
+  console.log(`${passed} passed, ${failed} failed`);
+  process.exitCode = failed ? 1 : 0;
+}
+
+main();
