@@ -221,6 +221,59 @@ async function main() {
       await until('the panel closes', async () => a.locator('#panel').isHidden(), WAIT);
     });
 
+    const welcome = 'Welcome to the book club';
+    await check('alice creates a group with bob; both pages show it and its messages', async () => {
+      await a.locator('button[aria-label="New group"]').click();
+      await a.locator('#panel input[aria-label="Group name"]').fill('Book club');
+      await a.locator('#panel .check', { hasText: 'bob' }).locator('input').check();
+      await a.locator('#panel button', { hasText: 'Create group' }).click();
+      await a.locator('.conv-head .head-name', { hasText: exact('Book club') }).waitFor({ timeout: WAIT });
+      await send(a, welcome);
+      await row(a, welcome).waitFor({ timeout: WAIT });
+      await openChat(b, 'Book club');
+      await row(b, welcome).locator('.sender', { hasText: 'alice' }).waitFor({ timeout: WAIT });
+    });
+
+    await check('group info lists the members and their roles', async () => {
+      await a.locator('.conv-head button[aria-label="Group info"]').click();
+      await a.locator('#panel .person', { hasText: 'You' }).locator('select, .role').first().waitFor({ timeout: WAIT });
+      await a.locator('#panel .person', { hasText: 'bob' }).waitFor({ timeout: WAIT });
+      await a.screenshot({ path: join(OUT, 'alice-group-info.png') });
+      await a.keyboard.press('Escape');
+    });
+
+    await check('devices panel lists this device', async () => {
+      await a.locator('button[aria-label="Devices"]').click();
+      await a.locator('#panel .person', { hasText: 'this device' }).waitFor({ timeout: WAIT });
+      await a.screenshot({ path: join(OUT, 'alice-devices.png') });
+      await a.keyboard.press('Escape');
+    });
+
+    await check('settings change the profile name and read receipts', async () => {
+      await b.locator('button[aria-label="Settings"]').click();
+      const name = b.locator('#panel input[aria-label="Your name"]');
+      await name.waitFor({ timeout: WAIT });
+      await name.fill('Bob Builder');
+      await b.locator('#panel .check', { hasText: 'Send read receipts' }).locator('input').uncheck();
+      await b.locator('#panel button', { hasText: 'Save' }).click();
+      await b.locator('.me-name', { hasText: exact('Bob Builder') }).waitFor({ timeout: WAIT });
+      const s = await bob.get('/api/settings');
+      if (s.name !== 'Bob Builder' || s.read_receipts !== false) throw new Error(`settings: ${JSON.stringify(s)}`);
+      await b.screenshot({ path: join(OUT, 'bob-settings.png') });
+      await b.keyboard.press('Escape');
+    });
+
+    await check('arrow keys move through the chat list and Enter opens a chat', async () => {
+      await b.locator('#chat-list').focus();
+      await b.keyboard.press('Home');
+      const first = await b.locator('.chat-item.active .chat-name').textContent();
+      await b.keyboard.press('ArrowDown');
+      const second = await b.locator('.chat-item.active .chat-name').textContent();
+      if (first === second) throw new Error('ArrowDown did not move');
+      await b.keyboard.press('Enter');
+      await b.locator('.conv-head .head-name', { hasText: exact(second) }).waitFor({ timeout: WAIT });
+    });
+
     await check('no script errors or Content-Security-Policy violations on either page', async () => {
       const bad = [...a.problems, ...b.problems].filter((p) => /page error|Content Security Policy|Refused to/i.test(p));
       if (bad.length) throw new Error(bad.join(' | '));

@@ -38,60 +38,20 @@ export const del = (path) => call('DELETE', path);
 
 const enc = encodeURIComponent;
 
-// A node without the chat routes (`/api/chats...`) still has per-contact and
-// per-group routes; the chat list, history and sending fall back to them.
-let plain = false;
-const missing = (e) => e instanceof ApiError && (e.status === 404 || e.status === 405);
-
-async function plainChats() {
-  const [contacts, groups] = await Promise.all([get('/api/contacts'), get('/api/groups').catch(() => [])]);
-  const chats = await Promise.all([
-    ...contacts.map(async (c) => ({ id: `c:${c.account}`, kind: 'contact', name: c.name || c.account.slice(0, 8), members: 2, history: await get(`/api/contacts/${enc(c.account)}/messages`).catch(() => []) })),
-    ...groups.filter((g) => !g.left).map(async (g) => ({ id: `g:${g.id}`, kind: 'group', name: g.name, members: g.members.length, history: await get(`/api/groups/${enc(g.id)}/messages`).catch(() => []) })),
-  ]);
-  return chats.map(({ history, ...c }) => {
-    const last = history[history.length - 1] || null;
-    return { ...c, last_message: last, unread: 0, pinned: false, muted: false, disappearing_secs: 0, last_activity_ms: last ? last.timestamp_ms : 0 };
-  });
-}
-
-async function plainHistory(id, before, limit) {
-  const all = id.startsWith('g:') ? await get(`/api/groups/${enc(id.slice(2))}/messages`) : await get(`/api/contacts/${enc(id.slice(2))}/messages`);
-  const msgs = all.map((m) => ({ ...m, chat: id }));
-  const end = before ? msgs.findIndex((m) => m.id === before) : msgs.length;
-  const stop = end < 0 ? msgs.length : end;
-  return msgs.slice(Math.max(0, stop - limit), stop);
-}
-
 export const api = {
   status: () => get('/api/status'),
   card: () => get('/api/card'),
   settings: () => get('/api/settings'),
   saveSettings: (body) => patch('/api/settings', body),
-  async chats() {
-    if (!plain) {
-      try { return await get('/api/chats'); } catch (e) { if (!missing(e)) throw e; plain = true; }
-    }
-    return plainChats();
-  },
-  async chat(id) {
-    if (!plain) return get(`/api/chats/${enc(id)}`);
-    const c = (await plainChats()).find((x) => x.id === id);
-    if (!c) throw new ApiError(404, 'unknown chat');
-    return c;
-  },
+  chats: () => get('/api/chats'),
+  chat: (id) => get(`/api/chats/${enc(id)}`),
   updateChat: (id, body) => patch(`/api/chats/${enc(id)}`, body),
   messages(id, before, limit = 100) {
-    if (plain) return plainHistory(id, before, limit);
     const q = new URLSearchParams({ limit: String(limit) });
     if (before) q.set('before', before);
     return get(`/api/chats/${enc(id)}/messages?${q}`);
   },
-  send(id, text, replyTo) {
-    if (!plain) return post(`/api/chats/${enc(id)}/messages`, replyTo ? { text, reply_to: replyTo } : { text });
-    if (id.startsWith('g:')) return post(`/api/groups/${enc(id.slice(2))}/messages`, { text }).then((m) => ({ ...m, chat: id }));
-    return post('/api/messages', { contact: id.slice(2), text }).then((m) => ({ ...m, chat: id }));
-  },
+  send: (id, text, replyTo) => post(`/api/chats/${enc(id)}/messages`, replyTo ? { text, reply_to: replyTo } : { text }),
   edit: (id, msg, text) => patch(`/api/chats/${enc(id)}/messages/${enc(msg)}`, { text }),
   remove: (id, msg) => del(`/api/chats/${enc(id)}/messages/${enc(msg)}`),
   react: (id, msg, emoji) => post(`/api/chats/${enc(id)}/messages/${enc(msg)}/reactions`, { emoji }),

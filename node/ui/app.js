@@ -62,6 +62,12 @@ function debounce(fn, ms) {
   return (...a) => { clearTimeout(t); t = setTimeout(() => fn(...a), ms); };
 }
 
+/** A group's size: `members` counts the accounts besides ours. */
+function memberCount(c) {
+  const n = (c.members || 0) + 1;
+  return n === 1 ? 'only you' : `${n} members`;
+}
+
 // ---------- ticks ----------
 
 const STATES = {
@@ -97,7 +103,7 @@ function preview(c) {
   const typing = typingIn(c.id);
   if (typing.length) return [h('span', { class: 'typing-text', text: c.kind === 'group' ? `${typing.map(nameOf).join(', ')} typing…` : 'typing…' })];
   const m = c.last_message;
-  if (!m) return [h('span', { class: 'muted-text', text: c.kind === 'group' ? `${c.members || 0} members` : 'No messages yet' })];
+  if (!m) return [h('span', { class: 'muted-text', text: c.kind === 'group' ? memberCount(c) : 'No messages yet' })];
   const parts = [];
   if (m.outgoing) parts.push(ticks(m.state));
   else if (c.kind === 'group') parts.push(h('span', { class: 'who', text: `${m.sender_name || nameOf(m.sender)}: ` }));
@@ -221,7 +227,7 @@ function onTyping(ev) {
 function subtitle(c) {
   const typing = typingIn(c.id);
   if (typing.length) return { text: c.kind === 'group' ? `${typing.map(nameOf).join(', ')} typing…` : 'typing…', cls: 'typing-text' };
-  if (c.kind === 'group') return { text: `${c.members || 0} members`, cls: '' };
+  if (c.kind === 'group') return { text: memberCount(c), cls: '' };
   const p = S.presence.get(c.id.slice(2));
   if (p && p.online) return { text: 'online', cls: '' };
   if (p && p.last_seen_ms) return { text: `last seen ${dayLabel(p.last_seen_ms).toLowerCase()} at ${clock(p.last_seen_ms)}`, cls: '' };
@@ -237,10 +243,10 @@ function paintHeader() {
   const timer = h('select', {
     class: 'timer-select', title: 'Disappearing messages', attrs: { 'aria-label': 'Disappearing messages' },
     on: { change: (e) => updateChat({ disappearing_secs: Number(e.target.value) }) },
-  }, TIMERS.map((s) => h('option', { value: String(s), text: s ? `Disappear after ${duration(s)}` : 'Messages stay' })));
+  }, TIMERS.map((s) => h('option', { value: String(s), text: `Disappearing: ${s ? duration(s) : 'off'}` })));
   timer.value = String(c.disappearing_secs || 0);
   if (timer.value === '' && c.disappearing_secs) {
-    timer.append(h('option', { value: String(c.disappearing_secs), text: `Disappear after ${duration(c.disappearing_secs)}` }));
+    timer.append(h('option', { value: String(c.disappearing_secs), text: `Disappearing: ${duration(c.disappearing_secs)}` }));
     timer.value = String(c.disappearing_secs);
   }
   replace(cur.head,

@@ -94,7 +94,8 @@ export function avatar(name, id, picture, size = 'md') {
     el.append(h('img', { src: picture, alt: '' }));
   } else {
     let hash = 0;
-    for (const ch of String(id || name || '?')) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
+    // A contact's chat (c:<account>) gets the same colour as the account.
+    for (const ch of String(id || name || '?').replace(/^c:/, '')) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
     el.classList.add('c' + (hash % COLORS.length));
     el.textContent = initial(name);
   }

@@ -131,7 +131,7 @@ export async function groupInfo(ctx, gid) {
         ['member', 'admin', 'owner'].map((r) => h('option', { value: r, text: r, selected: r === m.role })))
       : h('span', { class: 'role', text: m.role });
     return h('li', { class: 'person' },
-      avatar(ctx.nameOf(m.account), m.account),
+      m.account === me ? avatar(ctx.S.me.name, me, ctx.S.me.picture) : avatar(ctx.nameOf(m.account), m.account),
       h('span', { class: 'person-text' },
         h('span', { class: 'person-name', text: m.account === me ? 'You' : ctx.nameOf(m.account) }),
         h('span', { class: 'small muted-text', text: `${m.devices} device${m.devices === 1 ? '' : 's'}` })),
@@ -161,7 +161,7 @@ export async function groupInfo(ctx, gid) {
     const inGroup = new Set(g.members.map((m) => m.account));
     const candidates = people.filter((c) => !inGroup.has(c.account));
     replace(addSel, candidates.length ? candidates.map((c) => h('option', { value: c.account, text: c.name || c.account }))
-      : h('option', { value: '', text: 'Every contact is in the group' }));
+      : h('option', { value: '', text: 'No one left to add' }));
   } catch { /* the add form just stays empty */ }
 }
 
@@ -237,7 +237,8 @@ export async function settings(ctx) {
   try { s = await ctx.api.settings(); } catch (e) { ctx.fail(e); return; }
   let picture = s.picture;
   const pic = h('span', { class: 'pic-slot' }, avatar(s.name, s.account, picture, 'lg'));
-  const file = h('input', { type: 'file', accept: 'image/png,image/jpeg,image/webp,image/gif', attrs: { 'aria-label': 'Profile picture' } });
+  const file = h('input', { type: 'file', class: 'visually-hidden', accept: 'image/png,image/jpeg,image/webp,image/gif' });
+  const choose = h('label', { class: 'btn' }, file, 'Change picture');
   file.addEventListener('change', async () => {
     const f = file.files && file.files[0];
     if (!f) return;
@@ -249,7 +250,7 @@ export async function settings(ctx) {
   const presence = h('input', { type: 'checkbox', checked: !!s.presence });
   const save = h('button', { type: 'submit', class: 'btn primary', text: 'Save' });
   const form = h('form', { class: 'stack' },
-    h('div', { class: 'pic-row' }, pic, h('div', { class: 'stack' }, file, clearPic)),
+    h('div', { class: 'pic-row' }, pic, h('div', { class: 'stack' }, choose, clearPic)),
     field('Name', name),
     h('label', { class: 'check' }, receipts, h('span', { text: 'Send read receipts' })),
     h('p', { class: 'small muted-text', text: 'Without them, others do not see when you read their messages.' }),
