@@ -287,9 +287,21 @@ impl NodeHandle {
     /// the other methods make: lets tests play a member who misbehaves.
     #[doc(hidden)]
     pub async fn send_raw_control(&self, chat: &str, body: tidings_protocol::payload::Body) -> Result<(), NodeError> {
+        self.send_raw_payload(chat, None, body).await
+    }
+
+    /// Like [`NodeHandle::send_raw_control`], with a chosen message id.
+    #[doc(hidden)]
+    pub async fn send_raw_payload(
+        &self,
+        chat: &str,
+        id: Option<[u8; 16]>,
+        body: tidings_protocol::payload::Body,
+    ) -> Result<(), NodeError> {
         let chat = ChatRef::parse(chat)?;
         let group = matches!(chat, ChatRef::Group(_));
-        self.core(|reply| CoreInput::RawControl { chat, body, reply }).await?;
+        self.core(|reply| CoreInput::RawControl { chat, id, body, reply })
+            .await?;
         if group {
             self.group_sync_now();
         }

@@ -166,6 +166,7 @@ pub(crate) enum CoreInput {
     /// Sends a control payload as is, unchecked (tests of what receivers accept).
     RawControl {
         chat: ChatRef,
+        id: Option<[u8; 16]>,
         body: Body,
         reply: oneshot::Sender<Result<(), NodeError>>,
     },
@@ -424,6 +425,8 @@ pub(crate) struct Core {
     pub(crate) presence: PresenceMap,
     /// When the next disappearing message is due (the node's clock).
     next_expiry: Option<u64>,
+    /// Reactions, edits and deletes that arrived before their message.
+    parked: chat::Parked,
 }
 
 /// Deposit refusals the node is living with: per (recipient account, relay),
@@ -535,6 +538,7 @@ impl Core {
             touched: HashSet::new(),
             presence: PresenceMap::default(),
             next_expiry: None,
+            parked: chat::Parked::new(),
         };
         core.next_expiry = core.store.next_expiry()?;
         core.load_group_targets();
@@ -641,10 +645,16 @@ impl Core {
                 let _ = reply.send(r);
             }
             CoreInput::PresenceTick => self.presence_heartbeat(),
-            CoreInput::RawControl { chat, body, reply } => {
+            CoreInput::RawControl { chat, id, body, reply } => {
                 let now = self.clock.now_ms();
                 let store = self.store.clone();
-                let r = store.unit(|| self.seal(&chat, body, now));
+                let payload = Payload {
+                    id: id.unwrap_or_else(rand::random),
+                    sender_seq: 0,
+                    timestamp_ms: now,
+                    body,
+                };
+                let r = store.unit(|| self.seal_payload(&chat, payload, now));
                 let r = match r {
                     Ok(sealed) => {
                         self.dispatch(sealed);
@@ -1567,6 +1577,7 @@ impl Core {
                                 self.touched.insert(msg.peer);
                             }
                             events.push(NodeEvent::Message(self.view(&msg)));
+                            self.unpark(&msg, now, events)?;
                         }
                     }
                     Ok(Incoming::Commit { epoch }) => {

@@ -416,3 +416,52 @@ async fn in_a_group_reactions_edits_and_timers_reach_everyone_and_read_needs_eve
     drop(nodes);
     drop(n.nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reaction_and_an_edit_that_overtake_their_message_apply_once_it_arrives() {
+    let net = Net::new().await;
+    let (a_node, b_node, _) = alice_and_bob(&net).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    let (ca, cb) = (chat_of(&a), chat_of(&b));
+    let target = [0x5a; 16];
+    // Bob's reaction and edit name a message alice does not have yet...
+    b.send_raw_control(
+        &ca,
+        Body::Reaction {
+            target,
+            emoji: "\u{1f44b}".into(),
+        },
+    )
+    .await
+    .unwrap();
+    b.send_raw_control(
+        &ca,
+        Body::Edit {
+            target,
+            text: "late but edited".into(),
+        },
+    )
+    .await
+    .unwrap();
+    // ...which then arrives.
+    b.send_raw_payload(
+        &ca,
+        Some(target),
+        Body::Text {
+            text: "the original".into(),
+            reply_to: None,
+            expires_secs: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let id = hex::encode(target);
+    let m = until(&a, &cb, &id, "the message with what waited for it", |m| {
+        m.text == "late but edited" && m.reactions.len() == 1
+    })
+    .await;
+    assert_eq!(m.reactions[0].accounts, [acct(&b)]);
+    assert_eq!(a.search("edited", 5).unwrap().len(), 1);
+    assert!(a.search("original", 5).unwrap().is_empty());
+    drop((a_node, b_node));
+}

@@ -603,3 +603,47 @@ async fn scoped_tokens_from_the_cli_work_with_or_without_a_running_node_and_ui_l
             .starts_with("tidings_session=")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tidings_run_prints_a_login_link_that_works_once() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let r = relays(1).await;
+    let dir = r.dir.path().join("alice");
+    init(&dir, "alice").await;
+    let mut child = tidings()
+        .arg("--data-dir")
+        .arg(&dir)
+        .args([
+            "run",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--bootstrap",
+            &r.addrs[0].to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(TIMEOUT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(url) = line.strip_prefix("open ") {
+                return url.to_owned();
+            }
+        }
+        panic!("no login link printed");
+    })
+    .await
+    .expect("a login link");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.contains("/login?code="),
+        "{url}"
+    );
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 303);
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401, "single use");
+    drop(child);
+}

@@ -34,6 +34,17 @@ pub const ONLINE_FOR_MS: u64 = 75_000;
 /// Most disappearing messages removed per sweep (the rest follow at once).
 const SWEEP_BATCH: usize = 256;
 
+/// Most control payloads kept waiting for the message they name.
+const MAX_PARKED: usize = 1024;
+/// How long a control payload waits for the message it names.
+const PARKED_FOR_MS: u64 = 10 * 60 * 1000;
+
+/// Control payloads that arrived before the message they name (a group
+/// member's push can overtake the sequence): target → (chat, sender, body,
+/// arrival ms). Applied when the message arrives; dropped after
+/// [`PARKED_FOR_MS`] or beyond [`MAX_PARKED`].
+pub(crate) type Parked = HashMap<MessageId, Vec<([u8; 32], [u8; 32], Body, u64)>>;
+
 /// Contacts who share presence: account → (said online, last seen ms).
 pub(crate) type PresenceMap = Arc<Mutex<HashMap<[u8; 32], (bool, u64)>>>;
 
@@ -114,14 +125,22 @@ impl Core {
 
     /// Encrypts `body` for every other device of a chat, inside the caller's unit.
     pub(super) fn seal(&mut self, chat: &ChatRef, body: Body, now: u64) -> Result<Sealed, NodeError> {
-        let ephemeral = body.is_ephemeral();
-        let payload = Payload {
-            id: rand::random(),
-            sender_seq: 0,
-            timestamp_ms: now,
-            body,
-        }
-        .encode();
+        self.seal_payload(
+            chat,
+            Payload {
+                id: rand::random(),
+                sender_seq: 0,
+                timestamp_ms: now,
+                body,
+            },
+            now,
+        )
+    }
+
+    /// Encrypts a whole payload for every other device of a chat, inside the caller's unit.
+    pub(super) fn seal_payload(&mut self, chat: &ChatRef, payload: Payload, now: u64) -> Result<Sealed, NodeError> {
+        let ephemeral = payload.body.is_ephemeral();
+        let payload = payload.encode();
         let mut out = Sealed::default();
         match chat {
             ChatRef::Contact(contact) => {
@@ -463,7 +482,8 @@ impl Core {
         match body {
             Body::Reaction { target, emoji } => {
                 let Some(mut m) = in_chat(&self.store, &target)? else {
-                    debug!(from = %who, "reaction to a message we do not have; ignored");
+                    debug!(from = %who, "reaction to a message we do not have (yet)");
+                    self.park(target, key, sender, Body::Reaction { target, emoji }, now);
                     return Ok(());
                 };
                 if m.deleted {
@@ -475,7 +495,8 @@ impl Core {
             }
             Body::Edit { target, text } => {
                 let Some(mut m) = in_chat(&self.store, &target)? else {
-                    debug!(from = %who, "edit of a message we do not have; ignored");
+                    debug!(from = %who, "edit of a message we do not have (yet)");
+                    self.park(target, key, sender, Body::Edit { target, text }, now);
                     return Ok(());
                 };
                 if m.sender != sender {
@@ -493,7 +514,8 @@ impl Core {
             }
             Body::Delete { target } => {
                 let Some(mut m) = in_chat(&self.store, &target)? else {
-                    debug!(from = %who, "delete of a message we do not have; ignored");
+                    debug!(from = %who, "delete of a message we do not have (yet)");
+                    self.park(target, key, sender, Body::Delete { target }, now);
                     return Ok(());
                 };
                 if m.sender != sender {
@@ -577,6 +599,39 @@ impl Core {
                 events.push(NodeEvent::Contact(crate::types::ContactView::from_contact(&c)));
             }
             Body::Text { .. } | Body::Grant { .. } | Body::Retire { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Keeps a control payload until the message it names arrives.
+    fn park(&mut self, target: MessageId, key: [u8; 32], sender: [u8; 32], body: Body, now: u64) {
+        if self.parked.len() >= MAX_PARKED {
+            self.parked
+                .retain(|_, v| v.iter().any(|(_, _, _, at)| now.saturating_sub(*at) < PARKED_FOR_MS));
+            if self.parked.len() >= MAX_PARKED {
+                self.parked.clear();
+            }
+        }
+        let list = self.parked.entry(target).or_default();
+        if list.len() < 16 {
+            list.push((key, sender, body, now));
+        }
+    }
+
+    /// A message was stored: applies what waited for it (in the same unit).
+    pub(super) fn unpark(
+        &mut self,
+        m: &StoredMessage,
+        now: u64,
+        events: &mut Vec<NodeEvent>,
+    ) -> Result<(), StoreError> {
+        let Some(waiting) = self.parked.remove(&m.id) else {
+            return Ok(());
+        };
+        for (key, sender, body, at) in waiting {
+            if key == m.peer && now.saturating_sub(at) < PARKED_FOR_MS {
+                self.apply_control(key, sender, body, now, events)?;
+            }
         }
         Ok(())
     }

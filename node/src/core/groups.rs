@@ -860,6 +860,7 @@ impl Core {
                 self.touched.insert(msg.peer);
             }
             events.push(NodeEvent::Message(self.view(&msg)));
+            self.unpark(&msg, now, events)?;
         }
         Ok(())
     }
