@@ -11,6 +11,14 @@ use tidings_node::{MessageView, NodeEvent, NodeHandle};
 use tidings_protocol::payload::Body;
 use tidings_store::MessageState;
 
+async fn wait_left(h: &NodeHandle, group: &str) {
+    eventually_async("left the group", || {
+        let (h, group) = (h.clone(), group.to_owned());
+        async move { h.group(&group).await.is_ok_and(|g| g.left) }
+    })
+    .await;
+}
+
 fn chat_of(h: &NodeHandle) -> String {
     format!("c:{}", acct(h))
 }
@@ -337,7 +345,7 @@ async fn injection_payloads_come_back_as_exactly_the_text_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_a_group_reactions_edits_and_timers_reach_everyone_and_read_needs_every_member() {
+async fn in_a_group_reactions_edits_and_timers_reach_everyone_read_needs_every_member_and_one_who_left_still_reads() {
     let n = relays(2).await;
     let base = n.dir.path();
     let nodes = [
@@ -413,6 +421,15 @@ async fn in_a_group_reactions_edits_and_timers_reach_everyone_and_read_needs_eve
         assert!(find(h, &chat, &gone.id).await.is_none());
         assert!(h.search("short", 5).unwrap().is_empty());
     }
+    // Someone who left can still read what is there: no receipt, no error.
+    b.change_chat(&chat, None, None, Some(0)).await.unwrap();
+    let bye = b.send_chat(&chat, "bye for now", None).await.unwrap();
+    until(&c, &chat, &bye.id, "carol has it", |m| m.expires_ms.is_none()).await;
+    c.leave_group(&gid).await.unwrap();
+    wait_left(&c, &gid).await;
+    assert!(c.chat(&chat).await.unwrap().unread > 0);
+    c.mark_read(&chat, &bye.id).await.unwrap();
+    assert_eq!(c.chat(&chat).await.unwrap().unread, 0);
     drop(nodes);
     drop(n.nodes);
 }

@@ -302,7 +302,13 @@ impl Core {
                     if store.settings()?.read_receipts && !read.is_empty() {
                         // Newest first; a receipt names at most MAX_READ_IDS.
                         let ids: Vec<MessageId> = read.iter().take(MAX_READ_IDS).map(|m| m.id).collect();
-                        sealed = self.seal(chat, Body::Read { ids }, now)?;
+                        sealed = match self.seal(chat, Body::Read { ids }, now) {
+                            Ok(s) => s,
+                            // A group we left, a contact without a conversation:
+                            // reading stays local.
+                            Err(NodeError::NotAMember(_) | NodeError::NoConversation) => Sealed::default(),
+                            Err(e) => return Err(e),
+                        };
                     }
                     events.push(NodeEvent::Chat(self.chat_view(chat)?));
                     Ok((None, sealed))
@@ -688,16 +694,21 @@ impl Core {
     pub(super) fn chat_view(&mut self, chat: &ChatRef) -> Result<ChatView, NodeError> {
         let key = chat.key();
         let row = self.store.chat(&key)?;
-        let (kind, name, members) = match chat {
+        let (kind, name, members, since) = match chat {
             ChatRef::Contact(a) => {
                 let c = self
                     .store
                     .contact(a)?
                     .ok_or_else(|| NodeError::UnknownContact(bs58::encode(a).into_string()))?;
-                ("contact", c.name, 1)
+                ("contact", c.name, 1, c.added_ms)
             }
             ChatRef::Group(gid) => {
-                self.chat_exists(chat)?;
+                let since = self
+                    .store
+                    .conversation(gid)?
+                    .filter(|c| c.group.is_some())
+                    .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?
+                    .created_ms;
                 let me = self.me;
                 match load_group(&mut self.groups, &self.provider, gid)? {
                     Some(g) => {
@@ -707,9 +718,9 @@ impl Core {
                             .map(|c| c.account)
                             .filter(|a| *a != me)
                             .collect();
-                        ("group", name, accounts.len() as u64)
+                        ("group", name, accounts.len() as u64, since)
                     }
-                    None => ("group", String::new(), 0),
+                    None => ("group", String::new(), 0, since),
                 }
             }
         };
@@ -718,7 +729,10 @@ impl Core {
             id: chat.id(),
             kind: kind.into(),
             name,
-            last_activity_ms: row.last_activity_ms.max(last.as_ref().map_or(0, |m| m.timestamp_ms)),
+            last_activity_ms: row
+                .last_activity_ms
+                .max(since)
+                .max(last.as_ref().map_or(0, |m| m.timestamp_ms)),
             last_message: last.map(|m| self.view(&m)),
             unread: row.unread,
             pinned: row.pinned,
