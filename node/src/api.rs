@@ -17,7 +17,7 @@
 //! is generated from the handlers' annotations by the same calls that route them):
 //! - `GET  /api/status`, `GET /api/card`, `GET /api/card/qr.svg`
 //! - `GET  /api/contacts`, `POST /api/contacts` `{ "card": "...", "name": "..." }`
-//! - `GET  /api/contacts/{contact}/messages`
+//! - `GET  /api/contacts/{contact}/messages`, `GET /api/contacts/{contact}/picture` (the image)
 //! - `POST /api/messages` `{ "contact": "...", "text": "..." }`
 //! - `GET  /api/chats`, `GET /api/chats/{chat}`, `PATCH /api/chats/{chat}`
 //!   `{ "pinned"?, "muted"?, "disappearing_secs"? }`
@@ -315,7 +315,6 @@ fn router_with(node: NodeHandle, token: &str, logins: LoginCodes, addr: Arc<Once
     let _ = OPENAPI.set(doc);
     api.route_layer(middleware::from_fn(auth::check_scope))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .merge(crate::ui::router())
         .with_state(state)
 }
 

@@ -22,6 +22,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/contacts"),
     ("POST", "/api/contacts"),
     ("GET", "/api/contacts/{contact}/messages"),
+    ("GET", "/api/contacts/{contact}/picture"),
     ("POST", "/api/messages"),
     ("GET", "/api/chats"),
     ("GET", "/api/chats/{chat}"),
@@ -575,6 +576,29 @@ async fn chat_routes_work_end_to_end_and_the_websocket_streams_events() {
         }
     })
     .await;
+    // Alice's picture reaches bob, who serves it as an image.
+    let (status, _) = api_a
+        .call(
+            Method::PATCH,
+            "/api/settings",
+            Some(json!({ "picture": "data:image/png;base64,iVBORw0KGgo=" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let pic_url = format!("/api/contacts/{}/picture", acct(&a));
+    eventually_async("bob serves alice's picture", || {
+        let r = api_b.req(Method::GET, &pic_url, Some(&api_b.token)).send();
+        async move { r.await.is_ok_and(|r| r.status() == StatusCode::OK) }
+    })
+    .await;
+    let r = api_b
+        .req(Method::GET, &pic_url, Some(&api_b.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"\x89PNG\r\n\x1a\n");
     // Settings, presence and the QR code.
     let (status, s) = api_a.call(Method::GET, "/api/settings", None).await;
     assert_eq!(status, StatusCode::OK);

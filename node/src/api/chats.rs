@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -31,6 +31,7 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(search))
         .routes(routes!(get_settings, patch_settings))
         .routes(routes!(presence))
+        .routes(routes!(contact_picture))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -263,4 +264,31 @@ async fn patch_settings(
     responses((status = 200, description = "contacts who share presence (empty unless we share ours)", body = Vec<PresenceView>)))]
 async fn presence(State(s): State<ApiState>) -> Result<Json<Vec<PresenceView>>, ApiError> {
     Ok(Json(s.node.presence()?))
+}
+
+#[utoipa::path(get, path = "/api/contacts/{contact}/picture", tag = "contacts",
+    params(("contact" = String, Path, description = "account (base58) or name")),
+    responses((status = 200, description = "the contact's profile picture", content_type = "image/*", body = Vec<u8>), (status = 404, body = ApiError)))]
+async fn contact_picture(State(s): State<ApiState>, Path(contact): Path<String>) -> Result<Response, ApiError> {
+    let c = s.node.find_contact(&contact)?;
+    let Some((kind, bytes)) = s
+        .node
+        .store()
+        .picture(&c.account)
+        .map_err(crate::core::NodeError::from)?
+    else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no picture"));
+    };
+    // Only the image types a profile may carry ever get here; still, never sniff
+    // and never run anything.
+    Ok((
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            (header::CONTENT_SECURITY_POLICY, "default-src 'none'".to_owned()),
+            (header::CACHE_CONTROL, "no-cache".to_owned()),
+        ],
+        bytes,
+    )
+        .into_response())
 }
