@@ -18,6 +18,7 @@ const WAIT = 20000; // every wait for the other side is bounded by this
 const WATCHDOG = 6 * 60 * 1000; // the whole run
 
 const results = [];
+const PAGES = {}; // name → page, for screenshots of failures
 async function check(name, fn) {
   const t0 = Date.now();
   try {
@@ -27,6 +28,9 @@ async function check(name, fn) {
   } catch (e) {
     results.push({ name, ok: false });
     console.log(`FAIL ${name} (${Date.now() - t0} ms): ${(e && e.message ? e.message : String(e)).split('\n')[0]}`);
+    for (const [who, page] of Object.entries(PAGES)) {
+      await page.screenshot({ path: join(OUT, `failed-${results.length}-${who}.png`) }).catch(() => {});
+    }
   }
 }
 
@@ -78,6 +82,7 @@ async function main() {
     const A = await openUi(browser, alice);
     const B = await openUi(browser, bob);
     const a = A.page, b = B.page;
+    Object.assign(PAGES, { alice: a, bob: b });
 
     await check('the login link signs each person in (session cookie)', async () => {
       if (!A.viaLink || !B.viaLink) throw new Error('the node gave no login link; the pages used the API token header instead');
@@ -201,6 +206,9 @@ async function main() {
       await a.locator('.timer-select').selectOption('0');
     });
 
+    await a.screenshot({ path: join(OUT, 'alice.png') });
+    await b.screenshot({ path: join(OUT, 'bob.png') });
+
     await check('search finds a message in the history', async () => {
       await a.locator('#search').fill('reply from');
       await a.locator('.search-results .result-text', { hasText: reply }).waitFor({ timeout: WAIT });
@@ -274,14 +282,35 @@ async function main() {
       await b.locator('.conv-head .head-name', { hasText: exact(second) }).waitFor({ timeout: WAIT });
     });
 
+    await check('a long chat keeps few rows in the page and pages older messages in while scrolling up', async () => {
+      const n = 600;
+      let next = 0;
+      const worker = async () => { while (next < n) { const i = next++; await bob.post(`/api/chats/${encodeURIComponent(`c:${alice.account}`)}/messages`, { text: `long ${i}` }); } };
+      await Promise.all([worker(), worker(), worker(), worker()]);
+      await until('alice holds them all', async () => {
+        const last = await alice.get(`/api/chats/${encodeURIComponent(`c:${bob.account}`)}/messages?limit=600`);
+        return last.filter((m) => m.text.startsWith('long ')).length === n;
+      }, 60000, 200);
+      // bob renamed himself above: find his chat by its id.
+      await a.locator(`.chat-item[data-chat="c:${bob.account}"]`).click({ timeout: WAIT });
+      await a.locator('.msg-row .text', { hasText: /^long \d+$/ }).first().waitFor({ timeout: WAIT });
+      const rowsAtBottom = await a.locator('.messages .vrow').count();
+      let most = rowsAtBottom;
+      await until('the first message of the chat', async () => {
+        await a.locator('.messages').evaluate((el) => { el.scrollTop = 0; });
+        most = Math.max(most, await a.locator('.messages .vrow').count());
+        return (await a.locator('.top-row').count()) === 0 && (await row(a, edited).count()) === 1;
+      }, 30000, 100);
+      if (most > 120) throw new Error(`${most} rows in the page for a chat of more than ${n} messages`);
+      await a.screenshot({ path: join(OUT, 'alice-long-chat-top.png') });
+    });
+
     await check('no script errors or Content-Security-Policy violations on either page', async () => {
       const bad = [...a.problems, ...b.problems].filter((p) => /page error|Content Security Policy|Refused to/i.test(p));
       if (bad.length) throw new Error(bad.join(' | '));
     });
 
-    await a.screenshot({ path: join(OUT, 'alice.png') });
-    await b.screenshot({ path: join(OUT, 'bob.png') });
-    console.log(`screenshots: ${join(OUT, 'alice.png')}, ${join(OUT, 'bob.png')}`);
+    console.log(`screenshots in ${OUT}`);
   } catch (e) {
     results.push({ name: 'setup', ok: false });
     console.log(`FAIL setup: ${e && e.stack ? e.stack : e}`);

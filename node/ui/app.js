@@ -448,15 +448,18 @@ async function loadOlder(cur) {
   if (cur.loading || !cur.hasMore) return;
   cur.loading = true;
   try {
-    const oldest = cur.msgs[0];
-    const page = await api.messages(cur.id, oldest ? oldest.id : null, PAGE);
+    // Pages follow the node's order: the next one ends before the first of the last.
+    const page = await api.messages(cur.id, cur.cursor, PAGE);
     if (S.current !== cur) return;
     const fresh = page.filter((m) => !cur.byId.has(m.id));
     for (const m of fresh) cur.byId.set(m.id, m);
     cur.msgs = fresh.concat(cur.msgs);
-    cur.hasMore = page.length >= PAGE;
+    if (page.length) cur.cursor = page[0].id;
+    cur.hasMore = page.length >= PAGE && fresh.length > 0;
     setRows(cur);
-  } catch (e) { fail(e); } finally { cur.loading = false; }
+  } catch (e) { fail(e); cur.hasMore = false; setRows(cur); } finally { cur.loading = false; }
+  // Still at the top (a short page, a fast scroll): keep going.
+  if (S.current === cur && cur.hasMore && cur.scroller.scrollTop < 1500) setTimeout(() => loadOlder(cur), 0);
 }
 
 /** Opens a chat (and, with `jump`, scrolls to one of its messages). */
@@ -478,13 +481,14 @@ export async function openChat(id, jump) {
   });
   const sendBtn = iconButton('send', 'Send', () => sendNow(), { class: 'send-btn' });
   const composer = h('form', { class: 'composer', on: { submit: (e) => { e.preventDefault(); sendNow(); } } }, input, sendBtn);
-  const cur = { id, chat, head, scroller, bar, input, msgs: [], byId: new Map(), hasMore: false, loading: false, replyTo: null, editing: null, lastTyping: 0, readUpTo: null };
+  const cur = { id, chat, head, scroller, bar, input, msgs: [], byId: new Map(), cursor: null, hasMore: false, loading: false, replyTo: null, editing: null, lastTyping: 0, readUpTo: null };
   S.current = cur;
   cur.list = new VirtualList(scroller, {
     key: (it) => it.key,
     rev: (it) => (it.kind === 'msg' ? it.m._rev || 0 : 0),
     render: renderRow,
     estimate: (it) => (it.kind === 'msg' ? 58 : 44),
+    anchorable: (it) => it.kind !== 'top',
     onNearTop: () => loadOlder(cur),
     onScroll: () => { if (cur.list.stickBottom) markRead(); },
   });
@@ -493,20 +497,28 @@ export async function openChat(id, jump) {
   paintHeader();
   paintChats();
   input.focus();
+  // The chat list may be older than the chat (a group's members change without a chat event).
+  api.chat(id).then((c) => { S.chats.set(id, c); if (S.current === cur) paintHeader(); paintChats(); }, () => {});
   try {
     const page = await api.messages(id, null, PAGE);
     if (S.current !== cur) return;
-    for (const m of page) { if (!cur.byId.has(m.id)) { cur.byId.set(m.id, m); cur.msgs.push(m); } }
-    cur.msgs.sort(byTime);
+    const live = cur.msgs; // arrived while the page loaded
+    cur.msgs = [];
+    const inPage = new Set(page.map((m) => m.id));
+    for (const m of page) {
+      const newer = cur.byId.get(m.id); // an event may have updated it already
+      if (!newer) cur.byId.set(m.id, m);
+      cur.msgs.push(newer || m);
+    }
+    cur.msgs.push(...live.filter((m) => !inPage.has(m.id)));
+    if (page.length) cur.cursor = page[0].id;
     cur.hasMore = page.length >= PAGE;
     setRows(cur);
     cur.list.scrollToBottom();
-    markRead();
+    markRead(true);
     if (jump) jumpTo(jump);
   } catch (e) { fail(e); }
 }
-
-const byTime = (a, b) => (a.timestamp_ms - b.timestamp_ms) || (a.received_ms - b.received_ms) || (a.id < b.id ? -1 : 1);
 
 /** Adds or replaces a message of the open conversation and the chat list's preview. */
 function upsert(m) {
@@ -527,9 +539,7 @@ function upsert(m) {
     if (i >= 0) cur.msgs[i] = m;
     setRows(cur);
   } else {
-    const last = cur.msgs[cur.msgs.length - 1];
     cur.msgs.push(m);
-    if (last && byTime(last, m) > 0) cur.msgs.sort(byTime);
     if (m.outgoing) cur.list.stickBottom = true;
     setRows(cur);
     if (!m.outgoing) markRead();
@@ -548,9 +558,11 @@ function dropMessage(chat, id) {
 }
 
 // Read receipts: what is on screen in the open chat of a visible page is read.
-const markRead = debounce(() => {
+// Opening a chat reads it (`opened`); later messages count as read while the
+// list is scrolled to the bottom.
+const markRead = debounce((opened) => {
   const cur = S.current;
-  if (!cur || document.visibilityState !== 'visible' || !cur.list.stickBottom) return;
+  if (!cur || document.visibilityState !== 'visible' || (!opened && !cur.list.stickBottom)) return;
   for (let i = cur.msgs.length - 1; i >= 0; i--) {
     const m = cur.msgs[i];
     if (m.outgoing) continue;
@@ -701,6 +713,7 @@ document.addEventListener('visibilitychange', () => markRead());
 
 export const ctx = {
   S, api, toast, fail, openChat, refreshChats, loadChats, nameOf,
+  repaint() { paintChats(); paintHeader(); },
   setMe(s) {
     S.me = { ...S.me, ...s };
     replace($('#me'), avatar(S.me.name, S.me.account, S.me.picture), h('span', { class: 'me-name', text: S.me.name || 'Me' }));

@@ -120,6 +120,8 @@ export async function groupInfo(ctx, gid) {
   let g;
   try { g = await ctx.api.group(gid); } catch (e) { ctx.fail(e); return; }
   const me = ctx.S.me.account;
+  const chat = ctx.S.chats.get(`g:${gid}`);
+  if (chat) { chat.members = g.members.filter((m) => m.account !== me).length; ctx.repaint(); }
   const mine = g.members.find((m) => m.account === me);
   const admin = mine && (mine.role === 'owner' || mine.role === 'admin');
   const owner = mine && mine.role === 'owner';

@@ -12,6 +12,7 @@ export class VirtualList {
    * @param {object} o
    *   key(item) → string, rev(item) → number (re-render when it changes),
    *   render(item) → HTMLElement, estimate(item) → px,
+   *   anchorable(item) → false for rows that must not keep the scroll place,
    *   onNearTop() called when the viewport nears the top, onScroll()
    */
   constructor(scroller, o) {
@@ -117,7 +118,9 @@ export class VirtualList {
   anchor() {
     if (this.stickBottom || !this.items.length) return { bottom: true };
     const st = this.scroller.scrollTop;
-    const i = this.find(st);
+    let i = this.find(st);
+    // A row that stays at the top (a "loading" row) cannot hold the place.
+    while (i + 1 < this.items.length && this.o.anchorable && !this.o.anchorable(this.items[i])) i++;
     const it = this.items[i];
     return it ? { key: this.o.key(it), offset: st - this.tops[i] } : { bottom: true };
   }
