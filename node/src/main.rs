@@ -737,7 +737,14 @@ async fn open_ui(api_addr: SocketAddr, token: &str) {
         .stderr(std::process::Stdio::null())
         .spawn();
     match spawned {
-        Ok(_) => note!("opened the web UI with {program}"),
+        Ok(mut child) => {
+            note!("opening the web UI with {program}");
+            // `xdg-open` fails when no browser is set up; a browser may run until closed.
+            tokio::task::spawn_blocking(move || match child.wait() {
+                Ok(status) if status.success() => {}
+                _ => note!("{program} could not open the web UI; open {url} in your browser"),
+            });
+        }
         Err(e) => note!("cannot start {program} ({e}); open {url} in your browser"),
     }
 }
