@@ -257,18 +257,37 @@ async function main() {
       await a.keyboard.press('Escape');
     });
 
-    await check('settings change the profile name and read receipts', async () => {
+    await check('settings change the profile name, picture and read receipts', async () => {
       await b.locator('button[aria-label="Settings"]').click();
       const name = b.locator('#panel input[aria-label="Your name"]');
       await name.waitFor({ timeout: WAIT });
       await name.fill('Bob Builder');
       await b.locator('#panel .check', { hasText: 'Send read receipts' }).locator('input').uncheck();
+      const png = await b.evaluate(() => {
+        const c = document.createElement('canvas');
+        c.width = c.height = 96;
+        const x = c.getContext('2d');
+        x.fillStyle = '#3949ab'; x.fillRect(0, 0, 96, 96);
+        x.fillStyle = '#ffca28'; x.beginPath(); x.arc(48, 48, 28, 0, 7); x.fill();
+        return c.toDataURL('image/png').split(',')[1];
+      });
+      await b.locator('#panel input[type=file]').setInputFiles({ name: 'me.png', mimeType: 'image/png', buffer: Buffer.from(png, 'base64') });
+      await b.locator('#panel .pic-slot img').waitFor({ timeout: WAIT });
       await b.locator('#panel button', { hasText: 'Save' }).click();
       await b.locator('.me-name', { hasText: exact('Bob Builder') }).waitFor({ timeout: WAIT });
       const s = await bob.get('/api/settings');
-      if (s.name !== 'Bob Builder' || s.read_receipts !== false) throw new Error(`settings: ${JSON.stringify(s)}`);
+      if (s.name !== 'Bob Builder' || s.read_receipts !== false || !String(s.picture).startsWith('data:image/')) {
+        throw new Error(`settings: ${JSON.stringify({ ...s, picture: String(s.picture).slice(0, 30) })}`);
+      }
+      await b.locator('#me .avatar img').waitFor({ timeout: WAIT });
       await b.screenshot({ path: join(OUT, 'bob-settings.png') });
       await b.keyboard.press('Escape');
+    });
+
+    await check('alice\'s chat list shows bob\'s new name and picture', async () => {
+      const item = a.locator(`.chat-item[data-chat="c:${bob.account}"]`);
+      await item.locator('.chat-name', { hasText: exact('Bob Builder') }).waitFor({ timeout: WAIT });
+      await item.locator('.avatar img').waitFor({ timeout: WAIT });
     });
 
     await check('arrow keys move through the chat list and Enter opens a chat', async () => {

@@ -5,7 +5,7 @@
 // (textContent, Text nodes, attribute values) and never parsed as HTML.
 
 import { api, connectEvents, ApiError } from './api.js';
-import { h, replace, $, icon, iconButton, avatar, clock, dayKey, dayLabel, shortWhen, duration } from './dom.js';
+import { h, replace, $, icon, iconButton, avatar, clock, dayKey, dayLabel, shortWhen, duration, onPictureChange, forgetPicture } from './dom.js';
 import { VirtualList } from './vlist.js';
 import * as panels from './panels.js';
 
@@ -674,6 +674,7 @@ function onEvent(ev) {
       break;
     case 'contact':
       S.names.set(ev.account, ev.name);
+      forgetPicture(ev.account);
       refreshChats();
       break;
     default:
@@ -741,6 +742,7 @@ async function start() {
     }
   }
   ctx.setMe(me);
+  onPictureChange(debounce(() => { paintChats(); paintHeader(); }, 50));
   replace($('#side-actions'),
     iconButton('group', 'New group', () => panels.newGroup(ctx)),
     iconButton('contacts', 'Contacts', () => panels.contacts(ctx)),

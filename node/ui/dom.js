@@ -87,11 +87,35 @@ export function iconButton(name, label, onClick, extra = {}) {
 
 const COLORS = ['#e57373', '#f06292', '#ba68c8', '#7986cb', '#4fc3f7', '#4db6ac', '#81c784', '#ffb74d', '#a1887f', '#90a4ae'];
 
-/** A round avatar: the picture if we have one (a data: URL), else the initial on a colour from the id. */
+// Contacts' pictures (GET /api/contacts/{account}/picture): account → true
+// (has one), false (none), or a pending probe. `pictureChanged` repaints.
+const pictures = new Map();
+let pictureChanged = () => {};
+export function onPictureChange(fn) { pictureChanged = fn; }
+export function forgetPicture(account) { pictures.delete(account); }
+const pictureUrl = (account) => `/api/contacts/${encodeURIComponent(account)}/picture`;
+
+function probePicture(account) {
+  pictures.set(account, 'pending');
+  const img = new Image();
+  img.onload = () => { pictures.set(account, true); pictureChanged(); };
+  img.onerror = () => { pictures.set(account, false); };
+  img.src = pictureUrl(account);
+}
+
+/**
+ * A round avatar: our own picture if given (a data: URL), a contact's picture
+ * for `c:<account>` ids when the node has one, else the initial on a colour
+ * from the id.
+ */
 export function avatar(name, id, picture, size = 'md') {
   const el = h('span', { class: `avatar avatar-${size}`, attrs: { 'aria-hidden': 'true' } });
+  const contact = typeof id === 'string' && id.startsWith('c:') ? id.slice(2) : null;
+  if (contact && !picture && !pictures.has(contact)) probePicture(contact);
   if (picture && /^data:image\/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+$/.test(picture)) {
     el.append(h('img', { src: picture, alt: '' }));
+  } else if (contact && pictures.get(contact) === true) {
+    el.append(h('img', { src: pictureUrl(contact), alt: '' }));
   } else {
     let hash = 0;
     // A contact's chat (c:<account>) gets the same colour as the account.

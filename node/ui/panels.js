@@ -80,7 +80,7 @@ export async function contacts(ctx) {
     try {
       const people = await ctx.loadNames();
       replace(list, people.length ? people.map((c) => h('li', { class: 'person' },
-        avatar(c.name, c.account),
+        avatar(c.name, `c:${c.account}`),
         h('span', { class: 'person-text' }, h('span', { class: 'person-name', text: c.name || '(no name)' }), h('span', { class: 'mono small', text: c.account })),
         h('button', { type: 'button', class: 'btn', text: 'Message', on: { click: () => { close(); ctx.openChat(`c:${c.account}`); } } })))
         : h('li', { class: 'muted-text', text: 'No contacts yet.' }));
@@ -133,7 +133,7 @@ export async function groupInfo(ctx, gid) {
         ['member', 'admin', 'owner'].map((r) => h('option', { value: r, text: r, selected: r === m.role })))
       : h('span', { class: 'role', text: m.role });
     return h('li', { class: 'person' },
-      m.account === me ? avatar(ctx.S.me.name, me, ctx.S.me.picture) : avatar(ctx.nameOf(m.account), m.account),
+      m.account === me ? avatar(ctx.S.me.name, me, ctx.S.me.picture) : avatar(ctx.nameOf(m.account), `c:${m.account}`),
       h('span', { class: 'person-text' },
         h('span', { class: 'person-name', text: m.account === me ? 'You' : ctx.nameOf(m.account) }),
         h('span', { class: 'small muted-text', text: `${m.devices} device${m.devices === 1 ? '' : 's'}` })),
@@ -216,20 +216,24 @@ export async function devices(ctx) {
 /** Reads an image file and shrinks it to a square JPEG data URL (≤ 256 KiB). */
 function pictureFrom(file) {
   return new Promise((resolve, reject) => {
-    const url = URL.createObjectURL(file);
-    const img = new Image();
-    img.onload = () => {
-      const size = 192;
-      const canvas = document.createElement('canvas');
-      canvas.width = size;
-      canvas.height = size;
-      const side = Math.min(img.width, img.height);
-      canvas.getContext('2d').drawImage(img, (img.width - side) / 2, (img.height - side) / 2, side, side, 0, 0, size, size);
-      URL.revokeObjectURL(url);
-      resolve(canvas.toDataURL('image/jpeg', 0.85));
+    // A data: URL, not a blob: one: the page's policy allows images from data: only.
+    const reader = new FileReader();
+    reader.onerror = () => reject(new Error('cannot read the file'));
+    reader.onload = () => {
+      const img = new Image();
+      img.onload = () => {
+        const size = 192;
+        const canvas = document.createElement('canvas');
+        canvas.width = size;
+        canvas.height = size;
+        const side = Math.min(img.width, img.height);
+        canvas.getContext('2d').drawImage(img, (img.width - side) / 2, (img.height - side) / 2, side, side, 0, 0, size, size);
+        resolve(canvas.toDataURL('image/jpeg', 0.85));
+      };
+      img.onerror = () => reject(new Error('not an image'));
+      img.src = String(reader.result);
     };
-    img.onerror = () => { URL.revokeObjectURL(url); reject(new Error('not an image')); };
-    img.src = url;
+    reader.readAsDataURL(file);
   });
 }
 
