@@ -92,6 +92,12 @@ async function main() {
       if (!s.httpOnly || s.sameSite !== 'Strict') throw new Error(`cookie flags: httpOnly=${s.httpOnly} sameSite=${s.sameSite}`);
     });
 
+    await check('each page takes live updates from the WebSocket /api/ws', async () => {
+      for (const p of [a, b]) {
+        await until('a WebSocket', () => p.sockets.some((u) => new URL(u).pathname === '/api/ws'), WAIT);
+      }
+    });
+
     await check('each chat list shows the other person', async () => {
       await a.locator('.chat-item .chat-name', { hasText: exact('bob') }).waitFor({ timeout: WAIT });
       await b.locator('.chat-item .chat-name', { hasText: exact('alice') }).waitFor({ timeout: WAIT });

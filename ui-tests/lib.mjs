@@ -194,6 +194,8 @@ export async function openUi(browser, person, viewport = { width: 1280, height: 
   if (process.env.UI_DEV_FILES) await serveFromDisk(context, person.base);
   const page = await context.newPage();
   page.problems = [];
+  page.sockets = [];
+  page.on('websocket', (ws) => page.sockets.push(ws.url()));
   page.on('pageerror', (e) => page.problems.push(`page error: ${e.message}`));
   page.on('console', (m) => { if (m.type() === 'error') page.problems.push(`console error: ${m.text()}`); });
   await page.goto(url || `${person.base}/`, { timeout: 20000 });
