@@ -4,6 +4,7 @@
 
 use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 
+use crate::schema::MessageKey;
 use crate::schema::*;
 use crate::{ApiToken, ChatRow, Result, Settings, Store, StoreError, StoredMessage, from_json, to_json};
 
@@ -52,7 +53,7 @@ fn key_of(w: &WriteTransaction, id: &[u8; 16]) -> Result<Option<Key>> {
 }
 
 /// Adds a new row's words, expiry and chat counters (inside its insert).
-pub(crate) fn index_new(w: &WriteTransaction, m: &StoredMessage) -> Result<()> {
+pub(crate) fn index_new(w: &WriteTransaction, m: &StoredMessage, key: MessageKey) -> Result<()> {
     if !m.deleted {
         add_words(w, &m.id, &m.text)?;
     }
@@ -68,6 +69,7 @@ pub(crate) fn index_new(w: &WriteTransaction, m: &StoredMessage) -> Result<()> {
     row.last_activity_ms = row.last_activity_ms.max(m.timestamp_ms);
     if !m.outgoing && !m.read {
         row.unread += 1;
+        w.open_table(UNREAD)?.insert(key, ())?;
     }
     chats.insert(&m.peer, to_json(&row)?.as_slice())?;
     Ok(())
@@ -151,6 +153,7 @@ impl Store {
                     w.open_table(EXPIRY)?.remove((at, id))?;
                 }
                 if !m.outgoing && !m.read {
+                    w.open_table(UNREAD)?.remove((&k.0, k.1, &k.2, k.3))?;
                     let mut chats = w.open_table(CHATS)?;
                     let row: Option<ChatRow> = chats.get(&m.peer)?.map(|v| from_json(v.value())).transpose()?;
                     if let Some(mut row) = row {
@@ -294,28 +297,37 @@ impl Store {
             if k.0 != *peer {
                 return Ok(None);
             }
-            let mut t = w.open_table(MESSAGES)?;
+            // The chat's unread rows up to `up_to`, from the unread index:
+            // also those that arrived late with an older time.
             let lo = (peer, 0u64, &[0u8; 32], 0u64);
             let hi = (&k.0, k.1, &k.2, k.3);
+            let mut keys: Vec<Key> = Vec::new();
+            {
+                let unread = w.open_table(UNREAD)?;
+                for e in unread.range(lo..=hi)? {
+                    let (key, _) = e?;
+                    let (p, ts, s, seq) = key.value();
+                    keys.push((*p, ts, *s, seq));
+                }
+            }
+            let mut unread = w.open_table(UNREAD)?;
+            let mut t = w.open_table(MESSAGES)?;
             let mut changed: Vec<(Key, StoredMessage)> = Vec::new();
-            for e in t.range(lo..=hi)?.rev() {
-                let (key, v) = e?;
-                let m: StoredMessage = from_json(v.value())?;
-                if m.outgoing {
-                    continue;
+            for k in keys {
+                let key = (&k.0, k.1, &k.2, k.3);
+                unread.remove(key)?;
+                let m: Option<StoredMessage> = t.get(key)?.map(|v| from_json(v.value())).transpose()?;
+                if let Some(mut m) = m
+                    && !m.read
+                {
+                    m.read = true;
+                    t.insert(key, to_json(&m)?.as_slice())?;
+                    changed.push((k, m));
                 }
-                if m.read {
-                    // Reading goes oldest to newest: what lies before was read.
-                    break;
-                }
-                let (p, ts, s, seq) = key.value();
-                changed.push(((*p, ts, *s, seq), m));
             }
-            for (k, m) in &mut changed {
-                m.read = true;
-                t.insert((&k.0, k.1, &k.2, k.3), to_json(m)?.as_slice())?;
-            }
-            drop(t);
+            drop((t, unread));
+            // Newest first: a receipt names the newest ones if there are many.
+            changed.reverse();
             let changed: Vec<StoredMessage> = changed.into_iter().map(|(_, m)| m).collect();
             let mut chats = w.open_table(CHATS)?;
             let mut row: ChatRow = chats
@@ -458,7 +470,7 @@ impl Store {
         // Old rows count as read: version 1 kept no read state.
         for (k, m) in &mut rows {
             m.read = true;
-            index_new(w, m)?;
+            index_new(w, m, (&k.0, k.1, &k.2, k.3))?;
             w.open_table(MESSAGES)?
                 .insert((&k.0, k.1, &k.2, k.3), to_json(m)?.as_slice())?;
         }

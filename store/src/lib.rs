@@ -161,6 +161,7 @@ impl Store {
         w.open_table(GROUP_CHATS)?;
         w.open_table(WORDS)?;
         w.open_table(EXPIRY)?;
+        w.open_table(UNREAD)?;
         w.open_table(PICTURES)?;
         w.open_table(TOKENS)?;
         if migrate {
@@ -481,7 +482,7 @@ impl Store {
             ids.insert(&m.id, key)?;
             messages.insert(key, bytes.as_slice())?;
             drop((ids, messages));
-            chats::index_new(w, m)?;
+            chats::index_new(w, m, key)?;
             Ok(true)
         })
     }
@@ -945,6 +946,21 @@ mod tests {
         s.mark_read(&[6; 32], &rows[4].id).unwrap();
         assert_eq!(s.chat(&[6; 32]).unwrap().unread, 0);
         assert!(s.message(&rows[0].id).unwrap().unwrap().read);
+    }
+
+    #[test]
+    fn a_message_that_arrives_late_with_an_older_time_is_still_counted_and_read() {
+        let s = Store::open_in_memory().unwrap();
+        let newer = msg(5, 9, "newer");
+        s.insert_message(&newer).unwrap();
+        s.mark_read(&[9; 32], &newer.id).unwrap();
+        // Older by its time, arriving after the newer one was read.
+        let late = msg(1, 9, "late");
+        s.insert_message(&late).unwrap();
+        assert_eq!(s.chat(&[9; 32]).unwrap().unread, 1);
+        let read = s.mark_read(&[9; 32], &newer.id).unwrap().unwrap();
+        assert_eq!(read.iter().map(|m| m.id).collect::<Vec<_>>(), vec![late.id]);
+        assert_eq!(s.chat(&[9; 32]).unwrap().unread, 0);
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub const GROUP_CHATS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new(
 /// A message's words are added with it and removed when it is edited,
 /// deleted for everyone or expires.
 pub const WORDS: TableDefinition<(&str, &[u8; 16]), ()> = TableDefinition::new("words");
+/// Incoming messages not read yet, by their `MessageKey` (so a chat's unread
+/// ones up to a point are one range, whatever order they arrived in).
+pub const UNREAD: TableDefinition<MessageKey, ()> = TableDefinition::new("unread");
 /// Disappearing messages: (expires ms, message id) → (). Sorted by time.
 pub const EXPIRY: TableDefinition<(u64, &[u8; 16]), ()> = TableDefinition::new("expiry");
 /// Profile pictures of contacts: account → picture type ‖ 0 ‖ picture bytes.
