@@ -240,7 +240,7 @@ pub struct RevokedView {
         title = "Tidings local API",
         description = "The API a Tidings node serves on 127.0.0.1 for its web UI, its command line, scripts and bots."
     ),
-    components(schemas(ApiError)),
+    components(schemas(ApiError, crate::types::NodeEvent)),
     modifiers(&Security)
 )]
 struct ApiDoc;
@@ -315,7 +315,6 @@ fn router_with(node: NodeHandle, token: &str, logins: LoginCodes, addr: Arc<Once
     let _ = OPENAPI.set(doc);
     api.route_layer(middleware::from_fn(auth::check_scope))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .merge(crate::ui::router())
         .with_state(state)
 }
 

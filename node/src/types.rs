@@ -223,7 +223,7 @@ pub struct PresenceView {
 }
 
 /// What the node tells its observers (API event stream, tests, the demo).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum NodeEvent {
     /// A message was committed: from someone else, or one of ours (sent from

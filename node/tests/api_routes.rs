@@ -139,6 +139,12 @@ async fn every_route_is_in_the_openapi_document_and_every_documented_route_is_se
     let (status, doc) = api.call(Method::GET, "/api/openapi.json", None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    // The event streams' messages are described too.
+    assert!(
+        doc["components"]["schemas"]["NodeEvent"].is_object(),
+        "NodeEvent schema"
+    );
+    assert!(doc["components"]["schemas"]["MessageView"].is_object());
     let mut documented = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for m in ["get", "post", "patch", "delete", "put"] {
