@@ -222,7 +222,16 @@ impl NodeHandle {
             muted,
             disappearing_secs,
         };
-        self.core(|reply| CoreInput::ChangeChat { chat, change, reply }).await
+        let attempt =
+            |chat: ChatRef, change: ChatChange| self.core(|reply| CoreInput::ChangeChat { chat, change, reply });
+        match (attempt(chat.clone(), change.clone()).await, &chat) {
+            // A timer goes to the contact: a conversation must exist first.
+            (Err(NodeError::NoConversation), ChatRef::Contact(contact)) => {
+                self.start_conversation(*contact).await?;
+                attempt(chat, change).await
+            }
+            (r, _) => r,
+        }
     }
 
     /// Messages whose words start with every word of `query`, newest first.

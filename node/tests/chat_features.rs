@@ -482,3 +482,60 @@ async fn a_reaction_and_an_edit_that_overtake_their_message_apply_once_it_arrive
     assert!(a.search("original", 5).unwrap().is_empty());
     drop((a_node, b_node));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disappearing_messages_follow_the_node_clock_not_the_wall_clock() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tidings_node::demo::{loopback, start_node_with_config};
+    use tidings_node::{Clock, NetConfig, NodeConfig};
+
+    let net = Net::new().await;
+    let start = Clock::system().now_ms();
+    let times = [Arc::new(AtomicU64::new(start)), Arc::new(AtomicU64::new(start))];
+    let mut nodes = Vec::new();
+    for (name, t) in ["alice", "bob"].into_iter().zip(&times) {
+        let config = NodeConfig {
+            net: NetConfig {
+                listen: loopback(),
+                bootstrap: net.boot_addrs.clone(),
+                ..NetConfig::default()
+            },
+            clock: Clock::manual(t.clone()),
+            ..NodeConfig::default()
+        };
+        nodes.push(
+            start_node_with_config(&net.dir.path().join(name), name, config)
+                .await
+                .unwrap(),
+        );
+    }
+    let (a, b) = (nodes[0].handle(), nodes[1].handle());
+    befriend(&a, &b).await;
+    let (ca, cb) = (chat_of(&a), chat_of(&b));
+    // An hour's timer: by the wall clock nothing would go for an hour.
+    a.change_chat(&cb, None, None, Some(3600)).await.unwrap();
+    let m = a.send_chat(&cb, "for an hour", None).await.unwrap();
+    assert_eq!(m.expires_ms, Some(start + 3_600_000));
+    until(&b, &ca, &m.id, "bob has it", |m| {
+        m.expires_ms == Some(start + 3_600_000)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        find(&b, &ca, &m.id).await.is_some(),
+        "still there before the node clock says so"
+    );
+    // The node clocks move an hour on: both remove it within a sweep.
+    for t in &times {
+        t.store(start + 3_600_001, Ordering::Relaxed);
+    }
+    for (h, chat) in [(&a, &cb), (&b, &ca)] {
+        eventually_async("gone by the node clock", || {
+            let (h, chat, id) = (h.clone(), chat.clone(), m.id.clone());
+            async move { find(&h, &chat, &id).await.is_none() }
+        })
+        .await;
+    }
+    drop(nodes);
+}
