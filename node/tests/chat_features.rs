@@ -345,7 +345,8 @@ async fn injection_payloads_come_back_as_exactly_the_text_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_a_group_reactions_edits_and_timers_reach_everyone_read_needs_every_member_and_one_who_left_still_reads() {
+async fn in_a_group_replies_reactions_typing_edits_and_timers_reach_everyone_read_needs_every_member_and_one_who_left_still_reads()
+ {
     let n = relays(2).await;
     let base = n.dir.path();
     let nodes = [
@@ -378,6 +379,19 @@ async fn in_a_group_reactions_edits_and_timers_reach_everyone_read_needs_every_m
         })
         .await;
     }
+    // Typing in a group reaches the members connected now.
+    let mut a_events = a.subscribe();
+    c.typing(&chat).await.unwrap();
+    let typing = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            if let Ok(NodeEvent::Typing { chat, account }) = a_events.recv().await {
+                return (chat, account);
+            }
+        }
+    })
+    .await
+    .expect("a typing event");
+    assert_eq!(typing, (chat.clone(), acct(&c)));
     // Alice's edit reaches both.
     a.edit_message(&chat, &first.id, "welcome, all").await.unwrap();
     for h in [&b, &c] {
