@@ -527,7 +527,11 @@ async fn chat_routes_work_end_to_end_and_the_websocket_streams_events() {
         )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (_, c) = api_b.call(Method::GET, &format!("/api/chats/{chat_a}"), None).await;
+    // The UI percent-encodes chat ids in paths (`c%3A…`).
+    let (status, c) = api_b
+        .call(Method::GET, &format!("/api/chats/{}", chat_a.replace(':', "%3A")), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(c["unread"], 0);
     let (_, found) = api_b.call(Method::GET, "/api/search?q=onerror&limit=5", None).await;
     assert_eq!(found.as_array().unwrap().len(), 1);
