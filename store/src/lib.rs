@@ -888,6 +888,30 @@ mod tests {
     }
 
     #[test]
+    fn a_page_of_100_anywhere_in_a_10000_message_chat_is_quick() {
+        let s = Store::open_in_memory().unwrap();
+        let rows: Vec<StoredMessage> = (0..10_000u32).map(|i| msg(i, 1, &format!("message {i}"))).collect();
+        s.unit(|| -> Result<()> {
+            for r in &rows {
+                s.insert_message(r)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let start = std::time::Instant::now();
+        let newest = s.messages_before(&[1; 32], None, 100).unwrap().unwrap();
+        let first = start.elapsed();
+        let start = std::time::Instant::now();
+        let middle = s.messages_before(&[1; 32], Some(&rows[5_000].id), 100).unwrap().unwrap();
+        let deep = start.elapsed();
+        eprintln!("a page of 100 in a 10,000-message chat: newest {first:?}, before the 5,000th {deep:?}");
+        assert_eq!(newest.last().map(|m| m.id), Some(rows[9_999].id));
+        assert_eq!(middle.first().map(|m| m.id), Some(rows[4_900].id));
+        assert_eq!(middle.last().map(|m| m.id), Some(rows[4_999].id));
+        assert!(deep < std::time::Duration::from_millis(100), "{deep:?}");
+    }
+
+    #[test]
     fn edits_deletes_and_removals_keep_the_search_index_in_step() {
         let s = Store::open_in_memory().unwrap();
         let mut m = msg(1, 2, "old words here");
