@@ -902,7 +902,10 @@ mod tests {
         let newest = s.messages_before(&[1; 32], None, 100).unwrap().unwrap();
         let first = start.elapsed();
         let start = std::time::Instant::now();
-        let middle = s.messages_before(&[1; 32], Some(&rows[5_000].id), 100).unwrap().unwrap();
+        let middle = s
+            .messages_before(&[1; 32], Some(&rows[5_000].id), 100)
+            .unwrap()
+            .unwrap();
         let deep = start.elapsed();
         eprintln!("a page of 100 in a 10,000-message chat: newest {first:?}, before the 5,000th {deep:?}");
         assert_eq!(newest.last().map(|m| m.id), Some(rows[9_999].id));
