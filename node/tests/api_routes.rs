@@ -378,6 +378,26 @@ async fn malformed_bodies_and_arguments_are_400_with_a_json_error() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{m} {p}: {v}");
         assert!(v["error"].is_string(), "{m} {p}: {v}");
     }
+    // Too large: a text over 64 KiB, a body over the server's limit.
+    let long = "x".repeat(64 * 1024 + 1);
+    let (status, v) = api
+        .call(
+            Method::POST,
+            &format!("/api/chats/{chat}/messages"),
+            Some(json!({ "text": long })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let huge = "y".repeat(3 << 20);
+    let (status, v) = api
+        .call(
+            Method::POST,
+            &format!("/api/chats/{chat}/messages"),
+            Some(json!({ "text": huge })),
+        )
+        .await;
+    assert!(status.is_client_error(), "{status}");
+    assert!(v["error"].is_string(), "{v}");
     // Unknown things are 404s.
     let unknown: &[(Method, String)] = &[
         (Method::GET, format!("/api/chats/c:{}", acct(&a_node.handle()))),
