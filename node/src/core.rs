@@ -577,7 +577,8 @@ impl Core {
             // Disappearing messages: due by the node's clock, which may not
             // follow tokio's; look again at least once a second until then.
             if let Some(at) = self.next_expiry {
-                let wait = Duration::from_millis(at.saturating_sub(self.clock.now_ms()).min(1000));
+                // At least 50 ms: a sweep that failed must not spin the loop.
+                let wait = Duration::from_millis(at.saturating_sub(self.clock.now_ms()).clamp(50, 1000));
                 let t = Instant::now() + wait;
                 due = Some(due.map_or(t, |d| d.min(t)));
             }
