@@ -676,6 +676,9 @@ impl Core {
                 reply,
             } => {
                 let r = self.create_conversation(contact, key_packages, replace);
+                if r.is_ok() {
+                    self.send_profile_to(contact);
+                }
                 let _ = reply.send(r);
             }
             CoreInput::ConversationsToMend { reply } => {
@@ -1496,6 +1499,12 @@ impl Core {
                 }
                 self.members.insert(gid.to_vec(), members);
                 self.groups.insert(gid.to_vec(), group);
+                // Our picture, if we have one (the name came with our card or record).
+                match self.profile_for(*other.as_bytes(), now) {
+                    Ok(sealed) => self.deferred.extend(sealed.into_entries()),
+                    Err(NodeError::Store(e)) => return Err(Abort::Store(e)),
+                    Err(e) => debug!("profile not sent to a new contact: {e}"),
+                }
                 events.push(NodeEvent::Contact(ContactView::from_contact(&contact)));
             }
             Ok(EnvelopeKind::Message) => {

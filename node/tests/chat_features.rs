@@ -553,3 +553,25 @@ async fn disappearing_messages_follow_the_node_clock_not_the_wall_clock() {
     }
     drop(nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picture_set_before_meeting_someone_reaches_them_with_the_first_conversation() {
+    let net = Net::new().await;
+    let (a_node, b_node, c_node) = (net.node("alice").await, net.node("bob").await, net.node("carol").await);
+    let (a, b, c) = (a_node.handle(), b_node.handle(), c_node.handle());
+    let png = "data:image/png;base64,iVBORw0KGgo=";
+    a.change_settings(None, Some(png), None, None).await.unwrap();
+    c.change_settings(None, Some(png), None, None).await.unwrap();
+    // Alice starts the conversation with bob; carol is started with by bob.
+    befriend(&a, &b).await;
+    befriend(&b, &c).await;
+    a.send_chat(&chat_of(&b), "hi bob", None).await.unwrap();
+    b.send_chat(&chat_of(&c), "hi carol", None).await.unwrap();
+    for who in [&a, &c] {
+        eventually("bob has the picture", || {
+            b.store().picture(who.account().as_bytes()).ok().flatten().is_some()
+        })
+        .await;
+    }
+    drop((a_node, b_node, c_node));
+}

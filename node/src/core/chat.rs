@@ -87,6 +87,11 @@ pub(crate) struct Sealed {
 }
 
 impl Sealed {
+    /// The outbox entries alone (a one-to-one control payload has nothing else).
+    pub(super) fn into_entries(self) -> Vec<Entry> {
+        self.entries
+    }
+
     fn extend(&mut self, other: Sealed) {
         self.entries.extend(other.entries);
         self.direct.extend(other.direct);
@@ -433,6 +438,38 @@ impl Core {
                 self.groups.clear();
                 self.members.clear();
                 Err(e)
+            }
+        }
+    }
+
+    /// Our profile for a contact we just got a conversation with, if we have
+    /// a picture (the name travels in cards and user records already).
+    pub(super) fn profile_for(&mut self, contact: [u8; 32], now: u64) -> Result<Sealed, NodeError> {
+        let s = self.store.settings()?;
+        if s.picture.is_none() {
+            return Ok(Sealed::default());
+        }
+        let name = self.store.identity()?.name;
+        self.seal(
+            &ChatRef::Contact(contact),
+            Body::Profile {
+                name,
+                picture: s.picture,
+            },
+            now,
+        )
+    }
+
+    /// Sends our profile to a contact (after we made a conversation with it).
+    pub(super) fn send_profile_to(&mut self, contact: [u8; 32]) {
+        let now = self.clock.now_ms();
+        let store = self.store.clone();
+        match store.unit(|| self.profile_for(contact, now)) {
+            Ok(sealed) => self.dispatch(sealed),
+            Err(e) => {
+                self.groups.clear();
+                self.members.clear();
+                debug!("profile not sent to a new contact: {e}");
             }
         }
     }
