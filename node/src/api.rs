@@ -315,6 +315,7 @@ fn router_with(node: NodeHandle, token: &str, logins: LoginCodes, addr: Arc<Once
     let _ = OPENAPI.set(doc);
     api.route_layer(middleware::from_fn(auth::check_scope))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .merge(crate::ui::router())
         .with_state(state)
 }
 

@@ -16,6 +16,7 @@ pub mod node;
 pub mod relay;
 pub mod sim;
 pub mod types;
+pub mod ui;
 
 pub use clock::Clock;
 pub use core::{GroupMemberView, GroupView, NodeError};
