@@ -4,8 +4,9 @@
 //
 //   node ui-tests/e2e.mjs
 //
-// Needs a built `tidings` (TIDINGS_BIN, else target/release/tidings, else
-// target/debug/tidings) and Chromium (CHROMIUM, else /usr/bin/chromium).
+// Needs a built `tidings` (TIDINGS_BIN, else the newer of target/release/tidings
+// and target/debug/tidings, under CARGO_TARGET_DIR if set) and Chromium
+// (CHROMIUM, else /usr/bin/chromium).
 // Screenshots go to ui-tests/out/. Exits non-zero if any check fails; the
 // last line is `N passed, N failed`.
 
@@ -328,6 +329,30 @@ async function main() {
       }, 30000, 100);
       if (most > 120) throw new Error(`${most} rows in the page for a chat of more than ${n} messages`);
       await a.screenshot({ path: join(OUT, 'alice-long-chat-top.png') });
+    });
+
+    const away = 'Sent while bob was away';
+    await check('while bob\'s node is down a message shows as stored on a relay; back, he gets it and alice sees it read', async () => {
+      await bob.patch('/api/settings', { read_receipts: true });
+      await a.locator(`.chat-item[data-chat="c:${bob.account}"]`).click({ timeout: WAIT });
+      await cluster.stopPerson(bob);
+      await b.locator('#conn', { hasText: 'Reconnecting' }).waitFor({ timeout: WAIT });
+      await send(a, away);
+      await row(a, away).locator('.ticks[data-state="stored"]').waitFor({ timeout: 45000 });
+      await cluster.restartPerson(bob);
+      // bob's page reconnects on its own (or, if his node forgot the session, through a new link).
+      const back = await until('bob\'s page is live again', async () => {
+        if (await b.locator('#login').isVisible()) return 'login';
+        return (await b.locator('#conn').isHidden()) ? 'live' : false;
+      }, WAIT);
+      if (back === 'login') {
+        await b.goto(await bob.loginUrl(), { timeout: WAIT });
+        await b.waitForSelector('body[data-ready="1"]', { timeout: WAIT });
+      }
+      await b.locator(`.chat-item[data-chat="c:${alice.account}"]`).click({ timeout: WAIT });
+      await row(b, away).waitFor({ timeout: 45000 });
+      await row(a, away).locator('.ticks[data-state="read"]').waitFor({ timeout: WAIT });
+      await a.screenshot({ path: join(OUT, 'alice-after-away.png') });
     });
 
     await check('no script errors or Content-Security-Policy violations on either page', async () => {

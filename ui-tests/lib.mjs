@@ -3,7 +3,7 @@
 
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
-import { existsSync, mkdtempSync, rmSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, readFileSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -12,13 +12,15 @@ export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 export const OUT = join(ROOT, 'ui-tests', 'out');
 
 /**
- * The `tidings` binary: $TIDINGS_BIN, else the release build, else the debug
- * build (under $CARGO_TARGET_DIR or target/).
+ * The `tidings` binary: $TIDINGS_BIN, else the newer of the release and the
+ * debug build (under $CARGO_TARGET_DIR or target/).
  */
 export function binary() {
   if (process.env.TIDINGS_BIN) return resolve(process.env.TIDINGS_BIN);
   const target = process.env.CARGO_TARGET_DIR ? resolve(process.env.CARGO_TARGET_DIR) : join(ROOT, 'target');
-  for (const p of [join(target, 'release', 'tidings'), join(target, 'debug', 'tidings')]) if (existsSync(p)) return p;
+  const built = [join(target, 'release', 'tidings'), join(target, 'debug', 'tidings')].filter((p) => existsSync(p));
+  built.sort((x, y) => statSync(y).mtimeMs - statSync(x).mtimeMs);
+  if (built.length) return built[0];
   throw new Error(`no tidings binary in ${target}/{release,debug}: build one (cargo build -p tidings-node --bin tidings) or set TIDINGS_BIN`);
 }
 
@@ -115,7 +117,27 @@ export class Cluster {
     const base = m[1];
     const token = readFileSync(join(dir, 'api-token'), 'utf8').trim();
     const p = new Person(name, dir, base, token, child, lines);
+    p.args = args;
     this.people[name] = p;
+    return p;
+  }
+
+  /** Stops a person's node (SIGTERM) and waits until it has exited. */
+  async stopPerson(p) {
+    const c = p.child;
+    if (c.exitCode === null && c.signalCode === null) {
+      const gone = new Promise((res) => c.once('exit', res));
+      c.kill('SIGTERM');
+      await Promise.race([gone, sleep(15000)]);
+      if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+    }
+  }
+
+  /** Starts a stopped person's node again, on the same API/UI port. */
+  async restartPerson(p) {
+    const port = new URL(p.base).port;
+    const { child, lines, m } = await this.start([...p.args, '--ui-port', port], /^API on (http:\/\/\S+)/, p.name);
+    Object.assign(p, { child, lines, base: m[1] });
     return p;
   }
 

@@ -99,7 +99,7 @@ export function connectEvents({ onEvent, onState, onReconnect }) {
     if (stopped) return;
     onState('reconnecting');
     setTimeout(fn, delay);
-    delay = Math.min(delay * 2, 10000);
+    delay = Math.min(delay * 2, 5000);
   };
 
   function sse() {

@@ -520,10 +520,21 @@ export async function openChat(id, jump) {
   } catch (e) { fail(e); }
 }
 
+// Delivery states only move forward: an answer or event that arrives late
+// (the send's own response after the relay's receipt) must not move one back.
+const RANK = { pending: 0, sent: 1, stored: 2, delivered: 3, read: 4 };
+function forward(old, m) {
+  if (old && old.state in RANK && m.state in RANK && RANK[old.state] > RANK[m.state]) return { ...m, state: old.state };
+  return m;
+}
+
 /** Adds or replaces a message of the open conversation and the chat list's preview. */
 function upsert(m) {
   const id = chatOf(m);
   const c = S.chats.get(id);
+  if (c && c.last_message && c.last_message.id === m.id) m = forward(c.last_message, m);
+  const known = S.current && S.current.id === id ? S.current.byId.get(m.id) : null;
+  m = forward(known, m);
   if (c && (!c.last_message || c.last_message.id === m.id || c.last_message.timestamp_ms <= m.timestamp_ms)) {
     c.last_message = m;
     c.last_activity_ms = Math.max(c.last_activity_ms || 0, m.timestamp_ms);
@@ -686,6 +697,8 @@ function setConn(state) {
   const el = $('#conn');
   el.hidden = state === 'live';
   el.textContent = state === 'live' ? '' : 'Reconnecting to your node…';
+  // A node that restarted may have forgotten this session: then a new login link is needed.
+  if (state !== 'live') api.status().catch((e) => { if (e instanceof ApiError && e.status === 401) showLogin(); });
 }
 
 // ---------- keyboard ----------
