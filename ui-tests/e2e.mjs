@@ -158,7 +158,7 @@ async function main() {
     });
 
     const edited = 'Hello bob, this is alice (edited)';
-    await check('alice edits her message; both pages show the new text, marked edited', async () => {
+    await check('alice edits her message; both pages show the new text, marked edited, in the quote too', async () => {
       await menu(a, hello);
       await a.locator('.menu button', { hasText: 'Edit' }).click();
       const input = a.locator('.compose-input');
@@ -166,6 +166,7 @@ async function main() {
       await input.fill(edited);
       await input.press('Enter');
       for (const p of [a, b]) await row(p, edited).locator('.edited').waitFor({ timeout: WAIT });
+      for (const p of [a, b]) await row(p, reply).locator('.quote .quote-text', { hasText: edited }).waitFor({ timeout: WAIT });
     });
 
     const doomed = 'This one will be deleted';

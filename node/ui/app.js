@@ -319,7 +319,7 @@ function renderMessage(m) {
     m.reply_to && !m.deleted ? h('button', {
       type: 'button', class: 'quote', attrs: { 'aria-label': 'Go to the quoted message' },
       on: { click: () => jumpTo(m.reply_to.id) },
-    }, h('span', { class: 'quote-who', text: nameOf(m.reply_to.sender) }), h('span', { class: 'quote-text', text: m.reply_to.text })) : null,
+    }, h('span', { class: 'quote-who', text: nameOf(m.reply_to.sender) }), h('span', { class: 'quote-text', text: m.reply_to.text || 'This message was deleted' })) : null,
     m.deleted ? h('em', { class: 'text deleted', text: m.outgoing ? 'You deleted this message' : 'This message was deleted' })
       : h('span', { class: 'text', text: m.text }),
     h('span', { class: 'meta' },
@@ -548,6 +548,17 @@ function upsert(m) {
   if (old) {
     const i = cur.msgs.indexOf(old);
     if (i >= 0) cur.msgs[i] = m;
+    // Replies that quote it show its new text (or none once it is deleted).
+    if (old.text !== m.text || old.deleted !== m.deleted) {
+      for (let j = 0; j < cur.msgs.length; j++) {
+        const r = cur.msgs[j];
+        if (r.reply_to && r.reply_to.id === m.id) {
+          const q = { ...r, reply_to: { ...r.reply_to, text: m.deleted ? '' : m.text }, _rev: (r._rev || 0) + 1 };
+          cur.msgs[j] = q;
+          cur.byId.set(q.id, q);
+        }
+      }
+    }
     setRows(cur);
   } else {
     cur.msgs.push(m);
