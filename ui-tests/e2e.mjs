@@ -323,6 +323,18 @@ async function main() {
       await a.locator('.msg-row .text', { hasText: /^long \d+$/ }).first().waitFor({ timeout: WAIT });
       const rowsAtBottom = await a.locator('.messages .vrow').count();
       let most = rowsAtBottom;
+      // Older messages arriving above must not move what is on screen: the oldest message of
+      // the first page, just below the top when the view reaches it, stays there.
+      const page = await alice.get(`/api/chats/${encodeURIComponent(`c:${bob.account}`)}/messages?limit=200`);
+      const oldest = page[0].text;
+      await a.locator('.messages').evaluate((el) => { el.scrollTop = 0; });
+      await until('an older page', async () => (await a.locator('.messages').evaluate((el) => el.scrollTop)) > 1000, WAIT);
+      await sleep(300);
+      const y = await a.locator('.messages').evaluate((el, text) => {
+        const r = [...el.querySelectorAll('.msg-row')].find((x) => x.querySelector('.text').textContent === text);
+        return r ? r.getBoundingClientRect().top - el.getBoundingClientRect().top : null;
+      }, oldest);
+      if (y === null || y < 0 || y > 200) throw new Error(`"${oldest}" moved to ${y} px from the top when older messages arrived`);
       await until('the first message of the chat', async () => {
         await a.locator('.messages').evaluate((el) => { el.scrollTop = 0; });
         most = Math.max(most, await a.locator('.messages .vrow').count());

@@ -488,7 +488,8 @@ export async function openChat(id, jump) {
     rev: (it) => (it.kind === 'msg' ? it.m._rev || 0 : 0),
     render: renderRow,
     estimate: (it) => (it.kind === 'msg' ? 58 : 44),
-    anchorable: (it) => it.kind !== 'top',
+    // Only messages hold the place: a day separator moves up when older messages of its day arrive.
+    anchorable: (it) => it.kind === 'msg',
     onNearTop: () => loadOlder(cur),
     onScroll: () => { if (cur.list.stickBottom) markRead(); },
   });
