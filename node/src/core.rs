@@ -33,8 +33,12 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+mod chat;
 mod groups;
 mod link;
+
+pub(crate) use chat::{ChatAction, ChatChange, PresenceMap, SettingsChange};
+pub use chat::{ONLINE_FOR_MS, PRESENCE_INTERVAL_MS};
 
 pub(crate) use groups::{GroupInbox, SELF_UPDATE_INTERVAL_MS};
 pub use groups::{GroupMemberView, GroupView};
@@ -42,7 +46,7 @@ pub(crate) use link::{LinkOffer, LinkOffers};
 
 use crate::clock::Clock;
 use crate::net::{NetError, NetEvent, Network};
-use crate::types::{ContactView, MailGapView, MessageView, NodeEvent, RefusalView};
+use crate::types::{ChatRef, ChatView, ContactView, MailGapView, MessageView, NodeEvent, RefusalView};
 
 /// Errors reported to API callers.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,9 @@ pub enum NodeError {
     Unreachable(String),
     #[error("message text is empty or longer than {MAX_TEXT} bytes")]
     BadText,
+    /// No message with this id in this chat.
+    #[error("unknown message: {0}")]
+    UnknownMessage(String),
     #[error("invalid contact: {0}")]
     InvalidContact(String),
     /// A malformed argument that is not a contact (a relay address, a group's metadata).
@@ -129,7 +136,39 @@ pub(crate) enum CoreInput {
     Send {
         contact: [u8; 32],
         text: String,
+        reply_to: Option<[u8; 16]>,
         reply: oneshot::Sender<Result<MessageView, NodeError>>,
+    },
+    /// A reaction, edit, delete, read or typing indicator in a chat.
+    ChatAction {
+        chat: ChatRef,
+        action: ChatAction,
+        reply: oneshot::Sender<Result<Option<MessageView>, NodeError>>,
+    },
+    /// Pin, mute or the disappearing timer of a chat.
+    ChangeChat {
+        chat: ChatRef,
+        change: ChatChange,
+        reply: oneshot::Sender<Result<ChatView, NodeError>>,
+    },
+    /// This account's name, picture, read receipts and presence sharing.
+    ChangeSettings {
+        change: SettingsChange,
+        reply: oneshot::Sender<Result<tidings_store::Settings, NodeError>>,
+    },
+    /// One chat's view, or every chat's.
+    Chats {
+        chat: Option<ChatRef>,
+        reply: oneshot::Sender<Result<Vec<ChatView>, NodeError>>,
+    },
+    /// Tell contacts we are online (if we share presence).
+    PresenceTick,
+    /// Sends a control payload as is, unchecked (tests of what receivers accept).
+    RawControl {
+        chat: ChatRef,
+        id: Option<[u8; 16]>,
+        body: Body,
+        reply: oneshot::Sender<Result<(), NodeError>>,
     },
     /// A new one-to-one conversation; with `replace`, it retires the others.
     CreateConversation {
@@ -206,6 +245,7 @@ pub(crate) enum CoreInput {
     SendGroup {
         group_id: Vec<u8>,
         text: String,
+        reply_to: Option<[u8; 16]>,
         reply: oneshot::Sender<Result<MessageView, NodeError>>,
     },
     /// Where to fetch each group's sequencing inbox.
@@ -379,6 +419,14 @@ pub(crate) struct Core {
     /// devices changed (our device list, a new or replaced conversation)
     /// since `conversations_to_mend` last found nothing to do.
     mend_dirty: bool,
+    /// Chats whose unread count or settings changed in the current unit.
+    touched: HashSet<[u8; 32]>,
+    /// Contacts who share presence with us, shared with the API.
+    pub(crate) presence: PresenceMap,
+    /// When the next disappearing message is due (the node's clock).
+    next_expiry: Option<u64>,
+    /// Reactions, edits and deletes that arrived before their message.
+    parked: chat::Parked,
 }
 
 /// Deposit refusals the node is living with: per (recipient account, relay),
@@ -487,7 +535,12 @@ impl Core {
             link,
             self_update_interval_ms: SELF_UPDATE_INTERVAL_MS,
             mend_dirty: true,
+            touched: HashSet::new(),
+            presence: PresenceMap::default(),
+            next_expiry: None,
+            parked: chat::Parked::new(),
         };
+        core.next_expiry = core.store.next_expiry()?;
         core.load_group_targets();
         for e in core.store.list_outbox()? {
             match pb::Envelope::decode(e.envelope.as_slice()) {
@@ -518,8 +571,17 @@ impl Core {
 
     pub async fn run(mut self, mut inputs: mpsc::Receiver<CoreInput>, mut net_events: mpsc::Receiver<NetEvent>) {
         loop {
+            self.sweep_expired();
             self.pump();
-            let due = self.next_due();
+            let mut due = self.next_due();
+            // Disappearing messages: due by the node's clock, which may not
+            // follow tokio's; look again at least once a second until then.
+            if let Some(at) = self.next_expiry {
+                // At least 50 ms: a sweep that failed must not spin the loop.
+                let wait = Duration::from_millis(at.saturating_sub(self.clock.now_ms()).clamp(50, 1000));
+                let t = Instant::now() + wait;
+                due = Some(due.map_or(t, |d| d.min(t)));
+            }
             tokio::select! {
                 input = inputs.recv() => {
                     let Some(first) = input else { break };
@@ -548,7 +610,12 @@ impl Core {
         let mut sends = Vec::new();
         for input in batch {
             match input {
-                CoreInput::Send { contact, text, reply } => sends.push((contact, text, reply)),
+                CoreInput::Send {
+                    contact,
+                    text,
+                    reply_to,
+                    reply,
+                } => sends.push((contact, text, reply_to, reply)),
                 other => {
                     self.flush_sends(std::mem::take(&mut sends));
                     self.on_input(other);
@@ -562,6 +629,46 @@ impl Core {
         match input {
             // Sends are folded into units by `on_inputs` and never reach here.
             CoreInput::Send { .. } => {}
+            CoreInput::ChatAction { chat, action, reply } => {
+                let _ = reply.send(self.chat_action(&chat, action));
+            }
+            CoreInput::ChangeChat { chat, change, reply } => {
+                let _ = reply.send(self.change_chat(&chat, change));
+            }
+            CoreInput::ChangeSettings { change, reply } => {
+                let _ = reply.send(self.change_settings(change));
+            }
+            CoreInput::Chats { chat, reply } => {
+                let r = match chat {
+                    Some(c) => self.chat_view(&c).map(|v| vec![v]),
+                    None => self.chat_views(),
+                };
+                let _ = reply.send(r);
+            }
+            CoreInput::PresenceTick => self.presence_heartbeat(),
+            CoreInput::RawControl { chat, id, body, reply } => {
+                let now = self.clock.now_ms();
+                let store = self.store.clone();
+                let payload = Payload {
+                    id: id.unwrap_or_else(rand::random),
+                    sender_seq: 0,
+                    timestamp_ms: now,
+                    body,
+                };
+                let r = store.unit(|| self.seal_payload(&chat, payload, now));
+                let r = match r {
+                    Ok(sealed) => {
+                        self.dispatch(sealed);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.groups.clear();
+                        self.members.clear();
+                        Err(e)
+                    }
+                };
+                let _ = reply.send(r);
+            }
             CoreInput::CreateConversation {
                 contact,
                 key_packages,
@@ -569,6 +676,9 @@ impl Core {
                 reply,
             } => {
                 let r = self.create_conversation(contact, key_packages, replace);
+                if r.is_ok() {
+                    self.send_profile_to(contact);
+                }
                 let _ = reply.send(r);
             }
             CoreInput::ConversationsToMend { reply } => {
@@ -658,10 +768,15 @@ impl Core {
             CoreInput::GroupLeave { group_id, reply } => {
                 let _ = reply.send(self.leave_group(&group_id).map(|()| true));
             }
-            CoreInput::SendGroup { group_id, text, reply } => {
+            CoreInput::SendGroup {
+                group_id,
+                text,
+                reply_to,
+                reply,
+            } => {
                 let now = self.clock.now_ms();
                 let store = self.store.clone();
-                let r = store.unit(|| self.send_group_one(&group_id, &text, now));
+                let r = store.unit(|| self.send_group_one(&group_id, &text, reply_to, now));
                 let r = match r {
                     Ok((msg, entries)) => {
                         let env = entries.first().map(|(_, _, _, e)| e.clone());
@@ -671,7 +786,10 @@ impl Core {
                         if let Some(env) = env {
                             self.push_to_members(&group_id, env);
                         }
-                        Ok(MessageView::from_stored(&msg))
+                        self.note_expiry(msg.expires_ms);
+                        let view = self.view(&msg);
+                        let _ = self.events.send(NodeEvent::Message(view.clone()));
+                        Ok(view)
                     }
                     Err(e) => {
                         self.groups.remove(group_id.as_slice());
@@ -771,8 +889,8 @@ impl Core {
         // Fast path: every send of the batch in one unit (one durable commit).
         let mut results = Vec::with_capacity(sends.len());
         let batch = store.unit(|| -> Result<(), NodeError> {
-            for (contact, text, _) in &sends {
-                results.push(self.send_one(contact, text, now)?);
+            for (contact, text, reply_to, _) in &sends {
+                results.push(self.send_one(contact, text, *reply_to, now)?);
             }
             Ok(())
         });
@@ -784,8 +902,8 @@ impl Core {
                 self.groups.clear();
                 sends
                     .iter()
-                    .map(|(contact, text, _)| {
-                        let r = store.unit(|| self.send_one(contact, text, now));
+                    .map(|(contact, text, reply_to, _)| {
+                        let r = store.unit(|| self.send_one(contact, text, *reply_to, now));
                         if r.is_err() {
                             self.groups.clear();
                         }
@@ -794,12 +912,15 @@ impl Core {
                     .collect()
             }
         };
-        for ((_, _, reply), r) in sends.into_iter().zip(results) {
+        for ((_, _, _, reply), r) in sends.into_iter().zip(results) {
             let r = r.map(|(msg, entries)| {
                 for (account, device, id, env) in entries {
                     self.enqueue(account, device, id, Some(msg.id), env);
                 }
-                MessageView::from_stored(&msg)
+                self.note_expiry(msg.expires_ms);
+                let view = self.view(&msg);
+                let _ = self.events.send(NodeEvent::Message(view.clone()));
+                view
             });
             let _ = reply.send(r);
         }
@@ -810,11 +931,14 @@ impl Core {
         &mut self,
         contact: &[u8; 32],
         text: &str,
+        reply_to: Option<[u8; 16]>,
         now: u64,
     ) -> Result<(StoredMessage, Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>), NodeError> {
         if text.is_empty() || text.len() > MAX_TEXT {
             return Err(NodeError::BadText);
         }
+        self.check_reply(contact, reply_to)?;
+        let timer = self.store.chat(contact)?.disappearing_secs;
         let c = self
             .store
             .contact(contact)?
@@ -823,7 +947,17 @@ impl Core {
         let seq = self.store.next_counter("sender_seq")?;
         let ts = self.store.raise_counter("last_ts", now)?;
         let id: [u8; 16] = rand::random();
-        let payload = Payload::text(id, seq, ts, text).encode();
+        let payload = Payload {
+            id,
+            sender_seq: seq,
+            timestamp_ms: ts,
+            body: Body::Text {
+                text: text.to_owned(),
+                reply_to,
+                expires_secs: timer,
+            },
+        }
+        .encode();
         let group = load_group(&mut self.groups, &self.provider, &gid)?.ok_or(NodeError::NoConversation)?;
         let ct = self.engine.encrypt(&self.provider, group, &payload)?;
         let env = pb::Envelope {
@@ -844,21 +978,23 @@ impl Core {
             };
             entries.push(self.outbox_entry(account, device, &env, Some(id), now)?);
         }
-        let msg = StoredMessage {
+        let mut msg = StoredMessage::new_text(
             id,
-            peer: *contact,
-            sender: *self.me.as_bytes(),
-            sender_seq: seq,
-            timestamp_ms: ts,
-            received_ms: now,
-            outgoing: true,
-            text: text.to_owned(),
-            state: if entries.is_empty() {
+            *contact,
+            *self.me.as_bytes(),
+            seq,
+            ts,
+            now,
+            true,
+            text.to_owned(),
+            if entries.is_empty() {
                 MessageState::Delivered
             } else {
                 MessageState::Pending
             },
-        };
+        );
+        msg.reply_to = reply_to;
+        msg.expires_ms = self.expiry_for(contact, timer, now)?;
         self.store.insert_message(&msg)?;
         Ok((msg, entries))
     }
@@ -1236,9 +1372,11 @@ impl Core {
                     for gid in joined {
                         self.refresh_group_targets(&gid);
                     }
+                    self.emit_touched();
                     return (statuses(out), events);
                 }
                 Err(Abort::Envelope(i, why)) => {
+                    self.touched.clear();
                     // The unit rolled back; cached groups may be ahead of storage.
                     info!(%peer, "refused envelope: {why}");
                     self.groups.clear();
@@ -1361,6 +1499,12 @@ impl Core {
                 }
                 self.members.insert(gid.to_vec(), members);
                 self.groups.insert(gid.to_vec(), group);
+                // Our picture, if we have one (the name came with our card or record).
+                match self.profile_for(*other.as_bytes(), now) {
+                    Ok(sealed) => self.deferred.extend(sealed.into_entries()),
+                    Err(NodeError::Store(e)) => return Err(Abort::Store(e)),
+                    Err(e) => debug!("profile not sent to a new contact: {e}"),
+                }
                 events.push(NodeEvent::Contact(ContactView::from_contact(&contact)));
             }
             Ok(EnvelopeKind::Message) => {
@@ -1386,8 +1530,12 @@ impl Core {
                             Ok(p) => p,
                             Err(e) => return Ok(Apply::Invalid(format!("payload: {e}"))),
                         };
-                        let text = match payload.body {
-                            Body::Text(text) => text,
+                        let (text, reply_to, expires_secs) = match payload.body {
+                            Body::Text {
+                                text,
+                                reply_to,
+                                expires_secs,
+                            } => (text, reply_to, expires_secs),
                             Body::Grant { capabilities, relays } => {
                                 if cert.account != self.me {
                                     self.accept_grant(conv.peer, &cert, capabilities, relays, now, events)?;
@@ -1410,21 +1558,36 @@ impl Core {
                                 self.store.mark_envelope_seen(&id, now)?;
                                 return Ok(Apply::Status(DeliverStatus::Accepted));
                             }
+                            body => {
+                                self.apply_control(conv.peer, *cert.account.as_bytes(), body, now, events)?;
+                                self.store.mark_envelope_seen(&id, now)?;
+                                return Ok(Apply::Status(DeliverStatus::Accepted));
+                            }
                         };
-                        let msg = StoredMessage {
-                            id: payload.id,
-                            peer: conv.peer,
-                            sender: *cert.account.as_bytes(),
-                            sender_seq: payload.sender_seq,
+                        let mut msg = StoredMessage::new_text(
+                            payload.id,
+                            conv.peer,
+                            *cert.account.as_bytes(),
+                            payload.sender_seq,
                             // A sender's clock may not push its messages into the future.
-                            timestamp_ms: payload.timestamp_ms.min(now + MAX_FUTURE_MS),
-                            received_ms: now,
-                            outgoing: cert.account == self.me,
+                            payload.timestamp_ms.min(now + MAX_FUTURE_MS),
+                            now,
+                            cert.account == self.me,
                             text,
-                            state: MessageState::Received,
-                        };
+                            MessageState::Received,
+                        );
+                        msg.reply_to = reply_to;
+                        msg.expires_ms = self.expiry_for(&conv.peer, expires_secs, now)?;
+                        if msg.outgoing {
+                            msg.state = MessageState::Delivered;
+                        }
                         if self.store.insert_message(&msg)? {
-                            events.push(NodeEvent::Message(MessageView::from_stored(&msg)));
+                            self.note_expiry(msg.expires_ms);
+                            if !msg.outgoing {
+                                self.touched.insert(msg.peer);
+                            }
+                            events.push(NodeEvent::Message(self.view(&msg)));
+                            self.unpark(&msg, now, events)?;
                         }
                     }
                     Ok(Incoming::Commit { epoch }) => {
@@ -1895,6 +2058,11 @@ impl Core {
             // receiver answers Duplicate.
             warn!("cannot remove acknowledged outbox entries: {e}");
         }
+        for m in relayed.iter().chain(&delivered) {
+            if let Ok(Some(row)) = self.store.message(m) {
+                let _ = self.events.send(NodeEvent::MessageUpdated(self.view(&row)));
+            }
+        }
         let contact = bs58::encode(account).into_string();
         for m in relayed {
             let _ = self.events.send(NodeEvent::Stored {
@@ -1961,7 +2129,12 @@ struct Deposited {
 }
 
 /// A send waiting for its unit: recipient account, text, reply.
-type PendingSend = ([u8; 32], String, oneshot::Sender<Result<MessageView, NodeError>>);
+type PendingSend = (
+    [u8; 32],
+    String,
+    Option<[u8; 16]>,
+    oneshot::Sender<Result<MessageView, NodeError>>,
+);
 
 /// One-time key packages plus a last-resort one, TLS-encoded.
 pub(crate) type KeyPackages = (Vec<Vec<u8>>, Vec<u8>);

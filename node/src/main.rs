@@ -72,9 +72,22 @@ enum Cmd {
         /// record name it.
         #[arg(long = "relay", value_name = "MULTIADDR")]
         relays: Vec<Multiaddr>,
+        /// Port of the web UI and the API on 127.0.0.1 (sets the port of `--api`).
+        #[arg(long, value_name = "PORT")]
+        ui_port: Option<u16>,
+        /// Open the web UI in the browser (`$BROWSER`, else `xdg-open`), logged in.
+        #[arg(long)]
+        open: bool,
     },
     /// Print your contact card as a `tidings:` URI and a QR code.
     Card,
+    /// API tokens for scripts and bots.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Print a fresh one-time link that logs a browser into the running node's web UI.
+    UiLink,
     /// Manage contacts.
     Contact {
         #[command(subcommand)]
@@ -139,6 +152,20 @@ struct RelayArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make an API token for a script or bot and print it (shown once).
+    Create {
+        /// What it may do: `read` (every GET and the event streams), `send`
+        /// (sending messages only) or `full`.
+        #[arg(long)]
+        scope: String,
+        /// A name to recognise it by.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -277,6 +304,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Init { name, link: None } => init(&dir, &name),
         Cmd::Init { link: Some(code), .. } => init_linked(&dir, &code).await,
         Cmd::Device { cmd } => device_cmd(&dir, cmd).await,
+        Cmd::Token { cmd } => token_cmd(&dir, cmd).await,
+        Cmd::UiLink => {
+            #[derive(serde::Deserialize)]
+            struct Link {
+                url: String,
+            }
+            let link: Link = Client::new(&dir)?
+                .post("/api/login-codes", &serde_json::json!({}))
+                .await?;
+            out!("open {}", link.url);
+            Ok(())
+        }
         Cmd::Run {
             listen,
             bootstrap,
@@ -284,7 +323,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             mdns,
             dht_client,
             relays,
-        } => run(&dir, listen, bootstrap, api, mdns, dht_client, relays).await,
+            ui_port,
+            open,
+        } => {
+            let mut api = api;
+            if let Some(port) = ui_port {
+                api.set_port(port);
+            }
+            run(&dir, listen, bootstrap, api, mdns, dht_client, relays, open).await
+        }
         Cmd::Card => {
             let card: CardView = Client::new(&dir)?.get("/api/card").await?;
             out!("{}\n", card.uri);
@@ -540,6 +587,40 @@ async fn device_cmd(dir: &Path, cmd: DeviceCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `tidings token create`: through the running node's API, or straight into
+/// the store when no node runs.
+async fn token_cmd(dir: &Path, cmd: TokenCmd) -> anyhow::Result<()> {
+    let TokenCmd::Create { scope, name } = cmd;
+    let Some(parsed) = tidings_node::api::parse_scope(&scope) else {
+        bail!("--scope must be read, send or full");
+    };
+    if name.len() > 64 {
+        bail!("--name is at most 64 bytes");
+    }
+    let token = match Client::new(dir) {
+        Ok(client) => {
+            let v: serde_json::Value = client
+                .post("/api/tokens", &serde_json::json!({ "scope": scope, "name": name }))
+                .await?;
+            v.get("token")
+                .and_then(|t| t.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow::anyhow!("the node gave no token"))?
+        }
+        Err(_) => {
+            let store = tidings_node::open_store(dir)
+                .with_context(|| format!("cannot open the data directory {}", dir.display()))?;
+            store
+                .identity()
+                .with_context(|| format!("no identity in {}; run `tidings init` first", dir.display()))?;
+            let now = tidings_node::Clock::system().now_ms();
+            tidings_node::api::create_token(&store, parsed, &name, now)?
+        }
+    };
+    out!("{token}");
+    Ok(())
+}
+
 fn write_token(dir: &Path) -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::getrandom(&mut bytes).context("no OS randomness")?;
@@ -564,6 +645,7 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     dir: &Path,
     listen: Vec<Multiaddr>,
@@ -572,6 +654,7 @@ async fn run(
     mdns: bool,
     dht_client: bool,
     home_relays: Vec<Multiaddr>,
+    open: bool,
 ) -> anyhow::Result<()> {
     for r in &home_relays {
         if !matches!(r.iter().last(), Some(Protocol::P2p(_))) {
@@ -613,7 +696,9 @@ async fn run(
     )
     .await?;
     let handle = node.handle();
-    let (api_addr, api_task) = tidings_node::api::serve(handle.clone(), api, &token).await?;
+    let served = tidings_node::api::serve_api(handle.clone(), api, &token).await?;
+    let login = served.login_url(tidings_node::Clock::system().now_ms());
+    let (api_addr, api_task) = (served.addr, served.task);
     write_private(&dir.join(ADDR_FILE), &api_addr.to_string())?;
     let publisher = handle.spawn_record_publisher(Duration::from_secs(3600));
     handle.reconnect_contacts().await;
@@ -622,6 +707,10 @@ async fn run(
         note!("listening on {a}");
     }
     note!("API on http://{api_addr}");
+    note!("open {login}");
+    if open {
+        open_ui(api_addr, &token).await;
+    }
     wait_for_signal().await;
     note!("shutting down");
     publisher.abort();
@@ -629,6 +718,58 @@ async fn run(
     node.shutdown().await;
     let _ = std::fs::remove_file(dir.join(ADDR_FILE));
     Ok(())
+}
+
+/// Opens the web UI in the browser with a fresh login link (`--open`). Any
+/// failure only prints the link.
+async fn open_ui(api_addr: SocketAddr, token: &str) {
+    let url = login_url(api_addr, token)
+        .await
+        .unwrap_or_else(|| format!("http://{api_addr}/"));
+    let browser = std::env::var("BROWSER")
+        .ok()
+        .and_then(|b| b.split(':').map(str::trim).find(|b| !b.is_empty()).map(str::to_owned));
+    let program = browser.unwrap_or_else(|| if cfg!(target_os = "macos") { "open" } else { "xdg-open" }.to_owned());
+    let spawned = std::process::Command::new(&program)
+        .arg(&url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(mut child) => {
+            note!("opening the web UI with {program}");
+            // `xdg-open` fails when no browser is set up; a browser may run until closed.
+            tokio::task::spawn_blocking(move || match child.wait() {
+                Ok(status) if status.success() => {}
+                _ => note!("{program} could not open the web UI; open {url} in your browser"),
+            });
+        }
+        Err(e) => note!("cannot start {program} ({e}); open {url} in your browser"),
+    }
+}
+
+/// A one-time login link from our own API, if it hands them out.
+async fn login_url(api_addr: SocketAddr, token: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct LoginLink {
+        url: String,
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?;
+    let resp = http
+        .post(format!("http://{api_addr}/api/login-codes"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json::<LoginLink>().await.ok().map(|l| l.url)
 }
 
 async fn wait_for_signal() {

@@ -199,7 +199,13 @@ impl std::fmt::Debug for Node {
     }
 }
 
-struct Inner {
+impl Inner {
+    pub(crate) fn clock_now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+}
+
+pub(crate) struct Inner {
     tx: mpsc::Sender<CoreInput>,
     net: Network,
     store: Arc<Store>,
@@ -217,12 +223,14 @@ struct Inner {
     group_wake: tokio::sync::Notify,
     /// The open device-link offer.
     link: LinkOffers,
+    /// Contacts who share presence with us (kept by the core).
+    pub(crate) presence: crate::core::PresenceMap,
 }
 
 /// A cloneable handle to a running node: what the API, the CLI and tests use.
 #[derive(Clone)]
 pub struct NodeHandle {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for NodeHandle {
@@ -314,6 +322,7 @@ impl Node {
             link.clone(),
         )?;
         core.self_update_interval_ms = u64::try_from(config.key_update_interval.as_millis()).unwrap_or(u64::MAX);
+        let presence = core.presence.clone();
         tasks.push(tokio::spawn(core.run(rx, net_events)));
         let handle = NodeHandle {
             inner: Arc::new(Inner {
@@ -332,6 +341,7 @@ impl Node {
                 refusals,
                 group_wake: tokio::sync::Notify::new(),
                 link,
+                presence,
             }),
         };
         info!(account = %handle.account(), peer = %handle.peer_id(), "node started");
@@ -349,6 +359,17 @@ impl Node {
             tasks.push(tokio::spawn(handle.clone().mailbox_sync(relays)));
         }
         tasks.push(tokio::spawn(handle.clone().group_sync()));
+        // Presence: a heartbeat to contacts while this account shares it.
+        let h = handle.clone();
+        tasks.push(tokio::spawn(async move {
+            let every = Duration::from_millis(crate::core::PRESENCE_INTERVAL_MS);
+            loop {
+                tokio::time::sleep(every).await;
+                if h.inner.tx.send(CoreInput::PresenceTick).await.is_err() {
+                    break;
+                }
+            }
+        }));
         // Adding our own devices fetches key packages, which can take a while:
         // a task of its own, so that it never holds the groups back.
         let h = handle.clone();
@@ -412,8 +433,13 @@ impl NodeHandle {
         self.inner.net.peer_id()
     }
 
-    pub fn name(&self) -> &str {
-        &self.inner.name
+    /// Our profile name (as last set).
+    pub fn name(&self) -> String {
+        self.inner
+            .store
+            .identity()
+            .map(|i| i.name)
+            .unwrap_or_else(|_| self.inner.name.clone())
     }
 
     pub fn store(&self) -> &Store {
@@ -427,7 +453,7 @@ impl NodeHandle {
     pub fn card(&self) -> ContactCard {
         ContactCard {
             account: self.inner.account,
-            name: self.inner.name.clone(),
+            name: self.name(),
             devices: vec![self.inner.cert.clone()],
             relays: self.inner.home_relays.iter().map(|a| a.to_string()).collect(),
             capabilities: vec![mailbox::issue_capability(
@@ -438,7 +464,7 @@ impl NodeHandle {
         }
     }
 
-    async fn core<T>(
+    pub(crate) async fn core<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, NodeError>>) -> CoreInput,
     ) -> Result<T, NodeError> {
@@ -468,7 +494,7 @@ impl NodeHandle {
             seq,
             &devices,
             &self.inner.home_relays.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            &self.inner.name,
+            &self.name(),
             self.inner.clock.now_ms(),
         );
         let dht_key = user_record_key(&self.inner.account);
@@ -631,7 +657,7 @@ impl NodeHandle {
             .store
             .list_messages(&c.account)?
             .iter()
-            .map(MessageView::from_stored)
+            .map(|m| MessageView::of(&self.inner.store, m))
             .collect())
     }
 
@@ -651,7 +677,13 @@ impl NodeHandle {
     /// Sends to a contact's account directly (no name lookup); for benchmarks.
     pub async fn send_to(&self, contact: [u8; 32], text: &str) -> Result<MessageView, NodeError> {
         let text = text.to_owned();
-        self.core(|reply| CoreInput::Send { contact, text, reply }).await
+        self.core(|reply| CoreInput::Send {
+            contact,
+            text,
+            reply_to: None,
+            reply,
+        })
+        .await
     }
 
     /// Creates the MLS conversation with a contact: refreshes their devices from
@@ -983,7 +1015,12 @@ impl NodeHandle {
         let group_id = parse_group_id(group)?;
         let text = text.to_owned();
         let m = self
-            .core(|reply| CoreInput::SendGroup { group_id, text, reply })
+            .core(|reply| CoreInput::SendGroup {
+                group_id,
+                text,
+                reply_to: None,
+                reply,
+            })
             .await?;
         self.group_sync_now();
         Ok(m)
@@ -998,7 +1035,7 @@ impl NodeHandle {
             .store
             .list_messages(&key)?
             .iter()
-            .map(MessageView::from_stored)
+            .map(|m| MessageView::of(&self.inner.store, m))
             .collect())
     }
 
@@ -1141,7 +1178,7 @@ impl NodeHandle {
     }
 
     /// Wakes the group sync task.
-    fn group_sync_now(&self) {
+    pub(crate) fn group_sync_now(&self) {
         self.inner.group_wake.notify_one();
     }
 
@@ -1606,7 +1643,7 @@ impl NodeHandle {
         let peer = self.peer_id();
         Ok(NodeStatus {
             account: self.inner.account.to_base58(),
-            name: self.inner.name.clone(),
+            name: self.name(),
             peer_id: net.peer_id,
             listen_addrs: net.listen_addrs.iter().map(|a| format!("{a}/p2p/{peer}")).collect(),
             connected_peers: net.connected_peers,

@@ -549,3 +549,101 @@ async fn a_member_who_leaves_through_the_cli_is_out_and_reads_nothing_more() {
     drop((alice, bob));
     drop(r.nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_tokens_from_the_cli_work_with_or_without_a_running_node_and_ui_link_logs_a_browser_in() {
+    let r = relays(1).await;
+    let dir = r.dir.path().join("alice");
+    init(&dir, "alice").await;
+    // No node running: the token goes straight into the store.
+    let read = cli(&dir, &["token", "create", "--scope", "read", "--name", "dashboard"]).await;
+    let read = read.trim().to_owned();
+    assert!(
+        read.len() == 64 && read.chars().all(|c| c.is_ascii_hexdigit()),
+        "{read}"
+    );
+    assert!(
+        cli_err(&dir, &["token", "create", "--scope", "admin"])
+            .await
+            .contains("--scope")
+    );
+    let _node = spawn_node_with(&dir, &r.addrs[0].to_string(), &r.addrs).await;
+    // A node running: through its API.
+    let send = cli(&dir, &["token", "create", "--scope", "send"])
+        .await
+        .trim()
+        .to_owned();
+    let addr = std::fs::read_to_string(dir.join(ADDR_FILE)).unwrap();
+    let base = format!("http://{}", addr.trim());
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get = |token: &str| http.get(format!("{base}/api/chats")).bearer_auth(token).send();
+    assert_eq!(get(&read).await.unwrap().status(), 200);
+    assert_eq!(get(&send).await.unwrap().status(), 403);
+    let r2 = http
+        .post(format!("{base}/api/tokens"))
+        .bearer_auth(&read)
+        .json(&json!({ "scope": "full" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r2.status(), 403, "a read token makes no tokens");
+    // `tidings ui-link` prints a one-time login link to this node.
+    let out = cli(&dir, &["ui-link"]).await;
+    let url = out.trim().strip_prefix("open ").expect("open <url>").to_owned();
+    assert!(url.starts_with(&format!("{base}/login?code=")), "{url}");
+    let login = http.get(&url).send().await.unwrap();
+    assert_eq!(login.status(), 303);
+    assert!(
+        login.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .starts_with("tidings_session=")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tidings_run_prints_a_login_link_that_works_once() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let r = relays(1).await;
+    let dir = r.dir.path().join("alice");
+    init(&dir, "alice").await;
+    let mut child = tidings()
+        .arg("--data-dir")
+        .arg(&dir)
+        .args([
+            "run",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--bootstrap",
+            &r.addrs[0].to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(TIMEOUT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(url) = line.strip_prefix("open ") {
+                return url.to_owned();
+            }
+        }
+        panic!("no login link printed");
+    })
+    .await
+    .expect("a login link");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.contains("/login?code="),
+        "{url}"
+    );
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 303);
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401, "single use");
+    drop(child);
+}

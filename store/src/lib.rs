@@ -18,6 +18,7 @@
 //! The `list_*` and `snapshot_*` readers use separate read transactions and see
 //! only committed state; they are safe to call from any task.
 
+mod chats;
 pub mod mailbox;
 pub mod mls_storage;
 pub mod schema;
@@ -29,6 +30,7 @@ use std::thread::{self, ThreadId};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
+pub use chats::words;
 pub use types::*;
 
 use schema::*;
@@ -130,15 +132,18 @@ impl Store {
                 }
             }
         };
-        if let Some(found) = found
-            && found != SCHEMA_VERSION
-        {
-            w.abort()?;
-            return Err(StoreError::SchemaVersion {
-                found,
-                expected: SCHEMA_VERSION,
-            });
-        }
+        let migrate = match found {
+            Some(found) if found == SCHEMA_VERSION => false,
+            Some(found) if MIGRATES_FROM.contains(&found) => true,
+            Some(found) => {
+                w.abort()?;
+                return Err(StoreError::SchemaVersion {
+                    found,
+                    expected: SCHEMA_VERSION,
+                });
+            }
+            None => false,
+        };
         // Create every table so that read transactions never miss one.
         w.open_table(MLS)?;
         w.open_table(CONTACTS)?;
@@ -152,6 +157,19 @@ impl Store {
         w.open_table(MAIL_CURSORS)?;
         w.open_table(MAIL_GAPS)?;
         w.open_table(GROUP_SENT)?;
+        w.open_table(CHATS)?;
+        w.open_table(GROUP_CHATS)?;
+        w.open_table(WORDS)?;
+        w.open_table(EXPIRY)?;
+        w.open_table(UNREAD)?;
+        w.open_table(PICTURES)?;
+        w.open_table(TOKENS)?;
+        if migrate {
+            // Version 1 → 2 in the same transaction: all of it or none.
+            Self::migrate_from_1(&w)?;
+            w.open_table(META)?
+                .insert("schema_version", SCHEMA_VERSION.to_be_bytes().as_slice())?;
+        }
         w.commit()?;
         Ok(())
     }
@@ -162,6 +180,16 @@ impl Store {
         self.with_txn(true, |w| {
             w.open_table(META)?
                 .insert("schema_version", v.to_be_bytes().as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Empties the search index and the chats table (tests of the migration only).
+    #[doc(hidden)]
+    pub fn wipe_search_index_for_tests(&self) -> Result<()> {
+        self.with_txn(true, |w| {
+            w.delete_table(WORDS)?;
+            w.delete_table(CHATS)?;
             Ok(())
         })
     }
@@ -361,6 +389,9 @@ impl Store {
         self.with_txn(true, |w| {
             w.open_table(CONVERSATIONS)?
                 .insert(c.group_id.as_slice(), bytes.as_slice())?;
+            if c.group.is_some() {
+                w.open_table(GROUP_CHATS)?.insert(&c.peer, c.group_id.as_slice())?;
+            }
             Ok(())
         })
     }
@@ -450,6 +481,8 @@ impl Store {
             let key = (&m.peer, m.timestamp_ms, &m.sender, slot);
             ids.insert(&m.id, key)?;
             messages.insert(key, bytes.as_slice())?;
+            drop((ids, messages));
+            chats::index_new(w, m, key)?;
             Ok(true)
         })
     }
@@ -731,16 +764,18 @@ mod tests {
 
     #[test]
     fn two_devices_sending_with_the_same_time_and_number_keep_both_rows_in_one_order() {
-        let row = |id: [u8; 16], text: &str| StoredMessage {
-            id,
-            peer: [2; 32],
-            sender: [3; 32],
-            sender_seq: 7,
-            timestamp_ms: 100,
-            received_ms: 100,
-            outgoing: false,
-            text: text.into(),
-            state: MessageState::Received,
+        let row = |id: [u8; 16], text: &str| {
+            StoredMessage::new_text(
+                id,
+                [2; 32],
+                [3; 32],
+                7,
+                100,
+                100,
+                false,
+                text.into(),
+                MessageState::Received,
+            )
         };
         // Arrival order differs between two devices; the history order does not.
         for order in [[0, 1], [1, 0]] {
@@ -757,17 +792,17 @@ mod tests {
     #[test]
     fn duplicate_message_ids_are_stored_once() {
         let s = Store::open_in_memory().unwrap();
-        let m = StoredMessage {
-            id: [1; 16],
-            peer: [2; 32],
-            sender: [2; 32],
-            sender_seq: 1,
-            timestamp_ms: 5,
-            received_ms: 6,
-            outgoing: false,
-            text: "hi".into(),
-            state: MessageState::Received,
-        };
+        let m = StoredMessage::new_text(
+            [1; 16],
+            [2; 32],
+            [2; 32],
+            1,
+            5,
+            6,
+            false,
+            "hi".into(),
+            MessageState::Received,
+        );
         assert!(s.insert_message(&m).unwrap());
         assert!(
             !s.insert_message(&StoredMessage {
@@ -795,5 +830,197 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(s.dht_record(b"inside").unwrap(), None, "rolled back");
         assert_eq!(s.dht_record(b"other").unwrap(), Some(b"2".to_vec()));
+    }
+
+    fn msg(i: u32, peer: u8, text: &str) -> StoredMessage {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        id[15] = peer;
+        StoredMessage::new_text(
+            id,
+            [peer; 32],
+            [peer; 32],
+            u64::from(i) + 1,
+            1_000 + u64::from(i),
+            1_000 + u64::from(i),
+            false,
+            text.into(),
+            MessageState::Received,
+        )
+    }
+
+    #[test]
+    fn search_over_10000_messages_uses_the_word_index_and_stays_fast() {
+        let s = Store::open_in_memory().unwrap();
+        s.unit(|| -> Result<()> {
+            for i in 0..10_000u32 {
+                let text = if i % 1000 == 7 {
+                    format!("Meet at the Lighthouse {i}")
+                } else {
+                    format!("ordinary chatter number {i} about nothing")
+                };
+                s.insert_message(&msg(i, (i % 3) as u8 + 1, &text))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let start = std::time::Instant::now();
+        let found = s.search("lightho", 50).unwrap();
+        let rare = start.elapsed();
+        assert_eq!(found.len(), 10);
+        assert!(
+            found.windows(2).all(|w| w[0].timestamp_ms >= w[1].timestamp_ms),
+            "newest first"
+        );
+        assert!(found.iter().all(|m| m.text.contains("Lighthouse")));
+        // Every word of the query must start a word of the text.
+        assert_eq!(s.search("meet lighthouse", 50).unwrap().len(), 10);
+        assert!(s.search("meet nothing", 50).unwrap().is_empty());
+        let start = std::time::Instant::now();
+        let common = s.search("chatter", 20).unwrap();
+        let broad = start.elapsed();
+        assert_eq!(common.len(), 20);
+        eprintln!("search over 10,000 rows: rare word {rare:?}, word in 9,990 rows {broad:?}");
+        // A keystroke's search must not cost a scan of everything: generous
+        // bounds for a loaded debug build on a slow machine.
+        assert!(rare < std::time::Duration::from_millis(50), "{rare:?}");
+        assert!(broad < std::time::Duration::from_millis(1500), "{broad:?}");
+    }
+
+    #[test]
+    fn a_page_of_100_anywhere_in_a_10000_message_chat_is_quick() {
+        let s = Store::open_in_memory().unwrap();
+        let rows: Vec<StoredMessage> = (0..10_000u32).map(|i| msg(i, 1, &format!("message {i}"))).collect();
+        s.unit(|| -> Result<()> {
+            for r in &rows {
+                s.insert_message(r)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let start = std::time::Instant::now();
+        let newest = s.messages_before(&[1; 32], None, 100).unwrap().unwrap();
+        let first = start.elapsed();
+        let start = std::time::Instant::now();
+        let middle = s
+            .messages_before(&[1; 32], Some(&rows[5_000].id), 100)
+            .unwrap()
+            .unwrap();
+        let deep = start.elapsed();
+        eprintln!("a page of 100 in a 10,000-message chat: newest {first:?}, before the 5,000th {deep:?}");
+        assert_eq!(newest.last().map(|m| m.id), Some(rows[9_999].id));
+        assert_eq!(middle.first().map(|m| m.id), Some(rows[4_900].id));
+        assert_eq!(middle.last().map(|m| m.id), Some(rows[4_999].id));
+        assert!(deep < std::time::Duration::from_millis(100), "{deep:?}");
+    }
+
+    #[test]
+    fn edits_deletes_and_removals_keep_the_search_index_in_step() {
+        let s = Store::open_in_memory().unwrap();
+        let mut m = msg(1, 2, "old words here");
+        s.insert_message(&m).unwrap();
+        assert_eq!(s.search("old", 10).unwrap().len(), 1);
+        m.text = "fresh text".into();
+        s.update_message(&m).unwrap();
+        assert!(s.search("old", 10).unwrap().is_empty());
+        assert_eq!(s.search("fresh", 10).unwrap().len(), 1);
+        m.deleted = true;
+        m.text.clear();
+        s.update_message(&m).unwrap();
+        assert!(s.search("fresh", 10).unwrap().is_empty());
+        let other = msg(2, 2, "gone soon");
+        s.insert_message(&other).unwrap();
+        assert!(s.remove_message(&other.id).unwrap().is_some());
+        assert!(s.search("gone", 10).unwrap().is_empty());
+        assert!(s.message(&other.id).unwrap().is_none());
+        assert!(!s.has_message(&other.id).unwrap());
+    }
+
+    #[test]
+    fn pages_before_a_message_come_oldest_first() {
+        let s = Store::open_in_memory().unwrap();
+        let rows: Vec<StoredMessage> = (0..10).map(|i| msg(i, 4, &format!("m{i}"))).collect();
+        for r in &rows {
+            s.insert_message(r).unwrap();
+        }
+        s.insert_message(&msg(50, 5, "other chat")).unwrap();
+        let newest = s.messages_before(&[4; 32], None, 3).unwrap().unwrap();
+        assert_eq!(
+            newest.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+            ["m7", "m8", "m9"]
+        );
+        let older = s.messages_before(&[4; 32], Some(&rows[7].id), 4).unwrap().unwrap();
+        assert_eq!(
+            older.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+            ["m3", "m4", "m5", "m6"]
+        );
+        // A message of another chat is no page marker here.
+        assert!(s.messages_before(&[5; 32], Some(&rows[7].id), 4).unwrap().is_none());
+    }
+
+    #[test]
+    fn reading_up_to_a_message_clears_the_unread_count_of_its_chat() {
+        let s = Store::open_in_memory().unwrap();
+        let rows: Vec<StoredMessage> = (0..5).map(|i| msg(i, 6, "hi")).collect();
+        for r in &rows {
+            s.insert_message(r).unwrap();
+        }
+        assert_eq!(s.chat(&[6; 32]).unwrap().unread, 5);
+        let read = s.mark_read(&[6; 32], &rows[2].id).unwrap().unwrap();
+        assert_eq!(read.len(), 3);
+        assert_eq!(s.chat(&[6; 32]).unwrap().unread, 2);
+        assert!(s.mark_read(&[6; 32], &rows[2].id).unwrap().unwrap().is_empty());
+        s.mark_read(&[6; 32], &rows[4].id).unwrap();
+        assert_eq!(s.chat(&[6; 32]).unwrap().unread, 0);
+        assert!(s.message(&rows[0].id).unwrap().unwrap().read);
+    }
+
+    #[test]
+    fn a_message_that_arrives_late_with_an_older_time_is_still_counted_and_read() {
+        let s = Store::open_in_memory().unwrap();
+        let newer = msg(5, 9, "newer");
+        s.insert_message(&newer).unwrap();
+        s.mark_read(&[9; 32], &newer.id).unwrap();
+        // Older by its time, arriving after the newer one was read.
+        let late = msg(1, 9, "late");
+        s.insert_message(&late).unwrap();
+        assert_eq!(s.chat(&[9; 32]).unwrap().unread, 1);
+        let read = s.mark_read(&[9; 32], &newer.id).unwrap().unwrap();
+        assert_eq!(read.iter().map(|m| m.id).collect::<Vec<_>>(), vec![late.id]);
+        assert_eq!(s.chat(&[9; 32]).unwrap().unread, 0);
+    }
+
+    #[test]
+    fn expiring_rows_are_listed_when_due() {
+        let s = Store::open_in_memory().unwrap();
+        let mut m = msg(1, 7, "vanish");
+        m.expires_ms = Some(5_000);
+        s.insert_message(&m).unwrap();
+        s.insert_message(&msg(2, 7, "stay")).unwrap();
+        assert_eq!(s.next_expiry().unwrap(), Some(5_000));
+        assert!(s.expired(4_999, 10).unwrap().is_empty());
+        assert_eq!(s.expired(5_000, 10).unwrap(), vec![m.id]);
+        s.remove_message(&m.id).unwrap();
+        assert_eq!(s.next_expiry().unwrap(), None);
+        assert_eq!(s.chat(&[7; 32]).unwrap().unread, 1);
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_with_its_history_searchable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            s.insert_message(&msg(1, 8, "kept from before")).unwrap();
+            s.wipe_search_index_for_tests().unwrap();
+            s.force_schema_version(1).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.search("before", 10).unwrap().len(), 1);
+        assert_eq!(s.chat(&[8; 32]).unwrap().unread, 0, "old rows count as read");
+        drop(s);
+        // Reopening does not migrate again.
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.search("kept", 10).unwrap().len(), 1);
     }
 }

@@ -8,7 +8,10 @@ use redb::TableDefinition;
 
 /// Bumped whenever a table's key or value encoding changes. `Store::open`
 /// refuses a database written under another version unless a migration exists.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
+/// Versions `Store::open` migrates from (version 1 lacks the chat, search,
+/// expiry, picture and token tables; its rows read unchanged).
+pub const MIGRATES_FROM: [u32; 1] = [1];
 
 /// Small named values: schema version, identity, counters.
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -44,6 +47,24 @@ pub const MAIL_GAPS: TableDefinition<(&[u8; 32], bool, u64), (u64, u64)> = Table
 /// envelope id → json `GroupSent`. Lets a message that a commit overtook be
 /// encrypted again for devices that joined in between.
 pub const GROUP_SENT: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("group_sent");
+/// Per chat (one-to-one: the contact's account; group: its chat key) → json
+/// `ChatRow`: pinned, muted, disappearing timer, unread count, last activity.
+pub const CHATS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("chats");
+/// A group's chat key → its MLS group id (kept by `put_conversation`).
+pub const GROUP_CHATS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("group_chats");
+/// Search index: (lower-case word of a message's text, message id) → ().
+/// A message's words are added with it and removed when it is edited,
+/// deleted for everyone or expires.
+pub const WORDS: TableDefinition<(&str, &[u8; 16]), ()> = TableDefinition::new("words");
+/// Incoming messages not read yet, by their `MessageKey` (so a chat's unread
+/// ones up to a point are one range, whatever order they arrived in).
+pub const UNREAD: TableDefinition<MessageKey, ()> = TableDefinition::new("unread");
+/// Disappearing messages: (expires ms, message id) → (). Sorted by time.
+pub const EXPIRY: TableDefinition<(u64, &[u8; 16]), ()> = TableDefinition::new("expiry");
+/// Profile pictures of contacts: account → picture type ‖ 0 ‖ picture bytes.
+pub const PICTURES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("pictures");
+/// Scoped API tokens: SHA-256 of the token (hex) → json `ApiToken`.
+pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// Records learned from or published to the DHT: DHT key → signed record bytes.
 pub const DHT_RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dht_records");
 

@@ -138,6 +138,8 @@ pub enum MessageState {
     Stored,
     /// Acknowledged by every recipient device after its durable commit.
     Delivered,
+    /// Every other member account sent a read receipt for it.
+    Read,
     /// Received from someone else.
     Received,
 }
@@ -156,6 +158,128 @@ pub struct StoredMessage {
     pub outgoing: bool,
     pub text: String,
     pub state: MessageState,
+    /// The message this one quotes.
+    #[serde(default)]
+    pub reply_to: Option<[u8; 16]>,
+    /// One reaction per account: (account, emoji).
+    #[serde(default)]
+    pub reactions: Vec<([u8; 32], String)>,
+    /// When the sender last edited it (our clock).
+    #[serde(default)]
+    pub edited_ms: Option<u64>,
+    /// Deleted for everyone by its sender: the text is empty.
+    #[serde(default)]
+    pub deleted: bool,
+    /// When it disappears (our clock), if the chat had a timer.
+    #[serde(default)]
+    pub expires_ms: Option<u64>,
+    /// Incoming: we read it.
+    #[serde(default)]
+    pub read: bool,
+    /// Outgoing: the accounts that sent a read receipt for it.
+    #[serde(default)]
+    pub read_by: Vec<[u8; 32]>,
+}
+
+impl StoredMessage {
+    /// A new text row with every later-added field at its default.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_text(
+        id: [u8; 16],
+        peer: [u8; 32],
+        sender: [u8; 32],
+        sender_seq: u64,
+        timestamp_ms: u64,
+        received_ms: u64,
+        outgoing: bool,
+        text: String,
+        state: MessageState,
+    ) -> Self {
+        Self {
+            id,
+            peer,
+            sender,
+            sender_seq,
+            timestamp_ms,
+            received_ms,
+            outgoing,
+            text,
+            state,
+            reply_to: None,
+            reactions: Vec::new(),
+            edited_ms: None,
+            deleted: false,
+            expires_ms: None,
+            read: false,
+            read_by: Vec::new(),
+        }
+    }
+}
+
+/// A chat's local settings and counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChatRow {
+    #[serde(default)]
+    pub pinned: bool,
+    #[serde(default)]
+    pub muted: bool,
+    /// Disappearing-messages timer (0: off), as the members last set it.
+    #[serde(default)]
+    pub disappearing_secs: u64,
+    /// Incoming messages not read yet.
+    #[serde(default)]
+    pub unread: u64,
+    /// Time of the newest message (or of the chat's creation).
+    #[serde(default)]
+    pub last_activity_ms: u64,
+}
+
+/// Settings of this account kept on this device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Settings {
+    /// Send read receipts.
+    #[serde(default = "yes")]
+    pub read_receipts: bool,
+    /// Share presence with contacts (and see theirs).
+    #[serde(default)]
+    pub presence: bool,
+    /// Our profile picture: (type, bytes).
+    #[serde(default)]
+    pub picture: Option<(String, Vec<u8>)>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            read_receipts: true,
+            presence: false,
+            picture: None,
+        }
+    }
+}
+
+/// What an API token may do.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenScope {
+    /// Every read (GET) and the event streams.
+    Read,
+    /// Sending messages only.
+    Send,
+    /// Everything.
+    Full,
+}
+
+/// A scoped API token (only its hash is stored).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiToken {
+    pub name: String,
+    pub scope: TokenScope,
+    pub created_ms: u64,
 }
 
 /// One envelope waiting for a recipient device's ack.

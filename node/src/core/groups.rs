@@ -22,7 +22,7 @@ use tidings_store::{Conversation, GroupRow, GroupSent, IntentRow, MessageState, 
 use tracing::{debug, info, warn};
 
 use super::{Abort, Apply, Core, NodeError, load_group};
-use crate::types::{MessageView, NodeEvent};
+use crate::types::NodeEvent;
 
 /// A commit of ours not seen in the sequence after this long is sent again.
 const PENDING_RESEND_MS: u64 = 30_000;
@@ -60,7 +60,7 @@ pub(crate) struct GroupInbox {
 }
 
 /// A group as the API shows it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct GroupView {
     /// The group id, hex.
     pub id: String,
@@ -74,7 +74,7 @@ pub struct GroupView {
 }
 
 /// One account in a group.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct GroupMemberView {
     pub account: String,
     pub role: String,
@@ -403,11 +403,15 @@ impl Core {
         &mut self,
         gid: &[u8],
         text: &str,
+        reply_to: Option<[u8; 16]>,
         now: u64,
     ) -> Result<(StoredMessage, Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>), NodeError> {
         if text.is_empty() || text.len() > tidings_protocol::limits::MAX_TEXT {
             return Err(NodeError::BadText);
         }
+        let chat = group_chat_key(gid);
+        self.check_reply(&chat, reply_to)?;
+        let timer = self.store.chat(&chat)?.disappearing_secs;
         let conv = self
             .store
             .conversation(gid)?
@@ -421,7 +425,17 @@ impl Core {
         let seq = self.store.next_counter("sender_seq")?;
         let ts = self.store.raise_counter("last_ts", now)?;
         let id: [u8; 16] = rand::random();
-        let payload = Payload::text(id, seq, ts, text).encode();
+        let payload = Payload {
+            id,
+            sender_seq: seq,
+            timestamp_ms: ts,
+            body: Body::Text {
+                text: text.to_owned(),
+                reply_to,
+                expires_secs: timer,
+            },
+        }
+        .encode();
         let group = load_group(&mut self.groups, &self.provider, gid)?
             .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         let ct = self.engine.encrypt(&self.provider, group, &payload)?;
@@ -438,24 +452,26 @@ impl Core {
         for device in self.current_target_keys(gid)? {
             entries.push(self.outbox_entry(conv.peer, device, &env, Some(id), now)?);
         }
-        let msg = StoredMessage {
+        let mut msg = StoredMessage::new_text(
             id,
-            peer: conv.peer,
-            sender: *self.me.as_bytes(),
-            sender_seq: seq,
-            timestamp_ms: ts,
-            received_ms: now,
-            outgoing: true,
-            text: text.to_owned(),
-            state: MessageState::Pending,
-        };
+            conv.peer,
+            *self.me.as_bytes(),
+            seq,
+            ts,
+            now,
+            true,
+            text.to_owned(),
+            MessageState::Pending,
+        );
+        msg.reply_to = reply_to;
+        msg.expires_ms = self.expiry_for(&conv.peer, timer, now)?;
         self.store.insert_message(&msg)?;
         Ok((msg, entries))
     }
 
     /// The outbox devices of a group's inbox on each of its relays, from the
     /// group's current metadata.
-    fn current_target_keys(&mut self, gid: &[u8]) -> Result<Vec<[u8; 32]>, NodeError> {
+    pub(super) fn current_target_keys(&mut self, gid: &[u8]) -> Result<Vec<[u8; 32]>, NodeError> {
         let group = load_group(&mut self.groups, &self.provider, gid)?
             .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         let meta = MlsEngine::group_meta(group)?;
@@ -656,11 +672,7 @@ impl Core {
                 store.mark_envelope_seen(&id, now)?;
                 match out {
                     Sequenced::Application { sender, plaintext } => {
-                        if let Some(msg) = self.group_message(&conv, &sender, &plaintext, now)
-                            && store.insert_message(&msg)?
-                        {
-                            events.push(NodeEvent::Message(MessageView::from_stored(&msg)));
-                        }
+                        self.group_payload(&conv, &sender, &plaintext, now, &mut events)?;
                     }
                     Sequenced::Commit {
                         ours, lost, removed_us, ..
@@ -723,6 +735,7 @@ impl Core {
                 for e in events {
                     let _ = self.events.send(e);
                 }
+                self.emit_touched();
                 for (account, device, oid, env) in deferred {
                     self.enqueue(account, device, oid, None, env);
                 }
@@ -771,11 +784,7 @@ impl Core {
             .process_sequenced(&self.provider, group, &env.mls_message, None)?;
         match out {
             Sequenced::Application { sender, plaintext } => {
-                if let Some(msg) = self.group_message(conv, &sender, &plaintext, now)
-                    && self.store.insert_message(&msg)?
-                {
-                    events.push(NodeEvent::Message(MessageView::from_stored(&msg)));
-                }
+                self.group_payload(conv, &sender, &plaintext, now, events)?;
             }
             Sequenced::Own { .. } => {}
             _ => return Ok(Apply::Status(DeliverStatus::NotProcessed)),
@@ -804,28 +813,56 @@ impl Core {
         }
     }
 
-    /// A history row for a group application message, if it is a text.
-    fn group_message(
+    /// Applies a group application message: a text becomes a history row,
+    /// a control payload is applied; anything invalid is ignored.
+    fn group_payload(
         &mut self,
         conv: &Conversation,
         sender: &[u8],
         plaintext: &[u8],
         now: u64,
-    ) -> Option<StoredMessage> {
-        let cert = self.cert_for(sender).ok()?;
-        let payload = Payload::decode(plaintext).ok()?;
-        let Body::Text(text) = payload.body else { return None };
-        Some(StoredMessage {
-            id: payload.id,
-            peer: conv.peer,
-            sender: *cert.account.as_bytes(),
-            sender_seq: payload.sender_seq,
-            timestamp_ms: payload.timestamp_ms.min(now + super::MAX_FUTURE_MS),
-            received_ms: now,
-            outgoing: cert.account == self.me,
+        events: &mut Vec<NodeEvent>,
+    ) -> Result<(), tidings_store::StoreError> {
+        let Ok(cert) = self.cert_for(sender) else {
+            return Ok(());
+        };
+        let payload = match Payload::decode(plaintext) {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(group = %hex::encode(&conv.group_id), "ignored a group payload: {e}");
+                return Ok(());
+            }
+        };
+        let (text, reply_to, expires_secs) = match payload.body {
+            Body::Text {
+                text,
+                reply_to,
+                expires_secs,
+            } => (text, reply_to, expires_secs),
+            body => return self.apply_control(conv.peer, *cert.account.as_bytes(), body, now, events),
+        };
+        let mut msg = StoredMessage::new_text(
+            payload.id,
+            conv.peer,
+            *cert.account.as_bytes(),
+            payload.sender_seq,
+            payload.timestamp_ms.min(now + super::MAX_FUTURE_MS),
+            now,
+            cert.account == self.me,
             text,
-            state: MessageState::Received,
-        })
+            MessageState::Received,
+        );
+        msg.reply_to = reply_to;
+        msg.expires_ms = self.expiry_for(&conv.peer, expires_secs, now)?;
+        if self.store.insert_message(&msg)? {
+            self.note_expiry(msg.expires_ms);
+            if !msg.outgoing {
+                self.touched.insert(msg.peer);
+            }
+            events.push(NodeEvent::Message(self.view(&msg)));
+            self.unpark(&msg, now, events)?;
+        }
+        Ok(())
     }
 
     /// Outbox entries carrying a Welcome to each device our winning commit
@@ -930,7 +967,7 @@ impl Core {
     }
 }
 
-fn envelope_id(env: &pb::Envelope) -> [u8; 16] {
+pub(super) fn envelope_id(env: &pb::Envelope) -> [u8; 16] {
     env.id.as_slice().try_into().unwrap_or([0; 16])
 }
 
