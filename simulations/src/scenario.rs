@@ -215,6 +215,19 @@ pub struct NodeClass {
 }
 
 impl NodeClass {
+    /// The weight of each region (in `names` order) for placing this class's nodes: the class's
+    /// own weights, or all regions alike.
+    pub fn region_weights(&self, names: &[&str]) -> Vec<f64> {
+        if self.regions.is_empty() {
+            vec![1.0; names.len()]
+        } else {
+            names
+                .iter()
+                .map(|n| self.regions.get(*n).copied().unwrap_or(0.0))
+                .collect()
+        }
+    }
+
     pub fn bandwidth_mbps(&self) -> f64 {
         self.bandwidth_mbps.unwrap_or(match self.role {
             Role::Relay => 100.0,
@@ -701,6 +714,24 @@ pub enum Seeds {
 }
 
 impl Scenario {
+    /// The regions' names and the RTT between each pair in µs, row-major: the scenario's matrix,
+    /// or the shipped one (100 ms for a pair it does not know).
+    pub fn rtt_matrix_us(&self) -> (Vec<&str>, Vec<u32>) {
+        let names: Vec<&str> = self.network.regions.iter().map(|x| x.name.as_str()).collect();
+        let k = names.len();
+        let mut rtt_us = vec![0u32; k * k];
+        for i in 0..k {
+            for j in 0..k {
+                let ms = match &self.network.rtt_ms {
+                    Some(m) => m[i][j],
+                    None => regions::default_rtt(names[i], names[j]).unwrap_or(100.0),
+                };
+                rtt_us[i * k + j] = (ms * MICROS_PER_MS as f64) as u32;
+            }
+        }
+        (names, rtt_us)
+    }
+
     /// Parses and validates scenario text.
     pub fn from_toml(text: &str) -> Result<Scenario, ScenarioError> {
         let scenario: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Parse(Box::new(e)))?;

@@ -69,6 +69,7 @@ fn every_shipped_scenario_parses_and_validates() {
     assert_eq!(
         names,
         [
+            "calibration.toml",
             "churn.toml",
             "eclipse.toml",
             "large.toml",

@@ -5,7 +5,7 @@
 use rand::Rng;
 
 use crate::rng::{self, stream};
-use crate::scenario::{Fault, MICROS_PER_MS, Role, Scenario, regions};
+use crate::scenario::{Fault, MICROS_PER_MS, Role, Scenario};
 
 /// A host's NAT class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,30 +97,13 @@ pub struct Plan {
 impl Plan {
     pub fn build(sc: &Scenario, seed: u64) -> Plan {
         let mut r = rng::rng(seed, stream::POPULATION);
-        let region_names: Vec<&str> = sc.network.regions.iter().map(|x| x.name.as_str()).collect();
+        let (region_names, rtt_us) = sc.rtt_matrix_us();
         let k = region_names.len();
-        let mut rtt_us = vec![0u32; k * k];
-        for i in 0..k {
-            for j in 0..k {
-                let ms = match &sc.network.rtt_ms {
-                    Some(m) => m[i][j],
-                    None => regions::default_rtt(region_names[i], region_names[j]).unwrap_or(100.0),
-                };
-                rtt_us[i * k + j] = (ms * MICROS_PER_MS as f64) as u32;
-            }
-        }
         let mut hosts = Vec::new();
         let mut relays = Vec::new();
         let mut client_hosts = Vec::new();
         for class in &sc.population {
-            let weights: Vec<f64> = if class.regions.is_empty() {
-                vec![1.0; k]
-            } else {
-                region_names
-                    .iter()
-                    .map(|n| class.regions.get(*n).copied().unwrap_or(0.0))
-                    .collect()
-            };
+            let weights = class.region_weights(&region_names);
             let nat = class.nat();
             let nat_w = [nat.public, nat.cone, nat.symmetric];
             for _ in 0..class.count {

@@ -12,23 +12,13 @@ use super::{
     queue,
 };
 use crate::rng::{self, stream};
-use crate::scenario::{DhtMode, Fault, MICROS_PER_MS, Role, Scenario, regions};
+use crate::scenario::{DhtMode, Fault, MICROS_PER_MS, Role, Scenario};
 use crate::trace::Recorder;
 
 pub(super) fn build<'a>(sc: &'a Scenario, seed: u64, rec: Recorder<'a>) -> World<'a> {
     let mut r = rng::rng(seed, stream::POPULATION);
-    let region_names: Vec<&str> = sc.network.regions.iter().map(|x| x.name.as_str()).collect();
+    let (region_names, rtt_us) = sc.rtt_matrix_us();
     let k = region_names.len();
-    let mut rtt_us = vec![0u32; k * k];
-    for i in 0..k {
-        for j in 0..k {
-            let ms = match &sc.network.rtt_ms {
-                Some(m) => m[i][j],
-                None => regions::default_rtt(region_names[i], region_names[j]).unwrap_or(100.0),
-            };
-            rtt_us[i * k + j] = (ms * MICROS_PER_MS as f64) as u32;
-        }
-    }
 
     let mut nodes: Vec<Node> = Vec::with_capacity(sc.node_count() as usize);
     let mut relays = Vec::new();
@@ -36,14 +26,7 @@ pub(super) fn build<'a>(sc: &'a Scenario, seed: u64, rec: Recorder<'a>) -> World
     let mut client_homes = Vec::new();
     let mut client_churns = Vec::new();
     for class in &sc.population {
-        let weights: Vec<f64> = if class.regions.is_empty() {
-            vec![1.0; k]
-        } else {
-            region_names
-                .iter()
-                .map(|n| class.regions.get(*n).copied().unwrap_or(0.0))
-                .collect()
-        };
+        let weights = class.region_weights(&region_names);
         let nat = class.nat();
         let nat_w = [nat.public, nat.cone, nat.symmetric];
         for _ in 0..class.count {
