@@ -105,13 +105,14 @@ async function main() {
     });
 
     const hello = 'Hello bob, this is alice';
-    await check('alice types and presses Enter; bob\'s chat list shows the message, unread', async () => {
+    await check('alice types and presses Enter; bob\'s chat list shows the message, unread, and it is announced', async () => {
       await openChat(a, 'bob');
       await send(a, hello);
       await row(a, hello).waitFor({ timeout: WAIT });
       const item = b.locator('.chat-item', { has: b.locator('.chat-name', { hasText: exact('alice') }) });
       await item.locator('.chat-preview', { hasText: hello }).waitFor({ timeout: WAIT });
       await item.locator('.unread').waitFor({ timeout: WAIT });
+      await b.locator('#announce', { hasText: `alice: ${hello}` }).waitFor({ state: 'attached', timeout: WAIT });
     });
 
     await check('bob opens the chat and sees the message; his unread count clears', async () => {
