@@ -218,9 +218,10 @@ async function main() {
     await a.screenshot({ path: join(OUT, 'alice.png') });
     await b.screenshot({ path: join(OUT, 'bob.png') });
 
-    await check('search finds a message in the history', async () => {
+    await check('search finds a message in the history and a click shows it', async () => {
       await a.locator('#search').fill('reply from');
-      await a.locator('.search-results .result-text', { hasText: reply }).waitFor({ timeout: WAIT });
+      await a.locator('.search-results .result-text', { hasText: reply }).click({ timeout: WAIT });
+      await row(a, reply).locator('.bubble.flash').waitFor({ timeout: WAIT });
       await a.locator('#search').fill('');
     });
 
