@@ -260,9 +260,11 @@ async function main() {
       await a.keyboard.press('Escape');
     });
 
-    await check('devices panel lists this device', async () => {
+    await check('devices panel lists this device and gives a link code', async () => {
       await a.locator('button[aria-label="Devices"]').click();
       await a.locator('#panel .person', { hasText: 'this device' }).waitFor({ timeout: WAIT });
+      await a.locator('#panel button', { hasText: 'Link a new device' }).click();
+      await a.locator('#panel .link-code pre', { hasText: 'tidings init --link ' }).waitFor({ timeout: WAIT });
       await a.screenshot({ path: join(OUT, 'alice-devices.png') });
       await a.keyboard.press('Escape');
     });
