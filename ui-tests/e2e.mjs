@@ -105,13 +105,14 @@ async function main() {
     });
 
     const hello = 'Hello bob, this is alice';
-    await check('alice types and presses Enter; bob\'s chat list shows the message, unread', async () => {
+    await check('alice types and presses Enter; bob\'s chat list shows the message, unread, and it is announced', async () => {
       await openChat(a, 'bob');
       await send(a, hello);
       await row(a, hello).waitFor({ timeout: WAIT });
       const item = b.locator('.chat-item', { has: b.locator('.chat-name', { hasText: exact('alice') }) });
       await item.locator('.chat-preview', { hasText: hello }).waitFor({ timeout: WAIT });
       await item.locator('.unread').waitFor({ timeout: WAIT });
+      await b.locator('#announce', { hasText: `alice: ${hello}` }).waitFor({ state: 'attached', timeout: WAIT });
     });
 
     await check('bob opens the chat and sees the message; his unread count clears', async () => {
@@ -217,9 +218,10 @@ async function main() {
     await a.screenshot({ path: join(OUT, 'alice.png') });
     await b.screenshot({ path: join(OUT, 'bob.png') });
 
-    await check('search finds a message in the history', async () => {
+    await check('search finds a message in the history and a click shows it', async () => {
       await a.locator('#search').fill('reply from');
-      await a.locator('.search-results .result-text', { hasText: reply }).waitFor({ timeout: WAIT });
+      await a.locator('.search-results .result-text', { hasText: reply }).click({ timeout: WAIT });
+      await row(a, reply).locator('.bubble.flash').waitFor({ timeout: WAIT });
       await a.locator('#search').fill('');
     });
 
@@ -258,9 +260,11 @@ async function main() {
       await a.keyboard.press('Escape');
     });
 
-    await check('devices panel lists this device', async () => {
+    await check('devices panel lists this device and gives a link code', async () => {
       await a.locator('button[aria-label="Devices"]').click();
       await a.locator('#panel .person', { hasText: 'this device' }).waitFor({ timeout: WAIT });
+      await a.locator('#panel button', { hasText: 'Link a new device' }).click();
+      await a.locator('#panel .link-code pre', { hasText: 'tidings init --link ' }).waitFor({ timeout: WAIT });
       await a.screenshot({ path: join(OUT, 'alice-devices.png') });
       await a.keyboard.press('Escape');
     });

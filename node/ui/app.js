@@ -472,7 +472,8 @@ export async function openChat(id, jump) {
     try { chat = await api.chat(id); S.chats.set(id, chat); } catch (e) { fail(e); return; }
   }
   const head = h('header', { class: 'conv-head' });
-  const scroller = h('div', { class: 'messages', attrs: { role: 'log', 'aria-label': 'Messages', 'aria-live': 'polite', tabindex: '0' } });
+  // Not a live region: rows come and go while scrolling. New messages are announced by #announce.
+  const scroller = h('div', { class: 'messages', attrs: { role: 'region', 'aria-label': 'Messages', tabindex: '0' } });
   const bar = h('div', { class: 'compose-bar', hidden: true });
   const input = h('textarea', {
     class: 'compose-input', rows: 1, placeholder: 'Type a message',
@@ -666,6 +667,7 @@ function onEvent(ev) {
     case 'message':
     case 'message_updated': {
       const { type, ...m } = ev;
+      if (type === 'message' && !m.outgoing) announce(m);
       upsert(m);
       refreshChats();
       break;
@@ -703,6 +705,16 @@ function onEvent(ev) {
     default:
       break;
   }
+}
+
+/** Tells screen readers about a new message (not for muted chats). */
+function announce(m) {
+  const c = S.chats.get(chatOf(m));
+  if (c && c.muted) return;
+  const who = m.sender_name || nameOf(m.sender);
+  const where = c && c.kind === 'group' ? ` in ${c.name}` : '';
+  const el = $('#announce');
+  if (el) el.textContent = `${who}${where}: ${m.text}`;
 }
 
 function setConn(state) {
