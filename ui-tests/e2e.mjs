@@ -63,7 +63,16 @@ async function menu(page, text) {
 
 async function main() {
   mkdirSync(OUT, { recursive: true });
-  const cluster = new Cluster('tidings-ui-e2e');
+  let cluster;
+  try {
+    chromiumPath();
+    cluster = new Cluster('tidings-ui-e2e');
+  } catch (e) {
+    console.log(`FAIL setup: ${e.message}`);
+    console.log('0 passed, 1 failed');
+    process.exitCode = 1;
+    return;
+  }
   let browser = null;
   const watchdog = setTimeout(() => {
     console.log('FAIL the whole run took longer than the watchdog allows');
