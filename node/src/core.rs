@@ -934,39 +934,16 @@ impl Core {
         reply_to: Option<[u8; 16]>,
         now: u64,
     ) -> Result<(StoredMessage, Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>), NodeError> {
-        if text.is_empty() || text.len() > MAX_TEXT {
-            return Err(NodeError::BadText);
-        }
-        self.check_reply(contact, reply_to)?;
-        let timer = self.store.chat(contact)?.disappearing_secs;
+        let timer = self.check_new_text(contact, text, reply_to)?;
         let c = self
             .store
             .contact(contact)?
             .ok_or_else(|| NodeError::UnknownContact(bs58::encode(contact).into_string()))?;
         let gid = self.send_conversation(&c)?.ok_or(NodeError::NoConversation)?;
-        let seq = self.store.next_counter("sender_seq")?;
-        let ts = self.store.raise_counter("last_ts", now)?;
-        let id: [u8; 16] = rand::random();
-        let payload = Payload {
-            id,
-            sender_seq: seq,
-            timestamp_ms: ts,
-            body: Body::Text {
-                text: text.to_owned(),
-                reply_to,
-                expires_secs: timer,
-            },
-        }
-        .encode();
+        let (id, seq, ts, payload) = self.text_payload(text, reply_to, timer, now)?;
         let group = load_group(&mut self.groups, &self.provider, &gid)?.ok_or(NodeError::NoConversation)?;
         let ct = self.engine.encrypt(&self.provider, group, &payload)?;
-        let env = pb::Envelope {
-            id: rand::random::<[u8; 16]>().to_vec(),
-            conversation_id: gid.clone(),
-            kind: EnvelopeKind::Message as i32,
-            mls_message: ct,
-            ..Default::default()
-        };
+        let env = new_envelope(&gid, EnvelopeKind::Message, ct);
         let mut entries = Vec::new();
         let own = self.own_device_keys();
         for device in self.member_devices(&gid)? {

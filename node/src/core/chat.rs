@@ -118,6 +118,47 @@ impl Core {
         Ok((secs > 0).then(|| now.saturating_add(secs.saturating_mul(1000))))
     }
 
+    /// What every new text checks first, one-to-one or group: its size and the message it
+    /// quotes (in `chat`). Returns the chat's disappearing timer.
+    pub(super) fn check_new_text(
+        &self,
+        chat: &[u8; 32],
+        text: &str,
+        reply_to: Option<MessageId>,
+    ) -> Result<u64, NodeError> {
+        if text.is_empty() || text.len() > MAX_TEXT {
+            return Err(NodeError::BadText);
+        }
+        self.check_reply(chat, reply_to)?;
+        Ok(self.store.chat(chat)?.disappearing_secs)
+    }
+
+    /// A new text's encoded payload, with a random id, the next sender sequence number and a
+    /// timestamp that never goes back: (id, sender_seq, timestamp_ms, payload).
+    pub(super) fn text_payload(
+        &self,
+        text: &str,
+        reply_to: Option<MessageId>,
+        timer: u64,
+        now: u64,
+    ) -> Result<(MessageId, u64, u64, Vec<u8>), NodeError> {
+        let seq = self.store.next_counter("sender_seq")?;
+        let ts = self.store.raise_counter("last_ts", now)?;
+        let id: MessageId = rand::random();
+        let payload = Payload {
+            id,
+            sender_seq: seq,
+            timestamp_ms: ts,
+            body: Body::Text {
+                text: text.to_owned(),
+                reply_to,
+                expires_secs: timer,
+            },
+        }
+        .encode();
+        Ok((id, seq, ts, payload))
+    }
+
     /// Checks a quoted message: it must be in the same chat.
     pub(super) fn check_reply(&self, key: &[u8; 32], reply_to: Option<MessageId>) -> Result<(), NodeError> {
         if let Some(r) = reply_to

@@ -406,12 +406,7 @@ impl Core {
         reply_to: Option<[u8; 16]>,
         now: u64,
     ) -> Result<(StoredMessage, Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>), NodeError> {
-        if text.is_empty() || text.len() > tidings_protocol::limits::MAX_TEXT {
-            return Err(NodeError::BadText);
-        }
-        let chat = group_chat_key(gid);
-        self.check_reply(&chat, reply_to)?;
-        let timer = self.store.chat(&chat)?.disappearing_secs;
+        let timer = self.check_new_text(&group_chat_key(gid), text, reply_to)?;
         let conv = self
             .store
             .conversation(gid)?
@@ -422,20 +417,7 @@ impl Core {
                 Some(_) => NodeError::NotAMember(hex::encode(gid)),
             });
         }
-        let seq = self.store.next_counter("sender_seq")?;
-        let ts = self.store.raise_counter("last_ts", now)?;
-        let id: [u8; 16] = rand::random();
-        let payload = Payload {
-            id,
-            sender_seq: seq,
-            timestamp_ms: ts,
-            body: Body::Text {
-                text: text.to_owned(),
-                reply_to,
-                expires_secs: timer,
-            },
-        }
-        .encode();
+        let (id, seq, ts, payload) = self.text_payload(text, reply_to, timer, now)?;
         let group = load_group(&mut self.groups, &self.provider, gid)?
             .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
         let ct = self.engine.encrypt(&self.provider, group, &payload)?;
