@@ -203,6 +203,15 @@ async fn typing_reaches_the_other_side_as_an_event_and_is_not_stored() {
     let (a, b) = (a_node.handle(), b_node.handle());
     let mut events = b.subscribe();
     let rows_before = b.store().message_count().unwrap();
+    // What alice queued before (her first message, its controls) leaves the outbox first, so
+    // that the check below is about the typing indicator alone.
+    tokio::time::timeout(TIMEOUT, async {
+        while a.store().outbox_len().unwrap() > 0 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+    .await
+    .expect("alice's outbox empties");
     a.typing(&chat_of(&b)).await.unwrap();
     let got = tokio::time::timeout(TIMEOUT, async {
         loop {
