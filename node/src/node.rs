@@ -1539,6 +1539,11 @@ impl NodeHandle {
         };
         let net = &self.inner.net;
         let mut result = net.fetch_key_package(peer, request.clone()).await;
+        // A request whose connection closed under it (two dials that crossed, one of the two
+        // connections closed) fails as a whole: once more, on the connection that is left.
+        if matches!(result, Err(NetError::Failed(_))) {
+            result = net.fetch_key_package(peer, request.clone()).await;
+        }
         // Not connected and no known address: ask the DHT, then try again. A
         // device that just started may not be in the DHT yet, so the lookup
         // and the request get four tries over about two and a half seconds.
