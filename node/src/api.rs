@@ -74,6 +74,8 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use tidings_store::StoreError;
+
 use crate::core::{GroupView, NodeError};
 use crate::node::NodeHandle;
 use crate::types::{ContactView, MessageView, NodeStatus};
@@ -139,9 +141,15 @@ impl From<NodeError> for ApiError {
             NodeError::Unreachable(_) | NodeError::Net(_) => StatusCode::BAD_GATEWAY,
             NodeError::Stopped | NodeError::Randomness => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::Mls(tidings_protocol::MlsError::Unauthorized(_)) => StatusCode::FORBIDDEN,
+            NodeError::Store(StoreError::WrongPassphrase) => StatusCode::FORBIDDEN,
+            NodeError::Store(StoreError::WeakPassphrase(_)) => StatusCode::BAD_REQUEST,
             NodeError::Store(_) | NodeError::Mls(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, e.to_string())
+        let message = match &e {
+            NodeError::Store(s @ (StoreError::WrongPassphrase | StoreError::WeakPassphrase(_))) => s.to_string(),
+            _ => e.to_string(),
+        };
+        ApiError::new(status, message)
     }
 }
 

@@ -25,6 +25,8 @@ pub struct SettingsView {
     pub read_receipts: bool,
     pub presence: bool,
     pub home_relays: Vec<String>,
+    /// Whether this device's secrets are sealed under a passphrase.
+    pub passphrase: bool,
     pub account: String,
     pub card_uri: String,
 }
@@ -244,21 +246,22 @@ impl NodeHandle {
             .collect())
     }
 
-    fn settings_view(&self, s: &Settings) -> SettingsView {
+    fn settings_view(&self, s: &Settings) -> Result<SettingsView, NodeError> {
         let card = self.card();
-        SettingsView {
+        Ok(SettingsView {
             name: self.name(),
             picture: s.picture.as_ref().map(|(k, b)| picture_url(k, b)),
             read_receipts: s.read_receipts,
             presence: s.presence,
             home_relays: card.relays.clone(),
+            passphrase: self.store().has_passphrase()?,
             account: card.account.to_base58(),
             card_uri: card.to_uri(),
-        }
+        })
     }
 
     pub fn settings(&self) -> Result<SettingsView, NodeError> {
-        Ok(self.settings_view(&self.store().settings()?))
+        self.settings_view(&self.store().settings()?)
     }
 
     /// Changes this account's settings. `picture`: `Some("")` removes it.
@@ -289,7 +292,25 @@ impl NodeHandle {
             presence,
         };
         let s = self.core(|reply| CoreInput::ChangeSettings { change, reply }).await?;
-        Ok(self.settings_view(&s))
+        self.settings_view(&s)
+    }
+
+    /// Sets, changes or removes the passphrase that seals this device's
+    /// secrets at rest (`tidings_store::seal`). `current` must be the one in
+    /// force, if any; `new = None` removes it. One change at a time, since
+    /// each runs Argon2id over 64 MiB.
+    pub async fn set_passphrase(
+        &self,
+        current: Option<String>,
+        new: Option<String>,
+    ) -> Result<SettingsView, NodeError> {
+        static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _turn = ONE_AT_A_TIME.lock().await;
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.set_passphrase(current.as_deref(), new.as_deref()))
+            .await
+            .map_err(|_| NodeError::Stopped)??;
+        self.settings()
     }
 
     /// Sends a control payload to a chat exactly as given, without the checks

@@ -86,7 +86,7 @@ pub async fn start_relay_with(dir: &Path, bootstrap: Vec<Multiaddr>, opts: Relay
     std::fs::create_dir_all(dir)?;
     let store = crate::open_store(dir)?;
     let clock = opts.clock.clone();
-    if store.identity().is_err() {
+    if !store.has_identity()? {
         crate::create_identity(&store, "relay", clock.now_ms())?;
     }
     let mailboxes = std::sync::Arc::new(tidings_store::mailbox::Mailboxes::open(
@@ -185,7 +185,7 @@ pub async fn start_node_with_net(
 pub async fn start_node_with_config(dir: &Path, name: &str, config: NodeConfig) -> anyhow::Result<Node> {
     std::fs::create_dir_all(dir)?;
     let store = crate::open_store(dir)?;
-    if store.identity().is_err() {
+    if !store.has_identity()? {
         crate::create_identity(&store, name, config.clock.now_ms())?;
     }
     Node::start(store, config).await
@@ -555,7 +555,7 @@ pub async fn run() -> anyhow::Result<()> {
     // Alice links her phone: a second device of her account.
     let code = alice.link_offer().await?;
     let phone_dir = tmp.path().join("alice-phone");
-    let joined = crate::link::join_account(&phone_dir, &code, &Clock::system())
+    let joined = crate::link::join_account(&phone_dir, &code, &Clock::system(), None)
         .await
         .context("alice's phone could not join her account")?;
     let phone_node = start_node_with_relays(&phone_dir, "alice", boot_addrs.clone(), relay_addrs.clone()).await?;

@@ -47,15 +47,23 @@ pub struct Joined {
 }
 
 /// Joins the account of the device that showed `code`, creating this
-/// device's identity in `data_dir`.
-pub async fn join_account(data_dir: &Path, code: &str, clock: &Clock) -> Result<Joined, LinkJoinError> {
+/// device's identity in `data_dir`, sealed under `passphrase` if one is given.
+pub async fn join_account(
+    data_dir: &Path,
+    code: &str,
+    clock: &Clock,
+    passphrase: Option<&str>,
+) -> Result<Joined, LinkJoinError> {
     let code = LinkCode::parse(code, clock.now_ms())?;
     let peer = PeerId::from_bytes(&code.peer_id)
         .map_err(|_| LinkJoinError::Code(tidings_protocol::link::LinkError::Malformed))?;
     std::fs::create_dir_all(data_dir).map_err(|e| LinkJoinError::Unreachable(e.to_string()))?;
     let store = open_store(data_dir)?;
-    if store.identity().is_ok() {
+    if store.has_identity()? {
         return Err(LinkJoinError::AlreadyInitialised);
+    }
+    if let Some(p) = passphrase {
+        store.set_passphrase(None, Some(p))?;
     }
     let (device_seed, mls_seed) = (random_seed()?, random_seed()?);
     let device = DeviceKey::from_seed(device_seed);

@@ -48,6 +48,13 @@ enum Cmd {
         /// `tidings device link` shows on a device you already use.
         #[arg(long, value_name = "CODE")]
         link: Option<String>,
+        /// Seal this device's keys under a passphrase from the start (asked
+        /// for on the terminal, or read from `--passphrase-file`).
+        #[arg(long)]
+        passphrase: bool,
+        /// Read the passphrase from the first line of this file.
+        #[arg(long, value_name = "PATH", env = "TIDINGS_PASSPHRASE_FILE")]
+        passphrase_file: Option<PathBuf>,
     },
     /// Start the node (network + local API) and keep it running.
     Run {
@@ -78,6 +85,10 @@ enum Cmd {
         /// Open the web UI in the browser (`$BROWSER`, else `xdg-open`), logged in.
         #[arg(long)]
         open: bool,
+        /// When the data directory is sealed by a passphrase: read it from the
+        /// first line of this file instead of asking on the terminal.
+        #[arg(long, value_name = "PATH", env = "TIDINGS_PASSPHRASE_FILE")]
+        passphrase_file: Option<PathBuf>,
     },
     /// Print your contact card as a `tidings:` URI and a QR code.
     Card,
@@ -301,8 +312,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
     let dir = data_dir(&cli.data_dir)?;
     match cli.cmd {
-        Cmd::Init { name, link: None } => init(&dir, &name),
-        Cmd::Init { link: Some(code), .. } => init_linked(&dir, &code).await,
+        Cmd::Init {
+            name,
+            link,
+            passphrase,
+            passphrase_file,
+        } => {
+            let sealed_with = if passphrase || passphrase_file.is_some() {
+                Some(new_passphrase(passphrase_file.as_deref())?)
+            } else {
+                None
+            };
+            match link {
+                None => init(&dir, &name, sealed_with.as_deref()),
+                Some(code) => init_linked(&dir, &code, sealed_with.as_deref()).await,
+            }
+        }
         Cmd::Device { cmd } => device_cmd(&dir, cmd).await,
         Cmd::Token { cmd } => token_cmd(&dir, cmd).await,
         Cmd::UiLink => {
@@ -325,12 +350,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             relays,
             ui_port,
             open,
+            passphrase_file,
         } => {
             let mut api = api;
             if let Some(port) = ui_port {
                 api.set_port(port);
             }
-            run(&dir, listen, bootstrap, api, mdns, dht_client, relays, open).await
+            let store = open_unlocked(&dir, passphrase_file.as_deref())?;
+            run(&dir, store, listen, bootstrap, api, mdns, dht_client, relays, open).await
         }
         Cmd::Card => {
             let card: CardView = Client::new(&dir)?.get("/api/card").await?;
@@ -529,11 +556,15 @@ fn qr(text: &str) -> anyhow::Result<String> {
         .build())
 }
 
-fn init(dir: &Path, name: &str) -> anyhow::Result<()> {
+fn init(dir: &Path, name: &str, passphrase: Option<&str>) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let store = tidings_node::open_store(dir)?;
-    if store.identity().is_ok() {
+    if store.has_identity()? {
         bail!("{} already holds an identity", dir.display());
+    }
+    // Sealed before the first secret is written, so none ever reaches the disk in the clear.
+    if let Some(p) = passphrase {
+        store.set_passphrase(None, Some(p))?;
     }
     let now = tidings_node::Clock::system().now_ms();
     tidings_node::create_identity(&store, name, now)?;
@@ -544,8 +575,8 @@ fn init(dir: &Path, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn init_linked(dir: &Path, code: &str) -> anyhow::Result<()> {
-    let joined = tidings_node::link::join_account(dir, code, &tidings_node::Clock::system()).await?;
+async fn init_linked(dir: &Path, code: &str, passphrase: Option<&str>) -> anyhow::Result<()> {
+    let joined = tidings_node::link::join_account(dir, code, &tidings_node::Clock::system(), passphrase).await?;
     write_token(dir)?;
     let account = tidings_protocol::AccountKey::from_seed(joined.identity.account_seed).id();
     out!("joined account {account} as a new device in {}", dir.display());
@@ -610,9 +641,9 @@ async fn token_cmd(dir: &Path, cmd: TokenCmd) -> anyhow::Result<()> {
         Err(_) => {
             let store = tidings_node::open_store(dir)
                 .with_context(|| format!("cannot open the data directory {}", dir.display()))?;
-            store
-                .identity()
-                .with_context(|| format!("no identity in {}; run `tidings init` first", dir.display()))?;
+            if !store.has_identity()? {
+                bail!("no identity in {}; run `tidings init` first", dir.display());
+            }
             let now = tidings_node::Clock::system().now_ms();
             tidings_node::api::create_token(&store, parsed, &name, now)?
         }
@@ -645,9 +676,53 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A passphrase from the first line of `file`, else asked on the terminal.
+fn read_passphrase(file: Option<&Path>, prompt: &str) -> anyhow::Result<String> {
+    use std::io::IsTerminal as _;
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        return Ok(text.lines().next().unwrap_or("").to_owned());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("the data directory is sealed by a passphrase: run in a terminal, or pass --passphrase-file");
+    }
+    Ok(rpassword::prompt_password(prompt)?)
+}
+
+/// A new passphrase: from `file`, or asked twice on the terminal.
+fn new_passphrase(file: Option<&Path>) -> anyhow::Result<String> {
+    let p = read_passphrase(file, "New passphrase: ")?;
+    tidings_store::seal::check_passphrase(&p)?;
+    if file.is_none() && read_passphrase(None, "Again: ")? != p {
+        bail!("the two passphrases differ");
+    }
+    Ok(p)
+}
+
+/// Opens the data directory's store, asking for its passphrase if it has one
+/// (three tries on a terminal).
+fn open_unlocked(dir: &Path, file: Option<&Path>) -> anyhow::Result<tidings_store::Store> {
+    let store =
+        tidings_node::open_store(dir).with_context(|| format!("cannot open the data directory {}", dir.display()))?;
+    let tries = if file.is_some() { 1 } else { 3 };
+    for left in (0..tries).rev() {
+        if !store.is_locked()? {
+            break;
+        }
+        let p = read_passphrase(file, "Passphrase: ")?;
+        match store.unlock(&p) {
+            Ok(()) => break,
+            Err(tidings_store::StoreError::WrongPassphrase) if left > 0 => eprintln!("wrong passphrase"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(store)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     dir: &Path,
+    store: tidings_store::Store,
     listen: Vec<Multiaddr>,
     bootstrap: Vec<Multiaddr>,
     api: SocketAddr,
@@ -668,8 +743,6 @@ async fn run(
              pass --relay twice"
         );
     }
-    let store =
-        tidings_node::open_store(dir).with_context(|| format!("cannot open the data directory {}", dir.display()))?;
     store
         .identity()
         .with_context(|| format!("no identity in {}; run `tidings init` first", dir.display()))?;
@@ -984,7 +1057,10 @@ async fn run_relay(cfg: RelayConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
     let store = tidings_node::open_store(&cfg.data_dir)
         .with_context(|| format!("cannot open the data directory {}", cfg.data_dir.display()))?;
-    if store.identity().is_err() {
+    if store.is_locked()? {
+        bail!("the relay's data directory is sealed by a passphrase; relays run unattended, without one");
+    }
+    if !store.has_identity()? {
         tidings_node::create_identity(&store, "relay", tidings_node::Clock::system().now_ms())?;
     }
     let mailboxes = Arc::new(

@@ -208,7 +208,7 @@ impl Inner {
 pub(crate) struct Inner {
     tx: mpsc::Sender<CoreInput>,
     net: Network,
-    store: Arc<Store>,
+    pub(crate) store: Arc<Store>,
     events: broadcast::Sender<NodeEvent>,
     account_seed: [u8; 32],
     device_seed: [u8; 32],

@@ -37,6 +37,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/search"),
     ("GET", "/api/settings"),
     ("PATCH", "/api/settings"),
+    ("POST", "/api/settings/passphrase"),
     ("GET", "/api/presence"),
     ("GET", "/api/groups"),
     ("POST", "/api/groups"),
@@ -371,6 +372,11 @@ async fn malformed_bodies_and_arguments_are_400_with_a_json_error() {
             Some(json!({ "picture": "http://example.com/x.png" })),
         ),
         (Method::PATCH, "/api/settings".into(), Some(json!({ "name": "" }))),
+        (
+            Method::POST,
+            "/api/settings/passphrase".into(),
+            Some(json!({ "new": "short" })),
+        ),
         (Method::POST, "/api/tokens".into(), Some(json!({ "scope": "admin" }))),
     ];
     for (m, p, body) in bad_args {
@@ -648,4 +654,84 @@ async fn chat_routes_work_end_to_end_and_the_websocket_streams_events() {
     assert_eq!(r.headers()["content-type"], "image/svg+xml");
     assert!(r.text().await.unwrap().contains("<svg"));
     drop((a_node, b_node));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passphrase_set_over_the_api_seals_the_keys_until_it_is_given_again() {
+    let net = Net::new().await;
+    let dir = net.dir.path().join("alice");
+    let a_node = net.node("alice").await;
+    let account = a_node.handle().account();
+    let api = Api::serve(&a_node.handle()).await;
+    let read = api.token("read").await;
+
+    let r = api
+        .req(Method::POST, "/api/settings/passphrase", Some(&read))
+        .json(&json!({ "new": "correct horse" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::FORBIDDEN,
+        "only a full token sets the passphrase"
+    );
+    let (status, v) = api
+        .call(
+            Method::POST,
+            "/api/settings/passphrase",
+            Some(json!({ "new": "correct horse" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["passphrase"], true);
+    let (status, v) = api
+        .call(
+            Method::POST,
+            "/api/settings/passphrase",
+            Some(json!({ "current": "wrong horse", "new": "battery staple" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["error"], "wrong passphrase");
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/api/settings/passphrase",
+            Some(json!({ "current": "correct horse", "new": "battery staple" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // The node keeps working on the sealed store.
+    let (status, v) = api
+        .call(Method::PATCH, "/api/settings", Some(json!({ "name": "alice 2" })))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    api._task.abort();
+    let _ = api._task.await;
+    a_node.shutdown().await;
+
+    // Restarted from its data directory: locked, and no node starts on it
+    // until the passphrase opens it.
+    let store = tidings_node::open_store(&dir).unwrap();
+    assert!(store.is_locked().unwrap());
+    assert!(matches!(store.identity(), Err(tidings_store::StoreError::Locked)));
+    assert!(
+        tidings_node::Node::start(store, tidings_node::NodeConfig::default())
+            .await
+            .is_err()
+    );
+    let store = tidings_node::open_store(&dir).unwrap();
+    assert!(matches!(
+        store.unlock("correct horse"),
+        Err(tidings_store::StoreError::WrongPassphrase)
+    ));
+    store.unlock("battery staple").unwrap();
+    let node = tidings_node::Node::start(store, tidings_node::NodeConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(node.handle().account(), account);
+    assert_eq!(node.handle().name(), "alice 2");
+    assert!(node.handle().settings().unwrap().passphrase);
+    node.shutdown().await;
 }

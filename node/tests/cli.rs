@@ -647,3 +647,70 @@ async fn tidings_run_prints_a_login_link_that_works_once() {
     assert_eq!(http.get(&url).send().await.unwrap().status(), 401, "single use");
     drop(child);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_initialised_with_a_passphrase_runs_only_when_given_it() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let r = relays(1).await;
+    let dir = r.dir.path().join("alice");
+    let (good, bad) = (r.dir.path().join("good"), r.dir.path().join("bad"));
+    std::fs::write(&good, "correct horse\n").unwrap();
+    std::fs::write(&bad, "wrong horse\n").unwrap();
+    let out = tidings()
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["init", "--name", "alice", "--passphrase-file"])
+        .arg(&good)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let store = tidings_node::open_store(&dir).unwrap();
+    assert!(store.is_locked().unwrap(), "sealed from the first write");
+    drop(store);
+
+    let run = |file: Option<&PathBuf>| {
+        let mut c = tidings();
+        c.arg("--data-dir")
+            .arg(&dir)
+            .args([
+                "run",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--bootstrap",
+                &r.addrs[0].to_string(),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(f) = file {
+            c.arg("--passphrase-file").arg(f);
+        }
+        c
+    };
+    // Without a terminal or a file, and with the wrong passphrase: refused.
+    let out = run(None).output().await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sealed by a passphrase"), "{err}");
+    let out = run(Some(&bad)).output().await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wrong passphrase"), "{err}");
+
+    // With it: the node runs and serves its UI.
+    let mut child = run(Some(&good)).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(TIMEOUT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(url) = line.strip_prefix("open ") {
+                return url.to_owned();
+            }
+        }
+        panic!("no login link printed");
+    })
+    .await
+    .expect("the node runs");
+    assert!(url.contains("/login?code="), "{url}");
+    drop(child);
+}

@@ -311,13 +311,14 @@ async fn a_linked_device_gets_the_history_and_joins_every_group() {
 
     // Alice links a second device.
     let code = a1.link_offer().await.unwrap();
-    let joined = tidings_node::link::join_account(&base.join("alice2"), &code, &tidings_node::Clock::system())
+    let joined = tidings_node::link::join_account(&base.join("alice2"), &code, &tidings_node::Clock::system(), None)
         .await
         .unwrap();
     assert_eq!(joined.contacts, 1);
     assert!(joined.history >= 2, "history moved over: {}", joined.history);
     // The code is bound to that device now: another one cannot use it.
-    let stolen = tidings_node::link::join_account(&base.join("mallory"), &code, &tidings_node::Clock::system()).await;
+    let stolen =
+        tidings_node::link::join_account(&base.join("mallory"), &code, &tidings_node::Clock::system(), None).await;
     assert!(stolen.is_err());
 
     let a2_node = user(base, "alice2", &n).await;
@@ -489,7 +490,7 @@ async fn people<const N: usize>(base: &Path, n: &Relays, names: [&str; N]) -> [N
 /// Links a second device to the account of `first`, starts it and returns it.
 async fn second_device(base: &Path, name: &str, first: &NodeHandle, n: &Relays) -> Node {
     let code = first.link_offer().await.unwrap();
-    tidings_node::link::join_account(&base.join(name), &code, &tidings_node::Clock::system())
+    tidings_node::link::join_account(&base.join(name), &code, &tidings_node::Clock::system(), None)
         .await
         .unwrap();
     user(base, name, n).await
@@ -735,8 +736,8 @@ async fn both_people_linking_a_device_at_once_leaves_their_conversation_whole() 
     let clock = tidings_node::Clock::system();
     let (a2_dir, b2_dir) = (base.join("alice2"), base.join("bob2"));
     let (a_join, b_join) = tokio::join!(
-        tidings_node::link::join_account(&a2_dir, &a_code, &clock),
-        tidings_node::link::join_account(&b2_dir, &b_code, &clock),
+        tidings_node::link::join_account(&a2_dir, &a_code, &clock, None),
+        tidings_node::link::join_account(&b2_dir, &b_code, &clock, None),
     );
     a_join.unwrap();
     b_join.unwrap();

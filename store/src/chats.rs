@@ -393,14 +393,9 @@ impl Store {
     /// Changes the profile name of this device's identity.
     pub fn set_name(&self, name: &str) -> Result<()> {
         self.with_txn(true, |w| {
-            let mut t = w.open_table(META)?;
-            let mut id: crate::Identity = match t.get("identity")? {
-                Some(v) => from_json(v.value())?,
-                None => return Err(StoreError::NoIdentity),
-            };
+            let mut id = self.identity_in(w)?;
             id.name = name.to_owned();
-            t.insert("identity", to_json(&id)?.as_slice())?;
-            Ok(())
+            self.write_identity(w, &id)
         })
     }
 

@@ -22,10 +22,11 @@ mod chats;
 pub mod mailbox;
 pub mod mls_storage;
 pub mod schema;
+pub mod seal;
 mod types;
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::thread::{self, ThreadId};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
@@ -34,6 +35,7 @@ pub use chats::words;
 pub use types::*;
 
 use schema::*;
+use seal::{DataKey, IDENTITY_AAD, SEAL_ROW, SealHeader, SealState, mls_aad};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,14 @@ pub enum StoreError {
     NoIdentity,
     #[error("store lock poisoned")]
     Poisoned,
+    #[error("the data directory is locked by a passphrase")]
+    Locked,
+    #[error("wrong passphrase")]
+    WrongPassphrase,
+    #[error("{0}")]
+    WeakPassphrase(String),
+    #[error("the operating system gave no randomness")]
+    Randomness,
 }
 
 macro_rules! from_redb {
@@ -85,6 +95,9 @@ pub const NODE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 pub struct Store {
     db: Database,
     unit: Mutex<Option<(ThreadId, WriteTransaction)>>,
+    /// How secret rows are sealed ([`seal`]). Lock order: a write transaction
+    /// first, then this; never the other way round.
+    seal: RwLock<SealState>,
 }
 
 impl std::fmt::Debug for Store {
@@ -106,11 +119,15 @@ impl Store {
     }
 
     fn init(db: Database) -> Result<Self> {
-        let store = Self {
+        let mut store = Self {
             db,
             unit: Mutex::new(None),
+            seal: RwLock::new(SealState::Plain),
         };
         store.check_schema()?;
+        if store.seal_header()?.is_some() {
+            store.seal = RwLock::new(SealState::Locked);
+        }
         Ok(store)
     }
 
@@ -251,13 +268,20 @@ impl Store {
     pub(crate) fn mls_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.with_txn(false, |w| {
             let t = w.open_table(MLS)?;
-            Ok(t.get(key)?.map(|v| v.value().to_vec()))
+            let Some(v) = t.get(key)? else { return Ok(None) };
+            let seal = self.seal.read().map_err(|_| StoreError::Poisoned)?;
+            Ok(Some(seal.open(&mls_aad(key), v.value())?))
         })
     }
 
     pub(crate) fn mls_put(&self, key: &[u8], value: &[u8]) -> Result<()> {
         self.with_txn(true, |w| {
-            w.open_table(MLS)?.insert(key, value)?;
+            let sealed = self
+                .seal
+                .read()
+                .map_err(|_| StoreError::Poisoned)?
+                .seal(&mls_aad(key), value.to_vec())?;
+            w.open_table(MLS)?.insert(key, sealed.as_slice())?;
             Ok(())
         })
     }
@@ -272,18 +296,167 @@ impl Store {
     // ------------------------------------------------------------ identity
 
     pub fn put_identity(&self, id: &Identity) -> Result<()> {
-        let bytes = to_json(id)?;
-        self.with_txn(true, |w| {
-            w.open_table(META)?.insert("identity", bytes.as_slice())?;
-            Ok(())
-        })
+        self.with_txn(true, |w| self.write_identity(w, id))
+    }
+
+    pub(crate) fn write_identity(&self, w: &WriteTransaction, id: &Identity) -> Result<()> {
+        let bytes = self
+            .seal
+            .read()
+            .map_err(|_| StoreError::Poisoned)?
+            .seal(IDENTITY_AAD, to_json(id)?)?;
+        w.open_table(META)?.insert("identity", bytes.as_slice())?;
+        Ok(())
     }
 
     pub fn identity(&self) -> Result<Identity> {
+        // The seal state is read before the snapshot is taken, so that a
+        // passphrase change committing in between cannot pair the two wrongly.
+        let seal = self.seal.read().map_err(|_| StoreError::Poisoned)?;
         let r = self.db.begin_read()?;
         let t = r.open_table(META)?;
         let v = t.get("identity")?.ok_or(StoreError::NoIdentity)?;
-        from_json(v.value())
+        from_json(&seal.open(IDENTITY_AAD, v.value())?)
+    }
+
+    pub(crate) fn identity_in(&self, w: &WriteTransaction) -> Result<Identity> {
+        let t = w.open_table(META)?;
+        let v = t.get("identity")?.ok_or(StoreError::NoIdentity)?;
+        let seal = self.seal.read().map_err(|_| StoreError::Poisoned)?;
+        from_json(&seal.open(IDENTITY_AAD, v.value())?)
+    }
+
+    /// Whether this database holds an identity (readable or locked).
+    pub fn has_identity(&self) -> Result<bool> {
+        let r = self.db.begin_read()?;
+        Ok(r.open_table(META)?.get("identity")?.is_some())
+    }
+
+    // ------------------------------------------------------------ passphrase
+
+    fn seal_header(&self) -> Result<Option<SealHeader>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(META)?;
+        t.get(SEAL_ROW)?.map(|v| from_json(v.value())).transpose()
+    }
+
+    /// Whether secrets are sealed under a passphrase.
+    pub fn has_passphrase(&self) -> Result<bool> {
+        Ok(self.seal_header()?.is_some())
+    }
+
+    /// Whether secrets are sealed and the passphrase has not been given yet.
+    pub fn is_locked(&self) -> Result<bool> {
+        Ok(matches!(
+            *self.seal.read().map_err(|_| StoreError::Poisoned)?,
+            SealState::Locked
+        ))
+    }
+
+    /// Opens the sealed secrets with `passphrase` (a no-op without one set).
+    /// Takes a fraction of a second on purpose (Argon2id).
+    pub fn unlock(&self, passphrase: &str) -> Result<()> {
+        let Some(header) = self.seal_header()? else {
+            return Ok(());
+        };
+        let key = header.unseal(passphrase)?;
+        *self.seal.write().map_err(|_| StoreError::Poisoned)? = SealState::Open(key);
+        Ok(())
+    }
+
+    /// Sets, changes or removes the passphrase. `current` must be the
+    /// passphrase in force, if any; `new = None` removes it. Setting or
+    /// removing rewrites every secret row in one transaction; changing
+    /// re-seals only the data key.
+    pub fn set_passphrase(&self, current: Option<&str>, new: Option<&str>) -> Result<()> {
+        if let Some(p) = new {
+            seal::check_passphrase(p)?;
+        }
+        // Argon2 runs before any lock is taken.
+        let before = self.seal_header()?;
+        let old_key = match (&before, current) {
+            (None, _) => None,
+            (Some(h), Some(c)) => Some(h.unseal(c)?),
+            (Some(_), None) => return Err(StoreError::WrongPassphrase),
+        };
+        let rewrite_rows = old_key.is_some() != new.is_some();
+        let (header, new_key) = match (new, old_key) {
+            (None, _) => (None, None),
+            (Some(p), Some(k)) => (Some(SealHeader::new(p, &k)?), Some(k)),
+            (Some(p), None) => {
+                let k = DataKey::generate()?;
+                (Some(SealHeader::new(p, &k)?), Some(k))
+            }
+        };
+        // Never from inside a unit: the rows are rewritten in a transaction of
+        // their own, committed before the state changes (and a second write
+        // transaction on this thread would wait for itself).
+        let in_unit = self
+            .unit
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?
+            .as_ref()
+            .is_some_and(|(owner, _)| *owner == thread::current().id());
+        if in_unit {
+            return Err(StoreError::Corrupt("set_passphrase inside a unit of work".into()));
+        }
+        let mut w = self.db.begin_write()?;
+        w.set_durability(Durability::Immediate)?;
+        let mut state = self.seal.write().map_err(|_| StoreError::Poisoned)?;
+        let now: Option<SealHeader> = w
+            .open_table(META)?
+            .get(SEAL_ROW)?
+            .map(|v| from_json(v.value()))
+            .transpose()?;
+        if now != before {
+            // Another change committed since the passphrase was checked.
+            w.abort()?;
+            return Err(StoreError::WrongPassphrase);
+        }
+        if rewrite_rows {
+            let to = match &new_key {
+                Some(k) => SealState::Open(k.clone()),
+                None => SealState::Plain,
+            };
+            if let Err(e) = Self::reseal_rows(&w, &state, &to) {
+                w.abort()?;
+                return Err(e);
+            }
+        }
+        {
+            let mut meta = w.open_table(META)?;
+            match &header {
+                Some(h) => meta.insert(SEAL_ROW, to_json(h)?.as_slice())?,
+                None => meta.remove(SEAL_ROW)?,
+            };
+        }
+        w.commit()?;
+        *state = match new_key {
+            Some(k) => SealState::Open(k),
+            None => SealState::Plain,
+        };
+        Ok(())
+    }
+
+    /// Rewrites the identity and every `mls` row from `from`'s form to `to`'s.
+    fn reseal_rows(w: &WriteTransaction, from: &SealState, to: &SealState) -> Result<()> {
+        let mut meta = w.open_table(META)?;
+        let id = meta.get("identity")?.map(|v| v.value().to_vec());
+        if let Some(stored) = id {
+            let plain = from.open(IDENTITY_AAD, &stored)?;
+            meta.insert("identity", to.seal(IDENTITY_AAD, plain)?.as_slice())?;
+        }
+        let mut mls = w.open_table(MLS)?;
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = mls
+            .iter()?
+            .map(|r| r.map(|(k, v)| (k.value().to_vec(), v.value().to_vec())))
+            .collect::<std::result::Result<_, _>>()?;
+        for (k, stored) in rows {
+            let aad = mls_aad(&k);
+            let plain = from.open(&aad, &stored)?;
+            mls.insert(k.as_slice(), to.seal(&aad, plain)?.as_slice())?;
+        }
+        Ok(())
     }
 
     /// Increments and returns a named counter (starts at 1).
@@ -830,6 +1003,111 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(s.dht_record(b"inside").unwrap(), None, "rolled back");
         assert_eq!(s.dht_record(b"other").unwrap(), Some(b"2".to_vec()));
+    }
+
+    fn file_holds(path: &std::path::Path, needle: &[u8]) -> bool {
+        let bytes = std::fs::read(path).unwrap();
+        bytes.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn secrets_under_a_passphrase_never_reach_the_file_in_the_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let id = Identity {
+            account_seed: [0xA5; 32],
+            device_seed: [0x5A; 32],
+            mls_seed: [0x3C; 32],
+            device_cert: vec![1, 2, 3],
+            name: "alice".into(),
+            created_ms: 1,
+        };
+        let mls_secret = [0xC3u8; 48];
+        {
+            let store = Store::open(&path).unwrap();
+            store.put_identity(&id).unwrap();
+            store.mls_put(b"EpochSecrets-g", &mls_secret).unwrap();
+            assert!(!store.has_passphrase().unwrap());
+        }
+        // The scan finds secrets when they are there.
+        assert!(file_holds(&path, &mls_secret));
+
+        // Set: every secret row is rewritten sealed; redb reuses freed pages
+        // only after later commits, so churn a little before scanning.
+        {
+            let store = Store::open(&path).unwrap();
+            store.set_passphrase(None, Some("correct horse")).unwrap();
+            store.set_name("alice 2").unwrap();
+            store.mls_put(b"other", b"x").unwrap();
+            for i in 0..20u64 {
+                store.put_dht_record(&i.to_be_bytes(), &[0; 64]).unwrap();
+            }
+            assert_eq!(store.identity().unwrap().name, "alice 2");
+        }
+        assert!(!file_holds(&path, &id.account_seed));
+        assert!(!file_holds(&path, &id.device_seed));
+        assert!(!file_holds(&path, &mls_secret));
+
+        // Reopened: locked until the right passphrase is given.
+        let store = Store::open(&path).unwrap();
+        assert!(store.is_locked().unwrap());
+        assert!(store.has_identity().unwrap());
+        assert!(matches!(store.identity(), Err(StoreError::Locked)));
+        assert!(matches!(store.mls_get(b"EpochSecrets-g"), Err(StoreError::Locked)));
+        assert!(matches!(store.mls_put(b"k", b"v"), Err(StoreError::Locked)));
+        assert!(matches!(store.unlock("correct hors"), Err(StoreError::WrongPassphrase)));
+        store.unlock("correct horse").unwrap();
+        assert_eq!(store.identity().unwrap().account_seed, id.account_seed);
+        assert_eq!(store.mls_get(b"EpochSecrets-g").unwrap().unwrap(), mls_secret);
+
+        // Changed: the old passphrase no longer opens it, the new one does.
+        assert!(matches!(
+            store.set_passphrase(Some("wrong horse"), Some("battery staple")),
+            Err(StoreError::WrongPassphrase)
+        ));
+        assert!(matches!(
+            store.set_passphrase(Some("correct horse"), Some("short")),
+            Err(StoreError::WeakPassphrase(_))
+        ));
+        store
+            .set_passphrase(Some("correct horse"), Some("battery staple"))
+            .unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert!(matches!(
+            store.unlock("correct horse"),
+            Err(StoreError::WrongPassphrase)
+        ));
+        store.unlock("battery staple").unwrap();
+
+        // Removed: secrets are plain again and open without a passphrase.
+        store.set_passphrase(Some("battery staple"), None).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert!(!store.is_locked().unwrap());
+        assert_eq!(store.identity().unwrap().mls_seed, id.mls_seed);
+        assert_eq!(store.mls_get(b"EpochSecrets-g").unwrap().unwrap(), mls_secret);
+    }
+
+    #[test]
+    fn a_sealed_row_moved_to_another_key_does_not_open() {
+        let store = Store::open_in_memory().unwrap();
+        store.set_passphrase(None, Some("correct horse")).unwrap();
+        store.mls_put(b"a", b"secret a").unwrap();
+        let sealed = store
+            .with_txn(false, |w| {
+                Ok(w.open_table(MLS)?.get(&b"a"[..])?.map(|v| v.value().to_vec()))
+            })
+            .unwrap()
+            .unwrap();
+        assert!(!sealed.windows(8).any(|w| w == b"secret a"));
+        store
+            .with_txn(true, |w| {
+                w.open_table(MLS)?.insert(&b"b"[..], sealed.as_slice())?;
+                Ok(())
+            })
+            .unwrap();
+        assert!(matches!(store.mls_get(b"b"), Err(StoreError::Corrupt(_))));
     }
 
     fn msg(i: u32, peer: u8, text: &str) -> StoredMessage {

@@ -768,6 +768,49 @@ mod tests {
     }
 
     #[test]
+    fn a_group_sealed_under_a_passphrase_comes_back_only_with_it() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let a_path = dir.path().join("a.redb");
+        let (pa, pb) = (open(&a_path)?, in_memory()?);
+        let (a_keys, a_cred) = identity(&pa, "alice")?;
+        let (b_keys, b_cred) = identity(&pb, "bob")?;
+        let cfg = group_config();
+        let mut ga = MlsGroup::new(&pa, &a_keys, &cfg, a_cred)?;
+        let bob_kp = KeyPackage::builder().build(CS, &pb, &b_keys, b_cred)?;
+        let (_commit, welcome, _info) = ga.add_members(&pa, &a_keys, &[bob_kp.key_package().clone()])?;
+        ga.merge_pending_commit(&pa)?;
+        let MlsMessageBodyIn::Welcome(welcome) = wire(&welcome)?.extract() else {
+            return Err("expected a Welcome".into());
+        };
+        let mut gb = StagedWelcome::new_from_welcome(&pb, cfg.join_config(), welcome, None)?.into_group(&pb)?;
+
+        // The rows written so far are sealed when the passphrase is set, the
+        // ones written after it are sealed as they are written.
+        pa.store.set_passphrase(None, Some("correct horse"))?;
+        let m = send(&mut ga, &pa, &a_keys, "sealed")?;
+        assert_eq!(receive_text(&mut gb, &pb, m)?, "sealed");
+        let (group_id, a_pub) = (ga.group_id().clone(), a_keys.to_public_vec());
+        drop((ga, a_keys, pa));
+
+        let pa = open(&a_path)?;
+        assert!(pa.store.is_locked()?);
+        assert!(matches!(
+            MlsGroup::load(pa.storage(), &group_id),
+            Err(StoreError::Locked)
+        ));
+        assert!(matches!(
+            pa.store.unlock("wrong horse"),
+            Err(StoreError::WrongPassphrase)
+        ));
+        pa.store.unlock("correct horse")?;
+        let a_keys = reload_keys(&pa, &a_pub)?;
+        let mut ga = load(&pa, &group_id)?;
+        let m = send(&mut ga, &pa, &a_keys, "after the restart")?;
+        assert_eq!(receive_text(&mut gb, &pb, m)?, "after the restart");
+        Ok(())
+    }
+
+    #[test]
     fn failed_unit_rolls_back() -> TestResult {
         let dir = tempfile::tempdir()?;
         let store = Store::open(&dir.path().join("s.redb"))?;

@@ -30,6 +30,7 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(typing))
         .routes(routes!(search))
         .routes(routes!(get_settings, patch_settings))
+        .routes(routes!(change_passphrase))
         .routes(routes!(presence))
         .routes(routes!(contact_picture))
 }
@@ -105,6 +106,17 @@ pub struct SettingsPatch {
     pub read_receipts: Option<bool>,
     #[serde(default)]
     pub presence: Option<bool>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PassphraseChange {
+    /// The passphrase in force, if one is set.
+    #[serde(default)]
+    pub current: Option<String>,
+    /// The new passphrase (6 characters to 1 KiB); absent or null removes it.
+    #[serde(default)]
+    pub new: Option<String>,
 }
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -258,6 +270,17 @@ async fn patch_settings(
             .change_settings(b.name.as_deref(), b.picture.as_deref(), b.read_receipts, b.presence)
             .await?,
     ))
+}
+
+/// Sets, changes or removes the passphrase that seals this device's keys at rest.
+#[utoipa::path(post, path = "/api/settings/passphrase", tag = "settings", request_body = PassphraseChange,
+    responses((status = 200, body = SettingsView), (status = 400, body = ApiError), (status = 403, body = ApiError)))]
+async fn change_passphrase(
+    State(s): State<ApiState>,
+    b: Result<Json<PassphraseChange>, JsonRejection>,
+) -> Result<Json<SettingsView>, ApiError> {
+    let b = body(b)?;
+    Ok(Json(s.node.set_passphrase(b.current, b.new).await?))
 }
 
 #[utoipa::path(get, path = "/api/presence", tag = "settings",
