@@ -294,7 +294,7 @@ async function main() {
       });
       await b.locator('#panel input[type=file]').setInputFiles({ name: 'me.png', mimeType: 'image/png', buffer: Buffer.from(png, 'base64') });
       await b.locator('#panel .pic-slot img').waitFor({ timeout: WAIT });
-      await b.locator('#panel button', { hasText: 'Save' }).click();
+      await b.locator('#panel button', { hasText: exact('Save') }).click();
       await b.locator('.me-name', { hasText: exact('Bob Builder') }).waitFor({ timeout: WAIT });
       const s = await bob.get('/api/settings');
       if (s.name !== 'Bob Builder' || s.read_receipts !== false || !String(s.picture).startsWith('data:image/')) {
@@ -303,6 +303,36 @@ async function main() {
       await b.locator('#me .avatar img').waitFor({ timeout: WAIT });
       await b.screenshot({ path: join(OUT, 'bob-settings.png') });
       await b.keyboard.press('Escape');
+    });
+
+    await check('settings seal alice\'s keys under a passphrase and move her mail to one relay, which bob hears of', async () => {
+      await a.locator('button[aria-label="Settings"]').click();
+      const form = a.locator('#passphrase-form');
+      await form.waitFor({ timeout: WAIT });
+      await form.locator('input[aria-label="New passphrase"]').fill('correct horse');
+      await form.locator('input[aria-label="New passphrase again"]').fill('correct horse');
+      await form.locator('button', { hasText: 'Set passphrase' }).click();
+      await form.locator('button', { hasText: 'Change passphrase' }).waitFor({ timeout: WAIT });
+      if (!(await alice.get('/api/settings')).passphrase) throw new Error('the node does not report a passphrase');
+      // A wrong current passphrase is refused with the node's words.
+      await form.locator('input[aria-label="Current passphrase"]').fill('wrong horse');
+      await form.locator('input[aria-label="New passphrase"]').fill('battery staple');
+      await form.locator('input[aria-label="New passphrase again"]').fill('battery staple');
+      await form.locator('button', { hasText: 'Change passphrase' }).click();
+      await a.locator('#toast', { hasText: 'wrong passphrase' }).waitFor({ timeout: WAIT });
+      const one = cluster.relays[1];
+      const relays = a.locator('#relays-form textarea');
+      await relays.fill(one);
+      await a.locator('#relays-form button', { hasText: 'Save relays' }).click();
+      await a.locator('#toast', { hasText: 'Home relays saved' }).waitFor({ timeout: WAIT });
+      const s = await alice.get('/api/settings');
+      if (JSON.stringify(s.home_relays) !== JSON.stringify([one])) throw new Error(`home relays: ${JSON.stringify(s.home_relays)}`);
+      await until('bob knows alice\'s new relay', async () => {
+        const c = (await bob.get('/api/contacts')).find((x) => x.account === alice.account);
+        return c && JSON.stringify(c.relays) === JSON.stringify([one]);
+      }, WAIT);
+      await a.screenshot({ path: join(OUT, 'alice-settings.png') });
+      await a.keyboard.press('Escape');
     });
 
     await check('alice\'s chat list shows bob\'s new name and picture', async () => {

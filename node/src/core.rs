@@ -151,6 +151,12 @@ pub(crate) enum CoreInput {
         change: ChatChange,
         reply: oneshot::Sender<Result<ChatView, NodeError>>,
     },
+    /// Replaces our home relays: saved, handed to every contact in a new
+    /// mailbox grant, and the ones given up kept for draining a while.
+    SetHomeRelays {
+        relays: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<tidings_store::Settings, NodeError>>,
+    },
     /// This account's name, picture, read receipts and presence sharing.
     ChangeSettings {
         change: SettingsChange,
@@ -437,6 +443,12 @@ pub(crate) type Refusals = Arc<std::sync::Mutex<HashMap<([u8; 32], PeerId), Refu
 /// Most (recipient, relay) pairs whose refusals are remembered.
 const MAX_REFUSALS: usize = 1024;
 
+/// Most home relays an account names (in grants, settings and records).
+pub const MAX_HOME_RELAYS: usize = 8;
+/// How long a relay given up is still drained for mail: contacts who were
+/// away when the change went out keep leaving mail there until they hear of it.
+pub const RETIRED_RELAY_DRAIN_MS: u64 = 14 * 24 * 3600 * 1000;
+
 enum Abort {
     Envelope(usize, String),
     Store(StoreError),
@@ -637,6 +649,9 @@ impl Core {
             }
             CoreInput::ChangeSettings { change, reply } => {
                 let _ = reply.send(self.change_settings(change));
+            }
+            CoreInput::SetHomeRelays { relays, reply } => {
+                let _ = reply.send(self.set_home_relays(relays));
             }
             CoreInput::Chats { chat, reply } => {
                 let r = match chat {
@@ -1645,7 +1660,10 @@ impl Core {
 
     /// Takes a contact device's mailbox grant: the capabilities that its own
     /// device key issued for its own inbox replace the ones we held for that
-    /// inbox; its relays are kept if we knew none. Anything else is ignored.
+    /// inbox, and its relays (if it names any) replace the ones we knew: a
+    /// grant comes through the conversation, from the contact's own device,
+    /// and the newest one tells where its mail goes now. Anything else is
+    /// ignored.
     fn accept_grant(
         &mut self,
         account: [u8; 32],
@@ -1677,14 +1695,16 @@ impl Core {
                 .is_none_or(|body| body.inbox_id != inbox)
         });
         contact.capabilities.extend(valid);
-        if contact.relays.is_empty() {
-            contact.relays = relays
-                .into_iter()
-                .filter(|r| {
-                    r.parse::<Multiaddr>()
-                        .is_ok_and(|a| matches!(a.iter().last(), Some(Protocol::P2p(_))))
-                })
-                .collect();
+        let relays: Vec<String> = relays
+            .into_iter()
+            .filter(|r| {
+                r.parse::<Multiaddr>()
+                    .is_ok_and(|a| matches!(a.iter().last(), Some(Protocol::P2p(_))))
+            })
+            .take(MAX_HOME_RELAYS)
+            .collect();
+        if !relays.is_empty() {
+            contact.relays = relays;
         }
         self.store.put_contact(&contact)?;
         debug!(contact = %bs58::encode(account).into_string(), "mailbox grant taken");

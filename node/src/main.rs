@@ -728,17 +728,38 @@ async fn run(
     api: SocketAddr,
     mdns: bool,
     dht_client: bool,
-    home_relays: Vec<Multiaddr>,
+    flag_relays: Vec<Multiaddr>,
     open: bool,
 ) -> anyhow::Result<()> {
-    for r in &home_relays {
+    for r in &flag_relays {
         if !matches!(r.iter().last(), Some(Protocol::P2p(_))) {
             bail!("relay address {r} must end in /p2p/<relay id>");
         }
     }
-    if home_relays.len() < 2 {
+    // `--relay` replaces the saved home relays; without it the saved ones
+    // (last set here or in the web UI) are used.
+    let mut settings = store.settings()?;
+    let saved: Option<Vec<Multiaddr>> = settings
+        .home_relays
+        .as_ref()
+        .map(|list| list.iter().filter_map(|a| a.parse().ok()).collect());
+    let (home_relays, change_to) = match saved {
+        Some(saved) if flag_relays.is_empty() || saved == flag_relays => (saved, None),
+        // Started on the saved ones and then changed, so that contacts hear
+        // of the change and the old ones are still drained for a while.
+        Some(saved) => (saved, Some(flag_relays)),
+        None => {
+            if !flag_relays.is_empty() {
+                settings.home_relays = Some(flag_relays.iter().map(ToString::to_string).collect());
+                store.put_settings(&settings)?;
+            }
+            (flag_relays, None)
+        }
+    };
+    let wanted = change_to.as_ref().unwrap_or(&home_relays);
+    if wanted.len() < 2 {
         tracing::warn!(
-            relays = home_relays.len(),
+            relays = wanted.len(),
             "fewer than two home relays: mail for you while you are away rests with a single operator, or none; \
              pass --relay twice"
         );
@@ -769,6 +790,11 @@ async fn run(
     )
     .await?;
     let handle = node.handle();
+    if let Some(relays) = change_to {
+        let relays: Vec<String> = relays.iter().map(ToString::to_string).collect();
+        handle.set_home_relays(&relays).await?;
+        note!("home relays changed to {}", relays.join(", "));
+    }
     let served = tidings_node::api::serve_api(handle.clone(), api, &token).await?;
     let login = served.login_url(tidings_node::Clock::system().now_ms());
     let (api_addr, api_task) = (served.addr, served.task);

@@ -265,6 +265,9 @@ enum Command {
         peer: PeerId,
         addr: Multiaddr,
     },
+    SetRelays {
+        relays: Vec<Multiaddr>,
+    },
     IsConnected {
         peer: PeerId,
         reply: oneshot::Sender<bool>,
@@ -376,6 +379,12 @@ impl Network {
     /// Remembers an address for a peer (used when dialling it).
     pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) {
         let _ = self.tx.send(Command::AddAddress { peer, addr }).await;
+    }
+
+    /// Holds circuit reservations on exactly these relays (`…/p2p/<relay id>`):
+    /// new ones are dialled and reserved on, dropped ones are let go.
+    pub async fn set_relays(&self, relays: Vec<Multiaddr>) {
+        let _ = self.tx.send(Command::SetRelays { relays }).await;
     }
 
     /// The record this node's own DHT store holds under `key`.
@@ -819,6 +828,7 @@ impl EventLoop {
             Command::AddAddress { peer, addr } => {
                 self.swarm.add_peer_address(peer, addr);
             }
+            Command::SetRelays { relays } => self.set_relays(relays),
             Command::LocalRecord { key, reply } => {
                 let rec = b.kad.store_mut().get(&RecordKey::new(&key)).map(|r| r.value.clone());
                 let _ = reply.send(rec);
@@ -1042,6 +1052,42 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),
             _ => {}
         }
+    }
+
+    fn set_relays(&mut self, relays: Vec<Multiaddr>) {
+        let wanted: HashMap<PeerId, Multiaddr> = relays
+            .into_iter()
+            .filter_map(|a| match a.iter().last() {
+                Some(Protocol::P2p(p)) => Some((p, a)),
+                _ => None,
+            })
+            .collect();
+        let dropped: Vec<PeerId> = self
+            .reservations
+            .keys()
+            .filter(|p| !wanted.contains_key(p))
+            .copied()
+            .collect();
+        for relay in dropped {
+            if let Some(Reservation { listener: Some(id), .. }) = self.reservations.remove(&relay) {
+                self.swarm.remove_listener(id);
+            }
+        }
+        for (relay, addr) in wanted {
+            if self.reservations.contains_key(&relay) {
+                continue;
+            }
+            self.swarm.add_peer_address(relay, addr.clone());
+            self.swarm.behaviour_mut().kad.add_address(&relay, addr.clone());
+            self.reservations.insert(
+                relay,
+                Reservation {
+                    circuit: addr.with(Protocol::P2pCircuit),
+                    listener: None,
+                },
+            );
+        }
+        self.reserve_circuits(true);
     }
 
     /// Starts a reservation on every relay we are connected to and hold none

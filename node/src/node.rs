@@ -205,6 +205,9 @@ impl Inner {
     }
 }
 
+/// A relay's peer id and its address.
+type RelayAddr = (PeerId, Multiaddr);
+
 pub(crate) struct Inner {
     tx: mpsc::Sender<CoreInput>,
     net: Network,
@@ -212,7 +215,10 @@ pub(crate) struct Inner {
     events: broadcast::Sender<NodeEvent>,
     account_seed: [u8; 32],
     device_seed: [u8; 32],
-    home_relays: Vec<Multiaddr>,
+    /// Our home relays as they are now (they can change while we run).
+    home_relays: std::sync::RwLock<Vec<Multiaddr>>,
+    /// Wakes the mailbox sync task (home relays changed).
+    mailbox_wake: tokio::sync::Notify,
     account: AccountId,
     cert: DeviceCertificate,
     name: String,
@@ -332,7 +338,8 @@ impl Node {
                 events,
                 account_seed: identity.account_seed,
                 device_seed: identity.device_seed,
-                home_relays: config.home_relays.clone(),
+                home_relays: std::sync::RwLock::new(config.home_relays.clone()),
+                mailbox_wake: tokio::sync::Notify::new(),
                 account: account_key.id(),
                 cert,
                 name: identity.name,
@@ -346,18 +353,7 @@ impl Node {
         };
         info!(account = %handle.account(), peer = %handle.peer_id(), "node started");
         tasks.push(handle.spawn_contact_resolver());
-        let relays: Vec<(PeerId, Multiaddr)> = handle
-            .inner
-            .home_relays
-            .iter()
-            .filter_map(|a| match a.iter().last() {
-                Some(libp2p::multiaddr::Protocol::P2p(p)) => Some((p, a.clone())),
-                _ => None,
-            })
-            .collect();
-        if !relays.is_empty() {
-            tasks.push(tokio::spawn(handle.clone().mailbox_sync(relays)));
-        }
+        tasks.push(tokio::spawn(handle.clone().mailbox_sync()));
         tasks.push(tokio::spawn(handle.clone().group_sync()));
         // Presence: a heartbeat to contacts while this account shares it.
         let h = handle.clone();
@@ -450,12 +446,63 @@ impl NodeHandle {
         self.inner.events.subscribe()
     }
 
+    /// Our home relays as they are now.
+    pub fn home_relays(&self) -> Vec<String> {
+        self.home_relay_addrs().iter().map(ToString::to_string).collect()
+    }
+
+    fn home_relay_addrs(&self) -> Vec<Multiaddr> {
+        self.inner.home_relays.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Replaces our home relays while the node runs: saved in the settings,
+    /// circuits reserved on the new ones and let go on the old, a new mailbox
+    /// grant to every contact, the user record republished. Relays given up
+    /// are still drained for mail for [`crate::core::RETIRED_RELAY_DRAIN_MS`].
+    pub async fn set_home_relays(&self, relays: &[String]) -> Result<(), NodeError> {
+        if relays.len() > crate::core::MAX_HOME_RELAYS {
+            return Err(NodeError::InvalidInput(format!(
+                "at most {} home relays",
+                crate::core::MAX_HOME_RELAYS
+            )));
+        }
+        let mut addrs: Vec<Multiaddr> = Vec::new();
+        for r in relays {
+            let a: Multiaddr = r
+                .trim()
+                .parse()
+                .map_err(|_| NodeError::InvalidInput(format!("not a multiaddr: {r:.200}")))?;
+            if !matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                return Err(NodeError::InvalidInput(format!(
+                    "relay address {a} must end in /p2p/<relay id>"
+                )));
+            }
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
+        self.core(|reply| CoreInput::SetHomeRelays {
+            relays: addrs.clone(),
+            reply,
+        })
+        .await?;
+        if let Ok(mut r) = self.inner.home_relays.write() {
+            *r = addrs.clone();
+        }
+        self.inner.net.set_relays(addrs).await;
+        self.inner.mailbox_wake.notify_one();
+        if let Err(e) = self.publish_record().await {
+            debug!("user record not republished after the relay change: {e}");
+        }
+        Ok(())
+    }
+
     pub fn card(&self) -> ContactCard {
         ContactCard {
             account: self.inner.account,
             name: self.name(),
             devices: vec![self.inner.cert.clone()],
-            relays: self.inner.home_relays.iter().map(|a| a.to_string()).collect(),
+            relays: self.home_relays(),
             capabilities: vec![mailbox::issue_capability(
                 &self.inner.device_seed,
                 self.inner.cert.expires_ms,
@@ -493,7 +540,7 @@ impl NodeHandle {
             &key,
             seq,
             &devices,
-            &self.inner.home_relays.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            &self.home_relays(),
             &self.name(),
             self.inner.clock.now_ms(),
         );
@@ -749,7 +796,7 @@ impl NodeHandle {
     /// One key package from each of our other devices that answers (or from
     /// our relays when it is away).
     async fn own_key_packages(&self) -> Vec<Vec<u8>> {
-        let relays: Vec<String> = self.inner.home_relays.iter().map(|a| a.to_string()).collect();
+        let relays: Vec<String> = self.home_relays();
         let mut out = Vec::new();
         for cert in self.devices().unwrap_or_default() {
             if cert.device_key == self.inner.cert.device_key {
@@ -837,7 +884,7 @@ impl NodeHandle {
                 accounts.push(account);
             }
         }
-        let relays: Vec<String> = self.inner.home_relays.iter().map(|a| a.to_string()).collect();
+        let relays: Vec<String> = self.home_relays();
         let name = name.to_owned();
         let gid = self
             .core(|reply| CoreInput::CreateGroup { name, relays, reply })
@@ -1147,7 +1194,7 @@ impl NodeHandle {
             Some(m) => m,
             None => return,
         };
-        let relays: Vec<String> = self.inner.home_relays.iter().map(|a| a.to_string()).collect();
+        let relays: Vec<String> = self.home_relays();
         for (group_id, cert) in missing {
             let kp = match peer_id_of(&cert.device_key) {
                 Some(peer) => match self.fetch_key_package(peer).await {
@@ -1475,7 +1522,31 @@ impl NodeHandle {
     /// Keeps this device's relay mailboxes drained: on start it fetches
     /// everything that waited while it was away (direct deliveries wait until
     /// then), then subscribes for pushes, and re-checks periodically.
-    async fn mailbox_sync(self, relays: Vec<(PeerId, Multiaddr)>) {
+    /// The relays to fetch our mail from: the home relays, then the ones
+    /// given up that are still drained.
+    fn mail_relays(&self) -> (Vec<RelayAddr>, Vec<RelayAddr>) {
+        let with_peer = |a: Multiaddr| match a.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(p)) => Some((p, a)),
+            _ => None,
+        };
+        let home: Vec<RelayAddr> = self.home_relay_addrs().into_iter().filter_map(with_peer).collect();
+        let now = self.inner.clock.now_ms();
+        let retired = self
+            .inner
+            .store
+            .settings()
+            .map(|s| s.retired_relays)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, until)| *until > now)
+            .filter_map(|(a, _)| a.parse::<Multiaddr>().ok())
+            .filter_map(with_peer)
+            .filter(|(p, _)| !home.iter().any(|(h, _)| h == p))
+            .collect();
+        (home, retired)
+    }
+
+    async fn mailbox_sync(self) {
         let _ = self.inner.tx.send(CoreInput::CatchingUp(true)).await;
         // Unreachable relays must not hold direct deliveries back for long.
         let tx = self.inner.tx.clone();
@@ -1486,7 +1557,8 @@ impl NodeHandle {
         let mut published = std::collections::HashSet::new();
         let mut first = true;
         loop {
-            for (relay, addr) in &relays {
+            let (relays, retired) = self.mail_relays();
+            for (relay, addr) in relays.iter().chain(&retired) {
                 self.inner.net.add_address(*relay, addr.clone()).await;
                 for request_inbox in [false, true] {
                     match self.drain_inbox(*relay, request_inbox).await {
@@ -1529,7 +1601,10 @@ impl NodeHandle {
                     Err(e) => debug!(relay = %relay, "publishing key packages failed: {e}"),
                 }
             }
-            tokio::time::sleep(MAILBOX_RECHECK).await;
+            tokio::select! {
+                _ = tokio::time::sleep(MAILBOX_RECHECK) => {}
+                _ = self.inner.mailbox_wake.notified() => {}
+            }
         }
     }
 
@@ -1655,7 +1730,7 @@ impl NodeHandle {
             dht_peers: net.dht_peers,
             hole_punches: net.hole_punches,
             outbox: self.inner.store.outbox_len()?,
-            home_relays: self.inner.home_relays.iter().map(|a| a.to_string()).collect(),
+            home_relays: self.home_relays(),
             mail_missing: self
                 .inner
                 .store

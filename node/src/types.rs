@@ -13,6 +13,8 @@ pub struct ContactView {
     pub name: String,
     pub devices: usize,
     pub conversations: usize,
+    /// The relays where their mail waits while they are away.
+    pub relays: Vec<String>,
 }
 
 impl ContactView {
@@ -22,6 +24,7 @@ impl ContactView {
             name: c.name.clone(),
             devices: c.devices.len(),
             conversations: c.conversations.len(),
+            relays: c.relays.clone(),
         }
     }
 }

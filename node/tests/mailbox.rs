@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::*;
+use libp2p::Multiaddr;
 use tidings_node::NodeEvent;
 use tidings_node::demo::{RelayTestOptions, start_relay_with};
 use tidings_protocol::mailbox;
@@ -348,4 +349,76 @@ async fn first_message_to_an_offline_person_uses_a_key_package_from_their_relay(
             .unwrap_or(false)
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_relay_change_reaches_contacts_and_their_mail_then_waits_on_the_new_relay() {
+    let r = relays(2).await;
+    let base = r.dir.path();
+    let start = |name: &'static str, home: Multiaddr| {
+        let boot = vec![r.addrs[0].clone()];
+        async move {
+            tidings_node::demo::start_node_with_relays(&base.join(name), name, boot, vec![home])
+                .await
+                .unwrap()
+        }
+    };
+    let a_node = start("alice", r.addrs[0].clone()).await;
+    let b_node = start("bob", r.addrs[0].clone()).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    befriend(&a, &b).await;
+    a.send_text(&acct(&b), "hello").await.unwrap();
+    eventually("bob got hello", || b.history(&acct(&a)).unwrap().len() == 1).await;
+
+    // Bad lists are refused whole.
+    assert!(a.set_home_relays(&["/ip4/127.0.0.1/tcp/1".into()]).await.is_err());
+    let nine: Vec<String> = (0..9).map(|_| r.addrs[1].to_string()).collect();
+    assert!(a.set_home_relays(&nine).await.is_err());
+
+    let new = r.addrs[1].to_string();
+    a.set_home_relays(std::slice::from_ref(&new)).await.unwrap();
+    assert_eq!(a.home_relays(), vec![new.clone()]);
+    assert_eq!(a.card().relays, vec![new.clone()]);
+    let saved = a.store().settings().unwrap();
+    assert_eq!(saved.home_relays, Some(vec![new.clone()]));
+    assert_eq!(
+        saved.retired_relays.len(),
+        1,
+        "the old relay is still drained for a while"
+    );
+    assert_eq!(saved.retired_relays[0].0, r.addrs[0].to_string());
+    let a_account: [u8; 32] = bs58::decode(acct(&a)).into_vec().unwrap().try_into().unwrap();
+    eventually("bob heard of alice's new relay", || {
+        b.store().contact(&a_account).unwrap().unwrap().relays == vec![new.clone()]
+    })
+    .await;
+
+    // Alice goes away: bob's mail for her waits on the new relay, not the old one.
+    let a_acct = acct(&a);
+    drop(a);
+    a_node.shutdown().await;
+    let sent = b.send_text(&a_acct, "on the new relay").await.unwrap();
+    let id: [u8; 16] = hex::decode(&sent.id).unwrap().try_into().unwrap();
+    eventually("in a relay's custody", || {
+        b.store().outbox_len().unwrap() == 0 && !b.store().receipts(&id).unwrap().is_empty()
+    })
+    .await;
+    for bytes in b.store().receipts(&id).unwrap() {
+        let receipt = mailbox::verify_receipt(&prost::Message::decode(bytes.as_slice()).unwrap()).unwrap();
+        assert_eq!(
+            receipt.relay_key,
+            r.nodes[1].handle().card().devices[0].device_key,
+            "custody taken by the new relay"
+        );
+    }
+    let a_node = start("alice", r.addrs[1].clone()).await;
+    let a = a_node.handle();
+    eventually("alice got it from her new relay", || {
+        a.history(&acct(&b))
+            .unwrap()
+            .iter()
+            .any(|m| m.text == "on the new relay")
+    })
+    .await;
+    drop(r.nodes);
 }

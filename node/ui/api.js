@@ -43,6 +43,7 @@ export const api = {
   card: () => get('/api/card'),
   settings: () => get('/api/settings'),
   saveSettings: (body) => patch('/api/settings', body),
+  setPassphrase: (current, next) => post('/api/settings/passphrase', { current, new: next }),
   chats: () => get('/api/chats'),
   chat: (id) => get(`/api/chats/${enc(id)}`),
   updateChat: (id, body) => patch(`/api/chats/${enc(id)}`, body),

@@ -265,7 +265,7 @@ export async function settings(ctx) {
     save);
   form.addEventListener('submit', busy(save, async () => {
     const body = { name: name.value.trim(), read_receipts: receipts.checked, presence: presence.checked };
-    if (picture !== s.picture) body.picture = picture || null;
+    if (picture !== s.picture) body.picture = picture || '';
     try {
       s = await ctx.api.saveSettings(body);
       ctx.setMe({ name: s.name, picture: s.picture, account: s.account });
@@ -274,8 +274,68 @@ export async function settings(ctx) {
   }));
   open('Settings',
     form,
-    section('Home relays', (s.home_relays || []).length
-      ? h('ul', { class: 'plain mono small' }, s.home_relays.map((r) => h('li', { text: r })))
-      : h('p', { class: 'muted-text', text: 'None: start the node with --relay to receive mail while away.' })),
+    relaysSection(ctx, s),
+    passphraseSection(ctx, s),
     section('Account', h('p', { class: 'mono small', text: s.account })));
+}
+
+function relaysSection(ctx, s) {
+  const list = h('textarea', {
+    class: 'mono small', rows: 4, value: (s.home_relays || []).join('\n'),
+    placeholder: '/dns4/relay.example.org/tcp/4001/p2p/12D3Koo…',
+    attrs: { 'aria-label': 'Home relays, one per line', spellcheck: 'false' },
+  });
+  const save = h('button', { type: 'submit', class: 'btn', text: 'Save relays' });
+  const form = h('form', { class: 'stack', id: 'relays-form' },
+    field('One address per line', list),
+    h('p', { class: 'small muted-text', text: 'Your mail waits on these while you are away. Two or more run by different people are safest. Contacts hear of a change at once; relays you drop are still emptied for two weeks.' }),
+    save);
+  form.addEventListener('submit', busy(save, async () => {
+    const relays = list.value.split('\n').map((l) => l.trim()).filter(Boolean);
+    try {
+      const saved = await ctx.api.saveSettings({ home_relays: relays });
+      list.value = saved.home_relays.join('\n');
+      ctx.toast('Home relays saved');
+    } catch (e) { ctx.fail(e); }
+  }));
+  return section('Home relays', form);
+}
+
+function passphraseSection(ctx, s) {
+  const slot = h('div', { class: 'stack' });
+  const draw = (set) => {
+    const pw = (label) => h('input', { type: 'password', autocomplete: 'new-password', attrs: { 'aria-label': label } });
+    const current = pw('Current passphrase');
+    const next = pw('New passphrase');
+    const again = pw('New passphrase again');
+    const apply = h('button', { type: 'submit', class: 'btn', text: set ? 'Change passphrase' : 'Set passphrase' });
+    const removeBtn = set ? h('button', { type: 'button', class: 'btn danger', text: 'Remove passphrase' }) : null;
+    const form = h('form', { class: 'stack', id: 'passphrase-form' },
+      h('p', { class: 'small muted-text', text: set
+        ? 'This device\'s keys are sealed under your passphrase; the node asks for it when it starts. There is no way back in without it.'
+        : 'Seal this device\'s keys under a passphrase (6 characters or more). The node then asks for it when it starts.' }),
+      set ? field('Current passphrase', current) : null,
+      field('New passphrase', next),
+      field('Again', again),
+      h('div', { class: 'row-form' }, apply, removeBtn));
+    const done = async (fn, msg) => {
+      try {
+        const r = await fn();
+        ctx.toast(msg);
+        draw(r.passphrase);
+      } catch (e) { ctx.fail(e); }
+    };
+    form.addEventListener('submit', busy(apply, async () => {
+      if (next.value !== again.value) { ctx.toast('The two new passphrases differ'); return; }
+      await done(() => ctx.api.setPassphrase(set ? current.value : null, next.value), set ? 'Passphrase changed' : 'Passphrase set');
+    }));
+    if (removeBtn) {
+      removeBtn.addEventListener('click', busy(removeBtn, async () => {
+        await done(() => ctx.api.setPassphrase(current.value, null), 'Passphrase removed');
+      }));
+    }
+    replace(slot, form);
+  };
+  draw(!!s.passphrase);
+  return section('Passphrase', slot);
 }

@@ -246,6 +246,13 @@ pub struct Settings {
     /// Our profile picture: (type, bytes).
     #[serde(default)]
     pub picture: Option<(String, Vec<u8>)>,
+    /// Home relays as last chosen (`None`: never chosen, the command line decides).
+    #[serde(default)]
+    pub home_relays: Option<Vec<String>>,
+    /// Relays given up, with the time (ms) until which they are still drained
+    /// for mail that contacts left there before they heard of the change.
+    #[serde(default)]
+    pub retired_relays: Vec<(String, u64)>,
 }
 
 fn yes() -> bool {
@@ -258,6 +265,8 @@ impl Default for Settings {
             read_receipts: true,
             presence: false,
             picture: None,
+            home_relays: None,
+            retired_relays: Vec::new(),
         }
     }
 }

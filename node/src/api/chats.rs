@@ -106,6 +106,9 @@ pub struct SettingsPatch {
     pub read_receipts: Option<bool>,
     #[serde(default)]
     pub presence: Option<bool>,
+    /// Home relays, each `…/p2p/<relay id>` (at most 8): replaces the list.
+    #[serde(default)]
+    pub home_relays: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -265,6 +268,9 @@ async fn patch_settings(
     b: Result<Json<SettingsPatch>, JsonRejection>,
 ) -> Result<Json<SettingsView>, ApiError> {
     let b = body(b)?;
+    if let Some(relays) = &b.home_relays {
+        s.node.set_home_relays(relays).await?;
+    }
     Ok(Json(
         s.node
             .change_settings(b.name.as_deref(), b.picture.as_deref(), b.read_receipts, b.presence)

@@ -483,6 +483,52 @@ impl Core {
         }
     }
 
+    /// Replaces our home relays (checked by the caller): saved with the ones
+    /// given up (drained until [`super::RETIRED_RELAY_DRAIN_MS`] from now),
+    /// and a new mailbox grant naming them goes to every contact.
+    pub(super) fn set_home_relays(&mut self, relays: Vec<libp2p::Multiaddr>) -> Result<Settings, NodeError> {
+        let now = self.clock.now_ms();
+        let names: Vec<String> = relays.iter().map(ToString::to_string).collect();
+        let store = self.store.clone();
+        let r = store.unit(|| -> Result<(Settings, Sealed), NodeError> {
+            let mut s = store.settings()?;
+            let before = s.home_relays.clone().unwrap_or_else(|| self.grant.relays.clone());
+            s.retired_relays.retain(|(r, until)| *until > now && !names.contains(r));
+            for r in before {
+                if !names.contains(&r) && !s.retired_relays.iter().any(|(x, _)| *x == r) {
+                    s.retired_relays.push((r, now + super::RETIRED_RELAY_DRAIN_MS));
+                }
+            }
+            s.home_relays = Some(names.clone());
+            store.put_settings(&s)?;
+            let grant = Body::Grant {
+                capabilities: self.grant.capabilities.clone(),
+                relays: names.clone(),
+            };
+            Ok((s, self.seal_for_contacts(grant, now)?))
+        });
+        match r {
+            Ok((s, sealed)) => {
+                self.home_relays = relays
+                    .iter()
+                    .filter_map(|a| match a.iter().last() {
+                        Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
+                        _ => None,
+                    })
+                    .collect();
+                self.grant.relays = names;
+                self.dispatch(sealed);
+                info!(relays = self.home_relays.len(), "home relays changed");
+                Ok(s)
+            }
+            Err(e) => {
+                self.groups.clear();
+                self.members.clear();
+                Err(e)
+            }
+        }
+    }
+
     /// Our profile for a contact we just got a conversation with, if we have
     /// a picture (the name travels in cards and user records already).
     pub(super) fn profile_for(&mut self, contact: [u8; 32], now: u64) -> Result<Sealed, NodeError> {
