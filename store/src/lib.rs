@@ -286,6 +286,13 @@ impl Store {
         })
     }
 
+    /// Writes one raw row of the MLS table, sealed like any other
+    /// (benchmarks of the passphrase only; openmls goes through the provider).
+    #[doc(hidden)]
+    pub fn put_mls_row_for_bench(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.mls_put(key, value)
+    }
+
     pub(crate) fn mls_delete(&self, key: &[u8]) -> Result<()> {
         self.with_txn(true, |w| {
             w.open_table(MLS)?.remove(key)?;
