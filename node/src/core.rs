@@ -417,6 +417,9 @@ pub(crate) struct Core {
     group_targets: HashMap<[u8; 32], (Vec<u8>, groups::GroupTarget)>,
     /// Groups joined while applying received envelopes (targets set up after commit).
     joined_groups: Vec<Vec<u8>>,
+    /// Texts taken from our mailbox in the unit under way, per contact: a
+    /// delivery receipt goes back for them in the same unit.
+    mailbox_texts: HashMap<[u8; 32], Vec<[u8; 16]>>,
     /// The open device-link offer, if any.
     link: LinkOffers,
     /// Our leaf keys in a group older than this are renewed by a self-update.
@@ -544,6 +547,7 @@ impl Core {
             deferred: Vec::new(),
             group_targets: HashMap::new(),
             joined_groups: Vec::new(),
+            mailbox_texts: HashMap::new(),
             link,
             self_update_interval_ms: SELF_UPDATE_INTERVAL_MS,
             mend_dirty: true,
@@ -1297,6 +1301,7 @@ impl Core {
         loop {
             let mut out = Vec::with_capacity(n);
             let mut events = Vec::new();
+            self.mailbox_texts.clear();
             let result = store.unit(|| -> Result<(), Abort> {
                 let mut stop = false;
                 for (i, env) in req.envelopes.iter().enumerate() {
@@ -1345,6 +1350,7 @@ impl Core {
                         events.push(NodeEvent::MailMissing(MailGapView::from_gap(&gap)));
                     }
                 }
+                self.seal_delivery_receipts(now)?;
                 // Every envelope applied: show new messages now, before the
                 // durable commit. That is safe: the sender keeps them until our
                 // ack, which only follows the commit. Should the commit fail,
@@ -1573,7 +1579,11 @@ impl Core {
                         if msg.outgoing {
                             msg.state = MessageState::Delivered;
                         }
-                        if self.store.insert_message(&msg)? {
+                        let inserted = self.store.insert_message(&msg)?;
+                        if inserted && via_mailbox && !msg.outgoing {
+                            self.mailbox_texts.entry(conv.peer).or_default().push(msg.id);
+                        }
+                        if inserted {
                             self.note_expiry(msg.expires_ms);
                             if !msg.outgoing {
                                 self.touched.insert(msg.peer);
@@ -1593,6 +1603,23 @@ impl Core {
         }
         self.store.mark_envelope_seen(&id, now)?;
         Ok(Apply::Status(DeliverStatus::Accepted))
+    }
+
+    /// Delivery receipts for the texts this unit took from our mailbox (a
+    /// direct delivery is acknowledged on the connection instead), into the
+    /// unit's deferred sends.
+    fn seal_delivery_receipts(&mut self, now: u64) -> Result<(), Abort> {
+        for (contact, ids) in std::mem::take(&mut self.mailbox_texts) {
+            for chunk in ids.chunks(tidings_protocol::payload::MAX_READ_IDS) {
+                let body = Body::Delivered { ids: chunk.to_vec() };
+                match self.seal(&ChatRef::Contact(contact), body, now) {
+                    Ok(sealed) => self.deferred.extend(sealed.into_entries()),
+                    Err(NodeError::Store(e)) => return Err(Abort::Store(e)),
+                    Err(e) => debug!("no delivery receipt for mail from a contact: {e}"),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Outbox entries telling every other member of the one-to-one

@@ -422,3 +422,47 @@ async fn a_home_relay_change_reaches_contacts_and_their_mail_then_waits_on_the_n
     .await;
     drop(r.nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_taken_from_a_mailbox_shows_as_delivered_to_its_sender() {
+    let r = relays(1).await;
+    let base = r.dir.path();
+    let a_node = user(base, "alice", &r).await;
+    let b_node = user(base, "bob", &r).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
+    befriend(&a, &b).await;
+    a.send_text(&acct(&b), "hello").await.unwrap();
+    eventually("bob got hello", || b.history(&acct(&a)).unwrap().len() == 1).await;
+    let b_acct = acct(&b);
+    drop(b);
+    b_node.shutdown().await;
+
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(a.send_text(&b_acct, &format!("away {i}")).await.unwrap().id);
+        }
+        ids
+    };
+    let state_of = |id: &str| {
+        a.history(&b_acct)
+            .unwrap()
+            .into_iter()
+            .find(|m| m.id == id)
+            .map(|m| m.state)
+    };
+    eventually("stored on the relay", || {
+        ids.iter().all(|id| state_of(id) == Some(MessageState::Stored))
+    })
+    .await;
+
+    // Bob comes back and takes them from his mailbox; he reads nothing, so
+    // "delivered" (not "read") is what alice sees.
+    let b_node = user(base, "bob", &r).await;
+    eventually("delivered", || {
+        ids.iter().all(|id| state_of(id) == Some(MessageState::Delivered))
+    })
+    .await;
+    drop(b_node);
+    drop(r.nodes);
+}

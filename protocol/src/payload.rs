@@ -81,6 +81,8 @@ pub enum Body {
     Delete { target: MessageId },
     /// Control: the sender read these messages.
     Read { ids: Vec<MessageId> },
+    /// Control: the sender's device fetched these messages from its mailbox.
+    Delivered { ids: Vec<MessageId> },
     /// Ephemeral: the sender is typing.
     Typing,
     /// Control: the conversation's disappearing-messages timer (0: off).
@@ -129,6 +131,14 @@ pub fn picture_ok(kind: &str, bytes: &[u8]) -> bool {
 
 fn target(b: &[u8]) -> Result<MessageId, PayloadError> {
     b.try_into().map_err(|_| PayloadError::BadTarget)
+}
+
+/// The ids of a read or delivery receipt: 1 to [`MAX_READ_IDS`] message ids.
+fn receipt_ids(ids: &[Vec<u8>]) -> Result<Vec<MessageId>, PayloadError> {
+    if ids.is_empty() || ids.len() > MAX_READ_IDS {
+        return Err(PayloadError::BadReceipt);
+    }
+    ids.iter().map(|i| target(i)).collect()
 }
 
 /// A decoded, validated application payload.
@@ -185,6 +195,9 @@ impl Payload {
                 target: target.to_vec(),
             }),
             Body::Read { ids } => B::Read(pb::ReadReceipt {
+                ids: ids.iter().map(|i| i.to_vec()).collect(),
+            }),
+            Body::Delivered { ids } => B::Delivered(pb::DeliveryReceipt {
                 ids: ids.iter().map(|i| i.to_vec()).collect(),
             }),
             Body::Typing => B::Typing(pb::Typing {}),
@@ -273,14 +286,12 @@ impl Payload {
             B::Delete(d) => Body::Delete {
                 target: target(&d.target)?,
             },
-            B::Read(r) => {
-                if r.ids.is_empty() || r.ids.len() > MAX_READ_IDS {
-                    return Err(PayloadError::BadReceipt);
-                }
-                Body::Read {
-                    ids: r.ids.iter().map(|i| target(i)).collect::<Result<_, _>>()?,
-                }
-            }
+            B::Read(r) => Body::Read {
+                ids: receipt_ids(&r.ids)?,
+            },
+            B::Delivered(r) => Body::Delivered {
+                ids: receipt_ids(&r.ids)?,
+            },
             B::Typing(_) => Body::Typing,
             B::Timer(t) => {
                 if t.secs > MAX_TIMER_SECS {
@@ -410,6 +421,7 @@ mod tests {
             Body::Read {
                 ids: vec![[4; 16], [5; 16]],
             },
+            Body::Delivered { ids: vec![[6; 16]] },
             Body::Typing,
             Body::Timer { secs: 60 },
             Body::Presence { online: true },
@@ -451,6 +463,13 @@ mod tests {
                 PayloadError::BadReceipt,
             ),
             (Body::Read { ids: Vec::new() }, PayloadError::BadReceipt),
+            (
+                Body::Delivered {
+                    ids: vec![[0; 16]; MAX_READ_IDS + 1],
+                },
+                PayloadError::BadReceipt,
+            ),
+            (Body::Delivered { ids: Vec::new() }, PayloadError::BadReceipt),
             (
                 Body::Timer {
                     secs: MAX_TIMER_SECS + 1,

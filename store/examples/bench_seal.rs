@@ -64,8 +64,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     println!("{ROWS} MLS rows of {ROW_BYTES} bytes; medians:");
     println!("  open + unlock (Argon2id, 64 MiB, t=3): {:.1} ms", ms(unlock));
-    println!("  set then remove the passphrase (two rewrites of every secret row, two derivations): {:.1} ms", ms(set));
-    println!("  change the passphrase (two derivations, one row): {:.1} ms", ms(change));
+    println!(
+        "  set then remove the passphrase (two rewrites of every secret row, two derivations): {:.1} ms",
+        ms(set)
+    );
+    println!(
+        "  change the passphrase (two derivations, one row): {:.1} ms",
+        ms(change)
+    );
     println!(
         "  read the identity: plain {:.2} us, sealed {:.2} us (ratio {:.2})",
         read_plain.as_secs_f64() * 1e6,

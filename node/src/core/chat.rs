@@ -658,6 +658,22 @@ impl Core {
                     events.push(NodeEvent::MessageUpdated(self.view(&m)));
                 }
             }
+            Body::Delivered { ids } => {
+                // One-to-one only (groups show delivery by the relays' receipts and reads).
+                if sender == *self.me.as_bytes() || self.store.group_of_chat(&key)?.is_some() {
+                    return Ok(());
+                }
+                for id in ids {
+                    let Some(mut m) = in_chat(&self.store, &id)? else {
+                        continue;
+                    };
+                    if m.outgoing && m.state < MessageState::Delivered {
+                        self.store.set_message_state(&id, MessageState::Delivered)?;
+                        m.state = MessageState::Delivered;
+                        events.push(NodeEvent::MessageUpdated(self.view(&m)));
+                    }
+                }
+            }
             Body::Read { ids } => {
                 if sender == *self.me.as_bytes() {
                     // Another device of ours read them: nothing to show.
