@@ -97,8 +97,8 @@ async function main() {
     await check('the login link signs each person in (session cookie)', async () => {
       if (!A.viaLink || !B.viaLink) throw new Error('the node gave no login link; the pages used the API token header instead');
       const cookies = await A.context.cookies();
-      const s = cookies.find((c) => c.name === 'tidings_session');
-      if (!s) throw new Error('no tidings_session cookie');
+      const s = cookies.find((c) => c.name === `tidings_session_${new URL(alice.base).port}`);
+      if (!s) throw new Error(`no tidings_session_<port> cookie: ${cookies.map((c) => c.name).join(', ')}`);
       if (!s.httpOnly || s.sameSite !== 'Strict') throw new Error(`cookie flags: httpOnly=${s.httpOnly} sameSite=${s.sameSite}`);
     });
 
@@ -267,6 +267,16 @@ async function main() {
       await a.locator('#panel .person', { hasText: 'bob' }).waitFor({ timeout: WAIT });
       await a.screenshot({ path: join(OUT, 'alice-group-info.png') });
       await a.keyboard.press('Escape');
+    });
+
+    await check('alice removes bob from the group; both headers follow without a reload', async () => {
+      await a.locator('.conv-head .head-sub', { hasText: '2 members' }).waitFor({ timeout: WAIT });
+      await b.locator('.conv-head .head-sub', { hasText: '2 members' }).waitFor({ timeout: WAIT });
+      await a.locator('.conv-head button[aria-label="Group info"]').click();
+      await a.locator('#panel button[aria-label="Remove bob"]').click({ timeout: WAIT });
+      await a.keyboard.press('Escape');
+      await a.locator('.conv-head .head-sub', { hasText: 'only you' }).waitFor({ timeout: WAIT });
+      await b.locator('.conv-head .head-sub', { hasText: 'you are no longer a member' }).waitFor({ timeout: WAIT });
     });
 
     await check('devices panel lists this device and gives a link code', async () => {

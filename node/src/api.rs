@@ -6,7 +6,7 @@
 //! - `Authorization: Bearer <token>`: the token in the data directory's
 //!   `api-token` file (full scope), or a scoped token made with
 //!   `tidings token create --scope read|send|full` (stored hashed);
-//! - the `tidings_session` cookie a one-time login link (`GET /login?code=…`) sets;
+//! - the `tidings_session_<port>` cookie a one-time login link (`GET /login?code=…`) sets;
 //! - for the WebSocket only, `?token=<token>` (browsers cannot set its headers).
 //!
 //! Scopes: `read` may use every GET route and the event streams; `send` only
@@ -266,7 +266,7 @@ impl utoipa::Modify for Security {
         );
         c.add_security_scheme(
             "session",
-            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new("tidings_session"))),
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new("tidings_session_<port>"))),
         );
     }
 }

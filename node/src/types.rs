@@ -214,6 +214,9 @@ pub struct ChatView {
     pub disappearing_secs: u64,
     /// Accounts in the chat besides ours (1 for a one-to-one chat).
     pub members: u64,
+    /// A group we left or were removed from.
+    #[serde(default)]
+    pub left: bool,
     pub last_activity_ms: u64,
 }
 

@@ -457,7 +457,10 @@ async fn a_login_link_works_once_and_its_cookie_opens_the_api() {
     let r = api
         .http
         .get(format!("{}/api/settings", api.base))
-        .header("Cookie", "tidings_session=forged")
+        .header(
+            "Cookie",
+            format!("tidings_session_{}=forged", api.base.rsplit(':').next().unwrap()),
+        )
         .send()
         .await
         .unwrap();

@@ -600,7 +600,7 @@ async fn scoped_tokens_from_the_cli_work_with_or_without_a_running_node_and_ui_l
         login.headers()["set-cookie"]
             .to_str()
             .unwrap()
-            .starts_with("tidings_session=")
+            .starts_with(&format!("tidings_session_{}=", base.rsplit(':').next().unwrap()))
     );
 }
 

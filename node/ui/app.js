@@ -227,7 +227,7 @@ function onTyping(ev) {
 function subtitle(c) {
   const typing = typingIn(c.id);
   if (typing.length) return { text: c.kind === 'group' ? `${typing.map(nameOf).join(', ')} typing…` : 'typing…', cls: 'typing-text' };
-  if (c.kind === 'group') return { text: memberCount(c), cls: '' };
+  if (c.kind === 'group') return { text: c.left ? 'you are no longer a member' : memberCount(c), cls: '' };
   const p = S.presence.get(c.id.slice(2));
   if (p && p.online) return { text: 'online', cls: '' };
   if (p && p.last_seen_ms) return { text: `last seen ${dayLabel(p.last_seen_ms).toLowerCase()} at ${clock(p.last_seen_ms)}`, cls: '' };

@@ -20,8 +20,18 @@ use utoipa_axum::routes;
 
 use super::{ApiError, ApiState, body, is_read};
 
-/// The session cookie's name.
+/// The session cookie's name is this, then `_` and the API's port: browsers
+/// share cookies between the ports of one host, so two nodes on one machine
+/// must not overwrite each other's session.
 pub const SESSION_COOKIE: &str = "tidings_session";
+
+/// This API's session cookie name.
+pub(crate) fn session_cookie(state: &ApiState) -> String {
+    match state.addr.get() {
+        Some(a) => format!("{SESSION_COOKIE}_{}", a.port()),
+        None => SESSION_COOKIE.to_owned(),
+    }
+}
 /// How long a login code stays valid.
 pub const LOGIN_CODE_MS: u64 = 10 * 60 * 1000;
 /// Most login codes outstanding, and most sessions, at once.
@@ -130,7 +140,7 @@ pub(super) fn scope_of(state: &ApiState, headers: &HeaderMap, req: &Request) -> 
     {
         return token_scope(state, t.trim());
     }
-    if let Some(s) = cookie(headers, SESSION_COOKIE)
+    if let Some(s) = cookie(headers, &session_cookie(state))
         && state.logins.has_session(s)
     {
         return Some(Scope::Full);
@@ -215,7 +225,7 @@ async fn login(
             [
                 (
                     header::SET_COOKIE,
-                    format!("{SESSION_COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/"),
+                    format!("{}={session}; HttpOnly; SameSite=Strict; Path=/", session_cookie(&s)),
                 ),
                 (header::LOCATION, "/".to_owned()),
                 (header::CACHE_CONTROL, "no-store".to_owned()),

@@ -834,6 +834,7 @@ impl Core {
     pub(super) fn chat_view(&mut self, chat: &ChatRef) -> Result<ChatView, NodeError> {
         let key = chat.key();
         let row = self.store.chat(&key)?;
+        let mut left = false;
         let (kind, name, members, since) = match chat {
             ChatRef::Contact(a) => {
                 let c = self
@@ -843,12 +844,13 @@ impl Core {
                 ("contact", c.name, 1, c.added_ms)
             }
             ChatRef::Group(gid) => {
-                let since = self
+                let conv = self
                     .store
                     .conversation(gid)?
                     .filter(|c| c.group.is_some())
-                    .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?
-                    .created_ms;
+                    .ok_or_else(|| NodeError::UnknownGroup(hex::encode(gid)))?;
+                left = conv.group.as_ref().is_some_and(|g| g.left);
+                let since = conv.created_ms;
                 let me = self.me;
                 match load_group(&mut self.groups, &self.provider, gid)? {
                     Some(g) => {
@@ -879,6 +881,7 @@ impl Core {
             muted: row.muted,
             disappearing_secs: row.disappearing_secs,
             members,
+            left,
         })
     }
 

@@ -661,6 +661,8 @@ impl Core {
                     } => {
                         self.members.remove(gid);
                         refresh = true;
+                        // Members or roles may have changed: pages redraw the chat.
+                        self.touched.insert(conv.peer);
                         // A commit ends the epoch's proposals (taken in, or lapsed).
                         row.proposals_since_ms = None;
                         proposals = false;
