@@ -397,6 +397,15 @@ async function main() {
       await a.screenshot({ path: join(OUT, 'alice-long-chat-top.png') });
     });
 
+    await check('with presence shared both ways, alice\'s header shows bob online', async () => {
+      await alice.patch('/api/settings', { presence: true });
+      await bob.patch('/api/settings', { presence: true });
+      await a.locator(`.chat-item[data-chat="c:${bob.account}"]`).click({ timeout: WAIT });
+      await a.locator('.conv-head .head-sub', { hasText: exact('online') }).waitFor({ timeout: WAIT });
+      await alice.patch('/api/settings', { presence: false });
+      await bob.patch('/api/settings', { presence: false });
+    });
+
     const away = 'Sent while bob was away';
     await check('while bob\'s node is down a message shows as stored on a relay; back, he gets it and alice sees it read', async () => {
       await bob.patch('/api/settings', { read_receipts: true });
