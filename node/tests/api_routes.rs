@@ -710,13 +710,27 @@ async fn a_passphrase_set_over_the_api_seals_the_keys_until_it_is_given_again() 
         .call(Method::PATCH, "/api/settings", Some(json!({ "name": "alice 2" })))
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    api._task.abort();
-    let _ = api._task.await;
+    // The HTTP client's idle connections keep server tasks (and the store) alive.
+    let Api { _task: task, http, .. } = api;
+    drop(http);
+    task.abort();
+    let _ = task.await;
     a_node.shutdown().await;
 
     // Restarted from its data directory: locked, and no node starts on it
-    // until the passphrase opens it.
-    let store = tidings_node::open_store(&dir).unwrap();
+    // until the passphrase opens it. (Tasks that held the store end shortly
+    // after the shutdown.)
+    let open = || async {
+        let t0 = std::time::Instant::now();
+        loop {
+            match tidings_node::open_store(&dir) {
+                Ok(s) => return s,
+                Err(_) if t0.elapsed() < TIMEOUT => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("the data directory stays open: {e}"),
+            }
+        }
+    };
+    let store = open().await;
     assert!(store.is_locked().unwrap());
     assert!(matches!(store.identity(), Err(tidings_store::StoreError::Locked)));
     assert!(
@@ -724,7 +738,7 @@ async fn a_passphrase_set_over_the_api_seals_the_keys_until_it_is_given_again() 
             .await
             .is_err()
     );
-    let store = tidings_node::open_store(&dir).unwrap();
+    let store = open().await;
     assert!(matches!(
         store.unlock("correct horse"),
         Err(tidings_store::StoreError::WrongPassphrase)
