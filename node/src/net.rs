@@ -105,6 +105,36 @@ pub struct NetConfig {
     /// Run over a simulated network instead of sockets (the simulator): the
     /// node then listens and dials only `/memory/<port>` addresses.
     pub sim: Option<SimHost>,
+    /// Timers and sizes of the connection and DHT layers.
+    pub tuning: NetTuning,
+}
+
+/// Timers and sizes of the connection and DHT layers. The defaults are the
+/// product's; the simulator sets them from a scenario's `[protocol]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetTuning {
+    /// A connection no protocol uses is closed after this long.
+    pub idle_timeout: Duration,
+    /// A whole DHT lookup gives up after this long.
+    pub kad_query_timeout: Duration,
+    /// DHT requests in flight per lookup (Kademlia's alpha).
+    pub kad_parallelism: std::num::NonZeroUsize,
+    /// Bucket size and replication factor (Kademlia's k).
+    pub kad_replication: std::num::NonZeroUsize,
+    /// How often the routing table is refreshed by a bootstrap lookup.
+    pub kad_refresh: Duration,
+}
+
+impl Default for NetTuning {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(120),
+            kad_query_timeout: Duration::from_secs(20),
+            kad_parallelism: std::num::NonZeroUsize::new(3).unwrap_or(std::num::NonZeroUsize::MIN),
+            kad_replication: std::num::NonZeroUsize::new(20).unwrap_or(std::num::NonZeroUsize::MIN),
+            kad_refresh: Duration::from_secs(300),
+        }
+    }
 }
 
 /// A host in a simulated network: its world and its port there.
@@ -164,6 +194,7 @@ impl Default for NetConfig {
             reserve_on: Vec::new(),
             announce_listen_addrs: false,
             sim: None,
+            tuning: NetTuning::default(),
         }
     }
 }
@@ -410,6 +441,7 @@ struct BehaviourParams {
     mdns: bool,
     relay: Option<RelayServerConfig>,
     request_timeout: Duration,
+    tuning: NetTuning,
 }
 
 fn behaviour(
@@ -422,7 +454,11 @@ fn behaviour(
     let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
     kad_cfg
         .set_record_filtering(kad::StoreInserts::FilterBoth)
-        .set_query_timeout(Duration::from_secs(20));
+        .set_query_timeout(params.tuning.kad_query_timeout)
+        .set_parallelism(params.tuning.kad_parallelism)
+        .set_replication_factor(params.tuning.kad_replication)
+        .set_kbucket_size(params.tuning.kad_replication)
+        .set_periodic_bootstrap_interval(Some(params.tuning.kad_refresh));
     let store = MemoryStore::with_config(
         peer_id,
         MemoryStoreConfig {
@@ -522,8 +558,10 @@ pub async fn spawn(
         mdns: mdns_on,
         relay: relay_cfg,
         request_timeout,
+        tuning: config.tuning.clone(),
     };
-    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(120));
+    let idle_timeout = config.tuning.idle_timeout;
+    let idle = move |c: libp2p::swarm::Config| c.with_idle_connection_timeout(idle_timeout);
     let mut swarm = match &config.sim {
         None => libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()

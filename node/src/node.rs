@@ -55,7 +55,7 @@ fn parse_group_id(s: &str) -> Result<Vec<u8>, NodeError> {
 /// One-time key packages a device keeps on each home relay.
 pub const KEY_PACKAGE_POOL: usize = 20;
 /// How often a node re-checks its relay mailboxes (pushes cover the time between).
-const MAILBOX_RECHECK: Duration = Duration::from_secs(10);
+pub const MAILBOX_RECHECK: Duration = Duration::from_secs(10);
 /// Capacity of the core's input queue.
 const CORE_QUEUE: usize = 4096;
 /// Capacity of the event broadcast (slow subscribers miss events, never block the node).
@@ -81,6 +81,10 @@ pub struct NodeConfig {
     /// holds this many slots from the start. Default 16,384 (a mailbox
     /// catch-up can raise thousands at once); the simulator uses fewer.
     pub event_queue: usize,
+    /// How often the home relays are drained, re-subscribed and their
+    /// key-package pools topped up (a safety net behind their pushes).
+    /// Default [`MAILBOX_RECHECK`].
+    pub mailbox_poll: Duration,
 }
 
 impl Default for NodeConfig {
@@ -93,6 +97,7 @@ impl Default for NodeConfig {
             metrics: None,
             key_update_interval: Duration::from_millis(SELF_UPDATE_INTERVAL_MS),
             event_queue: EVENT_QUEUE,
+            mailbox_poll: MAILBOX_RECHECK,
         }
     }
 }
@@ -219,6 +224,7 @@ pub(crate) struct Inner {
     home_relays: std::sync::RwLock<Vec<Multiaddr>>,
     /// Wakes the mailbox sync task (home relays changed).
     mailbox_wake: tokio::sync::Notify,
+    mailbox_poll: Duration,
     account: AccountId,
     cert: DeviceCertificate,
     name: String,
@@ -340,6 +346,7 @@ impl Node {
                 device_seed: identity.device_seed,
                 home_relays: std::sync::RwLock::new(config.home_relays.clone()),
                 mailbox_wake: tokio::sync::Notify::new(),
+                mailbox_poll: config.mailbox_poll,
                 account: account_key.id(),
                 cert,
                 name: identity.name,
@@ -1602,7 +1609,7 @@ impl NodeHandle {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(MAILBOX_RECHECK) => {}
+                _ = tokio::time::sleep(self.inner.mailbox_poll) => {}
                 _ = self.inner.mailbox_wake.notified() => {}
             }
         }

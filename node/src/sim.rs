@@ -492,6 +492,28 @@ pub struct PersonHost {
     /// queries. A device behind a NAT does neither; others reach it through
     /// its home relays' circuits (and hole punching, as the link model allows).
     pub reachable: bool,
+    pub tuning: HostTuning,
+}
+
+/// The protocol timers and sizes a scenario may set, for every host alike
+/// (defaults: the product's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostTuning {
+    pub net: crate::net::NetTuning,
+    /// Mailbox and deliver request timeout.
+    pub request_timeout: std::time::Duration,
+    /// See [`crate::NodeConfig::mailbox_poll`].
+    pub mailbox_poll: std::time::Duration,
+}
+
+impl Default for HostTuning {
+    fn default() -> Self {
+        Self {
+            net: crate::net::NetTuning::default(),
+            request_timeout: crate::NetConfig::default().request_timeout,
+            mailbox_poll: crate::node::MAILBOX_RECHECK,
+        }
+    }
 }
 
 /// Starts a relay on host `port` of `net` from `disk` (made with
@@ -502,6 +524,7 @@ pub async fn start_relay_on(
     disk: &HostDisk,
     bootstrap: Vec<Multiaddr>,
     clock: crate::Clock,
+    tuning: &HostTuning,
 ) -> anyhow::Result<crate::Node> {
     let Some(mailboxes) = disk.mailboxes.clone() else {
         anyhow::bail!("a relay needs mailboxes (HostDisk::relay)");
@@ -517,10 +540,12 @@ pub async fn start_relay_on(
             bootstrap,
             Some(crate::net::RelayServerConfig::default()),
             true,
+            tuning,
         ),
         clock,
         relay: Some(opts.relay_options(mailboxes)),
         event_queue: SIM_EVENT_QUEUE,
+        mailbox_poll: tuning.mailbox_poll,
         ..crate::NodeConfig::default()
     };
     crate::Node::start_shared(disk.store.clone(), config).await
@@ -533,13 +558,21 @@ pub async fn start_person_on(
     disk: &HostDisk,
     clock: crate::Clock,
 ) -> anyhow::Result<crate::Node> {
-    let mut netc = host_config(net, host.port, host.bootstrap.clone(), None, host.reachable);
+    let mut netc = host_config(
+        net,
+        host.port,
+        host.bootstrap.clone(),
+        None,
+        host.reachable,
+        &host.tuning,
+    );
     netc.dht_server = host.reachable;
     let config = crate::NodeConfig {
         net: netc,
         clock,
         home_relays: host.home_relays.clone(),
         event_queue: SIM_EVENT_QUEUE,
+        mailbox_poll: host.tuning.mailbox_poll,
         ..crate::NodeConfig::default()
     };
     crate::Node::start_shared(disk.store.clone(), config).await
@@ -554,7 +587,7 @@ pub async fn start_relay(
     clock: crate::Clock,
 ) -> anyhow::Result<crate::Node> {
     let disk = HostDisk::relay(clock.now_ms(), None)?;
-    start_relay_on(net, port, &disk, bootstrap, clock).await
+    start_relay_on(net, port, &disk, bootstrap, clock, &HostTuning::default()).await
 }
 
 /// Starts a new person's device on host `port` of `net`, with `home_relays`
@@ -573,6 +606,7 @@ pub async fn start_node(
         bootstrap,
         home_relays,
         reachable: true,
+        tuning: HostTuning::default(),
     };
     start_person_on(net, &host, &disk, clock).await
 }
@@ -583,6 +617,7 @@ fn host_config(
     bootstrap: Vec<Multiaddr>,
     relay_server: Option<crate::net::RelayServerConfig>,
     announce: bool,
+    tuning: &HostTuning,
 ) -> crate::NetConfig {
     crate::NetConfig {
         listen: vec![SimNetwork::address(port)],
@@ -590,6 +625,8 @@ fn host_config(
         relay_server,
         announce_listen_addrs: announce,
         sim: Some(crate::net::SimHost { net: net.clone(), port }),
+        request_timeout: tuning.request_timeout,
+        tuning: tuning.net.clone(),
         ..crate::NetConfig::default()
     }
 }

@@ -189,6 +189,13 @@ fn run(path: &Path, seed: Option<u64>, out: Option<PathBuf>, quiet: bool, tier: 
     if tier == Tier::A && (sc.workload.groups_per_user > 0.0 || sc.workload.record_lookups_per_user_per_hour > 0.0) {
         eprintln!("note: Tier A runs one-to-one chat only; this scenario's groups and DHT record lookups are left out");
     }
+    let ignored = tiera::ignored_protocol_keys(&sc.protocol);
+    if tier == Tier::A && !ignored.is_empty() {
+        eprintln!(
+            "note: Tier A's nodes keep their own {}; this scenario's values apply to Tier B only",
+            ignored.join(", ")
+        );
+    }
     let started = Instant::now();
     let result = simulate(&sc, seed, Some(events), quiet, tier)?;
     let wall = started.elapsed().as_secs_f64();

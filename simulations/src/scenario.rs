@@ -493,7 +493,7 @@ impl Default for ProtocolParams {
             kad_k: 20,
             kad_alpha: 3,
             kad_rpc_timeout: SimDuration::from_secs(10),
-            kad_query_timeout: SimDuration::from_secs(30),
+            kad_query_timeout: SimDuration::from_secs(20),
             kad_refresh: SimDuration::from_secs(300),
             record_republish: SimDuration::from_secs(3_600),
             connect_rtts: 2,

@@ -115,6 +115,8 @@ struct World<'s> {
     clock: Clock,
     t0: Instant,
     relay_disks: Vec<HostDisk>,
+    /// The scenario's `[protocol]` settings as every node takes them.
+    tuning: sim::HostTuning,
     relay_addrs: Vec<Multiaddr>,
     relays: Vec<Option<Node>>,
     disks: Vec<HostDisk>,
@@ -128,6 +130,49 @@ struct World<'s> {
     events: Vec<(u64, TraceEvent)>,
     sent_count: u64,
     seed: u64,
+}
+
+/// What the nodes take of a scenario's `[protocol]` table. The rest (the
+/// fetch page, retry backoff, direct patience, ...) are the node's own
+/// constants; Tier B models them with the scenario's values, which default
+/// to those constants.
+fn host_tuning(p: &crate::scenario::ProtocolParams) -> sim::HostTuning {
+    let d = |s: crate::scenario::SimDuration| Duration::from_micros(s.micros());
+    let n = |v: u32| std::num::NonZeroUsize::new(v as usize).unwrap_or(std::num::NonZeroUsize::MIN);
+    sim::HostTuning {
+        net: tidings_node::net::NetTuning {
+            idle_timeout: d(p.idle_timeout),
+            kad_query_timeout: d(p.kad_query_timeout),
+            kad_parallelism: n(p.kad_alpha),
+            kad_replication: n(p.kad_k),
+            kad_refresh: d(p.kad_refresh),
+        },
+        request_timeout: d(p.request_timeout),
+        mailbox_poll: d(p.mailbox_poll),
+    }
+}
+
+/// The `[protocol]` keys set away from their defaults that the real nodes do
+/// not take (see [`host_tuning`]).
+pub fn ignored_protocol_keys(p: &crate::scenario::ProtocolParams) -> Vec<&'static str> {
+    let d = crate::scenario::ProtocolParams::default();
+    [
+        ("kad_rpc_timeout", p.kad_rpc_timeout != d.kad_rpc_timeout),
+        ("record_republish", p.record_republish != d.record_republish),
+        ("connect_rtts", p.connect_rtts != d.connect_rtts),
+        ("direct_patience", p.direct_patience != d.direct_patience),
+        ("away_for", p.away_for != d.away_for),
+        ("group_poll", p.group_poll != d.group_poll),
+        ("retention", p.retention != d.retention),
+        ("fetch_page", p.fetch_page != d.fetch_page),
+        ("retry_initial", p.retry_initial != d.retry_initial),
+        ("retry_max", p.retry_max != d.retry_max),
+        ("circuit_max_duration", p.circuit_max_duration != d.circuit_max_duration),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(k, _)| k)
+    .collect()
 }
 
 /// Runs a scenario in Tier A.
@@ -175,13 +220,14 @@ impl<'s> World<'s> {
             }
         };
 
+        let tuning = host_tuning(&sc.protocol);
         let mut relay_disks = Vec::new();
         let mut relay_addrs: Vec<Multiaddr> = Vec::new();
         let mut relays = Vec::new();
         for &h in &plan.relays {
             let disk = HostDisk::relay(clock.now_ms(), Some(host_seed(seed, h))).map_err(fail(h))?;
             let boot: Vec<Multiaddr> = relay_addrs.first().cloned().into_iter().collect();
-            let node = sim::start_relay_on(&net, port(h), &disk, boot, clock.clone())
+            let node = sim::start_relay_on(&net, port(h), &disk, boot, clock.clone(), &tuning)
                 .await
                 .map_err(fail(h))?;
             relay_addrs.push(SimNetwork::address(port(h)).with(Protocol::P2p(node.handle().peer_id())));
@@ -203,6 +249,7 @@ impl<'s> World<'s> {
                 bootstrap: extra.into_iter().collect(),
                 home_relays,
                 reachable: plan.hosts[c.host].nat == plan::Nat::Public,
+                tuning: tuning.clone(),
             });
             disks.push(disk);
         }
@@ -213,6 +260,7 @@ impl<'s> World<'s> {
             clock,
             t0,
             relay_disks,
+            tuning,
             relay_addrs,
             relays,
             disks,
@@ -466,13 +514,19 @@ impl<'s> World<'s> {
                             .map(|(_, a)| a.clone())
                             .take(1)
                             .collect();
-                        let node =
-                            sim::start_relay_on(&self.net, port(h), &self.relay_disks[ri], boot, self.clock.clone())
-                                .await
-                                .map_err(|e| TierAError::Start {
-                                    host: h,
-                                    msg: format!("{e:#}"),
-                                })?;
+                        let node = sim::start_relay_on(
+                            &self.net,
+                            port(h),
+                            &self.relay_disks[ri],
+                            boot,
+                            self.clock.clone(),
+                            &self.tuning,
+                        )
+                        .await
+                        .map_err(|e| TierAError::Start {
+                            host: h,
+                            msg: format!("{e:#}"),
+                        })?;
                         self.relays[ri] = Some(node);
                         self.events
                             .push((since(self.t0), TraceEvent::RelayBack { node: host32(h) }));
@@ -512,6 +566,26 @@ impl<'s> World<'s> {
     /// stores hold, and turns it all into the run's figures.
     async fn finish(&mut self, out: Option<Box<dyn std::io::Write + '_>>) -> Result<RunResult, TierAError> {
         let end = self.plan.end;
+        // How many connections the nodes hold at the end: the main driver of
+        // Tier A's cost per node (each one is pinged, polled and buffered).
+        let connections = |nodes: Vec<NodeHandle>| async move {
+            let mut counts = Vec::new();
+            for h in nodes {
+                if let Ok(s) = h.status().await {
+                    counts.push(s.connected_peers);
+                }
+            }
+            let mean = counts.iter().sum::<usize>() as f64 / counts.len().max(1) as f64;
+            (mean, counts.iter().copied().max().unwrap_or(0))
+        };
+        let clients: Vec<NodeHandle> = self.clients.iter().flatten().map(|r| r.node.handle()).collect();
+        let relays: Vec<NodeHandle> = self.relays.iter().flatten().map(|n| n.handle()).collect();
+        let (c_mean, c_max) = connections(clients).await;
+        let (r_mean, r_max) = connections(relays).await;
+        eprintln!(
+            "tier A at the end: clients online hold {c_mean:.1} connections on average (most {c_max}), \
+             relays {r_mean:.1} (most {r_max})"
+        );
         for slot in &mut self.clients {
             if let Some(r) = slot.take() {
                 r.watcher.abort();
