@@ -265,6 +265,7 @@ pub(super) fn build<'a>(sc: &'a Scenario, seed: u64, rec: Recorder<'a>) -> World
         clients,
         groups,
         msgs: Vec::new(),
+        convs: std::collections::HashSet::new(),
         deliveries: Vec::new(),
         parts,
         part_of_fault,

@@ -226,7 +226,7 @@ impl World<'_> {
             let to = self.clients[ci].contacts[self.rng_work.gen_range(0..self.clients[ci].contacts.len())];
             if let Some(owner) = self.client_of(to) {
                 let target = self.clients[owner].record_key;
-                self.start_lookup(n, target, LookupKind::GetRecord { owner: owner as u32 });
+                self.start_lookup(n, target, LookupKind::GetRecord { owner: owner as u32 }, NONE);
             }
         }
         let rate = self.sc.workload.record_lookups_per_user_per_hour;
@@ -238,7 +238,7 @@ impl World<'_> {
         let Some(ci) = self.live_client(n, session) else { return };
         self.clients[ci].last_publish = self.now;
         let target = self.clients[ci].record_key;
-        self.start_lookup(n, target, LookupKind::PutRecord { owner: ci as u32 });
+        self.start_lookup(n, target, LookupKind::PutRecord { owner: ci as u32 }, NONE);
         let period = self.sc.protocol.record_republish.micros();
         self.at(period, Ev::RepublishTimer(n, session));
     }
@@ -270,6 +270,7 @@ impl World<'_> {
                         LookupKind::TargetGet {
                             owner: target_ci as u32,
                         },
+                        NONE,
                     );
                     break;
                 }

@@ -34,6 +34,7 @@ impl World<'_> {
             attempt: 0,
             relays_pending: 0,
             group_index: NEVER,
+            held: false,
         });
         self.push_delivery(m, to);
         self.trace(TraceEvent::Sent {
@@ -44,7 +45,61 @@ impl World<'_> {
             size,
         });
         self.outbox_push(ci, m);
+        if self.convs.insert(conv_key(from, to))
+            && let Some(owner) = self.client_of(to)
+        {
+            // The first message to a contact waits for its conversation, as in the node's
+            // `new_conversation`: the contact's user record is looked up in the DHT, then a key
+            // package comes from the device (over a new connection) or, if it cannot be reached,
+            // from one of its relays; only then is the message (with the Welcome) sent.
+            self.msgs[m as usize].held = true;
+            let target = self.clients[owner].record_key;
+            self.start_lookup(from, target, LookupKind::GetRecord { owner: owner as u32 }, m);
+            return;
+        }
         self.pump(m);
+    }
+
+    /// The record lookup of a first message's conversation ended: fetch a key package.
+    pub(super) fn setup_after_lookup(&mut self, m: MsgId) {
+        let msg = &self.msgs[m as usize];
+        let (sender, to) = (msg.sender, self.deliveries[msg.first as usize].recipient);
+        let Some(ci) = self.client_of(sender) else { return };
+        if msg.done || !self.nodes[sender as usize].online {
+            self.msgs[m as usize].held = false;
+            return;
+        }
+        let session = self.nodes[sender as usize].session;
+        let rtts = u64::from(self.sc.protocol.connect_rtts);
+        let usable = self.usable_conn(ci, to).is_some();
+        let dial = if usable { None } else { self.maybe_dial(ci, to) };
+        let delay = match dial {
+            // The request rides the connection the dial opens, which then stays.
+            Some(connect) => connect + self.round_trip(sender, to),
+            None if usable => self.round_trip(sender, to),
+            None => {
+                let relays = self
+                    .client_of(to)
+                    .map(|rc| self.clients[rc].home.clone())
+                    .unwrap_or_default();
+                match relays
+                    .into_iter()
+                    .find(|r| self.reachable(sender, *r) && self.relay_epoch(*r).is_some())
+                {
+                    Some(r) => (rtts + 1) * self.round_trip(sender, r),
+                    None => self.sc.protocol.request_timeout.micros(),
+                }
+            }
+        };
+        self.at(delay.max(1), Ev::SetupDone { m, session });
+    }
+
+    pub(super) fn on_setup_done(&mut self, m: MsgId, session: u32) {
+        self.msgs[m as usize].held = false;
+        let sender = self.msgs[m as usize].sender;
+        if self.nodes[sender as usize].session == session {
+            self.pump(m);
+        }
     }
 
     pub(super) fn send_group(&mut self, ci: usize, g: u32, size: u32) {
@@ -71,6 +126,7 @@ impl World<'_> {
             attempt: 0,
             relays_pending: ((1u16 << n_relays) - 1) as u8,
             group_index: NEVER,
+            held: false,
         });
         self.trace(TraceEvent::Sent {
             msg: m,
@@ -170,7 +226,7 @@ impl World<'_> {
     /// Sends or deposits an outbox entry that has nothing in flight.
     pub(super) fn pump(&mut self, m: MsgId) {
         let msg = &self.msgs[m as usize];
-        if msg.done || msg.inflight > 0 {
+        if msg.done || msg.inflight > 0 || msg.held {
             return;
         }
         let sender = msg.sender;
@@ -494,22 +550,45 @@ impl World<'_> {
     }
 
     /// Starts a background dial to `to` unless one is under way or a connection is believed up.
-    fn maybe_dial(&mut self, ci: usize, to: NodeId) {
+    /// Dials `to` unless a dial runs or it is known to be away; returns the time until the new
+    /// connection is up, if one was started and can succeed.
+    fn maybe_dial(&mut self, ci: usize, to: NodeId) -> Option<Time> {
         let from = self.clients[ci].node;
         if let Some(c) = self.clients[ci].conns.iter().find(|c| c.peer == to)
             && (c.dialing_until > self.now || (c.connected && c.away_until > self.now))
         {
-            return;
+            return None;
         }
         if self.nodes[to as usize].dht_server {
             // Addresses of a publicly reachable device come from peer routing (FIND_NODE).
             let target = self.nodes[to as usize].key;
-            self.start_lookup(from, target, LookupKind::FindNode { target: to });
+            self.start_lookup(from, target, LookupKind::FindNode { target: to }, NONE);
         }
         let sessions = (self.nodes[from as usize].session, self.nodes[to as usize].session);
-        let rtts = u64::from(self.sc.protocol.connect_rtts);
         let timeout = self.sc.protocol.request_timeout.micros();
-        let plan = if !self.reachable(from, to) {
+        let plan = self.dial_plan(from, to);
+        let until = self.now + plan.map_or(timeout, |(_, _, t)| t + 1);
+        self.upsert_conn(ci, to, |c| c.dialing_until = until);
+        let (path, relay, t) = plan?;
+        self.count_bytes(from, to, Proto::Deliver, 2 * wire::HANDSHAKE);
+        self.at(
+            t,
+            Ev::DialDone {
+                from,
+                to,
+                path,
+                relay,
+                sessions,
+            },
+        );
+        Some(t)
+    }
+
+    /// How a dial from `from` to `to` would go: the path, the relay of a circuit, and the time
+    /// until the connection is up; `None` if it cannot succeed now.
+    fn dial_plan(&mut self, from: NodeId, to: NodeId) -> Option<(Path, NodeId, Time)> {
+        let rtts = u64::from(self.sc.protocol.connect_rtts);
+        if !self.reachable(from, to) {
             None
         } else if self.direct_dialable(from, to) {
             let extra = if self.nodes[to as usize].nat == super::Nat::Public {
@@ -530,21 +609,6 @@ impl World<'_> {
                 let rtt = self.round_trip(from, r) + self.round_trip(r, to);
                 (Path::Relayed, r, rtts * rtt)
             })
-        };
-        let until = self.now + plan.map_or(timeout, |(_, _, t)| t + 1);
-        self.upsert_conn(ci, to, |c| c.dialing_until = until);
-        if let Some((path, relay, t)) = plan {
-            self.count_bytes(from, to, Proto::Deliver, 2 * wire::HANDSHAKE);
-            self.at(
-                t,
-                Ev::DialDone {
-                    from,
-                    to,
-                    path,
-                    relay,
-                    sessions,
-                },
-            );
         }
     }
 
@@ -674,4 +738,10 @@ impl Delivery {
             displays: 0,
         }
     }
+}
+
+/// The key of the one-to-one conversation between two nodes (either order).
+pub(super) fn conv_key(a: NodeId, b: NodeId) -> u64 {
+    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+    (u64::from(lo) << 32) | u64::from(hi)
 }

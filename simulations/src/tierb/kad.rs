@@ -21,7 +21,7 @@ use rand::Rng;
 use super::event::Ev;
 use super::key::{self, Key};
 use super::report::KadAcc;
-use super::{Nat, NodeId, NodeRole, Proto, Time, World, wire};
+use super::{MsgId, NONE, Nat, NodeId, NodeRole, Proto, Time, World, wire};
 use crate::rng::{self, stream};
 use crate::scenario::{Mitigation, Scenario};
 use crate::trace::TraceEvent;
@@ -70,6 +70,8 @@ struct Lookup {
     target: Key,
     kind: LookupKind,
     started: Time,
+    /// A first message waiting for this lookup (its conversation's record), or NONE.
+    then: MsgId,
     cands: Vec<Cand>,
     /// Every peer any path has seen, sorted (paths never share a peer).
     seen: Vec<NodeId>,
@@ -382,7 +384,9 @@ impl World<'_> {
         }
     }
 
-    pub(super) fn start_lookup(&mut self, origin: NodeId, target: Key, kind: LookupKind) {
+    /// Starts a lookup; when it ends, the conversation set-up of message `then` goes on (NONE:
+    /// nothing waits for it).
+    pub(super) fn start_lookup(&mut self, origin: NodeId, target: Key, kind: LookupKind, then: MsgId) {
         let initial = self.table_closest(origin, &target);
         let paths = self.kad.paths;
         let id = match self.kad.free.pop() {
@@ -395,6 +399,7 @@ impl World<'_> {
                     target,
                     kind,
                     started: 0,
+                    then: NONE,
                     cands: Vec::new(),
                     seen: Vec::new(),
                     inflight: Vec::new(),
@@ -410,6 +415,7 @@ impl World<'_> {
         l.target = target;
         l.kind = kind;
         l.started = self.now;
+        l.then = then;
         l.cands.clear();
         l.seen.clear();
         l.inflight.clear();
@@ -626,7 +632,8 @@ impl World<'_> {
     fn finish_lookup(&mut self, id: u32, success: bool, hops: u8) {
         let l = &mut self.kad.lookups[id as usize];
         l.active = false;
-        let (kind, origin, started) = (l.kind, l.origin, l.started);
+        let (kind, origin, started, then) = (l.kind, l.origin, l.started, l.then);
+        l.then = NONE;
         self.kad.free.push(id);
         let latency = self.now - started;
         let acc: &mut KadAcc = &mut self.c.kad[kind.index()];
@@ -643,6 +650,9 @@ impl World<'_> {
             hops,
             latency_us: latency,
         });
+        if then != NONE {
+            self.setup_after_lookup(then);
+        }
     }
 }
 
@@ -682,7 +692,12 @@ contacts_per_user = 2
         w.nodes[origin as usize].online = true;
         let target_node = w.relays[123].node;
         let target = w.nodes[target_node as usize].key;
-        w.start_lookup(origin, target, super::LookupKind::FindNode { target: target_node });
+        w.start_lookup(
+            origin,
+            target,
+            super::LookupKind::FindNode { target: target_node },
+            super::NONE,
+        );
         while let Some((t, ev)) = w.q.pop() {
             w.now = t;
             w.dispatch(ev);

@@ -229,6 +229,8 @@ pub(crate) struct Message {
     relays_pending: u8,
     /// Group messages: index in the sequencing relay's group inbox, or NEVER.
     group_index: u64,
+    /// A first message to a contact waits while its conversation is set up.
+    held: bool,
 }
 
 pub(crate) mod flag {
@@ -324,6 +326,8 @@ pub(crate) struct World<'a> {
     groups: Vec<Group>,
     msgs: Vec<Message>,
     deliveries: Vec<Delivery>,
+    /// Pairs of clients that have a one-to-one conversation (see `conv_key`).
+    convs: std::collections::HashSet<u64>,
     parts: Vec<Partition>,
     /// Partition index per fault index (NONE for other faults).
     part_of_fault: Vec<u32>,
@@ -450,6 +454,7 @@ impl World<'_> {
             Ev::Receipt { m, relay, session } => self.on_receipt(m, relay, session),
             Ev::DepositFail { m, session } => self.on_deposit_fail(m, session),
             Ev::Retry { m, session } => self.on_retry(m, session),
+            Ev::SetupDone { m, session } => self.on_setup_done(m, session),
             Ev::Push {
                 d,
                 relay,

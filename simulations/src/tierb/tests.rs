@@ -87,6 +87,8 @@ fn online_recipient_gets_mail_by_push_then_directly_once_connected() {
     let sc = quiet("");
     let mut w = started(&sc);
     let b = w.clients[1].node;
+    // A conversation that exists already: no set-up before the first send.
+    w.convs.insert(super::delivery::conv_key(w.clients[0].node, b));
     w.send_direct(0, b, 500);
     w.run_until(secs(5), |_, _| {});
     assert_eq!(
@@ -233,5 +235,28 @@ fn a_group_message_reaches_every_member_once() {
     w.on_up(away);
     w.run_until(secs(40), |_, _| {});
     assert!((0..3).all(|i| w.deliveries[i].displays == 1));
+    assert_eq!(w.checks.count, 0);
+}
+
+#[test]
+fn a_first_message_waits_for_its_conversation_then_rides_the_connection_the_key_package_fetch_opened() {
+    let sc = quiet("");
+    let mut w = started(&sc);
+    let b = w.clients[1].node;
+    let lookups = w.c.kad[1].lookups;
+    w.send_direct(0, b, 500);
+    assert!(w.msgs[0].held, "held while the conversation is set up");
+    w.run_until(secs(10), |_, _| {});
+    assert_eq!(w.c.kad[1].lookups, lookups + 1, "the contact's record was looked up");
+    let d = &w.deliveries[0];
+    assert!(d.delivered != NEVER && !w.msgs[0].held);
+    // Both are behind symmetric NATs: the key-package fetch dialled through a relay's circuit,
+    // and the message followed on that connection instead of a mailbox.
+    assert_eq!(d.path, Path::Relayed as u8);
+    // A second message needs no set-up.
+    w.send_direct(0, b, 500);
+    assert!(!w.msgs[1].held);
+    w.run_until(secs(20), |_, _| {});
+    assert_eq!(w.c.kad[1].lookups, lookups + 1);
     assert_eq!(w.checks.count, 0);
 }
