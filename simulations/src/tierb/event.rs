@@ -80,6 +80,8 @@ pub enum Ev {
     DepositFail { m: MsgId, session: u32 },
     /// Outbox retry after backoff.
     Retry { m: MsgId, session: u32 },
+    /// The record lookup of a first message's conversation ended.
+    RecordLookedUp { m: MsgId },
     /// A first message's conversation is set up (record looked up, key package fetched).
     SetupDone { m: MsgId, session: u32 },
     /// A relay's push of one envelope reaches the owner.

@@ -651,7 +651,9 @@ impl World<'_> {
             latency_us: latency,
         });
         if then != NONE {
-            self.setup_after_lookup(then);
+            // As an event: the caller may still use this lookup's slot, which a lookup started
+            // by the set-up would take over.
+            self.at(0, Ev::RecordLookedUp { m: then });
         }
     }
 }

@@ -454,6 +454,7 @@ impl World<'_> {
             Ev::Receipt { m, relay, session } => self.on_receipt(m, relay, session),
             Ev::DepositFail { m, session } => self.on_deposit_fail(m, session),
             Ev::Retry { m, session } => self.on_retry(m, session),
+            Ev::RecordLookedUp { m } => self.setup_after_lookup(m),
             Ev::SetupDone { m, session } => self.on_setup_done(m, session),
             Ev::Push {
                 d,
