@@ -606,35 +606,11 @@ async fn scoped_tokens_from_the_cli_work_with_or_without_a_running_node_and_ui_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tidings_run_prints_a_login_link_that_works_once() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let r = relays(1).await;
     let dir = r.dir.path().join("alice");
     init(&dir, "alice").await;
-    let mut child = tidings()
-        .arg("--data-dir")
-        .arg(&dir)
-        .args([
-            "run",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--bootstrap",
-            &r.addrs[0].to_string(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = tokio::time::timeout(TIMEOUT, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(url) = line.strip_prefix("open ") {
-                return url.to_owned();
-            }
-        }
-        panic!("no login link printed");
-    })
-    .await
-    .expect("a login link");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut child = tidings_run(&dir, &r.addrs[0]).spawn().unwrap();
+    let url = login_link(&mut child).await;
     assert!(
         url.starts_with("http://127.0.0.1:") && url.contains("/login?code="),
         "{url}"
@@ -650,7 +626,6 @@ async fn tidings_run_prints_a_login_link_that_works_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_initialised_with_a_passphrase_runs_only_when_given_it() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let r = relays(1).await;
     let dir = r.dir.path().join("alice");
     let (good, bad) = (r.dir.path().join("good"), r.dir.path().join("bad"));
@@ -670,18 +645,8 @@ async fn a_device_initialised_with_a_passphrase_runs_only_when_given_it() {
     drop(store);
 
     let run = |file: Option<&PathBuf>| {
-        let mut c = tidings();
-        c.arg("--data-dir")
-            .arg(&dir)
-            .args([
-                "run",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--bootstrap",
-                &r.addrs[0].to_string(),
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
+        let mut c = tidings_run(&dir, &r.addrs[0]);
+        c.stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
         if let Some(f) = file {
             c.arg("--passphrase-file").arg(f);
@@ -700,6 +665,15 @@ async fn a_device_initialised_with_a_passphrase_runs_only_when_given_it() {
 
     // With it: the node runs and serves its UI.
     let mut child = run(Some(&good)).spawn().unwrap();
+    let url = login_link(&mut child).await;
+    assert!(url.contains("/login?code="), "{url}");
+    drop(child);
+}
+
+/// The login link a `tidings run` child prints (its stdout piped); the rest of
+/// its output is read and dropped.
+async fn login_link(child: &mut Child) -> String {
+    use tokio::io::{AsyncBufReadExt, BufReader};
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let url = tokio::time::timeout(TIMEOUT, async {
         while let Ok(Some(line)) = lines.next_line().await {
@@ -710,7 +684,23 @@ async fn a_device_initialised_with_a_passphrase_runs_only_when_given_it() {
         panic!("no login link printed");
     })
     .await
-    .expect("the node runs");
-    assert!(url.contains("/login?code="), "{url}");
-    drop(child);
+    .expect("a login link");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    url
+}
+
+/// `tidings run` for `dir` on loopback, bootstrapping from `boot`, its stdout piped.
+fn tidings_run(dir: &std::path::Path, boot: &libp2p::Multiaddr) -> tokio::process::Command {
+    let mut c = tidings();
+    c.arg("--data-dir")
+        .arg(dir)
+        .args([
+            "run",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--bootstrap",
+            &boot.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped());
+    c
 }

@@ -14,16 +14,23 @@ use tidings_protocol::pb;
 use tidings_store::MessageState;
 use tidings_store::mailbox::MailboxLimits;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offline_recipient_gets_1000_messages_exactly_once_in_order_with_receipts() {
-    let r = relays(2).await;
-    let base = r.dir.path();
-    let a_node = user(base, "alice", &r).await;
-    let b_node = user(base, "bob", &r).await;
+/// Alice and bob on every relay of `r`, contacts, and bob holding alice's "hello".
+async fn talking(base: &std::path::Path, r: &Relays) -> (tidings_node::Node, tidings_node::Node) {
+    let a_node = user(base, "alice", r).await;
+    let b_node = user(base, "bob", r).await;
     let (a, b) = (a_node.handle(), b_node.handle());
     befriend(&a, &b).await;
     a.send_text(&acct(&b), "hello").await.unwrap();
     eventually("bob got hello", || b.history(&acct(&a)).unwrap().len() == 1).await;
+    (a_node, b_node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_recipient_gets_1000_messages_exactly_once_in_order_with_receipts() {
+    let r = relays(2).await;
+    let base = r.dir.path();
+    let (a_node, b_node) = talking(base, &r).await;
+    let (a, b) = (a_node.handle(), b_node.handle());
     let (a_acct, b_acct) = (acct(&a), acct(&b));
     drop(b);
     b_node.shutdown().await;
@@ -72,12 +79,8 @@ async fn offline_recipient_gets_1000_messages_exactly_once_in_order_with_receipt
 async fn relay_that_drops_accepted_mail_is_caught_by_the_recipient_and_the_mail_still_arrives() {
     let r = relays(2).await;
     let base = r.dir.path();
-    let a_node = user(base, "alice", &r).await;
-    let b_node = user(base, "bob", &r).await;
+    let (a_node, b_node) = talking(base, &r).await;
     let (a, b) = (a_node.handle(), b_node.handle());
-    befriend(&a, &b).await;
-    a.send_text(&acct(&b), "hello").await.unwrap();
-    eventually("bob got hello", || b.history(&acct(&a)).unwrap().len() == 1).await;
     let (a_acct, b_acct) = (acct(&a), acct(&b));
     let b_peer = b_node.handle().peer_id();
     drop(b);
@@ -169,12 +172,8 @@ async fn a_relay_refusal_reaches_the_sender_and_the_mail_waits_in_the_outbox() {
         dir,
     };
     let base = r.dir.path();
-    let a_node = user(base, "alice", &r).await;
-    let b_node = user(base, "bob", &r).await;
+    let (a_node, b_node) = talking(base, &r).await;
     let (a, b) = (a_node.handle(), b_node.handle());
-    befriend(&a, &b).await;
-    a.send_text(&acct(&b), "hello").await.unwrap();
-    eventually("bob got hello", || b.history(&acct(&a)).unwrap().len() == 1).await;
     let (a_acct, b_acct) = (acct(&a), acct(&b));
     let b_peer = b.peer_id();
     drop(b);
@@ -427,12 +426,8 @@ async fn a_home_relay_change_reaches_contacts_and_their_mail_then_waits_on_the_n
 async fn mail_taken_from_a_mailbox_shows_as_delivered_to_its_sender() {
     let r = relays(1).await;
     let base = r.dir.path();
-    let a_node = user(base, "alice", &r).await;
-    let b_node = user(base, "bob", &r).await;
+    let (a_node, b_node) = talking(base, &r).await;
     let (a, b) = (a_node.handle(), b_node.handle());
-    befriend(&a, &b).await;
-    a.send_text(&acct(&b), "hello").await.unwrap();
-    eventually("bob got hello", || b.history(&acct(&a)).unwrap().len() == 1).await;
     let b_acct = acct(&b);
     drop(b);
     b_node.shutdown().await;

@@ -4,7 +4,9 @@
 //!
 //! `cargo run --release -p tidings-store --example bench_history`
 
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
 
 use tidings_store::{MessageState, Store, StoredMessage};
 
@@ -27,16 +29,8 @@ fn msg(i: u32, text: String) -> StoredMessage {
     )
 }
 
-fn median(mut f: impl FnMut()) -> Duration {
-    let mut times: Vec<Duration> = (0..RUNS)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[RUNS / 2]
+fn median(f: impl FnMut()) -> Duration {
+    common::median(RUNS, f)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

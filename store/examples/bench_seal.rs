@@ -4,24 +4,16 @@
 //!
 //! `cargo run --release -p tidings-store --example bench_seal`
 
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
+
+use common::median;
 
 use tidings_store::{Identity, Store};
 
 const ROWS: u32 = 5_000;
 const ROW_BYTES: usize = 1024;
-
-fn median(runs: usize, mut f: impl FnMut()) -> Duration {
-    let mut times: Vec<Duration> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[runs / 2]
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
