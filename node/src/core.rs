@@ -1724,10 +1724,7 @@ impl Core {
         contact.capabilities.extend(valid);
         let relays: Vec<String> = relays
             .into_iter()
-            .filter(|r| {
-                r.parse::<Multiaddr>()
-                    .is_ok_and(|a| matches!(a.iter().last(), Some(Protocol::P2p(_))))
-            })
+            .filter(|r| crate::net::parse_relay(r).is_some())
             .take(MAX_HOME_RELAYS)
             .collect();
         if !relays.is_empty() {

@@ -732,7 +732,7 @@ async fn run(
     open: bool,
 ) -> anyhow::Result<()> {
     for r in &flag_relays {
-        if !matches!(r.iter().last(), Some(Protocol::P2p(_))) {
+        if tidings_node::net::peer_of(r).is_none() {
             bail!("relay address {r} must end in /p2p/<relay id>");
         }
     }

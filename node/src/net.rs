@@ -130,8 +130,8 @@ impl Default for NetTuning {
         Self {
             idle_timeout: Duration::from_secs(120),
             kad_query_timeout: Duration::from_secs(20),
-            kad_parallelism: std::num::NonZeroUsize::new(3).unwrap_or(std::num::NonZeroUsize::MIN),
-            kad_replication: std::num::NonZeroUsize::new(20).unwrap_or(std::num::NonZeroUsize::MIN),
+            kad_parallelism: kad::ALPHA_VALUE,
+            kad_replication: kad::K_VALUE,
             kad_refresh: Duration::from_secs(300),
         }
     }
@@ -169,6 +169,20 @@ impl Default for RelayServerConfig {
             max_circuit_bytes: 1 << 20,
         }
     }
+}
+
+/// The peer an address ends in (`…/p2p/<peer id>`), if it names one.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// A relay address (`…/p2p/<relay id>`) as text: its peer and the address.
+pub fn parse_relay(r: &str) -> Option<(PeerId, Multiaddr)> {
+    let addr: Multiaddr = r.parse().ok()?;
+    Some((peer_of(&addr)?, addr))
 }
 
 /// TCP and QUIC listen addresses on `ip`, any free port.
@@ -1093,13 +1107,7 @@ impl EventLoop {
     }
 
     fn set_relays(&mut self, relays: Vec<Multiaddr>) {
-        let wanted: HashMap<PeerId, Multiaddr> = relays
-            .into_iter()
-            .filter_map(|a| match a.iter().last() {
-                Some(Protocol::P2p(p)) => Some((p, a)),
-                _ => None,
-            })
-            .collect();
+        let wanted: HashMap<PeerId, Multiaddr> = relays.into_iter().filter_map(|a| Some((peer_of(&a)?, a))).collect();
         let dropped: Vec<PeerId> = self
             .reservations
             .keys()

@@ -318,14 +318,7 @@ impl Node {
             cert.device_key,
             events.clone(),
             tx.clone(),
-            config
-                .home_relays
-                .iter()
-                .filter_map(|a| match a.iter().last() {
-                    Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
-                    _ => None,
-                })
-                .collect(),
+            config.home_relays.iter().filter_map(crate::net::peer_of).collect(),
             refusals.clone(),
             pb::MailboxGrant {
                 capabilities: vec![mailbox::issue_capability(&identity.device_seed, cert.expires_ms, None)],
@@ -479,7 +472,7 @@ impl NodeHandle {
                 .trim()
                 .parse()
                 .map_err(|_| NodeError::InvalidInput(format!("not a multiaddr: {r:.200}")))?;
-            if !matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+            if crate::net::peer_of(&a).is_none() {
                 return Err(NodeError::InvalidInput(format!(
                     "relay address {a} must end in /p2p/<relay id>"
                 )));
@@ -1526,16 +1519,10 @@ impl NodeHandle {
         .await
     }
 
-    /// Keeps this device's relay mailboxes drained: on start it fetches
-    /// everything that waited while it was away (direct deliveries wait until
-    /// then), then subscribes for pushes, and re-checks periodically.
     /// The relays to fetch our mail from: the home relays, then the ones
     /// given up that are still drained.
     fn mail_relays(&self) -> (Vec<RelayAddr>, Vec<RelayAddr>) {
-        let with_peer = |a: Multiaddr| match a.iter().last() {
-            Some(libp2p::multiaddr::Protocol::P2p(p)) => Some((p, a)),
-            _ => None,
-        };
+        let with_peer = |a: Multiaddr| Some((crate::net::peer_of(&a)?, a));
         let home: Vec<RelayAddr> = self.home_relay_addrs().into_iter().filter_map(with_peer).collect();
         let now = self.inner.clock.now_ms();
         let retired = self
@@ -1546,13 +1533,15 @@ impl NodeHandle {
             .unwrap_or_default()
             .into_iter()
             .filter(|(_, until)| *until > now)
-            .filter_map(|(a, _)| a.parse::<Multiaddr>().ok())
-            .filter_map(with_peer)
+            .filter_map(|(a, _)| crate::net::parse_relay(&a))
             .filter(|(p, _)| !home.iter().any(|(h, _)| h == p))
             .collect();
         (home, retired)
     }
 
+    /// Keeps this device's relay mailboxes drained: on start it fetches
+    /// everything that waited while it was away (direct deliveries wait until
+    /// then), then subscribes for pushes, and re-checks periodically.
     async fn mailbox_sync(self) {
         let _ = self.inner.tx.send(CoreInput::CatchingUp(true)).await;
         // Unreachable relays must not hold direct deliveries back for long.

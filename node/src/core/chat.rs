@@ -509,13 +509,7 @@ impl Core {
         });
         match r {
             Ok((s, sealed)) => {
-                self.home_relays = relays
-                    .iter()
-                    .filter_map(|a| match a.iter().last() {
-                        Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
-                        _ => None,
-                    })
-                    .collect();
+                self.home_relays = relays.iter().filter_map(crate::net::peer_of).collect();
                 self.grant.relays = names;
                 self.dispatch(sealed);
                 info!(relays = self.home_relays.len(), "home relays changed");

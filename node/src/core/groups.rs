@@ -98,13 +98,7 @@ fn target_key(inbox: &[u8; 32], relay: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
-fn parse_relay(r: &str) -> Option<(PeerId, Multiaddr)> {
-    let addr: Multiaddr = r.parse().ok()?;
-    match addr.iter().last() {
-        Some(libp2p::multiaddr::Protocol::P2p(p)) => Some((p, addr)),
-        _ => None,
-    }
-}
+use crate::net::parse_relay;
 
 /// The group row of `conv` if this device may change the group now: still a
 /// member, with no commit of ours undecided (the caller retries later).
