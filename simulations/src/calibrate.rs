@@ -177,23 +177,7 @@ mod tests {
 
     #[test]
     fn scaling_keeps_the_classes_in_proportion_and_drops_what_tier_a_does_not_run() {
-        let sc = Scenario::from_toml(
-            r#"
-            name = "s"
-            duration = "1m"
-            [[population]]
-            class = "relay"
-            role = "relay"
-            count = 100
-            [[population]]
-            class = "desktop"
-            role = "client"
-            count = 900
-            [workload]
-            groups_per_user = 1.0
-            "#,
-        )
-        .unwrap();
+        let sc = crate::scenario::two_classes("s", 100, 900, "[workload]\ngroups_per_user = 1.0");
         let s = scaled(&sc, 200);
         assert_eq!(s.population[0].count, 20);
         assert_eq!(s.population[1].count, 180);

@@ -808,6 +808,21 @@ pub fn set_key_path(doc: &mut toml::Table, path: &str, value: toml::Value) -> Re
     Ok(())
 }
 
+/// A one-minute scenario named `name` with `relays` relays and `clients` desktop clients, then
+/// `extra` TOML (a client table such as `nat = {...}` first, then any other tables): what unit
+/// tests of the tiers build their worlds from.
+#[cfg(test)]
+pub(crate) fn two_classes(name: &str, relays: u32, clients: u32, extra: &str) -> Scenario {
+    let text = format!(
+        "name = \"{name}\"\nduration = \"1m\"\n[[population]]\nclass = \"relay\"\nrole = \"relay\"\ncount = {relays}\n\
+         [[population]]\nclass = \"desktop\"\nrole = \"client\"\ncount = {clients}\n{extra}\n"
+    );
+    match Scenario::from_toml(&text) {
+        Ok(sc) => sc,
+        Err(e) => panic!("test scenario: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

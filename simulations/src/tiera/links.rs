@@ -126,25 +126,9 @@ impl LinkModel for Links {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scenario::Scenario;
 
     fn plan() -> Plan {
-        let sc = Scenario::from_toml(
-            r#"
-            name = "t"
-            duration = "1m"
-            [[population]]
-            class = "relay"
-            role = "relay"
-            count = 2
-            [[population]]
-            class = "desktop"
-            role = "client"
-            count = 40
-            nat = { public = 0.0, cone = 1.0, symmetric = 0.0 }
-            "#,
-        )
-        .unwrap();
+        let sc = crate::scenario::two_classes("t", 2, 40, "nat = { public = 0.0, cone = 1.0, symmetric = 0.0 }");
         Plan::build(&sc, 1)
     }
 
