@@ -456,6 +456,7 @@ struct BehaviourParams {
     relay: Option<RelayServerConfig>,
     request_timeout: Duration,
     tuning: NetTuning,
+    dht_server: bool,
 }
 
 fn behaviour(
@@ -472,7 +473,10 @@ fn behaviour(
         .set_parallelism(params.tuning.kad_parallelism)
         .set_replication_factor(params.tuning.kad_replication)
         .set_kbucket_size(params.tuning.kad_replication)
-        .set_periodic_bootstrap_interval(Some(params.tuning.kad_refresh));
+        // A DHT server refreshes every bucket (libp2p's bootstrap: one lookup per
+        // bucket); a client, which nobody asks, only looks itself up again (see
+        // `EventLoop::run`), which keeps its table alive at a tenth of the dials.
+        .set_periodic_bootstrap_interval(params.dht_server.then_some(params.tuning.kad_refresh));
     let store = MemoryStore::with_config(
         peer_id,
         MemoryStoreConfig {
@@ -573,6 +577,7 @@ pub async fn spawn(
         relay: relay_cfg,
         request_timeout,
         tuning: config.tuning.clone(),
+        dht_server: config.dht_server,
     };
     let idle_timeout = config.tuning.idle_timeout;
     let idle = move |c: libp2p::swarm::Config| c.with_idle_connection_timeout(idle_timeout);
@@ -706,7 +711,7 @@ pub async fn spawn(
         connections: HashMap::new(),
         hole_punches: 0,
     };
-    let task = tokio::spawn(event_loop.run());
+    let task = tokio::spawn(event_loop.run(config.dht_server, config.tuning.kad_refresh));
     Ok((Network { tx: cmd_tx, peer_id }, ev_rx, listen_addrs, task))
 }
 
@@ -771,9 +776,11 @@ fn outbound_error(e: &request_response::OutboundFailure) -> NetError {
 }
 
 impl EventLoop {
-    async fn run(mut self) {
+    async fn run(mut self, dht_server: bool, kad_refresh: Duration) {
         let mut retry = tokio::time::interval(RESERVATION_RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + kad_refresh, kad_refresh);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -783,6 +790,10 @@ impl EventLoop {
                 },
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev).await,
                 _ = retry.tick(), if !self.reservations.is_empty() => self.reserve_circuits(true),
+                _ = refresh.tick(), if !dht_server => {
+                    let me = *self.swarm.local_peer_id();
+                    self.swarm.behaviour_mut().kad.get_closest_peers(me);
+                }
             }
         }
         debug!("network task stopped");
