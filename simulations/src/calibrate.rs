@@ -1,6 +1,7 @@
 //! Calibration: the same scenario at the same size in both tiers, and how far apart their
-//! figures are — the delivery ratio within the deadline (percentage points) and the latency
-//! distributions (two-sample Kolmogorov–Smirnov distance, overall and by path).
+//! figures are — the delivery ratio within the deadline (percentage points), the latency
+//! distributions (two-sample Kolmogorov–Smirnov distance, overall and by path) and the DHT's record
+//! lookups (success and median latency).
 
 use serde::Serialize;
 
@@ -8,8 +9,8 @@ use crate::scenario::Scenario;
 use crate::tierb::RunResult;
 
 /// `sc` with its population scaled to about `nodes` hosts (every class in proportion, at least
-/// one of each) and without what Tier A does not run yet (groups, DHT record lookups), so that
-/// both tiers see the same workload.
+/// one of each) and without what Tier A does not run yet (groups), so that both tiers see the
+/// same workload.
 pub fn scaled(sc: &Scenario, nodes: u64) -> Scenario {
     let mut s = sc.clone();
     let total: u64 = sc.population.iter().map(|c| u64::from(c.count)).sum();
@@ -19,7 +20,6 @@ pub fn scaled(sc: &Scenario, nodes: u64) -> Scenario {
     }
     s.workload.groups_per_user = 0.0;
     s.workload.group_message_share = 0.0;
-    s.workload.record_lookups_per_user_per_hour = 0.0;
     s.name = format!("{}-{}", sc.name, nodes);
     s
 }
@@ -64,6 +64,12 @@ pub struct Comparison {
     pub p50_b_ms: f64,
     pub p99_a_ms: f64,
     pub p99_b_ms: f64,
+    /// Share of record lookups that found the record.
+    pub get_ok_a: f64,
+    pub get_ok_b: f64,
+    /// Median latency of the successful ones.
+    pub get_p50_a_ms: f64,
+    pub get_p50_b_ms: f64,
     pub wall_a_s: f64,
     pub wall_b_s: f64,
 }
@@ -114,6 +120,10 @@ pub fn compare(nodes: u64, a: &RunResult, b: &RunResult, wall_a_s: f64, wall_b_s
         p50_b_ms: m(b, "latency_ms_p50_all"),
         p99_a_ms: m(a, "latency_ms_p99_all"),
         p99_b_ms: m(b, "latency_ms_p99_all"),
+        get_ok_a: m(a, "dht_get_record_success"),
+        get_ok_b: m(b, "dht_get_record_success"),
+        get_p50_a_ms: m(a, "dht_get_record_latency_ms_p50"),
+        get_p50_b_ms: m(b, "dht_get_record_latency_ms_p50"),
         wall_a_s,
         wall_b_s,
     }
@@ -123,11 +133,11 @@ pub fn compare(nodes: u64, a: &RunResult, b: &RunResult, wall_a_s: f64, wall_b_s
 pub fn to_csv(rows: &[Comparison]) -> String {
     let mut s = String::from(
         "nodes,ratio_a,ratio_b,ratio_diff_pp,judged_a,judged_b,ks_all,ks_direct,ks_mailbox,\
-         p50_a_ms,p50_b_ms,p99_a_ms,p99_b_ms,wall_a_s,wall_b_s\n",
+         p50_a_ms,p50_b_ms,p99_a_ms,p99_b_ms,get_ok_a,get_ok_b,get_p50_a_ms,get_p50_b_ms,wall_a_s,wall_b_s\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1}\n",
             r.nodes,
             r.ratio_a,
             r.ratio_b,
@@ -141,6 +151,10 @@ pub fn to_csv(rows: &[Comparison]) -> String {
             r.p50_b_ms,
             r.p99_a_ms,
             r.p99_b_ms,
+            r.get_ok_a,
+            r.get_ok_b,
+            r.get_p50_a_ms,
+            r.get_p50_b_ms,
             r.wall_a_s,
             r.wall_b_s
         ));

@@ -186,8 +186,8 @@ fn run(path: &Path, seed: Option<u64>, out: Option<PathBuf>, quiet: bool, tier: 
     let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-seed{seed}", sc.name)));
     let events_path = output::prepare_dir(&out)?;
     let events = File::create(&events_path).with_context(|| format!("creating {}", events_path.display()))?;
-    if tier == Tier::A && (sc.workload.groups_per_user > 0.0 || sc.workload.record_lookups_per_user_per_hour > 0.0) {
-        eprintln!("note: Tier A runs one-to-one chat only; this scenario's groups and DHT record lookups are left out");
+    if tier == Tier::A && sc.workload.groups_per_user > 0.0 {
+        eprintln!("note: Tier A runs one-to-one chat and DHT record lookups only; this scenario's groups are left out");
     }
     let ignored = tiera::ignored_protocol_keys(&sc.protocol);
     if tier == Tier::A && !ignored.is_empty() {
@@ -400,7 +400,8 @@ fn calibrate(
         let row = calibrate::compare(nodes, &a, &b, wall_a, wall_b);
         println!(
             "{nodes} nodes: delivered within the deadline A {:.4} / B {:.4} ({:.2} pp apart); latency KS distance {:.3} \
-             (direct {:.3}, mailbox {:.3}); p50 A {:.0} / B {:.0} ms; wall A {:.1} s / B {:.1} s",
+             (direct {:.3}, mailbox {:.3}); p50 A {:.0} / B {:.0} ms; record lookups found A {:.3} / B {:.3}, \
+             p50 A {:.0} / B {:.0} ms; wall A {:.1} s / B {:.1} s",
             row.ratio_a,
             row.ratio_b,
             row.ratio_diff_pp,
@@ -409,6 +410,10 @@ fn calibrate(
             row.ks_mailbox,
             row.p50_a_ms,
             row.p50_b_ms,
+            row.get_ok_a,
+            row.get_ok_b,
+            row.get_p50_a_ms,
+            row.get_p50_b_ms,
             row.wall_a_s,
             row.wall_b_s
         );

@@ -292,8 +292,8 @@ fn run_folder_holds_manifest_summary_events_and_plots_and_merges() {
     assert!(lo <= mean && mean <= hi);
 }
 
-/// A small world of real nodes: three relays, fifteen people who come and go, one relay that
-/// restarts and a partition between the regions that heals.
+/// A small world of real nodes: three relays, fifteen people who come and go, look each other up
+/// in the DHT, one relay that restarts and a partition between the regions that heals.
 const TIER_A_SMALL: &str = r#"
 name = "tier-a-small"
 duration = "4m"
@@ -320,6 +320,7 @@ messages_per_user_per_hour = 120
 groups_per_user = 0.0
 reply_probability = 0.3
 reply_delay = "5s"
+record_lookups_per_user_per_hour = 60
 
 [[faults]]
 kind = "restart-relays"
@@ -339,7 +340,8 @@ sample_every = "10s"
 "#;
 
 #[test]
-fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_every_message_arrives() {
+fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_every_message_arrives_and_records_are_found()
+ {
     let dir = tempfile::tempdir().unwrap();
     let scenario = dir.path().join("tier-a-small.toml");
     std::fs::write(&scenario, TIER_A_SMALL).unwrap();
@@ -372,6 +374,16 @@ fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_ever
     assert!(summary["delivery_ratio_within_deadline"] >= 0.9, "{summary:?}");
     assert_eq!(summary["invariant_violations"], 0.0);
     assert!(summary["bytes_per_relay_total_mean"] > 0.0);
+    // Every start publishes the user record; contacts' records are looked up and found.
+    assert!(summary["dht_put_record_lookups"] >= 15.0, "{summary:?}");
+    assert!(summary["dht_put_record_success"] >= 0.8, "{summary:?}");
+    assert!(summary["dht_get_record_lookups"] >= 10.0, "{summary:?}");
+    assert!(summary["dht_get_record_success"] >= 0.8, "{summary:?}");
+    assert!(summary["dht_get_record_latency_ms_p50"] > 0.0, "{summary:?}");
+    assert!(
+        summary["dht_get_record_hops_mean"].is_nan(),
+        "libp2p does not report hops"
+    );
     for file in ["events.jsonl", "timeseries.csv", "latency_cdf.svg"] {
         assert!(out_dir.join(file).exists(), "{file}");
     }

@@ -35,7 +35,8 @@ use tokio::time::Instant;
 use crate::rng::{self, SimRng, stream};
 use crate::scenario::{Scenario, ScenarioError};
 use crate::tierb::{
-    DeliveryRecord, NEVER, Path, RunOptions, RunResult, Sample, Violation, delivery_figures, latency_curves,
+    DeliveryRecord, KadAcc, NEVER, Path, RunOptions, RunResult, Sample, Violation, delivery_figures, dht_figures,
+    latency_curves,
 };
 use crate::trace::{Recorder, TraceEvent};
 use plan::{Plan, PlannedFault};
@@ -78,6 +79,31 @@ struct Seen {
     sends_failed: u64,
     events_lagged: u64,
     replies: u64,
+    /// DHT operations by [`crate::tierb::KAD_KINDS`] index: record lookups and publications.
+    dht: [KadAcc; 4],
+    /// (when it ended, its trace event) of every DHT operation.
+    dht_trace: Vec<(u64, TraceEvent)>,
+}
+
+/// Indices into [`Seen::dht`] (as Tier B's `LookupKind::index`).
+const GET_RECORD: u8 = 1;
+const PUT_RECORD: u8 = 2;
+
+impl Seen {
+    fn dht_done(&mut self, kind: u8, host: usize, ok: bool, started: u64, ended: u64) {
+        let latency_us = ended.saturating_sub(started);
+        self.dht[usize::from(kind)].add(ok, 0, latency_us);
+        self.dht_trace.push((
+            ended,
+            TraceEvent::Lookup {
+                kind,
+                origin: host32(host),
+                ok,
+                hops: 0,
+                latency_us,
+            },
+        ));
+    }
 }
 
 type Shared = Arc<Mutex<Seen>>;
@@ -98,12 +124,22 @@ enum Action {
     Down(usize),
     Up(usize),
     Send(usize),
+    Lookup(usize),
     Sample,
 }
 
 struct Running {
     node: Node,
     watcher: JoinHandle<()>,
+    publisher: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.watcher.abort();
+        self.publisher.abort();
+        self.node.shutdown().await;
+    }
 }
 
 /// The world: hosts, their disks and running nodes.
@@ -158,7 +194,6 @@ pub fn ignored_protocol_keys(p: &crate::scenario::ProtocolParams) -> Vec<&'stati
     let d = crate::scenario::ProtocolParams::default();
     [
         ("kad_rpc_timeout", p.kad_rpc_timeout != d.kad_rpc_timeout),
-        ("record_republish", p.record_republish != d.record_republish),
         ("connect_rtts", p.connect_rtts != d.connect_rtts),
         ("direct_patience", p.direct_patience != d.direct_patience),
         ("away_for", p.away_for != d.away_for),
@@ -312,7 +347,12 @@ impl<'s> World<'s> {
         for (ci, node) in started.into_iter().enumerate() {
             if world.plan.clients[ci].online_at(0) {
                 let watcher = world.watch(ci, node.handle());
-                world.clients[ci] = Some(Running { node, watcher });
+                let publisher = world.publish(ci, node.handle());
+                world.clients[ci] = Some(Running {
+                    node,
+                    watcher,
+                    publisher,
+                });
                 let host = host32(world.plan.clients[ci].host);
                 world.events.push((0, TraceEvent::Up { node: host }));
             } else {
@@ -392,6 +432,9 @@ impl<'s> World<'s> {
         for (i, s) in self.plan.sends.iter().enumerate() {
             timeline.push((s.at, Action::Send(i)));
         }
+        for (i, l) in self.plan.lookups.iter().enumerate() {
+            timeline.push((l.at, Action::Lookup(i)));
+        }
         for (fi, f) in self.plan.faults.iter().enumerate() {
             let (at, back) = match f {
                 PlannedFault::Partition { at, heal, .. } => (*at, *heal),
@@ -415,6 +458,7 @@ impl<'s> World<'s> {
                 Action::Up(ci) => self.up(ci).await?,
                 Action::Down(ci) => self.down(ci).await,
                 Action::Send(i) => self.send(i),
+                Action::Lookup(i) => self.lookup(i),
                 Action::FaultStart(fi) => self.fault(fi, true).await?,
                 Action::FaultEnd(fi) => self.fault(fi, false).await?,
                 Action::Sample => {
@@ -440,7 +484,12 @@ impl<'s> World<'s> {
                 msg: format!("{e:#}"),
             })?;
         let watcher = self.watch(ci, node.handle());
-        self.clients[ci] = Some(Running { node, watcher });
+        let publisher = self.publish(ci, node.handle());
+        self.clients[ci] = Some(Running {
+            node,
+            watcher,
+            publisher,
+        });
         let host = host32(self.plan.clients[ci].host);
         self.events.push((since(self.t0), TraceEvent::Up { node: host }));
         Ok(())
@@ -448,8 +497,7 @@ impl<'s> World<'s> {
 
     async fn down(&mut self, ci: usize) {
         if let Some(r) = self.clients[ci].take() {
-            r.watcher.abort();
-            r.node.shutdown().await;
+            r.stop().await;
             let host = host32(self.plan.clients[ci].host);
             self.events.push((
                 since(self.t0),
@@ -476,6 +524,57 @@ impl<'s> World<'s> {
             Duration::ZERO,
             false,
         );
+    }
+
+    /// Looks a contact's user record up in the DHT, in its own task, as a user adding a contact
+    /// by account key would (`NodeHandle::lookup_record`). Only records whose owner has been
+    /// online by then, and so has published it, are looked up: Tier B places every record at the
+    /// start, and a lookup that cannot succeed measures nothing.
+    fn lookup(&mut self, i: usize) {
+        let l = self.plan.lookups[i];
+        let Some(r) = &self.clients[l.from] else { return };
+        if self.plan.clients[l.owner].online.first().is_none_or(|iv| iv.0 > l.at) {
+            return;
+        }
+        let Ok(account) = tidings_protocol::identity::AccountId::from_bytes(&self.accounts[l.owner]) else {
+            return;
+        };
+        let (h, seen, t0, host) = (
+            r.node.handle(),
+            self.seen.clone(),
+            self.t0,
+            self.plan.clients[l.from].host,
+        );
+        tokio::spawn(async move {
+            let started = since(t0);
+            let ok = h.lookup_record(&account).await.is_ok();
+            lock(&seen).dht_done(GET_RECORD, host, ok, started, since(t0));
+        });
+    }
+
+    /// Publishes the client's user record while it is online, as `tidings run` does: at once,
+    /// then every `record_republish`, again after 1 s, 2 s, ... (at most 60 s) when it fails.
+    fn publish(&self, ci: usize, h: NodeHandle) -> JoinHandle<()> {
+        let (seen, t0, host) = (self.seen.clone(), self.t0, self.plan.clients[ci].host);
+        let period = Duration::from_micros(self.sc.protocol.record_republish.micros());
+        tokio::spawn(async move {
+            let mut wait = Duration::from_secs(1);
+            loop {
+                let started = since(t0);
+                let res = h.publish_record().await;
+                if matches!(res, Err(tidings_node::NodeError::Stopped)) {
+                    return;
+                }
+                lock(&seen).dht_done(PUT_RECORD, host, res.is_ok(), started, since(t0));
+                if res.is_ok() {
+                    wait = Duration::from_secs(1);
+                    tokio::time::sleep(period).await;
+                } else {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(60));
+                }
+            }
+        })
     }
 
     async fn fault(&mut self, fi: usize, start: bool) -> Result<(), TierAError> {
@@ -588,8 +687,7 @@ impl<'s> World<'s> {
         );
         for slot in &mut self.clients {
             if let Some(r) = slot.take() {
-                r.watcher.abort();
-                r.node.shutdown().await;
+                r.stop().await;
             }
         }
         for slot in &mut self.relays {
@@ -735,6 +833,8 @@ impl<'s> World<'s> {
         let mut all: Vec<f32> = lat.iter().flatten().copied().collect();
         all.sort_unstable_by(f32::total_cmp);
         put("invariant_violations", violation_count as f64);
+        dht_figures(&mut s.dht, false, &mut put);
+        trace.append(&mut s.dht_trace);
 
         let hours = end as f64 / 3.6e9;
         let mut bytes_q = Vec::new();

@@ -4,7 +4,7 @@
 
 use rand::Rng;
 
-use crate::rng::{self, stream};
+use crate::rng::{self, SimRng, stream};
 use crate::scenario::{Fault, MICROS_PER_MS, Role, Scenario};
 
 /// A host's NAT class.
@@ -63,6 +63,15 @@ pub struct PlannedSend {
     pub to: usize,
 }
 
+/// A DHT lookup of a contact's user record the workload will make (if its client is online then).
+#[derive(Debug, Clone, Copy)]
+pub struct PlannedLookup {
+    pub at: u64,
+    pub from: usize,
+    /// The client whose record is looked up.
+    pub owner: usize,
+}
+
 /// A timed fault, resolved to the relays it hits.
 #[derive(Debug, Clone)]
 pub enum PlannedFault {
@@ -86,6 +95,8 @@ pub struct Plan {
     pub clients: Vec<Client>,
     /// Sorted by time.
     pub sends: Vec<PlannedSend>,
+    /// Sorted by time.
+    pub lookups: Vec<PlannedLookup>,
     /// One per scenario fault, in order.
     pub faults: Vec<PlannedFault>,
     /// RTT between regions, µs, row-major.
@@ -189,27 +200,22 @@ impl Plan {
             c.contacts.dedup();
         }
 
-        // The workload: one-to-one messages at the scenario's rate, sent only while online.
+        // The workload: one-to-one messages at the scenario's rate, sent only while online, and
+        // lookups of a contact's user record (as Tier B's), each from its own random stream.
         let mut wr = rng::rng(seed, stream::WORKLOAD);
-        let per_us = sc.workload.messages_per_user_per_hour / 3.6e9;
-        let mut sends = Vec::new();
-        if per_us > 0.0 {
-            for (ci, c) in clients.iter().enumerate() {
-                if c.contacts.is_empty() {
-                    continue;
-                }
-                let mut t = rng::exp(&mut wr, 1.0 / per_us);
-                while (t as u64) < end {
-                    let at = t as u64;
-                    let to = c.contacts[wr.gen_range(0..c.contacts.len())];
-                    if c.online_at(at) {
-                        sends.push(PlannedSend { at, from: ci, to });
-                    }
-                    t += rng::exp(&mut wr, 1.0 / per_us);
-                }
-            }
-        }
+        let mut sends: Vec<PlannedSend> =
+            contact_events(&clients, sc.workload.messages_per_user_per_hour, end, &mut wr)
+                .into_iter()
+                .map(|(at, from, to)| PlannedSend { at, from, to })
+                .collect();
         sends.sort_by_key(|s| (s.at, s.from));
+        let mut lr = rng::rng(seed, stream::WORKLOAD | (2 << 40));
+        let mut lookups: Vec<PlannedLookup> =
+            contact_events(&clients, sc.workload.record_lookups_per_user_per_hour, end, &mut lr)
+                .into_iter()
+                .map(|(at, from, owner)| PlannedLookup { at, from, owner })
+                .collect();
+        lookups.sort_by_key(|l| (l.at, l.from));
 
         let mut fr = rng::rng(seed, stream::FAULTS);
         let mut pick = |fraction: f64| {
@@ -260,10 +266,32 @@ impl Plan {
             relays,
             clients,
             sends,
+            lookups,
             faults,
             rtt_us,
             n_regions: k,
             end,
         }
     }
+}
+
+/// `(time, client, contact)` at `per_hour` per client (a Poisson process each, over the whole run),
+/// a random contact each time, kept only while the client is online.
+fn contact_events(clients: &[Client], per_hour: f64, end: u64, r: &mut SimRng) -> Vec<(u64, usize, usize)> {
+    let per_us = per_hour / 3.6e9;
+    let mut out = Vec::new();
+    if per_us > 0.0 {
+        for (ci, c) in clients.iter().enumerate().filter(|(_, c)| !c.contacts.is_empty()) {
+            let mut t = rng::exp(r, 1.0 / per_us);
+            while (t as u64) < end {
+                let at = t as u64;
+                let to = c.contacts[r.gen_range(0..c.contacts.len())];
+                if c.online_at(at) {
+                    out.push((at, ci, to));
+                }
+                t += rng::exp(r, 1.0 / per_us);
+            }
+        }
+    }
+    out
 }

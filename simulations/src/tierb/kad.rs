@@ -20,7 +20,6 @@ use rand::Rng;
 
 use super::event::Ev;
 use super::key::{self, Key};
-use super::report::KadAcc;
 use super::{MsgId, NONE, Nat, NodeId, NodeRole, Proto, Time, World, wire};
 use crate::rng::{self, stream};
 use crate::scenario::{Mitigation, Scenario};
@@ -636,13 +635,7 @@ impl World<'_> {
         l.then = NONE;
         self.kad.free.push(id);
         let latency = self.now - started;
-        let acc: &mut KadAcc = &mut self.c.kad[kind.index()];
-        acc.lookups += 1;
-        if success {
-            acc.ok += 1;
-            acc.hops_sum += u64::from(hops);
-            acc.latency_ms.push((latency as f64 / 1_000.0) as f32);
-        }
+        self.c.kad[kind.index()].add(success, hops, latency);
         self.trace(TraceEvent::Lookup {
             kind: kind.index() as u8,
             origin,

@@ -21,6 +21,41 @@ pub(crate) struct KadAcc {
     pub(crate) latency_ms: Vec<f32>,
 }
 
+impl KadAcc {
+    /// Counts one lookup; `hops` only where the tier can see them.
+    pub(crate) fn add(&mut self, ok: bool, hops: u8, latency_us: u64) {
+        self.lookups += 1;
+        if ok {
+            self.ok += 1;
+            self.hops_sum += u64::from(hops);
+            self.latency_ms.push((latency_us as f64 / 1_000.0) as f32);
+        }
+    }
+}
+
+/// The `dht_<kind>_*` figures of the summary, one set per [`KAD_KINDS`] entry: lookups, success
+/// ratio, mean hops of the successful ones (NaN unless `hops_known`: libp2p does not report the
+/// hops of a real node's lookup) and latency percentiles of the successful ones.
+pub(crate) fn dht_figures(accs: &mut [KadAcc; 4], hops_known: bool, put: &mut impl FnMut(&str, f64)) {
+    for (acc, name) in accs.iter_mut().zip(KAD_KINDS) {
+        acc.latency_ms.sort_unstable_by(f32::total_cmp);
+        put(&format!("dht_{name}_lookups"), acc.lookups as f64);
+        put(&format!("dht_{name}_success"), ratio(acc.ok, acc.lookups));
+        let hops = if hops_known {
+            ratio(acc.hops_sum, acc.ok)
+        } else {
+            f64::NAN
+        };
+        put(&format!("dht_{name}_hops_mean"), hops);
+        for p in [50.0, 90.0, 99.0] {
+            put(
+                &format!("dht_{name}_latency_ms_p{}", p as u32),
+                percentile(&acc.latency_ms, p),
+            );
+        }
+    }
+}
+
 /// A time-series point.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Sample {
@@ -85,6 +120,11 @@ impl RunResult {
 }
 
 /// Nearest-rank percentile of sorted data.
+/// `a / b`, NaN when `b` is 0.
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { f64::NAN } else { a as f64 / b as f64 }
+}
+
 pub(crate) fn percentile(sorted: &[f32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -320,20 +360,7 @@ pub(super) fn build(mut w: World<'_>) -> Result<RunResult, std::io::Error> {
         }
     }
 
-    // DHT.
-    for (i, name) in KAD_KINDS.iter().enumerate() {
-        let acc = &mut w.c.kad[i];
-        acc.latency_ms.sort_unstable_by(f32::total_cmp);
-        put(&format!("dht_{name}_lookups"), acc.lookups as f64);
-        put(&format!("dht_{name}_success"), ratio(acc.ok, acc.lookups));
-        put(&format!("dht_{name}_hops_mean"), ratio(acc.hops_sum, acc.ok));
-        for p in [50.0, 90.0, 99.0] {
-            put(
-                &format!("dht_{name}_latency_ms_p{}", p as u32),
-                percentile(&acc.latency_ms, p),
-            );
-        }
-    }
+    dht_figures(&mut w.c.kad, true, &mut put);
 
     // Bytes per node.
     let hours = end as f64 / 3.6e9;
