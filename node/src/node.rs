@@ -552,11 +552,26 @@ impl NodeHandle {
     /// Publishes the user record now and then every `interval`, retrying
     /// quickly until the first success.
     pub fn spawn_record_publisher(&self, interval: Duration) -> JoinHandle<()> {
+        self.spawn_observed_record_publisher(interval, |_, _| {})
+    }
+
+    /// [`Self::spawn_record_publisher`], telling `observe` whether each
+    /// publication succeeded and how long it took (the simulator counts them).
+    pub fn spawn_observed_record_publisher(
+        &self,
+        interval: Duration,
+        mut observe: impl FnMut(bool, Duration) + Send + 'static,
+    ) -> JoinHandle<()> {
         let h = self.clone();
         tokio::spawn(async move {
             let mut wait = Duration::from_secs(1);
             loop {
-                match h.publish_record().await {
+                let started = tokio::time::Instant::now();
+                let res = h.publish_record().await;
+                if !matches!(res, Err(NodeError::Stopped)) {
+                    observe(res.is_ok(), started.elapsed());
+                }
+                match res {
                     Ok(()) => {
                         debug!("user record published");
                         tokio::time::sleep(interval).await;

@@ -552,28 +552,15 @@ impl<'s> World<'s> {
         });
     }
 
-    /// Publishes the client's user record while it is online, as `tidings run` does: at once,
-    /// then every `record_republish`, again after 1 s, 2 s, ... (at most 60 s) when it fails.
+    /// Publishes the client's user record while it is online, as `tidings run` does (the node's
+    /// own publisher: at once, then every `record_republish`, sooner again after a failure).
     fn publish(&self, ci: usize, h: NodeHandle) -> JoinHandle<()> {
         let (seen, t0, host) = (self.seen.clone(), self.t0, self.plan.clients[ci].host);
         let period = Duration::from_micros(self.sc.protocol.record_republish.micros());
-        tokio::spawn(async move {
-            let mut wait = Duration::from_secs(1);
-            loop {
-                let started = since(t0);
-                let res = h.publish_record().await;
-                if matches!(res, Err(tidings_node::NodeError::Stopped)) {
-                    return;
-                }
-                lock(&seen).dht_done(PUT_RECORD, host, res.is_ok(), started, since(t0));
-                if res.is_ok() {
-                    wait = Duration::from_secs(1);
-                    tokio::time::sleep(period).await;
-                } else {
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(60));
-                }
-            }
+        h.spawn_observed_record_publisher(period, move |ok, took| {
+            let ended = since(t0);
+            let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            lock(&seen).dht_done(PUT_RECORD, host, ok, ended.saturating_sub(took), ended);
         })
     }
 
