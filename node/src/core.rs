@@ -424,6 +424,10 @@ pub(crate) struct Core {
     link: LinkOffers,
     /// Our leaf keys in a group older than this are renewed by a self-update.
     pub(crate) self_update_interval_ms: u64,
+    /// Wakes the mailbox sync: a home relay connected again (it may have
+    /// restarted and lost our subscription), or a push could not be applied
+    /// whole (the relay then stops pushing until we fetch).
+    pub(crate) mailbox_wake: Arc<tokio::sync::Notify>,
     /// Something that decides which one-to-one conversations hold our current
     /// devices changed (our device list, a new or replaced conversation)
     /// since `conversations_to_mend` last found nothing to do.
@@ -550,6 +554,7 @@ impl Core {
             mailbox_texts: HashMap::new(),
             link,
             self_update_interval_ms: SELF_UPDATE_INTERVAL_MS,
+            mailbox_wake: Arc::default(),
             mend_dirty: true,
             touched: HashSet::new(),
             presence: PresenceMap::default(),
@@ -1181,6 +1186,16 @@ impl Core {
         match ev {
             NetEvent::Deliver { id, peer, request } => {
                 let (response, events) = self.on_deliver(peer, request);
+                if self.home_relays.contains(&peer)
+                    && response.statuses.iter().any(|s| {
+                        matches!(
+                            DeliverStatus::try_from(*s),
+                            Ok(DeliverStatus::UnknownConversation | DeliverStatus::NotProcessed)
+                        )
+                    })
+                {
+                    self.mailbox_wake.notify_one();
+                }
                 self.net.respond_deliver(id, response).await;
                 for e in events {
                     let _ = self.events.send(e);
@@ -1217,6 +1232,9 @@ impl Core {
                 self.net.respond_mailbox(id, response).await;
             }
             NetEvent::Connected(peer) => {
+                if self.home_relays.contains(&peer) {
+                    self.mailbox_wake.notify_one();
+                }
                 self.away.remove(&peer);
                 self.reconnects.remove(&peer);
                 let now = Instant::now();

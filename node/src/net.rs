@@ -38,6 +38,9 @@ pub const MAILBOX_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/mailb
 pub const LINK_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/link/1");
 pub const IDENTIFY_PROTOCOL: &str = "/tidings/id/1.0.0";
 
+/// A record lookup stops once it holds this many valid copies (the caller
+/// takes the newest), or when the DHT runs out of closer peers.
+pub const RECORD_COPIES: usize = 3;
 /// Capacity of the command and event channels.
 const CHANNEL_CAPACITY: usize = 1024;
 /// Most inbound requests awaiting the core's reply at once.
@@ -123,6 +126,10 @@ pub struct NetTuning {
     pub kad_replication: std::num::NonZeroUsize,
     /// How often the routing table is refreshed by a bootstrap lookup.
     pub kad_refresh: Duration,
+    /// How often each side of a connection pings the other. Nothing reads
+    /// the round trips: pings only keep idle connections' NAT mappings fresh
+    /// (QUIC has its own keep-alive), so once a minute is enough.
+    pub ping_interval: Duration,
 }
 
 impl Default for NetTuning {
@@ -133,6 +140,7 @@ impl Default for NetTuning {
             kad_parallelism: kad::ALPHA_VALUE,
             kad_replication: kad::K_VALUE,
             kad_refresh: Duration::from_secs(300),
+            ping_interval: Duration::from_secs(60),
         }
     }
 }
@@ -544,7 +552,7 @@ fn behaviour(
             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
                 .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION"))),
         ),
-        ping: ping::Behaviour::new(ping::Config::new()),
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(params.tuning.ping_interval)),
         kad,
         deliver,
         key_package,
@@ -1239,7 +1247,7 @@ impl EventLoop {
                                 };
                                 let _ = reply.send(out);
                             }
-                        } else if entry.1.len() >= 3
+                        } else if entry.1.len() >= RECORD_COPIES
                             && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
                         {
                             q.finish();

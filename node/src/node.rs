@@ -31,6 +31,11 @@ use crate::types::{ContactView, MailGapView, MessageView, NodeEvent, NodeStatus,
 pub const DEVICE_CERT_VALIDITY_MS: u64 = 365 * 24 * 3600 * 1000;
 /// Longest time direct deliveries wait for the first mailbox catch-up.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(15);
+/// How long a new conversation waits for a key package from the contact's
+/// device before claiming one from the contact's relays (a device behind a
+/// NAT, or one that is not in the DHT yet, can take a DHT lookup and several
+/// dials to answer, or never answer).
+const DEVICE_PATIENCE: Duration = Duration::from_secs(3);
 /// How often the groups' upkeep runs when nothing wakes it earlier, and the
 /// fastest a group inbox is fetched from a relay that does not hold fetches.
 const GROUP_TICK: Duration = Duration::from_secs(1);
@@ -54,8 +59,10 @@ fn parse_group_id(s: &str) -> Result<Vec<u8>, NodeError> {
 
 /// One-time key packages a device keeps on each home relay.
 pub const KEY_PACKAGE_POOL: usize = 20;
-/// How often a node re-checks its relay mailboxes (pushes cover the time between).
-pub const MAILBOX_RECHECK: Duration = Duration::from_secs(10);
+/// How often a node re-checks its relay mailboxes. Pushes cover the time
+/// between, and a home relay that connects again (after a restart, say) or a
+/// push that could not be applied whole triggers a re-check at once.
+pub const MAILBOX_RECHECK: Duration = Duration::from_secs(60);
 /// Capacity of the core's input queue.
 const CORE_QUEUE: usize = 4096;
 /// Capacity of the event broadcast (slow subscribers miss events, never block the node).
@@ -223,7 +230,7 @@ pub(crate) struct Inner {
     /// Our home relays as they are now (they can change while we run).
     home_relays: std::sync::RwLock<Vec<Multiaddr>>,
     /// Wakes the mailbox sync task (home relays changed).
-    mailbox_wake: tokio::sync::Notify,
+    mailbox_wake: Arc<tokio::sync::Notify>,
     mailbox_poll: Duration,
     account: AccountId,
     cert: DeviceCertificate,
@@ -327,6 +334,7 @@ impl Node {
             link.clone(),
         )?;
         core.self_update_interval_ms = u64::try_from(config.key_update_interval.as_millis()).unwrap_or(u64::MAX);
+        let mailbox_wake = core.mailbox_wake.clone();
         let presence = core.presence.clone();
         tasks.push(tokio::spawn(core.run(rx, net_events)));
         let handle = NodeHandle {
@@ -338,7 +346,7 @@ impl Node {
                 account_seed: identity.account_seed,
                 device_seed: identity.device_seed,
                 home_relays: std::sync::RwLock::new(config.home_relays.clone()),
-                mailbox_wake: tokio::sync::Notify::new(),
+                mailbox_wake,
                 mailbox_poll: config.mailbox_poll,
                 account: account_key.id(),
                 cert,
@@ -820,13 +828,29 @@ impl NodeHandle {
             let Some(peer) = peer_id_of(&cert.device_key) else {
                 continue;
             };
-            let kp = match self.fetch_key_package(peer).await {
-                Ok(kp) => Some(kp),
-                Err(_) => self.claim_key_package(&relays, &cert.device_key).await,
-            };
-            out.extend(kp);
+            out.extend(self.key_package_of(peer, &relays, &cert.device_key).await.ok());
         }
         out
+    }
+
+    /// A key package of `device` (PeerId `peer`): from the device itself if it
+    /// answers within [`DEVICE_PATIENCE`], else claimed from its `relays`;
+    /// if they have none, the device gets the rest of its time (it may have
+    /// just started and not be in the DHT yet).
+    async fn key_package_of(&self, peer: PeerId, relays: &[String], device: &[u8; 32]) -> Result<Vec<u8>, String> {
+        let fetch = self.fetch_key_package(peer);
+        tokio::pin!(fetch);
+        let early = tokio::time::timeout(DEVICE_PATIENCE, &mut fetch).await;
+        if let Ok(Ok(kp)) = early {
+            return Ok(kp);
+        }
+        if let Some(kp) = self.claim_key_package(relays, device).await {
+            return Ok(kp);
+        }
+        match early {
+            Ok(Err(e)) => Err(e.to_string()),
+            _ => fetch.await.map_err(|e| e.to_string()),
+        }
     }
 
     /// One key package for each of a contact's devices: fetched from the
@@ -847,15 +871,9 @@ impl NodeHandle {
             };
             // A device behind a NAT is reachable only through its relays' circuits.
             add_circuit_addresses(&self.inner.net, peer, &contact.relays).await;
-            match self.fetch_key_package(peer).await {
+            match self.key_package_of(peer, &contact.relays, &cert.device_key).await {
                 Ok(kp) => key_packages.push(kp),
-                Err(e) => {
-                    last_error = e.to_string();
-                    // The device is away: claim one of its key packages from its relays.
-                    if let Some(kp) = self.claim_key_package(&contact.relays, &cert.device_key).await {
-                        key_packages.push(kp);
-                    }
-                }
+                Err(e) => last_error = e,
             }
         }
         if key_packages.is_empty() {
@@ -1571,11 +1589,19 @@ impl NodeHandle {
             let (relays, retired) = self.mail_relays();
             for (relay, addr) in relays.iter().chain(&retired) {
                 self.inner.net.add_address(*relay, addr.clone()).await;
-                for request_inbox in [false, true] {
+                // Mail that waited for a Welcome from the request inbox goes in
+                // right after it, not a round later.
+                for (pass, request_inbox) in [false, true, false].into_iter().enumerate() {
                     match self.drain_inbox(*relay, request_inbox).await {
                         Ok(n) if n > 0 => info!(relay = %relay, n, "fetched mail"),
+                        Ok(_) if pass == 1 => break,
                         Ok(_) => {}
-                        Err(e) => debug!(relay = %relay, "fetching mail failed: {e}"),
+                        Err(e) => {
+                            debug!(relay = %relay, "fetching mail failed: {e}");
+                            if pass == 1 {
+                                break;
+                            }
+                        }
                     }
                 }
             }

@@ -15,15 +15,20 @@ use tidings_store::MessageState;
 const START_MS: u64 = 1_800_000_000_000;
 
 /// 25 ms one way between any two hosts, except alice (10) and bob (11) once
-/// they are cut apart.
+/// they are cut apart, and bob and anyone once he is cut off.
+#[derive(Default)]
 struct Links {
     cut: AtomicBool,
+    bob_off: AtomicBool,
 }
 
 impl LinkModel for Links {
     fn delay(&self, from: u64, to: u64, _bytes: usize) -> Option<Duration> {
         let pair = (from.min(to), from.max(to));
         if pair == (10, 11) && self.cut.load(Ordering::Relaxed) {
+            return None;
+        }
+        if (from == 11 || to == 11) && self.bob_off.load(Ordering::Relaxed) {
             return None;
         }
         Some(Duration::from_millis(25))
@@ -54,9 +59,7 @@ async fn relay(net: &SimNetwork, port: u64, bootstrap: Vec<Multiaddr>, clock: &C
 async fn real_nodes_talk_directly_and_through_relay_mailboxes_in_virtual_time() {
     let wall = std::time::Instant::now();
     let start = tokio::time::Instant::now();
-    let links = Arc::new(Links {
-        cut: AtomicBool::new(false),
-    });
+    let links = Arc::new(Links::default());
     let net = SimNetwork::new(links.clone());
     let clock = Clock::tokio(START_MS);
     let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
@@ -110,6 +113,107 @@ async fn real_nodes_talk_directly_and_through_relay_mailboxes_in_virtual_time() 
     );
     drop((a, b));
     for n in [alice, bob, r1, r2] {
+        n.shutdown().await;
+    }
+}
+
+/// A relay keeps its subscriptions in memory, so a restart ends them. The
+/// device re-subscribes as soon as its connection to the relay is back
+/// (circuit reservations are retried every 15 s), not at its next mailbox
+/// re-check a minute later: mail deposited meanwhile is pushed within seconds.
+#[tokio::test(start_paused = true)]
+async fn after_its_home_relay_restarts_a_device_gets_new_mail_pushed_long_before_the_next_recheck() {
+    // Alice and bob never reach each other directly: only circuits and the mailbox.
+    let links = Arc::new(Links {
+        cut: AtomicBool::new(true),
+        ..Links::default()
+    });
+    let net = SimNetwork::new(links);
+    let clock = Clock::tokio(START_MS);
+    let disk = sim::HostDisk::relay(clock.now_ms(), None).unwrap();
+    let tuning = sim::HostTuning::default();
+    assert_eq!(tuning.mailbox_poll, tidings_node::node::MAILBOX_RECHECK);
+    let relay = sim::start_relay_on(&net, 1, &disk, Vec::new(), clock.clone(), &tuning)
+        .await
+        .unwrap();
+    let r_addr = SimNetwork::address(1).with(Protocol::P2p(relay.handle().peer_id()));
+    let person = |port, name| {
+        sim::start_node(
+            &net,
+            port,
+            name,
+            vec![r_addr.clone()],
+            vec![r_addr.clone()],
+            clock.clone(),
+        )
+    };
+    let (alice, bob) = (person(10, "alice").await.unwrap(), person(11, "bob").await.unwrap());
+    let (a, b) = (alice.handle(), bob.handle());
+    a.add_contact(&b.card().to_uri(), None).await.unwrap();
+    b.add_contact(&a.card().to_uri(), None).await.unwrap();
+    a.send_text(&acct(&b), "hello").await.unwrap();
+    until("bob reads hello", || b.history(&acct(&a)).unwrap().len() == 1).await;
+
+    relay.shutdown().await;
+    let relay = sim::start_relay_on(&net, 1, &disk, Vec::new(), clock.clone(), &tuning)
+        .await
+        .unwrap();
+    let restarted = tokio::time::Instant::now();
+    a.send_text(&acct(&b), "after the restart").await.unwrap();
+    until("bob reads the second message", || {
+        b.history(&acct(&a)).unwrap().len() == 2
+    })
+    .await;
+    let took = restarted.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "mail after a relay restart took {took:?}; the periodic re-check alone would take up to {:?}",
+        tidings_node::node::MAILBOX_RECHECK
+    );
+    drop((a, b));
+    for n in [alice, bob, relay] {
+        n.shutdown().await;
+    }
+}
+
+/// A first message to a device that is running but cannot be reached (a
+/// laptop whose network went away) claims a key package from the device's
+/// relay after a few seconds instead of waiting out every dial and lookup.
+#[tokio::test(start_paused = true)]
+async fn a_first_message_to_an_unreachable_device_starts_from_its_relay_within_seconds() {
+    let links = Arc::new(Links::default());
+    let net = SimNetwork::new(links.clone());
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
+    let homes = vec![r1_addr.clone()];
+    let person = |port, name| sim::start_node(&net, port, name, homes.clone(), homes.clone(), clock.clone());
+    let (alice, bob) = (person(10, "alice").await.unwrap(), person(11, "bob").await.unwrap());
+    let (a, b) = (alice.handle(), bob.handle());
+    let bob_device = b.devices().unwrap()[0].device_key;
+    let mailboxes = r1.relay_mailboxes().unwrap();
+    until("bob's key packages are on his relay", || {
+        mailboxes.key_packages_held(&bob_device).unwrap() > 0
+    })
+    .await;
+    a.add_contact(&b.card().to_uri(), None).await.unwrap();
+    links.bob_off.store(true, Ordering::Relaxed);
+
+    let started = tokio::time::Instant::now();
+    let sent = a.send_text(&acct(&b), "hello").await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "the first message took {took:?} to set up"
+    );
+    until("the relay signed for it", || {
+        a.history(&acct(&b))
+            .unwrap()
+            .iter()
+            .any(|m| m.id == sent.id && m.state == MessageState::Stored)
+    })
+    .await;
+    drop((a, b));
+    for n in [alice, bob, r1] {
         n.shutdown().await;
     }
 }

@@ -462,6 +462,9 @@ pub struct ProtocolParams {
     pub kad_refresh: SimDuration,
     /// Owners republish their user record this often.
     pub record_republish: SimDuration,
+    /// A record lookup reads on until it holds this many valid copies (the newest wins), or runs
+    /// out of peers (the node's `get_record`).
+    pub record_copies: u32,
     /// Round trips to open a connection before the first request (QUIC ≈ 2).
     pub connect_rtts: u32,
     /// Mailbox and deliver request timeout.
@@ -472,6 +475,9 @@ pub struct ProtocolParams {
     pub away_for: SimDuration,
     /// Devices drain and re-subscribe their home relays this often.
     pub mailbox_poll: SimDuration,
+    /// Devices redial a home relay they lost this often (RESERVATION_RETRY), and drain and
+    /// re-subscribe as soon as it answers.
+    pub relay_redial: SimDuration,
     /// Group long-poll length.
     pub group_poll: SimDuration,
     /// Relay retention of undelivered mail.
@@ -485,6 +491,8 @@ pub struct ProtocolParams {
     pub circuit_max_duration: SimDuration,
     /// An unused connection is closed after this long.
     pub idle_timeout: SimDuration,
+    /// Each side of a connection pings the other this often (libp2p ping; Tier A only).
+    pub ping_interval: SimDuration,
 }
 
 impl Default for ProtocolParams {
@@ -496,11 +504,13 @@ impl Default for ProtocolParams {
             kad_query_timeout: SimDuration::from_secs(20),
             kad_refresh: SimDuration::from_secs(300),
             record_republish: SimDuration::from_secs(3_600),
+            record_copies: 3,
             connect_rtts: 2,
             request_timeout: SimDuration::from_secs(10),
             direct_patience: SimDuration::from_secs(5),
             away_for: SimDuration::from_secs(60),
-            mailbox_poll: SimDuration::from_secs(10),
+            mailbox_poll: SimDuration::from_secs(60),
+            relay_redial: SimDuration::from_secs(15),
             group_poll: SimDuration::from_secs(20),
             retention: SimDuration::from_secs(14 * 86_400),
             fetch_page: 512,
@@ -508,6 +518,7 @@ impl Default for ProtocolParams {
             retry_max: SimDuration::from_secs(30),
             circuit_max_duration: SimDuration::from_secs(120),
             idle_timeout: SimDuration::from_secs(120),
+            ping_interval: SimDuration::from_secs(60),
         }
     }
 }

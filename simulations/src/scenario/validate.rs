@@ -416,6 +416,12 @@ impl Scenario {
             "1 to 16",
         )?;
         range(
+            "protocol.record_copies",
+            f64::from(p.record_copies),
+            (1..=64).contains(&p.record_copies),
+            "1 to 64",
+        )?;
+        range(
             "protocol.connect_rtts",
             f64::from(p.connect_rtts),
             p.connect_rtts <= 10,
@@ -455,6 +461,7 @@ impl Scenario {
                 SimDuration::from_millis(1),
             ),
             ("protocol.mailbox_poll", p.mailbox_poll, SimDuration::from_millis(100)),
+            ("protocol.relay_redial", p.relay_redial, SimDuration::from_millis(100)),
             ("protocol.group_poll", p.group_poll, SimDuration::from_millis(100)),
             ("protocol.retention", p.retention, SimDuration::from_secs(1)),
             ("protocol.retry_initial", p.retry_initial, SimDuration::from_millis(1)),
@@ -465,6 +472,7 @@ impl Scenario {
                 SimDuration::from_secs(1),
             ),
             ("protocol.idle_timeout", p.idle_timeout, SimDuration::from_secs(1)),
+            ("protocol.ping_interval", p.ping_interval, SimDuration::from_secs(1)),
         ] {
             if d < min {
                 range(

@@ -47,6 +47,8 @@ pub use links::port;
 const START_MS: u64 = 1_800_000_000_000;
 /// Violations kept in full (all are counted).
 const MAX_VIOLATIONS_KEPT: usize = 100;
+/// Longest the set-up waits for every client's key packages to reach its home relays.
+const PROVISION_WAIT: Duration = Duration::from_secs(120);
 
 /// Why a Tier A run could not be carried out. Invariant violations are not errors: they are in
 /// [`RunResult::violations`].
@@ -182,6 +184,7 @@ fn host_tuning(p: &crate::scenario::ProtocolParams) -> sim::HostTuning {
             kad_parallelism: n(p.kad_alpha),
             kad_replication: n(p.kad_k),
             kad_refresh: d(p.kad_refresh),
+            ping_interval: d(p.ping_interval),
         },
         request_timeout: d(p.request_timeout),
         mailbox_poll: d(p.mailbox_poll),
@@ -195,9 +198,11 @@ pub fn ignored_protocol_keys(p: &crate::scenario::ProtocolParams) -> Vec<&'stati
     [
         ("kad_rpc_timeout", p.kad_rpc_timeout != d.kad_rpc_timeout),
         ("connect_rtts", p.connect_rtts != d.connect_rtts),
+        ("record_copies", p.record_copies != d.record_copies),
         ("direct_patience", p.direct_patience != d.direct_patience),
         ("away_for", p.away_for != d.away_for),
         ("group_poll", p.group_poll != d.group_poll),
+        ("relay_redial", p.relay_redial != d.relay_redial),
         ("retention", p.retention != d.retention),
         ("fetch_page", p.fetch_page != d.fetch_page),
         ("retry_initial", p.retry_initial != d.retry_initial),
@@ -344,6 +349,9 @@ impl<'s> World<'s> {
                 }
             }
         }
+        world.await_key_packages(&started).await;
+        // The run's clock starts now: the set-up above is what happened before it.
+        world.t0 = Instant::now();
         for (ci, node) in started.into_iter().enumerate() {
             if world.plan.clients[ci].online_at(0) {
                 let watcher = world.watch(ci, node.handle());
@@ -360,6 +368,39 @@ impl<'s> World<'s> {
             }
         }
         Ok(world)
+    }
+
+    /// Waits (in virtual time, at most [`PROVISION_WAIT`]) until every client's key packages are
+    /// on each of its home relays, as they are for anyone who has run the app once: a contact can
+    /// then start a conversation while the client is away, as Tier B assumes from the start.
+    async fn await_key_packages(&self, started: &[tidings_node::Node]) {
+        let devices: Vec<Option<[u8; 32]>> = started
+            .iter()
+            .map(|n| n.handle().devices().ok()?.first().map(|c| c.device_key))
+            .collect();
+        let deadline = Instant::now() + PROVISION_WAIT;
+        loop {
+            let pending = devices
+                .iter()
+                .zip(&self.plan.clients)
+                .filter(|(device, c)| {
+                    let Some(device) = device else { return false };
+                    c.homes.iter().any(|&ri| {
+                        self.relay_disks[ri]
+                            .mailboxes
+                            .as_ref()
+                            .is_some_and(|m| m.key_packages_held(device).unwrap_or(0) == 0)
+                    })
+                })
+                .count();
+            if pending == 0 || Instant::now() >= deadline {
+                if pending > 0 {
+                    eprintln!("tier A: {pending} clients had not published key packages when the run started");
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// A task that reads a client's events into [`Seen`] (and sends the replies the workload

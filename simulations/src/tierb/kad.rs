@@ -76,6 +76,9 @@ struct Lookup {
     seen: Vec<NodeId>,
     inflight: Vec<u8>,
     path_done: Vec<bool>,
+    /// Copies of the record found so far, and the depth of the first.
+    found: u32,
+    found_depth: u8,
 }
 
 struct Table {
@@ -403,6 +406,8 @@ impl World<'_> {
                     seen: Vec::new(),
                     inflight: Vec::new(),
                     path_done: Vec::new(),
+                    found: 0,
+                    found_depth: 0,
                 });
                 self.kad.lookups.len() as u32 - 1
             }
@@ -421,6 +426,8 @@ impl World<'_> {
         l.inflight.resize(paths, 0);
         l.path_done.clear();
         l.path_done.resize(paths, false);
+        l.found = 0;
+        l.found_depth = 0;
         for (i, n) in initial.into_iter().enumerate() {
             self.add_cand(id, n, 1, (i % paths) as u8);
         }
@@ -569,11 +576,23 @@ impl World<'_> {
                 LookupKind::PutRecord { .. } => false,
             };
             if found {
-                if matches!(kind, LookupKind::GetRecord { .. } | LookupKind::TargetGet { .. }) {
-                    self.count_bytes(peer, self.kad.lookups[id as usize].origin, Proto::Kad, wire::RECORD);
+                if !matches!(kind, LookupKind::GetRecord { .. } | LookupKind::TargetGet { .. }) {
+                    self.finish_lookup(id, true, depth);
+                    return;
                 }
-                self.finish_lookup(id, true, depth);
-                return;
+                // The node reads on until `record_copies` valid copies are in (the newest of them
+                // wins) or the lookup runs out of peers; the holder names closer peers as well.
+                self.count_bytes(peer, self.kad.lookups[id as usize].origin, Proto::Kad, wire::RECORD);
+                let l = &mut self.kad.lookups[id as usize];
+                if l.found == 0 {
+                    l.found_depth = depth;
+                }
+                l.found += 1;
+                if l.found >= self.sc.protocol.record_copies {
+                    let first = l.found_depth;
+                    self.finish_lookup(id, true, first);
+                    return;
+                }
             }
             let answer = if self.is_sybil(peer) {
                 self.sybil_closest(&target)
@@ -598,7 +617,8 @@ impl World<'_> {
             .max()
             .unwrap_or(0);
         let LookupKind::PutRecord { owner } = l.kind else {
-            self.finish_lookup(id, false, max_depth);
+            let (found, first) = (l.found > 0, l.found_depth);
+            self.finish_lookup(id, found, if found { first } else { max_depth });
             return;
         };
         let origin = l.origin;
