@@ -349,10 +349,12 @@ impl<'s> World<'s> {
                 }
             }
         }
-        world.await_key_packages(&started).await;
+        let mut started: Vec<Option<tidings_node::Node>> = started.into_iter().map(Some).collect();
+        world.provision(&mut started).await;
         // The run's clock starts now: the set-up above is what happened before it.
         world.t0 = Instant::now();
         for (ci, node) in started.into_iter().enumerate() {
+            let Some(node) = node else { continue };
             if world.plan.clients[ci].online_at(0) {
                 let watcher = world.watch(ci, node.handle());
                 let publisher = world.publish(ci, node.handle());
@@ -370,29 +372,39 @@ impl<'s> World<'s> {
         Ok(world)
     }
 
-    /// Waits (in virtual time, at most [`PROVISION_WAIT`]) until every client's key packages are
-    /// on each of its home relays, as they are for anyone who has run the app once: a contact can
-    /// then start a conversation while the client is away, as Tier B assumes from the start.
-    async fn await_key_packages(&self, started: &[tidings_node::Node]) {
+    /// Keeps every client that is offline at the start running (in virtual time, at most
+    /// [`PROVISION_WAIT`]) until its key packages are on each of its home relays, as they are for
+    /// anyone who has run the app once, and stops each as soon as they are: a contact can then
+    /// start a conversation while the client is away, as Tier B assumes from the start. Clients
+    /// online at the start keep running and publish theirs as the run begins.
+    async fn provision(&self, started: &mut [Option<tidings_node::Node>]) {
         let devices: Vec<Option<[u8; 32]>> = started
             .iter()
-            .map(|n| n.handle().devices().ok()?.first().map(|c| c.device_key))
+            .map(|n| n.as_ref()?.handle().devices().ok()?.first().map(|c| c.device_key))
             .collect();
         let deadline = Instant::now() + PROVISION_WAIT;
         loop {
-            let pending = devices
-                .iter()
-                .zip(&self.plan.clients)
-                .filter(|(device, c)| {
-                    let Some(device) = device else { return false };
-                    c.homes.iter().any(|&ri| {
-                        self.relay_disks[ri]
-                            .mailboxes
-                            .as_ref()
-                            .is_some_and(|m| m.key_packages_held(device).unwrap_or(0) == 0)
-                    })
-                })
-                .count();
+            let mut pending = 0;
+            for (ci, slot) in started.iter_mut().enumerate() {
+                let c = &self.plan.clients[ci];
+                if slot.is_none() || c.online_at(0) {
+                    continue;
+                }
+                let Some(device) = &devices[ci] else { continue };
+                let published = c.homes.iter().all(|&ri| {
+                    self.relay_disks[ri]
+                        .mailboxes
+                        .as_ref()
+                        .is_none_or(|m| m.key_packages_held(device).unwrap_or(0) > 0)
+                });
+                if published {
+                    if let Some(node) = slot.take() {
+                        node.shutdown().await;
+                    }
+                } else {
+                    pending += 1;
+                }
+            }
             if pending == 0 || Instant::now() >= deadline {
                 if pending > 0 {
                     eprintln!("tier A: {pending} clients had not published key packages when the run started");

@@ -726,6 +726,44 @@ contacts_per_user = 2
     }
 
     #[test]
+    fn a_record_lookup_reads_on_until_it_holds_record_copies_copies() {
+        let run = |copies: u32| {
+            let sc = static_network(&format!("[protocol]\nrecord_copies = {copies}"));
+            let mut w = build::build(&sc, 9, Recorder::new(&sc, 9, None));
+            let origin = w.clients[0].node;
+            w.nodes[origin as usize].online = true;
+            let owner = 5;
+            let target = w.clients[owner].record_key;
+            let kad_bytes =
+                |w: &crate::tierb::World<'_>| w.nodes[origin as usize].bytes[crate::tierb::Proto::Kad as usize];
+            let bytes_before = kad_bytes(&w);
+            w.start_lookup(
+                origin,
+                target,
+                super::LookupKind::GetRecord { owner: owner as u32 },
+                super::NONE,
+            );
+            while let Some((t, ev)) = w.q.pop() {
+                w.now = t;
+                w.dispatch(ev);
+            }
+            let acc = &w.c.kad[super::LookupKind::GetRecord { owner: 0 }.index()];
+            assert_eq!((acc.lookups, acc.ok), (1, 1), "copies = {copies}: the record is found");
+            (acc.latency_ms[0], kad_bytes(&w) - bytes_before)
+        };
+        let (first_ms, first_bytes) = run(1);
+        let (three_ms, three_bytes) = run(3);
+        assert!(
+            three_ms > first_ms,
+            "three copies take longer: {three_ms} vs {first_ms} ms"
+        );
+        assert!(
+            three_bytes > first_bytes,
+            "and bring more records: {three_bytes} vs {first_bytes} B"
+        );
+    }
+
+    #[test]
     fn sybils_next_to_a_key_eclipse_it_unless_buckets_are_diverse() {
         let sybil = |m: &str| {
             format!(
