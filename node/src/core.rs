@@ -428,6 +428,9 @@ pub(crate) struct Core {
     /// restarted and lost our subscription), or a push could not be applied
     /// whole (the relay then stops pushing until we fetch).
     pub(crate) mailbox_wake: Arc<tokio::sync::Notify>,
+    /// Per home relay, the mailbox index of the envelope its last push
+    /// stopped at, if it stopped (see `on_push_result`).
+    stuck_pushes: HashMap<PeerId, u64>,
     /// Something that decides which one-to-one conversations hold our current
     /// devices changed (our device list, a new or replaced conversation)
     /// since `conversations_to_mend` last found nothing to do.
@@ -555,6 +558,7 @@ impl Core {
             link,
             self_update_interval_ms: SELF_UPDATE_INTERVAL_MS,
             mailbox_wake: Arc::default(),
+            stuck_pushes: HashMap::new(),
             mend_dirty: true,
             touched: HashSet::new(),
             presence: PresenceMap::default(),
@@ -1185,16 +1189,10 @@ impl Core {
     async fn on_net_event(&mut self, ev: NetEvent) {
         match ev {
             NetEvent::Deliver { id, peer, request } => {
+                let indices = request.mailbox_indices.clone();
                 let (response, events) = self.on_deliver(peer, request);
-                if self.home_relays.contains(&peer)
-                    && response.statuses.iter().any(|s| {
-                        matches!(
-                            DeliverStatus::try_from(*s),
-                            Ok(DeliverStatus::UnknownConversation | DeliverStatus::NotProcessed)
-                        )
-                    })
-                {
-                    self.mailbox_wake.notify_one();
+                if self.home_relays.contains(&peer) {
+                    self.on_push_result(peer, &indices, &response);
                 }
                 self.net.respond_deliver(id, response).await;
                 for e in events {
@@ -1244,6 +1242,30 @@ impl Core {
                         q.backoff = MIN_BACKOFF;
                     }
                 }
+            }
+        }
+    }
+
+    /// A push from home relay `relay` that could not be applied whole ends
+    /// the relay's subscription: the mailbox sync runs a round at once (the
+    /// Welcome it waited for may be in the request inbox), but only once per
+    /// stuck envelope, or an envelope that can never be applied would make
+    /// subscribe, push and fetch go round without pause.
+    fn on_push_result(&mut self, relay: PeerId, indices: &[u64], response: &pb::DeliverResponse) {
+        let stuck = response.statuses.iter().position(|s| {
+            matches!(
+                DeliverStatus::try_from(*s),
+                Ok(DeliverStatus::UnknownConversation | DeliverStatus::NotProcessed)
+            )
+        });
+        match stuck.and_then(|i| indices.get(i)) {
+            Some(&index) => {
+                if self.stuck_pushes.insert(relay, index) != Some(index) {
+                    self.mailbox_wake.notify_one();
+                }
+            }
+            None => {
+                self.stuck_pushes.remove(&relay);
             }
         }
     }

@@ -783,7 +783,10 @@ impl NodeHandle {
             return Ok(());
         }
         let id = AccountId::from_bytes(&account).map_err(|e| NodeError::InvalidContact(e.to_string()))?;
-        if let Ok(record) = self.lookup_record(&id).await
+        // A newer record may list devices the card did not; a DHT peer that does
+        // not answer holds the lookup up, so it gets DEVICE_PATIENCE at most (a
+        // device list that changes later is mended then).
+        if let Ok(Ok(record)) = tokio::time::timeout(DEVICE_PATIENCE, self.lookup_record(&id)).await
             && record.seq > contact.record_seq
         {
             contact.devices = record.devices.iter().map(|d| d.to_bytes()).collect();
