@@ -1189,9 +1189,12 @@ impl Core {
     async fn on_net_event(&mut self, ev: NetEvent) {
         match ev {
             NetEvent::Deliver { id, peer, request } => {
-                let indices = request.mailbox_indices.clone();
+                let pushed = self
+                    .home_relays
+                    .contains(&peer)
+                    .then(|| request.mailbox_indices.clone());
                 let (response, events) = self.on_deliver(peer, request);
-                if self.home_relays.contains(&peer) {
+                if let Some(indices) = pushed {
                     self.on_push_result(peer, &indices, &response);
                 }
                 self.net.respond_deliver(id, response).await;

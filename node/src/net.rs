@@ -762,7 +762,7 @@ struct Reservation {
 }
 
 /// How often lost circuit reservations are retried.
-const RESERVATION_RETRY: Duration = Duration::from_secs(15);
+pub const RESERVATION_RETRY: Duration = Duration::from_secs(15);
 
 /// The IP address a multiaddr starts with, if any.
 fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {

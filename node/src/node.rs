@@ -1423,6 +1423,22 @@ impl NodeHandle {
 
     /// Fetches, applies and acknowledges everything waiting in one inbox on a
     /// relay. Returns the number of envelopes applied.
+    /// [`Self::drain_inbox`], logging the outcome; 0 when it failed.
+    async fn drain_logged(&self, relay: PeerId, request_inbox: bool) -> usize {
+        match self.drain_inbox(relay, request_inbox).await {
+            Ok(n) => {
+                if n > 0 {
+                    info!(relay = %relay, n, request_inbox, "fetched mail");
+                }
+                n
+            }
+            Err(e) => {
+                debug!(relay = %relay, request_inbox, "fetching mail failed: {e}");
+                0
+            }
+        }
+    }
+
     async fn drain_inbox(&self, relay: PeerId, request_inbox: bool) -> Result<usize, NodeError> {
         let device = self.inner.cert.device_key;
         let inbox = mailbox::inbox_id(&device);
@@ -1592,20 +1608,11 @@ impl NodeHandle {
             let (relays, retired) = self.mail_relays();
             for (relay, addr) in relays.iter().chain(&retired) {
                 self.inner.net.add_address(*relay, addr.clone()).await;
+                self.drain_logged(*relay, false).await;
                 // Mail that waited for a Welcome from the request inbox goes in
                 // right after it, not a round later.
-                for (pass, request_inbox) in [false, true, false].into_iter().enumerate() {
-                    match self.drain_inbox(*relay, request_inbox).await {
-                        Ok(n) if n > 0 => info!(relay = %relay, n, "fetched mail"),
-                        Ok(_) if pass == 1 => break,
-                        Ok(_) => {}
-                        Err(e) => {
-                            debug!(relay = %relay, "fetching mail failed: {e}");
-                            if pass == 1 {
-                                break;
-                            }
-                        }
-                    }
+                if self.drain_logged(*relay, true).await > 0 {
+                    self.drain_logged(*relay, false).await;
                 }
             }
             if first {

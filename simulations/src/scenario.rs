@@ -495,6 +495,15 @@ pub struct ProtocolParams {
     pub ping_interval: SimDuration,
 }
 
+impl ProtocolParams {
+    /// How soon the owner of an inbox with no live subscription tries its relay again: it
+    /// redials at the reservation retry and drains as soon as it connects, or re-checks at the
+    /// mailbox poll, whichever comes first.
+    pub fn unsubscribed_retry(&self) -> SimDuration {
+        self.mailbox_poll.min(self.relay_redial)
+    }
+}
+
 impl Default for ProtocolParams {
     fn default() -> Self {
         ProtocolParams {
@@ -504,13 +513,13 @@ impl Default for ProtocolParams {
             kad_query_timeout: SimDuration::from_secs(20),
             kad_refresh: SimDuration::from_secs(300),
             record_republish: SimDuration::from_secs(3_600),
-            record_copies: 3,
+            record_copies: tidings_node::net::RECORD_COPIES as u32,
             connect_rtts: 2,
             request_timeout: SimDuration::from_secs(10),
             direct_patience: SimDuration::from_secs(5),
             away_for: SimDuration::from_secs(60),
-            mailbox_poll: SimDuration::from_secs(60),
-            relay_redial: SimDuration::from_secs(15),
+            mailbox_poll: SimDuration::from_std(tidings_node::node::MAILBOX_RECHECK),
+            relay_redial: SimDuration::from_std(tidings_node::net::RESERVATION_RETRY),
             group_poll: SimDuration::from_secs(20),
             retention: SimDuration::from_secs(14 * 86_400),
             fetch_page: 512,
@@ -518,7 +527,7 @@ impl Default for ProtocolParams {
             retry_max: SimDuration::from_secs(30),
             circuit_max_duration: SimDuration::from_secs(120),
             idle_timeout: SimDuration::from_secs(120),
-            ping_interval: SimDuration::from_secs(60),
+            ping_interval: SimDuration::from_std(tidings_node::net::NetTuning::default().ping_interval),
         }
     }
 }

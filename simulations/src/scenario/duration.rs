@@ -40,6 +40,11 @@ impl SimDuration {
         SimDuration(ms * MICROS_PER_MS)
     }
 
+    /// The duration of a `std::time::Duration`, to the microsecond.
+    pub fn from_std(d: std::time::Duration) -> Self {
+        SimDuration(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    }
+
     pub const fn micros(self) -> u64 {
         self.0
     }

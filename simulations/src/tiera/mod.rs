@@ -47,7 +47,8 @@ pub use links::port;
 const START_MS: u64 = 1_800_000_000_000;
 /// Violations kept in full (all are counted).
 const MAX_VIOLATIONS_KEPT: usize = 100;
-/// Longest the set-up waits for every client's key packages to reach its home relays.
+/// Longest the set-up keeps a client that is offline at the start running for its key packages
+/// to reach its home relays.
 const PROVISION_WAIT: Duration = Duration::from_secs(120);
 
 /// Why a Tier A run could not be carried out. Invariant violations are not errors: they are in
@@ -407,7 +408,7 @@ impl<'s> World<'s> {
             }
             if pending == 0 || Instant::now() >= deadline {
                 if pending > 0 {
-                    eprintln!("tier A: {pending} clients had not published key packages when the run started");
+                    eprintln!("tier A: {pending} clients offline at the start had not published key packages");
                 }
                 return;
             }

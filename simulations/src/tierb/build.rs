@@ -103,12 +103,7 @@ pub(super) fn build<'a>(sc: &'a Scenario, seed: u64, rec: Recorder<'a>) -> World
         .filter(|(_, n)| matches!(n.role, NodeRole::Client(_)))
         .map(|(i, _)| i as NodeId)
         .collect();
-    let poll = sc
-        .protocol
-        .mailbox_poll
-        .micros()
-        .min(sc.protocol.relay_redial.micros())
-        .max(1);
+    let poll = sc.protocol.unsubscribed_retry().micros().max(1);
     let mut cr = rng::rng(seed, stream::CHURN);
     let p_online = sc.churn.as_ref().map_or(1.0, |c| 1.0 - c.offline_fraction());
     for (ci, &node) in client_nodes.iter().enumerate() {

@@ -235,9 +235,8 @@ impl World<'_> {
         }
     }
 
-    /// The next mailbox round of client `rc` after now: the owner of an unsubscribed inbox redials
-    /// its relay at the reservation retry (`relay_redial`) and drains as soon as it connects, or
-    /// re-checks at `mailbox_poll`, whichever comes first.
+    /// The next mailbox round of client `rc` after now
+    /// ([`crate::scenario::ProtocolParams::unsubscribed_retry`]).
     pub(super) fn schedule_tick(&mut self, rc: usize, slot: usize) {
         let client = self.clients[rc].node;
         if !self.nodes[client as usize].online {
@@ -256,8 +255,7 @@ impl World<'_> {
     }
 
     fn next_round(&self, rc: usize) -> Time {
-        let p = &self.sc.protocol;
-        let poll = p.mailbox_poll.micros().min(p.relay_redial.micros()).max(1);
+        let poll = self.sc.protocol.unsubscribed_retry().micros().max(1);
         let phase = self.clients[rc].tick_phase;
         let k = (self.now.saturating_sub(phase)) / poll + 1;
         phase + k * poll
