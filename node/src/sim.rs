@@ -75,6 +75,15 @@ pub struct SimNetwork {
     model: Arc<dyn LinkModel>,
     /// Bytes each host has put on its links.
     sent: Arc<Mutex<HashMap<u64, Arc<AtomicU64>>>>,
+    conns: Arc<ConnCount>,
+}
+
+/// Connections of one world: how many ends are open now and how many
+/// connections were ever opened.
+#[derive(Default)]
+struct ConnCount {
+    open_ends: AtomicU64,
+    opened: AtomicU64,
 }
 
 impl std::fmt::Debug for SimNetwork {
@@ -94,7 +103,20 @@ impl SimNetwork {
             hub: Arc::default(),
             model,
             sent: Arc::default(),
+            conns: Arc::default(),
         }
+    }
+
+    /// Connection ends open now, over all hosts: a connection between two
+    /// hosts counts once at each, so this over the hosts up is the number of
+    /// connections a host holds on average.
+    pub fn open_connection_ends(&self) -> u64 {
+        self.conns.open_ends.load(Ordering::Relaxed)
+    }
+
+    /// Connections opened since the world began (each counted once).
+    pub fn connections_opened(&self) -> u64 {
+        self.conns.opened.load(Ordering::Relaxed)
     }
 
     /// Bytes host `port` has sent on all its connections so far (libp2p's
@@ -143,7 +165,12 @@ impl SimNetwork {
         let Some(listener) = listener else {
             return Err(io::ErrorKind::ConnectionRefused.into());
         };
-        let (ours, theirs) = SimConn::pair(self.model.clone(), (from, self.counter(from)), (to, self.counter(to)));
+        let (ours, theirs) = SimConn::pair(
+            self.model.clone(),
+            self.conns.clone(),
+            (from, self.counter(from)),
+            (to, self.counter(to)),
+        );
         listener
             .try_send(Incoming { conn: theirs, from })
             .map_err(|_| io::Error::from(io::ErrorKind::ConnectionRefused))?;
@@ -273,6 +300,7 @@ pub struct SimConn {
     timer: Option<Pin<Box<Sleep>>>,
     /// Bytes the local host has sent (shared by all its connections).
     sent: Arc<AtomicU64>,
+    conns: Arc<ConnCount>,
 }
 
 impl std::fmt::Debug for SimConn {
@@ -285,8 +313,15 @@ impl std::fmt::Debug for SimConn {
 }
 
 impl SimConn {
-    fn pair(model: Arc<dyn LinkModel>, a: (u64, Arc<AtomicU64>), b: (u64, Arc<AtomicU64>)) -> (SimConn, SimConn) {
+    fn pair(
+        model: Arc<dyn LinkModel>,
+        conns: Arc<ConnCount>,
+        a: (u64, Arc<AtomicU64>),
+        b: (u64, Arc<AtomicU64>),
+    ) -> (SimConn, SimConn) {
         let (ab, ba): (Shared, Shared) = (Arc::default(), Arc::default());
+        conns.opened.fetch_add(1, Ordering::Relaxed);
+        conns.open_ends.fetch_add(2, Ordering::Relaxed);
         (
             SimConn {
                 rx: ba.clone(),
@@ -296,6 +331,7 @@ impl SimConn {
                 remote: b.0,
                 timer: None,
                 sent: a.1,
+                conns: conns.clone(),
             },
             SimConn {
                 rx: ab,
@@ -305,6 +341,7 @@ impl SimConn {
                 remote: a.0,
                 timer: None,
                 sent: b.1,
+                conns,
             },
         )
     }
@@ -404,6 +441,7 @@ impl AsyncWrite for SimConn {
 
 impl Drop for SimConn {
     fn drop(&mut self) {
+        self.conns.open_ends.fetch_sub(1, Ordering::Relaxed);
         // Both directions end: the peer reads what is on its way, then the end,
         // and its writes fail.
         for half in [&self.tx, &self.rx] {

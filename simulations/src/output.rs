@@ -18,6 +18,18 @@ pub const MANIFEST: &str = "manifest.json";
 pub const SUMMARY: &str = "summary.csv";
 pub const EVENTS: &str = "events.jsonl";
 pub const TIMESERIES: &str = "timeseries.csv";
+/// The columns of [`TIMESERIES`].
+pub const TIMESERIES_COLUMNS: [&str; 9] = [
+    "t_s",
+    "online_clients",
+    "relays_up",
+    "mailbox_total",
+    "mailbox_max_relay",
+    "outbox_pending",
+    "messages_sent",
+    "connections_per_host",
+    "connections_opened",
+];
 pub const DELIVERY: &str = "delivery_over_time.csv";
 pub const LATENCY: &str = "latency_quantiles.csv";
 pub const BYTES: &str = "bytes_quantiles.csv";
@@ -197,19 +209,21 @@ pub fn write_run(dir: &Path, info: &RunInfo<'_>, r: &RunResult) -> Result<Manife
     }
     write(dir, SUMMARY, &csv)?;
 
-    let mut ts =
-        String::from("t_s,online_clients,relays_up,mailbox_total,mailbox_max_relay,outbox_pending,messages_sent\n");
+    let mut ts = format!("{}\n", TIMESERIES_COLUMNS.join(","));
     for s in &r.samples {
+        // Tier B has no connections: those two fields stay empty.
+        let per_host = s.connections_per_host.map(|c| format!("{c:.2}")).unwrap_or_default();
+        let opened = s.connections_opened.map(|c| c.to_string()).unwrap_or_default();
         let _ = writeln!(
             ts,
-            "{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{per_host},{opened}",
             s.t_s,
             s.online_clients,
             s.relays_up,
             s.mailbox_total,
             s.mailbox_max_relay,
             s.outbox_pending,
-            s.messages_sent
+            s.messages_sent,
         );
     }
     write(dir, TIMESERIES, &ts)?;

@@ -102,7 +102,10 @@ pub fn plot_dir(dir: &Path) -> Result<(), OutputError> {
         name: "most on one relay".into(),
         points: Vec::new(),
     };
-    for (i, row) in output::read_csv(&path, 7)?.iter().enumerate() {
+    for (i, row) in output::read_csv(&path, output::TIMESERIES_COLUMNS.len())?
+        .iter()
+        .enumerate()
+    {
         let t = num(&path, i + 2, &row[0])? / 3_600.0;
         total.points.push((t, num(&path, i + 2, &row[3])?));
         max.points.push((t, num(&path, i + 2, &row[4])?));

@@ -181,6 +181,7 @@ fn host_tuning(p: &crate::scenario::ProtocolParams) -> sim::HostTuning {
     sim::HostTuning {
         net: tidings_node::net::NetTuning {
             idle_timeout: d(p.idle_timeout),
+            hold_in_use: d(p.hold_in_use),
             kad_query_timeout: d(p.kad_query_timeout),
             kad_parallelism: n(p.kad_alpha),
             kad_replication: n(p.kad_k),
@@ -691,14 +692,19 @@ impl<'s> World<'s> {
             }
         }
         let outbox: u64 = self.disks.iter().filter_map(|d| d.store.outbox_len().ok()).sum();
+        let online_clients = self.clients.iter().filter(|c| c.is_some()).count() as u64;
+        let relays_up = self.relays.iter().filter(|r| r.is_some()).count() as u64;
+        let hosts_up = (online_clients + relays_up).max(1);
         self.samples.push(Sample {
             t_s: since(self.t0) as f64 / 1e6,
-            online_clients: self.clients.iter().filter(|c| c.is_some()).count() as u64,
-            relays_up: self.relays.iter().filter(|r| r.is_some()).count() as u64,
+            online_clients,
+            relays_up,
             mailbox_total: total,
             mailbox_max_relay: max,
             outbox_pending: outbox,
             messages_sent: self.sent_count,
+            connections_per_host: Some(self.net.open_connection_ends() as f64 / hosts_up as f64),
+            connections_opened: Some(self.net.connections_opened()),
         });
     }
 

@@ -534,6 +534,8 @@ impl World<'_> {
             mailbox_max_relay: max_relay,
             outbox_pending: pending,
             messages_sent: self.msgs.len() as u64,
+            connections_per_host: None,
+            connections_opened: None,
         });
         let every = self.sc.metrics.sample_every.micros();
         self.at(every, Ev::Sample);

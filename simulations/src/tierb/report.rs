@@ -66,6 +66,11 @@ pub struct Sample {
     pub mailbox_max_relay: u64,
     pub outbox_pending: u64,
     pub messages_sent: u64,
+    /// Connections a running host holds on average (Tier A only: the model
+    /// has no connections).
+    pub connections_per_host: Option<f64>,
+    /// Connections opened since the start (Tier A only).
+    pub connections_opened: Option<u64>,
 }
 
 /// Deliveries by the time they were sent.
