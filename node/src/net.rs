@@ -28,8 +28,6 @@ use tidings_protocol::record::UserRecord;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-mod keep;
-
 use crate::clock::Clock;
 use crate::codec::ProstCodec;
 
@@ -68,7 +66,6 @@ pub struct Behaviour {
     mailbox: MailboxBehaviour,
     link: LinkBehaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
-    keep: keep::Behaviour,
 }
 
 /// Network errors reported to callers.
@@ -119,15 +116,8 @@ pub struct NetConfig {
 /// product's; the simulator sets them from a scenario's `[protocol]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetTuning {
-    /// A connection no protocol uses is closed after this long. Short, because
-    /// DHT lookups open connections to many peers that are used once; the
-    /// connections that carry conversations are held by `hold_in_use`.
+    /// A connection no protocol uses is closed after this long.
     pub idle_timeout: Duration,
-    /// A connection to a peer stays open this long after a request went to
-    /// it or came from it (deliveries, key packages, mailboxes, device
-    /// links), so that a conversation does not pay a new handshake (or hole
-    /// punch) for every message. The idle timeout follows.
-    pub hold_in_use: Duration,
     /// A whole DHT lookup gives up after this long.
     pub kad_query_timeout: Duration,
     /// DHT requests in flight per lookup (Kademlia's alpha).
@@ -145,8 +135,7 @@ pub struct NetTuning {
 impl Default for NetTuning {
     fn default() -> Self {
         Self {
-            idle_timeout: Duration::from_secs(10),
-            hold_in_use: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(120),
             kad_query_timeout: Duration::from_secs(20),
             kad_parallelism: kad::ALPHA_VALUE,
             kad_replication: kad::K_VALUE,
@@ -570,7 +559,6 @@ fn behaviour(
         mailbox,
         link,
         mdns: mdns.into(),
-        keep: keep::Behaviour::new(params.tuning.hold_in_use),
     })
 }
 
@@ -828,12 +816,10 @@ impl EventLoop {
         let b = self.swarm.behaviour_mut();
         match cmd {
             Command::Deliver { peer, request, reply } => {
-                b.keep.touch(peer);
                 let id = b.deliver.send_request(&peer, request);
                 self.outbound_deliver.insert(id, reply);
             }
             Command::KeyPackage { peer, request, reply } => {
-                b.keep.touch(peer);
                 let id = b.key_package.send_request(&peer, request);
                 self.outbound_key_package.insert(id, reply);
             }
@@ -848,7 +834,6 @@ impl EventLoop {
                 }
             }
             Command::Link { peer, request, reply } => {
-                b.keep.touch(peer);
                 let id = b.link.send_request(&peer, request);
                 self.outbound_link.insert(id, reply);
             }
@@ -858,7 +843,6 @@ impl EventLoop {
                 }
             }
             Command::Mailbox { peer, request, reply } => {
-                b.keep.touch(peer);
                 let id = b.mailbox.send_request(&peer, request);
                 self.outbound_mailbox.insert(id, reply);
             }
@@ -967,7 +951,6 @@ impl EventLoop {
                             warn!(%peer, "too many pending deliveries; dropping request");
                             return;
                         }
-                        self.swarm.behaviour_mut().keep.touch(peer);
                         let id = self.next_id();
                         self.inbound_deliver.insert(id, channel);
                         if self.events.send(NetEvent::Deliver { id, peer, request }).await.is_err() {
@@ -1002,7 +985,6 @@ impl EventLoop {
                         if self.inbound_key_package.len() >= MAX_PENDING_INBOUND {
                             return;
                         }
-                        self.swarm.behaviour_mut().keep.touch(peer);
                         let id = self.next_id();
                         self.inbound_key_package.insert(id, channel);
                         if self
@@ -1036,7 +1018,6 @@ impl EventLoop {
                         if self.inbound_link.len() >= 16 {
                             return;
                         }
-                        self.swarm.behaviour_mut().keep.touch(peer);
                         let id = self.next_id();
                         self.inbound_link.insert(id, channel);
                         if self.events.send(NetEvent::Link { id, peer, request }).await.is_err() {
@@ -1070,7 +1051,6 @@ impl EventLoop {
                             warn!(%peer, "too many pending mailbox requests; dropping one");
                             return;
                         }
-                        self.swarm.behaviour_mut().keep.touch(peer);
                         let id = self.next_id();
                         self.inbound_mailbox.insert(id, channel);
                         let ip = self.connections.get(&connection_id).and_then(|(_, a)| ip_of(a));

@@ -218,61 +218,6 @@ async fn a_first_message_to_an_unreachable_device_starts_from_its_relay_within_s
     }
 }
 
-/// DHT lookups open connections to peers that are used once; those close
-/// after the short idle timeout. A connection that carried a message is held
-/// open for `hold_in_use` after its last use, so the next message in the
-/// conversation needs no new handshake; then it closes too.
-#[tokio::test(start_paused = true)]
-async fn a_conversation_keeps_its_connection_while_connections_from_lookups_close_soon() {
-    let tuning = tidings_node::net::NetTuning::default();
-    assert!(tuning.idle_timeout < Duration::from_secs(30) && tuning.hold_in_use >= Duration::from_secs(60));
-    let links = Arc::new(Links::default());
-    let net = SimNetwork::new(links);
-    let clock = Clock::tokio(START_MS);
-    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
-    let (r2, _) = relay(&net, 2, vec![r1_addr.clone()], &clock).await;
-    let homes = vec![r1_addr.clone()];
-    let person = |port, name| sim::start_node(&net, port, name, homes.clone(), homes.clone(), clock.clone());
-    let (alice, bob) = (person(10, "alice").await.unwrap(), person(11, "bob").await.unwrap());
-    let (a, b) = (alice.handle(), bob.handle());
-    a.add_contact(&b.card().to_uri(), None).await.unwrap();
-    b.add_contact(&a.card().to_uri(), None).await.unwrap();
-    let sent = a.send_text(&acct(&b), "hello").await.unwrap();
-    until("alice sees it delivered", || {
-        a.history(&acct(&b))
-            .unwrap()
-            .iter()
-            .any(|m| m.id == sent.id && m.state == MessageState::Delivered)
-    })
-    .await;
-    assert!(!a.connections(b.peer_id()).await.is_empty(), "delivered directly");
-
-    // A lookup of the relay that is not alice's home dials it.
-    let r2_id = r2.handle().peer_id();
-    a.find_peer(r2_id).await.unwrap();
-    assert!(!a.connections(r2_id).await.is_empty(), "the lookup reached r2");
-
-    tokio::time::sleep(tuning.idle_timeout * 3).await;
-    assert!(
-        a.connections(r2_id).await.is_empty(),
-        "the lookup's connection closes after the idle timeout"
-    );
-    assert!(
-        !a.connections(b.peer_id()).await.is_empty(),
-        "the conversation's connection is still open"
-    );
-
-    tokio::time::sleep(tuning.hold_in_use + tuning.idle_timeout).await;
-    assert!(
-        a.connections(b.peer_id()).await.is_empty(),
-        "and closes once the hold has run out"
-    );
-    drop((a, b));
-    for n in [alice, bob, r1, r2] {
-        n.shutdown().await;
-    }
-}
-
 /// Not a test: a probe of how far real nodes in virtual time go on this
 /// machine, until the simulator's Tier A runner exists. `R` relays and `C`
 /// people in a ring of contacts, three rounds of one message each 20 virtual

@@ -489,11 +489,8 @@ pub struct ProtocolParams {
     pub retry_max: SimDuration,
     /// A relayed (circuit) connection is closed after this long.
     pub circuit_max_duration: SimDuration,
-    /// A connection no protocol uses is closed after this long (DHT lookups' connections).
+    /// An unused connection is closed after this long.
     pub idle_timeout: SimDuration,
-    /// A connection that carried a request (a delivery, a mailbox or key-package request) is held
-    /// open this long after it, then the idle timeout applies.
-    pub hold_in_use: SimDuration,
     /// Each side of a connection pings the other this often (libp2p ping; Tier A only).
     pub ping_interval: SimDuration,
 }
@@ -504,12 +501,6 @@ impl ProtocolParams {
     /// mailbox poll, whichever comes first.
     pub fn unsubscribed_retry(&self) -> SimDuration {
         self.mailbox_poll.min(self.relay_redial)
-    }
-
-    /// How long a connection that carried a conversation stays open after its last use: held,
-    /// then idle until the idle timeout closes it.
-    pub fn conversation_keep(&self) -> SimDuration {
-        SimDuration(self.hold_in_use.micros().saturating_add(self.idle_timeout.micros()))
     }
 }
 
@@ -535,8 +526,7 @@ impl Default for ProtocolParams {
             retry_initial: SimDuration::from_millis(100),
             retry_max: SimDuration::from_secs(30),
             circuit_max_duration: SimDuration::from_secs(120),
-            idle_timeout: SimDuration::from_std(tidings_node::net::NetTuning::default().idle_timeout),
-            hold_in_use: SimDuration::from_std(tidings_node::net::NetTuning::default().hold_in_use),
+            idle_timeout: SimDuration::from_secs(120),
             ping_interval: SimDuration::from_std(tidings_node::net::NetTuning::default().ping_interval),
         }
     }

@@ -521,7 +521,7 @@ impl World<'_> {
         let believed = conn.connected
             && conn.my_session == me.session
             && self.now < conn.expires
-            && self.now.saturating_sub(conn.last_used) < self.sc.protocol.conversation_keep().micros()
+            && self.now.saturating_sub(conn.last_used) < self.sc.protocol.idle_timeout.micros()
             && p.session == conn.peer_session
             && (p.online || p.silent_leave)
             && (conn.path != Path::Relayed || self.relay_epoch(conn.relay) == Some(conn.relay_epoch));
