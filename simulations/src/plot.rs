@@ -102,7 +102,9 @@ pub fn plot_dir(dir: &Path) -> Result<(), OutputError> {
         name: "most on one relay".into(),
         points: Vec::new(),
     };
-    for (i, row) in output::read_csv(&path, output::TIMESERIES_COLUMNS.len())?
+    for (i, row) in output::read_csv(&path, output::TIMESERIES_COLUMNS.len())
+        // Folders written before the connection columns have the first seven.
+        .or_else(|_| output::read_csv(&path, 7))?
         .iter()
         .enumerate()
     {

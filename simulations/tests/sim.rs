@@ -272,6 +272,9 @@ fn run_folder_holds_manifest_summary_events_and_plots_and_merges() {
         for f in ["mailbox_occupancy.svg", "bytes_per_node.svg", "timeseries.csv"] {
             assert!(dir.join(f).is_file(), "{f}");
         }
+        // The model has no connections: their columns stay empty.
+        let rows = output::read_csv(&dir.join("timeseries.csv"), output::TIMESERIES_COLUMNS.len()).unwrap();
+        assert!(!rows.is_empty() && rows.iter().all(|r| r[7].is_empty() && r[8].is_empty()));
         let lines = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
         assert!(lines.lines().count() as u64 == m.events.written && m.events.written > 100);
         let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
@@ -387,6 +390,15 @@ fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_ever
     for file in ["events.jsonl", "timeseries.csv", "latency_cdf.svg"] {
         assert!(out_dir.join(file).exists(), "{file}");
     }
+    // The simulated network counts the connections the real nodes hold.
+    let rows = output::read_csv(&out_dir.join("timeseries.csv"), output::TIMESERIES_COLUMNS.len()).unwrap();
+    let per_host: Vec<f64> = rows.iter().map(|r| r[7].parse().unwrap()).collect();
+    let opened: Vec<u64> = rows.iter().map(|r| r[8].parse().unwrap()).collect();
+    assert!(
+        per_host.iter().all(|&c| c >= 1.0),
+        "every host holds its relays: {per_host:?}"
+    );
+    assert!(opened.windows(2).all(|w| w[0] <= w[1]) && opened[0] > 0, "{opened:?}");
 }
 
 #[test]
