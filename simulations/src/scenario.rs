@@ -38,6 +38,13 @@ pub struct Scenario {
     pub seed: u64,
     /// Simulated time to run.
     pub duration: SimDuration,
+    /// Tier A: the clients start one after another over this much virtual time before the run
+    /// (whose clock starts after the set-up), instead of all at once. A client's first minutes
+    /// open connections to most DHT servers (libp2p's bootstrap); spread out, those of the early
+    /// ones have closed before the last ones start, which lowers the set-up's memory peak. Tier B
+    /// starts with its routing tables warm and ignores it.
+    #[serde(default)]
+    pub start_spread: SimDuration,
     #[serde(default)]
     pub network: Network,
     /// Node classes; at least one relay class and one client class.

@@ -144,6 +144,17 @@ fn out_of_range_values_name_the_field() {
         ScenarioError::OutOfRange { field, .. } => assert_eq!(field, "adversaries.dropping_relays"),
         e => panic!("{e}"),
     }
+    let spread = |d: &str| {
+        Scenario::from_toml(&MINIMAL.replace(
+            "duration = \"1m\"",
+            &format!("duration = \"1m\"\nstart_spread = \"{d}\""),
+        ))
+    };
+    assert_eq!(spread("5m").unwrap().start_spread.as_secs_f64(), 300.0);
+    match spread("2d") {
+        Err(ScenarioError::OutOfRange { field, .. }) => assert_eq!(field, "start_spread"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

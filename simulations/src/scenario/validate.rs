@@ -79,6 +79,14 @@ impl Scenario {
                 "between 1 µs and 366 days",
             )?;
         }
+        if self.start_spread > SimDuration::from_secs(86_400) {
+            range(
+                "start_spread",
+                self.start_spread.as_secs_f64(),
+                false,
+                "at most one day",
+            )?;
+        }
         self.validate_network()?;
         self.validate_population()?;
         self.validate_churn_and_workload()?;

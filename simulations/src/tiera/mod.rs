@@ -321,7 +321,12 @@ impl<'s> World<'s> {
         // Everyone starts once to learn their card; the contacts are exchanged like cards handed
         // over in person; then those offline at the start stop.
         let mut started = Vec::new();
-        for ci in 0..world.plan.clients.len() {
+        let clients = world.plan.clients.len();
+        let gap = Duration::from_micros(sc.start_spread.micros()) / u32::try_from(clients.max(1)).unwrap_or(u32::MAX);
+        for ci in 0..clients {
+            if ci > 0 && !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
             let node = sim::start_person_on(&world.net, &world.hosts[ci], &world.disks[ci], world.clock.clone())
                 .await
                 .map_err(fail(world.plan.clients[ci].host))?;
