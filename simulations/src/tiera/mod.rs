@@ -80,6 +80,8 @@ struct Seen {
     /// (id, from, to, when) of every message a sender's node took.
     sent: Vec<(String, usize, usize, u64)>,
     sends_failed: u64,
+    /// Failed sends by the kind of error (its text up to the first colon).
+    send_errors: std::collections::BTreeMap<String, u64>,
     events_lagged: u64,
     replies: u64,
     /// DHT operations by [`crate::tierb::KAD_KINDS`] index: record lookups and publications.
@@ -732,6 +734,11 @@ impl<'s> World<'s> {
         let relays: Vec<NodeHandle> = self.relays.iter().flatten().map(|n| n.handle()).collect();
         let (c_mean, c_max) = connections(clients).await;
         let (r_mean, r_max) = connections(relays).await;
+        let errors = lock(&self.seen).send_errors.clone();
+        if !errors.is_empty() {
+            let list: Vec<String> = errors.iter().map(|(kind, n)| format!("{n} × {kind}")).collect();
+            eprintln!("tier A: sends that failed: {}", list.join(", "));
+        }
         eprintln!(
             "tier A at the end: clients online hold {c_mean:.1} connections on average (most {c_max}), \
              relays {r_mean:.1} (most {r_max})"
@@ -968,7 +975,13 @@ fn spawn_send(
                 s.sent.push((m.id, from, to, at));
                 s.replies += u64::from(reply);
             }
-            Err(_) => lock(&seen).sends_failed += 1,
+            Err(e) => {
+                let text = e.to_string();
+                let kind = text.split(':').next().unwrap_or_default().to_string();
+                let mut s = lock(&seen);
+                s.sends_failed += 1;
+                *s.send_errors.entry(kind).or_default() += 1;
+            }
         }
     });
 }
