@@ -50,6 +50,8 @@ const MAX_VIOLATIONS_KEPT: usize = 100;
 /// Longest the set-up keeps a client that is offline at the start running for its key packages
 /// to reach its home relays.
 const PROVISION_WAIT: Duration = Duration::from_secs(120);
+/// Kinds of failed sends told apart at the end of a run.
+const MAX_SEND_ERROR_KINDS: usize = 20;
 
 /// Why a Tier A run could not be carried out. Invariant violations are not errors: they are in
 /// [`RunResult::violations`].
@@ -80,7 +82,7 @@ struct Seen {
     /// (id, from, to, when) of every message a sender's node took.
     sent: Vec<(String, usize, usize, u64)>,
     sends_failed: u64,
-    /// Failed sends by the kind of error (its text up to the first colon).
+    /// Failed sends by the kind of error (see `spawn_send`).
     send_errors: std::collections::BTreeMap<String, u64>,
     events_lagged: u64,
     replies: u64,
@@ -976,10 +978,16 @@ fn spawn_send(
                 s.replies += u64::from(reply);
             }
             Err(e) => {
+                // The error's first two parts ("kind: detail"), cut short; at most
+                // MAX_SEND_ERROR_KINDS of them, the rest counted together.
                 let text = e.to_string();
-                let kind = text.split(':').next().unwrap_or_default().to_string();
+                let kind: String = text.splitn(3, ':').take(2).collect::<Vec<_>>().join(":");
+                let mut kind: String = kind.chars().take(100).collect();
                 let mut s = lock(&seen);
                 s.sends_failed += 1;
+                if s.send_errors.len() >= MAX_SEND_ERROR_KINDS && !s.send_errors.contains_key(&kind) {
+                    kind = "others".into();
+                }
                 *s.send_errors.entry(kind).or_default() += 1;
             }
         }
