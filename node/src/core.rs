@@ -999,7 +999,7 @@ impl Core {
             },
         );
         msg.reply_to = reply_to;
-        msg.expires_ms = self.expiry_for(contact, timer, now)?;
+        msg.expires_ms = Self::expiry_for(timer, now);
         self.store.insert_message(&msg)?;
         Ok((msg, entries))
     }
@@ -1618,7 +1618,7 @@ impl Core {
                             MessageState::Received,
                         );
                         msg.reply_to = reply_to;
-                        msg.expires_ms = self.expiry_for(&conv.peer, expires_secs, now)?;
+                        msg.expires_ms = Self::expiry_for(expires_secs, now);
                         if msg.outgoing {
                             msg.state = MessageState::Delivered;
                         }

@@ -107,15 +107,13 @@ impl Core {
         MessageView::of(&self.store, m)
     }
 
-    /// When a message arriving now in chat `key` disappears: the sender's
-    /// timer if it set one, else this chat's own.
-    pub(super) fn expiry_for(&self, key: &[u8; 32], sent_secs: u64, now: u64) -> Result<Option<u64>, StoreError> {
-        let secs = if sent_secs > 0 {
-            sent_secs.min(MAX_TIMER_SECS)
-        } else {
-            self.store.chat(key)?.disappearing_secs
-        };
-        Ok((secs > 0).then(|| now.saturating_add(secs.saturating_mul(1000))))
+    /// When a message stored now disappears: by the timer its sender's chat
+    /// had when it was sent (0: never), not this device's own setting, which
+    /// may not have caught up yet (or already moved on): a timer change and
+    /// the next text are pushed separately and can arrive in either order.
+    pub(super) fn expiry_for(sent_secs: u64, now: u64) -> Option<u64> {
+        let secs = sent_secs.min(MAX_TIMER_SECS);
+        (secs > 0).then(|| now.saturating_add(secs.saturating_mul(1000)))
     }
 
     /// What every new text checks first, one-to-one or group: its size and the message it
@@ -974,4 +972,21 @@ fn mark_deleted(m: &mut StoredMessage) {
     m.text.clear();
     m.reactions.clear();
     m.reply_to = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_text_disappears_by_its_senders_timer_and_never_when_it_had_none() {
+        let now = 1_000_000;
+        assert_eq!(Core::expiry_for(0, now), None);
+        assert_eq!(Core::expiry_for(30, now), Some(now + 30_000));
+        assert_eq!(
+            Core::expiry_for(u64::MAX, now),
+            Some(now + MAX_TIMER_SECS * 1000),
+            "capped at the longest timer"
+        );
+    }
 }

@@ -440,7 +440,7 @@ impl Core {
             MessageState::Pending,
         );
         msg.reply_to = reply_to;
-        msg.expires_ms = self.expiry_for(&conv.peer, timer, now)?;
+        msg.expires_ms = Self::expiry_for(timer, now);
         self.store.insert_message(&msg)?;
         Ok((msg, entries))
     }
@@ -831,7 +831,7 @@ impl Core {
             MessageState::Received,
         );
         msg.reply_to = reply_to;
-        msg.expires_ms = self.expiry_for(&conv.peer, expires_secs, now)?;
+        msg.expires_ms = Self::expiry_for(expires_secs, now);
         if self.store.insert_message(&msg)? {
             self.note_expiry(msg.expires_ms);
             if !msg.outgoing {
