@@ -1421,8 +1421,6 @@ impl NodeHandle {
         }
     }
 
-    /// Fetches, applies and acknowledges everything waiting in one inbox on a
-    /// relay. Returns the number of envelopes applied.
     /// [`Self::drain_inbox`], logging the outcome; 0 when it failed.
     async fn drain_logged(&self, relay: PeerId, request_inbox: bool) -> usize {
         match self.drain_inbox(relay, request_inbox).await {
@@ -1439,6 +1437,8 @@ impl NodeHandle {
         }
     }
 
+    /// Fetches, applies and acknowledges everything waiting in one inbox on a
+    /// relay. Returns the number of envelopes applied.
     async fn drain_inbox(&self, relay: PeerId, request_inbox: bool) -> Result<usize, NodeError> {
         let device = self.inner.cert.device_key;
         let inbox = mailbox::inbox_id(&device);
