@@ -36,6 +36,11 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(15);
 /// NAT, or one that is not in the DHT yet, can take a DHT lookup and several
 /// dials to answer, or never answer).
 const DEVICE_PATIENCE: Duration = Duration::from_secs(3);
+/// How long a new conversation (or a group invitation) keeps trying to get a
+/// key package of a device that neither answered nor has one on its relays:
+/// a device that has just come online has no circuit reservation and has not
+/// uploaded key packages to its relays for a few seconds.
+const KEY_PACKAGE_PATIENCE: Duration = Duration::from_secs(20);
 /// How often the groups' upkeep runs when nothing wakes it earlier, and the
 /// fastest a group inbox is fetched from a relay that does not hold fetches.
 const GROUP_TICK: Duration = Duration::from_secs(1);
@@ -836,11 +841,30 @@ impl NodeHandle {
         out
     }
 
-    /// A key package of `device` (PeerId `peer`): from the device itself if it
+    /// A key package of `device` (PeerId `peer`), asked for again after 1 s,
+    /// 2 s, 4 s, ... for up to [`KEY_PACKAGE_PATIENCE`] while neither the
+    /// device nor its relays hand one out.
+    async fn key_package_of(&self, peer: PeerId, relays: &[String], device: &[u8; 32]) -> Result<Vec<u8>, String> {
+        let deadline = tokio::time::Instant::now() + KEY_PACKAGE_PATIENCE;
+        let mut pause = Duration::from_secs(1);
+        loop {
+            match self.key_package_once(peer, relays, device).await {
+                Ok(kp) => return Ok(kp),
+                Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                    debug!(%peer, "no key package yet ({e}); asking again in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One try at a key package of `device`: from the device itself if it
     /// answers within [`DEVICE_PATIENCE`], else claimed from its `relays`;
     /// if they have none, the device gets the rest of its time (it may have
     /// just started and not be in the DHT yet).
-    async fn key_package_of(&self, peer: PeerId, relays: &[String], device: &[u8; 32]) -> Result<Vec<u8>, String> {
+    async fn key_package_once(&self, peer: PeerId, relays: &[String], device: &[u8; 32]) -> Result<Vec<u8>, String> {
         let fetch = self.fetch_key_package(peer);
         tokio::pin!(fetch);
         let early = tokio::time::timeout(DEVICE_PATIENCE, &mut fetch).await;

@@ -542,6 +542,8 @@ pub struct HostTuning {
     pub request_timeout: std::time::Duration,
     /// See [`crate::NodeConfig::mailbox_poll`].
     pub mailbox_poll: std::time::Duration,
+    /// See [`crate::NodeConfig::key_update_interval`].
+    pub key_update_interval: std::time::Duration,
 }
 
 impl Default for HostTuning {
@@ -550,6 +552,7 @@ impl Default for HostTuning {
             net: crate::net::NetTuning::default(),
             request_timeout: crate::NetConfig::default().request_timeout,
             mailbox_poll: crate::node::MAILBOX_RECHECK,
+            key_update_interval: crate::NodeConfig::default().key_update_interval,
         }
     }
 }
@@ -611,6 +614,7 @@ pub async fn start_person_on(
         home_relays: host.home_relays.clone(),
         event_queue: SIM_EVENT_QUEUE,
         mailbox_poll: host.tuning.mailbox_poll,
+        key_update_interval: host.tuning.key_update_interval,
         ..crate::NodeConfig::default()
     };
     crate::Node::start_shared(disk.store.clone(), config).await

@@ -266,6 +266,8 @@ async fn two_admins_adding_at_the_same_time_converge_on_one_membership() {
     })
     .await;
     let epoch = a.group(&gid).await.unwrap().epoch;
+    let before_race = a.group(&gid).await.unwrap().fingerprint;
+    assert_eq!(b.group(&gid).await.unwrap().fingerprint, before_race);
     let (c_acct, d_acct) = (acct(&c), acct(&d));
     let (cs, ds) = ([c_acct.as_str()], [d_acct.as_str()]);
     let (ra, rb) = tokio::join!(a.invite(&gid, &cs), b.invite(&gid, &ds));
@@ -283,6 +285,14 @@ async fn two_admins_adding_at_the_same_time_converge_on_one_membership() {
         })
         .await;
     }
+    // One group state, not two that happen to share an epoch number.
+    let mut fingerprints = Vec::new();
+    for h in [&a, &b, &c, &d] {
+        fingerprints.push(h.group(&gid).await.unwrap().fingerprint);
+    }
+    assert_eq!(fingerprints[0].len(), 16);
+    assert!(fingerprints.iter().all(|f| *f == fingerprints[0]), "{fingerprints:?}");
+    assert_ne!(fingerprints[0], before_race, "a new epoch, a new state");
     for (i, h) in [&a, &b, &c, &d].into_iter().enumerate() {
         h.send_group(&gid, &format!("hello from {i}")).await.unwrap();
     }

@@ -9,8 +9,7 @@ use crate::scenario::Scenario;
 use crate::tierb::RunResult;
 
 /// `sc` with its population scaled to about `nodes` hosts (every class in proportion, at least
-/// one of each) and without what Tier A does not run yet (groups), so that both tiers see the
-/// same workload.
+/// one of each); the workload is unchanged, so both tiers see the same one.
 pub fn scaled(sc: &Scenario, nodes: u64) -> Scenario {
     let mut s = sc.clone();
     let total: u64 = sc.population.iter().map(|c| u64::from(c.count)).sum();
@@ -18,8 +17,6 @@ pub fn scaled(sc: &Scenario, nodes: u64) -> Scenario {
     for c in &mut s.population {
         c.count = ((f64::from(c.count) * factor).round() as u32).max(1);
     }
-    s.workload.groups_per_user = 0.0;
-    s.workload.group_message_share = 0.0;
     s.name = format!("{}-{}", sc.name, nodes);
     s
 }
@@ -190,12 +187,12 @@ mod tests {
     }
 
     #[test]
-    fn scaling_keeps_the_classes_in_proportion_and_drops_what_tier_a_does_not_run() {
+    fn scaling_keeps_the_classes_in_proportion_and_the_workload() {
         let sc = crate::scenario::two_classes("s", 100, 900, "[workload]\ngroups_per_user = 1.0");
         let s = scaled(&sc, 200);
         assert_eq!(s.population[0].count, 20);
         assert_eq!(s.population[1].count, 180);
-        assert_eq!(s.workload.groups_per_user, 0.0);
+        assert_eq!(s.workload, sc.workload, "both tiers run groups");
         assert_eq!(s.name, "s-200");
     }
 }

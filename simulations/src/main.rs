@@ -186,9 +186,6 @@ fn run(path: &Path, seed: Option<u64>, out: Option<PathBuf>, quiet: bool, tier: 
     let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-seed{seed}", sc.name)));
     let events_path = output::prepare_dir(&out)?;
     let events = File::create(&events_path).with_context(|| format!("creating {}", events_path.display()))?;
-    if tier == Tier::A && sc.workload.groups_per_user > 0.0 {
-        eprintln!("note: Tier A runs one-to-one chat and DHT record lookups only; this scenario's groups are left out");
-    }
     let ignored = tiera::ignored_protocol_keys(&sc.protocol);
     if tier == Tier::A && !ignored.is_empty() {
         eprintln!(

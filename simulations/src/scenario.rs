@@ -500,6 +500,9 @@ pub struct ProtocolParams {
     pub idle_timeout: SimDuration,
     /// Each side of a connection pings the other this often (libp2p ping; Tier A only).
     pub ping_interval: SimDuration,
+    /// Each device renews its own keys in each of its groups this often: an MLS commit that
+    /// every member applies (Tier A only; Tier B has no MLS).
+    pub key_update: SimDuration,
 }
 
 impl ProtocolParams {
@@ -535,6 +538,7 @@ impl Default for ProtocolParams {
             circuit_max_duration: SimDuration::from_secs(120),
             idle_timeout: SimDuration::from_secs(120),
             ping_interval: SimDuration::from_std(tidings_node::net::NetTuning::default().ping_interval),
+            key_update: SimDuration::from_std(tidings_node::NodeConfig::default().key_update_interval),
         }
     }
 }

@@ -412,6 +412,88 @@ fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_ever
     assert!(opened.windows(2).all(|w| w[0] <= w[1]) && opened[0] > 0, "{opened:?}");
 }
 
+/// Groups of real nodes: made during the set-up, written to while their members come and go,
+/// every member renewing its keys (an MLS commit) every 40 s, and a partition between the
+/// regions in the middle that heals.
+const TIER_A_GROUPS: &str = r#"
+name = "tier-a-groups"
+duration = "4m"
+seed = 11
+
+[[population]]
+class = "relay"
+role = "relay"
+count = 3
+
+[[population]]
+class = "desktop"
+role = "client"
+count = 12
+nat = { public = 0.5, cone = 0.5, symmetric = 0.0 }
+
+[churn]
+session = { shape = 1.5, scale = "120s" }
+offline = { shape = 1.0, scale = "20s" }
+
+[workload]
+contacts_per_user = 2
+messages_per_user_per_hour = 90
+groups_per_user = 1.5
+group_size = [3, 5]
+group_message_share = 0.7
+reply_probability = 0.0
+record_lookups_per_user_per_hour = 0
+
+[protocol]
+key_update = "40s"
+
+[[faults]]
+kind = "partition"
+at = "1m30s"
+heal = "2m15s"
+sides = [["us-east", "us-west", "sa-east"], ["eu-west", "ap-northeast", "ap-southeast"]]
+
+[metrics]
+deadline = "60s"
+sample_every = "10s"
+"#;
+
+#[test]
+fn tier_a_groups_of_real_nodes_commit_through_churn_and_a_partition_and_never_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("tier-a-groups.toml");
+    std::fs::write(&scenario, TIER_A_GROUPS).unwrap();
+    let out_dir = dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_tidings-sim"))
+        .args(["run", "--tier", "a", "--quiet", "--out"])
+        .arg(&out_dir)
+        .arg(&scenario)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}{stderr}", String::from_utf8_lossy(&out.stdout));
+    let manifest = output::read_manifest(&out_dir).unwrap();
+    assert!(manifest.invariants.ok, "{stderr}");
+    let summary: std::collections::HashMap<String, f64> = output::read_csv(&out_dir.join("summary.csv"), 2)
+        .unwrap()
+        .into_iter()
+        .map(|row| (row[0].clone(), row[1].parse().unwrap_or(f64::NAN)))
+        .collect();
+    assert!(summary["groups"] >= 3.0, "{summary:?}");
+    assert_eq!(summary["groups_made"], summary["groups"], "{stderr}");
+    assert!(summary["group_messages_sent"] >= 10.0, "{summary:?}");
+    assert!(
+        summary["group_messages_sent"] < summary["messages_sent"],
+        "one-to-one messages too: {summary:?}"
+    );
+    assert_eq!(summary["invariant_violations"], 0.0, "{stderr}");
+    assert_eq!(summary["delivery_ratio_by_end"], 1.0, "{summary:?}");
+    // Commits went on all run long (every member renews its keys every 40 s), and the members
+    // running at the end are at their group's latest epoch.
+    assert_eq!(summary["group_members_at_latest_epoch"], 1.0, "{summary:?}");
+    assert!(summary["group_epoch_mean"] >= 4.0, "{summary:?}");
+}
+
 #[test]
 fn cli_checks_determinism_of_smoke() {
     let out = Command::new(env!("CARGO_BIN_EXE_tidings-sim"))

@@ -67,10 +67,25 @@ pub struct GroupView {
     pub name: String,
     pub description: String,
     pub epoch: u64,
+    /// The group state this device is in, as 16 hex digits: a hash of the
+    /// epoch's MLS epoch authenticator. Members at the same epoch show the same
+    /// fingerprint; two members at one epoch with different fingerprints are in
+    /// forked groups.
+    #[serde(default)]
+    pub fingerprint: String,
     pub members: Vec<GroupMemberView>,
     pub relays: Vec<String>,
     /// This device was removed or left.
     pub left: bool,
+}
+
+/// See [`GroupView::fingerprint`].
+fn state_fingerprint(group: &MlsGroup) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"tidings/group-state/v1")
+        .chain_update(group.epoch_authenticator().as_slice())
+        .finalize();
+    hex::encode(&digest[..8])
 }
 
 /// One account in a group.
@@ -920,6 +935,7 @@ impl Core {
             name: meta.name,
             description: meta.description,
             epoch: group.epoch().as_u64(),
+            fingerprint: state_fingerprint(group),
             members,
             relays: meta.relays,
             left,

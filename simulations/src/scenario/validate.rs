@@ -481,6 +481,7 @@ impl Scenario {
             ),
             ("protocol.idle_timeout", p.idle_timeout, SimDuration::from_secs(1)),
             ("protocol.ping_interval", p.ping_interval, SimDuration::from_secs(1)),
+            ("protocol.key_update", p.key_update, SimDuration::from_secs(1)),
         ] {
             if d < min {
                 range(

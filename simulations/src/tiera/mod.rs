@@ -80,7 +80,7 @@ struct Seen {
     /// Message id → when its sender saw a relay's custody receipt.
     stored: HashMap<String, u64>,
     /// (id, from, to, when) of every message a sender's node took.
-    sent: Vec<(String, usize, usize, u64)>,
+    sent: Vec<(String, usize, To, u64)>,
     /// Failed sends by the kind of error (see `spawn_send`); their sum is `sends_failed`.
     send_errors: std::collections::BTreeMap<String, u64>,
     events_lagged: u64,
@@ -110,6 +110,15 @@ impl Seen {
             },
         ));
     }
+}
+
+/// Whom a message is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum To {
+    /// A client index.
+    Contact(usize),
+    /// An index into [`Plan::groups`].
+    Group(usize),
 }
 
 type Shared = Arc<Mutex<Seen>>;
@@ -167,6 +176,8 @@ struct World<'s> {
     account_index: Arc<HashMap<String, usize>>,
     cards: Vec<String>,
     clients: Vec<Option<Running>>,
+    /// The id of each planned group, if the set-up made it.
+    group_ids: Vec<Option<String>>,
     seen: Shared,
     samples: Vec<Sample>,
     events: Vec<(u64, TraceEvent)>,
@@ -192,6 +203,7 @@ fn host_tuning(p: &crate::scenario::ProtocolParams) -> sim::HostTuning {
         },
         request_timeout: d(p.request_timeout),
         mailbox_poll: d(p.mailbox_poll),
+        key_update_interval: d(p.key_update),
     }
 }
 
@@ -313,6 +325,7 @@ impl<'s> World<'s> {
             account_index: Arc::default(),
             cards: Vec::new(),
             clients: Vec::new(),
+            group_ids: Vec::new(),
             seen: Shared::default(),
             samples: Vec::new(),
             events: Vec::new(),
@@ -358,6 +371,7 @@ impl<'s> World<'s> {
                 }
             }
         }
+        world.make_groups(&started).await?;
         let mut started: Vec<Option<tidings_node::Node>> = started.into_iter().map(Some).collect();
         world.provision(&mut started).await;
         // The run's clock starts now: the set-up above is what happened before it.
@@ -379,6 +393,75 @@ impl<'s> World<'s> {
             }
         }
         Ok(world)
+    }
+
+    /// Makes the workload's groups while every client runs: each group's first member adds the
+    /// others' cards and creates it, all groups at once; then waits (in virtual time, at most
+    /// [`PROVISION_WAIT`]) until every member has joined. A group that could not be made is left
+    /// out of the run, and said so.
+    async fn make_groups(&mut self, started: &[Node]) -> Result<(), TierAError> {
+        let mut tasks = Vec::with_capacity(self.plan.groups.len());
+        for (g, group) in self.plan.groups.iter().enumerate() {
+            let creator = started[group.members[0]].handle();
+            let others: Vec<String> = group.members[1..].iter().map(|&m| self.cards[m].clone()).collect();
+            let accounts: Vec<String> = group.members[1..]
+                .iter()
+                .map(|&m| bs58::encode(self.accounts[m]).into_string())
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                for card in &others {
+                    creator.add_contact(card, None).await.map_err(|e| e.to_string())?;
+                }
+                let members: Vec<&str> = accounts.iter().map(String::as_str).collect();
+                let view = creator
+                    .create_group(&format!("g{g}"), &members)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<String, String>(view.id)
+            }));
+        }
+        let mut failed = Vec::new();
+        for (g, task) in tasks.into_iter().enumerate() {
+            match task.await {
+                Ok(Ok(id)) => self.group_ids.push(Some(id)),
+                Ok(Err(e)) => {
+                    failed.push(format!("g{g}: {e}"));
+                    self.group_ids.push(None);
+                }
+                Err(e) => {
+                    failed.push(format!("g{g}: {e}"));
+                    self.group_ids.push(None);
+                }
+            }
+        }
+        let deadline = Instant::now() + PROVISION_WAIT;
+        loop {
+            let mut waiting = 0usize;
+            for (g, id) in self.group_ids.iter().enumerate() {
+                let Some(id) = id else { continue };
+                for &m in &self.plan.groups[g].members[1..] {
+                    if started[m].handle().group(id).await.is_err() {
+                        waiting += 1;
+                    }
+                }
+            }
+            if waiting == 0 || Instant::now() >= deadline {
+                if waiting > 0 {
+                    eprintln!("tier A: {waiting} group memberships not joined by the end of the set-up");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if !failed.is_empty() {
+            eprintln!(
+                "tier A: {} of {} groups could not be made and are left out: {}",
+                failed.len(),
+                self.plan.groups.len(),
+                failed.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+            );
+        }
+        Ok(())
     }
 
     /// Keeps every client that is offline at the start running (in virtual time, at most
@@ -449,6 +532,10 @@ impl<'s> World<'s> {
                 match ev {
                     NodeEvent::Message(m) if !m.outgoing => {
                         lock(&seen).displays.entry(m.id.clone()).or_default().push((ci, now));
+                        // Only one-to-one messages get replies (as in Tier B).
+                        if !m.chat.starts_with("c:") {
+                            continue;
+                        }
                         let Some(&from) = index.get(&m.sender) else { continue };
                         if reply_p > 0.0 && rng.r#gen::<f64>() < reply_p {
                             let at = now + u64::try_from(reply_delay.as_micros()).unwrap_or(0);
@@ -458,8 +545,7 @@ impl<'s> World<'s> {
                                     seen.clone(),
                                     t0,
                                     ci,
-                                    from,
-                                    m.sender.clone(),
+                                    (To::Contact(from), m.sender.clone()),
                                     reply_delay,
                                     true,
                                 );
@@ -574,18 +660,44 @@ impl<'s> World<'s> {
     fn send(&mut self, i: usize) {
         let s = self.plan.sends[i];
         let Some(r) = &self.clients[s.from] else { return };
-        let to = bs58::encode(self.accounts[s.to]).into_string();
+        let target = match s.group {
+            Some(g) => {
+                // A group the set-up could not make sends nothing.
+                let Some(Some(id)) = self.group_ids.get(g) else { return };
+                (To::Group(g), id.clone())
+            }
+            None => (To::Contact(s.to), bs58::encode(self.accounts[s.to]).into_string()),
+        };
         self.sent_count += 1;
         spawn_send(
             r.node.handle(),
             self.seen.clone(),
             self.t0,
             s.from,
-            s.to,
-            to,
+            target,
             Duration::ZERO,
             false,
         );
+    }
+
+    /// For each planned group, (client, epoch, state fingerprint) of every member running now.
+    async fn group_states(&self) -> Vec<Vec<(usize, u64, String)>> {
+        let mut out = Vec::with_capacity(self.plan.groups.len());
+        for (g, group) in self.plan.groups.iter().enumerate() {
+            let mut views = Vec::new();
+            if let Some(Some(id)) = self.group_ids.get(g) {
+                for &ci in &group.members {
+                    let Some(r) = &self.clients[ci] else { continue };
+                    if let Ok(v) = r.node.handle().group(id).await
+                        && !v.left
+                    {
+                        views.push((ci, v.epoch, v.fingerprint));
+                    }
+                }
+            }
+            out.push(views);
+        }
+        out
     }
 
     /// Looks a contact's user record up in the DHT, in its own task, as a user adding a contact
@@ -744,6 +856,7 @@ impl<'s> World<'s> {
             "tier A at the end: clients online hold {c_mean:.1} connections on average (most {c_max}), \
              relays {r_mean:.1} (most {r_max})"
         );
+        let states = self.group_states().await;
         for slot in &mut self.clients {
             if let Some(r) = slot.take() {
                 r.stop().await;
@@ -773,13 +886,27 @@ impl<'s> World<'s> {
         // What each client's store holds at the end, by message id.
         let mut held: Vec<HashMap<String, u32>> = vec![HashMap::new(); self.disks.len()];
         for (ci, d) in self.disks.iter().enumerate() {
-            for &other in &self.plan.clients[ci].contacts {
-                if let Ok(list) = d.store.list_messages(&self.accounts[other]) {
+            let group_chats = self.plan.clients[ci].groups.iter().filter_map(|&g| {
+                let gid = hex::decode(self.group_ids[g].as_deref()?).ok()?;
+                Some(tidings_protocol::group::group_chat_key(&gid))
+            });
+            let chats: Vec<[u8; 32]> = self.plan.clients[ci]
+                .contacts
+                .iter()
+                .map(|&other| self.accounts[other])
+                .chain(group_chats)
+                .collect();
+            for chat in chats {
+                if let Ok(list) = d.store.list_messages(&chat) {
                     for m in list.iter().filter(|m| !m.outgoing) {
                         *held[ci].entry(hex::encode(m.id)).or_default() += 1;
                     }
                 }
             }
+        }
+        let groups = check_groups(&states);
+        for fork in groups.forks {
+            violate("forked_group", fork, end);
         }
         let known: HashSet<&str> = s.sent.iter().map(|m| m.0.as_str()).collect();
         for (id, shows) in &s.displays {
@@ -793,86 +920,122 @@ impl<'s> World<'s> {
         }
         let mut records = Vec::with_capacity(s.sent.len());
         let mut trace = std::mem::take(&mut self.events);
-        let (mut acked, mut lost_custody) = (0u64, 0u64);
+        let (mut acked, mut lost_custody, mut group_sent) = (0u64, 0u64, 0u64);
+        let mut deliveries = 0u32;
         for (mi, (id, from, to, at)) in s.sent.iter().enumerate() {
             let shows = s.displays.get(id).map(Vec::as_slice).unwrap_or(&[]);
-            let mut delivered = NEVER;
+            // One delivery per recipient: the contact, or every other member of the group.
+            let recipients: Vec<usize> = match *to {
+                To::Contact(c) => vec![c],
+                To::Group(g) => self.plan.groups[g]
+                    .members
+                    .iter()
+                    .copied()
+                    .filter(|m| m != from)
+                    .collect(),
+            };
             for &(who, t) in shows {
-                if who != *to {
+                if !recipients.contains(&who) {
                     violate(
                         "plaintext_to_non_member",
-                        format!("message {id} for client {to} shown by client {who}"),
+                        format!("message {id} for {to:?} shown by client {who}"),
                         t,
                     );
-                } else if delivered != NEVER {
-                    violate("displayed_twice", format!("message {id} shown twice by client {to}"), t);
-                } else {
-                    delivered = t;
                 }
             }
-            if held[*to].get(id).copied().unwrap_or(0) > 1 {
-                violate(
-                    "displayed_twice",
-                    format!("message {id} stored twice by client {to}"),
-                    end,
-                );
-            }
+            // For a group message, the relay's custody receipt is the sender's acknowledgement;
+            // for one to one, the recipient device's ack (or a relay's receipt while it is away).
             let ack = s.acked.get(id).copied();
-            if let Some(t) = ack {
+            let custody = s.stored.get(id).copied();
+            if let To::Group(_) = to {
+                group_sent += 1;
+            } else if let Some(t) = ack {
                 acked += 1;
-                if !held[*to].contains_key(id) {
+                if !held[recipients[0]].contains_key(id) {
                     violate(
                         "acknowledged_message_lost",
-                        format!("message {id} from client {from} acknowledged by client {to}, not in its store"),
+                        format!("message {id} from client {from} acknowledged by client {to:?}, not in its store"),
                         t,
                     );
                 }
             }
-            let custody = s.stored.get(id).copied();
-            if custody.is_some() && delivered == NEVER {
-                lost_custody += 1;
-            }
-            let path = match custody {
-                Some(c) if c <= delivered => Path::Mailbox,
-                _ => Path::Direct,
-            };
-            let c_to = &self.plan.clients[*to];
-            let ready = c_to.ready_after(*at).unwrap_or(NEVER);
-            let deadline = self.sc.metrics.deadline.micros();
-            let recipient_left = ready != NEVER
-                && delivered.saturating_sub(ready) > deadline
-                && c_to
-                    .online_until(ready)
-                    .is_some_and(|u| u < ready.saturating_add(deadline));
-            let held_by = ack.or(custody).unwrap_or(NEVER);
-            let sender_left = self.plan.clients[*from].online_until(*at).is_some_and(|u| u < held_by);
-            records.push(DeliveryRecord {
-                sent: *at,
-                ready,
-                delivered,
-                path: (delivered != NEVER).then_some(path),
-                recipient_left,
-                sender_left,
-            });
             trace.push((
                 *at,
                 TraceEvent::Sent {
                     msg: mi as u32,
                     from: host32(self.plan.clients[*from].host),
-                    to: host32(c_to.host),
-                    group: false,
+                    to: match *to {
+                        To::Contact(c) => host32(self.plan.clients[c].host),
+                        To::Group(g) => host32(g),
+                    },
+                    group: matches!(to, To::Group(_)),
                     size: 0,
                 },
             ));
-            if delivered != NEVER {
-                trace.push((
+            for &rc in &recipients {
+                let mut delivered = NEVER;
+                for &(who, t) in shows.iter().filter(|(who, _)| *who == rc) {
+                    if delivered != NEVER {
+                        violate(
+                            "displayed_twice",
+                            format!("message {id} shown twice by client {who}"),
+                            t,
+                        );
+                    } else {
+                        delivered = t;
+                    }
+                }
+                let stored = held[rc].get(id).copied().unwrap_or(0);
+                if stored > 1 {
+                    violate(
+                        "displayed_twice",
+                        format!("message {id} stored twice by client {rc}"),
+                        end,
+                    );
+                }
+                if delivered != NEVER && stored == 0 {
+                    violate(
+                        "acknowledged_message_lost",
+                        format!("message {id} shown by client {rc}, not in its store"),
+                        delivered,
+                    );
+                }
+                if custody.is_some() && delivered == NEVER {
+                    lost_custody += 1;
+                }
+                let path = match custody {
+                    Some(c) if c <= delivered => Path::Mailbox,
+                    _ => Path::Direct,
+                };
+                let c_to = &self.plan.clients[rc];
+                let ready = c_to.ready_after(*at).unwrap_or(NEVER);
+                let deadline = self.sc.metrics.deadline.micros();
+                let recipient_left = ready != NEVER
+                    && delivered.saturating_sub(ready) > deadline
+                    && c_to
+                        .online_until(ready)
+                        .is_some_and(|u| u < ready.saturating_add(deadline));
+                let held_by = ack.or(custody).unwrap_or(NEVER);
+                let sender_left = self.plan.clients[*from].online_until(*at).is_some_and(|u| u < held_by);
+                records.push(DeliveryRecord {
+                    sent: *at,
+                    ready,
                     delivered,
-                    TraceEvent::Delivered {
-                        delivery: mi as u32,
-                        node: host32(c_to.host),
-                        path,
-                    },
-                ));
+                    path: (delivered != NEVER).then_some(path),
+                    recipient_left,
+                    sender_left,
+                });
+                if delivered != NEVER {
+                    trace.push((
+                        delivered,
+                        TraceEvent::Delivered {
+                            delivery: deliveries,
+                            node: host32(c_to.host),
+                            path,
+                        },
+                    ));
+                }
+                deliveries += 1;
             }
         }
 
@@ -887,6 +1050,27 @@ impl<'s> World<'s> {
         put("replies", s.replies as f64);
         put("events_lagged", s.events_lagged as f64);
         put("messages_acked", acked as f64);
+        put("groups", self.plan.groups.len() as f64);
+        put("groups_made", self.group_ids.iter().flatten().count() as f64);
+        put("group_messages_sent", group_sent as f64);
+        // Of the members running at the end, the share at their group's latest epoch there.
+        put(
+            "group_members_at_latest_epoch",
+            if groups.members == 0 {
+                f64::NAN
+            } else {
+                groups.at_latest as f64 / groups.members as f64
+            },
+        );
+        // How many commits the groups went through (epoch 1: the members were added).
+        put(
+            "group_epoch_mean",
+            if groups.latest.is_empty() {
+                f64::NAN
+            } else {
+                groups.latest.iter().sum::<u64>() as f64 / groups.latest.len() as f64
+            },
+        );
         put("custody_not_delivered_by_end", lost_custody as f64);
         let (bins, lat) = delivery_figures(self.sc, end, records.into_iter(), &mut put);
         let mut all: Vec<f32> = lat.iter().flatten().copied().collect();
@@ -951,16 +1135,52 @@ impl<'s> World<'s> {
     }
 }
 
+/// What the members of the groups showed at the end of a run.
+#[derive(Debug, Default, PartialEq)]
+struct GroupCheck {
+    /// One line per pair of members at one epoch in different group states.
+    forks: Vec<String>,
+    /// Members seen, and of them those at their group's latest epoch among those seen.
+    members: u64,
+    at_latest: u64,
+    /// The latest epoch of each group with a member seen.
+    latest: Vec<u64>,
+}
+
+/// Checks "no forked group": members at one epoch share one group state (the same MLS epoch
+/// authenticator). `states[g]` holds (client, epoch, state fingerprint) of group `g`'s members.
+fn check_groups(states: &[Vec<(usize, u64, String)>]) -> GroupCheck {
+    let mut out = GroupCheck::default();
+    for (g, views) in states.iter().enumerate() {
+        let latest = views.iter().map(|v| v.1).max().unwrap_or(0);
+        if !views.is_empty() {
+            out.latest.push(latest);
+        }
+        let mut by_epoch: HashMap<u64, (usize, &str)> = HashMap::new();
+        for (ci, epoch, fingerprint) in views {
+            out.members += 1;
+            out.at_latest += u64::from(*epoch == latest);
+            let first = by_epoch.entry(*epoch).or_insert((*ci, fingerprint.as_str()));
+            if first.1 != fingerprint {
+                out.forks.push(format!(
+                    "group g{g} at epoch {epoch}: clients {} and {ci} are in different group states",
+                    first.0
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Sends one message in its own task, so that the run goes on while the sender's node works
-/// (a first message sets up the conversation over the network).
-#[allow(clippy::too_many_arguments)]
+/// (a first message sets up the conversation over the network). `target` is whom it is for and
+/// their address: an account for a contact, a group id for a group.
 fn spawn_send(
     h: NodeHandle,
     seen: Shared,
     t0: Instant,
     from: usize,
-    to: usize,
-    to_account: String,
+    (to, address): (To, String),
     after: Duration,
     reply: bool,
 ) {
@@ -969,8 +1189,11 @@ fn spawn_send(
             tokio::time::sleep(after).await;
         }
         let at = since(t0);
-        let text = format!("m{from}-{to}-{at}");
-        match h.send_text(&to_account, &text).await {
+        let sent = match to {
+            To::Contact(c) => h.send_text(&address, &format!("m{from}-{c}-{at}")).await,
+            To::Group(g) => h.send_group(&address, &format!("m{from}-g{g}-{at}")).await,
+        };
+        match sent {
             Ok(m) => {
                 let mut s = lock(&seen);
                 s.sent.push((m.id, from, to, at));
@@ -1033,4 +1256,28 @@ fn quantile_points(sorted: &[f32]) -> Vec<(f64, f64)> {
             (q, f64::from(sorted[idx]))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_at_one_epoch_in_different_states_are_a_fork_and_lagging_members_are_not() {
+        let v = |ci: usize, epoch: u64, f: &str| (ci, epoch, f.to_string());
+        let states = vec![
+            // Converged, one member an epoch behind: no fork.
+            vec![v(0, 3, "aa"), v(1, 3, "aa"), v(2, 2, "bb")],
+            // Two states at epoch 5.
+            vec![v(3, 5, "cc"), v(4, 5, "dd"), v(5, 5, "cc")],
+            // Made but nobody running at the end.
+            vec![],
+        ];
+        let check = check_groups(&states);
+        assert_eq!(check.forks.len(), 1, "{:?}", check.forks);
+        assert!(check.forks[0].contains("g1 at epoch 5"), "{:?}", check.forks);
+        assert!(check.forks[0].contains("clients 3 and 4"), "{:?}", check.forks);
+        assert_eq!((check.members, check.at_latest), (6, 5));
+        assert_eq!(check.latest, [3, 5]);
+    }
 }

@@ -37,6 +37,8 @@ pub struct Client {
     pub contacts: Vec<usize>,
     /// Online intervals `[from, to)`, µs, sorted and disjoint.
     pub online: Vec<(u64, u64)>,
+    /// Indices into [`Plan::groups`].
+    pub groups: Vec<usize>,
 }
 
 impl Client {
@@ -60,7 +62,18 @@ impl Client {
 pub struct PlannedSend {
     pub at: u64,
     pub from: usize,
+    /// The contact it is for (a client index), unless it goes to `group`.
     pub to: usize,
+    /// An index into [`Plan::groups`]: a message to that group.
+    pub group: Option<usize>,
+}
+
+/// A group the workload uses. It exists from the start: its first member makes it during the
+/// set-up (as Tier B assumes), with that member's home relays as the group's relays.
+#[derive(Debug, Clone)]
+pub struct PlannedGroup {
+    /// Client indices; the first made the group.
+    pub members: Vec<usize>,
 }
 
 /// A DHT lookup of a contact's user record the workload will make (if its client is online then).
@@ -93,6 +106,7 @@ pub struct Plan {
     /// Host indices of the relays.
     pub relays: Vec<usize>,
     pub clients: Vec<Client>,
+    pub groups: Vec<PlannedGroup>,
     /// Sorted by time.
     pub sends: Vec<PlannedSend>,
     /// Sorted by time.
@@ -178,6 +192,7 @@ impl Plan {
                     homes,
                     contacts: Vec::new(),
                     online,
+                    groups: Vec::new(),
                 }
             })
             .collect();
@@ -200,13 +215,23 @@ impl Plan {
             c.contacts.dedup();
         }
 
-        // The workload: one-to-one messages at the scenario's rate, sent only while online, and
-        // lookups of a contact's user record (as Tier B's), each from its own random stream.
+        let groups = draw_groups(sc, &mut clients, &mut rng::rng(seed, stream::POPULATION | (3 << 40)));
+
+        // The workload: messages at the scenario's rate, sent only while online, each to a
+        // contact or (at the group message share) to one of the sender's groups, and lookups of a
+        // contact's user record (as Tier B's), each from its own random stream.
         let mut wr = rng::rng(seed, stream::WORKLOAD);
+        let mut gr = rng::rng(seed, stream::WORKLOAD | (3 << 40));
+        let share = sc.workload.group_message_share;
         let mut sends: Vec<PlannedSend> =
             contact_events(&clients, sc.workload.messages_per_user_per_hour, end, &mut wr)
                 .into_iter()
-                .map(|(at, from, to)| PlannedSend { at, from, to })
+                .map(|(at, from, to)| {
+                    let mine = &clients[from].groups;
+                    let group = (!mine.is_empty() && share > 0.0 && gr.r#gen::<f64>() < share)
+                        .then(|| mine[gr.gen_range(0..mine.len())]);
+                    PlannedSend { at, from, to, group }
+                })
                 .collect();
         sends.sort_by_key(|s| (s.at, s.from));
         let mut lr = rng::rng(seed, stream::WORKLOAD | (2 << 40));
@@ -265,6 +290,7 @@ impl Plan {
             hosts,
             relays,
             clients,
+            groups,
             sends,
             lookups,
             faults,
@@ -273,6 +299,31 @@ impl Plan {
             end,
         }
     }
+}
+
+/// The workload's groups, as Tier B draws them: `groups_per_user` memberships per client on
+/// average, sizes uniform in `group_size`, members at random.
+fn draw_groups(sc: &Scenario, clients: &mut [Client], r: &mut SimRng) -> Vec<PlannedGroup> {
+    let n = clients.len();
+    let [lo, hi] = sc.workload.group_size;
+    let mean_size = f64::from(lo + hi) / 2.0;
+    let count = (n as f64 * sc.workload.groups_per_user / mean_size).round() as usize;
+    let mut groups = Vec::with_capacity(count);
+    for g in 0..count {
+        let size = (r.gen_range(lo..=hi) as usize).min(n);
+        let mut members: Vec<usize> = Vec::with_capacity(size);
+        while members.len() < size {
+            let ci = r.gen_range(0..n);
+            if !members.contains(&ci) {
+                members.push(ci);
+            }
+        }
+        for &ci in &members {
+            clients[ci].groups.push(g);
+        }
+        groups.push(PlannedGroup { members });
+    }
+    groups
 }
 
 /// `(time, client, contact)` at `per_hour` per client (a Poisson process each, over the whole run),
