@@ -395,11 +395,42 @@ impl<'s> World<'s> {
         Ok(world)
     }
 
-    /// Makes the workload's groups while every client runs: each group's first member adds the
-    /// others' cards and creates it, all groups at once; then waits (in virtual time, at most
+    /// Makes the workload's groups while every client runs, once every member's key packages are
+    /// on its home relays: each group's first member adds the others' cards and creates it, all
+    /// groups at once; then waits (in virtual time, at most
     /// [`PROVISION_WAIT`]) until every member has joined. A group that could not be made is left
     /// out of the run, and said so.
     async fn make_groups(&mut self, started: &[Node]) -> Result<(), TierAError> {
+        if self.plan.groups.is_empty() {
+            return Ok(());
+        }
+        // The members' key packages on their relays first, as for anyone who has run the app
+        // once: a member whose device cannot be reached yet (no circuit reservation) is invited
+        // with one of those.
+        let devices: Vec<Option<[u8; 32]>> = started
+            .iter()
+            .map(|n| n.handle().devices().ok()?.first().map(|c| c.device_key))
+            .collect();
+        let members: HashSet<usize> = self
+            .plan
+            .groups
+            .iter()
+            .flat_map(|g| g.members.iter().copied())
+            .collect();
+        let deadline = Instant::now() + PROVISION_WAIT;
+        loop {
+            let pending = members
+                .iter()
+                .filter(|&&ci| devices[ci].is_some_and(|d| !self.key_packages_published(ci, &d)))
+                .count();
+            if pending == 0 || Instant::now() >= deadline {
+                if pending > 0 {
+                    eprintln!("tier A: {pending} group members had not published key packages");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         let mut tasks = Vec::with_capacity(self.plan.groups.len());
         for (g, group) in self.plan.groups.iter().enumerate() {
             let creator = started[group.members[0]].handle();
@@ -483,13 +514,7 @@ impl<'s> World<'s> {
                     continue;
                 }
                 let Some(device) = &devices[ci] else { continue };
-                let published = c.homes.iter().all(|&ri| {
-                    self.relay_disks[ri]
-                        .mailboxes
-                        .as_ref()
-                        .is_none_or(|m| m.key_packages_held(device).unwrap_or(0) > 0)
-                });
-                if published {
+                if self.key_packages_published(ci, device) {
                     if let Some(node) = slot.take() {
                         node.shutdown().await;
                     }
@@ -505,6 +530,16 @@ impl<'s> World<'s> {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// Whether client `ci`'s device (key `device`) has key packages on each of its home relays.
+    fn key_packages_published(&self, ci: usize, device: &[u8; 32]) -> bool {
+        self.plan.clients[ci].homes.iter().all(|&ri| {
+            self.relay_disks[ri]
+                .mailboxes
+                .as_ref()
+                .is_none_or(|m| m.key_packages_held(device).unwrap_or(0) > 0)
+        })
     }
 
     /// A task that reads a client's events into [`Seen`] (and sends the replies the workload
@@ -1062,6 +1097,7 @@ impl<'s> World<'s> {
                 groups.at_latest as f64 / groups.members as f64
             },
         );
+        put("group_epoch_lag_max", groups.lag_max as f64);
         // How many commits the groups went through (epoch 1: the members were added).
         put(
             "group_epoch_mean",
@@ -1145,6 +1181,8 @@ struct GroupCheck {
     at_latest: u64,
     /// The latest epoch of each group with a member seen.
     latest: Vec<u64>,
+    /// The most epochs any member seen was behind its group's latest.
+    lag_max: u64,
 }
 
 /// Checks "no forked group": members at one epoch share one group state (the same MLS epoch
@@ -1160,6 +1198,7 @@ fn check_groups(states: &[Vec<(usize, u64, String)>]) -> GroupCheck {
         for (ci, epoch, fingerprint) in views {
             out.members += 1;
             out.at_latest += u64::from(*epoch == latest);
+            out.lag_max = out.lag_max.max(latest - epoch);
             let first = by_epoch.entry(*epoch).or_insert((*ci, fingerprint.as_str()));
             if first.1 != fingerprint {
                 out.forks.push(format!(
@@ -1279,5 +1318,6 @@ mod tests {
         assert!(check.forks[0].contains("clients 3 and 4"), "{:?}", check.forks);
         assert_eq!((check.members, check.at_latest), (6, 5));
         assert_eq!(check.latest, [3, 5]);
+        assert_eq!(check.lag_max, 1);
     }
 }
