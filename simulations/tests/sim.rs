@@ -306,6 +306,40 @@ fn run_folder_holds_manifest_summary_events_and_plots_and_merges() {
     assert!(lo <= mean && mean <= hi);
 }
 
+/// Runs `scenario` in Tier A through the CLI; checks that it succeeded with every invariant
+/// held, and returns the temporary folder, the run folder, stderr and the summary.
+fn run_tier_a(
+    scenario: &str,
+) -> (
+    tempfile::TempDir,
+    PathBuf,
+    String,
+    std::collections::HashMap<String, f64>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scenario.toml");
+    std::fs::write(&path, scenario).unwrap();
+    let out_dir = dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_tidings-sim"))
+        .args(["run", "--tier", "a", "--quiet", "--out"])
+        .arg(&out_dir)
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{}{stderr}", String::from_utf8_lossy(&out.stdout));
+    let manifest = output::read_manifest(&out_dir).unwrap();
+    assert_eq!(manifest.tier, "a");
+    assert!(manifest.replay.contains("--tier a"));
+    assert!(manifest.invariants.ok, "{stderr}");
+    let summary = output::read_csv(&out_dir.join("summary.csv"), 2)
+        .unwrap()
+        .into_iter()
+        .map(|row| (row[0].clone(), row[1].parse().unwrap_or(f64::NAN)))
+        .collect();
+    (dir, out_dir, stderr, summary)
+}
+
 /// A small world of real nodes: three relays, fifteen people who come and go, look each other up
 /// in the DHT, one relay that restarts and a partition between the regions that heals.
 const TIER_A_SMALL: &str = r#"
@@ -356,31 +390,7 @@ sample_every = "10s"
 #[test]
 fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_every_message_arrives_and_records_are_found()
  {
-    let dir = tempfile::tempdir().unwrap();
-    let scenario = dir.path().join("tier-a-small.toml");
-    std::fs::write(&scenario, TIER_A_SMALL).unwrap();
-    let out_dir = dir.path().join("run");
-    let out = Command::new(env!("CARGO_BIN_EXE_tidings-sim"))
-        .args(["run", "--tier", "a", "--quiet", "--out"])
-        .arg(&out_dir)
-        .arg(&scenario)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let manifest = output::read_manifest(&out_dir).unwrap();
-    assert_eq!(manifest.tier, "a");
-    assert!(manifest.replay.contains("--tier a"));
-    assert!(manifest.invariants.ok);
-    let summary: std::collections::HashMap<String, f64> = output::read_csv(&out_dir.join("summary.csv"), 2)
-        .unwrap()
-        .into_iter()
-        .map(|row| (row[0].clone(), row[1].parse().unwrap_or(f64::NAN)))
-        .collect();
+    let (_dir, out_dir, _stderr, summary) = run_tier_a(TIER_A_SMALL);
     assert_eq!(summary["clients"], 15.0);
     assert!(summary["messages_sent"] >= 20.0, "{summary:?}");
     assert!(summary["deliveries_judged"] >= 10.0, "{summary:?}");
@@ -460,25 +470,7 @@ sample_every = "10s"
 
 #[test]
 fn tier_a_groups_of_real_nodes_commit_through_churn_and_a_partition_and_never_fork() {
-    let dir = tempfile::tempdir().unwrap();
-    let scenario = dir.path().join("tier-a-groups.toml");
-    std::fs::write(&scenario, TIER_A_GROUPS).unwrap();
-    let out_dir = dir.path().join("run");
-    let out = Command::new(env!("CARGO_BIN_EXE_tidings-sim"))
-        .args(["run", "--tier", "a", "--quiet", "--out"])
-        .arg(&out_dir)
-        .arg(&scenario)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}{stderr}", String::from_utf8_lossy(&out.stdout));
-    let manifest = output::read_manifest(&out_dir).unwrap();
-    assert!(manifest.invariants.ok, "{stderr}");
-    let summary: std::collections::HashMap<String, f64> = output::read_csv(&out_dir.join("summary.csv"), 2)
-        .unwrap()
-        .into_iter()
-        .map(|row| (row[0].clone(), row[1].parse().unwrap_or(f64::NAN)))
-        .collect();
+    let (_dir, _out_dir, stderr, summary) = run_tier_a(TIER_A_GROUPS);
     assert!(summary["groups"] >= 3.0, "{summary:?}");
     assert_eq!(summary["groups_made"], summary["groups"], "{stderr}");
     assert!(summary["group_messages_sent"] >= 10.0, "{summary:?}");
@@ -492,6 +484,12 @@ fn tier_a_groups_of_real_nodes_commit_through_churn_and_a_partition_and_never_fo
     // running at the end are at their group's latest epoch.
     assert_eq!(summary["group_members_at_latest_epoch"], 1.0, "{summary:?}");
     assert!(summary["group_epoch_mean"] >= 4.0, "{summary:?}");
+    // The partition's own figures, as Tier B reports them.
+    assert!(summary["fault0_partition_sent"] >= 1.0, "{summary:?}");
+    assert!(
+        summary.contains_key("fault0_partition_backlog_cleared_s_p50"),
+        "{summary:?}"
+    );
 }
 
 #[test]

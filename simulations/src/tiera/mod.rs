@@ -36,7 +36,7 @@ use crate::rng::{self, SimRng, stream};
 use crate::scenario::{Scenario, ScenarioError};
 use crate::tierb::{
     DeliveryRecord, KadAcc, NEVER, Path, RunOptions, RunResult, Sample, Violation, delivery_figures, dht_figures,
-    latency_curves,
+    latency_curves, partition_figures,
 };
 use crate::trace::{Recorder, TraceEvent};
 use plan::{Plan, PlannedFault};
@@ -417,20 +417,13 @@ impl<'s> World<'s> {
             .iter()
             .flat_map(|g| g.members.iter().copied())
             .collect();
-        let deadline = Instant::now() + PROVISION_WAIT;
-        loop {
-            let pending = members
+        set_up_wait("group members had not published key packages", async || {
+            members
                 .iter()
                 .filter(|&&ci| devices[ci].is_some_and(|d| !self.key_packages_published(ci, &d)))
-                .count();
-            if pending == 0 || Instant::now() >= deadline {
-                if pending > 0 {
-                    eprintln!("tier A: {pending} group members had not published key packages");
-                }
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+                .count()
+        })
+        .await;
         let mut tasks = Vec::with_capacity(self.plan.groups.len());
         for (g, group) in self.plan.groups.iter().enumerate() {
             let creator = started[group.members[0]].handle();
@@ -465,8 +458,7 @@ impl<'s> World<'s> {
                 }
             }
         }
-        let deadline = Instant::now() + PROVISION_WAIT;
-        loop {
+        set_up_wait("group memberships not joined by the end of the set-up", async || {
             let mut waiting = 0usize;
             for (g, id) in self.group_ids.iter().enumerate() {
                 let Some(id) = id else { continue };
@@ -476,14 +468,9 @@ impl<'s> World<'s> {
                     }
                 }
             }
-            if waiting == 0 || Instant::now() >= deadline {
-                if waiting > 0 {
-                    eprintln!("tier A: {waiting} group memberships not joined by the end of the set-up");
-                }
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+            waiting
+        })
+        .await;
         if !failed.is_empty() {
             eprintln!(
                 "tier A: {} of {} groups could not be made and are left out: {}",
@@ -505,31 +492,28 @@ impl<'s> World<'s> {
             .iter()
             .map(|n| n.as_ref()?.handle().devices().ok()?.first().map(|c| c.device_key))
             .collect();
-        let deadline = Instant::now() + PROVISION_WAIT;
-        loop {
-            let mut pending = 0;
-            for (ci, slot) in started.iter_mut().enumerate() {
-                let c = &self.plan.clients[ci];
-                if slot.is_none() || c.online_at(0) {
-                    continue;
-                }
-                let Some(device) = &devices[ci] else { continue };
-                if self.key_packages_published(ci, device) {
-                    if let Some(node) = slot.take() {
-                        node.shutdown().await;
+        set_up_wait(
+            "clients offline at the start had not published key packages",
+            async || {
+                let mut pending = 0;
+                for (ci, slot) in started.iter_mut().enumerate() {
+                    let c = &self.plan.clients[ci];
+                    if slot.is_none() || c.online_at(0) {
+                        continue;
                     }
-                } else {
-                    pending += 1;
+                    let Some(device) = &devices[ci] else { continue };
+                    if self.key_packages_published(ci, device) {
+                        if let Some(node) = slot.take() {
+                            node.shutdown().await;
+                        }
+                    } else {
+                        pending += 1;
+                    }
                 }
-            }
-            if pending == 0 || Instant::now() >= deadline {
-                if pending > 0 {
-                    eprintln!("tier A: {pending} clients offline at the start had not published key packages");
-                }
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+                pending
+            },
+        )
+        .await;
     }
 
     /// Whether client `ci`'s device (key `device`) has key packages on each of its home relays.
@@ -957,6 +941,8 @@ impl<'s> World<'s> {
         let mut trace = std::mem::take(&mut self.events);
         let (mut acked, mut lost_custody, mut group_sent) = (0u64, 0u64, 0u64);
         let mut deliveries = 0u32;
+        // (sent, sender, recipient, ready, delivered) of every delivery, for the partitions' figures.
+        let mut all: Vec<(u64, usize, usize, u64, u64)> = Vec::new();
         for (mi, (id, from, to, at)) in s.sent.iter().enumerate() {
             let shows = s.displays.get(id).map(Vec::as_slice).unwrap_or(&[]);
             // One delivery per recipient: the contact, or every other member of the group.
@@ -1052,6 +1038,7 @@ impl<'s> World<'s> {
                         .is_some_and(|u| u < ready.saturating_add(deadline));
                 let held_by = ack.or(custody).unwrap_or(NEVER);
                 let sender_left = self.plan.clients[*from].online_until(*at).is_some_and(|u| u < held_by);
+                all.push((*at, *from, rc, ready, delivered));
                 records.push(DeliveryRecord {
                     sent: *at,
                     ready,
@@ -1109,6 +1096,30 @@ impl<'s> World<'s> {
         );
         put("custody_not_delivered_by_end", lost_custody as f64);
         let (bins, lat) = delivery_figures(self.sc, end, records.into_iter(), &mut put);
+        for (fi, f) in self.plan.faults.iter().enumerate() {
+            let PlannedFault::Partition { at: start, heal, .. } = f else {
+                continue;
+            };
+            let heal = heal.unwrap_or(end).min(end);
+            let cut = || all.iter().filter(|d| *start <= d.0 && d.0 < heal);
+            // Undelivered at the heal, with both ends online then.
+            let backlog: Vec<u64> = cut()
+                .filter(|d| {
+                    (d.4 == NEVER || d.4 > heal)
+                        && self.plan.clients[d.1].online_at(heal)
+                        && self.plan.clients[d.2].online_at(heal)
+                })
+                .map(|d| d.4)
+                .collect();
+            partition_figures(
+                fi,
+                self.sc.metrics.deadline.micros(),
+                heal,
+                cut().map(|d| (d.3, d.4)),
+                &backlog,
+                &mut put,
+            );
+        }
         let mut all: Vec<f32> = lat.iter().flatten().copied().collect();
         all.sort_unstable_by(f32::total_cmp);
         put("invariant_violations", violation_count as f64);
@@ -1252,6 +1263,23 @@ fn spawn_send(
             }
         }
     });
+}
+
+/// Asks `pending` every 500 ms of virtual time until it answers 0 or [`PROVISION_WAIT`] has
+/// passed, and then says how many were still pending (`what` they were).
+async fn set_up_wait(what: &str, mut pending: impl AsyncFnMut() -> usize) {
+    let deadline = Instant::now() + PROVISION_WAIT;
+    loop {
+        let n = pending().await;
+        if n == 0 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("tier A: {n} {what}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The seed of host `h`'s identity in a run of `seed`.

@@ -124,12 +124,12 @@ impl RunResult {
     }
 }
 
-/// Nearest-rank percentile of sorted data.
 /// `a / b`, NaN when `b` is 0.
 fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 { f64::NAN } else { a as f64 / b as f64 }
 }
 
+/// Nearest-rank percentile of sorted data.
 pub(crate) fn percentile(sorted: &[f32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -172,6 +172,49 @@ pub struct DeliveryRecord {
     pub recipient_left: bool,
     /// The sender went offline before it held an ack for the message.
     pub sender_left: bool,
+}
+
+/// The figures of partition fault `fi` that both tiers report, from `(ready, delivered)` of every
+/// delivery sent during the cut and when each delivery of the backlog at the `heal` (undelivered
+/// then, both ends online) was delivered ([`NEVER`] if not).
+pub(crate) fn partition_figures(
+    fi: usize,
+    deadline: u64,
+    heal: u64,
+    during: impl Iterator<Item = (u64, u64)>,
+    backlog: &[u64],
+    put: &mut impl FnMut(&str, f64),
+) {
+    let (mut sent, mut ok) = (0u64, 0u64);
+    for (ready, delivered) in during {
+        sent += 1;
+        ok += u64::from(delivered != NEVER && ready != NEVER && delivered - ready <= deadline);
+    }
+    // How fast the backlog clears.
+    let mut after: Vec<f32> = Vec::new();
+    let mut within = 0u64;
+    for &delivered in backlog.iter().filter(|d| **d != NEVER) {
+        let s = delivered.saturating_sub(heal);
+        within += u64::from(s <= deadline);
+        after.push((s as f64 / 1e6) as f32);
+    }
+    after.sort_unstable_by(f32::total_cmp);
+    put(&format!("fault{fi}_partition_sent"), sent as f64);
+    put(
+        &format!("fault{fi}_partition_delivery_ratio_within_deadline"),
+        ratio(ok, sent),
+    );
+    put(&format!("fault{fi}_partition_backlog_at_heal"), backlog.len() as f64);
+    put(
+        &format!("fault{fi}_partition_backlog_delivered_within_deadline_of_heal"),
+        ratio(within, backlog.len() as u64),
+    );
+    for q in [50.0, 90.0, 99.0] {
+        put(
+            &format!("fault{fi}_partition_backlog_cleared_s_p{}", q as u32),
+            percentile(&after, q),
+        );
+    }
 }
 
 /// The delivery figures both tiers report: ratios within the deadline (of the recipient being
@@ -315,7 +358,6 @@ pub(super) fn build(mut w: World<'_>) -> Result<RunResult, std::io::Error> {
     let mut all: Vec<f32> = lat.iter().flatten().copied().collect();
     all.sort_unstable_by(f32::total_cmp);
     let deadline = sc.metrics.deadline.micros();
-    let ratio = |a: u64, b: u64| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
     put("lost_acked_excused", w.c.lost_excused as f64);
     put("lost_expired", w.c.lost_expired as f64);
     put("outbox_overflow", w.c.outbox_overflow as f64);
@@ -326,43 +368,12 @@ pub(super) fn build(mut w: World<'_>) -> Result<RunResult, std::io::Error> {
         let Fault::Partition(_) = f else { continue };
         let p = &w.parts[w.part_of_fault[fi] as usize];
         let (start, heal) = (p.start, p.heal.min(end));
-        let (mut sent, mut ok) = (0u64, 0u64);
-        for d in &w.deliveries {
+        let during = w.deliveries.iter().filter_map(|d| {
             let t = w.msgs[d.msg as usize].sent;
-            if t < start || t >= heal {
-                continue;
-            }
-            sent += 1;
-            ok += u64::from(d.delivered != NEVER && d.ready != NEVER && d.delivered - d.ready <= deadline);
-        }
-        // The backlog at the heal, for recipients online then: how fast it clears.
-        let mut after: Vec<f32> = Vec::new();
-        let mut within = 0u64;
-        for d in &p.backlog {
-            let del = &w.deliveries[*d as usize];
-            if del.delivered != NEVER {
-                let s = del.delivered.saturating_sub(heal);
-                within += u64::from(s <= deadline);
-                after.push((s as f64 / 1e6) as f32);
-            }
-        }
-        after.sort_unstable_by(f32::total_cmp);
-        put(&format!("fault{fi}_partition_sent"), sent as f64);
-        put(
-            &format!("fault{fi}_partition_delivery_ratio_within_deadline"),
-            ratio(ok, sent),
-        );
-        put(&format!("fault{fi}_partition_backlog_at_heal"), p.backlog.len() as f64);
-        put(
-            &format!("fault{fi}_partition_backlog_delivered_within_deadline_of_heal"),
-            ratio(within, p.backlog.len() as u64),
-        );
-        for q in [50.0, 90.0, 99.0] {
-            put(
-                &format!("fault{fi}_partition_backlog_cleared_s_p{}", q as u32),
-                percentile(&after, q),
-            );
-        }
+            (start <= t && t < heal).then_some((d.ready, d.delivered))
+        });
+        let backlog: Vec<u64> = p.backlog.iter().map(|d| w.deliveries[*d as usize].delivered).collect();
+        partition_figures(fi, deadline, heal, during, &backlog, &mut put);
     }
 
     dht_figures(&mut w.c.kad, true, &mut put);
