@@ -218,6 +218,57 @@ async fn a_first_message_to_an_unreachable_device_starts_from_its_relay_within_s
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_first_message_to_a_device_that_starts_seconds_later_is_sent_once_it_answers() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
+    let boot = vec![r1_addr.clone()];
+    let alice = sim::start_node(&net, 10, "alice", boot.clone(), boot.clone(), clock.clone())
+        .await
+        .unwrap();
+    // Bob has no home relays, so only his device hands out key packages, and it is not running
+    // when alice writes to him: it starts 5 s later.
+    let disk = sim::HostDisk::person("bob", clock.now_ms(), None).unwrap();
+    let host = sim::PersonHost {
+        port: 11,
+        bootstrap: boot.clone(),
+        home_relays: Vec::new(),
+        reachable: true,
+        tuning: sim::HostTuning::default(),
+    };
+    let bob = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    let (card, bob_account) = (bob.handle().card().to_uri(), acct(&bob.handle()));
+    let a = alice.handle();
+    bob.handle().add_contact(&a.card().to_uri(), None).await.unwrap();
+    bob.shutdown().await;
+    a.add_contact(&card, None).await.unwrap();
+    let (net2, clock2) = (net.clone(), clock.clone());
+    let bob_later = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        sim::start_person_on(&net2, &host, &disk, clock2).await.unwrap()
+    });
+    let started = tokio::time::Instant::now();
+    let sent = a.send_text(&bob_account, "hello").await.unwrap();
+    assert!(
+        started.elapsed() > Duration::from_secs(5),
+        "set up only once bob's device was up"
+    );
+    let bob = bob_later.await.unwrap();
+    let b = bob.handle();
+    until("bob shows it", || {
+        b.history(&acct(&a))
+            .unwrap()
+            .iter()
+            .any(|m| m.id == sent.id && !m.outgoing)
+    })
+    .await;
+    drop((a, b));
+    for n in [alice, bob, r1] {
+        n.shutdown().await;
+    }
+}
+
 /// Not a test: a probe of how far real nodes in virtual time go on this
 /// machine, until the simulator's Tier A runner exists. `R` relays and `C`
 /// people in a ring of contacts, three rounds of one message each 20 virtual
