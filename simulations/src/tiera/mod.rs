@@ -371,7 +371,7 @@ impl<'s> World<'s> {
                 }
             }
         }
-        world.make_groups(&started).await?;
+        world.make_groups(&started).await;
         let mut started: Vec<Option<tidings_node::Node>> = started.into_iter().map(Some).collect();
         world.provision(&mut started).await;
         // The run's clock starts now: the set-up above is what happened before it.
@@ -400,9 +400,9 @@ impl<'s> World<'s> {
     /// groups at once; then waits (in virtual time, at most
     /// [`PROVISION_WAIT`]) until every member has joined. A group that could not be made is left
     /// out of the run, and said so.
-    async fn make_groups(&mut self, started: &[Node]) -> Result<(), TierAError> {
+    async fn make_groups(&mut self, started: &[Node]) {
         if self.plan.groups.is_empty() {
-            return Ok(());
+            return;
         }
         // The members' key packages on their relays first, as for anyone who has run the app
         // once: a member whose device cannot be reached yet (no circuit reservation) is invited
@@ -479,7 +479,6 @@ impl<'s> World<'s> {
                 failed.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
             );
         }
-        Ok(())
     }
 
     /// Keeps every client that is offline at the start running (in virtual time, at most
