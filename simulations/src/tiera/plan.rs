@@ -301,29 +301,15 @@ impl Plan {
     }
 }
 
-/// The workload's groups, as Tier B draws them: `groups_per_user` memberships per client on
-/// average, sizes uniform in `group_size`, members at random.
+/// The workload's groups, drawn as Tier B draws them; each client learns its own.
 fn draw_groups(sc: &Scenario, clients: &mut [Client], r: &mut SimRng) -> Vec<PlannedGroup> {
-    let n = clients.len();
-    let [lo, hi] = sc.workload.group_size;
-    let mean_size = f64::from(lo + hi) / 2.0;
-    let count = (n as f64 * sc.workload.groups_per_user / mean_size).round() as usize;
-    let mut groups = Vec::with_capacity(count);
-    for g in 0..count {
-        let size = (r.gen_range(lo..=hi) as usize).min(n);
-        let mut members: Vec<usize> = Vec::with_capacity(size);
-        while members.len() < size {
-            let ci = r.gen_range(0..n);
-            if !members.contains(&ci) {
-                members.push(ci);
-            }
-        }
-        for &ci in &members {
+    let drawn = crate::tierb::draw_group_members(sc, clients.len(), r);
+    for (g, members) in drawn.iter().enumerate() {
+        for &ci in members {
             clients[ci].groups.push(g);
         }
-        groups.push(PlannedGroup { members });
     }
-    groups
+    drawn.into_iter().map(|members| PlannedGroup { members }).collect()
 }
 
 /// `(time, client, contact)` at `per_hour` per client (a Poisson process each, over the whole run),

@@ -170,18 +170,8 @@ pub(super) fn build<'a>(sc: &'a Scenario, seed: u64, rec: Recorder<'a>) -> World
 
     // Groups: sequencing relay = the creator's first home relay.
     let mut groups = Vec::new();
-    let [lo, hi] = sc.workload.group_size;
-    let mean_size = f64::from(lo + hi) / 2.0;
-    let n_groups = (n_clients as f64 * sc.workload.groups_per_user / mean_size).round() as usize;
-    for g in 0..n_groups {
-        let size = r.gen_range(lo..=hi) as usize;
-        let mut members: Vec<u32> = Vec::with_capacity(size);
-        while members.len() < size.min(n_clients) {
-            let ci = r.gen_range(0..n_clients) as u32;
-            if !members.contains(&ci) {
-                members.push(ci);
-            }
-        }
+    for (g, members) in draw_group_members(sc, n_clients, &mut r).into_iter().enumerate() {
+        let members: Vec<u32> = members.into_iter().map(|ci| ci as u32).collect();
         for (pos, &ci) in members.iter().enumerate() {
             clients[ci as usize].groups.push(Membership {
                 group: g as u32,
@@ -282,4 +272,25 @@ pub(super) fn build<'a>(sc: &'a Scenario, seed: u64, rec: Recorder<'a>) -> World
     };
     w.place_initial_records();
     w
+}
+
+/// The workload's groups as client indices, drawn the same way in both tiers: `groups_per_user`
+/// memberships per client on average, sizes uniform in `group_size`, members at random.
+pub(crate) fn draw_group_members(sc: &Scenario, n_clients: usize, r: &mut impl Rng) -> Vec<Vec<usize>> {
+    let [lo, hi] = sc.workload.group_size;
+    let mean_size = f64::from(lo + hi) / 2.0;
+    let count = (n_clients as f64 * sc.workload.groups_per_user / mean_size).round() as usize;
+    (0..count)
+        .map(|_| {
+            let size = (r.gen_range(lo..=hi) as usize).min(n_clients);
+            let mut members: Vec<usize> = Vec::with_capacity(size);
+            while members.len() < size {
+                let ci = r.gen_range(0..n_clients);
+                if !members.contains(&ci) {
+                    members.push(ci);
+                }
+            }
+            members
+        })
+        .collect()
 }

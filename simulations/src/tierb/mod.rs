@@ -30,6 +30,7 @@ use std::io::Write;
 use crate::rng::SimRng;
 use crate::scenario::{Scenario, SimDuration};
 use crate::trace::{Recorder, TraceEvent};
+pub(crate) use build::draw_group_members;
 use event::Ev;
 pub use event::Path;
 pub use report::{
