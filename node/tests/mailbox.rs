@@ -27,7 +27,21 @@ async fn talking(base: &std::path::Path, r: &Relays) -> (tidings_node::Node, tid
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_recipient_gets_1000_messages_exactly_once_in_order_with_receipts() {
-    let r = relays(2).await;
+    // The default sender quota is 1,000 envelopes per inbox, and alice may
+    // already hold a few in bob's: a copy of something bob also got direct
+    // (a delivery he took over 5 s to answer goes to his relays as well) stays
+    // until he fetches it. Room for them, so the 1,000 sends all fit.
+    let r = relays_with(
+        2,
+        RelayTestOptions {
+            limits: MailboxLimits {
+                sender_max_envelopes: 1_100,
+                ..MailboxLimits::default()
+            },
+            ..RelayTestOptions::default()
+        },
+    )
+    .await;
     let base = r.dir.path();
     let (a_node, b_node) = talking(base, &r).await;
     let (a, b) = (a_node.handle(), b_node.handle());

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use libp2p::Multiaddr;
-use tidings_node::demo::{retry_until, start_node, start_node_with_relays, start_relay};
+use tidings_node::demo::{RelayTestOptions, retry_until, start_node, start_node_with_relays, start_relay_with};
 use tidings_node::{Node, NodeHandle};
 
 pub const TIMEOUT: Duration = Duration::from_secs(60);
@@ -85,12 +85,29 @@ pub struct Relays {
     pub addrs: Vec<Multiaddr>,
 }
 
+/// Logs to the test's output when `RUST_LOG` is set (for a failure that
+/// needs the nodes' story); silent otherwise.
+pub fn log_from_env() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub async fn relays(n: usize) -> Relays {
+    relays_with(n, RelayTestOptions::default()).await
+}
+
+/// [`relays`] with other mailbox limits or rates.
+pub async fn relays_with(n: usize, opts: RelayTestOptions) -> Relays {
+    log_from_env();
     let dir = tempfile::tempdir().unwrap();
     let mut nodes: Vec<Node> = Vec::new();
     let mut addrs: Vec<Multiaddr> = Vec::new();
     for i in 0..n {
-        let r = start_relay(&dir.path().join(format!("relay{i}")), addrs.clone())
+        let r = start_relay_with(&dir.path().join(format!("relay{i}")), addrs.clone(), opts.clone())
             .await
             .unwrap();
         addrs.push(r.listen_addrs()[0].clone());
