@@ -126,19 +126,15 @@ impl NodeHandle {
         let reply_to = reply_to.map(parse_message_id).transpose()?;
         match chat {
             ChatRef::Contact(contact) => {
-                let send = || {
-                    let text = text.to_owned();
-                    self.core(move |reply| CoreInput::Send {
-                        contact,
-                        text,
-                        reply_to,
-                        reply,
-                    })
-                };
-                match send().await {
+                // As `send_text`: the first message sets up the conversation,
+                // or waits for one.
+                let send = |wait| self.send_message(contact, text.to_owned(), reply_to, wait);
+                match send(false).await {
                     Err(NodeError::NoConversation) => {
-                        self.start_conversation(contact).await?;
-                        send().await
+                        if let Err(e) = self.start_conversation(contact).await {
+                            tracing::debug!("no conversation yet ({e}); the message waits for one");
+                        }
+                        send(true).await
                     }
                     r => r,
                 }

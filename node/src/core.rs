@@ -137,7 +137,18 @@ pub(crate) enum CoreInput {
         contact: [u8; 32],
         text: String,
         reply_to: Option<[u8; 16]>,
+        /// Without a conversation with the contact: keep the message as
+        /// [`MessageState::Waiting`] instead of failing with
+        /// [`NodeError::NoConversation`]. (It waits anyway while earlier
+        /// messages to the contact wait, to keep the order.)
+        wait: bool,
         reply: oneshot::Sender<Result<MessageView, NodeError>>,
+    },
+    /// Encrypt and queue the messages that wait for the conversation with a
+    /// contact (see [`MessageState::Waiting`]); answers how many went out.
+    FlushWaiting {
+        contact: [u8; 32],
+        reply: oneshot::Sender<Result<usize, NodeError>>,
     },
     /// A reaction, edit, delete, read or typing indicator in a chat.
     ChatAction {
@@ -428,6 +439,9 @@ pub(crate) struct Core {
     /// restarted and lost our subscription), or a push could not be applied
     /// whole (the relay then stops pushing until we fetch).
     pub(crate) mailbox_wake: Arc<tokio::sync::Notify>,
+    /// Wakes the task that sets up conversations for waiting messages (a
+    /// message started waiting, or a conversation came to exist).
+    pub(crate) waiting_wake: Arc<tokio::sync::Notify>,
     /// Per home relay, the mailbox index of the envelope its last push
     /// stopped at, if it stopped (see `on_push_result`).
     stuck_pushes: HashMap<PeerId, u64>,
@@ -558,6 +572,7 @@ impl Core {
             link,
             self_update_interval_ms: SELF_UPDATE_INTERVAL_MS,
             mailbox_wake: Arc::default(),
+            waiting_wake: Arc::default(),
             stuck_pushes: HashMap::new(),
             mend_dirty: true,
             touched: HashSet::new(),
@@ -639,8 +654,9 @@ impl Core {
                     contact,
                     text,
                     reply_to,
+                    wait,
                     reply,
-                } => sends.push((contact, text, reply_to, reply)),
+                } => sends.push((contact, text, reply_to, wait, reply)),
                 other => {
                     self.flush_sends(std::mem::take(&mut sends));
                     self.on_input(other);
@@ -706,8 +722,12 @@ impl Core {
                 let r = self.create_conversation(contact, key_packages, replace);
                 if r.is_ok() {
                     self.send_profile_to(contact);
+                    self.waiting_wake.notify_one();
                 }
                 let _ = reply.send(r);
+            }
+            CoreInput::FlushWaiting { contact, reply } => {
+                let _ = reply.send(self.on_flush_waiting(contact));
             }
             CoreInput::ConversationsToMend { reply } => {
                 let _ = reply.send(self.conversations_to_mend());
@@ -917,8 +937,8 @@ impl Core {
         // Fast path: every send of the batch in one unit (one durable commit).
         let mut results = Vec::with_capacity(sends.len());
         let batch = store.unit(|| -> Result<(), NodeError> {
-            for (contact, text, reply_to, _) in &sends {
-                results.push(self.send_one(contact, text, *reply_to, now)?);
+            for (contact, text, reply_to, wait, _) in &sends {
+                results.push(self.send_one(contact, text, *reply_to, *wait, now)?);
             }
             Ok(())
         });
@@ -930,8 +950,8 @@ impl Core {
                 self.groups.clear();
                 sends
                     .iter()
-                    .map(|(contact, text, reply_to, _)| {
-                        let r = store.unit(|| self.send_one(contact, text, *reply_to, now));
+                    .map(|(contact, text, reply_to, wait, _)| {
+                        let r = store.unit(|| self.send_one(contact, text, *reply_to, *wait, now));
                         if r.is_err() {
                             self.groups.clear();
                         }
@@ -940,8 +960,12 @@ impl Core {
                     .collect()
             }
         };
-        for ((_, _, _, reply), r) in sends.into_iter().zip(results) {
+        for ((_, _, _, _, reply), r) in sends.into_iter().zip(results) {
             let r = r.map(|(msg, entries)| {
+                if msg.state == MessageState::Waiting {
+                    // Committed: the set-up task sees it now.
+                    self.waiting_wake.notify_one();
+                }
                 for (account, device, id, env) in entries {
                     self.enqueue(account, device, id, Some(msg.id), env);
                 }
@@ -960,29 +984,24 @@ impl Core {
         contact: &[u8; 32],
         text: &str,
         reply_to: Option<[u8; 16]>,
+        wait: bool,
         now: u64,
-    ) -> Result<(StoredMessage, Vec<([u8; 32], [u8; 32], u64, pb::Envelope)>), NodeError> {
+    ) -> Result<(StoredMessage, Vec<OutboxRow>), NodeError> {
         let timer = self.check_new_text(contact, text, reply_to)?;
         let c = self
             .store
             .contact(contact)?
             .ok_or_else(|| NodeError::UnknownContact(bs58::encode(contact).into_string()))?;
-        let gid = self.send_conversation(&c)?.ok_or(NodeError::NoConversation)?;
+        let gid = match self.send_conversation(&c)? {
+            Some(gid) if !self.store.has_waiting(contact)? => gid,
+            Some(_) => return self.keep_waiting(&c, text, reply_to, timer, now),
+            None if wait || self.store.has_waiting(contact)? => {
+                return self.keep_waiting(&c, text, reply_to, timer, now);
+            }
+            None => return Err(NodeError::NoConversation),
+        };
         let (id, seq, ts, payload) = self.text_payload(text, reply_to, timer, now)?;
-        let group = load_group(&mut self.groups, &self.provider, &gid)?.ok_or(NodeError::NoConversation)?;
-        let ct = self.engine.encrypt(&self.provider, group, &payload)?;
-        let env = new_envelope(&gid, EnvelopeKind::Message, ct);
-        let mut entries = Vec::new();
-        let own = self.own_device_keys();
-        for device in self.member_devices(&gid)? {
-            // Our other devices are reached at our own relays.
-            let account = if own.contains(&device) {
-                *self.me.as_bytes()
-            } else {
-                *contact
-            };
-            entries.push(self.outbox_entry(account, device, &env, Some(id), now)?);
-        }
+        let entries = self.seal_for_conversation(&gid, contact, &payload, id, now)?;
         let mut msg = StoredMessage::new_text(
             id,
             *contact,
@@ -1002,6 +1021,132 @@ impl Core {
         msg.expires_ms = Self::expiry_for(timer, now);
         self.store.insert_message(&msg)?;
         Ok((msg, entries))
+    }
+
+    /// Encrypts `payload` (message `id`) in conversation `gid` with `contact`
+    /// and queues it for every other device of it, inside the caller's unit.
+    fn seal_for_conversation(
+        &mut self,
+        gid: &[u8],
+        contact: &[u8; 32],
+        payload: &[u8],
+        id: [u8; 16],
+        now: u64,
+    ) -> Result<Vec<OutboxRow>, NodeError> {
+        let group = load_group(&mut self.groups, &self.provider, gid)?.ok_or(NodeError::NoConversation)?;
+        let ct = self.engine.encrypt(&self.provider, group, payload)?;
+        let env = new_envelope(gid, EnvelopeKind::Message, ct);
+        let mut entries = Vec::new();
+        let own = self.own_device_keys();
+        for device in self.member_devices(gid)? {
+            // Our other devices are reached at our own relays.
+            let account = if own.contains(&device) {
+                *self.me.as_bytes()
+            } else {
+                *contact
+            };
+            entries.push(self.outbox_entry(account, device, &env, Some(id), now)?);
+        }
+        Ok(entries)
+    }
+
+    /// Keeps a text to `c` as [`MessageState::Waiting`]: no conversation with
+    /// them exists yet (or earlier messages to them still wait). Numbered and
+    /// timed now, encrypted once the conversation exists
+    /// ([`Core::flush_waiting`]). A contact without a single valid device
+    /// certificate could never be reached: that send fails instead.
+    fn keep_waiting(
+        &mut self,
+        c: &Contact,
+        text: &str,
+        reply_to: Option<[u8; 16]>,
+        timer: u64,
+        now: u64,
+    ) -> Result<(StoredMessage, Vec<OutboxRow>), NodeError> {
+        if !has_valid_device(c, now) {
+            return Err(NodeError::Unreachable("the contact has no valid device".into()));
+        }
+        let (id, seq, ts, _) = self.text_payload(text, reply_to, timer, now)?;
+        let mut msg = StoredMessage::new_text(
+            id,
+            c.account,
+            *self.me.as_bytes(),
+            seq,
+            ts,
+            now,
+            true,
+            text.to_owned(),
+            MessageState::Waiting,
+        );
+        msg.reply_to = reply_to;
+        msg.expires_ms = Self::expiry_for(timer, now);
+        self.store.insert_message(&msg)?;
+        Ok((msg, Vec::new()))
+    }
+
+    /// Encrypts and queues, in the order they were written, our messages that
+    /// waited for a conversation with `contact`, inside the caller's unit.
+    /// Each keeps the id, number and time it got when it was written.
+    fn flush_waiting(
+        &mut self,
+        contact: &[u8; 32],
+        now: u64,
+    ) -> Result<Vec<(StoredMessage, Vec<OutboxRow>)>, NodeError> {
+        let waiting = self.store.waiting_messages(contact)?;
+        if waiting.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self
+            .store
+            .contact(contact)?
+            .ok_or_else(|| NodeError::UnknownContact(bs58::encode(contact).into_string()))?;
+        let gid = self.send_conversation(&c)?.ok_or(NodeError::NoConversation)?;
+        let mut out = Vec::with_capacity(waiting.len());
+        for mut msg in waiting {
+            let payload = Payload {
+                id: msg.id,
+                sender_seq: msg.sender_seq,
+                timestamp_ms: msg.timestamp_ms,
+                body: Body::Text {
+                    text: msg.text.clone(),
+                    reply_to: msg.reply_to,
+                    expires_secs: msg.expires_ms.map_or(0, |at| at.saturating_sub(msg.received_ms) / 1000),
+                },
+            }
+            .encode();
+            let entries = self.seal_for_conversation(&gid, contact, &payload, msg.id, now)?;
+            msg.state = if entries.is_empty() {
+                MessageState::Delivered
+            } else {
+                MessageState::Pending
+            };
+            self.store.set_message_state(&msg.id, msg.state)?;
+            out.push((msg, entries));
+        }
+        Ok(out)
+    }
+
+    /// [`Core::flush_waiting`] as one unit of work; queues what it sealed.
+    fn on_flush_waiting(&mut self, contact: [u8; 32]) -> Result<usize, NodeError> {
+        let now = self.clock.now_ms();
+        let store = self.store.clone();
+        let sent = match store.unit(|| self.flush_waiting(&contact, now)) {
+            Ok(sent) => sent,
+            Err(e) => {
+                // The unit rolled back; cached groups may be ahead of storage.
+                self.groups.clear();
+                self.members.clear();
+                return Err(e);
+            }
+        };
+        let n = sent.len();
+        for (msg, entries) in sent {
+            for (account, device, id, env) in entries {
+                self.enqueue(account, device, id, Some(msg.id), env);
+            }
+            let _ = self.events.send(NodeEvent::Message(self.view(&msg)));
+        }
+        Ok(n)
     }
 
     /// Devices of a group other than this one.
@@ -1516,6 +1661,9 @@ impl Core {
                     group: None,
                     superseded_by: None,
                 })?;
+                // Messages of ours that waited for a conversation with them go
+                // out in it (the set-up task looks once this unit committed).
+                self.waiting_wake.notify_one();
                 // Hand the other side what it needs to leave us mail.
                 let mut group = group;
                 let grant = match self.grant_envelope(&mut group, gid, now) {
@@ -2192,13 +2340,29 @@ struct Deposited {
     refusals: Vec<(PeerId, &'static str)>,
 }
 
-/// A send waiting for its unit: recipient account, text, reply.
+/// A send waiting for its unit: recipient account, text, reply, whether it
+/// may wait for a conversation.
 type PendingSend = (
     [u8; 32],
     String,
     Option<[u8; 16]>,
+    bool,
     oneshot::Sender<Result<MessageView, NodeError>>,
 );
+
+/// An outbox row made inside a unit, to queue once it commits:
+/// (account, device, outbox entry number, envelope).
+type OutboxRow = ([u8; 32], [u8; 32], u64, pb::Envelope);
+
+/// Whether a contact has a device certificate valid at `now` (one that could
+/// ever be reached).
+pub(crate) fn has_valid_device(c: &Contact, now: u64) -> bool {
+    c.devices.iter().any(|bytes| {
+        DeviceCertificate::from_bytes(bytes).is_ok_and(|cert| {
+            DeviceCertificate::verify(cert.wire(), now).is_ok() && peer_id_of(&cert.device_key).is_some()
+        })
+    })
+}
 
 /// One-time key packages plus a last-resort one, TLS-encoded.
 pub(crate) type KeyPackages = (Vec<Vec<u8>>, Vec<u8>);

@@ -1,5 +1,6 @@
 //! A running node: the network task, the core task and a handle to both.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +42,10 @@ const DEVICE_PATIENCE: Duration = Duration::from_secs(3);
 /// a device that has just come online has no circuit reservation and has not
 /// uploaded key packages to its relays for a few seconds.
 const KEY_PACKAGE_PATIENCE: Duration = Duration::from_secs(20);
+/// Pause after a failed set-up of a conversation that messages wait for;
+/// doubles after each failure up to [`WAITING_RETRY_MAX`].
+const WAITING_RETRY: Duration = Duration::from_secs(10);
+const WAITING_RETRY_MAX: Duration = Duration::from_secs(120);
 /// How often the groups' upkeep runs when nothing wakes it earlier, and the
 /// fastest a group inbox is fetched from a relay that does not hold fetches.
 const GROUP_TICK: Duration = Duration::from_secs(1);
@@ -340,6 +345,7 @@ impl Node {
         )?;
         core.self_update_interval_ms = u64::try_from(config.key_update_interval.as_millis()).unwrap_or(u64::MAX);
         let mailbox_wake = core.mailbox_wake.clone();
+        let waiting_wake = core.waiting_wake.clone();
         let presence = core.presence.clone();
         tasks.push(tokio::spawn(core.run(rx, net_events)));
         let handle = NodeHandle {
@@ -368,6 +374,7 @@ impl Node {
         tasks.push(handle.spawn_contact_resolver());
         tasks.push(tokio::spawn(handle.clone().mailbox_sync()));
         tasks.push(tokio::spawn(handle.clone().group_sync()));
+        tasks.push(tokio::spawn(handle.clone().send_waiting(waiting_wake)));
         // Presence: a heartbeat to contacts while this account shares it.
         let h = handle.clone();
         tasks.push(tokio::spawn(async move {
@@ -738,12 +745,22 @@ impl NodeHandle {
 
     /// Sends a text message. Returns once it is durably in the outbox: from then
     /// on it is retried until every recipient device acknowledged it.
+    ///
+    /// The first message to a contact sets up the conversation first. Should
+    /// no device or relay of theirs answer, it is kept as
+    /// [`MessageState::Waiting`](tidings_store::MessageState::Waiting) (as is
+    /// every later one while it waits) and sent once a conversation exists:
+    /// the node tries again in the background, and takes one the contact
+    /// starts.
     pub async fn send_text(&self, who: &str, text: &str) -> Result<MessageView, NodeError> {
         let contact = self.find_contact(who)?.account;
-        match self.send_to(contact, text).await {
+        let send = |wait| self.send_message(contact, text.to_owned(), None, wait);
+        match send(false).await {
             Err(NodeError::NoConversation) => {
-                self.start_conversation(contact).await?;
-                self.send_to(contact, text).await
+                if let Err(e) = self.start_conversation(contact).await {
+                    debug!("no conversation yet ({e}); the message waits for one");
+                }
+                send(true).await
             }
             r => r,
         }
@@ -751,14 +768,80 @@ impl NodeHandle {
 
     /// Sends to a contact's account directly (no name lookup); for benchmarks.
     pub async fn send_to(&self, contact: [u8; 32], text: &str) -> Result<MessageView, NodeError> {
-        let text = text.to_owned();
+        self.send_message(contact, text.to_owned(), None, false).await
+    }
+
+    pub(crate) async fn send_message(
+        &self,
+        contact: [u8; 32],
+        text: String,
+        reply_to: Option<[u8; 16]>,
+        wait: bool,
+    ) -> Result<MessageView, NodeError> {
         self.core(|reply| CoreInput::Send {
             contact,
             text,
-            reply_to: None,
+            reply_to,
+            wait,
             reply,
         })
         .await
+    }
+
+    /// Sets up the conversations our waiting messages wait for, and sends
+    /// them once one exists: each contact is tried at once, then again after
+    /// [`WAITING_RETRY`], doubling up to [`WAITING_RETRY_MAX`]; a conversation
+    /// the contact started is used as soon as it exists.
+    async fn send_waiting(self, wake: Arc<tokio::sync::Notify>) {
+        let mut retry: HashMap<[u8; 32], (tokio::time::Instant, Duration)> = HashMap::new();
+        loop {
+            let peers = self.inner.store.waiting_peers().unwrap_or_default();
+            retry.retain(|p, _| peers.contains(p));
+            for peer in peers {
+                let has_conversation = self
+                    .inner
+                    .store
+                    .contact(&peer)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|c| !c.conversations.is_empty());
+                let due = retry
+                    .get(&peer)
+                    .is_none_or(|(at, _)| *at <= tokio::time::Instant::now());
+                if !has_conversation && !due {
+                    continue;
+                }
+                let sent = match self.start_conversation(peer).await {
+                    Ok(()) => {
+                        self.core(|reply| CoreInput::FlushWaiting { contact: peer, reply })
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Ok(n) => {
+                        debug!(contact = %bs58::encode(peer).into_string(), n, "waiting messages sent");
+                        retry.remove(&peer);
+                    }
+                    Err(e) => {
+                        let pause = retry
+                            .get(&peer)
+                            .map_or(WAITING_RETRY, |(_, p)| (*p * 2).min(WAITING_RETRY_MAX));
+                        debug!(contact = %bs58::encode(peer).into_string(), "no conversation yet ({e}); again in {pause:?}");
+                        retry.insert(peer, (tokio::time::Instant::now() + pause, pause));
+                    }
+                }
+            }
+            match retry.values().map(|(at, _)| *at).min() {
+                Some(at) => {
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => wake.notified().await,
+            }
+        }
     }
 
     /// Creates the MLS conversation with a contact: refreshes their devices from
@@ -931,12 +1014,7 @@ impl NodeHandle {
         let mut accounts: Vec<String> = Vec::new();
         for who in members {
             let contact = self.find_contact(who)?;
-            let reachable = contact.devices.iter().any(|bytes| {
-                DeviceCertificate::from_bytes(bytes).is_ok_and(|cert| {
-                    DeviceCertificate::verify(cert.wire(), now).is_ok() && peer_id_of(&cert.device_key).is_some()
-                })
-            });
-            if !reachable {
+            if !crate::core::has_valid_device(&contact, now) {
                 return Err(NodeError::Unreachable(format!("{who} has no valid device")));
             }
             let account = bs58::encode(contact.account).into_string();

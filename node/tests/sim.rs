@@ -269,6 +269,94 @@ async fn a_first_message_to_a_device_that_starts_seconds_later_is_sent_once_it_a
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn first_messages_to_someone_unreachable_wait_through_a_restart_and_arrive_in_order_once_they_are_up() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
+    let boot = vec![r1_addr.clone()];
+    let person = |port: u64, home_relays: Vec<Multiaddr>| sim::PersonHost {
+        port,
+        bootstrap: boot.clone(),
+        home_relays,
+        reachable: true,
+        tuning: sim::HostTuning::default(),
+    };
+    let (alice_host, bob_host) = (person(10, boot.clone()), person(11, Vec::new()));
+    let alice_disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
+    let bob_disk = sim::HostDisk::person("bob", clock.now_ms(), None).unwrap();
+    let alice = sim::start_person_on(&net, &alice_host, &alice_disk, clock.clone())
+        .await
+        .unwrap();
+    // Bob has no home relays, so only his own device could set up a
+    // conversation, and it is off for the next three minutes.
+    let bob = sim::start_person_on(&net, &bob_host, &bob_disk, clock.clone())
+        .await
+        .unwrap();
+    let (card, bob_account) = (bob.handle().card().to_uri(), acct(&bob.handle()));
+    let a = alice.handle();
+    let alice_account = acct(&a);
+    bob.handle().add_contact(&a.card().to_uri(), None).await.unwrap();
+    bob.shutdown().await;
+    a.add_contact(&card, None).await.unwrap();
+    let back_at = tokio::time::Instant::now() + Duration::from_secs(180);
+
+    let first = a.send_text(&bob_account, "first").await.unwrap();
+    assert_eq!(first.state, MessageState::Waiting, "kept, not refused");
+    let started = tokio::time::Instant::now();
+    let second = a.send_text(&bob_account, "second").await.unwrap();
+    assert_eq!(second.state, MessageState::Waiting);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a message behind a waiting one waits at once"
+    );
+    assert_eq!(a.store().outbox_len().unwrap(), 0, "nothing encrypted yet");
+
+    // Alice's device restarts while they wait.
+    drop(a);
+    alice.shutdown().await;
+    let alice = sim::start_person_on(&net, &alice_host, &alice_disk, clock.clone())
+        .await
+        .unwrap();
+    let a = alice.handle();
+    let states: Vec<MessageState> = a.history(&bob_account).unwrap().iter().map(|m| m.state).collect();
+    assert_eq!(states, [MessageState::Waiting, MessageState::Waiting]);
+
+    tokio::time::sleep_until(back_at).await;
+    let bob = sim::start_person_on(&net, &bob_host, &bob_disk, clock.clone())
+        .await
+        .unwrap();
+    let b = bob.handle();
+    until("bob shows both", || b.history(&alice_account).unwrap().len() == 2).await;
+    let shown: Vec<(String, String)> = b
+        .history(&alice_account)
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.id, m.text))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (first.id.clone(), "first".to_owned()),
+            (second.id.clone(), "second".to_owned())
+        ],
+        "each once, in the order written, with the ids alice showed"
+    );
+    let took = tokio::time::Instant::now() - back_at;
+    assert!(took < Duration::from_secs(180), "arrived {took:?} after bob was back");
+    until("alice sees both delivered", || {
+        a.history(&bob_account)
+            .unwrap()
+            .iter()
+            .all(|m| m.state >= MessageState::Delivered)
+    })
+    .await;
+    drop((a, b));
+    for n in [alice, bob, r1] {
+        n.shutdown().await;
+    }
+}
+
 /// Not a test: a probe of how far real nodes in virtual time go on this
 /// machine, until the simulator's Tier A runner exists. `R` relays and `C`
 /// people in a ring of contacts, three rounds of one message each 20 virtual

@@ -71,6 +71,7 @@ function memberCount(c) {
 // ---------- ticks ----------
 
 const STATES = {
+  waiting: ['clock', 'Waiting until the contact can be reached'],
   pending: ['clock', 'Sending'],
   sent: ['tick', 'Sent'],
   stored: ['relay', 'Stored on a relay'],
@@ -524,7 +525,7 @@ export async function openChat(id, jump) {
 
 // Delivery states only move forward: an answer or event that arrives late
 // (the send's own response after the relay's receipt) must not move one back.
-const RANK = { pending: 0, sent: 1, stored: 2, delivered: 3, read: 4 };
+const RANK = { waiting: 0, pending: 1, sent: 2, stored: 3, delivered: 4, read: 5 };
 function forward(old, m) {
   if (old && old.state in RANK && m.state in RANK && RANK[old.state] > RANK[m.state]) return { ...m, state: old.state };
   return m;

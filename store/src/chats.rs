@@ -6,7 +6,7 @@ use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 
 use crate::schema::MessageKey;
 use crate::schema::*;
-use crate::{ApiToken, ChatRow, Result, Settings, Store, StoreError, StoredMessage, from_json, to_json};
+use crate::{ApiToken, ChatRow, MessageState, Result, Settings, Store, StoreError, StoredMessage, from_json, to_json};
 
 /// Longest word the search index keeps (longer words are cut, at a char boundary).
 const MAX_WORD: usize = 48;
@@ -44,7 +44,7 @@ pub fn words(text: &str) -> Vec<String> {
 
 type Key = ([u8; 32], u64, [u8; 32], u64);
 
-fn key_of(w: &WriteTransaction, id: &[u8; 16]) -> Result<Option<Key>> {
+pub(crate) fn key_of(w: &WriteTransaction, id: &[u8; 16]) -> Result<Option<Key>> {
     let ids = w.open_table(MESSAGE_IDS)?;
     Ok(ids.get(id)?.map(|k| {
         let (p, ts, s, seq) = k.value();
@@ -146,6 +146,9 @@ impl Store {
             drop(t);
             w.open_table(MESSAGE_IDS)?.remove(id)?;
             if let Some(m) = &old {
+                if m.outgoing && m.state == MessageState::Waiting {
+                    w.open_table(WAITING)?.remove((&m.peer, m.sender_seq))?;
+                }
                 if !m.deleted {
                     remove_words(w, id, &m.text)?;
                 }

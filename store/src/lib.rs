@@ -168,6 +168,7 @@ impl Store {
         w.open_table(MESSAGES)?;
         w.open_table(MESSAGE_IDS)?;
         w.open_table(OUTBOX)?;
+        w.open_table(WAITING)?;
         w.open_table(SEEN_ENVELOPES)?;
         w.open_table(DHT_RECORDS)?;
         w.open_table(RECEIPTS)?;
@@ -662,6 +663,9 @@ impl Store {
             ids.insert(&m.id, key)?;
             messages.insert(key, bytes.as_slice())?;
             drop((ids, messages));
+            if m.outgoing && m.state == MessageState::Waiting {
+                w.open_table(WAITING)?.insert((&m.peer, m.sender_seq), &m.id)?;
+            }
             chats::index_new(w, m, key)?;
             Ok(true)
         })
@@ -689,10 +693,62 @@ impl Store {
             if let Some(mut m) = m
                 && m.state < state
             {
+                if m.state == MessageState::Waiting {
+                    w.open_table(WAITING)?.remove((&m.peer, m.sender_seq))?;
+                }
                 m.state = state;
                 t.insert(k, to_json(&m)?.as_slice())?;
             }
             Ok(())
+        })
+    }
+
+    /// Our messages to `peer` that wait for a conversation, in the order
+    /// they were written.
+    pub fn waiting_messages(&self, peer: &[u8; 32]) -> Result<Vec<StoredMessage>> {
+        self.with_txn(false, |w| {
+            let ids: Vec<[u8; 16]> = w
+                .open_table(WAITING)?
+                .range((peer, 0)..=(peer, u64::MAX))?
+                .map(|e| e.map(|(_, v)| *v.value()))
+                .collect::<std::result::Result<_, _>>()?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                let Some(k) = chats::key_of(w, &id)? else { continue };
+                let m: Option<StoredMessage> = w
+                    .open_table(MESSAGES)?
+                    .get((&k.0, k.1, &k.2, k.3))?
+                    .map(|v| from_json(v.value()))
+                    .transpose()?;
+                out.extend(m.filter(|m| m.state == MessageState::Waiting));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Whether any message of ours to `peer` waits for a conversation.
+    pub fn has_waiting(&self, peer: &[u8; 32]) -> Result<bool> {
+        self.with_txn(false, |w| {
+            Ok(w.open_table(WAITING)?
+                .range((peer, 0)..=(peer, u64::MAX))?
+                .next()
+                .transpose()?
+                .is_some())
+        })
+    }
+
+    /// The accounts we have messages waiting for (see [`Store::waiting_messages`]).
+    pub fn waiting_peers(&self) -> Result<Vec<[u8; 32]>> {
+        self.with_txn(false, |w| {
+            let mut peers: Vec<[u8; 32]> = Vec::new();
+            for e in w.open_table(WAITING)?.iter()? {
+                let (k, _) = e?;
+                let peer = *k.value().0;
+                if peers.last() != Some(&peer) {
+                    peers.push(peer);
+                }
+            }
+            Ok(peers)
         })
     }
 
@@ -967,6 +1023,47 @@ mod tests {
             let texts: Vec<String> = s.list_messages(&[2; 32]).unwrap().into_iter().map(|m| m.text).collect();
             assert_eq!(texts, ["from device a", "from device b"]);
         }
+    }
+
+    #[test]
+    fn waiting_messages_are_listed_in_order_until_they_leave_the_waiting_state_or_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.redb");
+        let waiting = |i: u32, peer: u8| {
+            let mut m = msg(i, peer, &format!("m{i}"));
+            m.outgoing = true;
+            m.state = MessageState::Waiting;
+            m
+        };
+        {
+            let s = Store::open(&path).unwrap();
+            // Written out of id order; listed by sequence number.
+            for m in [waiting(3, 7), waiting(1, 7), waiting(2, 8), waiting(4, 7)] {
+                assert!(s.insert_message(&m).unwrap());
+            }
+            // Incoming and outgoing rows in other states are not waiting.
+            s.insert_message(&msg(5, 7, "received")).unwrap();
+            let mut pending = waiting(6, 7);
+            pending.state = MessageState::Pending;
+            s.insert_message(&pending).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let texts = |peer: u8| -> Vec<String> {
+            s.waiting_messages(&[peer; 32])
+                .unwrap()
+                .into_iter()
+                .map(|m| m.text)
+                .collect()
+        };
+        assert_eq!(s.waiting_peers().unwrap(), [[7; 32], [8; 32]]);
+        assert_eq!(texts(7), ["m1", "m3", "m4"]);
+        s.set_message_state(&waiting(1, 7).id, MessageState::Pending).unwrap();
+        assert_eq!(texts(7), ["m3", "m4"]);
+        s.remove_message(&waiting(3, 7).id).unwrap();
+        assert_eq!(texts(7), ["m4"]);
+        s.set_message_state(&waiting(2, 8).id, MessageState::Stored).unwrap();
+        assert_eq!(s.waiting_peers().unwrap(), [[7; 32]]);
+        assert!(texts(8).is_empty());
     }
 
     #[test]

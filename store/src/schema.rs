@@ -30,6 +30,10 @@ pub type MessageKey<'a> = (&'a [u8; 32], u64, &'a [u8; 32], u64);
 pub const MESSAGES: TableDefinition<MessageKey, &[u8]> = TableDefinition::new("messages");
 /// Message id → `MessageKey`: dedup and lookup.
 pub const MESSAGE_IDS: TableDefinition<&[u8; 16], MessageKey> = TableDefinition::new("message_ids");
+/// Outgoing messages in state `Waiting` (no conversation with the peer yet):
+/// (peer account, sender seq) → message id. Kept by `Store` in step with
+/// the rows' states: a row leaves when its message leaves `Waiting`.
+pub const WAITING: TableDefinition<(&[u8; 32], u64), &[u8; 16]> = TableDefinition::new("waiting_messages");
 /// Outbox: entry number → json `OutboxEntry`. Kept until the recipient acks.
 pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// Envelope ids that were durably applied → time applied (ms). Transport dedup.

@@ -132,6 +132,10 @@ pub enum IntentRow {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum MessageState {
+    /// Ours, kept until a conversation with the contact exists (none could be
+    /// set up yet: no device or relay of theirs answered); not encrypted yet,
+    /// nothing in the outbox. Sent, in order, once the conversation exists.
+    Waiting,
     /// Committed to our outbox, not yet acknowledged.
     Pending,
     /// A relay signed a custody receipt for it; the device has not acknowledged it yet.
