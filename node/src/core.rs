@@ -428,6 +428,8 @@ pub(crate) struct Core {
     group_targets: HashMap<[u8; 32], (Vec<u8>, groups::GroupTarget)>,
     /// Groups joined while applying received envelopes (targets set up after commit).
     joined_groups: Vec<Vec<u8>>,
+    /// The unit being applied joined a conversation (from a Welcome).
+    conversation_joined: bool,
     /// Texts taken from our mailbox in the unit under way, per contact: a
     /// delivery receipt goes back for them in the same unit.
     mailbox_texts: HashMap<[u8; 32], Vec<[u8; 16]>>,
@@ -568,6 +570,7 @@ impl Core {
             deferred: Vec::new(),
             group_targets: HashMap::new(),
             joined_groups: Vec::new(),
+            conversation_joined: false,
             mailbox_texts: HashMap::new(),
             link,
             self_update_interval_ms: SELF_UPDATE_INTERVAL_MS,
@@ -1550,10 +1553,14 @@ impl Core {
             });
             let deferred = std::mem::take(&mut self.deferred);
             let joined = std::mem::take(&mut self.joined_groups);
+            let conversation_joined = std::mem::take(&mut self.conversation_joined);
             match result {
                 Ok(()) => {
                     for (account, device, oid, env) in deferred {
                         self.enqueue(account, device, oid, None, env);
+                    }
+                    if conversation_joined {
+                        self.waiting_wake.notify_one();
                     }
                     for gid in joined {
                         self.refresh_group_targets(&gid);
@@ -1662,8 +1669,8 @@ impl Core {
                     superseded_by: None,
                 })?;
                 // Messages of ours that waited for a conversation with them go
-                // out in it (the set-up task looks once this unit committed).
-                self.waiting_wake.notify_one();
+                // out in it: the set-up task looks once this unit committed.
+                self.conversation_joined = true;
                 // Hand the other side what it needs to leave us mail.
                 let mut group = group;
                 let grant = match self.grant_envelope(&mut group, gid, now) {
