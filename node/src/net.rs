@@ -603,6 +603,27 @@ pub async fn spawn(
             .with_behaviour(|key, relay_client| behaviour(key, relay_client, &params))?
             .with_swarm_config(idle)
             .build(),
+        Some(host) if host.net.security() == crate::sim::Security::Plaintext => {
+            let plaintext = |key: &libp2p::identity::Keypair| {
+                Ok::<_, std::convert::Infallible>(libp2p::plaintext::Config::new(key))
+            };
+            libp2p::SwarmBuilder::with_existing_identity(keypair)
+                .with_tokio()
+                .with_other_transport(|key| {
+                    use libp2p::core::Transport as _;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                        host.net
+                            .transport(host.port)
+                            .upgrade(libp2p::core::upgrade::Version::V1)
+                            .authenticate(libp2p::plaintext::Config::new(key))
+                            .multiplex(yamux::Config::default()),
+                    )
+                })?
+                .with_relay_client(plaintext, yamux::Config::default)?
+                .with_behaviour(|key, relay_client| behaviour(key, relay_client, &params))?
+                .with_swarm_config(idle)
+                .build()
+        }
         Some(host) => libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_other_transport(|key| {

@@ -73,6 +73,7 @@ impl LinkModel for FixedDelay {
 pub struct SimNetwork {
     hub: Arc<Mutex<HashMap<u64, mpsc::Sender<Incoming>>>>,
     model: Arc<dyn LinkModel>,
+    security: Security,
     /// Bytes each host has put on its links.
     sent: Arc<Mutex<HashMap<u64, Arc<AtomicU64>>>>,
     conns: Arc<ConnCount>,
@@ -97,14 +98,39 @@ struct Incoming {
     from: u64,
 }
 
+/// How the hosts of a simulated world secure their connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Security {
+    /// Noise, as the product does.
+    #[default]
+    Noise,
+    /// libp2p's plaintext exchange of public keys: peer ids are still
+    /// exchanged and checked, but nothing is encrypted or authenticated by
+    /// a handshake. Cheaper in memory and CPU for the largest runs, where
+    /// no adversary sits on the links; messages stay end-to-end encrypted
+    /// (MLS) either way.
+    Plaintext,
+}
+
 impl SimNetwork {
     pub fn new(model: Arc<dyn LinkModel>) -> Self {
+        Self::with_security(model, Security::Noise)
+    }
+
+    /// A world whose hosts secure their connections with `security`.
+    pub fn with_security(model: Arc<dyn LinkModel>, security: Security) -> Self {
         Self {
             hub: Arc::default(),
             model,
+            security,
             sent: Arc::default(),
             conns: Arc::default(),
         }
+    }
+
+    /// How this world's hosts secure their connections.
+    pub fn security(&self) -> Security {
+        self.security
     }
 
     /// Connection ends open now, over all hosts: a connection between two

@@ -57,10 +57,27 @@ async fn relay(net: &SimNetwork, port: u64, bootstrap: Vec<Multiaddr>, clock: &C
 
 #[tokio::test(start_paused = true)]
 async fn real_nodes_talk_directly_and_through_relay_mailboxes_in_virtual_time() {
+    talk_directly_and_through_relays(sim::Security::Noise).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plaintext_world_carries_the_same_exchange_in_fewer_bytes() {
+    let noise = talk_directly_and_through_relays(sim::Security::Noise).await;
+    let plaintext = talk_directly_and_through_relays(sim::Security::Plaintext).await;
+    eprintln!("alice sent {noise} bytes with Noise, {plaintext} in plaintext");
+    assert!(
+        plaintext < noise,
+        "no handshakes, no tags: {plaintext} bytes against {noise}"
+    );
+}
+
+/// Alice and bob, each with two home relays: one message direct, then twenty
+/// while they are cut apart, through bob's relays. Returns the bytes alice sent.
+async fn talk_directly_and_through_relays(security: sim::Security) -> u64 {
     let wall = std::time::Instant::now();
     let start = tokio::time::Instant::now();
     let links = Arc::new(Links::default());
-    let net = SimNetwork::new(links.clone());
+    let net = SimNetwork::with_security(links.clone(), security);
     let clock = Clock::tokio(START_MS);
     let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
     let (r2, r2_addr) = relay(&net, 2, vec![r1_addr.clone()], &clock).await;
@@ -115,6 +132,7 @@ async fn real_nodes_talk_directly_and_through_relay_mailboxes_in_virtual_time() 
     for n in [alice, bob, r1, r2] {
         n.shutdown().await;
     }
+    net.bytes_sent(10)
 }
 
 /// A relay keeps its subscriptions in memory, so a restart ends them. The

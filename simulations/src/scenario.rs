@@ -100,6 +100,21 @@ pub struct Network {
     pub loss: f64,
     #[serde(default)]
     pub hole_punch: HolePunch,
+    /// How Tier A's real nodes secure their connections (Tier B does not model it).
+    #[serde(default)]
+    pub security: Security,
+}
+
+/// A Tier A world's connection security.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Security {
+    /// Noise, as the product does.
+    #[default]
+    Noise,
+    /// libp2p's plaintext exchange of public keys: cheaper in memory and CPU for
+    /// the largest runs; messages stay end-to-end encrypted with MLS.
+    Plaintext,
 }
 
 impl Default for Network {
@@ -110,6 +125,7 @@ impl Default for Network {
             jitter: default_jitter(),
             loss: 0.0,
             hole_punch: HolePunch::default(),
+            security: Security::default(),
         }
     }
 }
@@ -863,6 +879,18 @@ mod tests {
         assert!((gamma(1.0) - 1.0).abs() < 1e-12);
         assert!((gamma(5.0) - 24.0).abs() < 1e-9);
         assert!((gamma(0.5) - std::f64::consts::PI.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn connection_security_is_noise_unless_a_scenario_asks_for_plaintext() {
+        let smoke = include_str!("../scenarios/smoke.toml");
+        assert_eq!(Scenario::from_toml(smoke).unwrap().network.security, Security::Noise);
+        let mut doc: toml::Table = toml::from_str(smoke).unwrap();
+        set_key_path(&mut doc, "network.security", "plaintext".into()).unwrap();
+        let sc = Scenario::from_toml(&toml::to_string(&doc).unwrap()).unwrap();
+        assert_eq!(sc.network.security, Security::Plaintext);
+        set_key_path(&mut doc, "network.security", "tls".into()).unwrap();
+        assert!(Scenario::from_toml(&toml::to_string(&doc).unwrap()).is_err());
     }
 
     #[test]

@@ -267,7 +267,11 @@ impl<'s> World<'s> {
             sc.network.hole_punch.clone(),
             seed,
         ));
-        let net = SimNetwork::new(links.clone());
+        let security = match sc.network.security {
+            crate::scenario::Security::Noise => tidings_node::sim::Security::Noise,
+            crate::scenario::Security::Plaintext => tidings_node::sim::Security::Plaintext,
+        };
+        let net = SimNetwork::with_security(links.clone(), security);
         let clock = Clock::tokio(START_MS);
         let fail = |host: usize| {
             move |e: anyhow::Error| TierAError::Start {
