@@ -107,12 +107,16 @@ export class Cluster {
     return this.relays;
   }
 
-  /** `tidings init` and `tidings run` for one person with every relay as a home relay. */
-  async person(name) {
+  /**
+   * `tidings init` and `tidings run` for one person with every relay as a home relay
+   * (or none with `{ homeRelays: false }`: only the person's own device then hands
+   * out key packages).
+   */
+  async person(name, { homeRelays = true } = {}) {
     const dir = join(this.dir, name);
     await this.run(['--data-dir', dir, 'init', '--name', name]);
     const args = ['--data-dir', dir, 'run', '--listen', '/ip4/127.0.0.1/tcp/0', '--bootstrap', this.relays[0]];
-    for (const r of this.relays) args.push('--relay', r);
+    if (homeRelays) for (const r of this.relays) args.push('--relay', r);
     const { child, lines, m } = await this.start(args, /^API on (http:\/\/\S+)/, name);
     const base = m[1];
     const token = readFileSync(join(dir, 'api-token'), 'utf8').trim();
