@@ -603,43 +603,37 @@ pub async fn spawn(
             .with_behaviour(|key, relay_client| behaviour(key, relay_client, &params))?
             .with_swarm_config(idle)
             .build(),
-        Some(host) if host.net.security() == crate::sim::Security::Plaintext => {
+        Some(host) => {
+            // One swarm over the simulated links, secured as the world says; the
+            // builder's types differ by security, hence a macro rather than a function.
+            macro_rules! sim_swarm {
+                ($security:expr, $relay_security:expr) => {
+                    libp2p::SwarmBuilder::with_existing_identity(keypair)
+                        .with_tokio()
+                        .with_other_transport(|key| {
+                            use libp2p::core::Transport as _;
+                            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                                host.net
+                                    .transport(host.port)
+                                    .upgrade(libp2p::core::upgrade::Version::V1)
+                                    .authenticate($security(key)?)
+                                    .multiplex(yamux::Config::default()),
+                            )
+                        })?
+                        .with_relay_client($relay_security, yamux::Config::default)?
+                        .with_behaviour(|key, relay_client| behaviour(key, relay_client, &params))?
+                        .with_swarm_config(idle)
+                        .build()
+                };
+            }
             let plaintext = |key: &libp2p::identity::Keypair| {
                 Ok::<_, std::convert::Infallible>(libp2p::plaintext::Config::new(key))
             };
-            libp2p::SwarmBuilder::with_existing_identity(keypair)
-                .with_tokio()
-                .with_other_transport(|key| {
-                    use libp2p::core::Transport as _;
-                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                        host.net
-                            .transport(host.port)
-                            .upgrade(libp2p::core::upgrade::Version::V1)
-                            .authenticate(libp2p::plaintext::Config::new(key))
-                            .multiplex(yamux::Config::default()),
-                    )
-                })?
-                .with_relay_client(plaintext, yamux::Config::default)?
-                .with_behaviour(|key, relay_client| behaviour(key, relay_client, &params))?
-                .with_swarm_config(idle)
-                .build()
+            match host.net.security() {
+                crate::sim::Security::Noise => sim_swarm!(noise::Config::new, noise::Config::new),
+                crate::sim::Security::Plaintext => sim_swarm!(plaintext, plaintext),
+            }
         }
-        Some(host) => libp2p::SwarmBuilder::with_existing_identity(keypair)
-            .with_tokio()
-            .with_other_transport(|key| {
-                use libp2p::core::Transport as _;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                    host.net
-                        .transport(host.port)
-                        .upgrade(libp2p::core::upgrade::Version::V1)
-                        .authenticate(noise::Config::new(key)?)
-                        .multiplex(yamux::Config::default()),
-                )
-            })?
-            .with_relay_client(noise::Config::new, yamux::Config::default)?
-            .with_behaviour(|key, relay_client| behaviour(key, relay_client, &params))?
-            .with_swarm_config(idle)
-            .build(),
     };
 
     // Fixed either way: in automatic mode a circuit reservation (which the relay
