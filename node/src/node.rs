@@ -789,9 +789,11 @@ impl NodeHandle {
     }
 
     /// Sets up the conversations our waiting messages wait for, and sends
-    /// them once one exists: each contact is tried at once, then again after
-    /// [`WAITING_RETRY`], doubling up to [`WAITING_RETRY_MAX`]; a conversation
-    /// the contact started is used as soon as it exists.
+    /// them once one exists. A contact is tried [`WAITING_RETRY`] after its
+    /// messages were first seen waiting (the send that made them wait has
+    /// just tried), then again after twice as long each time, up to
+    /// [`WAITING_RETRY_MAX`]; a conversation the contact started is used as
+    /// soon as it exists.
     async fn send_waiting(self, wake: Arc<tokio::sync::Notify>) {
         let mut retry: HashMap<[u8; 32], (tokio::time::Instant, Duration)> = HashMap::new();
         loop {
@@ -805,10 +807,9 @@ impl NodeHandle {
                     .ok()
                     .flatten()
                     .is_some_and(|c| !c.conversations.is_empty());
-                let due = retry
-                    .get(&peer)
-                    .is_none_or(|(at, _)| *at <= tokio::time::Instant::now());
-                if !has_conversation && !due {
+                let now = tokio::time::Instant::now();
+                let (at, _) = *retry.entry(peer).or_insert((now + WAITING_RETRY, WAITING_RETRY));
+                if !has_conversation && at > now {
                     continue;
                 }
                 let sent = match self.start_conversation(peer).await {
