@@ -865,9 +865,20 @@ impl<'s> World<'s> {
             let mean = counts.iter().sum::<usize>() as f64 / counts.len().max(1) as f64;
             (mean, counts.iter().copied().max().unwrap_or(0))
         };
-        let clients: Vec<NodeHandle> = self.clients.iter().flatten().map(|r| r.node.handle()).collect();
+        // Clients others can dial are DHT servers: every lookup may dial them.
+        let public = |i: usize| self.plan.hosts[self.plan.clients[i].host].nat == plan::Nat::Public;
+        let clients_where = |want_public: bool| -> Vec<NodeHandle> {
+            (self.clients.iter().enumerate())
+                .filter(|(i, _)| public(*i) == want_public)
+                .filter_map(|(_, r)| r.as_ref().map(|r| r.node.handle()))
+                .collect()
+        };
+        let (public_clients, nat_clients) = (clients_where(true), clients_where(false));
+        let clients: Vec<NodeHandle> = public_clients.iter().chain(&nat_clients).cloned().collect();
         let relays: Vec<NodeHandle> = self.relays.iter().flatten().map(|n| n.handle()).collect();
         let (c_mean, c_max) = connections(clients).await;
+        let (p_mean, p_max) = connections(public_clients).await;
+        let (n_mean, n_max) = connections(nat_clients).await;
         let (r_mean, r_max) = connections(relays).await;
         let errors = lock(&self.seen).send_errors.clone();
         if !errors.is_empty() {
@@ -876,7 +887,8 @@ impl<'s> World<'s> {
         }
         eprintln!(
             "tier A at the end: clients online hold {c_mean:.1} connections on average (most {c_max}), \
-             relays {r_mean:.1} (most {r_max})"
+             relays {r_mean:.1} (most {r_max}); public clients (DHT servers) {p_mean:.1} (most {p_max}), \
+             clients behind a NAT {n_mean:.1} (most {n_max})"
         );
         let states = self.group_states().await;
         for slot in &mut self.clients {
