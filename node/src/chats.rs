@@ -125,20 +125,7 @@ impl NodeHandle {
         let chat = ChatRef::parse(chat)?;
         let reply_to = reply_to.map(parse_message_id).transpose()?;
         match chat {
-            ChatRef::Contact(contact) => {
-                // As `send_text`: the first message sets up the conversation,
-                // or waits for one.
-                let send = |wait| self.send_message(contact, text.to_owned(), reply_to, wait);
-                match send(false).await {
-                    Err(NodeError::NoConversation) => {
-                        if let Err(e) = self.start_conversation(contact).await {
-                            tracing::debug!("no conversation yet ({e}); the message waits for one");
-                        }
-                        send(true).await
-                    }
-                    r => r,
-                }
-            }
+            ChatRef::Contact(contact) => self.send_to_contact(contact, text, reply_to).await,
             ChatRef::Group(group_id) => {
                 let text = text.to_owned();
                 let m = self

@@ -995,16 +995,28 @@ impl Core {
             .store
             .contact(contact)?
             .ok_or_else(|| NodeError::UnknownContact(bs58::encode(contact).into_string()))?;
-        let gid = match self.send_conversation(&c)? {
-            Some(gid) if !self.store.has_waiting(contact)? => gid,
-            Some(_) => return self.keep_waiting(&c, text, reply_to, timer, now),
-            None if wait || self.store.has_waiting(contact)? => {
-                return self.keep_waiting(&c, text, reply_to, timer, now);
-            }
-            None => return Err(NodeError::NoConversation),
+        // Sent now only into an existing conversation, and behind no waiting
+        // message (the order is kept); otherwise it waits, if it may.
+        let gid = match (self.send_conversation(&c)?, self.store.has_waiting(contact)?) {
+            (Some(gid), false) => Some(gid),
+            (None, false) if !wait => return Err(NodeError::NoConversation),
+            _ => None,
         };
+        // A contact without a single valid device certificate could never be
+        // reached: such a send fails instead of waiting.
+        if gid.is_none() && !has_valid_device(&c, now) {
+            return Err(NodeError::Unreachable("the contact has no valid device".into()));
+        }
         let (id, seq, ts, payload) = self.text_payload(text, reply_to, timer, now)?;
-        let entries = self.seal_for_conversation(&gid, contact, &payload, id, now)?;
+        let (state, entries) = match gid {
+            Some(gid) => {
+                let entries = self.seal_for_conversation(&gid, contact, &payload, id, now)?;
+                (sent_state(&entries), entries)
+            }
+            // Numbered and timed now, encrypted once the conversation exists
+            // (`flush_waiting`).
+            None => (MessageState::Waiting, Vec::new()),
+        };
         let mut msg = StoredMessage::new_text(
             id,
             *contact,
@@ -1014,11 +1026,7 @@ impl Core {
             now,
             true,
             text.to_owned(),
-            if entries.is_empty() {
-                MessageState::Delivered
-            } else {
-                MessageState::Pending
-            },
+            state,
         );
         msg.reply_to = reply_to;
         msg.expires_ms = Self::expiry_for(timer, now);
@@ -1053,40 +1061,6 @@ impl Core {
         Ok(entries)
     }
 
-    /// Keeps a text to `c` as [`MessageState::Waiting`]: no conversation with
-    /// them exists yet (or earlier messages to them still wait). Numbered and
-    /// timed now, encrypted once the conversation exists
-    /// ([`Core::flush_waiting`]). A contact without a single valid device
-    /// certificate could never be reached: that send fails instead.
-    fn keep_waiting(
-        &mut self,
-        c: &Contact,
-        text: &str,
-        reply_to: Option<[u8; 16]>,
-        timer: u64,
-        now: u64,
-    ) -> Result<(StoredMessage, Vec<OutboxRow>), NodeError> {
-        if !has_valid_device(c, now) {
-            return Err(NodeError::Unreachable("the contact has no valid device".into()));
-        }
-        let (id, seq, ts, _) = self.text_payload(text, reply_to, timer, now)?;
-        let mut msg = StoredMessage::new_text(
-            id,
-            c.account,
-            *self.me.as_bytes(),
-            seq,
-            ts,
-            now,
-            true,
-            text.to_owned(),
-            MessageState::Waiting,
-        );
-        msg.reply_to = reply_to;
-        msg.expires_ms = Self::expiry_for(timer, now);
-        self.store.insert_message(&msg)?;
-        Ok((msg, Vec::new()))
-    }
-
     /// Encrypts and queues, in the order they were written, our messages that
     /// waited for a conversation with `contact`, inside the caller's unit.
     /// Each keeps the id, number and time it got when it was written.
@@ -1106,23 +1080,10 @@ impl Core {
         let gid = self.send_conversation(&c)?.ok_or(NodeError::NoConversation)?;
         let mut out = Vec::with_capacity(waiting.len());
         for mut msg in waiting {
-            let payload = Payload {
-                id: msg.id,
-                sender_seq: msg.sender_seq,
-                timestamp_ms: msg.timestamp_ms,
-                body: Body::Text {
-                    text: msg.text.clone(),
-                    reply_to: msg.reply_to,
-                    expires_secs: msg.expires_ms.map_or(0, |at| at.saturating_sub(msg.received_ms) / 1000),
-                },
-            }
-            .encode();
+            let timer = msg.expires_ms.map_or(0, |at| at.saturating_sub(msg.received_ms) / 1000);
+            let payload = chat::encode_text(msg.id, msg.sender_seq, msg.timestamp_ms, &msg.text, msg.reply_to, timer);
             let entries = self.seal_for_conversation(&gid, contact, &payload, msg.id, now)?;
-            msg.state = if entries.is_empty() {
-                MessageState::Delivered
-            } else {
-                MessageState::Pending
-            };
+            msg.state = sent_state(&entries);
             self.store.set_message_state(&msg.id, msg.state)?;
             out.push((msg, entries));
         }
@@ -2360,6 +2321,16 @@ type PendingSend = (
 /// An outbox row made inside a unit, to queue once it commits:
 /// (account, device, outbox entry number, envelope).
 type OutboxRow = ([u8; 32], [u8; 32], u64, pb::Envelope);
+
+/// The state of a message just sealed into `entries`: pending until they are
+/// acknowledged, delivered at once when no other device is to get it.
+fn sent_state(entries: &[OutboxRow]) -> MessageState {
+    if entries.is_empty() {
+        MessageState::Delivered
+    } else {
+        MessageState::Pending
+    }
+}
 
 /// Whether a contact has a device certificate valid at `now` (one that could
 /// ever be reached).

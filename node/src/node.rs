@@ -754,7 +754,17 @@ impl NodeHandle {
     /// starts.
     pub async fn send_text(&self, who: &str, text: &str) -> Result<MessageView, NodeError> {
         let contact = self.find_contact(who)?.account;
-        let send = |wait| self.send_message(contact, text.to_owned(), None, wait);
+        self.send_to_contact(contact, text, None).await
+    }
+
+    /// [`NodeHandle::send_text`] to an account, optionally as a reply.
+    pub(crate) async fn send_to_contact(
+        &self,
+        contact: [u8; 32],
+        text: &str,
+        reply_to: Option<[u8; 16]>,
+    ) -> Result<MessageView, NodeError> {
+        let send = |wait| self.send_message(contact, text.to_owned(), reply_to, wait);
         match send(false).await {
             Err(NodeError::NoConversation) => {
                 if let Err(e) = self.start_conversation(contact).await {
@@ -771,7 +781,7 @@ impl NodeHandle {
         self.send_message(contact, text.to_owned(), None, false).await
     }
 
-    pub(crate) async fn send_message(
+    async fn send_message(
         &self,
         contact: [u8; 32],
         text: String,

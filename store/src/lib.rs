@@ -712,11 +712,14 @@ impl Store {
                 .range((peer, 0)..=(peer, u64::MAX))?
                 .map(|e| e.map(|(_, v)| *v.value()))
                 .collect::<std::result::Result<_, _>>()?;
-            let mut out = Vec::with_capacity(ids.len());
+            let mut keys = Vec::with_capacity(ids.len());
             for id in ids {
-                let Some(k) = chats::key_of(w, &id)? else { continue };
-                let m: Option<StoredMessage> = w
-                    .open_table(MESSAGES)?
+                keys.extend(chats::key_of(w, &id)?);
+            }
+            let messages = w.open_table(MESSAGES)?;
+            let mut out = Vec::with_capacity(keys.len());
+            for k in keys {
+                let m: Option<StoredMessage> = messages
                     .get((&k.0, k.1, &k.2, k.3))?
                     .map(|v| from_json(v.value()))
                     .transpose()?;

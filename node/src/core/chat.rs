@@ -143,18 +143,7 @@ impl Core {
         let seq = self.store.next_counter("sender_seq")?;
         let ts = self.store.raise_counter("last_ts", now)?;
         let id: MessageId = rand::random();
-        let payload = Payload {
-            id,
-            sender_seq: seq,
-            timestamp_ms: ts,
-            body: Body::Text {
-                text: text.to_owned(),
-                reply_to,
-                expires_secs: timer,
-            },
-        }
-        .encode();
-        Ok((id, seq, ts, payload))
+        Ok((id, seq, ts, encode_text(id, seq, ts, text, reply_to, timer)))
     }
 
     /// Checks a quoted message: it must be in the same chat.
@@ -972,6 +961,28 @@ fn mark_deleted(m: &mut StoredMessage) {
     m.text.clear();
     m.reactions.clear();
     m.reply_to = None;
+}
+
+/// The encoded payload of text message `id`, numbered `seq`, written at `ts`.
+pub(super) fn encode_text(
+    id: MessageId,
+    seq: u64,
+    ts: u64,
+    text: &str,
+    reply_to: Option<MessageId>,
+    timer: u64,
+) -> Vec<u8> {
+    Payload {
+        id,
+        sender_seq: seq,
+        timestamp_ms: ts,
+        body: Body::Text {
+            text: text.to_owned(),
+            reply_to,
+            expires_secs: timer,
+        },
+    }
+    .encode()
 }
 
 #[cfg(test)]
