@@ -855,13 +855,16 @@ impl<'s> World<'s> {
         let end = self.plan.end;
         // How many connections the nodes hold at the end: the main driver of
         // Tier A's cost per node (each one is pinged, polled and buffered).
-        let connections = |nodes: Vec<NodeHandle>| async move {
+        let counts = |nodes: Vec<NodeHandle>| async move {
             let mut counts = Vec::new();
             for h in nodes {
                 if let Ok(s) = h.status().await {
                     counts.push(s.connected_peers);
                 }
             }
+            counts
+        };
+        let mean_max = |counts: &[usize]| {
             let mean = counts.iter().sum::<usize>() as f64 / counts.len().max(1) as f64;
             (mean, counts.iter().copied().max().unwrap_or(0))
         };
@@ -873,13 +876,13 @@ impl<'s> World<'s> {
                 .filter_map(|(_, r)| r.as_ref().map(|r| r.node.handle()))
                 .collect()
         };
-        let (public_clients, nat_clients) = (clients_where(true), clients_where(false));
-        let clients: Vec<NodeHandle> = public_clients.iter().chain(&nat_clients).cloned().collect();
-        let relays: Vec<NodeHandle> = self.relays.iter().flatten().map(|n| n.handle()).collect();
-        let (c_mean, c_max) = connections(clients).await;
-        let (p_mean, p_max) = connections(public_clients).await;
-        let (n_mean, n_max) = connections(nat_clients).await;
-        let (r_mean, r_max) = connections(relays).await;
+        let public_counts = counts(clients_where(true)).await;
+        let nat_counts = counts(clients_where(false)).await;
+        let relay_counts = counts(self.relays.iter().flatten().map(|n| n.handle()).collect()).await;
+        let (c_mean, c_max) = mean_max(&[public_counts.as_slice(), &nat_counts].concat());
+        let (p_mean, p_max) = mean_max(&public_counts);
+        let (n_mean, n_max) = mean_max(&nat_counts);
+        let (r_mean, r_max) = mean_max(&relay_counts);
         let errors = lock(&self.seen).send_errors.clone();
         if !errors.is_empty() {
             let list: Vec<String> = errors.iter().map(|(kind, n)| format!("{n} × {kind}")).collect();
