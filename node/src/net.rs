@@ -31,6 +31,9 @@ use tracing::{debug, info, warn};
 use crate::clock::Clock;
 use crate::codec::ProstCodec;
 
+mod boxed;
+use boxed::Boxed;
+
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0");
 pub const DELIVER_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/deliver/1");
 pub const KEY_PACKAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/keypackage/1");
@@ -471,7 +474,7 @@ fn behaviour(
     key: &libp2p::identity::Keypair,
     relay_client: relay::client::Behaviour,
     params: &BehaviourParams,
-) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Boxed<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
     let (peer_id, mdns_on, relay_cfg, request_timeout) =
         (params.peer_id, params.mdns, &params.relay, params.request_timeout);
     let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
@@ -542,7 +545,7 @@ fn behaviour(
     } else {
         None
     };
-    Ok(Behaviour {
+    Ok(Boxed(Behaviour {
         relay_client,
         relay: relay.into(),
         dcutr: dcutr::Behaviour::new(peer_id),
@@ -559,7 +562,7 @@ fn behaviour(
         mailbox,
         link,
         mdns: mdns.into(),
-    })
+    }))
 }
 
 /// Builds the swarm, starts listening and spawns the event loop.
@@ -744,7 +747,7 @@ type FindPeerQuery = (PeerId, Vec<oneshot::Sender<Vec<Multiaddr>>>);
 type GetRecordQuery = (Vec<u8>, Vec<Vec<u8>>, oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>);
 
 struct EventLoop {
-    swarm: Swarm<Behaviour>,
+    swarm: Swarm<Boxed<Behaviour>>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     clock: Clock,
