@@ -42,6 +42,13 @@ const DEVICE_PATIENCE: Duration = Duration::from_secs(3);
 /// a device that has just come online has no circuit reservation and has not
 /// uploaded key packages to its relays for a few seconds.
 const KEY_PACKAGE_PATIENCE: Duration = Duration::from_secs(20);
+/// How long a first message to a contact waits for the conversation's set-up
+/// before it is stored as waiting and handed back to the caller (the set-up
+/// goes on): long enough for a device that answers, or for a key package
+/// from the relays of one that is offline ([`DEVICE_PATIENCE`] and a round
+/// trip), short enough that someone who cannot be reached does not hold up
+/// the sender's screen for the whole [`KEY_PACKAGE_PATIENCE`].
+const SEND_SETUP_PATIENCE: Duration = Duration::from_secs(5);
 /// Pause after a failed set-up of a conversation that messages wait for;
 /// doubles after each failure up to [`WAITING_RETRY_MAX`].
 const WAITING_RETRY: Duration = Duration::from_secs(10);
@@ -767,10 +774,23 @@ impl NodeHandle {
         let send = |wait| self.send_message(contact, text.to_owned(), reply_to, wait);
         match send(false).await {
             Err(NodeError::NoConversation) => {
-                if let Err(e) = self.start_conversation(contact).await {
-                    debug!("no conversation yet ({e}); the message waits for one");
+                // Kept as waiting, which starts the set-up in `send_waiting`;
+                // handed back once it is sent, or as waiting after SEND_SETUP_PATIENCE.
+                let mut events = self.subscribe();
+                let view = send(true).await?;
+                let deadline = tokio::time::Instant::now() + SEND_SETUP_PATIENCE;
+                // Waiting messages leave the waiting state together, in one unit.
+                while self.inner.store.has_waiting(&contact)? {
+                    match tokio::time::timeout_at(deadline, events.recv()).await {
+                        Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(view),
+                        Ok(_) => {}
+                    }
                 }
-                send(true).await
+                let id = crate::chats::parse_message_id(&view.id)?;
+                Ok(match self.inner.store.message(&id)? {
+                    Some(m) => MessageView::of(&self.inner.store, &m),
+                    None => view,
+                })
             }
             r => r,
         }
@@ -799,17 +819,25 @@ impl NodeHandle {
     }
 
     /// Sets up the conversations our waiting messages wait for, and sends
-    /// them once one exists. A contact is tried [`WAITING_RETRY`] after its
-    /// messages were first seen waiting (the send that made them wait has
-    /// just tried), then again after twice as long each time, up to
-    /// [`WAITING_RETRY_MAX`]; a conversation the contact started is used as
-    /// soon as it exists.
+    /// them once one exists. A contact is tried as soon as a message to them
+    /// waits, then [`WAITING_RETRY`] after a failed try, twice as long after
+    /// each further one, up to [`WAITING_RETRY_MAX`]; a conversation the
+    /// contact started is used as soon as it exists. Set-ups run side by
+    /// side, at most one per contact, so one contact who cannot be reached
+    /// does not hold up the others.
     async fn send_waiting(self, wake: Arc<tokio::sync::Notify>) {
+        // Per contact: when to try next, and the pause after the last failure.
         let mut retry: HashMap<[u8; 32], (tokio::time::Instant, Duration)> = HashMap::new();
+        let mut trying: tokio::task::JoinSet<([u8; 32], Result<usize, NodeError>)> = tokio::task::JoinSet::new();
+        let mut in_flight: HashMap<tokio::task::Id, [u8; 32]> = HashMap::new();
         loop {
             let peers = self.inner.store.waiting_peers().unwrap_or_default();
             retry.retain(|p, _| peers.contains(p));
+            let now = tokio::time::Instant::now();
             for peer in peers {
+                if in_flight.values().any(|p| *p == peer) {
+                    continue;
+                }
                 let has_conversation = self
                     .inner
                     .store
@@ -817,40 +845,57 @@ impl NodeHandle {
                     .ok()
                     .flatten()
                     .is_some_and(|c| !c.conversations.is_empty());
-                let now = tokio::time::Instant::now();
-                let (at, _) = *retry.entry(peer).or_insert((now + WAITING_RETRY, WAITING_RETRY));
+                let (at, _) = *retry.entry(peer).or_insert((now, Duration::ZERO));
                 if !has_conversation && at > now {
                     continue;
                 }
-                let sent = match self.start_conversation(peer).await {
-                    Ok(()) => {
-                        self.core(|reply| CoreInput::FlushWaiting { contact: peer, reply })
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                match sent {
-                    Ok(n) => {
-                        debug!(contact = %bs58::encode(peer).into_string(), n, "waiting messages sent");
-                        retry.remove(&peer);
-                    }
-                    Err(e) => {
-                        let pause = retry
-                            .get(&peer)
-                            .map_or(WAITING_RETRY, |(_, p)| (*p * 2).min(WAITING_RETRY_MAX));
-                        debug!(contact = %bs58::encode(peer).into_string(), "no conversation yet ({e}); again in {pause:?}");
-                        retry.insert(peer, (tokio::time::Instant::now() + pause, pause));
-                    }
-                }
+                let node = self.clone();
+                let task = trying.spawn(async move {
+                    let sent = match node.start_conversation(peer).await {
+                        Ok(()) => {
+                            node.core(|reply| CoreInput::FlushWaiting { contact: peer, reply })
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    (peer, sent)
+                });
+                in_flight.insert(task.id(), peer);
             }
-            match retry.values().map(|(at, _)| *at).min() {
-                Some(at) => {
-                    tokio::select! {
-                        _ = wake.notified() => {}
-                        _ = tokio::time::sleep_until(at) => {}
+            let next = retry
+                .iter()
+                .filter(|(p, _)| !in_flight.values().any(|q| q == *p))
+                .map(|(_, (at, _))| *at)
+                .min();
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = async { tokio::time::sleep_until(next.unwrap_or(now)).await }, if next.is_some() => {}
+                Some(done) = trying.join_next_with_id(), if !trying.is_empty() => {
+                    let (peer, sent) = match done {
+                        Ok((id, (peer, sent))) => {
+                            in_flight.remove(&id);
+                            (peer, sent)
+                        }
+                        Err(e) => {
+                            // A set-up that panicked counts as failed.
+                            let Some(peer) = in_flight.remove(&e.id()) else { continue };
+                            (peer, Err(NodeError::Unreachable(format!("the set-up stopped: {e}"))))
+                        }
+                    };
+                    match sent {
+                        Ok(n) => {
+                            debug!(contact = %bs58::encode(peer).into_string(), n, "waiting messages sent");
+                            retry.remove(&peer);
+                        }
+                        Err(e) => {
+                            let pause = retry
+                                .get(&peer)
+                                .map_or(WAITING_RETRY, |(_, p)| (*p * 2).clamp(WAITING_RETRY, WAITING_RETRY_MAX));
+                            debug!(contact = %bs58::encode(peer).into_string(), "no conversation yet ({e}); again in {pause:?}");
+                            retry.insert(peer, (tokio::time::Instant::now() + pause, pause));
+                        }
                     }
                 }
-                None => wake.notified().await,
             }
         }
     }
