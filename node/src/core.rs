@@ -839,7 +839,7 @@ impl Core {
                         }
                         self.note_expiry(msg.expires_ms);
                         let view = self.view(&msg);
-                        let _ = self.events.send(NodeEvent::Message(view.clone()));
+                        let _ = self.events.send(NodeEvent::Message(Box::new(view.clone())));
                         Ok(view)
                     }
                     Err(e) => {
@@ -974,7 +974,7 @@ impl Core {
                 }
                 self.note_expiry(msg.expires_ms);
                 let view = self.view(&msg);
-                let _ = self.events.send(NodeEvent::Message(view.clone()));
+                let _ = self.events.send(NodeEvent::Message(Box::new(view.clone())));
                 view
             });
             let _ = reply.send(r);
@@ -1108,7 +1108,7 @@ impl Core {
             for (account, device, id, env) in entries {
                 self.enqueue(account, device, id, Some(msg.id), env);
             }
-            let _ = self.events.send(NodeEvent::Message(self.view(&msg)));
+            let _ = self.events.send(NodeEvent::Message(Box::new(self.view(&msg))));
         }
         Ok(n)
     }
@@ -1747,7 +1747,7 @@ impl Core {
                             if !msg.outgoing {
                                 self.touched.insert(msg.peer);
                             }
-                            events.push(NodeEvent::Message(self.view(&msg)));
+                            events.push(NodeEvent::Message(Box::new(self.view(&msg))));
                             self.unpark(&msg, now, events)?;
                         }
                     }
@@ -2240,7 +2240,7 @@ impl Core {
         }
         for m in relayed.iter().chain(&delivered) {
             if let Ok(Some(row)) = self.store.message(m) {
-                let _ = self.events.send(NodeEvent::MessageUpdated(self.view(&row)));
+                let _ = self.events.send(NodeEvent::MessageUpdated(Box::new(self.view(&row))));
             }
         }
         let contact = bs58::encode(account).into_string();

@@ -214,7 +214,7 @@ pub async fn wait_event<T>(
 /// Waits until the message `id` arrives.
 pub async fn wait_message(rx: &mut broadcast::Receiver<NodeEvent>, id: &str) -> anyhow::Result<MessageView> {
     wait_event(rx, STEP_TIMEOUT, |ev| match ev {
-        NodeEvent::Message(m) if m.id == id => Some(m.clone()),
+        NodeEvent::Message(m) if m.id == id => Some(MessageView::clone(m)),
         _ => None,
     })
     .await

@@ -630,7 +630,7 @@ pub async fn spawn(
                 };
             }
             let plaintext = |key: &libp2p::identity::Keypair| {
-                Ok::<_, std::convert::Infallible>(libp2p::plaintext::Config::new(key))
+                Ok::<_, std::convert::Infallible>(crate::sim::plain::PlainIds::new(key))
             };
             match host.net.security() {
                 crate::sim::Security::Noise => sim_swarm!(noise::Config::new, noise::Config::new),

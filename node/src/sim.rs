@@ -30,6 +30,8 @@ use libp2p::multiaddr::Protocol;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
+pub mod plain;
+
 /// Most bytes in flight in one direction of a connection before the writer
 /// waits (a send window).
 const WINDOW: usize = 1024 * 1024;
@@ -104,7 +106,7 @@ pub enum Security {
     /// Noise, as the product does.
     #[default]
     Noise,
-    /// libp2p's plaintext exchange of public keys: peer ids are still
+    /// An exchange of public keys ([`plain::PlainIds`]): peer ids are still
     /// exchanged and checked, but nothing is encrypted or authenticated by
     /// a handshake. Cheaper in memory and CPU for the largest runs, where
     /// no adversary sits on the links; messages stay end-to-end encrypted

@@ -234,15 +234,15 @@ pub struct PresenceView {
 pub enum NodeEvent {
     /// A message was committed: from someone else, or one of ours (sent from
     /// this device or another of ours).
-    Message(MessageView),
+    Message(Box<MessageView>),
     /// A message changed: state (delivered, read), edit, delete, reaction.
-    MessageUpdated(MessageView),
+    MessageUpdated(Box<MessageView>),
     /// A disappearing message was removed.
     MessageRemoved { chat: String, id: String },
     /// Someone is typing in a chat (ephemeral; show it for a few seconds).
     Typing { chat: String, account: String },
     /// A chat's settings or unread count changed.
-    Chat(ChatView),
+    Chat(Box<ChatView>),
     /// A contact who shares presence came online, was seen, or went offline.
     Presence(PresenceView),
     /// Every recipient device acknowledged one of our messages after its durable commit.

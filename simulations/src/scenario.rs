@@ -112,8 +112,9 @@ pub enum Security {
     /// Noise, as the product does.
     #[default]
     Noise,
-    /// libp2p's plaintext exchange of public keys: cheaper in memory and CPU for
-    /// the largest runs; messages stay end-to-end encrypted with MLS.
+    /// An exchange of public keys, nothing encrypted (`tidings_node::sim::plain`):
+    /// cheaper in memory and CPU for the largest runs; messages stay end-to-end
+    /// encrypted with MLS.
     Plaintext,
 }
 

@@ -343,7 +343,7 @@ impl Core {
                             Err(e) => return Err(e),
                         };
                     }
-                    events.push(NodeEvent::Chat(self.chat_view(chat)?));
+                    events.push(NodeEvent::Chat(Box::new(self.chat_view(chat)?)));
                     Ok((None, sealed))
                 }
                 ChatAction::Typing => Ok((None, self.seal(chat, Body::Typing, now)?)),
@@ -354,7 +354,7 @@ impl Core {
                 self.dispatch(sealed);
                 let view = m.map(|m| self.view(&m));
                 if let Some(v) = &view {
-                    events.push(NodeEvent::MessageUpdated(v.clone()));
+                    events.push(NodeEvent::MessageUpdated(Box::new(v.clone())));
                 }
                 for e in events {
                     let _ = self.events.send(e);
@@ -401,7 +401,7 @@ impl Core {
             Ok(sealed) => {
                 self.dispatch(sealed);
                 let view = self.chat_view(chat)?;
-                let _ = self.events.send(NodeEvent::Chat(view.clone()));
+                let _ = self.events.send(NodeEvent::Chat(Box::new(view.clone())));
                 Ok(view)
             }
             Err(e) => {
@@ -602,7 +602,7 @@ impl Core {
                 }
                 set_reaction(&mut m, sender, &emoji);
                 self.store.update_message(&m)?;
-                events.push(NodeEvent::MessageUpdated(self.view(&m)));
+                events.push(NodeEvent::MessageUpdated(Box::new(self.view(&m))));
             }
             Body::Edit { target, text } => {
                 let Some(mut m) = in_chat(&self.store, &target)? else {
@@ -621,7 +621,7 @@ impl Core {
                 m.text = text;
                 m.edited_ms = Some(now);
                 self.store.update_message(&m)?;
-                events.push(NodeEvent::MessageUpdated(self.view(&m)));
+                events.push(NodeEvent::MessageUpdated(Box::new(self.view(&m))));
             }
             Body::Delete { target } => {
                 let Some(mut m) = in_chat(&self.store, &target)? else {
@@ -636,7 +636,7 @@ impl Core {
                 if !m.deleted {
                     mark_deleted(&mut m);
                     self.store.update_message(&m)?;
-                    events.push(NodeEvent::MessageUpdated(self.view(&m)));
+                    events.push(NodeEvent::MessageUpdated(Box::new(self.view(&m))));
                 }
             }
             Body::Delivered { ids } => {
@@ -651,7 +651,7 @@ impl Core {
                     if m.outgoing && m.state < MessageState::Delivered {
                         self.store.set_message_state(&id, MessageState::Delivered)?;
                         m.state = MessageState::Delivered;
-                        events.push(NodeEvent::MessageUpdated(self.view(&m)));
+                        events.push(NodeEvent::MessageUpdated(Box::new(self.view(&m))));
                     }
                 }
             }
@@ -673,7 +673,7 @@ impl Core {
                         m.state = MessageState::Read;
                     }
                     self.store.update_message(&m)?;
-                    events.push(NodeEvent::MessageUpdated(self.view(&m)));
+                    events.push(NodeEvent::MessageUpdated(Box::new(self.view(&m))));
                 }
             }
             Body::Typing => {
@@ -789,7 +789,7 @@ impl Core {
         for key in touched {
             let chat = ChatRef::of_key(&self.store, &key);
             if let Ok(v) = self.chat_view(&chat) {
-                let _ = self.events.send(NodeEvent::Chat(v));
+                let _ = self.events.send(NodeEvent::Chat(Box::new(v)));
             }
         }
     }

@@ -852,7 +852,7 @@ impl Core {
             if !msg.outgoing {
                 self.touched.insert(msg.peer);
             }
-            events.push(NodeEvent::Message(self.view(&msg)));
+            events.push(NodeEvent::Message(Box::new(self.view(&msg))));
             self.unpark(&msg, now, events)?;
         }
         Ok(())
