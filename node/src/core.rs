@@ -444,6 +444,10 @@ pub(crate) struct Core {
     /// Wakes the task that sets up conversations for waiting messages (a
     /// message started waiting, or a conversation came to exist).
     pub(crate) waiting_wake: Arc<tokio::sync::Notify>,
+    /// Tells that task to try every waiting contact again at once, whatever
+    /// its pause: a home relay connected again, so our own connectivity may
+    /// have come back (after a partition, or a network change).
+    pub(crate) waiting_nudge: Arc<tokio::sync::Notify>,
     /// Per home relay, the mailbox index of the envelope its last push
     /// stopped at, if it stopped (see `on_push_result`).
     stuck_pushes: HashMap<PeerId, u64>,
@@ -576,6 +580,7 @@ impl Core {
             self_update_interval_ms: SELF_UPDATE_INTERVAL_MS,
             mailbox_wake: Arc::default(),
             waiting_wake: Arc::default(),
+            waiting_nudge: Arc::default(),
             stuck_pushes: HashMap::new(),
             mend_dirty: true,
             touched: HashSet::new(),
@@ -1344,6 +1349,7 @@ impl Core {
             NetEvent::Connected(peer) => {
                 if self.home_relays.contains(&peer) {
                     self.mailbox_wake.notify_one();
+                    self.waiting_nudge.notify_one();
                 }
                 self.away.remove(&peer);
                 self.reconnects.remove(&peer);

@@ -352,7 +352,7 @@ impl Node {
         )?;
         core.self_update_interval_ms = u64::try_from(config.key_update_interval.as_millis()).unwrap_or(u64::MAX);
         let mailbox_wake = core.mailbox_wake.clone();
-        let waiting_wake = core.waiting_wake.clone();
+        let waiting = (core.waiting_wake.clone(), core.waiting_nudge.clone());
         let presence = core.presence.clone();
         tasks.push(tokio::spawn(core.run(rx, net_events)));
         let handle = NodeHandle {
@@ -381,7 +381,7 @@ impl Node {
         tasks.push(handle.spawn_contact_resolver());
         tasks.push(tokio::spawn(handle.clone().mailbox_sync()));
         tasks.push(tokio::spawn(handle.clone().group_sync()));
-        tasks.push(tokio::spawn(handle.clone().send_waiting(waiting_wake)));
+        tasks.push(tokio::spawn(handle.clone().send_waiting(waiting.0, waiting.1)));
         // Presence: a heartbeat to contacts while this account shares it.
         let h = handle.clone();
         tasks.push(tokio::spawn(async move {
@@ -822,10 +822,11 @@ impl NodeHandle {
     /// them once one exists. A contact is tried as soon as a message to them
     /// waits, then [`WAITING_RETRY`] after a failed try, twice as long after
     /// each further one, up to [`WAITING_RETRY_MAX`]; a conversation the
-    /// contact started is used as soon as it exists. Set-ups run side by
-    /// side, at most one per contact, so one contact who cannot be reached
-    /// does not hold up the others.
-    async fn send_waiting(self, wake: Arc<tokio::sync::Notify>) {
+    /// contact started is used as soon as it exists, and every contact is
+    /// tried again at once on a `nudge` (a home relay connected again). Set-ups
+    /// run side by side, at most one per contact, so one contact who cannot
+    /// be reached does not hold up the others.
+    async fn send_waiting(self, wake: Arc<tokio::sync::Notify>, nudge: Arc<tokio::sync::Notify>) {
         // Per contact: when to try next, and the pause after the last failure.
         let mut retry: HashMap<[u8; 32], (tokio::time::Instant, Duration)> = HashMap::new();
         let mut trying: tokio::task::JoinSet<([u8; 32], Result<usize, NodeError>)> = tokio::task::JoinSet::new();
@@ -869,6 +870,12 @@ impl NodeHandle {
                 .min();
             tokio::select! {
                 _ = wake.notified() => {}
+                _ = nudge.notified() => {
+                    let now = tokio::time::Instant::now();
+                    for (at, _) in retry.values_mut() {
+                        *at = now;
+                    }
+                }
                 _ = async { tokio::time::sleep_until(next.unwrap_or(now)).await }, if next.is_some() => {}
                 Some(done) = trying.join_next_with_id(), if !trying.is_empty() => {
                     let (peer, sent) = match done {

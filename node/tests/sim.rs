@@ -15,11 +15,12 @@ use tidings_store::MessageState;
 const START_MS: u64 = 1_800_000_000_000;
 
 /// 25 ms one way between any two hosts, except alice (10) and bob (11) once
-/// they are cut apart, and bob and anyone once he is cut off.
+/// they are cut apart, and bob or alice and anyone once they are cut off.
 #[derive(Default)]
 struct Links {
     cut: AtomicBool,
     bob_off: AtomicBool,
+    alice_off: AtomicBool,
 }
 
 impl LinkModel for Links {
@@ -29,6 +30,9 @@ impl LinkModel for Links {
             return None;
         }
         if (from == 11 || to == 11) && self.bob_off.load(Ordering::Relaxed) {
+            return None;
+        }
+        if (from == 10 || to == 10) && self.alice_off.load(Ordering::Relaxed) {
             return None;
         }
         Some(Duration::from_millis(25))
@@ -290,6 +294,7 @@ async fn a_first_message_to_a_device_that_starts_seconds_later_is_sent_once_it_a
 /// Alice, with one home relay, and bob, with none: only his own device
 /// could set up a conversation, and it is off (his disk is kept).
 struct BobAway {
+    links: Arc<Links>,
     net: SimNetwork,
     clock: Clock,
     relay: Node,
@@ -303,7 +308,8 @@ struct BobAway {
 
 impl BobAway {
     async fn new() -> Self {
-        let net = SimNetwork::new(Arc::new(Links::default()));
+        let links = Arc::new(Links::default());
+        let net = SimNetwork::new(links.clone());
         let clock = Clock::tokio(START_MS);
         let (relay, r1_addr) = self::relay(&net, 1, Vec::new(), &clock).await;
         let boot = vec![r1_addr];
@@ -331,6 +337,7 @@ impl BobAway {
         bob.shutdown().await;
         alice.handle().add_contact(&card, None).await.unwrap();
         Self {
+            links,
             net,
             clock,
             relay,
@@ -417,6 +424,35 @@ async fn first_messages_to_someone_unreachable_wait_through_a_restart_and_arrive
             .all(|m| m.state >= MessageState::Delivered)
     })
     .await;
+    drop((a, b));
+    for n in [w.alice, bob, w.relay] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_messages_go_out_within_seconds_of_the_senders_network_coming_back() {
+    let w = BobAway::new().await;
+    let ids = w.write_to_bob(&["hello?"]).await;
+    // Alice's network goes; bob comes up meanwhile. Her tries fail, and the
+    // pause before the next one grows towards two minutes.
+    w.links.alice_off.store(true, Ordering::Relaxed);
+    let bob = w.start_bob().await;
+    tokio::time::sleep(Duration::from_secs(270)).await;
+    w.links.alice_off.store(false, Ordering::Relaxed);
+    let back = tokio::time::Instant::now();
+    let (a, b) = (w.alice.handle(), bob.handle());
+    let alice_account = acct(&a);
+    until("bob shows alice's message", || {
+        shown_from(&b, &alice_account).len() == 1
+    })
+    .await;
+    let took = back.elapsed();
+    assert_eq!(shown_from(&b, &alice_account)[0].0, ids[0]);
+    assert!(
+        took < Duration::from_secs(30),
+        "it went out {took:?} after alice's network came back (her home relay reconnected)"
+    );
     drop((a, b));
     for n in [w.alice, bob, w.relay] {
         n.shutdown().await;
