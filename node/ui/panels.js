@@ -125,7 +125,11 @@ export async function groupInfo(ctx, gid) {
   const mine = g.members.find((m) => m.account === me);
   const admin = mine && (mine.role === 'owner' || mine.role === 'admin');
   const owner = mine && mine.role === 'owner';
-  const reload = () => groupInfo(ctx, gid);
+  // Shown again after a change, unless it was closed while the change was on its way.
+  const reload = () => {
+    const title = $('#panel-title');
+    if (!$('#panel').hidden && title && title.textContent === 'Group info') groupInfo(ctx, gid);
+  };
   const act = (fn) => async () => { try { await fn(); reload(); } catch (e) { ctx.fail(e); } };
   const members = h('ul', { class: 'people' }, g.members.map((m) => {
     const roleEl = owner && m.account !== me
