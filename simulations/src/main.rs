@@ -99,6 +99,12 @@ enum Cmd {
     },
 }
 
+/// jemalloc keeps its bookkeeping outside the blocks it hands out, so memory
+/// reserved but never written (Kademlia's 256 buckets of room for 20 peers
+/// each, codec buffers) is not resident; see SIMULATOR.md, "Tier A performance".
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli.command) {
