@@ -42,13 +42,14 @@ const DEVICE_PATIENCE: Duration = Duration::from_secs(3);
 /// a device that has just come online has no circuit reservation and has not
 /// uploaded key packages to its relays for a few seconds.
 const KEY_PACKAGE_PATIENCE: Duration = Duration::from_secs(20);
-/// How long a first message to a contact waits for the conversation's set-up
-/// before it is stored as waiting and handed back to the caller (the set-up
-/// goes on): long enough for a device that answers, or for a key package
-/// from the relays of one that is offline ([`DEVICE_PATIENCE`] and a round
-/// trip), short enough that someone who cannot be reached does not hold up
-/// the sender's screen for the whole [`KEY_PACKAGE_PATIENCE`].
-const SEND_SETUP_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a send of a first message to a contact waits for the
+/// conversation's set-up before it hands the message back as waiting (the
+/// set-up goes on; the message is shown as waiting from the start): long
+/// enough for a device that answers, or for a key package from the relays of
+/// one that is offline (a record lookup and the device, [`DEVICE_PATIENCE`]
+/// each, then a round trip to a relay), shorter than the whole
+/// [`KEY_PACKAGE_PATIENCE`] a set-up gives someone who cannot be reached.
+const SEND_SETUP_PATIENCE: Duration = Duration::from_secs(10);
 /// Pause after a failed set-up of a conversation that messages wait for;
 /// doubles after each failure up to [`WAITING_RETRY_MAX`].
 const WAITING_RETRY: Duration = Duration::from_secs(10);

@@ -71,7 +71,7 @@ function memberCount(c) {
 // ---------- ticks ----------
 
 const STATES = {
-  waiting: ['clock', 'Waiting until the contact can be reached'],
+  waiting: ['clock', 'Setting up the conversation; waits until the contact can be reached'],
   pending: ['clock', 'Sending'],
   sent: ['tick', 'Sent'],
   stored: ['relay', 'Stored on a relay'],
