@@ -15,7 +15,7 @@ use tidings_protocol::mls::{MlsEngine, signature_keys_from_seed};
 use tidings_protocol::pb;
 use tidings_protocol::record::{UserRecord, user_record_key};
 use tidings_protocol::{CardError, ContactCard};
-use tidings_store::{Contact, Identity, IntentRow, Store};
+use tidings_store::{Contact, Identity, IntentRow, MessageState, Store};
 use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -754,12 +754,12 @@ impl NodeHandle {
     /// Sends a text message. Returns once it is durably in the outbox: from then
     /// on it is retried until every recipient device acknowledged it.
     ///
-    /// The first message to a contact sets up the conversation first. Should
-    /// no device or relay of theirs answer, it is kept as
-    /// [`MessageState::Waiting`](tidings_store::MessageState::Waiting) (as is
-    /// every later one while it waits) and sent once a conversation exists:
-    /// the node tries again in the background, and takes one the contact
-    /// starts.
+    /// A message to a contact without a conversation is kept as
+    /// [`MessageState::Waiting`] (as is every later one while it waits) and
+    /// sent once a conversation exists: the node sets one up in the
+    /// background (`send_waiting`), tries again while no device or relay of
+    /// theirs answers, and takes one the contact starts. Such a send returns
+    /// once the message is sent, or after [`SEND_SETUP_PATIENCE`] as waiting.
     pub async fn send_text(&self, who: &str, text: &str) -> Result<MessageView, NodeError> {
         let contact = self.find_contact(who)?.account;
         self.send_to_contact(contact, text, None).await
@@ -780,18 +780,25 @@ impl NodeHandle {
                 let mut events = self.subscribe();
                 let view = send(true).await?;
                 let deadline = tokio::time::Instant::now() + SEND_SETUP_PATIENCE;
-                // Waiting messages leave the waiting state together, in one unit.
-                while self.inner.store.has_waiting(&contact)? {
+                // The flush announces each message it sends (`NodeEvent::Message`);
+                // only after missed events is the row itself read.
+                loop {
                     match tokio::time::timeout_at(deadline, events.recv()).await {
+                        Ok(Ok(NodeEvent::Message(m))) if m.id == view.id && m.state != MessageState::Waiting => {
+                            return Ok(*m);
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                            let id = crate::chats::parse_message_id(&view.id)?;
+                            if let Some(m) = self.inner.store.message(&id)?
+                                && m.state != MessageState::Waiting
+                            {
+                                return Ok(MessageView::of(&self.inner.store, &m));
+                            }
+                        }
                         Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(view),
-                        Ok(_) => {}
                     }
                 }
-                let id = crate::chats::parse_message_id(&view.id)?;
-                Ok(match self.inner.store.message(&id)? {
-                    Some(m) => MessageView::of(&self.inner.store, &m),
-                    None => view,
-                })
             }
             r => r,
         }
@@ -877,7 +884,7 @@ impl NodeHandle {
                         *at = now;
                     }
                 }
-                _ = async { tokio::time::sleep_until(next.unwrap_or(now)).await }, if next.is_some() => {}
+                _ = tokio::time::sleep_until(next.unwrap_or(now)), if next.is_some() => {}
                 Some(done) = trying.join_next_with_id(), if !trying.is_empty() => {
                     let (peer, sent) = match done {
                         Ok((id, (peer, sent))) => {

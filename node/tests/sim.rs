@@ -227,6 +227,11 @@ async fn a_first_message_to_an_unreachable_device_starts_from_its_relay_within_s
         took < Duration::from_secs(10),
         "the first message took {took:?} to set up"
     );
+    assert_ne!(
+        sent.state,
+        MessageState::Waiting,
+        "handed back once sealed into the new conversation"
+    );
     until("the relay signed for it", || {
         a.history(&acct(&b))
             .unwrap()
