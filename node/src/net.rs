@@ -486,7 +486,8 @@ fn behaviour(
         .set_kbucket_size(params.tuning.kad_replication)
         // A DHT server refreshes every bucket (libp2p's bootstrap: one lookup per
         // bucket); a client, which nobody asks, only looks itself up again (see
-        // `EventLoop::run`), which keeps its table alive at a tenth of the dials.
+        // `EventLoop::run` and `BucketRefresh`), which keeps its table alive at a
+        // tenth of the dials.
         .set_periodic_bootstrap_interval(params.dht_server.then_some(params.tuning.kad_refresh));
     let store = MemoryStore::with_config(
         peer_id,
@@ -736,6 +737,7 @@ pub async fn spawn(
         reservations,
         connections: HashMap::new(),
         hole_punches: 0,
+        refresh: BucketRefresh::new(config.dht_server, config.tuning.kad_refresh),
     };
     let task = tokio::spawn(event_loop.run(config.dht_server, config.tuning.kad_refresh));
     Ok((Network { tx: cmd_tx, peer_id }, ev_rx, listen_addrs, task))
@@ -769,6 +771,60 @@ struct EventLoop {
     hole_punches: u64,
     /// Peer and remote address of each open connection.
     connections: HashMap<ConnectionId, (PeerId, Multiaddr)>,
+    /// Which bootstraps refresh the routing table's buckets (see `BucketRefresh`).
+    refresh: BucketRefresh<kad::QueryId>,
+}
+
+/// Which of libp2p-kad's bootstraps go on from their self-lookup to refresh
+/// every bucket, one lookup each (about eight lookups at a thousand DHT servers).
+///
+/// libp2p bootstraps on its own whenever a peer joins a routing table that
+/// holds fewer than 20, so a starting node bootstraps twice: once when it
+/// dials its bootstrap peers and again at once, because the first bootstrap
+/// fills the table past those 20 one peer at a time. Only DHT servers, which
+/// answer other nodes' lookups, refresh their buckets, and at most once per
+/// half refresh period. A client only looks things up; a self-lookup finds it
+/// its neighbourhood, and each lookup adds the peers it meets to the table.
+struct BucketRefresh<Q> {
+    dht_server: bool,
+    period: Duration,
+    /// The bootstrap refreshing now, and when the last refresh began.
+    running: Option<Q>,
+    last: Option<tokio::time::Instant>,
+}
+
+impl<Q: PartialEq + Copy> BucketRefresh<Q> {
+    fn new(dht_server: bool, period: Duration) -> Self {
+        Self {
+            dht_server,
+            period,
+            running: None,
+            last: None,
+        }
+    }
+
+    /// Whether the bootstrap `id`, whose step `step` just ended, goes on to
+    /// its next bucket.
+    fn goes_on(&mut self, id: Q, step: &kad::ProgressStep, now: tokio::time::Instant) -> bool {
+        if step.last {
+            if self.running == Some(id) {
+                self.running = None;
+            }
+            return false;
+        }
+        if self.running == Some(id) {
+            return true;
+        }
+        let due = self
+            .last
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.period / 2);
+        if self.dht_server && step.count.get() == 1 && self.running.is_none() && due {
+            self.running = Some(id);
+            self.last = Some(now);
+            return true;
+        }
+        false
+    }
 }
 
 /// A circuit reservation on one relay.
@@ -1223,6 +1279,16 @@ impl EventLoop {
                 }
             }
             kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
+                QueryResult::Bootstrap(_) => {
+                    if !self.refresh.goes_on(id, &step, tokio::time::Instant::now())
+                        && !step.last
+                        && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
+                    {
+                        // Ends the bucket lookup just queued before it sends a request;
+                        // libp2p then queues the next one, which ends here in turn.
+                        q.finish();
+                    }
+                }
                 QueryResult::GetClosestPeers(res) => {
                     let peers = match res {
                         Ok(GetClosestPeersOk { peers, .. }) => peers,
@@ -1276,5 +1342,69 @@ impl EventLoop {
             },
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(count: usize, last: bool) -> kad::ProgressStep {
+        kad::ProgressStep {
+            count: std::num::NonZeroUsize::new(count).unwrap(),
+            last,
+        }
+    }
+
+    /// Steps of one bootstrap of eight buckets, asking after each but the
+    /// last whether it goes on; the answers.
+    fn bootstrap(r: &mut BucketRefresh<u32>, id: u32, now: tokio::time::Instant) -> Vec<bool> {
+        (1..=9).map(|n| r.goes_on(id, &step(n, n == 9), now)).collect()
+    }
+
+    #[test]
+    fn a_client_never_refreshes_buckets_after_its_self_lookup() {
+        let mut r = BucketRefresh::new(false, Duration::from_secs(300));
+        let t = tokio::time::Instant::now();
+        assert!(bootstrap(&mut r, 1, t).iter().all(|&on| !on));
+        assert!(
+            bootstrap(&mut r, 2, t + Duration::from_secs(3600))
+                .iter()
+                .all(|&on| !on)
+        );
+    }
+
+    #[test]
+    fn a_dht_server_refreshes_once_per_half_period_and_skips_the_bootstrap_that_follows_its_start() {
+        let mut r = BucketRefresh::new(true, Duration::from_secs(300));
+        let t = tokio::time::Instant::now();
+        let full = [vec![true; 8], vec![false]].concat();
+        assert_eq!(
+            bootstrap(&mut r, 1, t),
+            full,
+            "the first bootstrap refreshes every bucket"
+        );
+        let skipped = bootstrap(&mut r, 2, t + Duration::from_secs(2));
+        assert!(
+            skipped.iter().all(|&on| !on),
+            "the bootstrap libp2p starts right after is a self-lookup"
+        );
+        assert!(bootstrap(&mut r, 3, t + Duration::from_secs(149)).iter().all(|&on| !on));
+        assert_eq!(bootstrap(&mut r, 4, t + Duration::from_secs(150)), full);
+    }
+
+    #[test]
+    fn a_bootstrap_overlapping_a_refresh_does_not_refresh_too() {
+        let mut r = BucketRefresh::new(true, Duration::from_secs(300));
+        let t = tokio::time::Instant::now();
+        assert!(r.goes_on(1, &step(1, false), t));
+        let later = t + Duration::from_secs(400);
+        assert!(
+            !r.goes_on(2, &step(1, false), later),
+            "another bootstrap while one refreshes"
+        );
+        assert!(r.goes_on(1, &step(2, false), later), "the refreshing one goes on");
+        assert!(!r.goes_on(1, &step(3, true), later));
+        assert!(r.goes_on(3, &step(1, false), later), "due again once the refresh ended");
     }
 }
