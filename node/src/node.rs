@@ -13,7 +13,7 @@ use tidings_protocol::identity::{AccountId, AccountKey, DeviceCertificate, Devic
 use tidings_protocol::mailbox;
 use tidings_protocol::mls::{MlsEngine, signature_keys_from_seed};
 use tidings_protocol::pb;
-use tidings_protocol::record::{UserRecord, user_record_key};
+use tidings_protocol::record::{UserRecord, user_record_contents_digest, user_record_key};
 use tidings_protocol::{CardError, ContactCard};
 use tidings_store::{Contact, Identity, IntentRow, MessageState, Store};
 use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
@@ -548,10 +548,9 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)?
     }
 
-    /// Signs and publishes this account's user record in the DHT.
-    pub async fn publish_record(&self) -> Result<(), NodeError> {
-        let seq = self.core(|reply| CoreInput::NextRecordSeq { reply }).await?;
-        let key = AccountKey::from_seed(self.inner.account_seed);
+    /// What this account's user record says now: the valid certificates of
+    /// its devices (this one among them), its home relays and its name.
+    fn record_contents(&self) -> Result<(Vec<DeviceCertificate>, Vec<String>, String), NodeError> {
         let now = self.inner.clock.now_ms();
         let mut devices: Vec<DeviceCertificate> = self
             .inner
@@ -564,21 +563,44 @@ impl NodeHandle {
         if !devices.iter().any(|c| c.device_key == self.inner.cert.device_key) {
             devices.push(self.inner.cert.clone());
         }
-        let record = UserRecord::sign(
-            &key,
-            seq,
-            &devices,
-            &self.home_relays(),
-            &self.name(),
-            self.inner.clock.now_ms(),
-        );
+        Ok((devices, self.home_relays(), self.name()))
+    }
+
+    /// Signs and publishes this account's user record in the DHT, and notes
+    /// in the store when and what it published.
+    pub async fn publish_record(&self) -> Result<(), NodeError> {
+        let seq = self.core(|reply| CoreInput::NextRecordSeq { reply }).await?;
+        let key = AccountKey::from_seed(self.inner.account_seed);
+        let (devices, relays, name) = self.record_contents()?;
+        let now = self.inner.clock.now_ms();
+        let record = UserRecord::sign(&key, seq, &devices, &relays, &name, now);
         let dht_key = user_record_key(&self.inner.account);
         self.inner.net.put_record(dht_key.to_vec(), record).await?;
+        let digest = user_record_contents_digest(&devices, &relays, &name);
+        self.inner.store.set_last_record_publication(now, digest)?;
         Ok(())
     }
 
-    /// Publishes the user record now and then every `interval`, retrying
-    /// quickly until the first success.
+    /// How long until the user record is due again when it is republished
+    /// every `interval`: at once if it was never published, if what it says
+    /// has changed since, or if the clock reads earlier than the last
+    /// publication; otherwise `interval` after the last publication. A node
+    /// restarting minutes after it published does not publish again.
+    pub fn record_due_in(&self, interval: Duration) -> Result<Duration, NodeError> {
+        let Some((at, digest)) = self.inner.store.last_record_publication()? else {
+            return Ok(Duration::ZERO);
+        };
+        let (devices, relays, name) = self.record_contents()?;
+        let now = self.inner.clock.now_ms();
+        if digest != user_record_contents_digest(&devices, &relays, &name) || at > now {
+            return Ok(Duration::ZERO);
+        }
+        Ok(interval.saturating_sub(Duration::from_millis(now - at)))
+    }
+
+    /// Publishes the user record whenever it is due (see [`Self::record_due_in`]):
+    /// at once on a first start or after a change, then every `interval`,
+    /// retrying quickly until each publication succeeds.
     pub fn spawn_record_publisher(&self, interval: Duration) -> JoinHandle<()> {
         self.spawn_observed_record_publisher(interval, |_, _| {})
     }
@@ -593,7 +615,21 @@ impl NodeHandle {
         let h = self.clone();
         tokio::spawn(async move {
             let mut wait = Duration::from_secs(1);
+            let mut published = false;
             loop {
+                let due = match h.record_due_in(interval) {
+                    Ok(due) => due,
+                    Err(NodeError::Stopped) => return,
+                    Err(e) => {
+                        debug!("cannot tell when the user record was last published: {e}");
+                        if published { interval } else { Duration::ZERO }
+                    }
+                };
+                if !due.is_zero() {
+                    tokio::time::sleep(due).await;
+                    published = false;
+                    continue;
+                }
                 let started = tokio::time::Instant::now();
                 let res = h.publish_record().await;
                 if !matches!(res, Err(NodeError::Stopped)) {
@@ -602,7 +638,8 @@ impl NodeHandle {
                 match res {
                     Ok(()) => {
                         debug!("user record published");
-                        tokio::time::sleep(interval).await;
+                        wait = Duration::from_secs(1);
+                        published = true;
                     }
                     Err(NodeError::Stopped) => return,
                     Err(e) => {

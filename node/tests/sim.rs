@@ -565,3 +565,74 @@ async fn probe_many_real_nodes_in_virtual_time() {
         wall.elapsed().as_secs_f64(),
     );
 }
+
+/// Starts a record publisher on `node` with a one-hour period that counts
+/// its successful publications in `count`.
+fn count_publications(node: &Node, count: &Arc<std::sync::atomic::AtomicUsize>) -> tokio::task::JoinHandle<()> {
+    let count = count.clone();
+    node.handle()
+        .spawn_observed_record_publisher(Duration::from_secs(3600), move |ok, _| {
+            if ok {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_device_restarting_within_the_hour_does_not_republish_its_unchanged_record() {
+    let links = Arc::new(Links::default());
+    let net = SimNetwork::new(links);
+    let clock = Clock::tokio(START_MS);
+    let (relay, r1_addr) = self::relay(&net, 1, Vec::new(), &clock).await;
+    let (relay2, _) = self::relay(&net, 2, vec![r1_addr.clone()], &clock).await;
+    let host = sim::PersonHost {
+        port: 10,
+        bootstrap: vec![r1_addr.clone()],
+        home_relays: vec![r1_addr],
+        reachable: true,
+        tuning: sim::HostTuning::default(),
+    };
+    let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    let publisher = count_publications(&alice, &count);
+    until("the first publication", || count.load(Ordering::Relaxed) == 1).await;
+    let first = tokio::time::Instant::now();
+
+    publisher.abort();
+    alice.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    let publisher = count_publications(&alice, &count);
+    let due = alice.handle().record_due_in(Duration::from_secs(3600)).unwrap();
+    assert!(
+        due > Duration::from_secs(3290) && due <= Duration::from_secs(3300),
+        "due an hour after the first publication, not at the restart ({due:?})"
+    );
+    tokio::time::sleep(Duration::from_secs(1200)).await;
+    assert_eq!(
+        count.load(Ordering::Relaxed),
+        1,
+        "no publication 20 minutes after the restart"
+    );
+    tokio::time::sleep_until(first + Duration::from_secs(3590)).await;
+    assert_eq!(count.load(Ordering::Relaxed), 1, "none before the hour is up");
+    until("the hourly publication", || count.load(Ordering::Relaxed) == 2).await;
+    let second = first.elapsed();
+    assert!(
+        second >= Duration::from_secs(3590) && second < Duration::from_secs(3660),
+        "republished an hour after the first publication ({second:?})"
+    );
+
+    // A record that said something else is due at once.
+    let (at, _) = alice.handle().store().last_record_publication().unwrap().unwrap();
+    alice.handle().store().set_last_record_publication(at, [0; 32]).unwrap();
+    assert_eq!(
+        alice.handle().record_due_in(Duration::from_secs(3600)).unwrap(),
+        Duration::ZERO
+    );
+    publisher.abort();
+    for n in [alice, relay, relay2] {
+        n.shutdown().await;
+    }
+}

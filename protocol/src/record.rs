@@ -39,6 +39,27 @@ pub fn user_record_key(account: &AccountId) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// A digest of what a user record says, leaving out its sequence number and
+/// time: equal digests mean a republished record would tell nobody anything new.
+pub fn user_record_contents_digest(devices: &[DeviceCertificate], relays: &[String], name: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"tidings/user-record-contents/v1");
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    field(&(devices.len() as u64).to_be_bytes());
+    for d in devices {
+        field(&d.wire().encode_to_vec());
+    }
+    field(&(relays.len() as u64).to_be_bytes());
+    for r in relays {
+        field(r.as_bytes());
+    }
+    field(name.as_bytes());
+    h.finalize().into()
+}
+
 /// A verified user record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
@@ -155,6 +176,29 @@ mod tests {
         let r = UserRecord::verify(&bytes, &key, 100).unwrap();
         assert_eq!(r.devices, vec![c]);
         assert_eq!(r.seq, 1);
+    }
+
+    #[test]
+    fn contents_digest_changes_with_devices_relays_and_name() {
+        let (a, c) = setup();
+        let other = a.certify_device(&DeviceKey::from_seed([7; 32]).public(), &[8; 32], 0, 1_000_000);
+        let relays = vec!["/ip4/1.2.3.4/tcp/1".to_owned()];
+        let base = user_record_contents_digest(std::slice::from_ref(&c), &relays, "a");
+        assert_eq!(
+            base,
+            user_record_contents_digest(std::slice::from_ref(&c), &relays, "a")
+        );
+        assert_ne!(base, user_record_contents_digest(&[c.clone(), other], &relays, "a"));
+        assert_ne!(base, user_record_contents_digest(std::slice::from_ref(&c), &[], "a"));
+        assert_ne!(
+            base,
+            user_record_contents_digest(std::slice::from_ref(&c), &relays, "b")
+        );
+        // An empty relay address is not the same as no relay and a name moved into it.
+        assert_ne!(
+            user_record_contents_digest(&[], &[String::new()], "a"),
+            user_record_contents_digest(&[], &[], "a")
+        );
     }
 
     #[test]

@@ -86,6 +86,9 @@ fn from_json<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The `META` row holding when the user record was last published and what it said.
+const RECORD_PUBLISHED_ROW: &str = "record_published";
+
 /// Page cache of a node's database. A device's working set (MLS state, recent
 /// history, the outbox) is small; redb's default of 1 GiB would let a long-running
 /// node grow far beyond what it needs.
@@ -517,6 +520,33 @@ impl Store {
             let next = cur + 1;
             t.insert(key.as_str(), next.to_be_bytes().as_slice())?;
             Ok(next)
+        })
+    }
+
+    /// When this account's user record was last published, and the digest of
+    /// what it said (see `tidings_protocol::record::user_record_contents_digest`).
+    pub fn last_record_publication(&self) -> Result<Option<(u64, [u8; 32])>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(META)?;
+        let Some(v) = t.get(RECORD_PUBLISHED_ROW)? else {
+            return Ok(None);
+        };
+        let bytes = v.value();
+        let corrupt = || StoreError::Corrupt(RECORD_PUBLISHED_ROW.into());
+        let (at, digest) = bytes.split_at_checked(8).ok_or_else(corrupt)?;
+        let at = u64::from_be_bytes(at.try_into().map_err(|_| corrupt())?);
+        let digest: [u8; 32] = digest.try_into().map_err(|_| corrupt())?;
+        Ok(Some((at, digest)))
+    }
+
+    /// Notes that the user record saying `digest` was published at `at_ms`.
+    pub fn set_last_record_publication(&self, at_ms: u64, digest: [u8; 32]) -> Result<()> {
+        let mut row = Vec::with_capacity(40);
+        row.extend_from_slice(&at_ms.to_be_bytes());
+        row.extend_from_slice(&digest);
+        self.with_txn(true, |w| {
+            w.open_table(META)?.insert(RECORD_PUBLISHED_ROW, row.as_slice())?;
+            Ok(())
         })
     }
 
@@ -975,6 +1005,20 @@ mod tests {
         }
         // Refusing did not rewrite the stored version.
         assert!(matches!(Store::open(&path), Err(StoreError::SchemaVersion { .. })));
+    }
+
+    #[test]
+    fn the_last_record_publication_survives_a_reopen_and_the_newest_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(s.last_record_publication().unwrap(), None);
+            s.set_last_record_publication(10, [1; 32]).unwrap();
+            s.set_last_record_publication(20, [2; 32]).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.last_record_publication().unwrap(), Some((20, [2; 32])));
     }
 
     #[test]
