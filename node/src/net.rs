@@ -737,7 +737,11 @@ pub async fn spawn(
         reservations,
         connections: HashMap::new(),
         hole_punches: 0,
-        refresh: BucketRefresh::new(config.dht_server, config.tuning.kad_refresh),
+        refresh: BucketRefresh::new(
+            config.dht_server,
+            config.tuning.kad_refresh,
+            tokio::time::Instant::now(),
+        ),
     };
     let task = tokio::spawn(event_loop.run(config.dht_server, config.tuning.kad_refresh));
     Ok((Network { tx: cmd_tx, peer_id }, ev_rx, listen_addrs, task))
@@ -782,24 +786,27 @@ struct EventLoop {
 /// holds fewer than 20, so a starting node bootstraps twice: once when it
 /// dials its bootstrap peers and again at once, because the first bootstrap
 /// fills the table past those 20 one peer at a time. Only DHT servers, which
-/// answer other nodes' lookups, refresh their buckets, and at most once per
-/// half refresh period. A client only looks things up; a self-lookup finds it
-/// its neighbourhood, and each lookup adds the peers it meets to the table.
+/// answer other nodes' lookups, refresh their buckets: first with libp2p's
+/// periodic bootstrap one refresh period after they start, then at most once
+/// per half period. At the start a self-lookup is what matters: it meets the
+/// neighbours, which add the new server to their tables, and lookups for keys
+/// near it then reach it. A client only looks things up; a self-lookup finds
+/// it its neighbourhood, and each lookup adds the peers it meets to the table.
 struct BucketRefresh<Q> {
     dht_server: bool,
     period: Duration,
-    /// The bootstrap refreshing now, and when the last refresh began.
+    /// The bootstrap refreshing now, and when the last refresh (or the start) was.
     running: Option<Q>,
-    last: Option<tokio::time::Instant>,
+    last: tokio::time::Instant,
 }
 
 impl<Q: PartialEq + Copy> BucketRefresh<Q> {
-    fn new(dht_server: bool, period: Duration) -> Self {
+    fn new(dht_server: bool, period: Duration, started: tokio::time::Instant) -> Self {
         Self {
             dht_server,
             period,
             running: None,
-            last: None,
+            last: started,
         }
     }
 
@@ -815,12 +822,10 @@ impl<Q: PartialEq + Copy> BucketRefresh<Q> {
         if self.running == Some(id) {
             return true;
         }
-        let due = self
-            .last
-            .is_none_or(|t| now.saturating_duration_since(t) >= self.period / 2);
+        let due = now.saturating_duration_since(self.last) >= self.period / 2;
         if self.dht_server && step.count.get() == 1 && self.running.is_none() && due {
             self.running = Some(id);
-            self.last = Some(now);
+            self.last = now;
             return true;
         }
         false
@@ -1364,8 +1369,8 @@ mod tests {
 
     #[test]
     fn a_client_never_refreshes_buckets_after_its_self_lookup() {
-        let mut r = BucketRefresh::new(false, Duration::from_secs(300));
         let t = tokio::time::Instant::now();
+        let mut r = BucketRefresh::new(false, Duration::from_secs(300), t);
         assert!(bootstrap(&mut r, 1, t).iter().all(|&on| !on));
         assert!(
             bootstrap(&mut r, 2, t + Duration::from_secs(3600))
@@ -1375,28 +1380,33 @@ mod tests {
     }
 
     #[test]
-    fn a_dht_server_refreshes_once_per_half_period_and_skips_the_bootstrap_that_follows_its_start() {
-        let mut r = BucketRefresh::new(true, Duration::from_secs(300));
+    fn a_dht_server_refreshes_at_its_periodic_bootstrap_and_at_most_once_per_half_period() {
         let t = tokio::time::Instant::now();
+        let mut r = BucketRefresh::new(true, Duration::from_secs(300), t);
         let full = [vec![true; 8], vec![false]].concat();
+        for (id, at) in [(1, 0), (2, 2)] {
+            let steps = bootstrap(&mut r, id, t + Duration::from_secs(at));
+            assert!(
+                steps.iter().all(|&on| !on),
+                "the bootstraps of its start are self-lookups"
+            );
+        }
+        let periodic = t + Duration::from_secs(302);
         assert_eq!(
-            bootstrap(&mut r, 1, t),
+            bootstrap(&mut r, 3, periodic),
             full,
-            "the first bootstrap refreshes every bucket"
+            "the periodic bootstrap refreshes every bucket"
         );
-        let skipped = bootstrap(&mut r, 2, t + Duration::from_secs(2));
-        assert!(
-            skipped.iter().all(|&on| !on),
-            "the bootstrap libp2p starts right after is a self-lookup"
-        );
-        assert!(bootstrap(&mut r, 3, t + Duration::from_secs(149)).iter().all(|&on| !on));
-        assert_eq!(bootstrap(&mut r, 4, t + Duration::from_secs(150)), full);
+        let early = periodic + Duration::from_secs(149);
+        assert!(bootstrap(&mut r, 4, early).iter().all(|&on| !on));
+        assert_eq!(bootstrap(&mut r, 5, periodic + Duration::from_secs(150)), full);
     }
 
     #[test]
     fn a_bootstrap_overlapping_a_refresh_does_not_refresh_too() {
-        let mut r = BucketRefresh::new(true, Duration::from_secs(300));
-        let t = tokio::time::Instant::now();
+        let start = tokio::time::Instant::now();
+        let mut r = BucketRefresh::new(true, Duration::from_secs(300), start);
+        let t = start + Duration::from_secs(300);
         assert!(r.goes_on(1, &step(1, false), t));
         let later = t + Duration::from_secs(400);
         assert!(
