@@ -113,6 +113,11 @@ pub struct NetConfig {
     pub sim: Option<SimHost>,
     /// Timers and sizes of the connection and DHT layers.
     pub tuning: NetTuning,
+    /// DHT servers met before (a saved routing table, see
+    /// [`Network::routing_peers`]): added to the routing table at the start,
+    /// next to `bootstrap`, so that a restart neither depends on the
+    /// bootstrap peers nor fills its table one peer at a time.
+    pub known_peers: Vec<(PeerId, Vec<Multiaddr>)>,
 }
 
 /// Timers and sizes of the connection and DHT layers. The defaults are the
@@ -220,6 +225,7 @@ impl Default for NetConfig {
             announce_listen_addrs: false,
             sim: None,
             tuning: NetTuning::default(),
+            known_peers: Vec::new(),
         }
     }
 }
@@ -320,6 +326,10 @@ enum Command {
     AddAddress {
         peer: PeerId,
         addr: Multiaddr,
+    },
+    RoutingPeers {
+        max: usize,
+        reply: oneshot::Sender<Vec<(PeerId, Vec<Multiaddr>)>>,
     },
     SetRelays {
         relays: Vec<Multiaddr>,
@@ -435,6 +445,17 @@ impl Network {
     /// Remembers an address for a peer (used when dialling it).
     pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) {
         let _ = self.tx.send(Command::AddAddress { peer, addr }).await;
+    }
+
+    /// Up to `max` peers of the DHT routing table with their addresses, taken
+    /// in turn from each bucket (near and far ones alike), connected ones
+    /// first within a bucket. Empty once the network task has stopped.
+    pub async fn routing_peers(&self, max: usize) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::RoutingPeers { max, reply }).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// Holds circuit reservations on exactly these relays (`…/p2p/<relay id>`):
@@ -686,7 +707,17 @@ pub async fn spawn(
             warn!(%addr, "cannot dial bootstrap peer: {e}");
         }
     }
-    if !config.bootstrap.is_empty() {
+    // Known peers go in before the bootstrap starts: with 20 or more in the
+    // table, libp2p does not start a second bootstrap as the first one adds
+    // peers (see `BucketRefresh`).
+    for (peer, addrs) in &config.known_peers {
+        if peer != swarm.local_peer_id() {
+            for addr in addrs {
+                swarm.behaviour_mut().kad.add_address(peer, addr.clone());
+            }
+        }
+    }
+    if !config.bootstrap.is_empty() || !config.known_peers.is_empty() {
         let _ = swarm.behaviour_mut().kad.bootstrap();
     }
     // Circuits are reserved once the connection to the relay is up (see
@@ -977,6 +1008,38 @@ impl EventLoop {
             }
             Command::AddAddress { peer, addr } => {
                 self.swarm.add_peer_address(peer, addr);
+            }
+            Command::RoutingPeers { max, reply } => {
+                let mut buckets: Vec<std::collections::VecDeque<(PeerId, Vec<Multiaddr>)>> = b
+                    .kad
+                    .kbuckets()
+                    .map(|bucket| {
+                        let mut entries: Vec<_> = bucket
+                            .iter()
+                            .map(|e| {
+                                let connected = e.status == kad::NodeStatus::Connected;
+                                (
+                                    !connected,
+                                    *e.node.key.preimage(),
+                                    e.node.value.iter().cloned().collect(),
+                                )
+                            })
+                            .collect();
+                        entries.sort_by_key(|(disconnected, ..)| *disconnected);
+                        entries.into_iter().map(|(_, peer, addrs)| (peer, addrs)).collect()
+                    })
+                    .collect();
+                let mut peers = Vec::new();
+                while peers.len() < max && buckets.iter().any(|b| !b.is_empty()) {
+                    for bucket in &mut buckets {
+                        if peers.len() < max
+                            && let Some(p) = bucket.pop_front()
+                        {
+                            peers.push(p);
+                        }
+                    }
+                }
+                let _ = reply.send(peers);
             }
             Command::SetRelays { relays } => self.set_relays(relays),
             Command::LocalRecord { key, reply } => {

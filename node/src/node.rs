@@ -82,6 +82,11 @@ pub const KEY_PACKAGE_POOL: usize = 20;
 /// push that could not be applied whole triggers a re-check at once.
 pub const MAILBOX_RECHECK: Duration = Duration::from_secs(60);
 /// Capacity of the core's input queue.
+/// The DHT routing table is saved (for the next start, [`NetConfig::known_peers`])
+/// this long after the start, then every [`KNOWN_PEERS_SAVE`].
+const KNOWN_PEERS_FIRST_SAVE: Duration = Duration::from_secs(60);
+const KNOWN_PEERS_SAVE: Duration = Duration::from_secs(300);
+
 const CORE_QUEUE: usize = 4096;
 /// Capacity of the event broadcast (slow subscribers miss events, never block the node).
 const EVENT_QUEUE: usize = 16_384;
@@ -307,9 +312,10 @@ impl Node {
                 net_config.reserve_on.push(relay.clone());
             }
         }
+        net_config.known_peers = known_peers(&store);
         let (net, mut net_events, listen_addrs, net_task) =
             net::spawn(keypair, net_config, config.clock.clone(), libp2p_metrics).await?;
-        let mut tasks = vec![net_task];
+        let mut tasks = vec![net_task, spawn_known_peers_saver(net.clone(), store.clone())];
         if let Some(opts) = config.relay.clone() {
             // Mailbox requests go to the mailbox service, everything else to the core.
             let (svc_tx, svc_rx) = mpsc::channel(4096);
@@ -446,6 +452,46 @@ impl Node {
             let _ = t.await;
         }
     }
+}
+
+/// The DHT peers saved in `store`, as far as they parse (a bad row costs the
+/// saved peers, not the start).
+fn known_peers(store: &Store) -> Vec<(PeerId, Vec<Multiaddr>)> {
+    let saved = match store.known_peers() {
+        Ok(saved) => saved,
+        Err(e) => {
+            warn!("starting without the saved DHT peers: {e}");
+            return Vec::new();
+        }
+    };
+    saved
+        .into_iter()
+        .filter_map(|(id, addrs)| {
+            let peer = PeerId::from_bytes(&id).ok()?;
+            let addrs: Vec<Multiaddr> = addrs.into_iter().filter_map(|a| Multiaddr::try_from(a).ok()).collect();
+            (!addrs.is_empty()).then_some((peer, addrs))
+        })
+        .collect()
+}
+
+/// Saves the DHT routing table to `store` now and then, for the next start.
+fn spawn_known_peers_saver(net: Network, store: Arc<Store>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::time::sleep(KNOWN_PEERS_FIRST_SAVE).await;
+        loop {
+            let peers = net.routing_peers(tidings_store::MAX_KNOWN_PEERS).await;
+            if !peers.is_empty() {
+                let rows: Vec<tidings_store::KnownPeer> = peers
+                    .iter()
+                    .map(|(p, addrs)| (p.to_bytes(), addrs.iter().map(|a| a.to_vec()).collect()))
+                    .collect();
+                if let Err(e) = store.set_known_peers(&rows) {
+                    warn!("cannot save the DHT peers: {e}");
+                }
+            }
+            tokio::time::sleep(KNOWN_PEERS_SAVE).await;
+        }
+    })
 }
 
 impl NodeHandle {

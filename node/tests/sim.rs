@@ -636,3 +636,46 @@ async fn a_device_restarting_within_the_hour_does_not_republish_its_unchanged_re
         n.shutdown().await;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_finds_the_dht_through_saved_peers_when_its_bootstrap_peer_is_gone() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = self::relay(&net, 1, Vec::new(), &clock).await;
+    let (r2, _) = self::relay(&net, 2, vec![r1_addr.clone()], &clock).await;
+    let host = sim::PersonHost {
+        port: 10,
+        bootstrap: vec![r1_addr],
+        home_relays: Vec::new(),
+        reachable: true,
+        tuning: sim::HostTuning::default(),
+    };
+    let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
+    let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    // Long enough for the first save of the routing table (after a minute).
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    assert!(
+        !alice.handle().store().known_peers().unwrap().is_empty(),
+        "the routing table was saved"
+    );
+    alice.shutdown().await;
+    r1.shutdown().await;
+
+    let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    let published = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if alice.handle().publish_record().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+    .await;
+    assert!(
+        published.is_ok(),
+        "the record went out through the peer saved last time"
+    );
+    for n in [alice, r2] {
+        n.shutdown().await;
+    }
+}

@@ -89,6 +89,18 @@ fn from_json<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
 /// The `META` row holding when the user record was last published and what it said.
 const RECORD_PUBLISHED_ROW: &str = "record_published";
 
+/// The `META` row holding the DHT peers this device knew when it last saved them.
+const KNOWN_PEERS_ROW: &str = "known_peers";
+/// At most this many known peers are kept, each with at most
+/// [`MAX_KNOWN_PEER_ADDRS`] addresses of at most [`MAX_KNOWN_PEER_BYTES`] bytes
+/// (its id too); a longer list is cut, a row larger than their product refused.
+pub const MAX_KNOWN_PEERS: usize = 64;
+pub const MAX_KNOWN_PEER_ADDRS: usize = 4;
+pub const MAX_KNOWN_PEER_BYTES: usize = 256;
+
+/// A DHT peer as saved: its peer id and addresses, as bytes.
+pub type KnownPeer = (Vec<u8>, Vec<Vec<u8>>);
+
 /// Page cache of a node's database. A device's working set (MLS state, recent
 /// history, the outbox) is small; redb's default of 1 GiB would let a long-running
 /// node grow far beyond what it needs.
@@ -546,6 +558,62 @@ impl Store {
         row.extend_from_slice(&digest);
         self.with_txn(true, |w| {
             w.open_table(META)?.insert(RECORD_PUBLISHED_ROW, row.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// The DHT peers saved by [`Self::set_known_peers`].
+    pub fn known_peers(&self) -> Result<Vec<KnownPeer>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(META)?;
+        let Some(v) = t.get(KNOWN_PEERS_ROW)? else {
+            return Ok(Vec::new());
+        };
+        // Hex doubles the bytes; JSON adds a little per field.
+        let cap = MAX_KNOWN_PEERS * (MAX_KNOWN_PEER_ADDRS + 1) * (2 * MAX_KNOWN_PEER_BYTES + 8);
+        if v.value().len() > cap {
+            return Err(StoreError::Corrupt(format!(
+                "{KNOWN_PEERS_ROW} is larger than {cap} bytes"
+            )));
+        }
+        let saved: Vec<(String, Vec<String>)> = from_json(v.value())?;
+        let unhex = |h: &str| hex::decode(h).map_err(|e| StoreError::Corrupt(format!("{KNOWN_PEERS_ROW}: {e}")));
+        saved
+            .iter()
+            .take(MAX_KNOWN_PEERS)
+            .map(|(id, addrs)| {
+                let addrs = addrs
+                    .iter()
+                    .take(MAX_KNOWN_PEER_ADDRS)
+                    .map(|a| unhex(a))
+                    .collect::<Result<_>>()?;
+                Ok((unhex(id)?, addrs))
+            })
+            .collect()
+    }
+
+    /// Saves the DHT peers to start from next time, replacing those saved
+    /// before: the first [`MAX_KNOWN_PEERS`], without addresses or ids longer
+    /// than [`MAX_KNOWN_PEER_BYTES`].
+    pub fn set_known_peers(&self, peers: &[KnownPeer]) -> Result<()> {
+        let fits = |b: &Vec<u8>| b.len() <= MAX_KNOWN_PEER_BYTES;
+        let saved: Vec<(String, Vec<String>)> = peers
+            .iter()
+            .filter(|(id, _)| fits(id))
+            .map(|(id, addrs)| {
+                let addrs = addrs
+                    .iter()
+                    .filter(|a| fits(a))
+                    .take(MAX_KNOWN_PEER_ADDRS)
+                    .map(hex::encode);
+                (hex::encode(id), addrs.collect::<Vec<_>>())
+            })
+            .filter(|(_, addrs)| !addrs.is_empty())
+            .take(MAX_KNOWN_PEERS)
+            .collect();
+        let row = to_json(&saved)?;
+        self.with_txn(true, |w| {
+            w.open_table(META)?.insert(KNOWN_PEERS_ROW, row.as_slice())?;
             Ok(())
         })
     }
@@ -1019,6 +1087,36 @@ mod tests {
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.last_record_publication().unwrap(), Some((20, [2; 32])));
+    }
+
+    #[test]
+    fn known_peers_survive_a_reopen_within_their_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let peer = |i: u8| {
+            (
+                vec![i; 38],
+                vec![vec![i; 10], vec![i; MAX_KNOWN_PEER_BYTES + 1], vec![i; 20]],
+            )
+        };
+        let mut peers: Vec<KnownPeer> = (0..70).map(peer).collect();
+        peers.insert(0, (vec![200; 38], vec![vec![0; MAX_KNOWN_PEER_BYTES + 1]]));
+        {
+            let s = Store::open(&path).unwrap();
+            assert!(s.known_peers().unwrap().is_empty());
+            s.set_known_peers(&peers).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let known = s.known_peers().unwrap();
+        assert_eq!(known.len(), MAX_KNOWN_PEERS, "the first 64 with an address that fits");
+        assert_eq!(
+            known[0],
+            (vec![0; 38], vec![vec![0; 10], vec![0; 20]]),
+            "too long an address is left out"
+        );
+        assert_eq!(known[63].0, vec![63; 38]);
+        s.set_known_peers(&peers[1..3]).unwrap();
+        assert_eq!(s.known_peers().unwrap().len(), 2, "a save replaces the last");
     }
 
     #[test]
