@@ -774,7 +774,7 @@ pub async fn spawn(
             tokio::time::Instant::now(),
         ),
     };
-    let task = tokio::spawn(event_loop.run(config.dht_server, config.tuning.kad_refresh));
+    let task = tokio::spawn(event_loop.run());
     Ok((Network { tx: cmd_tx, peer_id }, ev_rx, listen_addrs, task))
 }
 
@@ -894,7 +894,8 @@ fn outbound_error(e: &request_response::OutboundFailure) -> NetError {
 }
 
 impl EventLoop {
-    async fn run(mut self, dht_server: bool, kad_refresh: Duration) {
+    async fn run(mut self) {
+        let (dht_server, kad_refresh) = (self.refresh.dht_server, self.refresh.period);
         let mut retry = tokio::time::interval(RESERVATION_RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + kad_refresh, kad_refresh);

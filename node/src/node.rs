@@ -81,12 +81,11 @@ pub const KEY_PACKAGE_POOL: usize = 20;
 /// between, and a home relay that connects again (after a restart, say) or a
 /// push that could not be applied whole triggers a re-check at once.
 pub const MAILBOX_RECHECK: Duration = Duration::from_secs(60);
-/// Capacity of the core's input queue.
 /// The DHT routing table is saved (for the next start, [`NetConfig::known_peers`])
 /// this long after the start, then every [`KNOWN_PEERS_SAVE`].
 const KNOWN_PEERS_FIRST_SAVE: Duration = Duration::from_secs(60);
 const KNOWN_PEERS_SAVE: Duration = Duration::from_secs(300);
-
+/// Capacity of the core's input queue.
 const CORE_QUEUE: usize = 4096;
 /// Capacity of the event broadcast (slow subscribers miss events, never block the node).
 const EVENT_QUEUE: usize = 16_384;
