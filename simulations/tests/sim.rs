@@ -75,7 +75,8 @@ fn every_shipped_scenario_parses_and_validates() {
             "large.toml",
             "partition.toml",
             "relay-failure.toml",
-            "smoke.toml"
+            "smoke.toml",
+            "tier-a.toml"
         ]
     );
     for name in names {
