@@ -14,6 +14,7 @@
 //! results with confidence intervals; [`calibrate`] compares the tiers on the same scenario. The `tidings-sim` binary is the command line for all of it.
 
 pub mod calibrate;
+pub mod memory;
 pub mod output;
 pub mod plot;
 pub mod rng;

@@ -19,7 +19,7 @@ pub const SUMMARY: &str = "summary.csv";
 pub const EVENTS: &str = "events.jsonl";
 pub const TIMESERIES: &str = "timeseries.csv";
 /// The columns of [`TIMESERIES`].
-pub const TIMESERIES_COLUMNS: [&str; 9] = [
+pub const TIMESERIES_COLUMNS: [&str; 10] = [
     "t_s",
     "online_clients",
     "relays_up",
@@ -29,10 +29,12 @@ pub const TIMESERIES_COLUMNS: [&str; 9] = [
     "messages_sent",
     "connections_per_host",
     "connections_opened",
+    "rss_mib",
 ];
 pub const DELIVERY: &str = "delivery_over_time.csv";
 pub const LATENCY: &str = "latency_quantiles.csv";
 pub const BYTES: &str = "bytes_quantiles.csv";
+const MIB: f64 = 1024.0 * 1024.0;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -131,13 +133,6 @@ pub fn git_revision() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-/// Peak resident memory of this process (VmHWM), where /proc has it.
-pub fn peak_rss_kib() -> Option<u64> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// Everything `write_run` needs besides the result.
 pub struct RunInfo<'a> {
     pub scenario: &'a Scenario,
@@ -194,7 +189,7 @@ pub fn write_run(dir: &Path, info: &RunInfo<'_>, r: &RunResult) -> Result<Manife
         },
         replay,
         wall_seconds: info.wall_seconds,
-        peak_rss_kib: peak_rss_kib(),
+        peak_rss_kib: crate::memory::peak_bytes().map(|b| b / 1024),
     };
     let path = dir.join(MANIFEST);
     let json = serde_json::to_string_pretty(&manifest).map_err(|source| OutputError::Json {
@@ -211,12 +206,16 @@ pub fn write_run(dir: &Path, info: &RunInfo<'_>, r: &RunResult) -> Result<Manife
 
     let mut ts = format!("{}\n", TIMESERIES_COLUMNS.join(","));
     for s in &r.samples {
-        // Tier B has no connections: those two fields stay empty.
+        // Tier B has no connections and does not read its memory: those fields stay empty.
         let per_host = s.connections_per_host.map(|c| format!("{c:.2}")).unwrap_or_default();
         let opened = s.connections_opened.map(|c| c.to_string()).unwrap_or_default();
+        let rss = s
+            .rss_bytes
+            .map(|b| format!("{:.1}", b as f64 / MIB))
+            .unwrap_or_default();
         let _ = writeln!(
             ts,
-            "{},{},{},{},{},{},{},{per_host},{opened}",
+            "{},{},{},{},{},{},{},{per_host},{opened},{rss}",
             s.t_s,
             s.online_clients,
             s.relays_up,

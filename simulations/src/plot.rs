@@ -103,7 +103,8 @@ pub fn plot_dir(dir: &Path) -> Result<(), OutputError> {
         points: Vec::new(),
     };
     for (i, row) in output::read_csv(&path, output::TIMESERIES_COLUMNS.len())
-        // Folders written before the connection columns have the first seven.
+        // Folders written before the memory column have nine, before the connection columns seven.
+        .or_else(|_| output::read_csv(&path, 9))
         .or_else(|_| output::read_csv(&path, 7))?
         .iter()
         .enumerate()

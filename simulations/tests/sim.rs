@@ -421,6 +421,20 @@ fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_ever
         "every host holds its relays: {per_host:?}"
     );
     assert!(opened.windows(2).all(|w| w[0] <= w[1]) && opened[0] > 0, "{opened:?}");
+    // Memory: the process's resident size at each sample, and the run's peak per node.
+    if cfg!(target_os = "linux") {
+        let rss: Vec<f64> = rows.iter().map(|r| r[9].parse().unwrap()).collect();
+        assert!(rss.iter().all(|&m| m > 1.0), "{rss:?}");
+        let peak = summary["memory_peak_mib"];
+        assert!(
+            rss.iter().all(|&m| m <= peak + 0.1),
+            "peak {peak} under a sample: {rss:?}"
+        );
+        assert!(
+            (summary["memory_per_node_mib"] - peak / 18.0).abs() < 1e-9,
+            "{summary:?}"
+        );
+    }
 }
 
 /// Groups of real nodes: made during the set-up, written to while their members come and go,

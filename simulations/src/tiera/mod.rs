@@ -243,6 +243,7 @@ pub fn run(sc: &Scenario, opts: RunOptions<'_>) -> Result<RunResult, TierAError>
         events,
         mut progress,
     } = opts;
+    crate::memory::reset_peak();
     let plan = Plan::build(sc, seed);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -846,6 +847,7 @@ impl<'s> World<'s> {
             messages_sent: self.sent_count,
             connections_per_host: Some(self.net.open_connection_ends() as f64 / hosts_up as f64),
             connections_opened: Some(self.net.connections_opened()),
+            rss_bytes: crate::memory::resident_bytes(),
         });
     }
 
@@ -893,6 +895,16 @@ impl<'s> World<'s> {
              relays {r_mean:.1} (most {r_max}); public clients (DHT servers) {p_mean:.1} (most {p_max}), \
              clients behind a NAT {n_mean:.1} (most {n_max})"
         );
+        // Read before the nodes stop: the peak is the run's (reset when it started).
+        let memory_peak = crate::memory::peak_bytes();
+        if let Some(peak) = memory_peak {
+            let nodes = self.plan.hosts.len().max(1) as f64;
+            eprintln!(
+                "tier A memory: peak {:.2} GiB, {:.2} MiB per node",
+                peak as f64 / (1u64 << 30) as f64,
+                peak as f64 / (1u64 << 20) as f64 / nodes
+            );
+        }
         let states = self.group_states().await;
         for slot in &mut self.clients {
             if let Some(r) = slot.take() {
@@ -1103,6 +1115,10 @@ impl<'s> World<'s> {
             },
         );
         put("group_epoch_lag_max", groups.lag_max as f64);
+        // The process's peak resident memory over the run, whole and per node (NaN off Linux).
+        let peak_mib = memory_peak.map_or(f64::NAN, |b| b as f64 / (1u64 << 20) as f64);
+        put("memory_peak_mib", peak_mib);
+        put("memory_per_node_mib", peak_mib / self.plan.hosts.len().max(1) as f64);
         // How many commits the groups went through (epoch 1: the members were added).
         put(
             "group_epoch_mean",

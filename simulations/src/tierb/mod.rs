@@ -537,6 +537,7 @@ impl World<'_> {
             messages_sent: self.msgs.len() as u64,
             connections_per_host: None,
             connections_opened: None,
+            rss_bytes: None,
         });
         let every = self.sc.metrics.sample_every.micros();
         self.at(every, Ev::Sample);

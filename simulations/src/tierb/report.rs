@@ -71,6 +71,8 @@ pub struct Sample {
     pub connections_per_host: Option<f64>,
     /// Connections opened since the start (Tier A only).
     pub connections_opened: Option<u64>,
+    /// The process's resident memory, bytes (Tier A only, on Linux).
+    pub rss_bytes: Option<u64>,
 }
 
 /// Deliveries by the time they were sent.
