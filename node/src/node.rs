@@ -59,8 +59,11 @@ const WAITING_RETRY_MAX: Duration = Duration::from_secs(120);
 const GROUP_TICK: Duration = Duration::from_secs(1);
 /// How long a group fetch waits at the relay for something new.
 const GROUP_WAIT: Duration = Duration::from_millis(crate::relay::MAX_FETCH_WAIT_MS);
-/// How often a node checks that its account's other devices are in all its groups.
+/// How often a node checks that its account's other devices are in all its groups, and that its
+/// conversations hold its contacts' current devices, when its store has changed since the last check.
 const OWN_DEVICE_RECHECK: Duration = Duration::from_millis(500);
+/// How often those checks run when nothing was written: retries of what failed.
+const OWN_DEVICE_RETRY: Duration = Duration::from_secs(10);
 /// Least time between two replacements of the conversation with one contact.
 const MEND_INTERVAL: Duration = Duration::from_secs(3);
 
@@ -404,8 +407,18 @@ impl Node {
         let h = handle.clone();
         tasks.push(tokio::spawn(async move {
             let mut mended = std::collections::HashMap::new();
+            let mut checked: Option<(u64, tokio::time::Instant)> = None;
             loop {
                 tokio::time::sleep(OWN_DEVICE_RECHECK).await;
+                // What the checks look at is all in the store: with nothing written since the
+                // last one (and no mending held back by its interval), only retries are due.
+                let changes = h.inner.store.changes();
+                if mended.is_empty()
+                    && checked.is_some_and(|(seen, at)| seen == changes && at.elapsed() < OWN_DEVICE_RETRY)
+                {
+                    continue;
+                }
+                checked = Some((changes, tokio::time::Instant::now()));
                 h.add_own_devices().await;
                 h.mend_conversations(&mut mended).await;
             }

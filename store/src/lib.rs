@@ -26,6 +26,7 @@ pub mod seal;
 mod types;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::thread::{self, ThreadId};
 
@@ -113,6 +114,8 @@ pub struct Store {
     /// How secret rows are sealed ([`seal`]). Lock order: a write transaction
     /// first, then this; never the other way round.
     seal: RwLock<SealState>,
+    /// Write transactions committed through this handle ([`Store::changes`]).
+    changes: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -138,6 +141,7 @@ impl Store {
             db,
             unit: Mutex::new(None),
             seal: RwLock::new(SealState::Plain),
+            changes: AtomicU64::new(0),
         };
         store.check_schema()?;
         if store.seal_header()?.is_some() {
@@ -250,11 +254,21 @@ impl Store {
         let w = self.unit.lock().map_err(|_| StoreError::Poisoned)?.take();
         if let Some((_, w)) = w {
             match &out {
-                Ok(_) => w.commit().map_err(StoreError::from)?,
+                Ok(_) => {
+                    w.commit().map_err(StoreError::from)?;
+                    self.changes.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(_) => w.abort().map_err(StoreError::from)?,
             }
         }
         out
+    }
+
+    /// How many write transactions this handle has committed since it was opened. Equal readings
+    /// mean nothing was written between them: a cheap test for periodic checks whose answer
+    /// depends only on what is stored.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 
     /// Runs `f` in the open unit, or in a transaction of its own.
@@ -271,6 +285,7 @@ impl Store {
             w.set_durability(Durability::Immediate)?;
             let out = f(&w)?;
             w.commit()?;
+            self.changes.fetch_add(1, Ordering::Relaxed);
             Ok(out)
         } else {
             let out = f(&w);
@@ -454,6 +469,7 @@ impl Store {
             };
         }
         w.commit()?;
+        self.changes.fetch_add(1, Ordering::Relaxed);
         *state = match new_key {
             Some(k) => SealState::Open(k),
             None => SealState::Plain,
@@ -1055,6 +1071,30 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_count_as_changes_and_reads_and_failed_units_do_not() {
+        let s = Store::open_in_memory().unwrap();
+        let start = s.changes();
+        s.own_devices().unwrap();
+        assert_eq!(s.changes(), start, "a read");
+        s.put_own_devices(&[b"cert".to_vec()]).unwrap();
+        assert_eq!(s.changes(), start + 1, "a write");
+        // Two writes in one unit are one commit.
+        s.unit(|| {
+            s.put_own_devices(&[b"a".to_vec()])?;
+            s.put_own_devices(&[b"b".to_vec()])
+        })
+        .unwrap();
+        assert_eq!(s.changes(), start + 2, "a unit");
+        let failed: Result<()> = s.unit(|| {
+            s.put_own_devices(&[b"c".to_vec()])?;
+            Err(StoreError::Poisoned)
+        });
+        assert!(failed.is_err());
+        assert_eq!(s.changes(), start + 2, "an aborted unit");
+        assert_eq!(s.own_devices().unwrap(), vec![b"b".to_vec()]);
+    }
 
     #[test]
     fn data_dir_from_another_schema_version_is_refused_untouched() {
