@@ -3,6 +3,11 @@
 
 use std::fs;
 
+/// `bytes` in MiB, as the outputs report memory.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// Resident set size now, in bytes (`VmRSS`).
 pub fn resident_bytes() -> Option<u64> {
     status_field("VmRSS:")

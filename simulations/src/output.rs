@@ -34,7 +34,6 @@ pub const TIMESERIES_COLUMNS: [&str; 10] = [
 pub const DELIVERY: &str = "delivery_over_time.csv";
 pub const LATENCY: &str = "latency_quantiles.csv";
 pub const BYTES: &str = "bytes_quantiles.csv";
-const MIB: f64 = 1024.0 * 1024.0;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -211,7 +210,7 @@ pub fn write_run(dir: &Path, info: &RunInfo<'_>, r: &RunResult) -> Result<Manife
         let opened = s.connections_opened.map(|c| c.to_string()).unwrap_or_default();
         let rss = s
             .rss_bytes
-            .map(|b| format!("{:.1}", b as f64 / MIB))
+            .map(|b| format!("{:.1}", crate::memory::mib(b)))
             .unwrap_or_default();
         let _ = writeln!(
             ts,

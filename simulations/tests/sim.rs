@@ -431,7 +431,7 @@ fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_ever
             "peak {peak} under a sample: {rss:?}"
         );
         assert!(
-            (summary["memory_per_node_mib"] - peak / 18.0).abs() < 1e-9,
+            (summary["memory_per_node_mib"] - peak / summary["nodes"]).abs() < 1e-9,
             "{summary:?}"
         );
     }

@@ -895,14 +895,13 @@ impl<'s> World<'s> {
              relays {r_mean:.1} (most {r_max}); public clients (DHT servers) {p_mean:.1} (most {p_max}), \
              clients behind a NAT {n_mean:.1} (most {n_max})"
         );
-        // Read before the nodes stop: the peak is the run's (reset when it started).
-        let memory_peak = crate::memory::peak_bytes();
-        if let Some(peak) = memory_peak {
-            let nodes = self.plan.hosts.len().max(1) as f64;
+        // Read before the nodes stop: the peak is the run's (reset when it started). NaN off Linux.
+        let peak_mib = crate::memory::peak_bytes().map_or(f64::NAN, crate::memory::mib);
+        let per_node_mib = peak_mib / self.plan.hosts.len().max(1) as f64;
+        if peak_mib.is_finite() {
             eprintln!(
-                "tier A memory: peak {:.2} GiB, {:.2} MiB per node",
-                peak as f64 / (1u64 << 30) as f64,
-                peak as f64 / (1u64 << 20) as f64 / nodes
+                "tier A memory: peak {:.2} GiB, {per_node_mib:.2} MiB per node",
+                peak_mib / 1024.0
             );
         }
         let states = self.group_states().await;
@@ -1115,10 +1114,9 @@ impl<'s> World<'s> {
             },
         );
         put("group_epoch_lag_max", groups.lag_max as f64);
-        // The process's peak resident memory over the run, whole and per node (NaN off Linux).
-        let peak_mib = memory_peak.map_or(f64::NAN, |b| b as f64 / (1u64 << 20) as f64);
+        // The process's peak resident memory over the run, whole and per node.
         put("memory_peak_mib", peak_mib);
-        put("memory_per_node_mib", peak_mib / self.plan.hosts.len().max(1) as f64);
+        put("memory_per_node_mib", per_node_mib);
         // How many commits the groups went through (epoch 1: the members were added).
         put(
             "group_epoch_mean",
