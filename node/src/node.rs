@@ -486,19 +486,22 @@ fn known_peers(store: &Store) -> Vec<(PeerId, Vec<Multiaddr>)> {
         .collect()
 }
 
-/// Saves the DHT routing table to `store` now and then, for the next start.
+/// Saves the DHT routing table to `store` now and then, for the next start
+/// (not again while it is what was saved last).
 fn spawn_known_peers_saver(net: Network, store: Arc<Store>) -> JoinHandle<()> {
     tokio::spawn(async move {
         tokio::time::sleep(KNOWN_PEERS_FIRST_SAVE).await;
+        let mut saved: Vec<tidings_store::KnownPeer> = Vec::new();
         loop {
             let peers = net.routing_peers(tidings_store::MAX_KNOWN_PEERS).await;
-            if !peers.is_empty() {
-                let rows: Vec<tidings_store::KnownPeer> = peers
-                    .iter()
-                    .map(|(p, addrs)| (p.to_bytes(), addrs.iter().map(|a| a.to_vec()).collect()))
-                    .collect();
-                if let Err(e) = store.set_known_peers(&rows) {
-                    warn!("cannot save the DHT peers: {e}");
+            let rows: Vec<tidings_store::KnownPeer> = peers
+                .iter()
+                .map(|(p, addrs)| (p.to_bytes(), addrs.iter().map(|a| a.to_vec()).collect()))
+                .collect();
+            if !rows.is_empty() && rows != saved {
+                match store.set_known_peers(&rows) {
+                    Ok(()) => saved = rows,
+                    Err(e) => warn!("cannot save the DHT peers: {e}"),
                 }
             }
             tokio::time::sleep(KNOWN_PEERS_SAVE).await;
