@@ -70,9 +70,12 @@ enum Cmd {
         /// Discover peers on the local network with mDNS.
         #[arg(long)]
         mdns: bool,
-        /// Do not answer DHT queries (for nodes that others cannot dial).
-        #[arg(long)]
-        dht_client: bool,
+        /// Whether this device answers DHT queries. `auto`: only when it has no
+        /// home relays (with relays, they carry the DHT for it, and a desktop
+        /// that comes and goes makes a poor entry in others' routing tables).
+        /// `client` for any device others cannot dial.
+        #[arg(long, value_enum, default_value_t = DhtRole::Auto)]
+        dht: DhtRole,
         /// Home relay, `/ip4/…/tcp/…/p2p/<relay id>` (repeatable; two or more
         /// recommended): your mailboxes live there while you are away, you stay
         /// reachable through its circuits behind a NAT, and your card and user
@@ -177,6 +180,25 @@ enum TokenCmd {
         #[arg(long, default_value = "")]
         name: String,
     },
+}
+
+/// A device's part in the DHT (`tidings run --dht`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DhtRole {
+    /// A server without home relays, a client with them.
+    Auto,
+    Server,
+    Client,
+}
+
+impl DhtRole {
+    fn is_server(self, has_home_relays: bool) -> bool {
+        match self {
+            DhtRole::Auto => !has_home_relays,
+            DhtRole::Server => true,
+            DhtRole::Client => false,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -346,7 +368,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             bootstrap,
             api,
             mdns,
-            dht_client,
+            dht,
             relays,
             ui_port,
             open,
@@ -357,7 +379,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 api.set_port(port);
             }
             let store = open_unlocked(&dir, passphrase_file.as_deref())?;
-            run(&dir, store, listen, bootstrap, api, mdns, dht_client, relays, open).await
+            run(&dir, store, listen, bootstrap, api, mdns, dht, relays, open).await
         }
         Cmd::Card => {
             let card: CardView = Client::new(&dir)?.get("/api/card").await?;
@@ -727,7 +749,7 @@ async fn run(
     bootstrap: Vec<Multiaddr>,
     api: SocketAddr,
     mdns: bool,
-    dht_client: bool,
+    dht: DhtRole,
     flag_relays: Vec<Multiaddr>,
     open: bool,
 ) -> anyhow::Result<()> {
@@ -774,7 +796,7 @@ async fn run(
     let mut net = NetConfig {
         bootstrap,
         mdns,
-        dht_server: !dht_client,
+        dht_server: dht.is_server(!home_relays.is_empty()),
         ..NetConfig::default()
     };
     if !listen.is_empty() {

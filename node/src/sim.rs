@@ -558,6 +558,9 @@ pub struct PersonHost {
     /// queries. A device behind a NAT does neither; others reach it through
     /// its home relays' circuits (and hole punching, as the link model allows).
     pub reachable: bool,
+    /// Answers DHT queries and sits in others' routing tables. A device
+    /// nobody can dial should not be one.
+    pub dht_server: bool,
     pub tuning: HostTuning,
 }
 
@@ -635,7 +638,7 @@ pub async fn start_person_on(
         host.reachable,
         &host.tuning,
     );
-    netc.dht_server = host.reachable;
+    netc.dht_server = host.reachable && host.dht_server;
     let config = crate::NodeConfig {
         net: netc,
         clock,
@@ -676,6 +679,7 @@ pub async fn start_node(
         bootstrap,
         home_relays,
         reachable: true,
+        dht_server: true,
         tuning: HostTuning::default(),
     };
     start_person_on(net, &host, &disk, clock).await

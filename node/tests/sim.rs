@@ -262,6 +262,7 @@ async fn a_first_message_to_a_device_that_starts_seconds_later_is_sent_once_it_a
         bootstrap: boot.clone(),
         home_relays: Vec::new(),
         reachable: true,
+        dht_server: true,
         tuning: sim::HostTuning::default(),
     };
     let bob = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
@@ -323,6 +324,7 @@ impl BobAway {
             bootstrap: boot.clone(),
             home_relays,
             reachable: true,
+            dht_server: true,
             tuning: sim::HostTuning::default(),
         };
         let (alice_host, bob_host) = (person(10, boot.clone()), person(11, Vec::new()));
@@ -590,6 +592,7 @@ async fn a_device_restarting_within_the_hour_does_not_republish_its_unchanged_re
         bootstrap: vec![r1_addr.clone()],
         home_relays: vec![r1_addr],
         reachable: true,
+        dht_server: true,
         tuning: sim::HostTuning::default(),
     };
     let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
@@ -648,6 +651,7 @@ async fn a_restart_finds_the_dht_through_saved_peers_when_its_bootstrap_peer_is_
         bootstrap: vec![r1_addr],
         home_relays: Vec::new(),
         reachable: true,
+        dht_server: true,
         tuning: sim::HostTuning::default(),
     };
     let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
@@ -678,4 +682,67 @@ async fn a_restart_finds_the_dht_through_saved_peers_when_its_bootstrap_peer_is_
     for n in [alice, r2] {
         n.shutdown().await;
     }
+}
+
+/// A public device that is a DHT client (the default of `tidings run` with home
+/// relays) stays out of the relay's routing table, and is still reached: a
+/// contact's first message finds it through its relay, and they end up talking
+/// over a direct connection.
+#[tokio::test(start_paused = true)]
+async fn a_public_dht_client_stays_out_of_routing_tables_and_is_still_reached_directly() {
+    let links = Arc::new(Links::default());
+    let net = SimNetwork::new(links.clone());
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
+    let person = |port: u64, dht_server: bool| sim::PersonHost {
+        port,
+        bootstrap: vec![r1_addr.clone()],
+        home_relays: vec![r1_addr.clone()],
+        reachable: true,
+        dht_server,
+        tuning: sim::HostTuning::default(),
+    };
+    let (alice_host, bob_host) = (person(10, true), person(11, false));
+    let alice_disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
+    let bob_disk = sim::HostDisk::person("bob", clock.now_ms(), None).unwrap();
+    let alice = sim::start_person_on(&net, &alice_host, &alice_disk, clock.clone())
+        .await
+        .unwrap();
+    let bob = sim::start_person_on(&net, &bob_host, &bob_disk, clock.clone())
+        .await
+        .unwrap();
+    let (a, b) = (alice.handle(), bob.handle());
+    let relay = r1.handle();
+    let bob_device = b.devices().unwrap()[0].device_key;
+    let mailboxes = r1.relay_mailboxes().unwrap();
+    until("bob's key packages are on his relay", || {
+        mailboxes.key_packages_held(&bob_device).unwrap() > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        relay.status().await.unwrap().dht_peers,
+        1,
+        "the relay's table holds alice, a DHT server, and not bob"
+    );
+
+    a.add_contact(&b.card().to_uri(), None).await.unwrap();
+    b.add_contact(&a.card().to_uri(), None).await.unwrap();
+    a.send_text(&acct(&b), "hello bob").await.unwrap();
+    until("bob reads alice", || b.history(&acct(&a)).unwrap().len() == 1).await;
+    b.send_text(&acct(&a), "hello alice").await.unwrap();
+    until("alice reads bob", || {
+        a.history(&acct(&b)).unwrap().iter().any(|m| !m.outgoing)
+    })
+    .await;
+    let mut direct = false;
+    for _ in 0..100 {
+        let conns = a.connections(b.peer_id()).await;
+        direct = conns.iter().any(|c| !c.iter().any(|p| p == Protocol::P2pCircuit));
+        if direct {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(direct, "alice and bob hold a direct connection");
 }

@@ -310,6 +310,7 @@ impl<'s> World<'s> {
                 bootstrap: extra.into_iter().collect(),
                 home_relays,
                 reachable: plan.hosts[c.host].nat == plan::Nat::Public,
+                dht_server: plan.hosts[c.host].dht_server,
                 tuning: tuning.clone(),
             });
             disks.push(disk);

@@ -5,7 +5,7 @@
 use rand::Rng;
 
 use crate::rng::{self, SimRng, stream};
-use crate::scenario::{Fault, MICROS_PER_MS, Role, Scenario};
+use crate::scenario::{DhtMode, Fault, MICROS_PER_MS, Role, Scenario};
 
 /// A host's NAT class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +24,9 @@ pub struct Host {
     /// One-way delay of its access link, µs.
     pub access_us: u32,
     pub mbps: f32,
+    /// Answers DHT queries and sits in others' routing tables (the class's
+    /// `dht`; relays always).
+    pub dht_server: bool,
 }
 
 /// A person's device.
@@ -139,13 +142,21 @@ impl Plan {
                     _ => Nat::Symmetric,
                 };
                 let relay = class.role == Role::Relay;
+                let nat = if relay { Nat::Public } else { nat };
+                let dht_server = relay
+                    || match class.dht() {
+                        DhtMode::Server => true,
+                        DhtMode::Client => false,
+                        DhtMode::Auto => nat == Nat::Public,
+                    };
                 let index = hosts.len();
                 hosts.push(Host {
                     relay,
                     region,
-                    nat: if relay { Nat::Public } else { nat },
+                    nat,
                     access_us: (class.access_rtt_ms() * MICROS_PER_MS as f64 / 2.0) as u32,
                     mbps: class.bandwidth_mbps() as f32,
+                    dht_server,
                 });
                 if relay {
                     relays.push(index);
@@ -331,4 +342,31 @@ fn contact_events(clients: &[Client], per_hour: f64, end: u64, r: &mut SimRng) -
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dht_servers(extra: &str) -> (usize, usize, usize) {
+        let sc = crate::scenario::two_classes("t", 3, 60, extra);
+        let p = Plan::build(&sc, 1);
+        let clients = p.hosts.iter().filter(|h| !h.relay);
+        let public = clients.clone().filter(|h| h.nat == Nat::Public).count();
+        let servers = clients.filter(|h| h.dht_server).count();
+        let relays = p.hosts.iter().filter(|h| h.relay && h.dht_server).count();
+        (relays, public, servers)
+    }
+
+    #[test]
+    fn clients_serve_the_dht_as_their_class_says_and_relays_always_do() {
+        let (relays, public, servers) = dht_servers("nat = { public = 0.5, cone = 0.5 }");
+        assert_eq!(relays, 3);
+        assert!(public > 0 && public < 60, "a mix: {public} public");
+        assert_eq!(servers, public, "auto: the public clients");
+        let (relays, _, servers) = dht_servers("nat = { public = 0.5, cone = 0.5 }\ndht = \"client\"");
+        assert_eq!((relays, servers), (3, 0));
+        let (_, _, servers) = dht_servers("nat = { public = 0.5, cone = 0.5 }\ndht = \"server\"");
+        assert_eq!(servers, 60);
+    }
 }
