@@ -84,6 +84,12 @@ pub const KEY_PACKAGE_POOL: usize = 20;
 /// between, and a home relay that connects again (after a restart, say) or a
 /// push that could not be applied whole triggers a re-check at once.
 pub const MAILBOX_RECHECK: Duration = Duration::from_secs(60);
+/// Every this many re-checks (and whenever something wakes the mailbox sync: a
+/// home relay that connects again, a push that could not be applied, a change
+/// of relays), a round also re-subscribes and tops up the key-package pools.
+/// The other rounds only drain the two inboxes: two authenticated requests to
+/// each home relay instead of four.
+pub const FULL_MAILBOX_ROUND_EVERY: u32 = 5;
 /// The DHT routing table is saved (for the next start, [`NetConfig::known_peers`])
 /// this long after the start, then every [`KNOWN_PEERS_SAVE`].
 const KNOWN_PEERS_FIRST_SAVE: Duration = Duration::from_secs(60);
@@ -113,8 +119,9 @@ pub struct NodeConfig {
     /// holds this many slots from the start. Default 16,384 (a mailbox
     /// catch-up can raise thousands at once); the simulator uses fewer.
     pub event_queue: usize,
-    /// How often the home relays are drained, re-subscribed and their
-    /// key-package pools topped up (a safety net behind their pushes).
+    /// How often the home relays are drained (a safety net behind their
+    /// pushes); every [`FULL_MAILBOX_ROUND_EVERY`]th time they are also
+    /// re-subscribed and their key-package pools topped up.
     /// Default [`MAILBOX_RECHECK`].
     pub mailbox_poll: Duration,
 }
@@ -1875,7 +1882,12 @@ impl NodeHandle {
         });
         let mut published = std::collections::HashSet::new();
         let mut first = true;
+        // Rounds since the last full one; the first round is full.
+        let mut light_rounds = 0u32;
+        let mut woken = true;
         loop {
+            let full = woken || light_rounds + 1 >= FULL_MAILBOX_ROUND_EVERY;
+            light_rounds = if full { 0 } else { light_rounds + 1 };
             let (relays, retired) = self.mail_relays();
             for (relay, addr) in relays.iter().chain(&retired) {
                 self.inner.net.add_address(*relay, addr.clone()).await;
@@ -1892,7 +1904,10 @@ impl NodeHandle {
                 first = false;
                 let _ = self.inner.tx.send(CoreInput::CatchingUp(false)).await;
             }
-            for (relay, _) in &relays {
+            // A relay's subscription outlives the rounds, so re-subscribing and counting the
+            // key-package pool wait for a full round; the drains above catch anything a lapsed
+            // subscription missed in the meantime.
+            for (relay, _) in relays.iter().filter(|_| full) {
                 let inbox = mailbox::inbox_id(&self.inner.cert.device_key);
                 let Ok(auth) = self.owner_auth(mailbox::Op::Subscribe, &inbox, 0) else {
                     continue;
@@ -1919,10 +1934,10 @@ impl NodeHandle {
                     Err(e) => debug!(relay = %relay, "publishing key packages failed: {e}"),
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(self.inner.mailbox_poll) => {}
-                _ = self.inner.mailbox_wake.notified() => {}
-            }
+            woken = tokio::select! {
+                _ = tokio::time::sleep(self.inner.mailbox_poll) => false,
+                _ = self.inner.mailbox_wake.notified() => true,
+            };
         }
     }
 

@@ -290,8 +290,8 @@ async fn someone_who_learned_of_us_from_a_welcome_leaves_mail_with_a_capability(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_package_pool_on_the_relay_is_topped_up_after_claims() {
     let r = relays(1).await;
-    // Bob tops his pool up on each mailbox round: every 5 s here (the default, 60 s, is as long
-    // as this test waits).
+    // Bob tops his pool up on each full mailbox round: every 5 rounds of 2 s here (the default,
+    // 5 rounds of 60 s, is longer than this test waits).
     let config = tidings_node::NodeConfig {
         net: tidings_node::NetConfig {
             listen: tidings_node::demo::loopback(),
@@ -299,7 +299,7 @@ async fn key_package_pool_on_the_relay_is_topped_up_after_claims() {
             ..tidings_node::NetConfig::default()
         },
         home_relays: r.addrs.clone(),
-        mailbox_poll: std::time::Duration::from_secs(5),
+        mailbox_poll: std::time::Duration::from_secs(2),
         ..tidings_node::NodeConfig::default()
     };
     let b_node = tidings_node::demo::start_node_with_config(&r.dir.path().join("bob"), "bob", config)

@@ -893,7 +893,7 @@ impl<'s> World<'s> {
         }
         eprintln!(
             "tier A at the end: clients online hold {c_mean:.1} connections on average (most {c_max}), \
-             relays {r_mean:.1} (most {r_max}); public clients (DHT servers) {p_mean:.1} (most {p_max}), \
+             relays {r_mean:.1} (most {r_max}); public clients {p_mean:.1} (most {p_max}), \
              clients behind a NAT {n_mean:.1} (most {n_max})"
         );
         // Read before the nodes stop: the peak is the run's (reset when it started). NaN off Linux.

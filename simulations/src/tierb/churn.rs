@@ -160,8 +160,9 @@ impl World<'_> {
     }
 
     /// Traffic of the periodic mailbox rounds and group long polls, which the model counts but
-    /// does not run as events: one fetch and one subscribe per home relay per `mailbox_poll`, one
-    /// long poll per group per `group_poll`.
+    /// does not run as events: two fetches (the inbox and the request inbox) per home relay per
+    /// `mailbox_poll`, one long poll per group per `group_poll`. The subscribe and key-package
+    /// count of every fifth round (`FULL_MAILBOX_ROUND_EVERY`) are left out.
     pub(super) fn count_poll_bytes(&mut self, ci: usize, online_for: Time) {
         let p = &self.sc.protocol;
         let rounds = online_for / p.mailbox_poll.micros().max(1);
