@@ -107,6 +107,11 @@ pub type KnownPeer = (Vec<u8>, Vec<Vec<u8>>);
 /// node grow far beyond what it needs.
 pub const NODE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
+/// Page cache of a database that lives in memory: its pages are in memory
+/// already, so redb's cache would only hold second copies of them (a third of
+/// a megabyte per node in the simulator). A few pages still batch a commit's writes.
+pub const IN_MEMORY_CACHE_BYTES: usize = 64 * 1024;
+
 /// The node's database.
 pub struct Store {
     db: Database,
@@ -132,7 +137,9 @@ impl Store {
 
     /// Opens a database that lives only in memory (tests, the simulator).
     pub fn open_in_memory() -> Result<Self> {
-        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        let db = Database::builder()
+            .set_cache_size(IN_MEMORY_CACHE_BYTES)
+            .create_with_backend(redb::backends::InMemoryBackend::new())?;
         Self::init(db)
     }
 

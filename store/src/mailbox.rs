@@ -181,7 +181,9 @@ impl Mailboxes {
 
     /// Opens a mailbox database that lives only in memory (tests, the simulator).
     pub fn open_in_memory(limits: MailboxLimits) -> Result<Self> {
-        let db = Self::builder(&limits).create_with_backend(redb::backends::InMemoryBackend::new())?;
+        let db = Self::builder(&limits)
+            .set_cache_size(crate::IN_MEMORY_CACHE_BYTES.min(usize::try_from(limits.cache_bytes).unwrap_or(usize::MAX)))
+            .create_with_backend(redb::backends::InMemoryBackend::new())?;
         Self::init(db, limits)
     }
 
