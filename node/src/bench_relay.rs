@@ -290,8 +290,16 @@ impl Owner {
         mb::issue_capability(&self.seed, expires_ms, None)
     }
 
-    fn fetch(&self, now_ms: u64) -> pb::MailboxRequest {
-        let auth = mb::sign_auth(&self.seed, Op::Fetch, &self.inbox, now_ms, rand::random(), 0);
+    fn fetch(&self, relay: PeerId, now_ms: u64) -> pb::MailboxRequest {
+        let auth = mb::sign_auth(
+            &self.seed,
+            Op::Fetch,
+            &relay.to_bytes(),
+            &self.inbox,
+            now_ms,
+            rand::random(),
+            0,
+        );
         pb::MailboxRequest {
             op: Some(mailbox_request::Op::Fetch(pb::Fetch {
                 inbox_id: self.inbox.to_vec(),
@@ -1278,7 +1286,7 @@ async fn fetch_owners(clients: &[Client], relay: PeerId, owners: &[Owner], per_i
             loop {
                 while pending.len() < FETCH_IN_FLIGHT {
                     let Some(o) = it.next() else { break };
-                    let req = o.fetch(Clock::system().now_ms());
+                    let req = o.fetch(relay, Clock::system().now_ms());
                     let net = net.clone();
                     pending.push(async move { net.mailbox(relay, req).await });
                 }

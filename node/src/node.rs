@@ -1598,7 +1598,7 @@ impl NodeHandle {
         self.inner.net.add_address(*relay, addr.clone()).await;
         let key = tidings_protocol::DeviceKey::from_seed(g.key_seed).public();
         let inbox = mailbox::inbox_id(&key);
-        let auth = self.signed_auth(&g.key_seed, mailbox::Op::Fetch, &inbox, g.cursor)?;
+        let auth = self.signed_auth(&g.key_seed, mailbox::Op::Fetch, *relay, &inbox, g.cursor)?;
         let resp = self
             .mailbox_call(
                 *relay,
@@ -1659,16 +1659,24 @@ impl NodeHandle {
         None
     }
 
-    /// Owner auth for this device's own inboxes.
-    fn owner_auth(&self, op: mailbox::Op, inbox: &[u8; 32], argument: u64) -> Result<pb::OwnerAuth, NodeError> {
-        self.signed_auth(&self.inner.device_seed, op, inbox, argument)
+    /// Owner auth for this device's own inboxes, for a request to `relay`.
+    fn owner_auth(
+        &self,
+        op: mailbox::Op,
+        relay: PeerId,
+        inbox: &[u8; 32],
+        argument: u64,
+    ) -> Result<pb::OwnerAuth, NodeError> {
+        self.signed_auth(&self.inner.device_seed, op, relay, inbox, argument)
     }
 
-    /// Owner auth signed with the key of `seed` (this device's, or a group inbox's).
+    /// Owner auth for a request to `relay`, signed with the key of `seed` (this device's, or a
+    /// group inbox's).
     fn signed_auth(
         &self,
         seed: &[u8; 32],
         op: mailbox::Op,
+        relay: PeerId,
         inbox: &[u8; 32],
         argument: u64,
     ) -> Result<pb::OwnerAuth, NodeError> {
@@ -1677,6 +1685,7 @@ impl NodeHandle {
         Ok(mailbox::sign_auth(
             seed,
             op,
+            &relay.to_bytes(),
             inbox,
             self.inner.clock.now_ms(),
             nonce,
@@ -1723,7 +1732,7 @@ impl NodeHandle {
         let mut cursor = 0u64;
         let mut applied = 0usize;
         loop {
-            let auth = self.owner_auth(mailbox::Op::Fetch, &inbox, cursor)?;
+            let auth = self.owner_auth(mailbox::Op::Fetch, relay, &inbox, cursor)?;
             let resp = self
                 .mailbox_call(
                     relay,
@@ -1782,7 +1791,7 @@ impl NodeHandle {
                 }
             }
             if let Some(u) = up_to {
-                let auth = self.owner_auth(mailbox::Op::Ack, &inbox, u)?;
+                let auth = self.owner_auth(mailbox::Op::Ack, relay, &inbox, u)?;
                 self.mailbox_call(
                     relay,
                     pb::mailbox_request::Op::Ack(pb::Ack {
@@ -1836,7 +1845,12 @@ impl NodeHandle {
         last_resort: Vec<u8>,
     ) -> Result<pb::MailboxResponse, NodeError> {
         let inbox = mailbox::inbox_id(&self.inner.cert.device_key);
-        let auth = self.owner_auth(mailbox::Op::PublishKeyPackages, &inbox, key_packages.len() as u64)?;
+        let auth = self.owner_auth(
+            mailbox::Op::PublishKeyPackages,
+            relay,
+            &inbox,
+            key_packages.len() as u64,
+        )?;
         self.mailbox_call(
             relay,
             pb::mailbox_request::Op::PublishKeyPackages(pb::PublishKeyPackages {
@@ -1909,7 +1923,7 @@ impl NodeHandle {
             // subscription missed in the meantime.
             for (relay, _) in relays.iter().filter(|_| full) {
                 let inbox = mailbox::inbox_id(&self.inner.cert.device_key);
-                let Ok(auth) = self.owner_auth(mailbox::Op::Subscribe, &inbox, 0) else {
+                let Ok(auth) = self.owner_auth(mailbox::Op::Subscribe, *relay, &inbox, 0) else {
                     continue;
                 };
                 let _ = self

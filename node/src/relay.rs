@@ -1033,7 +1033,7 @@ impl MailboxService {
         now: u64,
     ) -> Result<(), MailboxError> {
         let auth = auth.ok_or(MailboxError::Unauthorized)?;
-        let nonce = mb::verify_auth(auth, op, inbox, arg, now)?;
+        let nonce = mb::verify_auth(auth, op, &self.net.peer_id().to_bytes(), inbox, arg, now)?;
         match self.blocking(move |m| m.check_nonce(&nonce, now)).await? {
             Ok(true) => Ok(()),
             Ok(false) => Err(MailboxError::Replayed),

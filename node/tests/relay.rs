@@ -200,7 +200,12 @@ impl Relay {
         let mut out: Vec<pb::StoredEnvelope> = Vec::new();
         loop {
             let after = out.last().map_or(0, |e| e.index);
-            let req = fetch(&owner.inbox, request_inbox, after, owner.auth(Op::Fetch, now, after));
+            let req = fetch(
+                &owner.inbox,
+                request_inbox,
+                after,
+                owner.auth(self, Op::Fetch, now, after),
+            );
             let Ok(mailbox_response::Result::Fetched(f)) = self.ask(client, req).await else {
                 panic!("the owner's fetch succeeds")
             };
@@ -314,9 +319,17 @@ impl Owner {
         DeviceKey::from_seed(self.seed).public()
     }
 
-    /// A genuine owner auth for its own inbox with a fresh nonce.
-    fn auth(&self, op: Op, ts: u64, arg: u64) -> pb::OwnerAuth {
-        mb::sign_auth(&self.seed, op, &self.inbox, ts, rand::random(), arg)
+    /// A genuine owner auth for its own inbox on `relay`, with a fresh nonce.
+    fn auth(&self, relay: &Relay, op: Op, ts: u64, arg: u64) -> pb::OwnerAuth {
+        mb::sign_auth(
+            &self.seed,
+            op,
+            &relay.peer.to_bytes(),
+            &self.inbox,
+            ts,
+            rand::random(),
+            arg,
+        )
     }
 
     fn capability(&self, expires_ms: u64) -> pb::Capability {
@@ -437,6 +450,38 @@ fn count_tags(held: &[pb::StoredEnvelope]) -> HashMap<String, usize> {
 
 // ---------------------------------------------------------------------- tests
 
+/// One of alice's home relays replays her requests to another: her acks and
+/// fetches name the relay they are for, so the other refuses them and keeps
+/// her mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_signed_for_one_relay_is_refused_by_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (relay, time) = Relay::with_manual_clock(&dir.path().join("relay")).await;
+    let (other, _) = Relay::with_manual_clock(&dir.path().join("other")).await;
+    let now = time.load(Ordering::Relaxed);
+    let alice = Owner::new(dir.path(), "alice");
+    let sender = client(None, &other.addr).await;
+    let cap = alice.capability(now + DAY_MS);
+    for i in 0..3 {
+        let env = envelope(&format!("m{i}"), 300);
+        other
+            .deposit_ok(&sender, deposit(&alice.inbox, Some(cap.clone()), &env))
+            .await;
+    }
+    let owner = client(Some(alice.seed), &other.addr).await;
+    // Signed for `relay`, presented to `other`.
+    let replayed_ack = ack(&alice.inbox, u64::MAX, alice.auth(&relay, Op::Ack, now, u64::MAX));
+    assert_eq!(other.ask(&owner, replayed_ack).await, Err(MailboxError::Unauthorized));
+    let replayed_fetch = fetch(&alice.inbox, false, 0, alice.auth(&relay, Op::Fetch, now, 0));
+    assert_eq!(other.ask(&owner, replayed_fetch).await, Err(MailboxError::Unauthorized));
+    // Her own request to `other` works, and all three are still there.
+    let own_fetch = fetch(&alice.inbox, false, 0, alice.auth(&other, Op::Fetch, now, 0));
+    let Ok(mailbox_response::Result::Fetched(f)) = other.ask(&owner, own_fetch).await else {
+        panic!("the owner's fetch succeeds")
+    };
+    assert_eq!(f.envelopes.len(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorised_fetch_and_ack_attempts_all_fail() {
     let dir = tempfile::tempdir().unwrap();
@@ -461,12 +506,12 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
     // Alice fetches once and acks nothing (index 0): two requests that succeeded
     // and that an eavesdropper will replay verbatim.
     let owner = client(Some(alice.seed), &relay.addr).await;
-    let genuine_fetch = fetch(&alice.inbox, false, 0, alice.auth(Op::Fetch, now, 0));
+    let genuine_fetch = fetch(&alice.inbox, false, 0, alice.auth(&relay, Op::Fetch, now, 0));
     let Ok(mailbox_response::Result::Fetched(f)) = relay.ask(&owner, genuine_fetch.clone()).await else {
         panic!("the owner's fetch succeeds")
     };
     assert_eq!(f.envelopes.len(), 20);
-    let genuine_ack = ack(&alice.inbox, 0, alice.auth(Op::Ack, now, 0));
+    let genuine_ack = ack(&alice.inbox, 0, alice.auth(&relay, Op::Ack, now, 0));
     assert_eq!(
         relay.ask(&owner, genuine_ack.clone()).await,
         Ok(mailbox_response::Result::Deleted(0))
@@ -507,13 +552,21 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
                         &alice.inbox,
                         false,
                         0,
-                        mb::sign_auth(&seed, Op::Fetch, &alice.inbox, now, nonce, 0),
+                        mb::sign_auth(&seed, Op::Fetch, &relay.peer.to_bytes(), &alice.inbox, now, nonce, 0),
                     )
                 } else {
                     ack(
                         &alice.inbox,
                         u64::MAX,
-                        mb::sign_auth(&seed, Op::Ack, &alice.inbox, now, nonce, u64::MAX),
+                        mb::sign_auth(
+                            &seed,
+                            Op::Ack,
+                            &relay.peer.to_bytes(),
+                            &alice.inbox,
+                            now,
+                            nonce,
+                            u64::MAX,
+                        ),
                     )
                 };
                 ("random key signing for alice's inbox", req, MailboxError::Unauthorized)
@@ -538,13 +591,29 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
                         &alice.inbox,
                         false,
                         0,
-                        mb::sign_auth(&mallory.seed, Op::Fetch, &alice.inbox, now, nonce, 0),
+                        mb::sign_auth(
+                            &mallory.seed,
+                            Op::Fetch,
+                            &relay.peer.to_bytes(),
+                            &alice.inbox,
+                            now,
+                            nonce,
+                            0,
+                        ),
                     )
                 } else {
                     ack(
                         &alice.inbox,
                         u64::MAX,
-                        mb::sign_auth(&mallory.seed, Op::Ack, &alice.inbox, now, nonce, u64::MAX),
+                        mb::sign_auth(
+                            &mallory.seed,
+                            Op::Ack,
+                            &relay.peer.to_bytes(),
+                            &alice.inbox,
+                            now,
+                            nonce,
+                            u64::MAX,
+                        ),
                     )
                 };
                 (
@@ -556,9 +625,9 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
             4 => {
                 // Mallory's genuine auth for her own inbox, aimed at alice's.
                 let req = if even {
-                    fetch(&alice.inbox, false, 0, mallory.auth(Op::Fetch, now, 0))
+                    fetch(&alice.inbox, false, 0, mallory.auth(&relay, Op::Fetch, now, 0))
                 } else {
-                    ack(&alice.inbox, u64::MAX, mallory.auth(Op::Ack, now, u64::MAX))
+                    ack(&alice.inbox, u64::MAX, mallory.auth(&relay, Op::Ack, now, u64::MAX))
                 };
                 ("mallory's own auth, retargeted", req, MailboxError::Unauthorized)
             }
@@ -569,9 +638,9 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
                     (now + skew, "alice's auth, beyond the window in the future")
                 };
                 let req = if even {
-                    fetch(&alice.inbox, false, 0, alice.auth(Op::Fetch, ts, 0))
+                    fetch(&alice.inbox, false, 0, alice.auth(&relay, Op::Fetch, ts, 0))
                 } else {
-                    ack(&alice.inbox, u64::MAX, alice.auth(Op::Ack, ts, u64::MAX))
+                    ack(&alice.inbox, u64::MAX, alice.auth(&relay, Op::Ack, ts, u64::MAX))
                 };
                 (what, req, MailboxError::Stale)
             }
@@ -590,13 +659,29 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
                         &alice.inbox,
                         false,
                         0,
-                        mb::sign_auth(&alice.seed, Op::Fetch, signed_for, now, nonce, 0),
+                        mb::sign_auth(
+                            &alice.seed,
+                            Op::Fetch,
+                            &relay.peer.to_bytes(),
+                            signed_for,
+                            now,
+                            nonce,
+                            0,
+                        ),
                     )
                 } else {
                     ack(
                         &alice.inbox,
                         u64::MAX,
-                        mb::sign_auth(&alice.seed, Op::Ack, signed_for, now, nonce, u64::MAX),
+                        mb::sign_auth(
+                            &alice.seed,
+                            Op::Ack,
+                            &relay.peer.to_bytes(),
+                            signed_for,
+                            now,
+                            nonce,
+                            u64::MAX,
+                        ),
                     )
                 };
                 (
@@ -608,10 +693,10 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
             _ => {
                 let req = if even {
                     // A fetch signature presented as an ack.
-                    ack(&alice.inbox, 0, alice.auth(Op::Fetch, now, 0))
+                    ack(&alice.inbox, 0, alice.auth(&relay, Op::Fetch, now, 0))
                 } else {
                     // An ack of nothing stretched to an ack of everything.
-                    ack(&alice.inbox, u64::MAX, alice.auth(Op::Ack, now, 0))
+                    ack(&alice.inbox, u64::MAX, alice.auth(&relay, Op::Ack, now, 0))
                 };
                 (
                     "alice's signature, other op or argument",
@@ -686,7 +771,7 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
     // And her own ack works, so the refusals above were not a broken ack path.
     assert_eq!(
         relay
-            .ask(&owner, ack(&alice.inbox, 20, alice.auth(Op::Ack, now, 20)))
+            .ask(&owner, ack(&alice.inbox, 20, alice.auth(&relay, Op::Ack, now, 20)))
             .await,
         Ok(mailbox_response::Result::Deleted(20))
     );
@@ -927,7 +1012,7 @@ async fn sender_over_quota_gets_quota_exceeded_and_others_still_get_through() {
         .unwrap();
     assert_eq!(s0_last, 5, "sender 0 deposited first");
     let acked = relay
-        .ask(&alice_dev, ack(&alice.inbox, 5, alice.auth(Op::Ack, now, 5)))
+        .ask(&alice_dev, ack(&alice.inbox, 5, alice.auth(&relay, Op::Ack, now, 5)))
         .await;
     assert_eq!(acked, Ok(mailbox_response::Result::Deleted(5)));
     assert_eq!(burst(2, alice.inbox, alice_cap.clone(), 5, SMALL).await, (3, 2));
@@ -1162,7 +1247,7 @@ async fn garbage_and_oversized_mailbox_frames_are_refused_and_the_relay_stays_up
     }
     let r = raw_request(&mut evil, &relay, short_inbox.encode_to_vec()).await;
     assert_eq!(raw_outcome(r), Err(MailboxError::BadRequest), "a 31-byte inbox id");
-    let mut auth = alice.auth(Op::Fetch, now, 0);
+    let mut auth = alice.auth(&relay, Op::Fetch, now, 0);
     auth.nonce.pop();
     let r = raw_request(&mut evil, &relay, fetch(&alice.inbox, false, 0, auth).encode_to_vec()).await;
     assert_eq!(raw_outcome(r), Err(MailboxError::BadRequest), "a 15-byte nonce");
@@ -1266,7 +1351,7 @@ async fn expired_envelopes_are_never_served_and_are_swept() {
     );
     assert_eq!(relay.metrics.swept.get(), 0);
     // A fetch after an index inside A does not bring them back either.
-    let req = fetch(&alice.inbox, false, 2, alice.auth(Op::Fetch, now, 2));
+    let req = fetch(&alice.inbox, false, 2, alice.auth(&relay, Op::Fetch, now, 2));
     let Ok(mailbox_response::Result::Fetched(f)) = relay.ask(&owner, req).await else {
         panic!("fetch succeeds")
     };
@@ -1877,7 +1962,7 @@ async fn a_fetch_that_may_wait_is_answered_when_mail_arrives_or_empty_when_the_w
     let owner = client(Some(alice.seed), &relay.addr).await;
     let sender = client(None, &relay.addr).await;
     let waiting = |after: u64, ts: u64, wait_ms: u32| {
-        let mut req = fetch(&alice.inbox, false, after, alice.auth(Op::Fetch, ts, after));
+        let mut req = fetch(&alice.inbox, false, after, alice.auth(&relay, Op::Fetch, ts, after));
         if let Some(mailbox_request::Op::Fetch(f)) = req.op.as_mut() {
             f.wait_ms = wait_ms;
         }

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::pb;
 
 const INBOX_CONTEXT: &[u8] = b"tidings/inbox/v1";
-const AUTH_CONTEXT: &[u8] = b"tidings/mailbox-auth/v1";
+const AUTH_CONTEXT: &[u8] = b"tidings/mailbox-auth/v2";
 const CAPABILITY_CONTEXT: &[u8] = b"tidings/mailbox-cap/v1";
 const CUSTODY_CONTEXT: &[u8] = b"tidings/custody/v1";
 const POW_CONTEXT: &[u8] = b"tidings/pow/v1";
@@ -166,12 +166,18 @@ pub enum Op {
     PublishKeyPackages = 4,
 }
 
-/// The bytes an [`pb::OwnerAuth`] signs:
-/// `"tidings/mailbox-auth/v1" ‖ op ‖ inbox_id ‖ timestamp_ms (BE) ‖ nonce ‖ argument (BE)`.
-pub fn auth_message(op: Op, inbox_id: &[u8], timestamp_ms: u64, nonce: &[u8], argument: u64) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(AUTH_CONTEXT.len() + 1 + inbox_id.len() + 8 + nonce.len() + 8);
+/// The bytes an [`pb::OwnerAuth`] signs: `"tidings/mailbox-auth/v2" ‖ op ‖ relay length (1
+/// byte) ‖ relay ‖ inbox_id ‖ timestamp_ms (BE) ‖ nonce ‖ argument (BE)`, where `relay` is the
+/// peer id (bytes) of the relay the request is for. Naming the relay keeps one of a person's
+/// relays from replaying their requests to another: a Subscribe or an Ack replayed there would
+/// hand it their mail on that relay, or delete it. Relay ids longer than 255 bytes are cut there.
+pub fn auth_message(op: Op, relay: &[u8], inbox_id: &[u8], timestamp_ms: u64, nonce: &[u8], argument: u64) -> Vec<u8> {
+    let relay = &relay[..relay.len().min(usize::from(u8::MAX))];
+    let mut msg = Vec::with_capacity(AUTH_CONTEXT.len() + 2 + relay.len() + inbox_id.len() + 8 + nonce.len() + 8);
     msg.extend_from_slice(AUTH_CONTEXT);
     msg.push(op as u8);
+    msg.push(relay.len() as u8);
+    msg.extend_from_slice(relay);
     msg.extend_from_slice(inbox_id);
     msg.extend_from_slice(&timestamp_ms.to_be_bytes());
     msg.extend_from_slice(nonce);
@@ -179,18 +185,19 @@ pub fn auth_message(op: Op, inbox_id: &[u8], timestamp_ms: u64, nonce: &[u8], ar
     msg
 }
 
-/// Signs an owner operation with the owner's Ed25519 secret seed (e.g. a device key seed).
-/// `nonce` must be fresh randomness supplied by the caller.
+/// Signs an owner operation on relay `relay` (its peer id, as bytes) with the owner's Ed25519
+/// secret seed (e.g. a device key seed). `nonce` must be fresh randomness supplied by the caller.
 pub fn sign_auth(
     owner_seed: &[u8; 32],
     op: Op,
+    relay: &[u8],
     inbox_id: &[u8],
     timestamp_ms: u64,
     nonce: [u8; 16],
     argument: u64,
 ) -> pb::OwnerAuth {
     let key = SigningKey::from_bytes(owner_seed);
-    let signature = key.sign(&auth_message(op, inbox_id, timestamp_ms, &nonce, argument));
+    let signature = key.sign(&auth_message(op, relay, inbox_id, timestamp_ms, &nonce, argument));
     pb::OwnerAuth {
         owner_key: key.verifying_key().to_bytes().to_vec(),
         timestamp_ms,
@@ -206,6 +213,7 @@ pub fn sign_auth(
 pub fn verify_auth(
     auth: &pb::OwnerAuth,
     op: Op,
+    relay: &[u8],
     inbox_id: &[u8],
     argument: u64,
     now_ms: u64,
@@ -218,7 +226,7 @@ pub fn verify_auth(
     if auth.timestamp_ms.abs_diff(now_ms) > AUTH_WINDOW_MS {
         return Err(MailboxError::Stale);
     }
-    let msg = auth_message(op, inbox_id, auth.timestamp_ms, &nonce, argument);
+    let msg = auth_message(op, relay, inbox_id, auth.timestamp_ms, &nonce, argument);
     verify_signature(&key, &msg, &auth.signature)?;
     Ok(nonce)
 }
@@ -503,9 +511,10 @@ mod tests {
 
     #[test]
     fn auth_message_layout() {
-        let m = auth_message(Op::Ack, &[0xaa; 32], 0x0102, &[0xbb; 16], 0x0304);
-        let mut want = b"tidings/mailbox-auth/v1".to_vec();
+        let m = auth_message(Op::Ack, &[0xcc; 3], &[0xaa; 32], 0x0102, &[0xbb; 16], 0x0304);
+        let mut want = b"tidings/mailbox-auth/v2".to_vec();
         want.push(2);
+        want.extend_from_slice(&[3, 0xcc, 0xcc, 0xcc]);
         want.extend_from_slice(&[0xaa; 32]);
         want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 1, 2]);
         want.extend_from_slice(&[0xbb; 16]);
@@ -517,25 +526,37 @@ mod tests {
     fn signed_auth_verifies_and_returns_its_nonce() {
         let inbox = owner_inbox();
         for op in [Op::Fetch, Op::Ack, Op::Subscribe, Op::PublishKeyPackages] {
-            let auth = sign_auth(&OWNER, op, &inbox, NOW, [3; 16], 42);
-            assert_eq!(verify_auth(&auth, op, &inbox, 42, NOW + 1_000), Ok([3; 16]));
+            let auth = sign_auth(&OWNER, op, &RELAY, &inbox, NOW, [3; 16], 42);
+            assert_eq!(verify_auth(&auth, op, &RELAY, &inbox, 42, NOW + 1_000), Ok([3; 16]));
+        }
+    }
+
+    #[test]
+    fn auth_for_one_relay_is_refused_by_another() {
+        let inbox = owner_inbox();
+        for op in [Op::Fetch, Op::Ack, Op::Subscribe, Op::PublishKeyPackages] {
+            let auth = sign_auth(&OWNER, op, &RELAY, &inbox, NOW, [3; 16], 42);
+            assert_eq!(
+                verify_auth(&auth, op, &[8; 32], &inbox, 42, NOW),
+                Err(MailboxError::Unauthorized)
+            );
         }
     }
 
     #[test]
     fn auth_at_the_edge_of_the_window_is_accepted() {
         let inbox = owner_inbox();
-        let auth = sign_auth(&OWNER, Op::Fetch, &inbox, NOW, [3; 16], 0);
-        assert!(verify_auth(&auth, Op::Fetch, &inbox, 0, NOW + AUTH_WINDOW_MS).is_ok());
-        assert!(verify_auth(&auth, Op::Fetch, &inbox, 0, NOW - AUTH_WINDOW_MS).is_ok());
+        let auth = sign_auth(&OWNER, Op::Fetch, &RELAY, &inbox, NOW, [3; 16], 0);
+        assert!(verify_auth(&auth, Op::Fetch, &RELAY, &inbox, 0, NOW + AUTH_WINDOW_MS).is_ok());
+        assert!(verify_auth(&auth, Op::Fetch, &RELAY, &inbox, 0, NOW - AUTH_WINDOW_MS).is_ok());
     }
 
     #[test]
     fn auth_by_another_owner_is_refused() {
         let inbox = owner_inbox();
-        let auth = sign_auth(&OTHER, Op::Fetch, &inbox, NOW, [3; 16], 0);
+        let auth = sign_auth(&OTHER, Op::Fetch, &RELAY, &inbox, NOW, [3; 16], 0);
         assert_eq!(
-            verify_auth(&auth, Op::Fetch, &inbox, 0, NOW),
+            verify_auth(&auth, Op::Fetch, &RELAY, &inbox, 0, NOW),
             Err(MailboxError::Unauthorized)
         );
     }
@@ -543,18 +564,18 @@ mod tests {
     #[test]
     fn auth_with_forged_signature_is_refused() {
         let inbox = owner_inbox();
-        let mut auth = sign_auth(&OWNER, Op::Fetch, &inbox, NOW, [3; 16], 0);
+        let mut auth = sign_auth(&OWNER, Op::Fetch, &RELAY, &inbox, NOW, [3; 16], 0);
         auth.signature = Bytes(1).next::<64>().to_vec();
         assert_eq!(
-            verify_auth(&auth, Op::Fetch, &inbox, 0, NOW),
+            verify_auth(&auth, Op::Fetch, &RELAY, &inbox, 0, NOW),
             Err(MailboxError::Unauthorized)
         );
         // A random key signing for its own inbox, presented with the owner's key.
         let forger = Bytes(2).next::<32>();
-        let mut auth = sign_auth(&forger, Op::Fetch, &inbox, NOW, [3; 16], 0);
+        let mut auth = sign_auth(&forger, Op::Fetch, &RELAY, &inbox, NOW, [3; 16], 0);
         auth.owner_key = public(&OWNER).to_vec();
         assert_eq!(
-            verify_auth(&auth, Op::Fetch, &inbox, 0, NOW),
+            verify_auth(&auth, Op::Fetch, &RELAY, &inbox, 0, NOW),
             Err(MailboxError::Unauthorized)
         );
     }
@@ -562,13 +583,13 @@ mod tests {
     #[test]
     fn auth_with_tampered_argument_or_op_is_refused() {
         let inbox = owner_inbox();
-        let auth = sign_auth(&OWNER, Op::Ack, &inbox, NOW, [3; 16], 10);
+        let auth = sign_auth(&OWNER, Op::Ack, &RELAY, &inbox, NOW, [3; 16], 10);
         assert_eq!(
-            verify_auth(&auth, Op::Ack, &inbox, 11, NOW),
+            verify_auth(&auth, Op::Ack, &RELAY, &inbox, 11, NOW),
             Err(MailboxError::Unauthorized)
         );
         assert_eq!(
-            verify_auth(&auth, Op::Fetch, &inbox, 10, NOW),
+            verify_auth(&auth, Op::Fetch, &RELAY, &inbox, 10, NOW),
             Err(MailboxError::Unauthorized)
         );
     }
@@ -576,11 +597,14 @@ mod tests {
     #[test]
     fn auth_outside_the_window_is_stale() {
         let inbox = owner_inbox();
-        let old = sign_auth(&OWNER, Op::Fetch, &inbox, NOW - 61_000, [3; 16], 0);
-        assert_eq!(verify_auth(&old, Op::Fetch, &inbox, 0, NOW), Err(MailboxError::Stale));
-        let future = sign_auth(&OWNER, Op::Fetch, &inbox, NOW + 61_000, [3; 16], 0);
+        let old = sign_auth(&OWNER, Op::Fetch, &RELAY, &inbox, NOW - 61_000, [3; 16], 0);
         assert_eq!(
-            verify_auth(&future, Op::Fetch, &inbox, 0, NOW),
+            verify_auth(&old, Op::Fetch, &RELAY, &inbox, 0, NOW),
+            Err(MailboxError::Stale)
+        );
+        let future = sign_auth(&OWNER, Op::Fetch, &RELAY, &inbox, NOW + 61_000, [3; 16], 0);
+        assert_eq!(
+            verify_auth(&future, Op::Fetch, &RELAY, &inbox, 0, NOW),
             Err(MailboxError::Stale)
         );
     }
@@ -588,15 +612,15 @@ mod tests {
     #[test]
     fn auth_with_wrong_length_nonce_is_a_bad_request() {
         let inbox = owner_inbox();
-        let mut auth = sign_auth(&OWNER, Op::Fetch, &inbox, NOW, [3; 16], 0);
+        let mut auth = sign_auth(&OWNER, Op::Fetch, &RELAY, &inbox, NOW, [3; 16], 0);
         auth.nonce = vec![3; 15];
         assert_eq!(
-            verify_auth(&auth, Op::Fetch, &inbox, 0, NOW),
+            verify_auth(&auth, Op::Fetch, &RELAY, &inbox, 0, NOW),
             Err(MailboxError::BadRequest)
         );
         auth.nonce = vec![3; 17];
         assert_eq!(
-            verify_auth(&auth, Op::Fetch, &inbox, 0, NOW),
+            verify_auth(&auth, Op::Fetch, &RELAY, &inbox, 0, NOW),
             Err(MailboxError::BadRequest)
         );
     }
@@ -604,15 +628,15 @@ mod tests {
     #[test]
     fn auth_with_malformed_owner_key_is_refused() {
         let inbox = owner_inbox();
-        let mut auth = sign_auth(&OWNER, Op::Fetch, &inbox, NOW, [3; 16], 0);
+        let mut auth = sign_auth(&OWNER, Op::Fetch, &RELAY, &inbox, NOW, [3; 16], 0);
         auth.owner_key.pop();
         assert_eq!(
-            verify_auth(&auth, Op::Fetch, &inbox, 0, NOW),
+            verify_auth(&auth, Op::Fetch, &RELAY, &inbox, 0, NOW),
             Err(MailboxError::Unauthorized)
         );
         auth.owner_key.clear();
         assert_eq!(
-            verify_auth(&auth, Op::Fetch, &inbox, 0, NOW),
+            verify_auth(&auth, Op::Fetch, &RELAY, &inbox, 0, NOW),
             Err(MailboxError::Unauthorized)
         );
     }
@@ -620,7 +644,7 @@ mod tests {
     #[test]
     fn a_thousand_unauthorised_attempts_all_fail() {
         let inbox = owner_inbox();
-        let genuine = sign_auth(&OWNER, Op::Fetch, &inbox, NOW, [3; 16], 5);
+        let genuine = sign_auth(&OWNER, Op::Fetch, &RELAY, &inbox, NOW, [3; 16], 5);
         let mut rng = Bytes(1000);
         let mut successes = 0;
         for i in 0..1_000u64 {
@@ -640,23 +664,23 @@ mod tests {
                     signature: rng.next::<64>().to_vec(),
                 },
                 // A random signer, correctly signing the owner's inbox.
-                2 => sign_auth(&rng.next::<32>(), Op::Fetch, &inbox, NOW, rng.next::<16>(), 5),
+                2 => sign_auth(&rng.next::<32>(), Op::Fetch, &RELAY, &inbox, NOW, rng.next::<16>(), 5),
                 // Another user's key, signing a message for this inbox.
-                3 => sign_auth(&OTHER, Op::Fetch, &inbox, NOW, rng.next::<16>(), 5),
+                3 => sign_auth(&OTHER, Op::Fetch, &RELAY, &inbox, NOW, rng.next::<16>(), 5),
                 // The genuine owner, but stale or from the future.
                 _ => {
                     let skew = AUTH_WINDOW_MS + 1 + u64::from(u32::from_le_bytes(rng.next::<4>()));
                     let ts = if i % 2 == 0 { NOW - skew } else { NOW + skew };
-                    sign_auth(&OWNER, Op::Fetch, &inbox, ts, rng.next::<16>(), 5)
+                    sign_auth(&OWNER, Op::Fetch, &RELAY, &inbox, ts, rng.next::<16>(), 5)
                 }
             };
-            if verify_auth(&auth, Op::Fetch, &inbox, 5, NOW).is_ok() {
+            if verify_auth(&auth, Op::Fetch, &RELAY, &inbox, 5, NOW).is_ok() {
                 successes += 1;
             }
         }
         assert_eq!(successes, 0);
         // The genuine request still passes, so the failures are not vacuous.
-        assert!(verify_auth(&genuine, Op::Fetch, &inbox, 5, NOW).is_ok());
+        assert!(verify_auth(&genuine, Op::Fetch, &RELAY, &inbox, 5, NOW).is_ok());
     }
 
     #[test]
