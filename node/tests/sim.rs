@@ -297,6 +297,25 @@ async fn a_first_message_to_a_device_that_starts_seconds_later_is_sent_once_it_a
     }
 }
 
+/// Alice's and bob's devices on `alice_host` and `bob_host`, each with a new
+/// disk: (disk, node) for each.
+async fn start_alice_and_bob(
+    net: &SimNetwork,
+    clock: &Clock,
+    alice_host: &sim::PersonHost,
+    bob_host: &sim::PersonHost,
+) -> ((sim::HostDisk, Node), (sim::HostDisk, Node)) {
+    let mut started = Vec::new();
+    for (name, host) in [("alice", alice_host), ("bob", bob_host)] {
+        let disk = sim::HostDisk::person(name, clock.now_ms(), None).unwrap();
+        let node = sim::start_person_on(net, host, &disk, clock.clone()).await.unwrap();
+        started.push((disk, node));
+    }
+    let bob = started.pop().unwrap();
+    let alice = started.pop().unwrap();
+    (alice, bob)
+}
+
 /// Alice, with one home relay, and bob, with none: only his own device
 /// could set up a conversation, and it is off (his disk is kept).
 struct BobAway {
@@ -328,14 +347,7 @@ impl BobAway {
             tuning: sim::HostTuning::default(),
         };
         let (alice_host, bob_host) = (person(10, boot.clone()), person(11, Vec::new()));
-        let alice_disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
-        let bob_disk = sim::HostDisk::person("bob", clock.now_ms(), None).unwrap();
-        let alice = sim::start_person_on(&net, &alice_host, &alice_disk, clock.clone())
-            .await
-            .unwrap();
-        let bob = sim::start_person_on(&net, &bob_host, &bob_disk, clock.clone())
-            .await
-            .unwrap();
+        let ((alice_disk, alice), (bob_disk, bob)) = start_alice_and_bob(&net, &clock, &alice_host, &bob_host).await;
         let (card, bob_account) = (bob.handle().card().to_uri(), acct(&bob.handle()));
         bob.handle()
             .add_contact(&alice.handle().card().to_uri(), None)
@@ -703,14 +715,7 @@ async fn a_public_dht_client_stays_out_of_routing_tables_and_is_still_reached_di
         tuning: sim::HostTuning::default(),
     };
     let (alice_host, bob_host) = (person(10, true), person(11, false));
-    let alice_disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
-    let bob_disk = sim::HostDisk::person("bob", clock.now_ms(), None).unwrap();
-    let alice = sim::start_person_on(&net, &alice_host, &alice_disk, clock.clone())
-        .await
-        .unwrap();
-    let bob = sim::start_person_on(&net, &bob_host, &bob_disk, clock.clone())
-        .await
-        .unwrap();
+    let ((_alice_disk, alice), (_bob_disk, bob)) = start_alice_and_bob(&net, &clock, &alice_host, &bob_host).await;
     let (a, b) = (alice.handle(), bob.handle());
     let relay = r1.handle();
     let bob_device = b.devices().unwrap()[0].device_key;
