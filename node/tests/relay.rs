@@ -526,8 +526,13 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
         s
     };
     let mut attempts: Vec<(&'static str, pb::MailboxRequest, &'static str, MailboxError)> = Vec::new();
+    let relay_id = relay.peer.to_bytes();
     for i in 0..1000u64 {
         let nonce: [u8; 16] = rand::random();
+        // `seed` signing `op` with `arg` for `inbox` on this relay, now, with this round's nonce.
+        let signed = |seed: &[u8; 32], op: Op, inbox: &[u8; 32], arg: u64| {
+            mb::sign_auth(seed, op, &relay_id, inbox, now, nonce, arg)
+        };
         let even = (i / 10) % 2 == 0;
         let skew = mb::AUTH_WINDOW_MS + 1 + rand::random::<u64>() % DAY_MS;
         let attempt = match i % 10 {
@@ -548,26 +553,9 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
             1 => {
                 let seed: [u8; 32] = rand::random();
                 let req = if even {
-                    fetch(
-                        &alice.inbox,
-                        false,
-                        0,
-                        mb::sign_auth(&seed, Op::Fetch, &relay.peer.to_bytes(), &alice.inbox, now, nonce, 0),
-                    )
+                    fetch(&alice.inbox, false, 0, signed(&seed, Op::Fetch, &alice.inbox, 0))
                 } else {
-                    ack(
-                        &alice.inbox,
-                        u64::MAX,
-                        mb::sign_auth(
-                            &seed,
-                            Op::Ack,
-                            &relay.peer.to_bytes(),
-                            &alice.inbox,
-                            now,
-                            nonce,
-                            u64::MAX,
-                        ),
-                    )
+                    ack(&alice.inbox, u64::MAX, signed(&seed, Op::Ack, &alice.inbox, u64::MAX))
                 };
                 ("random key signing for alice's inbox", req, MailboxError::Unauthorized)
             }
@@ -591,29 +579,13 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
                         &alice.inbox,
                         false,
                         0,
-                        mb::sign_auth(
-                            &mallory.seed,
-                            Op::Fetch,
-                            &relay.peer.to_bytes(),
-                            &alice.inbox,
-                            now,
-                            nonce,
-                            0,
-                        ),
+                        signed(&mallory.seed, Op::Fetch, &alice.inbox, 0),
                     )
                 } else {
                     ack(
                         &alice.inbox,
                         u64::MAX,
-                        mb::sign_auth(
-                            &mallory.seed,
-                            Op::Ack,
-                            &relay.peer.to_bytes(),
-                            &alice.inbox,
-                            now,
-                            nonce,
-                            u64::MAX,
-                        ),
+                        signed(&mallory.seed, Op::Ack, &alice.inbox, u64::MAX),
                     )
                 };
                 (
@@ -655,33 +627,12 @@ async fn unauthorised_fetch_and_ack_attempts_all_fail() {
             8 => {
                 let signed_for = if even { &mallory.inbox } else { &random_inbox };
                 let req = if (i / 20) % 2 == 0 {
-                    fetch(
-                        &alice.inbox,
-                        false,
-                        0,
-                        mb::sign_auth(
-                            &alice.seed,
-                            Op::Fetch,
-                            &relay.peer.to_bytes(),
-                            signed_for,
-                            now,
-                            nonce,
-                            0,
-                        ),
-                    )
+                    fetch(&alice.inbox, false, 0, signed(&alice.seed, Op::Fetch, signed_for, 0))
                 } else {
                     ack(
                         &alice.inbox,
                         u64::MAX,
-                        mb::sign_auth(
-                            &alice.seed,
-                            Op::Ack,
-                            &relay.peer.to_bytes(),
-                            signed_for,
-                            now,
-                            nonce,
-                            u64::MAX,
-                        ),
+                        signed(&alice.seed, Op::Ack, signed_for, u64::MAX),
                     )
                 };
                 (
