@@ -204,6 +204,17 @@ pub enum DhtMode {
     Auto,
 }
 
+impl DhtMode {
+    /// Whether a node in this mode serves the DHT, given whether it is publicly reachable.
+    pub fn is_server(self, public: bool) -> bool {
+        match self {
+            DhtMode::Server => true,
+            DhtMode::Client => false,
+            DhtMode::Auto => public,
+        }
+    }
+}
+
 /// One class of nodes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,7 +5,7 @@
 use rand::Rng;
 
 use crate::rng::{self, SimRng, stream};
-use crate::scenario::{DhtMode, Fault, MICROS_PER_MS, Role, Scenario};
+use crate::scenario::{Fault, MICROS_PER_MS, Role, Scenario};
 
 /// A host's NAT class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,8 +24,9 @@ pub struct Host {
     /// One-way delay of its access link, µs.
     pub access_us: u32,
     pub mbps: f32,
-    /// Answers DHT queries and sits in others' routing tables (the class's
-    /// `dht`; relays always).
+    /// The class's `dht` mode for this host (relays always serve). A host
+    /// behind a NAT still never serves in Tier A: `sim::start_person_on`
+    /// makes only reachable hosts DHT servers.
     pub dht_server: bool,
 }
 
@@ -143,12 +144,7 @@ impl Plan {
                 };
                 let relay = class.role == Role::Relay;
                 let nat = if relay { Nat::Public } else { nat };
-                let dht_server = relay
-                    || match class.dht() {
-                        DhtMode::Server => true,
-                        DhtMode::Client => false,
-                        DhtMode::Auto => nat == Nat::Public,
-                    };
+                let dht_server = relay || class.dht().is_server(nat == Nat::Public);
                 let index = hosts.len();
                 hosts.push(Host {
                     relay,

@@ -12,7 +12,7 @@ use super::{
     queue,
 };
 use crate::rng::{self, stream};
-use crate::scenario::{DhtMode, Fault, MICROS_PER_MS, Role, Scenario};
+use crate::scenario::{Fault, MICROS_PER_MS, Role, Scenario};
 use crate::trace::Recorder;
 
 pub(super) fn build<'a>(sc: &'a Scenario, seed: u64, rec: Recorder<'a>) -> World<'a> {
@@ -58,11 +58,7 @@ pub(super) fn build<'a>(sc: &'a Scenario, seed: u64, rec: Recorder<'a>) -> World
                     NodeRole::Client(client_homes.len() as u32 - 1)
                 }
             };
-            let dht_server = match class.dht() {
-                DhtMode::Server => true,
-                DhtMode::Client => false,
-                DhtMode::Auto => nat == Nat::Public,
-            };
+            let dht_server = class.dht().is_server(nat == Nat::Public);
             nodes.push(Node {
                 key: key::random_key(&mut r),
                 subnet: r.r#gen(),
