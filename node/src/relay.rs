@@ -306,6 +306,8 @@ struct PushDone {
 pub struct MailboxService {
     opts: RelayOptions,
     net: Network,
+    /// This relay's peer id as bytes: what owners' requests must name (owner auth).
+    own_id: Vec<u8>,
     clock: Clock,
     signer: Arc<mb::ReceiptSigner>,
     /// How many blocking threads verify or sign at once.
@@ -627,6 +629,7 @@ impl MailboxService {
         let parallel = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
         Self {
             opts,
+            own_id: net.peer_id().to_bytes(),
             net,
             clock,
             signer: Arc::new(mb::ReceiptSigner::new(&relay_seed)),
@@ -1033,7 +1036,7 @@ impl MailboxService {
         now: u64,
     ) -> Result<(), MailboxError> {
         let auth = auth.ok_or(MailboxError::Unauthorized)?;
-        let nonce = mb::verify_auth(auth, op, &self.net.peer_id().to_bytes(), inbox, arg, now)?;
+        let nonce = mb::verify_auth(auth, op, &self.own_id, inbox, arg, now)?;
         match self.blocking(move |m| m.check_nonce(&nonce, now)).await? {
             Ok(true) => Ok(()),
             Ok(false) => Err(MailboxError::Replayed),
