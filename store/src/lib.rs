@@ -108,8 +108,9 @@ pub type KnownPeer = (Vec<u8>, Vec<Vec<u8>>);
 pub const NODE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Page cache of a database that lives in memory: its pages are in memory
-/// already, so redb's cache would only hold second copies of them (a third of
-/// a megabyte per node in the simulator). A few pages still batch a commit's writes.
+/// already, so redb's cache would only hold second copies of them (about a
+/// third of a megabyte per node in the simulator; SIMULATOR.md, "smaller page
+/// caches", which measured the same CPU with this size).
 pub const IN_MEMORY_CACHE_BYTES: usize = 64 * 1024;
 
 /// The node's database.
