@@ -32,6 +32,7 @@ use crate::clock::Clock;
 use crate::codec::ProstCodec;
 
 mod boxed;
+mod keep_alive;
 use boxed::Boxed;
 
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0");
@@ -69,6 +70,7 @@ pub struct Behaviour {
     mailbox: MailboxBehaviour,
     link: LinkBehaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    keep_alive: keep_alive::KeepAlive,
 }
 
 /// Network errors reported to callers.
@@ -124,8 +126,13 @@ pub struct NetConfig {
 /// product's; the simulator sets them from a scenario's `[protocol]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetTuning {
-    /// A connection no protocol uses is closed after this long.
+    /// A connection no protocol uses is closed after this long: one that
+    /// served a DHT lookup, a deposit or a probe does not linger.
     pub idle_timeout: Duration,
+    /// A connection to a device we exchanged messages with stays open at
+    /// least this long after the last one (`keep_alive::KeepAlive`), so a
+    /// conversation does not dial (or punch a hole) for every message.
+    pub conversation_keep_alive: Duration,
     /// A whole DHT lookup gives up after this long.
     pub kad_query_timeout: Duration,
     /// DHT requests in flight per lookup (Kademlia's alpha).
@@ -143,7 +150,8 @@ pub struct NetTuning {
 impl Default for NetTuning {
     fn default() -> Self {
         Self {
-            idle_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(30),
+            conversation_keep_alive: Duration::from_secs(120),
             kad_query_timeout: Duration::from_secs(20),
             kad_parallelism: kad::ALPHA_VALUE,
             kad_replication: kad::K_VALUE,
@@ -584,6 +592,7 @@ fn behaviour(
         mailbox,
         link,
         mdns: mdns.into(),
+        keep_alive: keep_alive::KeepAlive::default(),
     }))
 }
 
@@ -753,6 +762,7 @@ pub async fn spawn(
         events: ev_tx,
         clock,
         metrics,
+        conversation_keep_alive: config.tuning.conversation_keep_alive,
         next_inbound: 0,
         inbound_deliver: HashMap::new(),
         inbound_key_package: HashMap::new(),
@@ -789,6 +799,8 @@ struct EventLoop {
     events: mpsc::Sender<NetEvent>,
     clock: Clock,
     metrics: Option<libp2p::metrics::Metrics>,
+    /// How long a conversation keeps its connections (`NetTuning`).
+    conversation_keep_alive: Duration,
     next_inbound: u64,
     inbound_deliver: HashMap<u64, ResponseChannel<pb::DeliverResponse>>,
     inbound_key_package: HashMap<u64, ResponseChannel<pb::KeyPackageResponse>>,
@@ -927,6 +939,7 @@ impl EventLoop {
         let b = self.swarm.behaviour_mut();
         match cmd {
             Command::Deliver { peer, request, reply } => {
+                b.keep_alive.keep(peer, self.conversation_keep_alive);
                 let id = b.deliver.send_request(&peer, request);
                 self.outbound_deliver.insert(id, reply);
             }
@@ -1094,6 +1107,8 @@ impl EventLoop {
                             warn!(%peer, "too many pending deliveries; dropping request");
                             return;
                         }
+                        let keep = self.conversation_keep_alive;
+                        self.swarm.behaviour_mut().keep_alive.keep(peer, keep);
                         let id = self.next_id();
                         self.inbound_deliver.insert(id, channel);
                         if self.events.send(NetEvent::Deliver { id, peer, request }).await.is_err() {

@@ -751,3 +751,76 @@ async fn a_public_dht_client_stays_out_of_routing_tables_and_is_still_reached_di
     }
     assert!(direct, "alice and bob hold a direct connection");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_conversation_keeps_its_connection_and_a_lookup_does_not() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
+    let mut tuning = sim::HostTuning::default();
+    // No refresh lookup dials anyone again during the test.
+    tuning.net.kad_refresh = Duration::from_secs(3600);
+    let (idle, kept, ping) = (
+        tuning.net.idle_timeout,
+        tuning.net.conversation_keep_alive,
+        tuning.net.ping_interval,
+    );
+    let person = |port: u64| sim::PersonHost {
+        port,
+        bootstrap: vec![r1_addr.clone()],
+        home_relays: vec![r1_addr.clone()],
+        reachable: true,
+        dht_server: true,
+        tuning: tuning.clone(),
+    };
+    // Charlie, a DHT server nobody writes to, is up first: alice's start-up
+    // lookups and her record's publication reach him.
+    let charlie_disk = sim::HostDisk::person("charlie", clock.now_ms(), None).unwrap();
+    let charlie = sim::start_person_on(&net, &person(12), &charlie_disk, clock.clone())
+        .await
+        .unwrap();
+    let ((_alice_disk, alice), (_bob_disk, bob)) = start_alice_and_bob(&net, &clock, &person(10), &person(11)).await;
+    let (a, b, c) = (alice.handle(), bob.handle(), charlie.handle().peer_id());
+    let mut reached_charlie = false;
+    for _ in 0..300 {
+        reached_charlie = !a.connections(c).await.is_empty();
+        if reached_charlie {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reached_charlie, "alice's start-up lookups connected her to charlie");
+
+    a.add_contact(&b.card().to_uri(), None).await.unwrap();
+    b.add_contact(&a.card().to_uri(), None).await.unwrap();
+    a.send_text(&acct(&b), "hello bob").await.unwrap();
+    until("bob reads alice", || b.history(&acct(&a)).unwrap().len() == 1).await;
+    b.send_text(&acct(&a), "hello alice").await.unwrap();
+    until("alice reads bob", || {
+        a.history(&acct(&b)).unwrap().iter().any(|m| !m.outgoing)
+    })
+    .await;
+
+    // Past the idle timeout and a ping, within the conversation's keep-alive.
+    tokio::time::sleep(idle + ping - Duration::from_secs(15)).await;
+    assert!(
+        a.connections(c).await.is_empty(),
+        "the lookups' connection closed once idle"
+    );
+    assert!(
+        !a.connections(b.peer_id()).await.is_empty(),
+        "the conversation's is kept"
+    );
+
+    // Past the keep-alive, the next ping (within a minute) and the idle
+    // timeout after it.
+    tokio::time::sleep(kept + Duration::from_secs(30)).await;
+    assert!(
+        a.connections(b.peer_id()).await.is_empty(),
+        "the conversation's connection closed once it went quiet"
+    );
+    assert!(
+        !a.connections(r1.handle().peer_id()).await.is_empty(),
+        "the home relay's connection stays: it holds the circuit reservation"
+    );
+}

@@ -102,6 +102,9 @@ enum Cmd {
 /// jemalloc keeps its bookkeeping outside the blocks it hands out, so memory
 /// reserved but never written (Kademlia's 256 buckets of room for 20 peers
 /// each, codec buffers) is not resident; see SIMULATOR.md, "Tier A performance".
+/// Its options are built in (`.cargo/config.toml`): freed pages go back to the
+/// system at once, not after 10 s of wall time, since a world frees as fast as
+/// it allocates and a run reports its peak of resident memory.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -526,6 +526,9 @@ pub struct ProtocolParams {
     pub circuit_max_duration: SimDuration,
     /// An unused connection is closed after this long.
     pub idle_timeout: SimDuration,
+    /// A connection to a device messages went to or came from stays open at least this long
+    /// after the last one (Tier A only).
+    pub conversation_keep_alive: SimDuration,
     /// Each side of a connection pings the other this often (libp2p ping; Tier A only).
     pub ping_interval: SimDuration,
     /// Each device renews its own keys in each of its groups this often: an MLS commit that
@@ -564,7 +567,10 @@ impl Default for ProtocolParams {
             retry_initial: SimDuration::from_millis(100),
             retry_max: SimDuration::from_secs(30),
             circuit_max_duration: SimDuration::from_secs(120),
-            idle_timeout: SimDuration::from_secs(120),
+            idle_timeout: SimDuration::from_std(tidings_node::net::NetTuning::default().idle_timeout),
+            conversation_keep_alive: SimDuration::from_std(
+                tidings_node::net::NetTuning::default().conversation_keep_alive,
+            ),
             ping_interval: SimDuration::from_std(tidings_node::net::NetTuning::default().ping_interval),
             key_update: SimDuration::from_std(tidings_node::NodeConfig::default().key_update_interval),
         }

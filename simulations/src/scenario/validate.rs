@@ -480,6 +480,11 @@ impl Scenario {
                 SimDuration::from_secs(1),
             ),
             ("protocol.idle_timeout", p.idle_timeout, SimDuration::from_secs(1)),
+            (
+                "protocol.conversation_keep_alive",
+                p.conversation_keep_alive,
+                SimDuration::from_secs(1),
+            ),
             ("protocol.ping_interval", p.ping_interval, SimDuration::from_secs(1)),
             ("protocol.key_update", p.key_update, SimDuration::from_secs(1)),
         ] {

@@ -195,6 +195,7 @@ fn host_tuning(p: &crate::scenario::ProtocolParams) -> sim::HostTuning {
     sim::HostTuning {
         net: tidings_node::net::NetTuning {
             idle_timeout: d(p.idle_timeout),
+            conversation_keep_alive: d(p.conversation_keep_alive),
             kad_query_timeout: d(p.kad_query_timeout),
             kad_parallelism: n(p.kad_alpha),
             kad_replication: n(p.kad_k),

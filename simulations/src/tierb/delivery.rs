@@ -518,10 +518,16 @@ impl World<'_> {
         let idx = c.conns.iter().position(|x| x.peer == peer)?;
         let conn = &c.conns[idx];
         let p = &self.nodes[peer as usize];
+        // Messages keep a connection for `conversation_keep_alive`, anything else for the idle
+        // timeout; deliveries are all this model sends over them.
+        let (idle, kept) = (
+            &self.sc.protocol.idle_timeout,
+            &self.sc.protocol.conversation_keep_alive,
+        );
         let believed = conn.connected
             && conn.my_session == me.session
             && self.now < conn.expires
-            && self.now.saturating_sub(conn.last_used) < self.sc.protocol.idle_timeout.micros()
+            && self.now.saturating_sub(conn.last_used) < idle.micros().max(kept.micros())
             && p.session == conn.peer_session
             && (p.online || p.silent_leave)
             && (conn.path != Path::Relayed || self.relay_epoch(conn.relay) == Some(conn.relay_epoch));
