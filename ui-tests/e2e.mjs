@@ -415,16 +415,18 @@ async function main() {
       await send(a, away);
       await row(a, away).locator('.ticks[data-state="stored"]').waitFor({ timeout: 45000 });
       await cluster.restartPerson(bob);
-      // bob's page reconnects on its own (or, if his node forgot the session, through a new link).
-      const back = await until('bob\'s page is live again', async () => {
-        if (await b.locator('#login').isVisible()) return 'login';
-        return (await b.locator('#conn').isHidden()) ? 'live' : false;
-      }, WAIT);
-      if (back === 'login') {
-        await b.goto(await bob.loginUrl(), { timeout: WAIT });
-        await b.waitForSelector('body[data-ready="1"]', { timeout: WAIT });
-      }
-      await b.locator(`.chat-item[data-chat="c:${alice.account}"]`).click({ timeout: WAIT });
+      // bob's page reconnects on its own or, since his node forgot the session, through a new
+      // link. The page may learn of the forgotten session only after it looked live again.
+      const bobsChat = b.locator(`.chat-item[data-chat="c:${alice.account}"]`);
+      await until('bob\'s page is live again', async () => {
+        if (await b.locator('#login').isVisible()) {
+          await b.goto(await bob.loginUrl(), { timeout: WAIT });
+          await b.waitForSelector('body[data-ready="1"]', { timeout: WAIT });
+          return false;
+        }
+        return (await b.locator('#conn').isHidden()) && (await bobsChat.isVisible());
+      }, 2 * WAIT);
+      await bobsChat.click({ timeout: WAIT });
       await row(b, away).waitFor({ timeout: 45000 });
       await row(a, away).locator('.ticks[data-state="read"]').waitFor({ timeout: WAIT });
       await a.screenshot({ path: join(OUT, 'alice-after-away.png') });

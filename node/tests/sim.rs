@@ -389,6 +389,20 @@ impl BobAway {
     }
 }
 
+/// Alice and bob add each other and write one message each way; returns once
+/// each has read the other's.
+async fn exchange_hellos(a: &NodeHandle, b: &NodeHandle) {
+    a.add_contact(&b.card().to_uri(), None).await.unwrap();
+    b.add_contact(&a.card().to_uri(), None).await.unwrap();
+    a.send_text(&acct(b), "hello bob").await.unwrap();
+    until("bob reads alice", || b.history(&acct(a)).unwrap().len() == 1).await;
+    b.send_text(&acct(a), "hello alice").await.unwrap();
+    until("alice reads bob", || {
+        a.history(&acct(b)).unwrap().iter().any(|m| !m.outgoing)
+    })
+    .await;
+}
+
 /// What `b` shows from `from`: (id, text), in order.
 fn shown_from(b: &NodeHandle, from: &str) -> Vec<(String, String)> {
     b.history(from)
@@ -731,15 +745,7 @@ async fn a_public_dht_client_stays_out_of_routing_tables_and_is_still_reached_di
         "the relay's table holds alice, a DHT server, and not bob"
     );
 
-    a.add_contact(&b.card().to_uri(), None).await.unwrap();
-    b.add_contact(&a.card().to_uri(), None).await.unwrap();
-    a.send_text(&acct(&b), "hello bob").await.unwrap();
-    until("bob reads alice", || b.history(&acct(&a)).unwrap().len() == 1).await;
-    b.send_text(&acct(&a), "hello alice").await.unwrap();
-    until("alice reads bob", || {
-        a.history(&acct(&b)).unwrap().iter().any(|m| !m.outgoing)
-    })
-    .await;
+    exchange_hellos(&a, &b).await;
     let mut direct = false;
     for _ in 0..100 {
         let conns = a.connections(b.peer_id()).await;
@@ -791,15 +797,7 @@ async fn a_conversation_keeps_its_connection_and_a_lookup_does_not() {
     }
     assert!(reached_charlie, "alice's start-up lookups connected her to charlie");
 
-    a.add_contact(&b.card().to_uri(), None).await.unwrap();
-    b.add_contact(&a.card().to_uri(), None).await.unwrap();
-    a.send_text(&acct(&b), "hello bob").await.unwrap();
-    until("bob reads alice", || b.history(&acct(&a)).unwrap().len() == 1).await;
-    b.send_text(&acct(&a), "hello alice").await.unwrap();
-    until("alice reads bob", || {
-        a.history(&acct(&b)).unwrap().iter().any(|m| !m.outgoing)
-    })
-    .await;
+    exchange_hellos(&a, &b).await;
 
     // Past the idle timeout and a ping, within the conversation's keep-alive.
     tokio::time::sleep(idle + ping - Duration::from_secs(15)).await;
