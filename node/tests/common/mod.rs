@@ -53,8 +53,13 @@ pub async fn befriend(a: &NodeHandle, b: &NodeHandle) {
 }
 
 /// Polls `f` until it returns true or the timeout passes.
-pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
+pub async fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(TIMEOUT, what, f).await
+}
+
+/// Like [`eventually`], with a timeout of its own.
+pub async fn eventually_within(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
     while !f() {
         if tokio::time::Instant::now() > deadline {
             panic!("timed out waiting for: {what}");
