@@ -527,7 +527,8 @@ pub struct ProtocolParams {
     /// An unused connection is closed after this long.
     pub idle_timeout: SimDuration,
     /// A connection to a device messages went to or came from stays open at least this long
-    /// after the last one (Tier A only).
+    /// after the last one (Tier B: its contact connections last the longer of this and
+    /// `idle_timeout`).
     pub conversation_keep_alive: SimDuration,
     /// Each side of a connection pings the other this often (libp2p ping; Tier A only).
     pub ping_interval: SimDuration,

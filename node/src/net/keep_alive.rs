@@ -41,9 +41,9 @@ pub struct KeepAlive {
 impl KeepAlive {
     /// Keeps every connection to `peer` open for at least `period` from now.
     pub fn keep(&mut self, peer: PeerId, period: Duration) {
-        let until = Instant::now() + period;
+        let now = Instant::now();
+        let until = now + period;
         if self.until.len() >= MAX_MARKED && !self.until.contains_key(&peer) {
-            let now = Instant::now();
             self.until.retain(|_, u| *u > now);
             if self.until.len() >= MAX_MARKED {
                 return;
