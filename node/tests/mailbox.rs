@@ -23,20 +23,23 @@ async fn talking(base: &std::path::Path, r: &Relays) -> (tidings_node::Node, tid
     befriend(&a, &b).await;
     a.send_text(&acct(&b), "hello").await.unwrap();
     eventually("bob got hello", || b.history(&acct(&a)).unwrap().len() == 1).await;
-    // A delivery bob was slow to answer (over 5 s, under load) also went to
-    // his relays. A push drains it at once, his next mailbox round (60 s) at
-    // the latest. Only then do the tests' counts of what the relays hold start
-    // from nothing.
-    let deadline = tokio::time::Instant::now() + 2 * tidings_node::node::MAILBOX_RECHECK + Duration::from_secs(30);
+    // A delivery bob was slow to answer (over 5 s, under load) also goes to
+    // his relays, and "hello" leaves alice's outbox only once that copy is in
+    // their custody: wait for that first, or the copy may land after the
+    // relays were seen empty. A push drains it at once, bob's next mailbox
+    // round (60 s) at the latest. Only then do the tests' counts of what the
+    // relays hold start from nothing.
+    eventually("hello settled in alice's outbox", || {
+        a.store().outbox_len().unwrap() == 0
+    })
+    .await;
+    let wait = 2 * tidings_node::node::MAILBOX_RECHECK + Duration::from_secs(30);
     for relay in &r.nodes {
         let mailboxes = relay.relay_mailboxes().unwrap();
-        while mailboxes.stats().unwrap().envelopes != 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "bob's relays still hold mail for him"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually_within(wait, "bob's relays hold no mail for him", || {
+            mailboxes.stats().unwrap().envelopes == 0
+        })
+        .await;
     }
     (a_node, b_node)
 }
