@@ -2,6 +2,10 @@
 //! node: most of a real node's cost is memory. Elsewhere every reading is `None`.
 
 use std::fs;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The highest peak of the phases closed by [`close_phase`] since the last [`reset_peak`].
+static CLOSED_PHASES_PEAK: AtomicU64 = AtomicU64::new(0);
 
 /// `bytes` in MiB, as the outputs report memory.
 pub fn mib(bytes: u64) -> f64 {
@@ -13,8 +17,16 @@ pub fn resident_bytes() -> Option<u64> {
     status_field("VmRSS:")
 }
 
-/// The highest resident set size since the start or the last [`reset_peak`], in bytes (`VmHWM`).
+/// The highest resident set size since the start or the last [`reset_peak`], in bytes: the
+/// kernel's `VmHWM`, or the peak of a phase closed before it, if higher.
 pub fn peak_bytes() -> Option<u64> {
+    let hwm = phase_peak_bytes()?;
+    Some(hwm.max(CLOSED_PHASES_PEAK.load(Ordering::Relaxed)))
+}
+
+/// The highest resident set size since the last [`reset_peak`] or [`close_phase`], in bytes
+/// (`VmHWM`).
+pub fn phase_peak_bytes() -> Option<u64> {
     status_field("VmHWM:")
 }
 
@@ -22,6 +34,22 @@ pub fn peak_bytes() -> Option<u64> {
 /// an earlier run's in the same process (`calibrate` runs several). Best effort: a kernel that
 /// refuses leaves the peak as it was.
 pub fn reset_peak() {
+    CLOSED_PHASES_PEAK.store(0, Ordering::Relaxed);
+    clear_hwm();
+}
+
+/// Ends a phase of the run: returns its peak ([`phase_peak_bytes`]) and starts the next phase's
+/// from the current resident size, while [`peak_bytes`] keeps counting both. Tier A closes its
+/// set-up this way, when every client has run at once. Best effort, as [`reset_peak`]: where the
+/// kernel refuses, the next phase's peak includes this one's.
+pub fn close_phase() -> Option<u64> {
+    let peak = phase_peak_bytes()?;
+    CLOSED_PHASES_PEAK.fetch_max(peak, Ordering::Relaxed);
+    clear_hwm();
+    Some(peak)
+}
+
+fn clear_hwm() {
     let _ = fs::write("/proc/self/clear_refs", "5");
 }
 
@@ -61,5 +89,19 @@ mod tests {
         let peak = peak_bytes().expect("VmHWM on Linux");
         assert!(now > 0);
         assert!(peak >= now);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_closed_phase_still_counts_in_the_peak() {
+        // A phase that touched 64 MiB, then freed it: the next phase starts lower, the whole
+        // peak stays at least as high as the closed phase's.
+        let big = vec![1u8; 64 << 20];
+        std::hint::black_box(&big);
+        drop(big);
+        let first = close_phase().expect("VmHWM on Linux");
+        let next = phase_peak_bytes().expect("VmHWM on Linux");
+        assert!(peak_bytes().expect("VmHWM on Linux") >= first);
+        assert!(peak_bytes().expect("VmHWM on Linux") >= next);
     }
 }

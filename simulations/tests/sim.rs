@@ -434,6 +434,14 @@ fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_ever
             (summary["memory_per_node_mib"] - peak / summary["nodes"]).abs() < 1e-9,
             "{summary:?}"
         );
+        // The peak is the higher of the set-up's and the measured run's.
+        let (setup, run) = (summary["memory_setup_peak_mib"], summary["memory_run_peak_mib"]);
+        assert!(setup > 1.0 && run > 1.0, "{summary:?}");
+        assert!((peak - setup.max(run)).abs() < 0.1, "{summary:?}");
+        assert!(
+            (summary["memory_run_per_node_mib"] - run / summary["nodes"]).abs() < 1e-9,
+            "{summary:?}"
+        );
     }
 }
 

@@ -165,6 +165,8 @@ struct World<'s> {
     links: Arc<links::Links>,
     clock: Clock,
     t0: Instant,
+    /// The process's peak resident memory over the set-up, when every client ran at once.
+    setup_peak: Option<u64>,
     relay_disks: Vec<HostDisk>,
     /// The scenario's `[protocol]` settings as every node takes them.
     tuning: sim::HostTuning,
@@ -322,6 +324,7 @@ impl<'s> World<'s> {
             links,
             clock,
             t0,
+            setup_peak: None,
             relay_disks,
             tuning,
             relay_addrs,
@@ -383,6 +386,7 @@ impl<'s> World<'s> {
         world.provision(&mut started).await;
         // The run's clock starts now: the set-up above is what happened before it.
         world.t0 = Instant::now();
+        world.setup_peak = crate::memory::close_phase();
         for (ci, node) in started.into_iter().enumerate() {
             let Some(node) = node else { continue };
             if world.plan.clients[ci].online_at(0) {
@@ -897,13 +901,21 @@ impl<'s> World<'s> {
              relays {r_mean:.1} (most {r_max}); public clients {p_mean:.1} (most {p_max}), \
              clients behind a NAT {n_mean:.1} (most {n_max})"
         );
-        // Read before the nodes stop: the peak is the run's (reset when it started). NaN off Linux.
+        // Read before the nodes stop. The set-up runs every client at once (to hand out cards and
+        // make groups), so its peak is reported apart from the measured run's. NaN off Linux.
         let peak_mib = crate::memory::peak_bytes().map_or(f64::NAN, crate::memory::mib);
-        let per_node_mib = peak_mib / self.plan.hosts.len().max(1) as f64;
+        let run_peak_mib = crate::memory::phase_peak_bytes().map_or(f64::NAN, crate::memory::mib);
+        let setup_peak_mib = self.setup_peak.map_or(f64::NAN, crate::memory::mib);
+        let hosts = self.plan.hosts.len().max(1) as f64;
+        let per_node_mib = peak_mib / hosts;
         if peak_mib.is_finite() {
             eprintln!(
-                "tier A memory: peak {:.2} GiB, {per_node_mib:.2} MiB per node",
-                peak_mib / 1024.0
+                "tier A memory: peak {:.2} GiB, {per_node_mib:.2} MiB per node; set-up {:.2} GiB, \
+                 measured run {:.2} GiB ({:.2} MiB per node)",
+                peak_mib / 1024.0,
+                setup_peak_mib / 1024.0,
+                run_peak_mib / 1024.0,
+                run_peak_mib / hosts,
             );
         }
         let states = self.group_states().await;
@@ -1119,6 +1131,9 @@ impl<'s> World<'s> {
         // The process's peak resident memory over the run, whole and per node.
         put("memory_peak_mib", peak_mib);
         put("memory_per_node_mib", per_node_mib);
+        put("memory_setup_peak_mib", setup_peak_mib);
+        put("memory_run_peak_mib", run_peak_mib);
+        put("memory_run_per_node_mib", run_peak_mib / hosts);
         // How many commits the groups went through (epoch 1: the members were added).
         put(
             "group_epoch_mean",
