@@ -20,6 +20,7 @@
 
 mod chats;
 pub mod mailbox;
+pub mod memory;
 pub mod mls_storage;
 pub mod schema;
 pub mod seal;
@@ -140,7 +141,7 @@ impl Store {
     pub fn open_in_memory() -> Result<Self> {
         let db = Database::builder()
             .set_cache_size(IN_MEMORY_CACHE_BYTES)
-            .create_with_backend(redb::backends::InMemoryBackend::new())?;
+            .create_with_backend(memory::PagedMemory::new())?;
         Self::init(db)
     }
 

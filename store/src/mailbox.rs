@@ -183,7 +183,7 @@ impl Mailboxes {
     pub fn open_in_memory(limits: MailboxLimits) -> Result<Self> {
         let db = Self::builder(&limits)
             .set_cache_size(crate::IN_MEMORY_CACHE_BYTES.min(usize::try_from(limits.cache_bytes).unwrap_or(usize::MAX)))
-            .create_with_backend(redb::backends::InMemoryBackend::new())?;
+            .create_with_backend(crate::memory::PagedMemory::new())?;
         Self::init(db, limits)
     }
 
