@@ -347,6 +347,7 @@ impl<'s> World<'s> {
         // Everyone starts once to learn their card; the contacts are exchanged like cards handed
         // over in person; then those offline at the start stop.
         let mut started = Vec::new();
+        let mut first_publications = Vec::new();
         let clients = world.plan.clients.len();
         let gap = Duration::from_micros(sc.start_spread.micros()) / u32::try_from(clients.max(1)).unwrap_or(u32::MAX);
         for ci in 0..clients {
@@ -361,6 +362,13 @@ impl<'s> World<'s> {
             world.cards.push(h.card().to_uri());
             world.clients.push(None);
             started.push(node);
+            // A device publishes its user record on its first start, as `tidings run` does; the
+            // run's publisher then finds it published and republishes it an interval later. So
+            // the publications are spread like the starts, not all at the run's first second.
+            // One that fails is left to the run's publisher, which finds it due.
+            first_publications.push(tokio::spawn(async move {
+                let _ = h.publish_record().await;
+            }));
         }
         world.account_index = Arc::new(
             world
@@ -384,6 +392,9 @@ impl<'s> World<'s> {
         world.make_groups(&started).await;
         let mut started: Vec<Option<tidings_node::Node>> = started.into_iter().map(Some).collect();
         world.provision(&mut started).await;
+        for p in first_publications {
+            let _ = p.await;
+        }
         // The run's clock starts now: the set-up above is what happened before it.
         world.t0 = Instant::now();
         world.setup_peak = crate::memory::close_phase();
