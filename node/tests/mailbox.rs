@@ -154,7 +154,8 @@ async fn relay_that_drops_accepted_mail_is_caught_by_the_recipient_and_the_mail_
         .collect();
     let last_dropped = *dropped_indices.iter().max().unwrap();
     // What it deletes: everything up to the last of them. That is those three,
-    // and any copy alice deposited twice (a retried deposit) before them.
+    // and anything else it still held before them (an envelope deposited twice
+    // or a late copy of an earlier message would be; which, was never seen).
     let (held, _) = bad.relay_mailboxes().unwrap().fetch(&inbox, false, 0, 100, 0).unwrap();
     let deleted: Vec<u64> = held.iter().map(|e| e.index).filter(|i| *i <= last_dropped).collect();
     assert!(dropped_indices.iter().all(|i| deleted.contains(i)));
