@@ -45,6 +45,12 @@ pub struct Scenario {
     /// starts with its routing tables warm and ignores it.
     #[serde(default)]
     pub start_spread: SimDuration,
+    /// Tier A: the relays start one after another over this much virtual time, before the
+    /// clients, instead of all at once. Each relay's first bootstrap dials a good part of the
+    /// other DHT servers; in a big world, all at once, those connections make the set-up's memory
+    /// peak. Tier B ignores it.
+    #[serde(default)]
+    pub relay_start_spread: SimDuration,
     #[serde(default)]
     pub network: Network,
     /// Node classes; at least one relay class and one client class.

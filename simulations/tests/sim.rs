@@ -156,6 +156,17 @@ fn out_of_range_values_name_the_field() {
         Err(ScenarioError::OutOfRange { field, .. }) => assert_eq!(field, "start_spread"),
         other => panic!("{other:?}"),
     }
+    let relay_spread = |d: &str| {
+        Scenario::from_toml(&MINIMAL.replace(
+            "duration = \"1m\"",
+            &format!("duration = \"1m\"\nrelay_start_spread = \"{d}\""),
+        ))
+    };
+    assert_eq!(relay_spread("90s").unwrap().relay_start_spread.as_secs_f64(), 90.0);
+    match relay_spread("2d") {
+        Err(ScenarioError::OutOfRange { field, .. }) => assert_eq!(field, "relay_start_spread"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -346,6 +357,7 @@ fn run_tier_a(
 const TIER_A_SMALL: &str = r#"
 name = "tier-a-small"
 duration = "4m"
+relay_start_spread = "6s"
 seed = 7
 
 [[population]]

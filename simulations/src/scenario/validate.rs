@@ -79,13 +79,13 @@ impl Scenario {
                 "between 1 µs and 366 days",
             )?;
         }
-        if self.start_spread > SimDuration::from_secs(86_400) {
-            range(
-                "start_spread",
-                self.start_spread.as_secs_f64(),
-                false,
-                "at most one day",
-            )?;
+        for (field, spread) in [
+            ("start_spread", self.start_spread),
+            ("relay_start_spread", self.relay_start_spread),
+        ] {
+            if spread > SimDuration::from_secs(86_400) {
+                range(field, spread.as_secs_f64(), false, "at most one day")?;
+            }
         }
         self.validate_network()?;
         self.validate_population()?;

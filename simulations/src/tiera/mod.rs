@@ -253,7 +253,7 @@ pub fn run(sc: &Scenario, opts: RunOptions<'_>) -> Result<RunResult, TierAError>
         .start_paused(true)
         .build()
         .map_err(TierAError::Runtime)?;
-    let mut world = runtime.block_on(World::start(sc, plan, seed))?;
+    let mut world = runtime.block_on(World::start(sc, plan, seed, progress.is_some()))?;
     runtime.block_on(world.drive(&mut progress))?;
     let result = runtime.block_on(world.finish(events))?;
     drop(world);
@@ -262,8 +262,15 @@ pub fn run(sc: &Scenario, opts: RunOptions<'_>) -> Result<RunResult, TierAError>
 }
 
 impl<'s> World<'s> {
-    async fn start(sc: &'s Scenario, plan: Plan, seed: u64) -> Result<World<'s>, TierAError> {
+    async fn start(sc: &'s Scenario, plan: Plan, seed: u64, report: bool) -> Result<World<'s>, TierAError> {
         let t0 = Instant::now();
+        // Milestones of a long set-up on stderr (not with --quiet), with the wall time so far.
+        let wall = std::time::Instant::now();
+        let milestone = |what: &str| {
+            if report {
+                eprintln!("tier A set-up: {what} ({:.0} s)", wall.elapsed().as_secs_f64());
+            }
+        };
         let links = Arc::new(links::Links::new(
             &plan,
             sc.network.jitter,
@@ -288,7 +295,12 @@ impl<'s> World<'s> {
         let mut relay_disks = Vec::new();
         let mut relay_addrs: Vec<Multiaddr> = Vec::new();
         let mut relays = Vec::new();
-        for &h in &plan.relays {
+        let relay_gap = Duration::from_micros(sc.relay_start_spread.micros())
+            / u32::try_from(plan.relays.len().max(1)).unwrap_or(u32::MAX);
+        for (ri, &h) in plan.relays.iter().enumerate() {
+            if ri > 0 && !relay_gap.is_zero() {
+                tokio::time::sleep(relay_gap).await;
+            }
             let disk = HostDisk::relay(clock.now_ms(), Some(host_seed(seed, h))).map_err(fail(h))?;
             let boot: Vec<Multiaddr> = relay_addrs.first().cloned().into_iter().collect();
             let node = sim::start_relay_on(&net, port(h), &disk, boot, clock.clone(), &tuning)
@@ -299,6 +311,7 @@ impl<'s> World<'s> {
             relays.push(Some(node));
         }
 
+        milestone(&format!("{} relays started", relays.len()));
         let mut pr = rng::rng(seed, stream::POPULATION | (1 << 40));
         let mut disks = Vec::new();
         let mut hosts = Vec::new();
@@ -358,6 +371,9 @@ impl<'s> World<'s> {
                 .await
                 .map_err(fail(world.plan.clients[ci].host))?;
             let h = node.handle();
+            if (ci + 1) % (clients / 10).max(1) == 0 && ci + 1 < clients {
+                milestone(&format!("{} of {clients} clients started", ci + 1));
+            }
             world.accounts.push(*h.account().as_bytes());
             world.cards.push(h.card().to_uri());
             world.clients.push(None);
@@ -370,6 +386,7 @@ impl<'s> World<'s> {
                 let _ = h.publish_record().await;
             }));
         }
+        milestone(&format!("{clients} clients started"));
         world.account_index = Arc::new(
             world
                 .accounts
@@ -390,8 +407,10 @@ impl<'s> World<'s> {
             }
         }
         world.make_groups(&started).await;
+        milestone(&format!("{} groups made", world.group_ids.iter().flatten().count()));
         let mut started: Vec<Option<tidings_node::Node>> = started.into_iter().map(Some).collect();
         world.provision(&mut started).await;
+        milestone("key packages of the clients offline at the start published");
         for p in first_publications {
             let _ = p.await;
         }
