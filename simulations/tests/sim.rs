@@ -145,27 +145,23 @@ fn out_of_range_values_name_the_field() {
         ScenarioError::OutOfRange { field, .. } => assert_eq!(field, "adversaries.dropping_relays"),
         e => panic!("{e}"),
     }
-    let spread = |d: &str| {
-        Scenario::from_toml(&MINIMAL.replace(
-            "duration = \"1m\"",
-            &format!("duration = \"1m\"\nstart_spread = \"{d}\""),
-        ))
+    // Both start spreads: taken as given, and refused beyond a day.
+    let spread = |key: &str, d: &str| {
+        Scenario::from_toml(&MINIMAL.replace("duration = \"1m\"", &format!("duration = \"1m\"\n{key} = \"{d}\"")))
     };
-    assert_eq!(spread("5m").unwrap().start_spread.as_secs_f64(), 300.0);
-    match spread("2d") {
-        Err(ScenarioError::OutOfRange { field, .. }) => assert_eq!(field, "start_spread"),
-        other => panic!("{other:?}"),
-    }
-    let relay_spread = |d: &str| {
-        Scenario::from_toml(&MINIMAL.replace(
-            "duration = \"1m\"",
-            &format!("duration = \"1m\"\nrelay_start_spread = \"{d}\""),
-        ))
-    };
-    assert_eq!(relay_spread("90s").unwrap().relay_start_spread.as_secs_f64(), 90.0);
-    match relay_spread("2d") {
-        Err(ScenarioError::OutOfRange { field, .. }) => assert_eq!(field, "relay_start_spread"),
-        other => panic!("{other:?}"),
+    assert_eq!(spread("start_spread", "5m").unwrap().start_spread.as_secs_f64(), 300.0);
+    assert_eq!(
+        spread("relay_start_spread", "90s")
+            .unwrap()
+            .relay_start_spread
+            .as_secs_f64(),
+        90.0
+    );
+    for key in ["start_spread", "relay_start_spread"] {
+        match spread(key, "2d") {
+            Err(ScenarioError::OutOfRange { field, .. }) => assert_eq!(field, key),
+            other => panic!("{other:?}"),
+        }
     }
 }
 
