@@ -933,13 +933,9 @@ impl<'s> World<'s> {
         );
         // Read before the nodes stop. The set-up runs every client at once (to hand out cards and
         // make groups), so its peak is reported apart from the measured run's. NaN off Linux.
-        // A sample can read above the kernel's high-water mark (seen once in CI, by 0.15 MiB;
-        // most likely a peak jemalloc gave back with `madvise` before the mark was next
-        // updated), so the samples count too.
-        let sampled = self.samples.iter().filter_map(|s| s.rss_bytes).max();
-        let with_samples = |peak: Option<u64>| peak.max(sampled).map_or(f64::NAN, crate::memory::mib);
-        let peak_mib = with_samples(crate::memory::peak_bytes());
-        let run_peak_mib = with_samples(crate::memory::phase_peak_bytes());
+        // Both count the `rss_mib` samples (`memory::resident_bytes`).
+        let peak_mib = crate::memory::peak_bytes().map_or(f64::NAN, crate::memory::mib);
+        let run_peak_mib = crate::memory::phase_peak_bytes().map_or(f64::NAN, crate::memory::mib);
         let setup_peak_mib = self.setup_peak.map_or(f64::NAN, crate::memory::mib);
         let hosts = self.plan.hosts.len().max(1) as f64;
         let per_node_mib = peak_mib / hosts;
