@@ -46,9 +46,9 @@ pub struct Scenario {
     #[serde(default)]
     pub start_spread: SimDuration,
     /// Tier A: the relays start one after another over this much virtual time, before the
-    /// clients, instead of all at once. Each relay's first bootstrap dials a good part of the
-    /// other DHT servers; in a big world, all at once, those connections make the set-up's memory
-    /// peak. Tier B ignores it.
+    /// clients, instead of all at once. Relays started together bootstrap together (4.93 GiB at
+    /// a thousand relays, against 4.38 spread over 5 minutes) and refresh their routing tables
+    /// together every refresh period after. Tier B ignores it.
     #[serde(default)]
     pub relay_start_spread: SimDuration,
     #[serde(default)]

@@ -234,6 +234,11 @@ pub fn ignored_protocol_keys(p: &crate::scenario::ProtocolParams) -> Vec<&'stati
     .collect()
 }
 
+/// The time between two of `hosts` starts spread over `spread`.
+fn start_gap(spread: crate::scenario::SimDuration, hosts: usize) -> Duration {
+    Duration::from_micros(spread.micros()) / u32::try_from(hosts.max(1)).unwrap_or(u32::MAX)
+}
+
 /// Runs a scenario in Tier A.
 pub fn run(sc: &Scenario, opts: RunOptions<'_>) -> Result<RunResult, TierAError> {
     sc.validate()?;
@@ -295,8 +300,7 @@ impl<'s> World<'s> {
         let mut relay_disks = Vec::new();
         let mut relay_addrs: Vec<Multiaddr> = Vec::new();
         let mut relays = Vec::new();
-        let relay_gap = Duration::from_micros(sc.relay_start_spread.micros())
-            / u32::try_from(plan.relays.len().max(1)).unwrap_or(u32::MAX);
+        let relay_gap = start_gap(sc.relay_start_spread, plan.relays.len());
         for (ri, &h) in plan.relays.iter().enumerate() {
             if ri > 0 && !relay_gap.is_zero() {
                 tokio::time::sleep(relay_gap).await;
@@ -362,7 +366,7 @@ impl<'s> World<'s> {
         let mut started = Vec::new();
         let mut first_publications = Vec::new();
         let clients = world.plan.clients.len();
-        let gap = Duration::from_micros(sc.start_spread.micros()) / u32::try_from(clients.max(1)).unwrap_or(u32::MAX);
+        let gap = start_gap(sc.start_spread, clients);
         for ci in 0..clients {
             if ci > 0 && !gap.is_zero() {
                 tokio::time::sleep(gap).await;
