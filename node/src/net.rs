@@ -33,7 +33,9 @@ use crate::codec::ProstCodec;
 
 mod boxed;
 mod keep_alive;
+mod refresh;
 use boxed::Boxed;
+use refresh::BucketRefresh;
 
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0");
 pub const DELIVER_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/deliver/1");
@@ -139,7 +141,9 @@ pub struct NetTuning {
     pub kad_parallelism: std::num::NonZeroUsize,
     /// Bucket size and replication factor (Kademlia's k).
     pub kad_replication: std::num::NonZeroUsize,
-    /// How often the routing table is refreshed by a bootstrap lookup.
+    /// How often the routing table is refreshed: a client looks itself up
+    /// once a period; a DHT server looks up the buckets that have not changed
+    /// for a period (`net::refresh`).
     pub kad_refresh: Duration,
     /// How often each side of a connection pings the other. Nothing reads
     /// the round trips: pings only keep idle connections' NAT mappings fresh
@@ -496,7 +500,6 @@ struct BehaviourParams {
     relay: Option<RelayServerConfig>,
     request_timeout: Duration,
     tuning: NetTuning,
-    dht_server: bool,
 }
 
 fn behaviour(
@@ -513,11 +516,10 @@ fn behaviour(
         .set_parallelism(params.tuning.kad_parallelism)
         .set_replication_factor(params.tuning.kad_replication)
         .set_kbucket_size(params.tuning.kad_replication)
-        // A DHT server refreshes every bucket (libp2p's bootstrap: one lookup per
-        // bucket); a client, which nobody asks, only looks itself up again (see
-        // `EventLoop::run` and `BucketRefresh`), which keeps its table alive at a
-        // tenth of the dials.
-        .set_periodic_bootstrap_interval(params.dht_server.then_some(params.tuning.kad_refresh));
+        // The node refreshes its table itself (`EventLoop::run` and
+        // `refresh::BucketRefresh`): a DHT server only the buckets that have
+        // not changed for a period, a client by looking itself up.
+        .set_periodic_bootstrap_interval(None);
     let store = MemoryStore::with_config(
         peer_id,
         MemoryStoreConfig {
@@ -619,7 +621,6 @@ pub async fn spawn(
         relay: relay_cfg,
         request_timeout,
         tuning: config.tuning.clone(),
-        dht_server: config.dht_server,
     };
     let idle_timeout = config.tuning.idle_timeout;
     let idle = move |c: libp2p::swarm::Config| c.with_idle_connection_timeout(idle_timeout);
@@ -779,6 +780,7 @@ pub async fn spawn(
         connections: HashMap::new(),
         hole_punches: 0,
         refresh: BucketRefresh::new(
+            peer_id,
             config.dht_server,
             config.tuning.kad_refresh,
             tokio::time::Instant::now(),
@@ -818,61 +820,8 @@ struct EventLoop {
     hole_punches: u64,
     /// Peer and remote address of each open connection.
     connections: HashMap<ConnectionId, (PeerId, Multiaddr)>,
-    /// Which bootstraps refresh the routing table's buckets (see `BucketRefresh`).
-    refresh: BucketRefresh<kad::QueryId>,
-}
-
-/// Which of libp2p-kad's bootstraps go on from their self-lookup to refresh
-/// every bucket, one lookup each (about eight lookups at a thousand DHT servers).
-///
-/// libp2p bootstraps on its own whenever a peer joins a routing table that
-/// holds fewer than 20, so a starting node bootstraps twice: once when it
-/// dials its bootstrap peers and again at once, because the first bootstrap
-/// fills the table past those 20 one peer at a time. Only DHT servers, which
-/// answer other nodes' lookups, refresh their buckets: first with libp2p's
-/// periodic bootstrap one refresh period after they start, then at most once
-/// per half period. At the start a self-lookup is what matters: it meets the
-/// neighbours, which add the new server to their tables, and lookups for keys
-/// near it then reach it. A client only looks things up; a self-lookup finds
-/// it its neighbourhood, and each lookup adds the peers it meets to the table.
-struct BucketRefresh<Q> {
-    dht_server: bool,
-    period: Duration,
-    /// The bootstrap refreshing now, and when the last refresh (or the start) was.
-    running: Option<Q>,
-    last: tokio::time::Instant,
-}
-
-impl<Q: PartialEq + Copy> BucketRefresh<Q> {
-    fn new(dht_server: bool, period: Duration, started: tokio::time::Instant) -> Self {
-        Self {
-            dht_server,
-            period,
-            running: None,
-            last: started,
-        }
-    }
-
-    /// Whether the bootstrap `id`, whose step `step` just ended, goes on to
-    /// its next bucket.
-    fn goes_on(&mut self, id: Q, step: &kad::ProgressStep, now: tokio::time::Instant) -> bool {
-        if step.last {
-            if self.running == Some(id) {
-                self.running = None;
-            }
-            return false;
-        }
-        if self.running == Some(id) {
-            return true;
-        }
-        let due = now.saturating_duration_since(self.last) >= self.period / 2;
-        if self.dht_server && step.count.get() == 1 && self.running.is_none() && due {
-            self.running = Some(id);
-            self.last = now;
-            return true;
-        }
-        false
-    }
+    /// When each bucket of the routing table last changed (see `BucketRefresh`).
+    refresh: BucketRefresh,
 }
 
 /// A circuit reservation on one relay.
@@ -907,10 +856,10 @@ fn outbound_error(e: &request_response::OutboundFailure) -> NetError {
 
 impl EventLoop {
     async fn run(mut self) {
-        let (dht_server, kad_refresh) = (self.refresh.dht_server, self.refresh.period);
         let mut retry = tokio::time::interval(RESERVATION_RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + kad_refresh, kad_refresh);
+        let tick = self.refresh.tick();
+        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -921,13 +870,52 @@ impl EventLoop {
                 },
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev).await,
                 _ = retry.tick(), if !self.reservations.is_empty() => self.reserve_circuits(true),
-                _ = refresh.tick(), if !dht_server => {
-                    let me = *self.swarm.local_peer_id();
-                    self.swarm.behaviour_mut().kad.get_closest_peers(me);
-                }
+                _ = refresh.tick() => self.refresh_buckets(),
             }
         }
         debug!("network task stopped");
+    }
+
+    /// A client looks itself up; a DHT server looks up the buckets that have
+    /// not changed for a period.
+    fn refresh_buckets(&mut self) {
+        let me = *self.swarm.local_peer_id();
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if !self.refresh.dht_server() {
+            kad.get_closest_peers(me);
+            return;
+        }
+        let nearest = kad
+            .kbuckets()
+            .next()
+            .and_then(|b| b.range().0.ilog2())
+            .map(|i| i as usize);
+        let plan = self.refresh.due(nearest, tokio::time::Instant::now());
+        debug!(
+            self_lookup = plan.self_lookup,
+            buckets = plan.targets.len(),
+            "refreshing the routing table"
+        );
+        if plan.self_lookup {
+            kad.get_closest_peers(me);
+        }
+        for target in plan.targets {
+            kad.get_closest_peers(target);
+        }
+    }
+
+    /// A connection with a peer the routing table holds shows its bucket alive.
+    fn touch_if_routed(&mut self, peer: PeerId) {
+        if !self.refresh.dht_server() {
+            return;
+        }
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let routed = kad
+            .kbucket(peer)
+            .is_some_and(|b| b.iter().any(|e| e.node.key.preimage() == &peer));
+        if routed {
+            self.refresh.touch_peer(peer, tokio::time::Instant::now());
+        }
     }
 
     fn next_id(&mut self) -> u64 {
@@ -981,9 +969,11 @@ impl EventLoop {
                 } else {
                     let qid = b.kad.get_closest_peers(peer);
                     self.find_peer.insert(qid, (peer, vec![reply]));
+                    self.refresh.touch_key(peer.to_bytes(), tokio::time::Instant::now());
                 }
             }
             Command::PutRecord { key, value, reply } => {
+                self.refresh.touch_key(key.clone(), tokio::time::Instant::now());
                 let record = Record::new(RecordKey::new(&key), value);
                 // Keep our own copy too, so that we answer for it.
                 let _ = b.kad.store_mut().put(record.clone());
@@ -998,6 +988,7 @@ impl EventLoop {
             }
             Command::GetRecord { key, reply } => {
                 let qid = b.kad.get_record(RecordKey::new(&key));
+                self.refresh.touch_key(key.clone(), tokio::time::Instant::now());
                 self.get_record.insert(qid, (key, Vec::new(), reply));
             }
             Command::Dial { addr } => {
@@ -1258,6 +1249,7 @@ impl EventLoop {
                 if self.reservations.get(&peer_id).is_some_and(|r| r.listener.is_none()) {
                     self.reserve_circuits(false);
                 }
+                self.touch_if_routed(peer_id);
                 let _ = self.events.try_send(NetEvent::Connected(peer_id));
             }
             SwarmEvent::ConnectionClosed { connection_id, .. } => {
@@ -1362,14 +1354,21 @@ impl EventLoop {
                     Err(e) => info!(%source, "refused DHT record: {e}"),
                 }
             }
+            kad::Event::RoutingUpdated { peer, .. } if self.refresh.dht_server() => {
+                self.refresh.touch_peer(peer, tokio::time::Instant::now());
+            }
             kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
                 QueryResult::Bootstrap(_) => {
-                    if !self.refresh.goes_on(id, &step, tokio::time::Instant::now())
-                        && !step.last
+                    // libp2p bootstraps on its own whenever a peer joins a table of
+                    // fewer than 20, and a bootstrap goes on from its self-lookup to
+                    // a lookup per bucket. The self-lookup is what matters at a start:
+                    // it meets the neighbours, who add a new server to their tables.
+                    // The buckets are left to `refresh_buckets`. Finishing the bucket
+                    // lookup just queued ends it before it sends a request; libp2p
+                    // then queues the next one, which ends here in turn.
+                    if !step.last
                         && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
                     {
-                        // Ends the bucket lookup just queued before it sends a request;
-                        // libp2p then queues the next one, which ends here in turn.
                         q.finish();
                     }
                 }
@@ -1426,74 +1425,5 @@ impl EventLoop {
             },
             _ => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn step(count: usize, last: bool) -> kad::ProgressStep {
-        kad::ProgressStep {
-            count: std::num::NonZeroUsize::new(count).unwrap(),
-            last,
-        }
-    }
-
-    /// Steps of one bootstrap of eight buckets, asking after each but the
-    /// last whether it goes on; the answers.
-    fn bootstrap(r: &mut BucketRefresh<u32>, id: u32, now: tokio::time::Instant) -> Vec<bool> {
-        (1..=9).map(|n| r.goes_on(id, &step(n, n == 9), now)).collect()
-    }
-
-    #[test]
-    fn a_client_never_refreshes_buckets_after_its_self_lookup() {
-        let t = tokio::time::Instant::now();
-        let mut r = BucketRefresh::new(false, Duration::from_secs(300), t);
-        assert!(bootstrap(&mut r, 1, t).iter().all(|&on| !on));
-        assert!(
-            bootstrap(&mut r, 2, t + Duration::from_secs(3600))
-                .iter()
-                .all(|&on| !on)
-        );
-    }
-
-    #[test]
-    fn a_dht_server_refreshes_at_its_periodic_bootstrap_and_at_most_once_per_half_period() {
-        let t = tokio::time::Instant::now();
-        let mut r = BucketRefresh::new(true, Duration::from_secs(300), t);
-        let full = [vec![true; 8], vec![false]].concat();
-        for (id, at) in [(1, 0), (2, 2)] {
-            let steps = bootstrap(&mut r, id, t + Duration::from_secs(at));
-            assert!(
-                steps.iter().all(|&on| !on),
-                "the bootstraps of its start are self-lookups"
-            );
-        }
-        let periodic = t + Duration::from_secs(302);
-        assert_eq!(
-            bootstrap(&mut r, 3, periodic),
-            full,
-            "the periodic bootstrap refreshes every bucket"
-        );
-        let early = periodic + Duration::from_secs(149);
-        assert!(bootstrap(&mut r, 4, early).iter().all(|&on| !on));
-        assert_eq!(bootstrap(&mut r, 5, periodic + Duration::from_secs(150)), full);
-    }
-
-    #[test]
-    fn a_bootstrap_overlapping_a_refresh_does_not_refresh_too() {
-        let start = tokio::time::Instant::now();
-        let mut r = BucketRefresh::new(true, Duration::from_secs(300), start);
-        let t = start + Duration::from_secs(300);
-        assert!(r.goes_on(1, &step(1, false), t));
-        let later = t + Duration::from_secs(400);
-        assert!(
-            !r.goes_on(2, &step(1, false), later),
-            "another bootstrap while one refreshes"
-        );
-        assert!(r.goes_on(1, &step(2, false), later), "the refreshing one goes on");
-        assert!(!r.goes_on(1, &step(3, true), later));
-        assert!(r.goes_on(3, &step(1, false), later), "due again once the refresh ended");
     }
 }

@@ -1,0 +1,251 @@
+//! The routing table's upkeep: which buckets a DHT server refreshes, and the
+//! keys it looks up to refresh them.
+//!
+//! Kademlia refreshes a bucket only when nothing has shown it alive for a
+//! while: "any bucket to which it has not performed a node lookup in the past
+//! hour"; BitTorrent's DHT (BEP 5) also counts a node of the bucket that was
+//! added or answered. libp2p-kad's periodic bootstrap instead looks up a random
+//! key in every bucket past the nearest non-empty one, every period, whatever
+//! traffic went through them: with a thousand DHT servers that is about ten
+//! lookups per server per period, each dialling some twenty to forty servers.
+//!
+//! [`BucketRefresh`] keeps, per bucket, when it last *changed*: a lookup of ours
+//! for a key in it, a peer of it added to the table, or a connection with a
+//! peer of it that the table holds. A DHT server's refresh (every half period)
+//! looks up only the buckets unchanged for a whole period: one self-lookup for
+//! the nearest two (where its neighbours are) and one lookup of a key in each
+//! farther one. Far buckets hold most of the network and see traffic all the
+//! time, so in a busy network they rarely need a lookup of their own.
+//!
+//! The refresh keys are derived from the node's peer id, the refresh round and
+//! the bucket (no randomness), so a simulated world does the same refreshes
+//! in every run of one seed.
+
+use std::time::Duration;
+
+use libp2p::PeerId;
+use libp2p::kad::KBucketKey;
+use libp2p::multihash::Multihash;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+/// Buckets of a routing table: one per bit of the 256-bit key space.
+const BUCKETS: usize = 256;
+
+/// Candidate keys tried when looking for one in a given bucket. A random key
+/// falls in bucket `i` with probability 2^(i − 256), so this finds one for the
+/// buckets within about ten of the farthest (all a network of a million nodes
+/// has past its nearest non-empty one) and otherwise keeps the nearest miss.
+const KEY_TRIES: u32 = 2048;
+
+/// The buckets nearest to our own key that a self-lookup refreshes.
+const SELF_LOOKUP_BUCKETS: usize = 2;
+
+/// What one refresh looks up.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Plan {
+    /// Look up our own key (refreshes the nearest buckets).
+    pub self_lookup: bool,
+    /// One lookup each, a key in each stale farther bucket.
+    pub targets: Vec<PeerId>,
+}
+
+/// When each bucket last changed, and which ones a refresh looks up.
+pub(super) struct BucketRefresh {
+    dht_server: bool,
+    period: Duration,
+    local: KBucketKey<PeerId>,
+    start: Instant,
+    /// Seconds after `start` at which each bucket (by index: the base-2
+    /// logarithm of the distance, 0 nearest) last changed.
+    changed: Box<[u32; BUCKETS]>,
+    /// Refreshes so far; part of every refresh key.
+    round: u64,
+}
+
+impl BucketRefresh {
+    pub fn new(local: PeerId, dht_server: bool, period: Duration, start: Instant) -> Self {
+        Self {
+            dht_server,
+            period,
+            local: KBucketKey::from(local),
+            start,
+            changed: Box::new([0; BUCKETS]),
+            round: 0,
+        }
+    }
+
+    pub fn dht_server(&self) -> bool {
+        self.dht_server
+    }
+
+    /// How often [`Self::due`] is asked: a client looks itself up once a
+    /// period; a server checks its buckets every half period.
+    pub fn tick(&self) -> Duration {
+        if self.dht_server { self.period / 2 } else { self.period }
+    }
+
+    fn secs(&self, now: Instant) -> u32 {
+        u32::try_from(now.saturating_duration_since(self.start).as_secs()).unwrap_or(u32::MAX)
+    }
+
+    fn bucket_of<T>(&self, key: &KBucketKey<T>) -> Option<usize> {
+        self.local.distance(key).ilog2().map(|i| i as usize)
+    }
+
+    /// A peer of the bucket was added to the table or connected with.
+    pub fn touch_peer(&mut self, peer: PeerId, now: Instant) {
+        self.touch(&KBucketKey::from(peer), now);
+    }
+
+    /// We started a lookup of `key` (a DHT key or a peer id's bytes).
+    pub fn touch_key(&mut self, key: Vec<u8>, now: Instant) {
+        self.touch(&KBucketKey::new(key), now);
+    }
+
+    fn touch<T>(&mut self, key: &KBucketKey<T>, now: Instant) {
+        if let Some(i) = self.bucket_of(key) {
+            self.changed[i] = self.secs(now);
+        }
+    }
+
+    /// The lookups a refresh at `now` makes, given the index of the nearest
+    /// non-empty bucket (`None`: an empty table, nothing to refresh from).
+    /// Every bucket planned counts as changed now.
+    pub fn due(&mut self, nearest: Option<usize>, now: Instant) -> Plan {
+        let mut plan = Plan::default();
+        let Some(nearest) = nearest.filter(|&n| n < BUCKETS) else {
+            return plan;
+        };
+        let (now_s, period) = (self.secs(now), u32::try_from(self.period.as_secs()).unwrap_or(u32::MAX));
+        self.round += 1;
+        for i in nearest..BUCKETS {
+            if now_s.saturating_sub(self.changed[i]) < period {
+                continue;
+            }
+            if i < nearest + SELF_LOOKUP_BUCKETS {
+                plan.self_lookup = true;
+            } else {
+                plan.targets.push(self.key_in_bucket(i));
+            }
+            self.changed[i] = now_s;
+        }
+        plan
+    }
+
+    /// A peer id whose key falls in bucket `bucket`, or the nearest miss.
+    fn key_in_bucket(&self, bucket: usize) -> PeerId {
+        let mut best: Option<(usize, PeerId)> = None;
+        for n in 0..KEY_TRIES {
+            let digest = Sha256::new()
+                .chain_update(b"tidings/kad-refresh")
+                .chain_update(self.local.preimage().to_bytes())
+                .chain_update(self.round.to_be_bytes())
+                .chain_update((bucket as u32).to_be_bytes())
+                .chain_update(n.to_be_bytes())
+                .finalize();
+            // An identity multihash of 32 bytes, as `PeerId::random` makes.
+            let Some(peer) = Multihash::<64>::wrap(0, &digest)
+                .ok()
+                .and_then(|m| PeerId::from_multihash(m).ok())
+            else {
+                continue;
+            };
+            let Some(i) = self.bucket_of(&KBucketKey::from(peer)) else {
+                continue;
+            };
+            if i == bucket {
+                return peer;
+            }
+            if best.is_none_or(|(b, _)| i.abs_diff(bucket) < b.abs_diff(bucket)) {
+                best = Some((i, peer));
+            }
+        }
+        best.map_or(*self.local.preimage(), |(_, p)| p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PERIOD: Duration = Duration::from_secs(300);
+
+    fn peer(byte: u8) -> PeerId {
+        PeerId::from_multihash(Multihash::wrap(0, &[byte; 32]).unwrap()).unwrap()
+    }
+
+    fn server() -> (BucketRefresh, Instant) {
+        let start = Instant::now();
+        (BucketRefresh::new(peer(7), true, PERIOD, start), start)
+    }
+
+    fn buckets(r: &BucketRefresh, plan: &Plan) -> Vec<usize> {
+        plan.targets
+            .iter()
+            .filter_map(|p| r.bucket_of(&KBucketKey::from(*p)))
+            .collect()
+    }
+
+    #[test]
+    fn nothing_is_refreshed_within_a_period_of_the_start() {
+        let (mut r, start) = server();
+        assert_eq!(r.due(Some(246), start + PERIOD / 2), Plan::default());
+        assert_eq!(r.due(None, start + PERIOD * 10), Plan::default(), "an empty table");
+    }
+
+    #[test]
+    fn an_idle_server_refreshes_every_bucket_from_its_nearest_once_a_period() {
+        let (mut r, start) = server();
+        let plan = r.due(Some(246), start + PERIOD);
+        assert!(plan.self_lookup, "the nearest buckets by a self-lookup");
+        assert_eq!(
+            buckets(&r, &plan),
+            (248..256).collect::<Vec<_>>(),
+            "one key in each farther bucket"
+        );
+        assert_eq!(
+            r.due(Some(246), start + PERIOD + PERIOD / 2),
+            Plan::default(),
+            "refreshed buckets wait another period"
+        );
+        assert_eq!(r.due(Some(246), start + PERIOD * 2).targets.len(), 8);
+    }
+
+    #[test]
+    fn a_bucket_with_traffic_is_not_refreshed() {
+        let (mut r, start) = server();
+        let now = start + PERIOD - Duration::from_secs(1);
+        // Keys in buckets 255 and 254, touched as a lookup's targets and as peers.
+        let far = r.key_in_bucket(255);
+        let near = r.key_in_bucket(254);
+        r.touch_key(far.to_bytes(), now);
+        r.touch_peer(near, now);
+        let plan = r.due(Some(246), start + PERIOD);
+        assert_eq!(buckets(&r, &plan), (248..254).collect::<Vec<_>>());
+        assert!(plan.self_lookup);
+    }
+
+    #[test]
+    fn refresh_keys_follow_the_peer_id_and_round() {
+        let local = peer(9);
+        let start = Instant::now();
+        let mut a = BucketRefresh::new(local, true, PERIOD, start);
+        let mut b = BucketRefresh::new(local, true, PERIOD, start);
+        let (pa, pb) = (a.due(Some(250), start + PERIOD), b.due(Some(250), start + PERIOD));
+        assert_eq!(pa, pb, "same peer, same round: same keys");
+        let next = a.due(Some(250), start + PERIOD * 2);
+        assert_ne!(pa.targets, next.targets, "a new round looks up new keys");
+    }
+
+    #[test]
+    fn a_key_is_found_in_deep_buckets_or_the_nearest_miss_is_kept() {
+        let (r, _) = server();
+        for bucket in [255, 252, 248] {
+            let i = r.bucket_of(&KBucketKey::from(r.key_in_bucket(bucket)));
+            assert_eq!(i, Some(bucket));
+        }
+        let deep = r.bucket_of(&KBucketKey::from(r.key_in_bucket(100)));
+        assert!(deep.is_some_and(|i| i < 250), "the nearest miss: {deep:?}");
+    }
+}
