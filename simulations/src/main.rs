@@ -104,7 +104,10 @@ enum Cmd {
 /// each, codec buffers) is not resident; see SIMULATOR.md, "Tier A performance".
 /// Its options are built in (`.cargo/config.toml`): freed pages go back to the
 /// system at once, not after 10 s of wall time, since a world frees as fast as
-/// it allocates and a run reports its peak of resident memory.
+/// it allocates and a run reports its peak of resident memory. The feature
+/// `system-alloc` leaves the system's allocator in place, for heap profilers
+/// such as heaptrack that follow `malloc` (SIMULATOR.md, "Heap profiles").
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
