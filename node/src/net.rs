@@ -859,7 +859,8 @@ impl EventLoop {
         let mut retry = tokio::time::interval(RESERVATION_RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let tick = self.refresh.tick();
-        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+        let first = tokio::time::Instant::now() + tick + self.refresh.phase();
+        let mut refresh = tokio::time::interval_at(first, tick);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -18,8 +18,9 @@
 //! time, so in a busy network they rarely need a lookup of their own.
 //!
 //! The refresh keys are derived from the node's peer id, the refresh round and
-//! the bucket (no randomness), so a simulated world does the same refreshes
-//! in every run of one seed.
+//! the bucket, and the refresh's phase within its period from the peer id (no
+//! randomness), so a simulated world does the same refreshes in every run of
+//! one seed, and nodes that start together do not refresh together.
 
 use std::time::Duration;
 
@@ -83,6 +84,18 @@ impl BucketRefresh {
     /// period; a server checks its buckets every half period.
     pub fn tick(&self) -> Duration {
         if self.dht_server { self.period / 2 } else { self.period }
+    }
+
+    /// How long after the first [`Self::tick`] this node's ticks fall: a
+    /// fraction of a tick derived from its key. Nodes that start together
+    /// (a relay operator's restart, a simulated world) would otherwise refresh
+    /// together, and none would find its buckets changed by the others'
+    /// refreshes.
+    pub fn phase(&self) -> Duration {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.local.hashed_bytes()[..8]);
+        let tick_ms = u64::try_from(self.tick().as_millis()).unwrap_or(u64::MAX).max(1);
+        Duration::from_millis(u64::from_be_bytes(first) % tick_ms)
     }
 
     fn secs(&self, now: Instant) -> u32 {
@@ -224,6 +237,20 @@ mod tests {
         let plan = r.due(Some(246), start + PERIOD);
         assert_eq!(buckets(&r, &plan), (248..254).collect::<Vec<_>>());
         assert!(plan.self_lookup);
+    }
+
+    #[test]
+    fn nodes_tick_at_phases_of_their_own_within_a_tick() {
+        let start = Instant::now();
+        let phases: Vec<Duration> = (0..16)
+            .map(|b| BucketRefresh::new(peer(b), true, PERIOD, start).phase())
+            .collect();
+        assert!(phases.iter().all(|p| *p < PERIOD / 2));
+        let mut distinct = phases.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert!(distinct.len() > 12, "{phases:?}");
+        assert_eq!(BucketRefresh::new(peer(3), true, PERIOD, start).phase(), phases[3]);
     }
 
     #[test]
