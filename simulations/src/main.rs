@@ -106,7 +106,7 @@ enum Cmd {
 /// system at once, not after 10 s of wall time, since a world frees as fast as
 /// it allocates and a run reports its peak of resident memory. The feature
 /// `system-alloc` leaves the system's allocator in place, for heap profilers
-/// such as heaptrack that follow `malloc` (SIMULATOR.md, "Heap profiles").
+/// such as heaptrack that follow `malloc` (SIMULATOR.md, "Where a node's heap goes now").
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
