@@ -93,7 +93,9 @@ impl BucketRefresh {
     /// refreshes.
     pub fn phase(&self) -> Duration {
         let mut first = [0u8; 8];
-        first.copy_from_slice(&self.local.hashed_bytes()[..8]);
+        for (to, from) in first.iter_mut().zip(self.local.hashed_bytes()) {
+            *to = *from;
+        }
         let tick_ms = u64::try_from(self.tick().as_millis()).unwrap_or(u64::MAX).max(1);
         Duration::from_millis(u64::from_be_bytes(first) % tick_ms)
     }
