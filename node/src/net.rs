@@ -1355,7 +1355,7 @@ impl EventLoop {
                     Err(e) => info!(%source, "refused DHT record: {e}"),
                 }
             }
-            kad::Event::RoutingUpdated { peer, .. } if self.refresh.dht_server() => {
+            kad::Event::RoutingUpdated { peer, .. } => {
                 self.refresh.touch_peer(peer, tokio::time::Instant::now());
             }
             kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {

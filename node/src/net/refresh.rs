@@ -35,8 +35,9 @@ const BUCKETS: usize = 256;
 
 /// Candidate keys tried when looking for one in a given bucket. A random key
 /// falls in bucket `i` with probability 2^(i − 256), so this finds one for the
-/// buckets within about ten of the farthest (all a network of a million nodes
-/// has past its nearest non-empty one) and otherwise keeps the nearest miss.
+/// buckets within about eleven of the farthest (all that a network of a few
+/// thousand servers has past its nearest two) and otherwise keeps the nearest
+/// miss.
 const KEY_TRIES: u32 = 2048;
 
 /// The buckets nearest to our own key that a self-lookup refreshes.
@@ -109,13 +110,19 @@ impl BucketRefresh {
     }
 
     /// A peer of the bucket was added to the table or connected with.
+    /// Only a DHT server refreshes buckets, so only a server keeps track
+    /// (and hashes the key).
     pub fn touch_peer(&mut self, peer: PeerId, now: Instant) {
-        self.touch(&KBucketKey::from(peer), now);
+        if self.dht_server {
+            self.touch(&KBucketKey::from(peer), now);
+        }
     }
 
     /// We started a lookup of `key` (a DHT key or a peer id's bytes).
     pub fn touch_key(&mut self, key: Vec<u8>, now: Instant) {
-        self.touch(&KBucketKey::new(key), now);
+        if self.dht_server {
+            self.touch(&KBucketKey::new(key), now);
+        }
     }
 
     fn touch<T>(&mut self, key: &KBucketKey<T>, now: Instant) {
