@@ -758,6 +758,62 @@ async fn a_public_dht_client_stays_out_of_routing_tables_and_is_still_reached_di
     assert!(direct, "alice and bob hold a direct connection");
 }
 
+/// Two relays that met through one lookup part once the idle timeout has
+/// passed, not at their next ping. libp2p-relay's server keeps every connection
+/// it serves for ten seconds after its first look, and sets no timer for that:
+/// the connection used to wait for its next ping (here ten minutes away) before
+/// its idle timeout even started.
+#[tokio::test(start_paused = true)]
+async fn relays_that_met_through_a_lookup_part_after_the_idle_timeout_not_at_the_next_ping() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let mut tuning = sim::HostTuning::default();
+    // Nothing dials again during the test, and no ping comes before its end.
+    tuning.net.kad_refresh = Duration::from_secs(3600);
+    tuning.net.ping_interval = Duration::from_secs(600);
+    let idle = tuning.net.idle_timeout;
+    let r1_disk = sim::HostDisk::relay(clock.now_ms(), None).unwrap();
+    let r1 = sim::start_relay_on(&net, 1, &r1_disk, Vec::new(), clock.clone(), &tuning)
+        .await
+        .unwrap();
+    let r1_id = r1.handle().peer_id();
+    let r1_addr = SimNetwork::address(1).with(Protocol::P2p(r1_id));
+    let started = tokio::time::Instant::now();
+    let r2_disk = sim::HostDisk::relay(clock.now_ms(), None).unwrap();
+    let r2 = sim::start_relay_on(&net, 2, &r2_disk, vec![r1_addr], clock.clone(), &tuning)
+        .await
+        .unwrap();
+    let h2 = r2.handle();
+    let mut met = false;
+    for _ in 0..300 {
+        met = !h2.connections(r1_id).await.is_empty();
+        if met {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(met, "the second relay joined the DHT through the first");
+
+    // The relay server's ten seconds, the idle timeout, and some slack for the
+    // start-up lookups; the ping would come at ten minutes.
+    let bound = Duration::from_secs(10) + idle + Duration::from_secs(30);
+    let mut parted = None;
+    while started.elapsed() < bound {
+        if h2.connections(r1_id).await.is_empty() {
+            parted = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        parted.is_some(),
+        "the relays still held a connection {bound:?} after they met"
+    );
+    for n in [r2, r1] {
+        n.shutdown().await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_conversation_keeps_its_connection_and_a_lookup_does_not() {
     let net = SimNetwork::new(Arc::new(Links::default()));

@@ -8,8 +8,20 @@
 //! circuit and a hole punch. [`KeepAlive::keep`] marks a peer; every
 //! connection to it, open or opened later, stays up until the mark runs out.
 //! Home relays need no mark: the circuit reservation keeps those connections.
+//!
+//! A connection notices that nothing keeps it any more only when its task
+//! runs, and a keep-alive that lapses by time alone wakes nothing: a mark
+//! running out, or libp2p-relay's server, which keeps every connection it
+//! serves for [`RELAY_IDLE_GRACE`] after its last reservation without setting
+//! a timer for it. Left alone, such a connection waited for its next ping (a
+//! minute) before its idle timeout even started, so a relay held every
+//! connection a DHT lookup or a deposit had opened three times as long as the
+//! idle timeout says (SIMULATOR.md, "2026-12-02 (evening)"). [`Handler`] wakes
+//! its connection when either has lapsed.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,12 +33,20 @@ use libp2p::swarm::{
     ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour,
     NotifyHandler, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
 };
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// Most peers marked at once; past it, marks that ran out are forgotten, and
 /// if none did, the new mark is not kept (its connections fall back to the
 /// idle timeout).
 const MAX_MARKED: usize = 4096;
+
+/// How long libp2p-relay's server (0.22, `behaviour::handler`) keeps a
+/// connection alive after its first poll with no reservation on it.
+pub const RELAY_IDLE_GRACE: Duration = Duration::from_secs(10);
+
+/// The wake-up for the relay's grace comes this long after it, so that the
+/// grace has surely lapsed when the connection looks.
+const WAKE_MARGIN: Duration = Duration::from_millis(500);
 
 /// Keeps connections to marked peers open until their mark runs out.
 #[derive(Default)]
@@ -60,9 +80,7 @@ impl KeepAlive {
     }
 
     fn handler(&self, peer: PeerId) -> Handler {
-        Handler {
-            until: self.until.get(&peer).copied(),
-        }
+        Handler::new(self.until.get(&peer).copied(), Instant::now())
     }
 }
 
@@ -127,9 +145,32 @@ impl NetworkBehaviour for KeepAlive {
     }
 }
 
-/// A connection's side of [`KeepAlive`]: the mark of its peer, if any.
+/// A connection's side of [`KeepAlive`]: the mark of its peer, if any, and a
+/// timer that wakes the connection when a keep-alive by time has lapsed.
 pub struct Handler {
     until: Option<Instant>,
+    /// Fires at the later of the relay's grace and the mark; gone once fired.
+    wake: Option<Pin<Box<Sleep>>>,
+}
+
+impl Handler {
+    fn new(until: Option<Instant>, now: Instant) -> Self {
+        let grace = now + RELAY_IDLE_GRACE + WAKE_MARGIN;
+        let at = until.map_or(grace, |u| u.max(grace));
+        Self {
+            until,
+            wake: Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// The wake-up moves to `at` if that is later (or comes back, if it fired).
+    fn wake_at(&mut self, at: Instant) {
+        match &mut self.wake {
+            Some(w) if w.deadline() >= at => {}
+            Some(w) => w.as_mut().reset(at),
+            None => self.wake = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
 }
 
 impl ConnectionHandler for Handler {
@@ -144,21 +185,30 @@ impl ConnectionHandler for Handler {
         SubstreamProtocol::new(libp2p::core::upgrade::DeniedUpgrade, ())
     }
 
-    /// Read whenever the connection's task runs. Once the mark has run out,
-    /// the next wake-up (at the latest the next ping) starts the idle timeout.
+    /// Read whenever the connection's task runs; the timer in [`Handler::poll`]
+    /// makes it run once the mark has run out, which starts the idle timeout.
     fn connection_keep_alive(&self) -> bool {
         self.until.is_some_and(|u| Instant::now() < u)
     }
 
     fn poll(
         &mut self,
-        _: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, (), Self::ToBehaviour>> {
+        // Firing is all the timer is for: this poll is part of the connection's, which then
+        // finds whether anything still keeps it.
+        if let Some(w) = &mut self.wake
+            && w.as_mut().poll(cx).is_ready()
+        {
+            self.wake = None;
+        }
         Poll::Pending
     }
 
     fn on_behaviour_event(&mut self, until: Instant) {
-        self.until = Some(self.until.map_or(until, |u| u.max(until)));
+        let until = self.until.map_or(until, |u| u.max(until));
+        self.until = Some(until);
+        self.wake_at(until);
     }
 
     fn on_connection_event(&mut self, _: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol>) {}
