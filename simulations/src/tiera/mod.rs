@@ -269,13 +269,6 @@ pub fn run(sc: &Scenario, opts: RunOptions<'_>) -> Result<RunResult, TierAError>
 impl<'s> World<'s> {
     async fn start(sc: &'s Scenario, plan: Plan, seed: u64, report: bool) -> Result<World<'s>, TierAError> {
         let t0 = Instant::now();
-        // Milestones of a long set-up on stderr (not with --quiet), with the wall time so far.
-        let wall = std::time::Instant::now();
-        let milestone = |what: &str| {
-            if report {
-                eprintln!("tier A set-up: {what} ({:.0} s)", wall.elapsed().as_secs_f64());
-            }
-        };
         let links = Arc::new(links::Links::new(
             &plan,
             sc.network.jitter,
@@ -288,6 +281,20 @@ impl<'s> World<'s> {
             crate::scenario::Security::Plaintext => tidings_node::sim::Security::Plaintext,
         };
         let net = SimNetwork::with_security(links.clone(), security);
+        // Milestones of a long set-up on stderr (not with --quiet): the wall time so far, the
+        // process's resident size and the connection ends open, so that a set-up's growth shows.
+        let wall = std::time::Instant::now();
+        let watched = net.clone();
+        let milestone = |what: &str| {
+            if report {
+                let rss = crate::memory::resident_bytes().map_or(f64::NAN, crate::memory::mib);
+                eprintln!(
+                    "tier A set-up: {what} ({:.0} s, {rss:.0} MiB resident, {} connection ends open)",
+                    wall.elapsed().as_secs_f64(),
+                    watched.open_connection_ends()
+                );
+            }
+        };
         let clock = Clock::tokio(START_MS);
         let fail = |host: usize| {
             move |e: anyhow::Error| TierAError::Start {
@@ -313,6 +320,10 @@ impl<'s> World<'s> {
             relay_addrs.push(SimNetwork::address(port(h)).with(Protocol::P2p(node.handle().peer_id())));
             relay_disks.push(disk);
             relays.push(Some(node));
+            let n = plan.relays.len();
+            if (ri + 1) % (n / 10).max(1) == 0 && ri + 1 < n {
+                milestone(&format!("{} of {n} relays started", ri + 1));
+            }
         }
 
         milestone(&format!("{} relays started", relays.len()));
