@@ -391,6 +391,17 @@ impl BobAway {
 
 /// Alice and bob add each other and write one message each way; returns once
 /// each has read the other's.
+/// Whether `h` holds a connection to `peer` within 30 virtual seconds.
+async fn connected_within_30s(h: &NodeHandle, peer: libp2p::PeerId) -> bool {
+    for _ in 0..300 {
+        if !h.connections(peer).await.is_empty() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 async fn exchange_hellos(a: &NodeHandle, b: &NodeHandle) {
     a.add_contact(&b.card().to_uri(), None).await.unwrap();
     b.add_contact(&a.card().to_uri(), None).await.unwrap();
@@ -784,15 +795,10 @@ async fn relays_that_met_through_a_lookup_part_after_the_idle_timeout_not_at_the
         .await
         .unwrap();
     let h2 = r2.handle();
-    let mut met = false;
-    for _ in 0..300 {
-        met = !h2.connections(r1_id).await.is_empty();
-        if met {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(met, "the second relay joined the DHT through the first");
+    assert!(
+        connected_within_30s(&h2, r1_id).await,
+        "the second relay joined the DHT through the first"
+    );
 
     // The relay server's ten seconds, the idle timeout, and some slack for the
     // start-up lookups; the ping would come at ten minutes.
@@ -843,15 +849,10 @@ async fn a_conversation_keeps_its_connection_and_a_lookup_does_not() {
         .unwrap();
     let ((_alice_disk, alice), (_bob_disk, bob)) = start_alice_and_bob(&net, &clock, &person(10), &person(11)).await;
     let (a, b, c) = (alice.handle(), bob.handle(), charlie.handle().peer_id());
-    let mut reached_charlie = false;
-    for _ in 0..300 {
-        reached_charlie = !a.connections(c).await.is_empty();
-        if reached_charlie {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(reached_charlie, "alice's start-up lookups connected her to charlie");
+    assert!(
+        connected_within_30s(&a, c).await,
+        "alice's start-up lookups connected her to charlie"
+    );
 
     exchange_hellos(&a, &b).await;
 
