@@ -266,6 +266,12 @@ pub fn run(sc: &Scenario, opts: RunOptions<'_>) -> Result<RunResult, TierAError>
     Ok(result)
 }
 
+/// Whether `done` of `all` is a whole number of tenths short of all: where the set-up reports
+/// its progress (the last one has a milestone of its own).
+fn a_tenth_short_of_all(done: usize, all: usize) -> bool {
+    done.is_multiple_of((all / 10).max(1)) && done < all
+}
+
 impl<'s> World<'s> {
     async fn start(sc: &'s Scenario, plan: Plan, seed: u64, report: bool) -> Result<World<'s>, TierAError> {
         let t0 = Instant::now();
@@ -320,9 +326,8 @@ impl<'s> World<'s> {
             relay_addrs.push(SimNetwork::address(port(h)).with(Protocol::P2p(node.handle().peer_id())));
             relay_disks.push(disk);
             relays.push(Some(node));
-            let n = plan.relays.len();
-            if (ri + 1) % (n / 10).max(1) == 0 && ri + 1 < n {
-                milestone(&format!("{} of {n} relays started", ri + 1));
+            if a_tenth_short_of_all(ri + 1, plan.relays.len()) {
+                milestone(&format!("{} of {} relays started", ri + 1, plan.relays.len()));
             }
         }
 
@@ -386,7 +391,7 @@ impl<'s> World<'s> {
                 .await
                 .map_err(fail(world.plan.clients[ci].host))?;
             let h = node.handle();
-            if (ci + 1) % (clients / 10).max(1) == 0 && ci + 1 < clients {
+            if a_tenth_short_of_all(ci + 1, clients) {
                 milestone(&format!("{} of {clients} clients started", ci + 1));
             }
             world.accounts.push(*h.account().as_bytes());
