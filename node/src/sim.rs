@@ -304,6 +304,8 @@ struct Half {
     queued: usize,
     /// Arrival time of the last chunk (a link delivers in order).
     last: Option<Instant>,
+    /// When the last chunk was written: later writes of the same instant join it.
+    burst: Option<Instant>,
     /// The writer closed this direction (after its chunks, the reader sees the end).
     closed: bool,
     /// The link broke (a partition cut it): the reader gets an error.
@@ -442,9 +444,23 @@ impl AsyncWrite for SimConn {
             }
             return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
         };
-        let at = (Instant::now() + delay).max(h.last.unwrap_or_else(Instant::now));
+        let now = Instant::now();
+        let at = (now + delay).max(h.last.unwrap_or(now));
         h.last = Some(at);
-        h.chunks.push_back((at, buf[..n].to_vec()));
+        // Writes of one instant travel together, as back-to-back segments do: the burst arrives
+        // when its last part would, in one piece, so the reader wakes once for it, not once per
+        // latency draw.
+        let burst = h.burst == Some(now);
+        match h.chunks.back_mut() {
+            Some((due, data)) if burst && *due > now && data.len() + n <= MAX_CHUNK => {
+                *due = at;
+                data.extend_from_slice(&buf[..n]);
+            }
+            _ => {
+                h.chunks.push_back((at, buf[..n].to_vec()));
+                h.burst = Some(now);
+            }
+        }
         h.queued += n;
         self.sent.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(w) = h.reader.take() {
@@ -757,6 +773,61 @@ mod tests {
             "the end once the peer is gone"
         );
         assert!(theirs.write_all(b"anyone?").await.is_err());
+    }
+
+    /// 40 ms on every link, except the delays queued in `next`, taken one per write.
+    struct Scripted {
+        next: Mutex<VecDeque<Duration>>,
+    }
+
+    impl LinkModel for Scripted {
+        fn delay(&self, _from: u64, _to: u64, _bytes: usize) -> Option<Duration> {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            Some(next.pop_front().unwrap_or(Duration::from_millis(40)))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_of_one_instant_arrive_together_when_the_last_of_them_would() {
+        let model = Arc::new(Scripted {
+            next: Mutex::new(VecDeque::new()),
+        });
+        let net = SimNetwork::new(model.clone());
+        let mut server = net.transport(1);
+        server.listen_on(ListenerId::next(), SimNetwork::address(1)).unwrap();
+        let mut client = net.transport(2);
+        let dial = client.dial(SimNetwork::address(1), dial_opts()).unwrap();
+        let accept = async {
+            loop {
+                if let TransportEvent::Incoming { upgrade, .. } =
+                    futures::future::poll_fn(|cx| Pin::new(&mut server).poll(cx)).await
+                {
+                    return upgrade.await.unwrap();
+                }
+            }
+        };
+        let (mut ours, mut theirs) = futures::join!(async { dial.await.unwrap() }, accept);
+        // The first part draws 50 ms, the second 70 ms: apart, the reader would get "hello "
+        // at 50 ms and wake again at 70 ms for "world".
+        model
+            .next
+            .lock()
+            .unwrap()
+            .extend([Duration::from_millis(50), Duration::from_millis(70)]);
+        ours.write_all(b"hello ").await.unwrap();
+        ours.write_all(b"world").await.unwrap();
+        let sent = Instant::now();
+        let mut got = [0u8; 64];
+        let n = theirs.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"hello world", "the burst in one read");
+        assert_eq!(sent.elapsed(), Duration::from_millis(70), "when its last part arrives");
+        // A write of a later instant travels on its own.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        model.next.lock().unwrap().push_back(Duration::from_millis(10));
+        ours.write_all(b"again").await.unwrap();
+        let n = theirs.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"again");
+        assert_eq!(sent.elapsed(), Duration::from_millis(85));
     }
 
     #[test]
