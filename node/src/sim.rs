@@ -733,30 +733,35 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn bytes_arrive_in_order_after_the_links_delay_in_virtual_time() {
-        let net = SimNetwork::new(Arc::new(FixedDelay(Duration::from_millis(40))));
+    /// Host 2 dials host 1 of `net`: the dialler's end, the listener's end, and the address
+    /// the listener saw the connection come from.
+    async fn connect(net: &SimNetwork) -> (SimConn, SimConn, Multiaddr) {
         let mut server = net.transport(1);
         server.listen_on(ListenerId::next(), SimNetwork::address(1)).unwrap();
         let mut client = net.transport(2);
-        let start = Instant::now();
         let dial = client.dial(SimNetwork::address(1), dial_opts()).unwrap();
         let accept = async {
             loop {
-                match futures::future::poll_fn(|cx| Pin::new(&mut server).poll(cx)).await {
-                    TransportEvent::Incoming {
-                        upgrade,
-                        send_back_addr,
-                        ..
-                    } => {
-                        assert_eq!(send_back_addr, SimNetwork::address(2));
-                        return upgrade.await.unwrap();
-                    }
-                    _ => continue,
+                if let TransportEvent::Incoming {
+                    upgrade,
+                    send_back_addr,
+                    ..
+                } = futures::future::poll_fn(|cx| Pin::new(&mut server).poll(cx)).await
+                {
+                    return (upgrade.await.unwrap(), send_back_addr);
                 }
             }
         };
-        let (mut ours, mut theirs) = futures::join!(async { dial.await.unwrap() }, accept);
+        let (ours, (theirs, from)) = futures::join!(async { dial.await.unwrap() }, accept);
+        (ours, theirs, from)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_arrive_in_order_after_the_links_delay_in_virtual_time() {
+        let net = SimNetwork::new(Arc::new(FixedDelay(Duration::from_millis(40))));
+        let start = Instant::now();
+        let (mut ours, mut theirs, from) = connect(&net).await;
+        assert_eq!(from, SimNetwork::address(2));
         assert_eq!(start.elapsed(), Duration::from_millis(80), "a round trip to connect");
         ours.write_all(b"hello ").await.unwrap();
         ours.write_all(b"world").await.unwrap();
@@ -793,20 +798,7 @@ mod tests {
             next: Mutex::new(VecDeque::new()),
         });
         let net = SimNetwork::new(model.clone());
-        let mut server = net.transport(1);
-        server.listen_on(ListenerId::next(), SimNetwork::address(1)).unwrap();
-        let mut client = net.transport(2);
-        let dial = client.dial(SimNetwork::address(1), dial_opts()).unwrap();
-        let accept = async {
-            loop {
-                if let TransportEvent::Incoming { upgrade, .. } =
-                    futures::future::poll_fn(|cx| Pin::new(&mut server).poll(cx)).await
-                {
-                    return upgrade.await.unwrap();
-                }
-            }
-        };
-        let (mut ours, mut theirs) = futures::join!(async { dial.await.unwrap() }, accept);
+        let (mut ours, mut theirs, _) = connect(&net).await;
         // The first part draws 50 ms, the second 70 ms: apart, the reader would get "hello "
         // at 50 ms and wake again at 70 ms for "world".
         model
