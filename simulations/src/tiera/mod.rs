@@ -426,11 +426,21 @@ impl<'s> World<'s> {
                 }
             }
         }
-        world.make_groups(&started).await;
-        milestone(&format!("{} groups made", world.group_ids.iter().flatten().count()));
+        // Those offline at the start stop before the groups are made (but for the makers among
+        // them): invited while away, they join when they come online, as anyone does.
+        let makers = world.group_makers();
         let mut started: Vec<Option<tidings_node::Node>> = started.into_iter().map(Some).collect();
-        world.provision(&mut started).await;
+        world.provision(&mut started, &makers).await;
         milestone("key packages of the clients offline at the start published");
+        world.make_groups(&started, &makers).await;
+        for (ci, slot) in started.iter_mut().enumerate() {
+            if !world.plan.clients[ci].online_at(0)
+                && let Some(node) = slot.take()
+            {
+                node.shutdown().await;
+            }
+        }
+        milestone(&format!("{} groups made", world.group_ids.iter().flatten().count()));
         for p in first_publications {
             let _ = p.await;
         }
@@ -456,12 +466,26 @@ impl<'s> World<'s> {
         Ok(world)
     }
 
-    /// Makes the workload's groups while every client runs, once every member's key packages are
-    /// on its home relays: each group's first member adds the others' cards and creates it, all
-    /// groups at once; then waits (in virtual time, at most
-    /// [`PROVISION_WAIT`]) until every member has joined. A group that could not be made is left
-    /// out of the run, and said so.
-    async fn make_groups(&mut self, started: &[Node]) {
+    /// Who makes each group: its first member online at the start, or its first member if none
+    /// is.
+    fn group_makers(&self) -> Vec<usize> {
+        self.plan
+            .groups
+            .iter()
+            .map(|g| {
+                let online = g.members.iter().find(|&&m| self.plan.clients[m].online_at(0));
+                online.or(g.members.first()).copied().unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// Makes the workload's groups once every running member's key packages are on its home
+    /// relays: each group's maker (`makers[g]`, running) adds the others' cards and creates it, all
+    /// groups at once, inviting those who are not running with key packages from their relays;
+    /// then waits (in virtual time, at most [`PROVISION_WAIT`]) until every running member has
+    /// joined. The others join from their mailboxes when they come online. A group that could
+    /// not be made is left out of the run, and said so.
+    async fn make_groups(&mut self, started: &[Option<Node>], makers: &[usize]) {
         if self.plan.groups.is_empty() {
             return;
         }
@@ -470,7 +494,7 @@ impl<'s> World<'s> {
         // with one of those.
         let devices: Vec<Option<[u8; 32]>> = started
             .iter()
-            .map(|n| n.handle().devices().ok()?.first().map(|c| c.device_key))
+            .map(|n| n.as_ref()?.handle().devices().ok()?.first().map(|c| c.device_key))
             .collect();
         let members: HashSet<usize> = self
             .plan
@@ -487,12 +511,19 @@ impl<'s> World<'s> {
         .await;
         let mut tasks = Vec::with_capacity(self.plan.groups.len());
         for (g, group) in self.plan.groups.iter().enumerate() {
-            let creator = started[group.members[0]].handle();
-            let others: Vec<String> = group.members[1..].iter().map(|&m| self.cards[m].clone()).collect();
-            let accounts: Vec<String> = group.members[1..]
+            let maker = makers[g];
+            let Some(creator) = started[maker].as_ref().map(Node::handle) else {
+                tasks.push(tokio::spawn(async move {
+                    Err(format!("its maker, client {maker}, is not running"))
+                }));
+                continue;
+            };
+            let others: Vec<usize> = group.members.iter().copied().filter(|&m| m != maker).collect();
+            let accounts: Vec<String> = others
                 .iter()
                 .map(|&m| bs58::encode(self.accounts[m]).into_string())
                 .collect();
+            let others: Vec<String> = others.iter().map(|&m| self.cards[m].clone()).collect();
             tasks.push(tokio::spawn(async move {
                 for card in &others {
                     creator.add_contact(card, None).await.map_err(|e| e.to_string())?;
@@ -523,8 +554,11 @@ impl<'s> World<'s> {
             let mut waiting = 0usize;
             for (g, id) in self.group_ids.iter().enumerate() {
                 let Some(id) = id else { continue };
-                for &m in &self.plan.groups[g].members[1..] {
-                    if started[m].handle().group(id).await.is_err() {
+                for &m in &self.plan.groups[g].members {
+                    let Some(node) = started[m].as_ref().filter(|_| m != makers[g]) else {
+                        continue;
+                    };
+                    if node.handle().group(id).await.is_err() {
                         waiting += 1;
                     }
                 }
@@ -544,10 +578,12 @@ impl<'s> World<'s> {
 
     /// Keeps every client that is offline at the start running (in virtual time, at most
     /// [`PROVISION_WAIT`]) until its key packages are on each of its home relays, as they are for
-    /// anyone who has run the app once, and stops each as soon as they are: a contact can then
-    /// start a conversation while the client is away, as Tier B assumes from the start. Clients
-    /// online at the start keep running and publish theirs as the run begins.
-    async fn provision(&self, started: &mut [Option<tidings_node::Node>]) {
+    /// anyone who has run the app once, and stops each as soon as they are (but for the groups'
+    /// `makers`, which the group making stops): a contact can then start a conversation while the
+    /// client is away, as Tier B assumes from the start. Clients online at the start keep running
+    /// and publish theirs as the run begins.
+    async fn provision(&self, started: &mut [Option<tidings_node::Node>], makers: &[usize]) {
+        let makers: HashSet<usize> = makers.iter().copied().collect();
         let devices: Vec<Option<[u8; 32]>> = started
             .iter()
             .map(|n| n.as_ref()?.handle().devices().ok()?.first().map(|c| c.device_key))
@@ -563,6 +599,9 @@ impl<'s> World<'s> {
                     }
                     let Some(device) = &devices[ci] else { continue };
                     if self.key_packages_published(ci, device) {
+                        if makers.contains(&ci) {
+                            continue;
+                        }
                         if let Some(node) = slot.take() {
                             node.shutdown().await;
                         }
