@@ -910,28 +910,8 @@ impl Core {
         }
     }
 
-    fn put_contact(&mut self, mut contact: Contact) -> Result<Contact, NodeError> {
-        let store = self.store.clone();
-        let merged = store.unit(|| -> Result<Contact, NodeError> {
-            if let Some(old) = store.contact(&contact.account)? {
-                // Keep conversations; take the newer device list and name.
-                contact.conversations = old.conversations;
-                contact.added_ms = old.added_ms;
-                if contact.name.is_empty() {
-                    contact.name = old.name;
-                }
-                if contact.record_seq < old.record_seq {
-                    contact.devices = old.devices;
-                    contact.relays = old.relays;
-                    contact.record_seq = old.record_seq;
-                }
-                if contact.capabilities.is_empty() {
-                    contact.capabilities = old.capabilities;
-                }
-            }
-            store.put_contact(&contact)?;
-            Ok(contact)
-        })?;
+    fn put_contact(&mut self, contact: Contact) -> Result<Contact, NodeError> {
+        let merged = merge_contact(&self.store, contact)?;
         let _ = self.events.send(NodeEvent::Contact(ContactView::from_contact(&merged)));
         Ok(merged)
     }
@@ -2336,6 +2316,31 @@ fn sent_state(entries: &[OutboxRow]) -> MessageState {
     } else {
         MessageState::Pending
     }
+}
+
+/// Writes `contact` to `store`, merged with what it already holds of that
+/// account: the conversations and the date it was added are kept, and the
+/// newer device list (by record sequence number), name and capabilities win.
+pub(crate) fn merge_contact(store: &Store, mut contact: Contact) -> Result<Contact, NodeError> {
+    store.unit(|| -> Result<Contact, NodeError> {
+        if let Some(old) = store.contact(&contact.account)? {
+            contact.conversations = old.conversations;
+            contact.added_ms = old.added_ms;
+            if contact.name.is_empty() {
+                contact.name = old.name;
+            }
+            if contact.record_seq < old.record_seq {
+                contact.devices = old.devices;
+                contact.relays = old.relays;
+                contact.record_seq = old.record_seq;
+            }
+            if contact.capabilities.is_empty() {
+                contact.capabilities = old.capabilities;
+            }
+        }
+        store.put_contact(&contact)?;
+        Ok(contact)
+    })
 }
 
 /// Whether a contact has a device certificate valid at `now` (one that could

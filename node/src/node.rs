@@ -209,6 +209,20 @@ fn put_identity(
     Ok(id)
 }
 
+/// A contact as its card describes it, added at `now_ms`.
+pub(crate) fn contact_from_card(card: ContactCard, now_ms: u64) -> Contact {
+    Contact {
+        account: *card.account.as_bytes(),
+        name: card.name,
+        devices: card.devices.iter().map(|d| d.to_bytes()).collect(),
+        relays: card.relays,
+        capabilities: card.capabilities.iter().map(|c| c.encode_to_vec()).collect(),
+        record_seq: 0,
+        conversations: Vec::new(),
+        added_ms: now_ms,
+    }
+}
+
 /// Opens the node database in `data_dir`.
 pub fn open_store(data_dir: &Path) -> Result<Store, NodeError> {
     restrict_to_owner(data_dir);
@@ -779,17 +793,7 @@ impl NodeHandle {
         let input = input.trim();
         let now = self.inner.clock.now_ms();
         let mut contact = if input.starts_with(tidings_protocol::card::URI_SCHEME) {
-            let card = ContactCard::from_uri(input)?;
-            Contact {
-                account: *card.account.as_bytes(),
-                name: card.name,
-                devices: card.devices.iter().map(|d| d.to_bytes()).collect(),
-                relays: card.relays,
-                capabilities: card.capabilities.iter().map(|c| c.encode_to_vec()).collect(),
-                record_seq: 0,
-                conversations: Vec::new(),
-                added_ms: now,
-            }
+            contact_from_card(ContactCard::from_uri(input)?, now)
         } else {
             let account = AccountId::from_base58(input).map_err(|_| CardError::Scheme)?;
             let record = self.lookup_record(&account).await?;

@@ -555,6 +555,21 @@ impl HostDisk {
     }
 }
 
+impl HostDisk {
+    /// Adds a contact from its card (a `tidings:` URI) to this device while no node runs on it,
+    /// as [`crate::NodeHandle::add_contact`] adds one to a running device: the device knows the
+    /// contact from its next start. Its own card is refused.
+    pub fn add_contact(&self, card_uri: &str, now_ms: u64) -> Result<(), crate::NodeError> {
+        let card = tidings_protocol::card::ContactCard::from_uri(card_uri.trim())?;
+        let own = tidings_protocol::identity::AccountKey::from_seed(self.store.identity()?.account_seed).id();
+        if card.account == own {
+            return Err(crate::NodeError::InvalidContact("that is your own card".into()));
+        }
+        crate::core::merge_contact(&self.store, crate::node::contact_from_card(card, now_ms))?;
+        Ok(())
+    }
+}
+
 fn new_identity(store: &tidings_store::Store, name: &str, now_ms: u64, seed: Option<[u8; 32]>) -> anyhow::Result<()> {
     match seed {
         Some(seed) => crate::create_identity_from_seed(store, name, now_ms, seed)?,

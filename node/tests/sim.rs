@@ -875,3 +875,52 @@ async fn a_conversation_keeps_its_connection_and_a_lookup_does_not() {
         "the home relay's connection stays: it holds the circuit reservation"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_contact_added_to_a_stopped_device_is_known_when_it_starts_and_its_own_card_is_refused() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
+    let boot = vec![r1_addr.clone()];
+    let alice = sim::start_node(&net, 10, "alice", boot.clone(), boot.clone(), clock.clone())
+        .await
+        .unwrap();
+    let a = alice.handle();
+    let disk = sim::HostDisk::person("bob", clock.now_ms(), None).unwrap();
+    let host = sim::PersonHost {
+        port: 11,
+        bootstrap: boot.clone(),
+        home_relays: boot.clone(),
+        reachable: true,
+        dht_server: true,
+        tuning: sim::HostTuning::default(),
+    };
+    let bob = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    let bob_card = bob.handle().card().to_uri();
+    bob.shutdown().await;
+
+    disk.add_contact(&a.card().to_uri(), clock.now_ms()).unwrap();
+    let own = disk.add_contact(&bob_card, clock.now_ms());
+    assert!(
+        matches!(own, Err(tidings_node::NodeError::InvalidContact(_))),
+        "{own:?}"
+    );
+    a.add_contact(&bob_card, None).await.unwrap();
+
+    let bob = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    let b = bob.handle();
+    let known: Vec<(String, String)> = b.contacts().unwrap().into_iter().map(|c| (c.account, c.name)).collect();
+    assert_eq!(known, vec![(acct(&a), "alice".to_owned())]);
+    let sent = b.send_text(&acct(&a), "hello").await.unwrap();
+    until("alice shows it", || {
+        a.history(&acct(&b))
+            .unwrap()
+            .iter()
+            .any(|m| m.id == sent.id && !m.outgoing)
+    })
+    .await;
+    drop((a, b));
+    for n in [alice, bob, r1] {
+        n.shutdown().await;
+    }
+}

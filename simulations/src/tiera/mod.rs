@@ -377,9 +377,16 @@ impl<'s> World<'s> {
             plan,
         };
 
-        // Everyone starts once to learn their card; the contacts are exchanged like cards handed
-        // over in person; then those offline at the start stop.
-        let mut started = Vec::new();
+        // Everyone starts once to print their card and publish their user record and key
+        // packages; those offline at the start then stop (but for the groups' makers among them),
+        // as soon as that is done. The contacts are exchanged like cards handed over in person,
+        // and the groups are made: those not running are invited while away and join when they
+        // come online, as anyone does.
+        let makers = world.group_makers();
+        let keep: HashSet<usize> = makers.iter().copied().collect();
+        let mut started: Vec<Option<Node>> = Vec::new();
+        let mut devices: Vec<Option<[u8; 32]>> = Vec::new();
+        let mut leaving: Vec<usize> = Vec::new();
         let mut first_publications = Vec::new();
         let clients = world.plan.clients.len();
         let gap = start_gap(sc.start_spread, clients);
@@ -397,7 +404,11 @@ impl<'s> World<'s> {
             world.accounts.push(*h.account().as_bytes());
             world.cards.push(h.card().to_uri());
             world.clients.push(None);
-            started.push(node);
+            devices.push(h.devices().ok().and_then(|d| d.first().map(|c| c.device_key)));
+            started.push(Some(node));
+            if !world.plan.clients[ci].online_at(0) && !keep.contains(&ci) {
+                leaving.push(ci);
+            }
             // A device publishes its user record on its first start, as `tidings run` does; the
             // run's publisher then finds it published and republishes it an interval later. So
             // the publications are spread like the starts, not all at the run's first second.
@@ -405,6 +416,9 @@ impl<'s> World<'s> {
             first_publications.push(tokio::spawn(async move {
                 let _ = h.publish_record().await;
             }));
+            world
+                .leave_when_ready(&mut started, &mut leaving, &devices, &first_publications)
+                .await;
         }
         milestone(&format!("{clients} clients started"));
         world.account_index = Arc::new(
@@ -415,10 +429,14 @@ impl<'s> World<'s> {
                 .map(|(i, a)| (bs58::encode(a).into_string(), i))
                 .collect(),
         );
+        let now_ms = world.clock.now_ms();
         for (ci, node) in started.iter().enumerate() {
-            let h = node.handle();
             for &other in &world.plan.clients[ci].contacts {
-                if let Err(e) = h.add_contact(&world.cards[other], None).await {
+                let added = match node {
+                    Some(node) => node.handle().add_contact(&world.cards[other], None).await.map(drop),
+                    None => world.disks[ci].add_contact(&world.cards[other], now_ms),
+                };
+                if let Err(e) = added {
                     return Err(TierAError::Start {
                         host: world.plan.clients[ci].host,
                         msg: format!("adding a contact: {e}"),
@@ -426,11 +444,16 @@ impl<'s> World<'s> {
                 }
             }
         }
-        // Those offline at the start stop before the groups are made (but for the makers among
-        // them): invited while away, they join when they come online, as anyone does.
-        let makers = world.group_makers();
-        let mut started: Vec<Option<tidings_node::Node>> = started.into_iter().map(Some).collect();
-        world.provision(&mut started, &makers).await;
+        set_up_wait(
+            "clients offline at the start had not published key packages and their user record",
+            async || {
+                world
+                    .leave_when_ready(&mut started, &mut leaving, &devices, &first_publications)
+                    .await;
+                leaving.len()
+            },
+        )
+        .await;
         milestone("key packages of the clients offline at the start published");
         world.make_groups(&started, &makers).await;
         for (ci, slot) in started.iter_mut().enumerate() {
@@ -576,43 +599,31 @@ impl<'s> World<'s> {
         }
     }
 
-    /// Keeps every client that is offline at the start running (in virtual time, at most
-    /// [`PROVISION_WAIT`]) until its key packages are on each of its home relays, as they are for
-    /// anyone who has run the app once, and stops each as soon as they are (but for the groups'
-    /// `makers`, which the group making stops): a contact can then start a conversation while the
-    /// client is away, as Tier B assumes from the start. Clients online at the start keep running
-    /// and publish theirs as the run begins.
-    async fn provision(&self, started: &mut [Option<tidings_node::Node>], makers: &[usize]) {
-        let makers: HashSet<usize> = makers.iter().copied().collect();
-        let devices: Vec<Option<[u8; 32]>> = started
-            .iter()
-            .map(|n| n.as_ref()?.handle().devices().ok()?.first().map(|c| c.device_key))
-            .collect();
-        set_up_wait(
-            "clients offline at the start had not published key packages",
-            async || {
-                let mut pending = 0;
-                for (ci, slot) in started.iter_mut().enumerate() {
-                    let c = &self.plan.clients[ci];
-                    if slot.is_none() || c.online_at(0) {
-                        continue;
-                    }
-                    let Some(device) = &devices[ci] else { continue };
-                    if self.key_packages_published(ci, device) {
-                        if makers.contains(&ci) {
-                            continue;
-                        }
-                        if let Some(node) = slot.take() {
-                            node.shutdown().await;
-                        }
-                    } else {
-                        pending += 1;
-                    }
+    /// Stops each client of `leaving` (offline at the start) whose key packages are on each of
+    /// its home relays, as they are for anyone who has run the app once (a contact can then start
+    /// a conversation while the client is away, as Tier B assumes from the start), and whose
+    /// first user record publication is over; the others stay in `leaving`.
+    async fn leave_when_ready(
+        &self,
+        started: &mut [Option<Node>],
+        leaving: &mut Vec<usize>,
+        devices: &[Option<[u8; 32]>],
+        publications: &[JoinHandle<()>],
+    ) {
+        let mut still = Vec::with_capacity(leaving.len());
+        for &ci in leaving.iter() {
+            let ready = publications[ci].is_finished()
+                && devices[ci].as_ref().is_none_or(|d| self.key_packages_published(ci, d));
+            match started[ci].take() {
+                Some(node) if ready => node.shutdown().await,
+                Some(node) => {
+                    started[ci] = Some(node);
+                    still.push(ci);
                 }
-                pending
-            },
-        )
-        .await;
+                None => {}
+            }
+        }
+        *leaving = still;
     }
 
     /// Whether client `ci`'s device (key `device`) has key packages on each of its home relays.
