@@ -249,22 +249,11 @@ async fn a_first_message_to_an_unreachable_device_starts_from_its_relay_within_s
 async fn a_first_message_to_a_device_that_starts_seconds_later_is_sent_once_it_answers() {
     let net = SimNetwork::new(Arc::new(Links::default()));
     let clock = Clock::tokio(START_MS);
-    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
-    let boot = vec![r1_addr.clone()];
-    let alice = sim::start_node(&net, 10, "alice", boot.clone(), boot.clone(), clock.clone())
-        .await
-        .unwrap();
+    let (r1, boot, alice) = relay_and_alice(&net, &clock).await;
     // Bob has no home relays, so only his device hands out key packages, and it is not running
     // when alice writes to him: it starts 5 s later.
     let disk = sim::HostDisk::person("bob", clock.now_ms(), None).unwrap();
-    let host = sim::PersonHost {
-        port: 11,
-        bootstrap: boot.clone(),
-        home_relays: Vec::new(),
-        reachable: true,
-        dht_server: true,
-        tuning: sim::HostTuning::default(),
-    };
+    let host = public_person(11, boot.clone(), Vec::new());
     let bob = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
     let (card, bob_account) = (bob.handle().card().to_uri(), acct(&bob.handle()));
     let a = alice.handle();
@@ -280,13 +269,7 @@ async fn a_first_message_to_a_device_that_starts_seconds_later_is_sent_once_it_a
     let sent = a.send_text(&bob_account, "hello").await.unwrap();
     let bob = bob_later.await.unwrap();
     let b = bob.handle();
-    until("bob shows it", || {
-        b.history(&acct(&a))
-            .unwrap()
-            .iter()
-            .any(|m| m.id == sent.id && !m.outgoing)
-    })
-    .await;
+    until("bob shows it", || shows(&b, &a, &sent.id)).await;
     // The set-up asked again while bob's device started, rather than failing
     // and leaving the message to a retry 10 s later.
     let took = started.elapsed();
@@ -294,6 +277,36 @@ async fn a_first_message_to_a_device_that_starts_seconds_later_is_sent_once_it_a
     drop((a, b));
     for n in [alice, bob, r1] {
         n.shutdown().await;
+    }
+}
+
+/// Whether `h` shows the message `id` from `from`.
+fn shows(h: &NodeHandle, from: &NodeHandle, id: &str) -> bool {
+    h.history(&acct(from))
+        .unwrap()
+        .iter()
+        .any(|m| m.id == id && !m.outgoing)
+}
+
+/// A relay on port 1 (with its address as the bootstrap list) and alice on port 10, at home on it.
+async fn relay_and_alice(net: &SimNetwork, clock: &Clock) -> (Node, Vec<Multiaddr>, Node) {
+    let (r1, r1_addr) = relay(net, 1, Vec::new(), clock).await;
+    let boot = vec![r1_addr];
+    let alice = sim::start_node(net, 10, "alice", boot.clone(), boot.clone(), clock.clone())
+        .await
+        .unwrap();
+    (r1, boot, alice)
+}
+
+/// A device anyone can dial, in the DHT, on `port`.
+fn public_person(port: u64, bootstrap: Vec<Multiaddr>, home_relays: Vec<Multiaddr>) -> sim::PersonHost {
+    sim::PersonHost {
+        port,
+        bootstrap,
+        home_relays,
+        reachable: true,
+        dht_server: true,
+        tuning: sim::HostTuning::default(),
     }
 }
 
@@ -880,21 +893,10 @@ async fn a_conversation_keeps_its_connection_and_a_lookup_does_not() {
 async fn a_contact_added_to_a_stopped_device_is_known_when_it_starts_and_its_own_card_is_refused() {
     let net = SimNetwork::new(Arc::new(Links::default()));
     let clock = Clock::tokio(START_MS);
-    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
-    let boot = vec![r1_addr.clone()];
-    let alice = sim::start_node(&net, 10, "alice", boot.clone(), boot.clone(), clock.clone())
-        .await
-        .unwrap();
+    let (r1, boot, alice) = relay_and_alice(&net, &clock).await;
     let a = alice.handle();
     let disk = sim::HostDisk::person("bob", clock.now_ms(), None).unwrap();
-    let host = sim::PersonHost {
-        port: 11,
-        bootstrap: boot.clone(),
-        home_relays: boot.clone(),
-        reachable: true,
-        dht_server: true,
-        tuning: sim::HostTuning::default(),
-    };
+    let host = public_person(11, boot.clone(), boot.clone());
     let bob = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
     let bob_card = bob.handle().card().to_uri();
     bob.shutdown().await;
@@ -912,13 +914,7 @@ async fn a_contact_added_to_a_stopped_device_is_known_when_it_starts_and_its_own
     let known: Vec<(String, String)> = b.contacts().unwrap().into_iter().map(|c| (c.account, c.name)).collect();
     assert_eq!(known, vec![(acct(&a), "alice".to_owned())]);
     let sent = b.send_text(&acct(&a), "hello").await.unwrap();
-    until("alice shows it", || {
-        a.history(&acct(&b))
-            .unwrap()
-            .iter()
-            .any(|m| m.id == sent.id && !m.outgoing)
-    })
-    .await;
+    until("alice shows it", || shows(&a, &b, &sent.id)).await;
     drop((a, b));
     for n in [alice, bob, r1] {
         n.shutdown().await;
