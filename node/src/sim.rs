@@ -553,9 +553,7 @@ impl HostDisk {
             mailboxes: Some(Arc::new(tidings_store::mailbox::Mailboxes::open_in_memory(limits)?)),
         })
     }
-}
 
-impl HostDisk {
     /// Adds a contact from its card (a `tidings:` URI) to this device while no node runs on it,
     /// as [`crate::NodeHandle::add_contact`] adds one to a running device: the device knows the
     /// contact from its next start. Its own card is refused.

@@ -455,7 +455,7 @@ impl<'s> World<'s> {
         )
         .await;
         milestone("key packages of the clients offline at the start published");
-        world.make_groups(&started, &makers).await;
+        world.make_groups(&started, &devices, &makers).await;
         for (ci, slot) in started.iter_mut().enumerate() {
             if !world.plan.clients[ci].online_at(0)
                 && let Some(node) = slot.take()
@@ -507,18 +507,14 @@ impl<'s> World<'s> {
     /// groups at once, inviting those who are not running with key packages from their relays;
     /// then waits (in virtual time, at most [`PROVISION_WAIT`]) until every running member has
     /// joined. The others join from their mailboxes when they come online. A group that could
-    /// not be made is left out of the run, and said so.
-    async fn make_groups(&mut self, started: &[Option<Node>], makers: &[usize]) {
+    /// not be made is left out of the run, and said so. `devices[ci]` is client `ci`'s device key.
+    async fn make_groups(&mut self, started: &[Option<Node>], devices: &[Option<[u8; 32]>], makers: &[usize]) {
         if self.plan.groups.is_empty() {
             return;
         }
         // The members' key packages on their relays first, as for anyone who has run the app
         // once: a member whose device cannot be reached yet (no circuit reservation) is invited
         // with one of those.
-        let devices: Vec<Option<[u8; 32]>> = started
-            .iter()
-            .map(|n| n.as_ref()?.handle().devices().ok()?.first().map(|c| c.device_key))
-            .collect();
         let members: HashSet<usize> = self
             .plan
             .groups
@@ -528,6 +524,7 @@ impl<'s> World<'s> {
         set_up_wait("group members had not published key packages", async || {
             members
                 .iter()
+                .filter(|&&ci| started[ci].is_some())
                 .filter(|&&ci| devices[ci].is_some_and(|d| !self.key_packages_published(ci, &d)))
                 .count()
         })
