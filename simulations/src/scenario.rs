@@ -51,6 +51,13 @@ pub struct Scenario {
     /// together every refresh period after. Tier B ignores it.
     #[serde(default)]
     pub relay_start_spread: SimDuration,
+    /// Tier A: the workload's groups are made one after another over this much virtual time,
+    /// after every client has started, instead of all at once. Making a group opens connections
+    /// from its maker to its members and their relays; spread out, those of the first groups
+    /// close (idle timeout) before the last ones open, which lowers the set-up's memory peak.
+    /// Tier B starts with its groups made and ignores it.
+    #[serde(default)]
+    pub group_spread: SimDuration,
     #[serde(default)]
     pub network: Network,
     /// Node classes; at least one relay class and one client class.

@@ -145,7 +145,7 @@ fn out_of_range_values_name_the_field() {
         ScenarioError::OutOfRange { field, .. } => assert_eq!(field, "adversaries.dropping_relays"),
         e => panic!("{e}"),
     }
-    // Both start spreads: taken as given, and refused beyond a day.
+    // The spreads: taken as given, and refused beyond a day.
     let spread = |key: &str, d: &str| {
         Scenario::from_toml(&MINIMAL.replace("duration = \"1m\"", &format!("duration = \"1m\"\n{key} = \"{d}\"")))
     };
@@ -157,7 +157,8 @@ fn out_of_range_values_name_the_field() {
             .as_secs_f64(),
         90.0
     );
-    for key in ["start_spread", "relay_start_spread"] {
+    assert_eq!(spread("group_spread", "2m").unwrap().group_spread.as_secs_f64(), 120.0);
+    for key in ["start_spread", "relay_start_spread", "group_spread"] {
         match spread(key, "2d") {
             Err(ScenarioError::OutOfRange { field, .. }) => assert_eq!(field, key),
             other => panic!("{other:?}"),
@@ -457,12 +458,13 @@ fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_ever
     }
 }
 
-/// Groups of real nodes: made during the set-up, written to while their members come and go,
-/// every member renewing its keys (an MLS commit) every 40 s, and a partition between the
-/// regions in the middle that heals.
+/// Groups of real nodes: made one after another over 30 s of the set-up, written to while their
+/// members come and go, every member renewing its keys (an MLS commit) every 40 s, and a partition
+/// between the regions in the middle that heals.
 const TIER_A_GROUPS: &str = r#"
 name = "tier-a-groups"
 duration = "4m"
+group_spread = "30s"
 seed = 11
 
 [[population]]
@@ -508,6 +510,9 @@ fn tier_a_groups_of_real_nodes_commit_through_churn_and_a_partition_and_never_fo
     let (_dir, _out_dir, stderr, summary) = run_tier_a(TIER_A_GROUPS);
     assert!(summary["groups"] >= 3.0, "{summary:?}");
     assert_eq!(summary["groups_made"], summary["groups"], "{stderr}");
+    // The last group was made (g - 1) / g of `group_spread` after the first.
+    let spread_s = 30.0 * (summary["groups"] - 1.0) / summary["groups"];
+    assert!(summary["setup_virtual_s"] >= spread_s, "{summary:?}");
     assert!(summary["group_messages_sent"] >= 10.0, "{summary:?}");
     assert!(
         summary["group_messages_sent"] < summary["messages_sent"],

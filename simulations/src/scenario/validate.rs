@@ -82,6 +82,7 @@ impl Scenario {
         for (field, spread) in [
             ("start_spread", self.start_spread),
             ("relay_start_spread", self.relay_start_spread),
+            ("group_spread", self.group_spread),
         ] {
             if spread > SimDuration::from_secs(86_400) {
                 range(field, spread.as_secs_f64(), false, "at most one day")?;

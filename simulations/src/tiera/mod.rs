@@ -167,6 +167,8 @@ struct World<'s> {
     t0: Instant,
     /// The process's peak resident memory over the set-up, when every client ran at once.
     setup_peak: Option<u64>,
+    /// How much virtual time the set-up took (the starts, the cards, the groups).
+    setup_virtual: Duration,
     relay_disks: Vec<HostDisk>,
     /// The scenario's `[protocol]` settings as every node takes them.
     tuning: sim::HostTuning,
@@ -358,6 +360,7 @@ impl<'s> World<'s> {
             clock,
             t0,
             setup_peak: None,
+            setup_virtual: Duration::ZERO,
             relay_disks,
             tuning,
             relay_addrs,
@@ -455,7 +458,8 @@ impl<'s> World<'s> {
         )
         .await;
         milestone("key packages of the clients offline at the start published");
-        world.make_groups(&started, &devices, &makers).await;
+        let group_gap = start_gap(sc.group_spread, world.plan.groups.len());
+        world.make_groups(&started, &devices, &makers, group_gap).await;
         for (ci, slot) in started.iter_mut().enumerate() {
             if !world.plan.clients[ci].online_at(0)
                 && let Some(node) = slot.take()
@@ -468,6 +472,7 @@ impl<'s> World<'s> {
             let _ = p.await;
         }
         // The run's clock starts now: the set-up above is what happened before it.
+        world.setup_virtual = world.t0.elapsed();
         world.t0 = Instant::now();
         world.setup_peak = crate::memory::close_phase();
         for (ci, node) in started.into_iter().enumerate() {
@@ -503,12 +508,19 @@ impl<'s> World<'s> {
     }
 
     /// Makes the workload's groups once every running member's key packages are on its home
-    /// relays: each group's maker (`makers[g]`, running) adds the others' cards and creates it, all
-    /// groups at once, inviting those who are not running with key packages from their relays;
-    /// then waits (in virtual time, at most [`PROVISION_WAIT`]) until every running member has
-    /// joined. The others join from their mailboxes when they come online. A group that could
-    /// not be made is left out of the run, and said so. `devices[ci]` is client `ci`'s device key.
-    async fn make_groups(&mut self, started: &[Option<Node>], devices: &[Option<[u8; 32]>], makers: &[usize]) {
+    /// relays: each group's maker (`makers[g]`, running) adds the others' cards and creates it,
+    /// group `g` at `g * gap` after that (all at once if `gap` is zero), inviting those who are not
+    /// running with key packages from their relays; then waits (in virtual time, at most
+    /// [`PROVISION_WAIT`]) until every running member has joined. The others join from their
+    /// mailboxes when they come online. A group that could not be made is left out of the run,
+    /// and said so. `devices[ci]` is client `ci`'s device key.
+    async fn make_groups(
+        &mut self,
+        started: &[Option<Node>],
+        devices: &[Option<[u8; 32]>],
+        makers: &[usize],
+        gap: Duration,
+    ) {
         if self.plan.groups.is_empty() {
             return;
         }
@@ -544,7 +556,11 @@ impl<'s> World<'s> {
                 .map(|&m| bs58::encode(self.accounts[m]).into_string())
                 .collect();
             let others: Vec<String> = others.iter().map(|&m| self.cards[m].clone()).collect();
+            let at = gap * u32::try_from(g).unwrap_or(u32::MAX);
             tasks.push(tokio::spawn(async move {
+                if !at.is_zero() {
+                    tokio::time::sleep(at).await;
+                }
                 for card in &others {
                     creator.add_contact(card, None).await.map_err(|e| e.to_string())?;
                 }
@@ -1230,6 +1246,7 @@ impl<'s> World<'s> {
         put("memory_peak_mib", peak_mib);
         put("memory_per_node_mib", per_node_mib);
         put("memory_setup_peak_mib", setup_peak_mib);
+        put("setup_virtual_s", self.setup_virtual.as_secs_f64());
         put("memory_run_peak_mib", run_peak_mib);
         put("memory_run_per_node_mib", run_peak_mib / hosts);
         // How many commits the groups went through (epoch 1: the members were added).
