@@ -27,8 +27,9 @@ use std::time::Duration;
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use rand::Rng;
+use tidings_node::net::NetError;
 use tidings_node::sim::{self, HostDisk, PersonHost, SimNetwork};
-use tidings_node::{Clock, Node, NodeEvent, NodeHandle};
+use tidings_node::{Clock, Node, NodeError, NodeEvent, NodeHandle};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -89,6 +90,9 @@ struct Seen {
     dht: [KadAcc; 4],
     /// (when it ended, its trace event) of every DHT operation.
     dht_trace: Vec<(u64, TraceEvent)>,
+    /// Record lookups cut short because their own node stopped (its client went offline): they
+    /// have no outcome, so they are counted here and not in [`Seen::dht`].
+    lookups_abandoned: u64,
 }
 
 /// Indices into [`Seen::dht`] (as Tier B's `LookupKind::index`).
@@ -863,8 +867,12 @@ impl<'s> World<'s> {
         );
         tokio::spawn(async move {
             let started = since(t0);
-            let ok = h.lookup_record(&account).await.is_ok();
-            lock(&seen).dht_done(GET_RECORD, host, ok, started, since(t0));
+            let found = h.lookup_record(&account).await;
+            let mut seen = lock(&seen);
+            match found {
+                Err(NodeError::Net(NetError::Stopped)) => seen.lookups_abandoned += 1,
+                found => seen.dht_done(GET_RECORD, host, found.is_ok(), started, since(t0)),
+            }
         });
     }
 
@@ -1288,6 +1296,7 @@ impl<'s> World<'s> {
         all.sort_unstable_by(f32::total_cmp);
         put("invariant_violations", violation_count as f64);
         dht_figures(&mut s.dht, false, &mut put);
+        put("dht_get_record_abandoned", s.lookups_abandoned as f64);
         trace.append(&mut s.dht_trace);
 
         let hours = end as f64 / 3.6e9;
