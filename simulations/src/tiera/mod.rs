@@ -169,7 +169,7 @@ struct World<'s> {
     links: Arc<links::Links>,
     clock: Clock,
     t0: Instant,
-    /// The process's peak resident memory over the set-up, when every client ran at once.
+    /// The process's peak resident memory over the set-up, when every client started once.
     setup_peak: Option<u64>,
     /// How much virtual time the set-up took (the starts, the cards, the groups).
     setup_virtual: Duration,
@@ -240,9 +240,9 @@ pub fn ignored_protocol_keys(p: &crate::scenario::ProtocolParams) -> Vec<&'stati
     .collect()
 }
 
-/// The time between two of `hosts` starts spread over `spread`.
-fn start_gap(spread: crate::scenario::SimDuration, hosts: usize) -> Duration {
-    Duration::from_micros(spread.micros()) / u32::try_from(hosts.max(1)).unwrap_or(u32::MAX)
+/// The time between two of `n` steps (host starts, groups made) spread over `spread`.
+fn spread_gap(spread: crate::scenario::SimDuration, n: usize) -> Duration {
+    Duration::from_micros(spread.micros()) / u32::try_from(n.max(1)).unwrap_or(u32::MAX)
 }
 
 /// Runs a scenario in Tier A.
@@ -319,7 +319,7 @@ impl<'s> World<'s> {
         let mut relay_disks = Vec::new();
         let mut relay_addrs: Vec<Multiaddr> = Vec::new();
         let mut relays = Vec::new();
-        let relay_gap = start_gap(sc.relay_start_spread, plan.relays.len());
+        let relay_gap = spread_gap(sc.relay_start_spread, plan.relays.len());
         for (ri, &h) in plan.relays.iter().enumerate() {
             if ri > 0 && !relay_gap.is_zero() {
                 tokio::time::sleep(relay_gap).await;
@@ -396,7 +396,7 @@ impl<'s> World<'s> {
         let mut leaving: Vec<usize> = Vec::new();
         let mut first_publications = Vec::new();
         let clients = world.plan.clients.len();
-        let gap = start_gap(sc.start_spread, clients);
+        let gap = spread_gap(sc.start_spread, clients);
         for ci in 0..clients {
             if ci > 0 && !gap.is_zero() {
                 tokio::time::sleep(gap).await;
@@ -462,7 +462,7 @@ impl<'s> World<'s> {
         )
         .await;
         milestone("key packages of the clients offline at the start published");
-        let group_gap = start_gap(sc.group_spread, world.plan.groups.len());
+        let group_gap = spread_gap(sc.group_spread, world.plan.groups.len());
         world.make_groups(&started, &devices, &makers, group_gap).await;
         for (ci, slot) in started.iter_mut().enumerate() {
             if !world.plan.clients[ci].online_at(0)
