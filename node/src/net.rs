@@ -647,12 +647,16 @@ pub async fn spawn(
                         .with_tokio()
                         .with_other_transport(|key| {
                             use libp2p::core::Transport as _;
+                            let counters = host.net.host_bytes(host.port);
                             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                                 host.net
                                     .transport(host.port)
                                     .upgrade(libp2p::core::upgrade::Version::V1)
                                     .authenticate($security(key)?)
-                                    .multiplex(yamux::Config::default()),
+                                    .multiplex(yamux::Config::default())
+                                    .map(move |(peer, muxer), _| {
+                                        (peer, crate::sim::count::CountingMuxer::new(muxer, counters))
+                                    }),
                             )
                         })?
                         .with_relay_client($relay_security, yamux::Config::default)?

@@ -30,7 +30,11 @@ use libp2p::multiaddr::Protocol;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
+pub mod count;
 pub mod plain;
+
+use count::HostBytes;
+pub use count::StreamClass;
 
 /// Most bytes in flight in one direction of a connection before the writer
 /// waits (a send window).
@@ -76,8 +80,8 @@ pub struct SimNetwork {
     hub: Arc<Mutex<HashMap<u64, mpsc::Sender<Incoming>>>>,
     model: Arc<dyn LinkModel>,
     security: Security,
-    /// Bytes each host has put on its links.
-    sent: Arc<Mutex<HashMap<u64, Arc<AtomicU64>>>>,
+    /// What each host has sent and received.
+    bytes: Arc<Mutex<HashMap<u64, Arc<HostBytes>>>>,
     conns: Arc<ConnCount>,
 }
 
@@ -125,7 +129,7 @@ impl SimNetwork {
             hub: Arc::default(),
             model,
             security,
-            sent: Arc::default(),
+            bytes: Arc::default(),
             conns: Arc::default(),
         }
     }
@@ -150,12 +154,25 @@ impl SimNetwork {
     /// Bytes host `port` has sent on all its connections so far (libp2p's
     /// framing, Noise and yamux included).
     pub fn bytes_sent(&self, port: u64) -> u64 {
-        self.counter(port).load(Ordering::Relaxed)
+        self.host_bytes(port).sent.load(Ordering::Relaxed)
     }
 
-    fn counter(&self, port: u64) -> Arc<AtomicU64> {
-        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        sent.entry(port).or_default().clone()
+    /// Bytes host `port` has received on all its connections so far.
+    pub fn bytes_received(&self, port: u64) -> u64 {
+        self.host_bytes(port).received.load(Ordering::Relaxed)
+    }
+
+    /// Bytes host `port` has sent and received on substreams of each protocol class so far, in
+    /// [`StreamClass::ALL`]'s order: the protocols' own bytes, their negotiation included, without
+    /// the connections' framing (see [`count`]). Relayed connections count at the relay and at
+    /// both ends as [`StreamClass::Circuit`]: their bytes travel on its substreams.
+    pub fn stream_bytes(&self, port: u64) -> [u64; StreamClass::ALL.len()] {
+        self.host_bytes(port).by_class()
+    }
+
+    pub(crate) fn host_bytes(&self, port: u64) -> Arc<HostBytes> {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        bytes.entry(port).or_default().clone()
     }
 
     /// The address of host `port`.
@@ -196,8 +213,8 @@ impl SimNetwork {
         let (ours, theirs) = SimConn::pair(
             self.model.clone(),
             self.conns.clone(),
-            (from, self.counter(from)),
-            (to, self.counter(to)),
+            (from, self.host_bytes(from)),
+            (to, self.host_bytes(to)),
         );
         listener
             .try_send(Incoming { conn: theirs, from })
@@ -328,8 +345,8 @@ pub struct SimConn {
     local: u64,
     remote: u64,
     timer: Option<Pin<Box<Sleep>>>,
-    /// Bytes the local host has sent (shared by all its connections).
-    sent: Arc<AtomicU64>,
+    /// What the local host has sent and received (shared by all its connections).
+    bytes: Arc<HostBytes>,
     conns: Arc<ConnCount>,
 }
 
@@ -346,8 +363,8 @@ impl SimConn {
     fn pair(
         model: Arc<dyn LinkModel>,
         conns: Arc<ConnCount>,
-        a: (u64, Arc<AtomicU64>),
-        b: (u64, Arc<AtomicU64>),
+        a: (u64, Arc<HostBytes>),
+        b: (u64, Arc<HostBytes>),
     ) -> (SimConn, SimConn) {
         let (ab, ba): (Shared, Shared) = (Arc::default(), Arc::default());
         conns.opened.fetch_add(1, Ordering::Relaxed);
@@ -360,7 +377,7 @@ impl SimConn {
                 local: a.0,
                 remote: b.0,
                 timer: None,
-                sent: a.1,
+                bytes: a.1,
                 conns: conns.clone(),
             },
             SimConn {
@@ -370,7 +387,7 @@ impl SimConn {
                 local: b.0,
                 remote: a.0,
                 timer: None,
-                sent: b.1,
+                bytes: b.1,
                 conns,
             },
         )
@@ -409,6 +426,7 @@ impl AsyncRead for SimConn {
                 }
                 drop(h);
                 self.timer = None;
+                self.bytes.received.fetch_add(n as u64, Ordering::Relaxed);
                 return Poll::Ready(Ok(n));
             }
             drop(h);
@@ -462,7 +480,7 @@ impl AsyncWrite for SimConn {
             }
         }
         h.queued += n;
-        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        self.bytes.sent.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(w) = h.reader.take() {
             w.wake();
         }
@@ -783,6 +801,12 @@ mod tests {
         theirs.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello world");
         assert_eq!(sent.elapsed(), Duration::from_millis(40), "one way");
+        assert_eq!(
+            (net.bytes_sent(2), net.bytes_received(1)),
+            (11, 11),
+            "counted at both ends"
+        );
+        assert_eq!((net.bytes_sent(1), net.bytes_received(2)), (0, 0));
         drop(ours);
         let mut rest = Vec::new();
         assert_eq!(

@@ -66,8 +66,12 @@ async fn real_nodes_talk_directly_and_through_relay_mailboxes_in_virtual_time() 
 
 #[tokio::test(start_paused = true)]
 async fn a_plaintext_world_carries_the_same_exchange_in_fewer_bytes() {
-    let noise = talk_directly_and_through_relays(sim::Security::Noise).await;
-    let plaintext = talk_directly_and_through_relays(sim::Security::Plaintext).await;
+    let noise = talk_directly_and_through_relays(sim::Security::Noise)
+        .await
+        .bytes_sent(10);
+    let plaintext = talk_directly_and_through_relays(sim::Security::Plaintext)
+        .await
+        .bytes_sent(10);
     eprintln!("alice sent {noise} bytes with Noise, {plaintext} in plaintext");
     assert!(
         plaintext < noise,
@@ -75,9 +79,57 @@ async fn a_plaintext_world_carries_the_same_exchange_in_fewer_bytes() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn each_hosts_bytes_are_counted_by_protocol_and_fit_within_what_its_links_carried() {
+    let net = talk_directly_and_through_relays(sim::Security::Noise).await;
+    let class = |port, c: sim::StreamClass| {
+        let i = sim::StreamClass::ALL.iter().position(|x| *x == c).unwrap();
+        net.stream_bytes(port)[i]
+    };
+    for port in [1, 2, 10, 11] {
+        let by_class: Vec<String> = sim::StreamClass::ALL
+            .iter()
+            .map(|c| format!("{} {}", c.name(), class(port, *c)))
+            .collect();
+        let wire = net.bytes_sent(port) + net.bytes_received(port);
+        let streams: u64 = net.stream_bytes(port).iter().sum();
+        eprintln!("host {port}: {wire} on its links, {streams} on substreams: {by_class:?}");
+        assert!(
+            streams < wire,
+            "host {port}: substreams carried {streams} bytes of the {wire} on its links; the rest is handshakes and framing"
+        );
+        assert!(class(port, sim::StreamClass::Kad) > 0, "host {port} used the DHT");
+        assert!(
+            class(port, sim::StreamClass::Identify) > 0,
+            "host {port} exchanged identify"
+        );
+    }
+    // One message went directly from alice to bob; twenty went to bob's relays (mailbox
+    // deposits), which pushed them to bob (the deliver protocol, as a sender does).
+    let deliver = |port| class(port, sim::StreamClass::Deliver);
+    for port in [1, 2, 10, 11] {
+        assert!(deliver(port) > 0, "host {port}: a message or a push");
+        assert!(
+            class(port, sim::StreamClass::Mailbox) > 0,
+            "host {port}: the relays' mail"
+        );
+    }
+    assert!(
+        deliver(11) > deliver(10) + deliver(1).min(deliver(2)),
+        "bob took one message from alice and twenty in the relays' pushes"
+    );
+    // Neither person is behind a NAT, but both reserve circuits on their home relays.
+    for port in [1, 2, 10, 11] {
+        assert!(
+            class(port, sim::StreamClass::Circuit) > 0,
+            "host {port}: circuit reservations"
+        );
+    }
+}
+
 /// Alice and bob, each with two home relays: one message direct, then twenty
-/// while they are cut apart, through bob's relays. Returns the bytes alice sent.
-async fn talk_directly_and_through_relays(security: sim::Security) -> u64 {
+/// while they are cut apart, through bob's relays. Returns the world, for its byte counts.
+async fn talk_directly_and_through_relays(security: sim::Security) -> SimNetwork {
     let wall = std::time::Instant::now();
     let start = tokio::time::Instant::now();
     let links = Arc::new(Links::default());
@@ -136,7 +188,7 @@ async fn talk_directly_and_through_relays(security: sim::Security) -> u64 {
     for n in [alice, bob, r1, r2] {
         n.shutdown().await;
     }
-    net.bytes_sent(10)
+    net
 }
 
 /// A relay keeps its subscriptions in memory, so a restart ends them. The

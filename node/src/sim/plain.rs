@@ -84,7 +84,6 @@ impl<C: AsyncRead + AsyncWrite + Unpin + Send + 'static> OutboundConnectionUpgra
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicU64;
     use std::time::Duration;
 
     use super::*;
@@ -92,12 +91,7 @@ mod tests {
 
     fn link() -> (SimConn, SimConn) {
         let model = Arc::new(FixedDelay(Duration::from_millis(10)));
-        SimConn::pair(
-            model,
-            Arc::default(),
-            (1, Arc::new(AtomicU64::new(0))),
-            (2, Arc::new(AtomicU64::new(0))),
-        )
+        SimConn::pair(model, Arc::default(), (1, Arc::default()), (2, Arc::default()))
     }
 
     #[tokio::test(start_paused = true)]
