@@ -67,6 +67,13 @@ pub struct Comparison {
     /// Median latency of the successful ones.
     pub get_p50_a_ms: f64,
     pub get_p50_b_ms: f64,
+    /// Bytes a client moved per hour, on average (both directions): Tier A counts what its links
+    /// carried, Tier B estimates it from the frames' sizes.
+    pub client_bytes_per_hour_a: f64,
+    pub client_bytes_per_hour_b: f64,
+    /// The same for a relay.
+    pub relay_bytes_per_hour_a: f64,
+    pub relay_bytes_per_hour_b: f64,
     pub wall_a_s: f64,
     pub wall_b_s: f64,
 }
@@ -121,6 +128,10 @@ pub fn compare(nodes: u64, a: &RunResult, b: &RunResult, wall_a_s: f64, wall_b_s
         get_ok_b: m(b, "dht_get_record_success"),
         get_p50_a_ms: m(a, "dht_get_record_latency_ms_p50"),
         get_p50_b_ms: m(b, "dht_get_record_latency_ms_p50"),
+        client_bytes_per_hour_a: m(a, "bytes_per_client_total_per_hour_mean"),
+        client_bytes_per_hour_b: m(b, "bytes_per_client_total_per_hour_mean"),
+        relay_bytes_per_hour_a: m(a, "bytes_per_relay_total_per_hour_mean"),
+        relay_bytes_per_hour_b: m(b, "bytes_per_relay_total_per_hour_mean"),
         wall_a_s,
         wall_b_s,
     }
@@ -130,11 +141,12 @@ pub fn compare(nodes: u64, a: &RunResult, b: &RunResult, wall_a_s: f64, wall_b_s
 pub fn to_csv(rows: &[Comparison]) -> String {
     let mut s = String::from(
         "nodes,ratio_a,ratio_b,ratio_diff_pp,judged_a,judged_b,ks_all,ks_direct,ks_mailbox,\
-         p50_a_ms,p50_b_ms,p99_a_ms,p99_b_ms,get_ok_a,get_ok_b,get_p50_a_ms,get_p50_b_ms,wall_a_s,wall_b_s\n",
+         p50_a_ms,p50_b_ms,p99_a_ms,p99_b_ms,get_ok_a,get_ok_b,get_p50_a_ms,get_p50_b_ms,\
+         client_bytes_per_hour_a,client_bytes_per_hour_b,relay_bytes_per_hour_a,relay_bytes_per_hour_b,wall_a_s,wall_b_s\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{:.1}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.0},{:.0},{:.1},{:.1}\n",
             r.nodes,
             r.ratio_a,
             r.ratio_b,
@@ -152,6 +164,10 @@ pub fn to_csv(rows: &[Comparison]) -> String {
             r.get_ok_b,
             r.get_p50_a_ms,
             r.get_p50_b_ms,
+            r.client_bytes_per_hour_a,
+            r.client_bytes_per_hour_b,
+            r.relay_bytes_per_hour_a,
+            r.relay_bytes_per_hour_b,
             r.wall_a_s,
             r.wall_b_s
         ));

@@ -410,7 +410,8 @@ fn calibrate(
         println!(
             "{nodes} nodes: delivered within the deadline A {:.4} / B {:.4} ({:.2} pp apart); latency KS distance {:.3} \
              (direct {:.3}, mailbox {:.3}); p50 A {:.0} / B {:.0} ms; record lookups found A {:.3} / B {:.3}, \
-             p50 A {:.0} / B {:.0} ms; wall A {:.1} s / B {:.1} s",
+             p50 A {:.0} / B {:.0} ms; kB per client-hour A {:.1} / B {:.1}, per relay-hour A {:.1} / B {:.1}; \
+             wall A {:.1} s / B {:.1} s",
             row.ratio_a,
             row.ratio_b,
             row.ratio_diff_pp,
@@ -423,6 +424,10 @@ fn calibrate(
             row.get_ok_b,
             row.get_p50_a_ms,
             row.get_p50_b_ms,
+            row.client_bytes_per_hour_a / 1e3,
+            row.client_bytes_per_hour_b / 1e3,
+            row.relay_bytes_per_hour_a / 1e3,
+            row.relay_bytes_per_hour_b / 1e3,
             row.wall_a_s,
             row.wall_b_s
         );

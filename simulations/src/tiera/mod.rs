@@ -36,8 +36,8 @@ use tokio::time::Instant;
 use crate::rng::{self, SimRng, stream};
 use crate::scenario::{Scenario, ScenarioError};
 use crate::tierb::{
-    DeliveryRecord, KadAcc, NEVER, Path, RunOptions, RunResult, Sample, Violation, delivery_figures, dht_figures,
-    latency_curves, partition_figures,
+    DeliveryRecord, KadAcc, NEVER, Path, RunOptions, RunResult, Sample, Violation, bytes_figures, delivery_figures,
+    dht_figures, latency_curves, partition_figures,
 };
 use crate::trace::{Recorder, TraceEvent};
 use plan::{Plan, PlannedFault};
@@ -173,6 +173,8 @@ struct World<'s> {
     setup_peak: Option<u64>,
     /// How much virtual time the set-up took (the starts, the cards, the groups).
     setup_virtual: Duration,
+    /// What each host had sent and received when the run's clock started (the set-up's bytes).
+    bytes_at_start: Vec<BytesSoFar>,
     relay_disks: Vec<HostDisk>,
     /// The scenario's `[protocol]` settings as every node takes them.
     tuning: sim::HostTuning,
@@ -278,7 +280,23 @@ fn a_tenth_short_of_all(done: usize, all: usize) -> bool {
     done.is_multiple_of((all / 10).max(1)) && done < all
 }
 
+/// What one host has moved so far: on its links (both directions) and on its substreams by
+/// [`sim::StreamClass`].
+#[derive(Debug, Clone, Copy, Default)]
+struct BytesSoFar {
+    links: u64,
+    streams: [u64; sim::StreamClass::ALL.len()],
+}
+
 impl<'s> World<'s> {
+    fn bytes_so_far(&self, h: usize) -> BytesSoFar {
+        let p = port(h);
+        BytesSoFar {
+            links: self.net.bytes_sent(p) + self.net.bytes_received(p),
+            streams: self.net.stream_bytes(p),
+        }
+    }
+
     async fn start(sc: &'s Scenario, plan: Plan, seed: u64, report: bool) -> Result<World<'s>, TierAError> {
         let t0 = Instant::now();
         let links = Arc::new(links::Links::new(
@@ -365,6 +383,7 @@ impl<'s> World<'s> {
             t0,
             setup_peak: None,
             setup_virtual: Duration::ZERO,
+            bytes_at_start: Vec::new(),
             relay_disks,
             tuning,
             relay_addrs,
@@ -478,6 +497,7 @@ impl<'s> World<'s> {
         // The run's clock starts now: the set-up above is what happened before it.
         world.setup_virtual = world.t0.elapsed();
         world.t0 = Instant::now();
+        world.bytes_at_start = (0..world.plan.hosts.len()).map(|h| world.bytes_so_far(h)).collect();
         world.setup_peak = crate::memory::close_phase();
         for (ci, node) in started.into_iter().enumerate() {
             let Some(node) = node else { continue };
@@ -1302,19 +1322,36 @@ impl<'s> World<'s> {
         let hours = end as f64 / 3.6e9;
         let mut bytes_q = Vec::new();
         for (role, relay) in [("client", false), ("relay", true)] {
-            let mut v: Vec<f32> = (0..self.plan.hosts.len())
+            // The measured run's bytes: what each host moved since the set-up.
+            let run: Vec<BytesSoFar> = (0..self.plan.hosts.len())
                 .filter(|&h| self.plan.hosts[h].relay == relay)
-                .map(|h| self.net.bytes_sent(port(h)) as f32)
+                .map(|h| {
+                    let (now, before) = (
+                        self.bytes_so_far(h),
+                        self.bytes_at_start.get(h).copied().unwrap_or_default(),
+                    );
+                    BytesSoFar {
+                        links: now.links - before.links,
+                        streams: std::array::from_fn(|i| now.streams[i] - before.streams[i]),
+                    }
+                })
                 .collect();
-            v.sort_unstable_by(f32::total_cmp);
-            let mean = if v.is_empty() {
-                f64::NAN
-            } else {
-                v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64
-            };
-            put(&format!("bytes_per_{role}_total_mean"), mean);
-            put(&format!("bytes_per_{role}_total_per_hour_mean"), mean / hours.max(1e-9));
-            bytes_q.push((role.to_string(), "total".to_string(), quantile_points(&v)));
+            for (i, class) in sim::StreamClass::ALL.iter().enumerate() {
+                let v = run.iter().map(|b| b.streams[i] as f32).collect();
+                bytes_figures(role, class.name(), v, &mut put, &mut bytes_q);
+            }
+            // What no substream accounts for: handshakes, Noise's and yamux's framing.
+            let v = run
+                .iter()
+                .map(|b| b.links.saturating_sub(b.streams.iter().sum()) as f32)
+                .collect();
+            bytes_figures(role, "connection", v, &mut put, &mut bytes_q);
+            let v = run.iter().map(|b| b.links as f32).collect();
+            let total = bytes_figures(role, "total", v, &mut put, &mut bytes_q);
+            put(
+                &format!("bytes_per_{role}_total_per_hour_mean"),
+                total / hours.max(1e-9),
+            );
         }
         let occ: Vec<f64> = self.samples.iter().map(|x| x.mailbox_total as f64).collect();
         put(
@@ -1483,19 +1520,6 @@ fn trace_key(ev: &TraceEvent) -> (u8, u64) {
         TraceEvent::Lost { delivery, .. } => (7, u64::from(*delivery)),
         TraceEvent::Violation { .. } => (8, 0),
     }
-}
-
-fn quantile_points(sorted: &[f32]) -> Vec<(f64, f64)> {
-    if sorted.is_empty() {
-        return Vec::new();
-    }
-    (0..=100)
-        .map(|i| {
-            let q = f64::from(i) / 100.0;
-            let idx = ((q * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1);
-            (q, f64::from(sorted[idx]))
-        })
-        .collect()
 }
 
 #[cfg(test)]

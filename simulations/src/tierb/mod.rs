@@ -36,7 +36,7 @@ pub use event::Path;
 pub use report::{
     DeliveryBin, DeliveryRecord, KAD_KINDS, KadKind, RunResult, Sample, Violation, delivery_figures, latency_curves,
 };
-pub(crate) use report::{KadAcc, dht_figures, partition_figures};
+pub(crate) use report::{KadAcc, bytes_figures, dht_figures, partition_figures};
 
 /// Simulated time in microseconds since the start of the run.
 pub type Time = u64;

@@ -153,6 +153,24 @@ fn quantiles(sorted: &[f32], points: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// One kind of bytes over one role's nodes (`v`, a value per node): puts
+/// `bytes_per_{role}_{what}_{mean,p99}` and adds its quantile curve (for the plot) to `curves`.
+/// Returns the mean.
+pub(crate) fn bytes_figures(
+    role: &str,
+    what: &str,
+    mut v: Vec<f32>,
+    put: &mut impl FnMut(&str, f64),
+    curves: &mut Vec<BytesQuantiles>,
+) -> f64 {
+    v.sort_unstable_by(f32::total_cmp);
+    let m = mean(&v);
+    put(&format!("bytes_per_{role}_{what}_mean"), m);
+    put(&format!("bytes_per_{role}_{what}_p99"), percentile(&v, 99.0));
+    curves.push((role.to_string(), what.to_string(), quantiles(&v, 100)));
+    m
+}
+
 fn mean(v: &[f32]) -> f64 {
     if v.is_empty() {
         f64::NAN
@@ -391,21 +409,16 @@ pub(super) fn build(mut w: World<'_>) -> Result<RunResult, std::io::Error> {
         ("relay", |r: NodeRole| matches!(r, NodeRole::Relay(_))),
     ] {
         let nodes: Vec<&super::Node> = w.nodes.iter().filter(|n| is_role(n.role)).collect();
-        let mut totals: Vec<f32> = nodes.iter().map(|n| n.bytes.iter().sum::<u64>() as f32).collect();
         for proto in Proto::ALL {
-            let mut v: Vec<f32> = nodes.iter().map(|n| n.bytes[proto as usize] as f32).collect();
-            v.sort_unstable_by(f32::total_cmp);
-            put(&format!("bytes_per_{role}_{}_mean", proto.name()), mean(&v));
-            put(&format!("bytes_per_{role}_{}_p99", proto.name()), percentile(&v, 99.0));
-            bytes_q.push((role.to_string(), proto.name().to_string(), quantiles(&v, 100)));
+            let v = nodes.iter().map(|n| n.bytes[proto as usize] as f32).collect();
+            bytes_figures(role, proto.name(), v, &mut put, &mut bytes_q);
         }
-        totals.sort_unstable_by(f32::total_cmp);
-        put(&format!("bytes_per_{role}_total_mean"), mean(&totals));
+        let totals = nodes.iter().map(|n| n.bytes.iter().sum::<u64>() as f32).collect();
+        let total = bytes_figures(role, "total", totals, &mut put, &mut bytes_q);
         put(
             &format!("bytes_per_{role}_total_per_hour_mean"),
-            mean(&totals) / hours.max(1e-9),
+            total / hours.max(1e-9),
         );
-        bytes_q.push((role.to_string(), "total".to_string(), quantiles(&totals, 100)));
     }
 
     // Mailboxes.
