@@ -141,10 +141,13 @@ pub struct NetTuning {
     pub kad_parallelism: std::num::NonZeroUsize,
     /// Bucket size and replication factor (Kademlia's k).
     pub kad_replication: std::num::NonZeroUsize,
-    /// How often the routing table is refreshed: a client looks itself up
-    /// once a period; a DHT server looks up the buckets that have not changed
-    /// for a period (`net::refresh`).
+    /// How often a DHT server's routing table is refreshed: it looks up the
+    /// buckets that have not changed for a period (`net::refresh`).
     pub kad_refresh: Duration,
+    /// A DHT client looks itself up when it made no lookup of its own for
+    /// this long (`net::refresh`): its table only starts its own lookups, and
+    /// each of those refreshes it.
+    pub kad_client_refresh: Duration,
     /// How often each side of a connection pings the other. Nothing reads
     /// the round trips: pings only keep idle connections' NAT mappings fresh
     /// (QUIC has its own keep-alive), so once a minute is enough.
@@ -160,6 +163,7 @@ impl Default for NetTuning {
             kad_parallelism: kad::ALPHA_VALUE,
             kad_replication: kad::K_VALUE,
             kad_refresh: Duration::from_secs(300),
+            kad_client_refresh: Duration::from_secs(3600),
             ping_interval: Duration::from_secs(60),
         }
     }
@@ -786,7 +790,11 @@ pub async fn spawn(
         refresh: BucketRefresh::new(
             peer_id,
             config.dht_server,
-            config.tuning.kad_refresh,
+            if config.dht_server {
+                config.tuning.kad_refresh
+            } else {
+                config.tuning.kad_client_refresh
+            },
             tokio::time::Instant::now(),
         ),
     };
@@ -881,13 +889,16 @@ impl EventLoop {
         debug!("network task stopped");
     }
 
-    /// A client looks itself up; a DHT server looks up the buckets that have
-    /// not changed for a period.
+    /// A client looks itself up if it made no lookup of its own for a period;
+    /// a DHT server looks up the buckets that have not changed for a period.
     fn refresh_buckets(&mut self) {
         let me = *self.swarm.local_peer_id();
         let kad = &mut self.swarm.behaviour_mut().kad;
         if !self.refresh.dht_server() {
-            kad.get_closest_peers(me);
+            if self.refresh.client_due(tokio::time::Instant::now()) {
+                debug!("refreshing the routing table: a self-lookup");
+                kad.get_closest_peers(me);
+            }
             return;
         }
         let nearest = kad

@@ -506,8 +506,13 @@ pub struct ProtocolParams {
     pub kad_rpc_timeout: SimDuration,
     /// Time after which a whole lookup gives up.
     pub kad_query_timeout: SimDuration,
-    /// Routing tables reflect who was online at most this long ago (libp2p's bootstrap interval).
+    /// DHT servers' routing tables reflect who was online at most this long ago (the node's
+    /// refresh of the buckets that did not change for this long).
     pub kad_refresh: SimDuration,
+    /// A DHT client refreshes its table (a self-lookup) when it made no lookup of its own for this
+    /// long. Tier A only: Tier B charges no refresh traffic, and rebuilds any table that a lookup
+    /// finds older than `kad_refresh`, as a client's own lookups keep its table fresh.
+    pub kad_client_refresh: SimDuration,
     /// Owners republish their user record this often.
     pub record_republish: SimDuration,
     /// A record lookup reads on until it holds this many valid copies (the newest wins), or runs
@@ -567,6 +572,7 @@ impl Default for ProtocolParams {
             kad_rpc_timeout: SimDuration::from_secs(10),
             kad_query_timeout: SimDuration::from_secs(20),
             kad_refresh: SimDuration::from_secs(300),
+            kad_client_refresh: SimDuration::from_secs(3600),
             record_republish: SimDuration::from_secs(3_600),
             record_copies: tidings_node::net::RECORD_COPIES as u32,
             connect_rtts: 2,

@@ -17,6 +17,13 @@
 //! farther one. Far buckets hold most of the network and see traffic all the
 //! time, so in a busy network they rarely need a lookup of their own.
 //!
+//! A DHT client keeps no records and nobody routes through it: its table only
+//! gives its own lookups somewhere to start, and every lookup it makes meets
+//! live servers and drops dead ones. So a client looks itself up only when it
+//! has made no lookup of its own for a whole (longer) period
+//! ([`super::NetTuning::kad_client_refresh`], an hour: the Kademlia paper's
+//! own interval), not every few minutes.
+//!
 //! The refresh keys are derived from the node's peer id, the refresh round and
 //! the bucket, and the refresh's phase within its period from the peer id (no
 //! randomness), so a simulated world does the same refreshes in every run of
@@ -63,6 +70,9 @@ pub(super) struct BucketRefresh {
     changed: Box<[u32; BUCKETS]>,
     /// Refreshes so far; part of every refresh key.
     round: u64,
+    /// A client's last lookup of its own (or refresh), in seconds after
+    /// `start`; the start counts, as the node bootstraps then.
+    last_lookup: u32,
 }
 
 impl BucketRefresh {
@@ -74,6 +84,7 @@ impl BucketRefresh {
             start,
             changed: Box::new([0; BUCKETS]),
             round: 0,
+            last_lookup: 0,
         }
     }
 
@@ -81,10 +92,10 @@ impl BucketRefresh {
         self.dht_server
     }
 
-    /// How often [`Self::due`] is asked: a client looks itself up once a
-    /// period; a server checks its buckets every half period.
+    /// How often [`Self::due`] (a server) or [`Self::client_due`] is asked:
+    /// every half period.
     pub fn tick(&self) -> Duration {
-        if self.dht_server { self.period / 2 } else { self.period }
+        self.period / 2
     }
 
     /// How long after the first [`Self::tick`] this node's ticks fall: a
@@ -122,7 +133,20 @@ impl BucketRefresh {
     pub fn touch_key(&mut self, key: Vec<u8>, now: Instant) {
         if self.dht_server {
             self.touch(&KBucketKey::new(key), now);
+        } else {
+            self.last_lookup = self.secs(now);
         }
+    }
+
+    /// Whether a client's refresh at `now` looks itself up: only when it made
+    /// no lookup of its own for a whole period. The refresh counts as one.
+    pub fn client_due(&mut self, now: Instant) -> bool {
+        let (now_s, period) = (self.secs(now), u32::try_from(self.period.as_secs()).unwrap_or(u32::MAX));
+        if now_s.saturating_sub(self.last_lookup) < period {
+            return false;
+        }
+        self.last_lookup = now_s;
+        true
     }
 
     fn touch<T>(&mut self, key: &KBucketKey<T>, now: Instant) {
@@ -246,6 +270,27 @@ mod tests {
         let plan = r.due(Some(246), start + PERIOD);
         assert_eq!(buckets(&r, &plan), (248..254).collect::<Vec<_>>());
         assert!(plan.self_lookup);
+    }
+
+    #[test]
+    fn a_client_looks_itself_up_only_after_a_period_without_a_lookup_of_its_own() {
+        let start = Instant::now();
+        let mut r = BucketRefresh::new(peer(5), false, PERIOD, start);
+        assert_eq!(r.tick(), PERIOD / 2);
+        assert!(!r.client_due(start + PERIOD / 2), "the start's bootstrap counts");
+        assert!(r.client_due(start + PERIOD));
+        assert!(
+            !r.client_due(start + PERIOD + PERIOD / 2),
+            "the refresh counts as a lookup"
+        );
+        // A lookup of its own puts the next refresh off by a period from it.
+        r.touch_key(b"a record key".to_vec(), start + PERIOD * 2 - Duration::from_secs(1));
+        assert!(!r.client_due(start + PERIOD * 2));
+        assert!(!r.client_due(start + PERIOD * 5 / 2));
+        assert!(r.client_due(start + PERIOD * 3));
+        // A client keeps no buckets.
+        r.touch_peer(peer(6), start + PERIOD * 3);
+        assert!(r.changed.iter().all(|&c| c == 0));
     }
 
     #[test]

@@ -455,6 +455,11 @@ impl Scenario {
             ),
             ("protocol.kad_refresh", p.kad_refresh, SimDuration::from_secs(1)),
             (
+                "protocol.kad_client_refresh",
+                p.kad_client_refresh,
+                SimDuration::from_secs(1),
+            ),
+            (
                 "protocol.record_republish",
                 p.record_republish,
                 SimDuration::from_secs(1),

@@ -210,6 +210,7 @@ fn host_tuning(p: &crate::scenario::ProtocolParams) -> sim::HostTuning {
             kad_parallelism: n(p.kad_alpha),
             kad_replication: n(p.kad_k),
             kad_refresh: d(p.kad_refresh),
+            kad_client_refresh: d(p.kad_client_refresh),
             ping_interval: d(p.ping_interval),
         },
         request_timeout: d(p.request_timeout),
