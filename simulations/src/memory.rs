@@ -1,5 +1,7 @@
-//! The process's resident memory, read from `/proc/self/status` (Linux). Tier A reports it per
-//! node: most of a real node's cost is memory. Elsewhere every reading is `None`.
+//! The process's resident memory, read from `/proc/self/status`, and its CPU time, from
+//! `/proc/self/stat` (Linux). Tier A reports memory per node (most of a real node's cost is
+//! memory) and the CPU time its set-up and its measured run took. Elsewhere every reading is
+//! `None`.
 
 use std::fs;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +64,23 @@ fn clear_hwm() {
     let _ = fs::write("/proc/self/clear_refs", "5");
 }
 
+/// The CPU time (user and system, all threads) the process has used so far, in seconds.
+pub fn cpu_seconds() -> Option<f64> {
+    parse_cpu_seconds(&fs::read_to_string("/proc/self/stat").ok()?)
+}
+
+/// `utime` + `stime` of a `/proc/<pid>/stat` line, in seconds. Both count in the kernel's
+/// `USER_HZ`, which is 100 on every Linux platform.
+fn parse_cpu_seconds(stat: &str) -> Option<f64> {
+    // The command name (field 2) may hold spaces and parentheses: fields are counted from the
+    // last ')', after which field 3 (the state) comes first.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime.checked_add(stime)? as f64 / 100.0)
+}
+
 fn status_field(name: &str) -> Option<u64> {
     parse_kib(&fs::read_to_string("/proc/self/status").ok()?, name)
 }
@@ -89,6 +108,31 @@ mod tests {
         assert_eq!(parse_kib(status, "VmSwap:"), None);
         assert_eq!(parse_kib("VmRSS:\tmany kB\n", "VmRSS:"), None);
         assert_eq!(parse_kib("VmRSS:\t12 MB\n", "VmRSS:"), None);
+    }
+
+    #[test]
+    fn cpu_time_is_user_plus_system_ticks_counted_after_the_command_name() {
+        // Fields 14 and 15 (utime, stime) are 250 and 50 ticks; the name holds ") 9 9".
+        let stat = "4242 (sim ) 9 9) R 1 4242 4242 0 -1 4194304 100 0 0 0 250 50 0 0 20 0 3 0";
+        assert_eq!(parse_cpu_seconds(stat), Some(3.0));
+        assert_eq!(parse_cpu_seconds("4242 (sim) R 1 2"), None);
+        assert_eq!(parse_cpu_seconds("no parenthesis"), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn this_process_cpu_time_grows_while_it_computes() {
+        let before = cpu_seconds().expect("/proc/self/stat on Linux");
+        let wall = std::time::Instant::now();
+        let mut x = 0u64;
+        let mut now = before;
+        while now <= before && wall.elapsed() < std::time::Duration::from_secs(20) {
+            for i in 0..1_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            now = cpu_seconds().expect("/proc/self/stat on Linux");
+        }
+        assert!(now > before, "no CPU time counted in 20 s of computing ({x})");
     }
 
     #[cfg(target_os = "linux")]

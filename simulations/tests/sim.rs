@@ -451,6 +451,20 @@ fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_ever
         summary["dht_get_record_hops_mean"].is_nan(),
         "libp2p does not report hops"
     );
+    // What the set-up and the run took, and the speed: the run's node-seconds per CPU second.
+    assert!(
+        summary["wall_setup_s"] > 0.0 && summary["wall_run_s"] > 0.0,
+        "{summary:?}"
+    );
+    if cfg!(target_os = "linux") {
+        let cpu = summary["cpu_run_s"];
+        assert!(cpu > 0.0 && summary["cpu_setup_s"] > 0.0, "{summary:?}");
+        let speed = summary["nodes"] * summary["duration_s"] / cpu;
+        assert!(
+            (summary["node_seconds_per_cpu_s"] - speed).abs() < 1e-6 * speed,
+            "{summary:?}"
+        );
+    }
     for file in ["events.jsonl", "timeseries.csv", "latency_cdf.svg"] {
         assert!(out_dir.join(file).exists(), "{file}");
     }

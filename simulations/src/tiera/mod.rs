@@ -173,6 +173,12 @@ struct World<'s> {
     setup_peak: Option<u64>,
     /// How much virtual time the set-up took (the starts, the cards, the groups).
     setup_virtual: Duration,
+    /// The wall time and the process's CPU time (`None` off Linux) at the start of the set-up,
+    /// then of the measured run, and what the set-up took of each.
+    wall_at: std::time::Instant,
+    cpu_at: Option<f64>,
+    setup_wall: Duration,
+    setup_cpu: Option<f64>,
     /// What each host had sent and received when the run's clock started (the set-up's bytes).
     bytes_at_start: Vec<BytesSoFar>,
     relay_disks: Vec<HostDisk>,
@@ -300,6 +306,7 @@ impl<'s> World<'s> {
 
     async fn start(sc: &'s Scenario, plan: Plan, seed: u64, report: bool) -> Result<World<'s>, TierAError> {
         let t0 = Instant::now();
+        let (wall_at, cpu_at) = (std::time::Instant::now(), crate::memory::cpu_seconds());
         let links = Arc::new(links::Links::new(
             &plan,
             sc.network.jitter,
@@ -384,6 +391,10 @@ impl<'s> World<'s> {
             t0,
             setup_peak: None,
             setup_virtual: Duration::ZERO,
+            wall_at,
+            cpu_at,
+            setup_wall: Duration::ZERO,
+            setup_cpu: None,
             bytes_at_start: Vec::new(),
             relay_disks,
             tuning,
@@ -498,6 +509,10 @@ impl<'s> World<'s> {
         // The run's clock starts now: the set-up above is what happened before it.
         world.setup_virtual = world.t0.elapsed();
         world.t0 = Instant::now();
+        let cpu_now = crate::memory::cpu_seconds();
+        world.setup_wall = world.wall_at.elapsed();
+        world.setup_cpu = cpu_now.zip(world.cpu_at).map(|(now, then)| now - then);
+        (world.wall_at, world.cpu_at) = (std::time::Instant::now(), cpu_now);
         world.bytes_at_start = (0..world.plan.hosts.len()).map(|h| world.bytes_so_far(h)).collect();
         world.setup_peak = crate::memory::close_phase();
         for (ci, node) in started.into_iter().enumerate() {
@@ -1003,6 +1018,11 @@ impl<'s> World<'s> {
     /// stores hold, and turns it all into the run's figures.
     async fn finish(&mut self, out: Option<Box<dyn std::io::Write + '_>>) -> Result<RunResult, TierAError> {
         let end = self.plan.end;
+        // What the measured run took, read before anything below adds to it.
+        let run_wall = self.wall_at.elapsed();
+        let run_cpu = crate::memory::cpu_seconds()
+            .zip(self.cpu_at)
+            .map(|(now, then)| now - then);
         // How many connections the nodes hold at the end: the main driver of
         // Tier A's cost per node (each one is pinged, polled and buffered).
         let counts = |nodes: Vec<NodeHandle>| async move {
@@ -1059,6 +1079,17 @@ impl<'s> World<'s> {
                 setup_peak_mib / 1024.0,
                 run_peak_mib / 1024.0,
                 run_peak_mib / hosts,
+            );
+        }
+        // Simulated node-seconds of the measured run.
+        let node_seconds = hosts * end as f64 / 1e6;
+        if let (Some(setup_cpu), Some(run_cpu)) = (self.setup_cpu, run_cpu) {
+            eprintln!(
+                "tier A time: set-up {:.0} s of wall time, {setup_cpu:.0} s of CPU; measured run {:.0} s of \
+                 wall time, {run_cpu:.0} s of CPU: {:.0} node-seconds per CPU second",
+                self.setup_wall.as_secs_f64(),
+                run_wall.as_secs_f64(),
+                node_seconds / run_cpu,
             );
         }
         let states = self.group_states().await;
@@ -1276,6 +1307,14 @@ impl<'s> World<'s> {
         put("memory_per_node_mib", per_node_mib);
         put("memory_setup_peak_mib", setup_peak_mib);
         put("setup_virtual_s", self.setup_virtual.as_secs_f64());
+        // What the set-up and the measured run took of wall time and of the process's CPU time
+        // (NaN off Linux), and the speed: simulated node-seconds of the measured run per second of
+        // CPU, which a shared machine moves less than it moves the wall time.
+        put("wall_setup_s", self.setup_wall.as_secs_f64());
+        put("cpu_setup_s", self.setup_cpu.unwrap_or(f64::NAN));
+        put("wall_run_s", run_wall.as_secs_f64());
+        put("cpu_run_s", run_cpu.unwrap_or(f64::NAN));
+        put("node_seconds_per_cpu_s", node_seconds / run_cpu.unwrap_or(f64::NAN));
         put("memory_run_peak_mib", run_peak_mib);
         put("memory_run_per_node_mib", run_peak_mib / hosts);
         // How many commits the groups went through (epoch 1: the members were added).
