@@ -81,6 +81,34 @@ fn parse_cpu_seconds(stat: &str) -> Option<f64> {
     Some(utime.checked_add(stime)? as f64 / 100.0)
 }
 
+/// Wall time and the process's CPU time from a start, read in laps.
+#[derive(Debug, Clone, Copy)]
+pub struct Stopwatch {
+    wall: std::time::Instant,
+    cpu: Option<f64>,
+}
+
+impl Stopwatch {
+    pub fn start() -> Self {
+        Self {
+            wall: std::time::Instant::now(),
+            cpu: cpu_seconds(),
+        }
+    }
+
+    /// The wall time and CPU seconds (`None` where the CPU time cannot be read) since the start
+    /// or the last lap; the next lap counts from now.
+    pub fn lap(&mut self) -> (std::time::Duration, Option<f64>) {
+        let now = Self::start();
+        let taken = (
+            now.wall.saturating_duration_since(self.wall),
+            now.cpu.zip(self.cpu).map(|(now, then)| now - then),
+        );
+        *self = now;
+        taken
+    }
+}
+
 fn status_field(name: &str) -> Option<u64> {
     parse_kib(&fs::read_to_string("/proc/self/status").ok()?, name)
 }

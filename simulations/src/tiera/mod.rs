@@ -173,10 +173,9 @@ struct World<'s> {
     setup_peak: Option<u64>,
     /// How much virtual time the set-up took (the starts, the cards, the groups).
     setup_virtual: Duration,
-    /// The wall time and the process's CPU time (`None` off Linux) at the start of the set-up,
-    /// then of the measured run, and what the set-up took of each.
-    wall_at: std::time::Instant,
-    cpu_at: Option<f64>,
+    /// Wall and CPU time from the start of the set-up, then of the measured run.
+    stopwatch: crate::memory::Stopwatch,
+    /// What the set-up took of wall time and of the process's CPU time (`None` off Linux).
     setup_wall: Duration,
     setup_cpu: Option<f64>,
     /// What each host had sent and received when the run's clock started (the set-up's bytes).
@@ -306,7 +305,7 @@ impl<'s> World<'s> {
 
     async fn start(sc: &'s Scenario, plan: Plan, seed: u64, report: bool) -> Result<World<'s>, TierAError> {
         let t0 = Instant::now();
-        let (wall_at, cpu_at) = (std::time::Instant::now(), crate::memory::cpu_seconds());
+        let stopwatch = crate::memory::Stopwatch::start();
         let links = Arc::new(links::Links::new(
             &plan,
             sc.network.jitter,
@@ -391,8 +390,7 @@ impl<'s> World<'s> {
             t0,
             setup_peak: None,
             setup_virtual: Duration::ZERO,
-            wall_at,
-            cpu_at,
+            stopwatch,
             setup_wall: Duration::ZERO,
             setup_cpu: None,
             bytes_at_start: Vec::new(),
@@ -509,10 +507,7 @@ impl<'s> World<'s> {
         // The run's clock starts now: the set-up above is what happened before it.
         world.setup_virtual = world.t0.elapsed();
         world.t0 = Instant::now();
-        let cpu_now = crate::memory::cpu_seconds();
-        world.setup_wall = world.wall_at.elapsed();
-        world.setup_cpu = cpu_now.zip(world.cpu_at).map(|(now, then)| now - then);
-        (world.wall_at, world.cpu_at) = (std::time::Instant::now(), cpu_now);
+        (world.setup_wall, world.setup_cpu) = world.stopwatch.lap();
         world.bytes_at_start = (0..world.plan.hosts.len()).map(|h| world.bytes_so_far(h)).collect();
         world.setup_peak = crate::memory::close_phase();
         for (ci, node) in started.into_iter().enumerate() {
@@ -1019,10 +1014,9 @@ impl<'s> World<'s> {
     async fn finish(&mut self, out: Option<Box<dyn std::io::Write + '_>>) -> Result<RunResult, TierAError> {
         let end = self.plan.end;
         // What the measured run took, read before anything below adds to it.
-        let run_wall = self.wall_at.elapsed();
-        let run_cpu = crate::memory::cpu_seconds()
-            .zip(self.cpu_at)
-            .map(|(now, then)| now - then);
+        let (run_wall, run_cpu) = self.stopwatch.lap();
+        // A run too short for the kernel's 10 ms ticks has no speed to report.
+        let run_cpu = run_cpu.filter(|&s| s > 0.0);
         // How many connections the nodes hold at the end: the main driver of
         // Tier A's cost per node (each one is pinged, polled and buffered).
         let counts = |nodes: Vec<NodeHandle>| async move {
@@ -1371,8 +1365,8 @@ impl<'s> World<'s> {
                         self.bytes_at_start.get(h).copied().unwrap_or_default(),
                     );
                     BytesSoFar {
-                        links: now.links - before.links,
-                        streams: std::array::from_fn(|i| now.streams[i] - before.streams[i]),
+                        links: now.links.saturating_sub(before.links),
+                        streams: std::array::from_fn(|i| now.streams[i].saturating_sub(before.streams[i])),
                     }
                 })
                 .collect();
