@@ -116,6 +116,10 @@ impl BucketRefresh {
         u32::try_from(now.saturating_duration_since(self.start).as_secs()).unwrap_or(u32::MAX)
     }
 
+    fn period_secs(&self) -> u32 {
+        u32::try_from(self.period.as_secs()).unwrap_or(u32::MAX)
+    }
+
     fn bucket_of<T>(&self, key: &KBucketKey<T>) -> Option<usize> {
         self.local.distance(key).ilog2().map(|i| i as usize)
     }
@@ -141,7 +145,7 @@ impl BucketRefresh {
     /// Whether a client's refresh at `now` looks itself up: only when it made
     /// no lookup of its own for a whole period. The refresh counts as one.
     pub fn client_due(&mut self, now: Instant) -> bool {
-        let (now_s, period) = (self.secs(now), u32::try_from(self.period.as_secs()).unwrap_or(u32::MAX));
+        let (now_s, period) = (self.secs(now), self.period_secs());
         if now_s.saturating_sub(self.last_lookup) < period {
             return false;
         }
@@ -163,7 +167,7 @@ impl BucketRefresh {
         let Some(nearest) = nearest.filter(|&n| n < BUCKETS) else {
             return plan;
         };
-        let (now_s, period) = (self.secs(now), u32::try_from(self.period.as_secs()).unwrap_or(u32::MAX));
+        let (now_s, period) = (self.secs(now), self.period_secs());
         self.round += 1;
         for i in nearest..BUCKETS {
             if now_s.saturating_sub(self.changed[i]) < period {

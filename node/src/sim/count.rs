@@ -326,19 +326,22 @@ mod tests {
 
     #[test]
     fn protocol_names_map_to_their_classes() {
-        let of = |s: &str| StreamClass::of_protocol(s.as_bytes());
-        assert_eq!(of("/tidings/kad/1.0.0"), StreamClass::Kad);
-        assert_eq!(of("/tidings/deliver/1"), StreamClass::Deliver);
-        assert_eq!(of("/tidings/mailbox/1"), StreamClass::Mailbox);
-        assert_eq!(of("/tidings/keypackage/1"), StreamClass::KeyPackage);
-        assert_eq!(of("/libp2p/circuit/relay/0.2.0/hop"), StreamClass::Circuit);
-        assert_eq!(of("/libp2p/circuit/relay/0.2.0/stop"), StreamClass::Circuit);
-        assert_eq!(of("/ipfs/id/1.0.0"), StreamClass::Identify);
-        assert_eq!(of("/ipfs/id/push/1.0.0"), StreamClass::Identify);
-        assert_eq!(of("/libp2p/autonat/2/dial-request"), StreamClass::Autonat);
-        assert_eq!(of("/libp2p/autonat/2/dial-back"), StreamClass::Autonat);
-        assert_eq!(of("/ipfs/ping/1.0.0"), StreamClass::Other);
-        assert_eq!(of("/tidings/link/1"), StreamClass::Other);
+        for (name, class) in [
+            ("/tidings/kad/1.0.0", StreamClass::Kad),
+            ("/tidings/deliver/1", StreamClass::Deliver),
+            ("/tidings/mailbox/1", StreamClass::Mailbox),
+            ("/tidings/keypackage/1", StreamClass::KeyPackage),
+            ("/libp2p/circuit/relay/0.2.0/hop", StreamClass::Circuit),
+            ("/libp2p/circuit/relay/0.2.0/stop", StreamClass::Circuit),
+            ("/ipfs/id/1.0.0", StreamClass::Identify),
+            ("/ipfs/id/push/1.0.0", StreamClass::Identify),
+            ("/libp2p/autonat/2/dial-request", StreamClass::Autonat),
+            ("/libp2p/autonat/2/dial-back", StreamClass::Autonat),
+            ("/ipfs/ping/1.0.0", StreamClass::Other),
+            ("/tidings/link/1", StreamClass::Other),
+        ] {
+            assert_eq!(StreamClass::of_protocol(name.as_bytes()), class, "{name}");
+        }
     }
 
     #[test]
