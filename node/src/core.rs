@@ -448,9 +448,9 @@ pub(crate) struct Core {
     /// its pause: a home relay connected again, so our own connectivity may
     /// have come back (after a partition, or a network change).
     pub(crate) waiting_nudge: Arc<tokio::sync::Notify>,
-    /// Per home relay, the mailbox index of the envelope its last push
-    /// stopped at, if it stopped (see `on_push_result`).
-    stuck_pushes: HashMap<PeerId, u64>,
+    /// Per home relay and inbox (normal or request), the mailbox index of the
+    /// envelope its last push stopped at, if it stopped (see `on_push_result`).
+    stuck_pushes: HashMap<(PeerId, bool), u64>,
     /// Something that decides which one-to-one conversations hold our current
     /// devices changed (our device list, a new or replaced conversation)
     /// since `conversations_to_mend` last found nothing to do.
@@ -798,6 +798,7 @@ impl Core {
                 let request = pb::DeliverRequest {
                     envelopes,
                     mailbox_indices: indices,
+                    request_inbox,
                 };
                 let (resp, events) = self.apply_batch(relay, request, Some(request_inbox));
                 for e in events {
@@ -1286,10 +1287,10 @@ impl Core {
                 let pushed = self
                     .home_relays
                     .contains(&peer)
-                    .then(|| request.mailbox_indices.clone());
+                    .then(|| (request.request_inbox, request.mailbox_indices.clone()));
                 let (response, events) = self.on_deliver(peer, request);
-                if let Some(indices) = pushed {
-                    self.on_push_result(peer, &indices, &response);
+                if let Some((request_inbox, indices)) = pushed {
+                    self.on_push_result((peer, request_inbox), &indices, &response);
                 }
                 self.net.respond_deliver(id, response).await;
                 for e in events {
@@ -1344,12 +1345,13 @@ impl Core {
         }
     }
 
-    /// A push from home relay `relay` that could not be applied whole ends
-    /// the relay's subscription: the mailbox sync runs a round at once (the
+    /// A push from `inbox` (a home relay, and whether the push came from the
+    /// request inbox) that could not be applied whole ends that subscription:
+    /// the mailbox sync runs a round at once (the
     /// Welcome it waited for may be in the request inbox), but only once per
     /// stuck envelope, or an envelope that can never be applied would make
     /// subscribe, push and fetch go round without pause.
-    fn on_push_result(&mut self, relay: PeerId, indices: &[u64], response: &pb::DeliverResponse) {
+    fn on_push_result(&mut self, inbox: (PeerId, bool), indices: &[u64], response: &pb::DeliverResponse) {
         let stuck = response.statuses.iter().position(|s| {
             matches!(
                 DeliverStatus::try_from(*s),
@@ -1358,12 +1360,12 @@ impl Core {
         });
         match stuck.and_then(|i| indices.get(i)) {
             Some(&index) => {
-                if self.stuck_pushes.insert(relay, index) != Some(index) {
+                if self.stuck_pushes.insert(inbox, index) != Some(index) {
                     self.mailbox_wake.notify_one();
                 }
             }
             None => {
-                self.stuck_pushes.remove(&relay);
+                self.stuck_pushes.remove(&inbox);
             }
         }
     }
@@ -1394,8 +1396,9 @@ impl Core {
             let n = req.envelopes.len();
             return (statuses(vec![DeliverStatus::NotProcessed; n]), Vec::new());
         }
-        // Pushes come from the normal inbox (the request inbox is only fetched).
-        self.apply_batch(peer, req, via_mailbox.then_some(false))
+        // A push says which inbox it comes from.
+        let request_inbox = req.request_inbox;
+        self.apply_batch(peer, req, via_mailbox.then_some(request_inbox))
     }
 
     /// Applies a batch of envelopes in one unit of work and returns one status

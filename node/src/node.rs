@@ -80,16 +80,18 @@ fn parse_group_id(s: &str) -> Result<Vec<u8>, NodeError> {
 
 /// One-time key packages a device keeps on each home relay.
 pub const KEY_PACKAGE_POOL: usize = 20;
-/// How often a node re-checks its relay mailboxes. Pushes cover the time
-/// between, and a home relay that connects again (after a restart, say) or a
-/// push that could not be applied whole triggers a re-check at once.
-pub const MAILBOX_RECHECK: Duration = Duration::from_secs(60);
+/// How often a node re-checks its relay mailboxes. The relays push both
+/// inboxes (normal and request) while the device is subscribed; a home relay
+/// that connects again (after a restart or a broken link) or a push that could
+/// not be applied whole triggers a re-check at once. So the re-check only
+/// catches a subscription that lapsed unnoticed, and mail on relays given up.
+pub const MAILBOX_RECHECK: Duration = Duration::from_secs(300);
 /// Every this many re-checks (and whenever something wakes the mailbox sync: a
 /// home relay that connects again, a push that could not be applied, a change
 /// of relays), a round also re-subscribes and tops up the key-package pools.
 /// The other rounds only drain the two inboxes: two authenticated requests to
 /// each home relay instead of four.
-pub const FULL_MAILBOX_ROUND_EVERY: u32 = 5;
+pub const FULL_MAILBOX_ROUND_EVERY: u32 = 2;
 /// The DHT routing table is saved (for the next start, [`NetConfig::known_peers`])
 /// this long after the start, then every [`KNOWN_PEERS_SAVE`].
 const KNOWN_PEERS_FIRST_SAVE: Duration = Duration::from_secs(60);
@@ -1937,6 +1939,7 @@ impl NodeHandle {
                             inbox_id: inbox.to_vec(),
                             after_index: 0,
                             auth: Some(auth),
+                            include_request_inbox: true,
                         }),
                     )
                     .await;

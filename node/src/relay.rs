@@ -194,6 +194,15 @@ impl RelayConfig {
     }
 }
 
+/// Most subscriptions a relay keeps (an owner's normal and request inbox count
+/// one each).
+const MAX_SUBSCRIPTIONS: usize = 200_000;
+
+/// How often a push that failed over a connection that is still open is
+/// tried again, and the pause before each try.
+const PUSH_RETRIES: u32 = 2;
+const PUSH_RETRY_PAUSE: Duration = Duration::from_secs(5);
+
 /// Most envelope bytes in one push to a subscribed owner.
 const PUSH_MAX_BYTES: usize = tidings_protocol::limits::MAX_DELIVER_FRAME / 2;
 
@@ -277,6 +286,10 @@ impl std::fmt::Debug for RelayOptions {
     }
 }
 
+/// Which of an owner's inboxes a subscription pushes: the normal inbox
+/// (`false`) or the request inbox (`true`).
+type SubKey = ([u8; 32], bool);
+
 struct Subscription {
     peer: PeerId,
     cursor: u64,
@@ -284,7 +297,7 @@ struct Subscription {
 }
 
 struct PushDone {
-    inbox: [u8; 32],
+    sub: SubKey,
     peer: PeerId,
     /// Highest index the owner acknowledged, if any; None if the push failed.
     acked: Option<u64>,
@@ -313,15 +326,17 @@ pub struct MailboxService {
     /// How many blocking threads verify or sign at once.
     parallel: usize,
     caps: CapabilityCache,
-    /// Reports when the running commit is durable, with the normal inboxes
-    /// that received envelopes; None when no commit is running.
-    commit: Option<oneshot::Receiver<Vec<[u8; 32]>>>,
+    /// Reports when the running commit is durable, with the inboxes (normal
+    /// or request) that received envelopes; None when no commit is running.
+    commit: Option<oneshot::Receiver<Vec<SubKey>>>,
     /// One permit per pass between the start of its commit and its answers.
     answering: Arc<Semaphore>,
     /// Checked deposits waiting for the next commit (gathered while the
     /// current one runs).
     staged: Staged,
-    subs: HashMap<[u8; 32], Subscription>,
+    /// An owner's subscription holds one entry for its normal inbox and, if
+    /// it asked, one for its request inbox.
+    subs: HashMap<SubKey, Subscription>,
     /// Fetches that found nothing and wait for a deposit, by inbox.
     waiting: HashMap<[u8; 32], Vec<WaitingFetch>>,
     waiting_per_peer: HashMap<PeerId, usize>,
@@ -615,8 +630,8 @@ fn deposits_in(ev: &NetEvent) -> usize {
 
 /// Waits until the running commit is durable; never returns if none runs.
 async fn commit_finished(
-    commit: &mut Option<oneshot::Receiver<Vec<[u8; 32]>>>,
-) -> Result<Vec<[u8; 32]>, oneshot::error::RecvError> {
+    commit: &mut Option<oneshot::Receiver<Vec<SubKey>>>,
+) -> Result<Vec<SubKey>, oneshot::error::RecvError> {
     match commit {
         Some(rx) => rx.await,
         None => std::future::pending().await,
@@ -740,12 +755,12 @@ impl MailboxService {
         tokio::spawn(commit_deposits(ctx, calls, reqs, now, committed_tx, permit));
     }
 
-    fn after_commit(&mut self, done: Result<Vec<[u8; 32]>, oneshot::error::RecvError>) {
+    fn after_commit(&mut self, done: Result<Vec<SubKey>, oneshot::error::RecvError>) {
         match done {
             Ok(touched) => {
-                for inbox in touched {
-                    self.push(inbox);
-                    self.wake(inbox);
+                for sub in touched {
+                    self.push(sub);
+                    self.wake(sub);
                 }
             }
             Err(_) => warn!("a deposit commit task ended without reporting"),
@@ -1092,34 +1107,36 @@ impl MailboxService {
         }
     }
 
-    /// Answers the fetches waiting on `inbox` with what was just deposited.
-    fn wake(&mut self, inbox: [u8; 32]) {
-        let Some(held) = self.waiting.remove(&inbox) else {
+    /// Answers the fetches waiting on inbox `key` with what was just deposited.
+    fn wake(&mut self, key: SubKey) {
+        let (inbox, request_inbox) = key;
+        let Some(all) = self.waiting.remove(&inbox) else {
             return;
         };
+        let (held, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|w| w.request_inbox == request_inbox);
+        if !rest.is_empty() {
+            self.waiting.insert(inbox, rest);
+        }
+        if held.is_empty() {
+            return;
+        }
         self.release(&held);
         let m = self.opts.mailboxes.clone();
         let net = self.net.clone();
         let now = self.clock.now_ms();
+        // One read serves every waiter (members of a group usually wait at
+        // the same cursor).
+        let after = held.iter().map(|w| w.after).min().unwrap_or(0);
         tokio::spawn(async move {
-            // One read per inbox flag serves every waiter (members of a group
-            // usually wait at the same cursor).
-            for request_inbox in [false, true] {
-                let mine: Vec<&WaitingFetch> = held.iter().filter(|w| w.request_inbox == request_inbox).collect();
-                let Some(after) = mine.iter().map(|w| w.after).min() else {
-                    continue;
-                };
-                let m = m.clone();
-                let fetched = off_thread(move || m.fetch(&inbox, request_inbox, after, MAX_FETCH, now)).await;
-                let envs = match fetched {
-                    Ok(Ok((envs, _))) => envs,
-                    _ => Vec::new(),
-                };
-                for w in mine {
-                    let result = fetch_result(envs.iter().filter(|e| e.index > w.after).take(w.limit).cloned());
-                    net.respond_mailbox(w.id, respond_ok(mailbox_response::Result::Fetched(result)))
-                        .await;
-                }
+            let fetched = off_thread(move || m.fetch(&inbox, request_inbox, after, MAX_FETCH, now)).await;
+            let envs = match fetched {
+                Ok(Ok((envs, _))) => envs,
+                _ => Vec::new(),
+            };
+            for w in held {
+                let result = fetch_result(envs.iter().filter(|e| e.index > w.after).take(w.limit).cloned());
+                net.respond_mailbox(w.id, respond_ok(mailbox_response::Result::Fetched(result)))
+                    .await;
             }
         });
     }
@@ -1169,18 +1186,28 @@ impl MailboxService {
         let inbox = inbox32(&s.inbox_id)?;
         self.owner_check(s.auth.as_ref(), Op::Subscribe, &inbox, s.after_index, now)
             .await?;
-        if self.subs.len() > 100_000 && !self.subs.contains_key(&inbox) {
+        if self.subs.len() > MAX_SUBSCRIPTIONS && !self.subs.contains_key(&(inbox, false)) {
             return Err(MailboxError::RateLimited);
         }
-        self.subs.insert(
-            inbox,
-            Subscription {
-                peer,
-                cursor: s.after_index,
-                in_flight: false,
-            },
-        );
-        self.push(inbox);
+        // The request inbox is pushed from its oldest envelope: its cursor is
+        // not the one the owner gave for its normal inbox.
+        let mut wanted = vec![((inbox, false), s.after_index)];
+        if s.include_request_inbox {
+            wanted.push(((inbox, true), 0));
+        } else {
+            self.subs.remove(&(inbox, true));
+        }
+        for (sub, cursor) in wanted {
+            self.subs.insert(
+                sub,
+                Subscription {
+                    peer,
+                    cursor,
+                    in_flight: false,
+                },
+            );
+            self.push(sub);
+        }
         Ok(mailbox_response::Result::Deleted(0))
     }
 
@@ -1230,14 +1257,15 @@ impl MailboxService {
         Ok(mailbox_response::Result::Deleted(n as u64))
     }
 
-    /// Pushes new envelopes of `inbox` to its subscribed owner, if idle.
-    fn push(&mut self, inbox: [u8; 32]) {
-        let Some(sub) = self.subs.get_mut(&inbox) else { return };
+    /// Pushes new envelopes of inbox `key` to its subscribed owner, if idle.
+    fn push(&mut self, key: SubKey) {
+        let Some(sub) = self.subs.get_mut(&key) else { return };
         if sub.in_flight {
             return;
         }
         sub.in_flight = true;
         let (peer, cursor) = (sub.peer, sub.cursor);
+        let (inbox, request_inbox) = key;
         let m = self.opts.mailboxes.clone();
         let net = self.net.clone();
         let tx = self.push_tx.clone();
@@ -1248,7 +1276,7 @@ impl MailboxService {
             if !net.is_connected(peer).await {
                 let _ = tx
                     .send(PushDone {
-                        inbox,
+                        sub: key,
                         peer,
                         acked: None,
                         attempted_up_to: cursor,
@@ -1256,7 +1284,7 @@ impl MailboxService {
                     .await;
                 return;
             }
-            let fetched = off_thread(move || m.fetch(&inbox, false, cursor, 256, now)).await;
+            let fetched = off_thread(move || m.fetch(&inbox, request_inbox, cursor, 256, now)).await;
             let envs = match fetched {
                 Ok(Ok((envs, _))) => envs,
                 _ => Vec::new(),
@@ -1264,7 +1292,7 @@ impl MailboxService {
             if envs.is_empty() {
                 let _ = tx
                     .send(PushDone {
-                        inbox,
+                        sub: key,
                         peer,
                         acked: Some(cursor),
                         attempted_up_to: cursor,
@@ -1297,8 +1325,23 @@ impl MailboxService {
             let request = pb::DeliverRequest {
                 envelopes,
                 mailbox_indices: indices.clone(),
+                request_inbox,
             };
-            let acked = match net.deliver(peer, request).await {
+            // A push that failed while the connection stays open (the owner was
+            // slow to answer) goes again: the owner would not notice that its
+            // subscription ended, and would find the mail only at its next
+            // re-check. The owner drops a copy it already applied as a duplicate.
+            let mut tries = 0;
+            let delivered = loop {
+                match net.deliver(peer, request.clone()).await {
+                    Err(_) if tries < PUSH_RETRIES && net.is_connected(peer).await => {
+                        tries += 1;
+                        tokio::time::sleep(PUSH_RETRY_PAUSE).await;
+                    }
+                    result => break result,
+                }
+            };
+            let acked = match delivered {
                 Ok(resp) => {
                     let mut acked = cursor;
                     for (i, s) in indices.iter().zip(resp.statuses) {
@@ -1317,7 +1360,7 @@ impl MailboxService {
             };
             let _ = tx
                 .send(PushDone {
-                    inbox,
+                    sub: key,
                     peer,
                     acked,
                     attempted_up_to,
@@ -1327,7 +1370,7 @@ impl MailboxService {
     }
 
     async fn on_push_done(&mut self, done: PushDone) {
-        let Some(sub) = self.subs.get_mut(&done.inbox) else {
+        let Some(sub) = self.subs.get_mut(&done.sub) else {
             return;
         };
         if sub.peer != done.peer {
@@ -1337,21 +1380,21 @@ impl MailboxService {
         match done.acked {
             None => {
                 // The owner went away; it fetches from its cursor when it is back.
-                self.subs.remove(&done.inbox);
+                self.subs.remove(&done.sub);
             }
             Some(acked) => {
                 let previous = sub.cursor;
                 let progressed = acked > previous;
                 sub.cursor = acked;
                 if progressed {
-                    let inbox = done.inbox;
+                    let (inbox, request_inbox) = done.sub;
                     // Indices are dense per inbox, so this counts pushed envelopes.
                     self.opts.metrics.pushed.inc_by(acked - previous);
-                    let _ = self.blocking(move |m| m.ack(&inbox, false, acked)).await;
-                    self.push(done.inbox);
+                    let _ = self.blocking(move |m| m.ack(&inbox, request_inbox, acked)).await;
+                    self.push(done.sub);
                 } else if done.attempted_up_to > acked {
                     // The owner could not apply them yet; it will fetch later.
-                    self.subs.remove(&done.inbox);
+                    self.subs.remove(&done.sub);
                 }
             }
         }
@@ -1359,7 +1402,7 @@ impl MailboxService {
 }
 
 /// Commits one pass's checked deposits in one durable transaction, reports
-/// the normal inboxes that received envelopes on `committed`, then signs a
+/// the inboxes that received envelopes on `committed`, then signs a
 /// receipt for each stored deposit (in parallel) and answers every call. No
 /// receipt is signed before the commit returned. Holds `_permit` until the
 /// answers are sent.
@@ -1368,7 +1411,7 @@ async fn commit_deposits(
     calls: Vec<CommitCall>,
     reqs: Vec<DepositRequest>,
     now: u64,
-    committed: oneshot::Sender<Vec<[u8; 32]>>,
+    committed: oneshot::Sender<Vec<SubKey>>,
     _permit: OwnedSemaphorePermit,
 ) {
     let n = reqs.len();
@@ -1414,11 +1457,11 @@ async fn commit_deposits(
     };
 
     // Durably committed (or failed): the next pass may commit now.
-    let mut touched: Vec<[u8; 32]> = stored
+    let mut touched: Vec<SubKey> = stored
         .iter()
         .zip(reqs.iter())
-        .filter(|(s, req)| s.is_ok() && !req.request_inbox)
-        .map(|(_, req)| req.inbox)
+        .filter(|(s, _)| s.is_ok())
+        .map(|(_, req)| (req.inbox, req.request_inbox))
         .collect();
     touched.sort();
     touched.dedup();

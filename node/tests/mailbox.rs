@@ -27,7 +27,7 @@ async fn talking(base: &std::path::Path, r: &Relays) -> (tidings_node::Node, tid
     // his relays, and "hello" leaves alice's outbox only once that copy is in
     // their custody: wait for that first, or the copy may land after the
     // relays were seen empty. A push drains it at once, bob's next mailbox
-    // round (60 s) at the latest. Only then do the tests' counts of what the
+    // round (MAILBOX_RECHECK) at the latest. Only then do the tests' counts of what the
     // relays hold start from nothing.
     eventually("hello settled in alice's outbox", || {
         a.store().outbox_len().unwrap() == 0

@@ -8,19 +8,24 @@ use std::time::Duration;
 
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
+use prost::Message as _;
 use tidings_node::sim::{self, LinkModel, SimNetwork};
 use tidings_node::{Clock, Node, NodeHandle};
+use tidings_protocol::mailbox as mb;
+use tidings_protocol::pb;
 use tidings_store::MessageState;
 
 const START_MS: u64 = 1_800_000_000_000;
 
 /// 25 ms one way between any two hosts, except alice (10) and bob (11) once
-/// they are cut apart, and bob or alice and anyone once they are cut off.
+/// they are cut apart, and bob or alice and anyone once they are cut off;
+/// while `slow_to_bob`, 15 s from the relay on port 1 to bob.
 #[derive(Default)]
 struct Links {
     cut: AtomicBool,
     bob_off: AtomicBool,
     alice_off: AtomicBool,
+    slow_to_bob: AtomicBool,
 }
 
 impl LinkModel for Links {
@@ -34,6 +39,9 @@ impl LinkModel for Links {
         }
         if (from == 10 || to == 10) && self.alice_off.load(Ordering::Relaxed) {
             return None;
+        }
+        if (from, to) == (1, 11) && self.slow_to_bob.load(Ordering::Relaxed) {
+            return Some(Duration::from_secs(15));
         }
         Some(Duration::from_millis(25))
     }
@@ -248,6 +256,126 @@ async fn after_its_home_relay_restarts_a_device_gets_new_mail_pushed_long_before
     for n in [alice, bob, relay] {
         n.shutdown().await;
     }
+}
+
+/// A first contact left in a device's request inbox (its sender could not
+/// reach the device) is pushed by the home relay while the device is online,
+/// like mail in the normal inbox: it does not wait for the next re-check.
+#[tokio::test(start_paused = true)]
+async fn a_first_contact_left_in_the_request_inbox_is_pushed_to_the_online_device() {
+    let links = Arc::new(Links::default());
+    let (net, clock, r1, bob) = bob_rechecking_hourly(&links).await;
+    let inbox = stranger_leaves_a_first_contact(&net, &clock, &r1, &bob).await;
+    let deposited = tokio::time::Instant::now();
+    let mailboxes = r1.relay_mailboxes().unwrap();
+    let held = || mailboxes.fetch(&inbox, true, 0, 10, clock.now_ms()).unwrap().0.len();
+    until("bob took it from his request inbox", || held() == 0).await;
+    let took = deposited.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the request inbox was drained {took:?} after the deposit; bob re-checks only hourly"
+    );
+    for n in [bob, r1] {
+        n.shutdown().await;
+    }
+}
+
+/// A push that times out while the connection stays open (the device was
+/// slow to answer) is tried again: the device does not learn that a push
+/// failed, so a relay that ended the subscription instead would leave the
+/// mail until the device's next re-check.
+#[tokio::test(start_paused = true)]
+async fn a_push_that_timed_out_over_an_open_connection_is_tried_again() {
+    let links = Arc::new(Links::default());
+    let (net, clock, r1, bob) = bob_rechecking_hourly(&links).await;
+    links.slow_to_bob.store(true, Ordering::Relaxed);
+    let inbox = stranger_leaves_a_first_contact(&net, &clock, &r1, &bob).await;
+    let deposited = tokio::time::Instant::now();
+    // The push is on its way, 15 s to bob: longer than the relay waits for an answer (10 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    links.slow_to_bob.store(false, Ordering::Relaxed);
+    let mailboxes = r1.relay_mailboxes().unwrap();
+    let held = || mailboxes.fetch(&inbox, true, 0, 10, clock.now_ms()).unwrap().0.len();
+    until("bob took it from his request inbox", || held() == 0).await;
+    let took = deposited.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "the request inbox was drained {took:?} after the deposit; bob re-checks only hourly"
+    );
+    assert!(
+        !bob.handle().connections(r1.handle().peer_id()).await.is_empty(),
+        "the connection stayed open throughout"
+    );
+    for n in [bob, r1] {
+        n.shutdown().await;
+    }
+}
+
+/// A relay on port 1 and bob on port 11, at home on it, re-checking his
+/// mailboxes only hourly (pushes bring his mail); returns once he is
+/// subscribed and his key packages are on the relay.
+async fn bob_rechecking_hourly(links: &Arc<Links>) -> (SimNetwork, Clock, Node, Node) {
+    let net = SimNetwork::new(links.clone());
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
+    let homes = vec![r1_addr];
+    let mut host = public_person(11, homes.clone(), homes);
+    host.tuning.mailbox_poll = Duration::from_secs(3600);
+    let disk = sim::HostDisk::person("bob", clock.now_ms(), None).unwrap();
+    let bob = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    let bob_device = bob.handle().devices().unwrap()[0].device_key;
+    let mailboxes = r1.relay_mailboxes().unwrap();
+    // Bob's first round subscribes, then publishes key packages. A round
+    // that connecting to the relay asked for may follow: let it end, so that
+    // only pushes can bring him mail from now on.
+    until("bob's key packages are on his relay", || {
+        mailboxes.key_packages_held(&bob_device).unwrap() > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    (net, clock, r1, bob)
+}
+
+/// A stranger, a bare libp2p node on port 12, leaves an envelope in the
+/// request inbox of `device`'s owner on `relay`; returns that inbox.
+async fn stranger_leaves_a_first_contact(net: &SimNetwork, clock: &Clock, relay: &Node, device: &Node) -> [u8; 32] {
+    let relay_peer = relay.handle().peer_id();
+    let config = tidings_node::NetConfig {
+        listen: vec![SimNetwork::address(12)],
+        sim: Some(tidings_node::net::SimHost {
+            net: net.clone(),
+            port: 12,
+        }),
+        dht_server: false,
+        ..tidings_node::NetConfig::default()
+    };
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let (stranger, _events, _, _task) = tidings_node::net::spawn(keypair, config, clock.clone(), None)
+        .await
+        .unwrap();
+    stranger.add_address(relay_peer, SimNetwork::address(1)).await;
+    let inbox = mb::inbox_id(&device.handle().devices().unwrap()[0].device_key);
+    let envelope = pb::Envelope {
+        id: vec![7; 16],
+        conversation_id: vec![9; 32],
+        kind: pb::EnvelopeKind::Welcome as i32,
+        mls_message: vec![1; 300],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let pow_nonce = mb::solve_pow(&inbox, &envelope, mb::DEFAULT_POW_BITS);
+    let deposit = pb::MailboxRequest {
+        op: Some(pb::mailbox_request::Op::Deposit(pb::Deposit {
+            inbox_id: inbox.to_vec(),
+            request_inbox: true,
+            capability: None,
+            pow_nonce,
+            envelope,
+        })),
+    };
+    let answer = stranger.mailbox(relay_peer, deposit).await.unwrap();
+    assert_eq!(answer.status, pb::MailboxStatus::Ok as i32, "{}", answer.detail);
+    inbox
 }
 
 /// A first message to a device that is running but cannot be reached (a

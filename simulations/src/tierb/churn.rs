@@ -2,6 +2,7 @@
 //! while online: send messages, look up contacts' records, republish their own.
 
 use rand::Rng;
+use tidings_node::node::FULL_MAILBOX_ROUND_EVERY;
 
 use super::event::Ev;
 use super::kad::LookupKind;
@@ -161,16 +162,18 @@ impl World<'_> {
 
     /// Traffic of the periodic mailbox rounds and group long polls, which the model counts but
     /// does not run as events: two fetches (the inbox and the request inbox) per home relay per
-    /// `mailbox_poll`, one long poll per group per `group_poll`. The subscribe and key-package
-    /// count of every fifth round (`FULL_MAILBOX_ROUND_EVERY`) are left out.
+    /// `mailbox_poll`, plus a subscribe and a key-package count every
+    /// [`FULL_MAILBOX_ROUND_EVERY`]th round; one long poll per group per `group_poll`.
     pub(super) fn count_poll_bytes(&mut self, ci: usize, online_for: Time) {
         let p = &self.sc.protocol;
         let rounds = online_for / p.mailbox_poll.micros().max(1);
+        let full_rounds = rounds / u64::from(FULL_MAILBOX_ROUND_EVERY);
         let polls = online_for / p.group_poll.micros().max(1);
         let node = self.clients[ci].node;
-        let per_round = 2 * (wire::AUTH_REQUEST + wire::ACK);
+        let request = wire::AUTH_REQUEST + wire::ACK;
+        let bytes = (2 * rounds + 2 * full_rounds) * request;
         for h in self.clients[ci].home.clone() {
-            self.count_bytes(node, h, Proto::Mailbox, rounds * per_round);
+            self.count_bytes(node, h, Proto::Mailbox, bytes);
         }
         let firsts: Vec<NodeId> = self.clients[ci]
             .groups
