@@ -266,11 +266,7 @@ async fn a_first_contact_left_in_the_request_inbox_is_pushed_to_the_online_devic
     let links = Arc::new(Links::default());
     let (net, clock, r1, bob) = bob_rechecking_hourly(&links).await;
     let inbox = stranger_leaves_a_first_contact(&net, &clock, &r1, &bob).await;
-    let deposited = tokio::time::Instant::now();
-    let mailboxes = r1.relay_mailboxes().unwrap();
-    let held = || mailboxes.fetch(&inbox, true, 0, 10, clock.now_ms()).unwrap().0.len();
-    until("bob took it from his request inbox", || held() == 0).await;
-    let took = deposited.elapsed();
+    let took = request_inbox_drained(&r1, &inbox, &clock, tokio::time::Instant::now()).await;
     assert!(
         took < Duration::from_secs(10),
         "the request inbox was drained {took:?} after the deposit; bob re-checks only hourly"
@@ -294,10 +290,7 @@ async fn a_push_that_timed_out_over_an_open_connection_is_tried_again() {
     // The push is on its way, 15 s to bob: longer than the relay waits for an answer (10 s).
     tokio::time::sleep(Duration::from_secs(2)).await;
     links.slow_to_bob.store(false, Ordering::Relaxed);
-    let mailboxes = r1.relay_mailboxes().unwrap();
-    let held = || mailboxes.fetch(&inbox, true, 0, 10, clock.now_ms()).unwrap().0.len();
-    until("bob took it from his request inbox", || held() == 0).await;
-    let took = deposited.elapsed();
+    let took = request_inbox_drained(&r1, &inbox, &clock, deposited).await;
     assert!(
         took < Duration::from_secs(30),
         "the request inbox was drained {took:?} after the deposit; bob re-checks only hourly"
@@ -309,6 +302,14 @@ async fn a_push_that_timed_out_over_an_open_connection_is_tried_again() {
     for n in [bob, r1] {
         n.shutdown().await;
     }
+}
+
+/// How long after `since` the request inbox `inbox` on `relay` was empty.
+async fn request_inbox_drained(relay: &Node, inbox: &[u8; 32], clock: &Clock, since: tokio::time::Instant) -> Duration {
+    let mailboxes = relay.relay_mailboxes().unwrap();
+    let held = || mailboxes.fetch(inbox, true, 0, 10, clock.now_ms()).unwrap().0.len();
+    until("the owner took it from the request inbox", || held() == 0).await;
+    since.elapsed()
 }
 
 /// A relay on port 1 and bob on port 11, at home on it, re-checking his
