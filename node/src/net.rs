@@ -372,6 +372,9 @@ enum Command {
 pub struct Network {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
+    /// How long a mailbox request waits for its answer (a held fetch waits
+    /// longer: [`Network::mailbox_held`]).
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for Network {
@@ -403,9 +406,34 @@ impl Network {
         self.call(|reply| Command::KeyPackage { peer, request, reply }).await?
     }
 
-    /// Sends a mailbox request to a relay.
+    /// Sends a mailbox request to a relay; gives up after the request timeout.
     pub async fn mailbox(&self, peer: PeerId, request: pb::MailboxRequest) -> Result<pb::MailboxResponse, NetError> {
-        self.call(|reply| Command::Mailbox { peer, request, reply }).await?
+        self.mailbox_within(peer, request, self.request_timeout).await
+    }
+
+    /// Sends a fetch that the relay may hold for up to `wait` (`Fetch::wait_ms`,
+    /// at most [`crate::relay::MAX_FETCH_WAIT_MS`]) until something arrives: it
+    /// gives up after `wait` plus the request timeout.
+    pub async fn mailbox_held(
+        &self,
+        peer: PeerId,
+        request: pb::MailboxRequest,
+        wait: Duration,
+    ) -> Result<pb::MailboxResponse, NetError> {
+        self.mailbox_within(peer, request, self.request_timeout + wait).await
+    }
+
+    async fn mailbox_within(
+        &self,
+        peer: PeerId,
+        request: pb::MailboxRequest,
+        limit: Duration,
+    ) -> Result<pb::MailboxResponse, NetError> {
+        let call = self.call(|reply| Command::Mailbox { peer, request, reply });
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result?,
+            Err(_) => Err(NetError::Timeout),
+        }
     }
 
     pub async fn respond_mailbox(&self, id: u64, response: pb::MailboxResponse) {
@@ -550,10 +578,16 @@ fn behaviour(
     } else {
         ProtocolSupport::Outbound
     };
+    // A relay holds a long-polling fetch for up to MAX_FETCH_WAIT_MS, so
+    // libp2p's own limit (on both sides) leaves room for that; the client's
+    // calls keep the request timeout of their own (`Network::mailbox`).
+    let mailbox_limit = request_timeout + Duration::from_millis(crate::relay::MAX_FETCH_WAIT_MS);
     let mailbox = request_response::Behaviour::with_codec(
         ProstCodec::new(MAX_MAILBOX_FRAME),
         [(MAILBOX_PROTOCOL, mailbox_support)],
-        rr_cfg.with_max_concurrent_streams(1024),
+        rr_cfg
+            .with_request_timeout(mailbox_limit)
+            .with_max_concurrent_streams(1024),
     );
     let link = request_response::Behaviour::with_codec(
         ProstCodec::new(MAX_DELIVER_FRAME),
@@ -799,7 +833,12 @@ pub async fn spawn(
         ),
     };
     let task = tokio::spawn(event_loop.run());
-    Ok((Network { tx: cmd_tx, peer_id }, ev_rx, listen_addrs, task))
+    let network = Network {
+        tx: cmd_tx,
+        peer_id,
+        request_timeout,
+    };
+    Ok((network, ev_rx, listen_addrs, task))
 }
 
 /// A peer lookup: the target and everyone waiting for its addresses.

@@ -1606,7 +1606,7 @@ impl NodeHandle {
         let inbox = mailbox::inbox_id(&key);
         let auth = self.signed_auth(&g.key_seed, mailbox::Op::Fetch, *relay, &inbox, g.cursor)?;
         let resp = self
-            .mailbox_call(
+            .mailbox_call_held(
                 *relay,
                 pb::mailbox_request::Op::Fetch(pb::Fetch {
                     inbox_id: inbox.to_vec(),
@@ -1616,6 +1616,7 @@ impl NodeHandle {
                     auth: Some(auth),
                     wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
                 }),
+                wait,
             )
             .await?;
         let Some(pb::mailbox_response::Result::Fetched(fetched)) = resp.result else {
@@ -1700,10 +1701,20 @@ impl NodeHandle {
     }
 
     async fn mailbox_call(&self, relay: PeerId, op: pb::mailbox_request::Op) -> Result<pb::MailboxResponse, NodeError> {
+        self.mailbox_call_held(relay, op, Duration::ZERO).await
+    }
+
+    /// [`Self::mailbox_call`] for a fetch the relay may hold for `wait`.
+    async fn mailbox_call_held(
+        &self,
+        relay: PeerId,
+        op: pb::mailbox_request::Op,
+        wait: Duration,
+    ) -> Result<pb::MailboxResponse, NodeError> {
         let resp = self
             .inner
             .net
-            .mailbox(relay, pb::MailboxRequest { op: Some(op) })
+            .mailbox_held(relay, pb::MailboxRequest { op: Some(op) }, wait)
             .await?;
         match pb::MailboxStatus::try_from(resp.status)
             .ok()

@@ -35,8 +35,9 @@ use crate::net::{NetEvent, Network, RelayServerConfig};
 
 /// Most envelopes one fetch returns.
 const MAX_FETCH: usize = 512;
-/// Longest a fetch may wait for something to be deposited.
-pub const MAX_FETCH_WAIT_MS: u64 = 20_000;
+/// Longest a fetch may wait for something to be deposited (members of a group
+/// long-poll its sequencing inbox: one signed fetch a minute while idle).
+pub const MAX_FETCH_WAIT_MS: u64 = 60_000;
 /// Most fetches waiting at once, in all, and per peer.
 const MAX_WAITING: usize = 50_000;
 const MAX_WAITING_PER_PEER: usize = 256;

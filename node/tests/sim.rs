@@ -312,6 +312,88 @@ async fn request_inbox_drained(relay: &Node, inbox: &[u8; 32], clock: &Clock, si
     since.elapsed()
 }
 
+/// A fetch that may wait (a group member's long poll) is held by the relay
+/// for the whole wait, past the request timeout, and answered as soon as
+/// something is deposited.
+#[tokio::test(start_paused = true)]
+async fn a_held_fetch_outlasts_the_request_timeout_and_is_answered_by_the_next_deposit() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let (r1, _) = relay(&net, 1, Vec::new(), &clock).await;
+    let relay_peer = r1.handle().peer_id();
+    let (owner, _owner_events) = bare_node(&net, &clock, 12, relay_peer).await;
+    let (sender, _sender_events) = bare_node(&net, &clock, 13, relay_peer).await;
+    let seed = [5u8; 32];
+    let inbox = mb::inbox_id(&tidings_protocol::identity::DeviceKey::from_seed(seed).public());
+    let wait = Duration::from_millis(tidings_node::relay::MAX_FETCH_WAIT_MS);
+    assert!(wait > tidings_node::NetConfig::default().request_timeout);
+    let fetch = || {
+        let auth = mb::sign_auth(
+            &seed,
+            mb::Op::Fetch,
+            &relay_peer.to_bytes(),
+            &inbox,
+            clock.now_ms(),
+            rand::random(),
+            0,
+        );
+        pb::MailboxRequest {
+            op: Some(pb::mailbox_request::Op::Fetch(pb::Fetch {
+                inbox_id: inbox.to_vec(),
+                request_inbox: false,
+                after_index: 0,
+                limit: 10,
+                auth: Some(auth),
+                wait_ms: u32::try_from(wait.as_millis()).unwrap(),
+            })),
+        }
+    };
+    let fetched = |answer: pb::MailboxResponse| match answer.result {
+        Some(pb::mailbox_response::Result::Fetched(f)) => f.envelopes.len(),
+        other => panic!("not a fetch result: {other:?} ({})", answer.detail),
+    };
+
+    // Nothing arrives: the answer comes, empty, once the wait is over.
+    let started = tokio::time::Instant::now();
+    let answer = owner.mailbox_held(relay_peer, fetch(), wait).await.unwrap();
+    assert_eq!(fetched(answer), 0);
+    assert!(started.elapsed() >= wait, "answered after {:?}", started.elapsed());
+
+    // Something arrives 15 s into the wait: that is the answer, at once.
+    let capability = mb::issue_capability(&seed, clock.now_ms() + 3_600_000, None);
+    let envelope = pb::Envelope {
+        id: vec![3; 16],
+        conversation_id: vec![4; 32],
+        kind: pb::EnvelopeKind::Message as i32,
+        mls_message: vec![1; 100],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let deposit = pb::MailboxRequest {
+        op: Some(pb::mailbox_request::Op::Deposit(pb::Deposit {
+            inbox_id: inbox.to_vec(),
+            request_inbox: false,
+            capability: Some(capability),
+            pow_nonce: Vec::new(),
+            envelope,
+        })),
+    };
+    let started = tokio::time::Instant::now();
+    let deposit_later = async {
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        sender.mailbox(relay_peer, deposit).await.unwrap()
+    };
+    let (answer, receipt) = tokio::join!(owner.mailbox_held(relay_peer, fetch(), wait), deposit_later);
+    assert_eq!(receipt.status, pb::MailboxStatus::Ok as i32, "{}", receipt.detail);
+    assert_eq!(fetched(answer.unwrap()), 1);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(15) && took < Duration::from_secs(16),
+        "answered after {took:?}"
+    );
+    r1.shutdown().await;
+}
+
 /// A relay on port 1 and bob on port 11, at home on it, re-checking his
 /// mailboxes only hourly (pushes bring his mail); returns once he is
 /// subscribed and his key packages are on the relay.
@@ -337,24 +419,36 @@ async fn bob_rechecking_hourly(links: &Arc<Links>) -> (SimNetwork, Clock, Node, 
     (net, clock, r1, bob)
 }
 
-/// A stranger, a bare libp2p node on port 12, leaves an envelope in the
-/// request inbox of `device`'s owner on `relay`; returns that inbox.
-async fn stranger_leaves_a_first_contact(net: &SimNetwork, clock: &Clock, relay: &Node, device: &Node) -> [u8; 32] {
-    let relay_peer = relay.handle().peer_id();
+/// A bare libp2p node (no core, no store) on `port`, which knows the relay on port 1 as `relay`;
+/// keep its events for as long as it is used.
+async fn bare_node(
+    net: &SimNetwork,
+    clock: &Clock,
+    port: u64,
+    relay: libp2p::PeerId,
+) -> (
+    tidings_node::net::Network,
+    tokio::sync::mpsc::Receiver<tidings_node::net::NetEvent>,
+) {
     let config = tidings_node::NetConfig {
-        listen: vec![SimNetwork::address(12)],
-        sim: Some(tidings_node::net::SimHost {
-            net: net.clone(),
-            port: 12,
-        }),
+        listen: vec![SimNetwork::address(port)],
+        sim: Some(tidings_node::net::SimHost { net: net.clone(), port }),
         dht_server: false,
         ..tidings_node::NetConfig::default()
     };
     let keypair = libp2p::identity::Keypair::generate_ed25519();
-    let (stranger, _events, _, _task) = tidings_node::net::spawn(keypair, config, clock.clone(), None)
+    let (network, events, _, _task) = tidings_node::net::spawn(keypair, config, clock.clone(), None)
         .await
         .unwrap();
-    stranger.add_address(relay_peer, SimNetwork::address(1)).await;
+    network.add_address(relay, SimNetwork::address(1)).await;
+    (network, events)
+}
+
+/// A stranger, a bare libp2p node on port 12, leaves an envelope in the
+/// request inbox of `device`'s owner on `relay`; returns that inbox.
+async fn stranger_leaves_a_first_contact(net: &SimNetwork, clock: &Clock, relay: &Node, device: &Node) -> [u8; 32] {
+    let relay_peer = relay.handle().peer_id();
+    let (stranger, _events) = bare_node(net, clock, 12, relay_peer).await;
     let inbox = mb::inbox_id(&device.handle().devices().unwrap()[0].device_key);
     let envelope = pb::Envelope {
         id: vec![7; 16],

@@ -581,7 +581,7 @@ impl Default for ProtocolParams {
             away_for: SimDuration::from_secs(60),
             mailbox_poll: SimDuration::from_std(tidings_node::node::MAILBOX_RECHECK),
             relay_redial: SimDuration::from_std(tidings_node::net::RESERVATION_RETRY),
-            group_poll: SimDuration::from_secs(20),
+            group_poll: SimDuration::from_millis(tidings_node::relay::MAX_FETCH_WAIT_MS),
             retention: SimDuration::from_secs(14 * 86_400),
             fetch_page: 512,
             retry_initial: SimDuration::from_millis(100),
