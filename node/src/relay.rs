@@ -1190,24 +1190,22 @@ impl MailboxService {
         if self.subs.len() > MAX_SUBSCRIPTIONS && !self.subs.contains_key(&(inbox, false)) {
             return Err(MailboxError::RateLimited);
         }
+        let mut start = |sub: SubKey, cursor: u64| {
+            let fresh = Subscription {
+                peer,
+                cursor,
+                in_flight: false,
+            };
+            self.subs.insert(sub, fresh);
+            self.push(sub);
+        };
+        start((inbox, false), s.after_index);
         // The request inbox is pushed from its oldest envelope: its cursor is
         // not the one the owner gave for its normal inbox.
-        let mut wanted = vec![((inbox, false), s.after_index)];
         if s.include_request_inbox {
-            wanted.push(((inbox, true), 0));
+            start((inbox, true), 0);
         } else {
             self.subs.remove(&(inbox, true));
-        }
-        for (sub, cursor) in wanted {
-            self.subs.insert(
-                sub,
-                Subscription {
-                    peer,
-                    cursor,
-                    in_flight: false,
-                },
-            );
-            self.push(sub);
         }
         Ok(mailbox_response::Result::Deleted(0))
     }

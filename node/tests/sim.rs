@@ -297,7 +297,7 @@ async fn a_push_that_timed_out_over_an_open_connection_is_tried_again() {
     );
     assert!(
         !bob.handle().connections(r1.handle().peer_id()).await.is_empty(),
-        "the connection stayed open throughout"
+        "bob is still connected to his relay"
     );
     for n in [bob, r1] {
         n.shutdown().await;
