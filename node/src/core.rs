@@ -40,7 +40,7 @@ mod link;
 pub(crate) use chat::{ChatAction, ChatChange, PresenceMap, SettingsChange};
 pub use chat::{ONLINE_FOR_MS, PRESENCE_INTERVAL_MS};
 
-pub(crate) use groups::{GroupInbox, SELF_UPDATE_INTERVAL_MS};
+pub(crate) use groups::{GroupInbox, GroupUpkeep, SELF_UPDATE_INTERVAL_MS};
 pub use groups::{GroupMemberView, GroupView};
 pub(crate) use link::{LinkOffer, LinkOffers};
 
@@ -265,9 +265,9 @@ pub(crate) enum CoreInput {
         reply_to: Option<[u8; 16]>,
         reply: oneshot::Sender<Result<MessageView, NodeError>>,
     },
-    /// Where to fetch each group's sequencing inbox.
+    /// Where to fetch each group's sequencing inbox, after the upkeep that is due.
     GroupInboxes {
-        reply: oneshot::Sender<Result<Vec<GroupInbox>, NodeError>>,
+        reply: oneshot::Sender<Result<GroupUpkeep, NodeError>>,
     },
     /// Envelopes fetched from a group's sequencing inbox, with their indices.
     ApplyGroupInbox {
@@ -441,6 +441,10 @@ pub(crate) struct Core {
     /// restarted and lost our subscription), or a push could not be applied
     /// whole (the relay then stops pushing until we fetch).
     pub(crate) mailbox_wake: Arc<tokio::sync::Notify>,
+    /// Wakes the group sync task: a group was joined, or its upkeep has a new
+    /// deadline (a commit of ours waits to be sequenced, proposals wait to be
+    /// committed, we asked to leave).
+    pub(crate) group_wake: Arc<tokio::sync::Notify>,
     /// Wakes the task that sets up conversations for waiting messages (a
     /// message started waiting, or a conversation came to exist).
     pub(crate) waiting_wake: Arc<tokio::sync::Notify>,
@@ -579,6 +583,7 @@ impl Core {
             link,
             self_update_interval_ms: SELF_UPDATE_INTERVAL_MS,
             mailbox_wake: Arc::default(),
+            group_wake: Arc::default(),
             waiting_wake: Arc::default(),
             waiting_nudge: Arc::default(),
             stuck_pushes: HashMap::new(),
@@ -1578,6 +1583,7 @@ impl Core {
                         superseded_by: None,
                     })?;
                     self.members.insert(gid.to_vec(), members);
+                    self.group_wake.notify_one();
                     self.groups.insert(gid.to_vec(), group);
                     self.joined_groups.push(gid.to_vec());
                     info!(group = %hex::encode(gid), "joined a group");

@@ -54,9 +54,12 @@ const SEND_SETUP_PATIENCE: Duration = Duration::from_secs(10);
 /// doubles after each failure up to [`WAITING_RETRY_MAX`].
 const WAITING_RETRY: Duration = Duration::from_secs(10);
 const WAITING_RETRY_MAX: Duration = Duration::from_secs(120);
-/// How often the groups' upkeep runs when nothing wakes it earlier, and the
-/// fastest a group inbox is fetched from a relay that does not hold fetches.
+/// The fastest a group inbox is fetched from a relay that does not hold
+/// fetches, and the shortest pause between two rounds of the groups' upkeep.
 const GROUP_TICK: Duration = Duration::from_secs(1);
+/// The longest pause between two rounds of the groups' upkeep when nothing
+/// wakes it and no deadline of its own falls earlier.
+const GROUP_UPKEEP_MAX: Duration = Duration::from_secs(30);
 /// How long a group fetch waits at the relay for something new.
 const GROUP_WAIT: Duration = Duration::from_millis(crate::relay::MAX_FETCH_WAIT_MS);
 /// How often a node checks that its account's other devices are in all its groups, and that its
@@ -287,7 +290,7 @@ pub(crate) struct Inner {
     conversation_lock: Mutex<()>,
     refusals: Refusals,
     /// Wakes the group sync task.
-    group_wake: tokio::sync::Notify,
+    group_wake: Arc<tokio::sync::Notify>,
     /// The open device-link offer.
     link: LinkOffers,
     /// Contacts who share presence with us (kept by the core).
@@ -384,6 +387,7 @@ impl Node {
         )?;
         core.self_update_interval_ms = u64::try_from(config.key_update_interval.as_millis()).unwrap_or(u64::MAX);
         let mailbox_wake = core.mailbox_wake.clone();
+        let group_wake = core.group_wake.clone();
         let waiting = (core.waiting_wake.clone(), core.waiting_nudge.clone());
         let presence = core.presence.clone();
         tasks.push(tokio::spawn(core.run(rx, net_events)));
@@ -404,7 +408,7 @@ impl Node {
                 clock: config.clock,
                 conversation_lock: Mutex::new(()),
                 refusals,
-                group_wake: tokio::sync::Notify::new(),
+                group_wake,
                 link,
                 presence,
             }),
@@ -1552,9 +1556,10 @@ impl NodeHandle {
     /// Keeps every group applied. Each group's sequencing inbox is read by
     /// a long poll of its own: the relay answers as soon as something is
     /// deposited there, or with nothing after [`GROUP_WAIT`]. This loop starts
-    /// the polls and, every [`GROUP_TICK`] or when woken, runs the groups'
-    /// upkeep in the core (commits sent again, scheduled self-updates,
-    /// leaving).
+    /// the polls and runs the groups' upkeep in the core (commits sent again,
+    /// proposals committed, scheduled self-updates, leaving): when woken, when
+    /// a poll ends, and at the upkeep's next deadline (at most
+    /// [`GROUP_UPKEEP_MAX`] later).
     async fn group_sync(self) {
         use futures::StreamExt as _;
         // The polls are futures of this task (not tasks of their own), so
@@ -1562,16 +1567,20 @@ impl NodeHandle {
         let mut polling = std::collections::HashSet::new();
         let mut polls = futures::stream::FuturesUnordered::new();
         loop {
-            let Ok(inboxes) = self.core(|reply| CoreInput::GroupInboxes { reply }).await else {
+            let Ok(upkeep) = self.core(|reply| CoreInput::GroupInboxes { reply }).await else {
                 return;
             };
-            for g in inboxes {
+            for g in upkeep.inboxes {
                 if polling.insert((g.group_id.clone(), g.inbox_seed)) {
                     polls.push(self.poll_group(g));
                 }
             }
+            let pause = upkeep
+                .next_due_ms
+                .map_or(GROUP_UPKEEP_MAX, Duration::from_millis)
+                .clamp(GROUP_TICK, GROUP_UPKEEP_MAX);
             tokio::select! {
-                _ = tokio::time::timeout(GROUP_TICK, self.inner.group_wake.notified()) => {}
+                _ = tokio::time::timeout(pause, self.inner.group_wake.notified()) => {}
                 Some(done) = polls.next(), if !polls.is_empty() => {
                     polling.remove(&done);
                 }

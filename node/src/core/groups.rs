@@ -59,6 +59,17 @@ pub(crate) struct GroupInbox {
     pub cursor: u64,
 }
 
+/// What the group sync task needs for all groups: where to fetch each one,
+/// and when the groups' upkeep (commits sent again, proposals committed,
+/// scheduled self-updates) is next due.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupUpkeep {
+    pub inboxes: Vec<GroupInbox>,
+    /// Milliseconds from now until the earliest upkeep deadline; `None` when
+    /// nothing is scheduled.
+    pub next_due_ms: Option<u64>,
+}
+
 /// A group as the API shows it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct GroupView {
@@ -293,6 +304,7 @@ impl Core {
         });
         row.retry = None;
         self.store.put_conversation(&conv)?;
+        self.group_wake.notify_one();
         Ok(vec![self.sequencer_entry(gid, &meta, env, now)?])
     }
 
@@ -316,6 +328,7 @@ impl Core {
             row.leaving = Some(epoch);
             row.retry = None;
             store.put_conversation(&conv)?;
+            self.group_wake.notify_one();
             let mut entries = Vec::new();
             for p in proposals {
                 let env = super::new_envelope(gid, EnvelopeKind::Message, p);
@@ -524,35 +537,52 @@ impl Core {
         });
     }
 
-    /// What the group sync task fetches: one entry per group we are in.
-    /// Also starts the periodic self-update of groups whose leaf keys of
+    /// What the group sync task fetches: one entry per group we are in, and
+    /// when to call again. Runs the upkeep that is due: sends again our
+    /// commits not yet sequenced, commits others' proposals that waited too
+    /// long, and starts the periodic self-update of groups whose leaf keys of
     /// ours are older than the node's key update interval (post-compromise security).
-    pub(super) fn group_inboxes(&mut self) -> Result<Vec<GroupInbox>, NodeError> {
+    pub(super) fn group_inboxes(&mut self) -> Result<GroupUpkeep, NodeError> {
         let mut out = Vec::new();
         let now = self.clock.now_ms();
+        // The earliest deadline among the upkeep that is not done in this pass
+        // (what is done now schedules its own follow-up: a resent commit is
+        // due again a full period later, a new commit wakes the sync task).
+        let mut next_due: Option<u64> = None;
+        let mut due_at = |at: u64| next_due = Some(next_due.map_or(at, |d| d.min(at)));
         for c in self.store.list_groups()? {
             let Some(row) = c.group else { continue };
             if row.left {
                 continue;
             }
-            if row.pending.is_some()
-                && let Err(e) = self.resend_pending(&c.group_id, now)
-            {
-                debug!(group = %hex::encode(&c.group_id), "re-sending our commit failed: {e}");
+            if let Some(p) = &row.pending {
+                let resend_at = p.sent_ms.saturating_add(PENDING_RESEND_MS);
+                due_at(if resend_at <= now {
+                    now.saturating_add(PENDING_RESEND_MS)
+                } else {
+                    resend_at
+                });
+                if let Err(e) = self.resend_pending(&c.group_id, now) {
+                    debug!(group = %hex::encode(&c.group_id), "re-sending our commit failed: {e}");
+                }
             }
-            if row.pending.is_none()
-                && row.retry.is_none()
-                && row.leaving.is_none()
-                && now.saturating_sub(row.updated_ms) > self.self_update_interval_ms
-                && let Err(e) = self.group_intent(&c.group_id, IntentRow::SelfUpdate)
-            {
-                debug!(group = %hex::encode(&c.group_id), "scheduled self-update failed: {e}");
+            if row.pending.is_none() && row.retry.is_none() && row.leaving.is_none() {
+                let update_at = row.updated_ms.saturating_add(self.self_update_interval_ms);
+                if now > update_at {
+                    if let Err(e) = self.group_intent(&c.group_id, IntentRow::SelfUpdate) {
+                        debug!(group = %hex::encode(&c.group_id), "scheduled self-update failed: {e}");
+                    }
+                } else {
+                    due_at(update_at.saturating_add(1));
+                }
             }
-            if row
-                .proposals_since_ms
-                .is_some_and(|t| now.saturating_sub(t) > PROPOSAL_WAIT_MS)
-            {
-                self.commit_proposals(&c.group_id, true);
+            if let Some(t) = row.proposals_since_ms {
+                let commit_at = t.saturating_add(PROPOSAL_WAIT_MS);
+                if now > commit_at {
+                    self.commit_proposals(&c.group_id, true);
+                } else {
+                    due_at(commit_at.saturating_add(1));
+                }
             }
             let Ok(Some(group)) = load_group(&mut self.groups, &self.provider, &c.group_id) else {
                 continue;
@@ -585,7 +615,10 @@ impl Core {
                 cursor,
             });
         }
-        Ok(out)
+        Ok(GroupUpkeep {
+            inboxes: out,
+            next_due_ms: next_due.map(|d| d.saturating_sub(now)),
+        })
     }
 
     /// Applies envelopes fetched from a group's sequencing inbox (the one of
@@ -712,6 +745,7 @@ impl Core {
                     }
                     Sequenced::Proposal => {
                         row.proposals_since_ms.get_or_insert(now);
+                        self.group_wake.notify_one();
                         proposals = true;
                     }
                     Sequenced::Refused(why) => debug!(group = %hex::encode(gid), index, "ignored: {why}"),
