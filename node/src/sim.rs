@@ -162,6 +162,17 @@ impl SimNetwork {
         self.host_bytes(port).received.load(Ordering::Relaxed)
     }
 
+    /// Connections host `port` has dialled so far (those that reached the
+    /// other host; relayed circuits are substreams, not counted here).
+    pub fn connections_dialled(&self, port: u64) -> u64 {
+        self.host_bytes(port).dialled.load(Ordering::Relaxed)
+    }
+
+    /// Connections host `port` has accepted so far.
+    pub fn connections_accepted(&self, port: u64) -> u64 {
+        self.host_bytes(port).accepted.load(Ordering::Relaxed)
+    }
+
     /// Bytes host `port` has sent and received on substreams of each protocol class so far, in
     /// [`StreamClass::ALL`]'s order: the protocols' own bytes, their negotiation included, without
     /// the connections' framing (see [`count`]). Relayed connections count at the relay and at
@@ -369,6 +380,8 @@ impl SimConn {
         let (ab, ba): (Shared, Shared) = (Arc::default(), Arc::default());
         conns.opened.fetch_add(1, Ordering::Relaxed);
         conns.open_ends.fetch_add(2, Ordering::Relaxed);
+        a.1.dialled.fetch_add(1, Ordering::Relaxed);
+        b.1.accepted.fetch_add(1, Ordering::Relaxed);
         (
             SimConn {
                 rx: ba.clone(),

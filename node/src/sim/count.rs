@@ -96,11 +96,13 @@ impl StreamClass {
 }
 
 /// What one host has sent and received: on its links in all, and on its substreams by class
-/// (both directions).
+/// (both directions); and how many connections it dialled and accepted.
 #[derive(Debug, Default)]
 pub(crate) struct HostBytes {
     pub(crate) sent: AtomicU64,
     pub(crate) received: AtomicU64,
+    pub(crate) dialled: AtomicU64,
+    pub(crate) accepted: AtomicU64,
     streams: [AtomicU64; StreamClass::ALL.len()],
 }
 

@@ -292,6 +292,9 @@ fn a_tenth_short_of_all(done: usize, all: usize) -> bool {
 struct BytesSoFar {
     links: u64,
     streams: [u64; sim::StreamClass::ALL.len()],
+    /// Connections dialled and accepted.
+    dialled: u64,
+    accepted: u64,
 }
 
 impl<'s> World<'s> {
@@ -300,6 +303,8 @@ impl<'s> World<'s> {
         BytesSoFar {
             links: self.net.bytes_sent(p) + self.net.bytes_received(p),
             streams: self.net.stream_bytes(p),
+            dialled: self.net.connections_dialled(p),
+            accepted: self.net.connections_accepted(p),
         }
     }
 
@@ -1367,9 +1372,22 @@ impl<'s> World<'s> {
                     BytesSoFar {
                         links: now.links.saturating_sub(before.links),
                         streams: std::array::from_fn(|i| now.streams[i].saturating_sub(before.streams[i])),
+                        dialled: now.dialled.saturating_sub(before.dialled),
+                        accepted: now.accepted.saturating_sub(before.accepted),
                     }
                 })
                 .collect();
+            // Connections made in the measured run, per host of the role and hour: each costs a
+            // handshake, identify both ways and the handlers of every protocol.
+            for (what, n) in [
+                ("dialled", run.iter().map(|b| b.dialled).sum::<u64>()),
+                ("accepted", run.iter().map(|b| b.accepted).sum::<u64>()),
+            ] {
+                put(
+                    &format!("connections_{what}_per_{role}_hour"),
+                    n as f64 / run.len().max(1) as f64 / hours.max(1e-9),
+                );
+            }
             for (i, class) in sim::StreamClass::ALL.iter().enumerate() {
                 let v = run.iter().map(|b| b.streams[i] as f32).collect();
                 bytes_figures(role, class.name(), v, &mut put, &mut bytes_q);
