@@ -32,6 +32,7 @@ use crate::clock::Clock;
 use crate::codec::ProstCodec;
 
 mod boxed;
+mod candidates;
 mod keep_alive;
 mod refresh;
 use boxed::Boxed;
@@ -62,7 +63,7 @@ pub struct Behaviour {
     relay_client: relay::client::Behaviour,
     relay: Toggle<relay::Behaviour>,
     dcutr: dcutr::Behaviour,
-    autonat_client: autonat::v2::client::Behaviour,
+    autonat_client: candidates::DirectCandidates<autonat::v2::client::Behaviour>,
     autonat_server: Toggle<autonat::v2::server::Behaviour>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -122,6 +123,11 @@ pub struct NetConfig {
     /// next to `bootstrap`, so that a restart neither depends on the
     /// bootstrap peers nor fills its table one peer at a time.
     pub known_peers: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// How long ago `known_peers` were last the routing table (`None`: not
+    /// known). A DHT client whose saved table is younger than its refresh
+    /// period (`NetTuning::kad_client_refresh`) and full enough starts
+    /// without a self-lookup (see [`start_lookup_needed`]).
+    pub known_peers_age: Option<Duration>,
 }
 
 /// Timers and sizes of the connection and DHT layers. The defaults are the
@@ -242,6 +248,7 @@ impl Default for NetConfig {
             sim: None,
             tuning: NetTuning::default(),
             known_peers: Vec::new(),
+            known_peers_age: None,
         }
     }
 }
@@ -619,7 +626,7 @@ fn behaviour(
         relay_client,
         relay: relay.into(),
         dcutr: dcutr::Behaviour::new(peer_id),
-        autonat_client: autonat::v2::client::Behaviour::default(),
+        autonat_client: candidates::DirectCandidates(autonat::v2::client::Behaviour::default()),
         autonat_server: autonat_server.into(),
         identify: identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
@@ -634,6 +641,18 @@ fn behaviour(
         mdns: mdns.into(),
         keep_alive: keep_alive::KeepAlive::default(),
     }))
+}
+
+/// Whether a node's start needs a self-lookup. A DHT server does: it meets
+/// its neighbours, who add it to their tables. A DHT client is in nobody's
+/// table and its own only gives its lookups a place to start; one that saved
+/// at least a bucket's worth of peers less than its refresh period ago starts
+/// from those, and its first lookup meets whoever has changed.
+fn start_lookup_needed(config: &NetConfig) -> bool {
+    let recent = config
+        .known_peers_age
+        .is_some_and(|age| age < config.tuning.kad_client_refresh);
+    config.dht_server || !recent || config.known_peers.len() < config.tuning.kad_replication.get()
 }
 
 /// Builds the swarm, starts listening and spawns the event loop.
@@ -770,7 +789,18 @@ pub async fn spawn(
         }
     }
     if !config.bootstrap.is_empty() || !config.known_peers.is_empty() {
-        let _ = swarm.behaviour_mut().kad.bootstrap();
+        // libp2p bootstraps on its own half a second after the first listen
+        // address while nothing is connected; starting one here resets that.
+        let started = swarm.behaviour_mut().kad.bootstrap();
+        if !start_lookup_needed(&config)
+            && let Ok(id) = started
+            && let Some(mut q) = swarm.behaviour_mut().kad.query_mut(&id)
+        {
+            // Ended before its first request: the bucket lookups libp2p then
+            // queues end the same way (`on_kad_event`).
+            debug!("starting without a self-lookup: the saved routing table is recent");
+            q.finish();
+        }
     }
     // Circuits are reserved once the connection to the relay is up (see
     // `EventLoop::reserve_circuits`): a reservation dial racing the bootstrap

@@ -341,9 +341,19 @@ impl Node {
             }
         }
         net_config.known_peers = known_peers(&store);
+        net_config.known_peers_age = match store.known_peers_current_ms() {
+            Ok(saved) => saved.map(|t| Duration::from_millis(config.clock.now_ms().saturating_sub(t))),
+            Err(e) => {
+                warn!("cannot tell how old the saved DHT peers are: {e}");
+                None
+            }
+        };
         let (net, mut net_events, listen_addrs, net_task) =
             net::spawn(keypair, net_config, config.clock.clone(), libp2p_metrics).await?;
-        let mut tasks = vec![net_task, spawn_known_peers_saver(net.clone(), store.clone())];
+        let mut tasks = vec![
+            net_task,
+            spawn_known_peers_saver(net.clone(), store.clone(), config.clock.clone()),
+        ];
         if let Some(opts) = config.relay.clone() {
             // Mailbox requests go to the mailbox service, everything else to the core.
             let (svc_tx, svc_rx) = mpsc::channel(4096);
@@ -513,9 +523,9 @@ fn known_peers(store: &Store) -> Vec<(PeerId, Vec<Multiaddr>)> {
         .collect()
 }
 
-/// Saves the DHT routing table to `store` now and then, for the next start
-/// (not again while it is what was saved last).
-fn spawn_known_peers_saver(net: Network, store: Arc<Store>) -> JoinHandle<()> {
+/// Saves the DHT routing table to `store` now and then, for the next start;
+/// while it is what was saved last, only the time it was last seen current.
+fn spawn_known_peers_saver(net: Network, store: Arc<Store>, clock: Clock) -> JoinHandle<()> {
     tokio::spawn(async move {
         tokio::time::sleep(KNOWN_PEERS_FIRST_SAVE).await;
         let mut saved: Vec<tidings_store::KnownPeer> = Vec::new();
@@ -525,8 +535,15 @@ fn spawn_known_peers_saver(net: Network, store: Arc<Store>) -> JoinHandle<()> {
                 .iter()
                 .map(|(p, addrs)| (p.to_bytes(), addrs.iter().map(|a| a.to_vec()).collect()))
                 .collect();
-            if !rows.is_empty() && rows != saved {
-                match store.set_known_peers(&rows) {
+            let now = clock.now_ms();
+            if rows.is_empty() {
+                // Nothing worth saving yet; keep what was saved.
+            } else if rows == saved {
+                if let Err(e) = store.mark_known_peers_current(now) {
+                    warn!("cannot save the DHT peers' time: {e}");
+                }
+            } else {
+                match store.set_known_peers(&rows, now) {
                     Ok(()) => saved = rows,
                     Err(e) => warn!("cannot save the DHT peers: {e}"),
                 }

@@ -1195,3 +1195,80 @@ async fn a_contact_added_to_a_stopped_device_is_known_when_it_starts_and_its_own
         n.shutdown().await;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_lookup() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    // Buckets of three, so that six relays fill more than one.
+    let mut tuning = sim::HostTuning::default();
+    tuning.net.kad_replication = std::num::NonZeroUsize::new(3).unwrap();
+    let mut relays = Vec::new();
+    let mut boot: Vec<Multiaddr> = Vec::new();
+    for port in 1..=6 {
+        let disk = sim::HostDisk::relay(clock.now_ms(), None).unwrap();
+        let node = sim::start_relay_on(
+            &net,
+            port,
+            &disk,
+            boot.iter().take(1).cloned().collect(),
+            clock.clone(),
+            &tuning,
+        )
+        .await
+        .unwrap();
+        boot.push(SimNetwork::address(port).with(Protocol::P2p(node.handle().peer_id())));
+        relays.push((node, disk));
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let host = sim::PersonHost {
+        port: 10,
+        bootstrap: vec![boot[0].clone()],
+        home_relays: Vec::new(),
+        reachable: false,
+        dht_server: false,
+        tuning,
+    };
+    let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
+    // Runs alice from `disk` for two minutes (past the first save of her
+    // routing table); returns the connections she dialled in the first 30 s.
+    let run = async || {
+        let before = net.connections_dialled(10);
+        let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let dialled = net.connections_dialled(10) - before;
+        let found = alice.handle().publish_record().await;
+        tokio::time::sleep(Duration::from_secs(90)).await;
+        alice.shutdown().await;
+        (dialled, found)
+    };
+
+    let (first, found) = run().await;
+    assert!(found.is_ok(), "the first start published: {found:?}");
+    assert!(
+        first > 1,
+        "the first start looked itself up beyond the bootstrap relay ({first} dials)"
+    );
+    assert!(
+        disk.store.known_peers().unwrap().len() >= 3,
+        "a bucket's worth of peers was saved"
+    );
+
+    tokio::time::sleep(Duration::from_secs(20 * 60)).await;
+    let (soon, found) = run().await;
+    assert_eq!(
+        soon, 1,
+        "back after 20 minutes: only the bootstrap relay is dialled at the start"
+    );
+    assert!(found.is_ok(), "and the saved table still finds the DHT: {found:?}");
+
+    tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
+    let (late, _) = run().await;
+    assert!(
+        late > 1,
+        "back after two hours: the start looks itself up again ({late} dials)"
+    );
+    for (node, _) in relays {
+        node.shutdown().await;
+    }
+}

@@ -93,6 +93,9 @@ const RECORD_PUBLISHED_ROW: &str = "record_published";
 
 /// The `META` row holding the DHT peers this device knew when it last saved them.
 const KNOWN_PEERS_ROW: &str = "known_peers";
+/// The `META` row holding when (ms, little-endian) the saved DHT peers were last
+/// the device's routing table.
+const KNOWN_PEERS_CURRENT_ROW: &str = "known_peers_current_ms";
 /// At most this many known peers are kept, each with at most
 /// [`MAX_KNOWN_PEER_ADDRS`] addresses of at most [`MAX_KNOWN_PEER_BYTES`] bytes
 /// (its id too); a longer list is cut, a row larger than their product refused.
@@ -619,8 +622,9 @@ impl Store {
 
     /// Saves the DHT peers to start from next time, replacing those saved
     /// before: the first [`MAX_KNOWN_PEERS`], without addresses or ids longer
-    /// than [`MAX_KNOWN_PEER_BYTES`].
-    pub fn set_known_peers(&self, peers: &[KnownPeer]) -> Result<()> {
+    /// than [`MAX_KNOWN_PEER_BYTES`]. They are the routing table at `now_ms`
+    /// (see [`Self::known_peers_current_ms`]).
+    pub fn set_known_peers(&self, peers: &[KnownPeer], now_ms: u64) -> Result<()> {
         let fits = |b: &Vec<u8>| b.len() <= MAX_KNOWN_PEER_BYTES;
         let saved: Vec<(String, Vec<String>)> = peers
             .iter()
@@ -638,9 +642,35 @@ impl Store {
             .collect();
         let row = to_json(&saved)?;
         self.with_txn(true, |w| {
-            w.open_table(META)?.insert(KNOWN_PEERS_ROW, row.as_slice())?;
+            let mut t = w.open_table(META)?;
+            t.insert(KNOWN_PEERS_ROW, row.as_slice())?;
+            t.insert(KNOWN_PEERS_CURRENT_ROW, now_ms.to_le_bytes().as_slice())?;
             Ok(())
         })
+    }
+
+    /// Records that the saved DHT peers were still the routing table at `now_ms`.
+    pub fn mark_known_peers_current(&self, now_ms: u64) -> Result<()> {
+        self.with_txn(true, |w| {
+            w.open_table(META)?
+                .insert(KNOWN_PEERS_CURRENT_ROW, now_ms.to_le_bytes().as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// When the saved DHT peers were last known to be the routing table
+    /// (ms); `None` if no peers were saved with a time.
+    pub fn known_peers_current_ms(&self) -> Result<Option<u64>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(META)?;
+        let Some(v) = t.get(KNOWN_PEERS_CURRENT_ROW)? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 8] = v
+            .value()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("{KNOWN_PEERS_CURRENT_ROW} is not 8 bytes")))?;
+        Ok(Some(u64::from_le_bytes(bytes)))
     }
 
     /// Raises a named counter to at least `value` and returns the new value.
@@ -1153,7 +1183,8 @@ mod tests {
         {
             let s = Store::open(&path).unwrap();
             assert!(s.known_peers().unwrap().is_empty());
-            s.set_known_peers(&peers).unwrap();
+            assert_eq!(s.known_peers_current_ms().unwrap(), None);
+            s.set_known_peers(&peers, 1_000).unwrap();
         }
         let s = Store::open(&path).unwrap();
         let known = s.known_peers().unwrap();
@@ -1164,8 +1195,17 @@ mod tests {
             "too long an address is left out"
         );
         assert_eq!(known[63].0, vec![63; 38]);
-        s.set_known_peers(&peers[1..3]).unwrap();
+        assert_eq!(
+            s.known_peers_current_ms().unwrap(),
+            Some(1_000),
+            "the time survives too"
+        );
+        s.set_known_peers(&peers[1..3], 2_000).unwrap();
         assert_eq!(s.known_peers().unwrap().len(), 2, "a save replaces the last");
+        assert_eq!(s.known_peers_current_ms().unwrap(), Some(2_000));
+        s.mark_known_peers_current(3_000).unwrap();
+        assert_eq!(s.known_peers().unwrap().len(), 2, "marking keeps the peers");
+        assert_eq!(s.known_peers_current_ms().unwrap(), Some(3_000));
     }
 
     #[test]
