@@ -1966,11 +1966,16 @@ impl Core {
                     // its mail goes there at once (dialling a device that is away can
                     // take seconds), while a connection attempt runs in the background.
                     // Once connected, the next batches go direct.
+                    // The attempt starts once the deposits are done: a circuit
+                    // dialled while a deposit is still dialling the same relay is
+                    // dropped (libp2p's relay client dials the relay only if no
+                    // dial to it is under way), and the deposits leave
+                    // connections to the relays for the circuits to use.
                     Some(target) if away || !net.is_connected(peer).await => {
+                        let receipts = deposit_all(&net, &target, &request.envelopes, now_ms).await;
                         if reconnect {
                             reconnect_in_background(&net, &target, peer);
                         }
-                        let receipts = deposit_all(&net, &target, &request.envelopes, now_ms).await;
                         (Err(NetError::Unreachable("not connected".into())), receipts)
                     }
                     // Connected, with relays to fall back on: a connection that went
@@ -1983,10 +1988,11 @@ impl Core {
                             Ok(response) => (Ok(response), Deposited::default()),
                             Err(e) => {
                                 direct_failed = true;
+                                let deposited = deposit_all(&net, &target, &request.envelopes, now_ms).await;
                                 if reconnect {
                                     reconnect_in_background(&net, &target, peer);
                                 }
-                                (Err(e), deposit_all(&net, &target, &request.envelopes, now_ms).await)
+                                (Err(e), deposited)
                             }
                         }
                     }
@@ -2389,8 +2395,11 @@ pub(crate) fn key_of_peer(peer: &PeerId) -> Option<[u8; 32]> {
     Some(pk.try_into_ed25519().ok()?.to_bytes())
 }
 
-/// Tries to reach a device that is away: through its relays' circuits (a device
-/// behind a NAT answers only there) and at the addresses the DHT has for it.
+/// Tries to reach a device that is away: through its relays' circuits, where a
+/// device with home relays answers (behind a NAT, only there). Only a device
+/// without relays is looked up in the DHT: one with relays is a DHT client,
+/// which no routing table holds, so the lookup (some twenty requests, most on
+/// fresh connections) could not find it.
 fn reconnect_in_background(net: &Network, target: &MailboxTarget, peer: PeerId) {
     let net = net.clone();
     let circuits: Vec<Multiaddr> = target
@@ -2400,13 +2409,16 @@ fn reconnect_in_background(net: &Network, target: &MailboxTarget, peer: PeerId) 
         .map(|(_, addr)| addr.clone().with(Protocol::P2pCircuit).with(Protocol::P2p(peer)))
         .collect();
     tokio::spawn(async move {
+        if circuits.is_empty() {
+            if let Ok(addrs) = net.find_peer(peer).await {
+                for a in addrs {
+                    let _ = net.dial(a.with(Protocol::P2p(peer))).await;
+                }
+            }
+            return;
+        }
         for c in circuits {
             let _ = net.dial(c).await;
-        }
-        if let Ok(addrs) = net.find_peer(peer).await {
-            for a in addrs {
-                let _ = net.dial(a.with(Protocol::P2p(peer))).await;
-            }
         }
     });
 }

@@ -1077,7 +1077,14 @@ impl EventLoop {
                 self.get_record.insert(qid, (key, Vec::new(), reply));
             }
             Command::Dial { addr } => {
-                if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                // A direct address may be a DHT server's. A circuit leads to a
+                // device with home relays, a DHT client: in the routing table it
+                // would only draw lookups' requests, each a circuit through a
+                // relay, that it cannot answer.
+                let relayed = addr.iter().any(|p| p == Protocol::P2pCircuit);
+                if let Some(Protocol::P2p(peer)) = addr.iter().last()
+                    && !relayed
+                {
                     b.kad.add_address(&peer, addr.clone());
                 }
                 if let Err(e) = self.swarm.dial(addr.clone()) {

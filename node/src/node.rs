@@ -2064,8 +2064,10 @@ impl NodeHandle {
         Ok(self.inner.net.local_record(key).await?)
     }
 
-    /// Looks up and connects to every known device of every contact, so that
-    /// their outboxes learn at once that this device is back online.
+    /// Connects to every known device of every contact, so that their
+    /// outboxes learn at once that this device is back online: through the
+    /// contact's relays, or, for a contact without relays, at the addresses
+    /// the DHT has for the device (see `reconnect_in_background` in core.rs).
     pub async fn reconnect_contacts(&self) {
         let Ok(contacts) = self.inner.store.list_contacts() else {
             return;
@@ -2081,8 +2083,12 @@ impl NodeHandle {
                 let net = self.inner.net.clone();
                 let relays = c.relays.clone();
                 tokio::spawn(async move {
-                    for circuit in add_circuit_addresses(&net, peer, &relays).await {
-                        let _ = net.dial(circuit).await;
+                    let circuits = add_circuit_addresses(&net, peer, &relays).await;
+                    if !circuits.is_empty() {
+                        for circuit in circuits {
+                            let _ = net.dial(circuit).await;
+                        }
+                        return;
                     }
                     if let Ok(addrs) = net.find_peer(peer).await {
                         for a in addrs {

@@ -1272,3 +1272,63 @@ async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_looku
         node.shutdown().await;
     }
 }
+
+/// A device with home relays is a DHT client: no routing table holds it. So a
+/// sender that finds it away reaches it through its relays' circuits and does
+/// not look it up in the DHT (a lookup of some twenty requests, most on fresh
+/// connections, that could not find it), and the circuit does not put the
+/// device in the sender's routing table, where it would draw her lookups.
+#[tokio::test(start_paused = true)]
+async fn a_device_with_home_relays_is_sought_through_them_not_in_the_dht() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
+    let (r2, r2_addr) = relay(&net, 2, vec![r1_addr.clone()], &clock).await;
+    let (r3, _) = relay(&net, 3, vec![r1_addr.clone()], &clock).await;
+    let person = |port: u64, home: &Multiaddr| sim::PersonHost {
+        port,
+        bootstrap: vec![r1_addr.clone()],
+        home_relays: vec![home.clone()],
+        reachable: true,
+        dht_server: false,
+        tuning: sim::HostTuning::default(),
+    };
+    let (alice_host, bob_host) = (person(10, &r1_addr), person(11, &r2_addr));
+    let ((_alice_disk, alice), (_bob_disk, bob)) = start_alice_and_bob(&net, &clock, &alice_host, &bob_host).await;
+    let (a, b) = (alice.handle(), bob.handle());
+    exchange_hellos(&a, &b).await;
+    // Past the conversation's keep-alive and the idle timeout: alice and bob
+    // hold no connection, and alice's table holds the three relays.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert!(
+        a.connections(b.peer_id()).await.is_empty(),
+        "the conversation's connection closed"
+    );
+    assert_eq!(a.status().await.unwrap().dht_peers, 3, "alice's table holds the relays");
+
+    let kad = |port| {
+        let i = sim::StreamClass::ALL
+            .iter()
+            .position(|c| *c == sim::StreamClass::Kad)
+            .unwrap();
+        net.stream_bytes(port)[i]
+    };
+    let before = kad(10);
+    let sent = a.send_text(&acct(&b), "are you there?").await.unwrap();
+    until("bob shows it", || shows(&b, &a, &sent.id)).await;
+    assert!(
+        connected_within_30s(&a, b.peer_id()).await,
+        "alice reached bob again, through his relay"
+    );
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(kad(10), before, "alice sent no DHT request to reach bob");
+    assert_eq!(
+        a.status().await.unwrap().dht_peers,
+        3,
+        "bob, reached through a circuit, is not in alice's routing table"
+    );
+    drop((a, b));
+    for n in [alice, bob, r1, r2, r3] {
+        n.shutdown().await;
+    }
+}
