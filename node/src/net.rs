@@ -34,6 +34,7 @@ use crate::codec::ProstCodec;
 mod boxed;
 mod candidates;
 mod keep_alive;
+mod ping_later;
 mod refresh;
 use boxed::Boxed;
 use refresh::BucketRefresh;
@@ -66,7 +67,7 @@ pub struct Behaviour {
     autonat_client: candidates::DirectCandidates<autonat::v2::client::Behaviour>,
     autonat_server: Toggle<autonat::v2::server::Behaviour>,
     identify: identify::Behaviour,
-    ping: ping::Behaviour,
+    ping: ping_later::PingLater<ping::Behaviour>,
     kad: kad::Behaviour<MemoryStore>,
     deliver: DeliverBehaviour,
     key_package: KeyPackageBehaviour,
@@ -154,7 +155,8 @@ pub struct NetTuning {
     /// this long (`net::refresh`): its table only starts its own lookups, and
     /// each of those refreshes it.
     pub kad_client_refresh: Duration,
-    /// How often each side of a connection pings the other. Nothing reads
+    /// How often each side of a connection pings the other, the first time
+    /// once the connection is this old (`net::ping_later`). Nothing reads
     /// the round trips: pings only keep idle connections' NAT mappings fresh
     /// (QUIC has its own keep-alive), so once a minute is enough.
     pub ping_interval: Duration,
@@ -632,7 +634,10 @@ fn behaviour(
             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
                 .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION"))),
         ),
-        ping: ping::Behaviour::new(ping::Config::new().with_interval(params.tuning.ping_interval)),
+        ping: ping_later::PingLater::new(
+            ping::Behaviour::new(ping::Config::new().with_interval(params.tuning.ping_interval)),
+            params.tuning.ping_interval,
+        ),
         kad,
         deliver,
         key_package,

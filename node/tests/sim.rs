@@ -1332,3 +1332,57 @@ async fn a_device_with_home_relays_is_sought_through_them_not_in_the_dht() {
         n.shutdown().await;
     }
 }
+
+/// Pings keep long-lived connections (and their NAT mappings) fresh, so they
+/// start once a connection has lived a ping interval: a connection made for one
+/// exchange (here the DHT requests of a record publication) closes at the idle
+/// timeout without one, and the connection to the home relay pings from its
+/// first minute on.
+#[tokio::test(start_paused = true)]
+async fn connections_ping_only_once_they_have_lived_a_ping_interval() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
+    let (r2, _) = relay(&net, 2, vec![r1_addr.clone()], &clock).await;
+    let (r3, _) = relay(&net, 3, vec![r1_addr.clone()], &clock).await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let host = sim::PersonHost {
+        port: 10,
+        bootstrap: vec![r1_addr.clone()],
+        home_relays: vec![r1_addr.clone()],
+        reachable: false,
+        dht_server: false,
+        tuning: sim::HostTuning::default(),
+    };
+    let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
+    let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    let a = alice.handle();
+    let ping = || {
+        let i = sim::StreamClass::ALL
+            .iter()
+            .position(|c| *c == sim::StreamClass::Ping)
+            .unwrap();
+        net.stream_bytes(10)[i]
+    };
+    a.publish_record().await.unwrap();
+    assert!(
+        !a.connections(r2.handle().peer_id()).await.is_empty()
+            || !a.connections(r3.handle().peer_id()).await.is_empty(),
+        "the publication dialled beyond the home relay"
+    );
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    assert_eq!(ping(), 0, "no connection pinged in its first minute");
+    for r in [&r2, &r3] {
+        assert!(
+            a.connections(r.handle().peer_id()).await.is_empty(),
+            "the publication's connections closed at the idle timeout"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(ping() > 0, "the home relay's connection pings once it is a minute old");
+    assert!(!a.connections(r1.handle().peer_id()).await.is_empty(), "and stays open");
+    drop(a);
+    for n in [alice, r1, r2, r3] {
+        n.shutdown().await;
+    }
+}

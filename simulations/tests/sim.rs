@@ -425,6 +425,7 @@ fn tier_a_runs_real_nodes_through_churn_a_relay_restart_and_a_partition_and_ever
             "keypackage",
             "identify",
             "autonat",
+            "ping",
             "other",
             "connection",
         ]

@@ -38,12 +38,14 @@ pub enum StreamClass {
     /// AutoNAT v2 (`/libp2p/autonat/2/…`): reachability checks, with the 30–100 kB of dial data a
     /// server asks for before it dials an address other than the one it sees.
     Autonat,
-    /// Anything else: ping, hole punching, device linking, unknown or refused protocols.
+    /// libp2p ping (`/ipfs/ping/…`), the keep-alive of long-lived connections.
+    Ping,
+    /// Anything else: hole punching, device linking, unknown or refused protocols.
     Other,
 }
 
 impl StreamClass {
-    pub const ALL: [StreamClass; 8] = [
+    pub const ALL: [StreamClass; 9] = [
         StreamClass::Kad,
         StreamClass::Deliver,
         StreamClass::Mailbox,
@@ -51,6 +53,7 @@ impl StreamClass {
         StreamClass::KeyPackage,
         StreamClass::Identify,
         StreamClass::Autonat,
+        StreamClass::Ping,
         StreamClass::Other,
     ];
 
@@ -64,6 +67,7 @@ impl StreamClass {
             StreamClass::KeyPackage => "keypackage",
             StreamClass::Identify => "identify",
             StreamClass::Autonat => "autonat",
+            StreamClass::Ping => "ping",
             StreamClass::Other => "other",
         }
     }
@@ -85,6 +89,8 @@ impl StreamClass {
             StreamClass::Identify
         } else if name.starts_with(b"/libp2p/autonat/") {
             StreamClass::Autonat
+        } else if name.starts_with(b"/ipfs/ping/") {
+            StreamClass::Ping
         } else {
             StreamClass::Other
         }
@@ -339,7 +345,7 @@ mod tests {
             ("/ipfs/id/push/1.0.0", StreamClass::Identify),
             ("/libp2p/autonat/2/dial-request", StreamClass::Autonat),
             ("/libp2p/autonat/2/dial-back", StreamClass::Autonat),
-            ("/ipfs/ping/1.0.0", StreamClass::Other),
+            ("/ipfs/ping/1.0.0", StreamClass::Ping),
             ("/tidings/link/1", StreamClass::Other),
         ] {
             assert_eq!(StreamClass::of_protocol(name.as_bytes()), class, "{name}");
