@@ -61,7 +61,9 @@ type LinkBehaviour = request_response::Behaviour<ProstCodec<pb::LinkRequest, pb:
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
-    relay_client: relay::client::Behaviour,
+    /// Off on relays, which neither reserve circuits nor dial them: its
+    /// handler would sit on every connection a relay serves.
+    relay_client: Toggle<relay::client::Behaviour>,
     relay: Toggle<relay::Behaviour>,
     dcutr: dcutr::Behaviour,
     autonat_client: candidates::DirectCandidates<autonat::v2::client::Behaviour>,
@@ -625,7 +627,7 @@ fn behaviour(
         None
     };
     Ok(Boxed(Behaviour {
-        relay_client,
+        relay_client: relay_cfg.is_none().then_some(relay_client).into(),
         relay: relay.into(),
         dcutr: dcutr::Behaviour::new(peer_id),
         autonat_client: candidates::DirectCandidates(autonat::v2::client::Behaviour::default()),
