@@ -36,7 +36,8 @@ mod candidates;
 mod keep_alive;
 mod ping_later;
 mod refresh;
-use boxed::Boxed;
+mod wrap;
+use boxed::{Boxed, boxed};
 use refresh::BucketRefresh;
 
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0");
@@ -626,17 +627,17 @@ fn behaviour(
     } else {
         None
     };
-    Ok(Boxed(Behaviour {
+    Ok(boxed(Behaviour {
         relay_client: relay_cfg.is_none().then_some(relay_client).into(),
         relay: relay.into(),
         dcutr: dcutr::Behaviour::new(peer_id),
-        autonat_client: candidates::DirectCandidates(autonat::v2::client::Behaviour::default()),
+        autonat_client: candidates::direct_candidates(autonat::v2::client::Behaviour::default()),
         autonat_server: autonat_server.into(),
         identify: identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
                 .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION"))),
         ),
-        ping: ping_later::PingLater::new(
+        ping: ping_later::ping_later(
             ping::Behaviour::new(ping::Config::new().with_interval(params.tuning.ping_interval)),
             params.tuning.ping_interval,
         ),

@@ -9,31 +9,28 @@
 //! relay holding hundreds of connections, or a simulated world of thousands
 //! of nodes, holds correspondingly less memory.
 
-use std::ops::{Deref, DerefMut};
 use std::task::{Context, Poll};
 
-use libp2p::PeerId;
-use libp2p::core::transport::PortUse;
-use libp2p::core::{Endpoint, Multiaddr};
 use libp2p::swarm::handler::ConnectionEvent;
-use libp2p::swarm::{
-    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour,
-    SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
-};
+use libp2p::swarm::{ConnectionHandler, ConnectionHandlerEvent, SubstreamProtocol};
+
+use super::wrap::{WrapHandler, Wrapped};
 
 /// `B` with its connection handler boxed; dereferences to `B`.
-pub struct Boxed<B>(pub B);
+pub type Boxed<B> = Wrapped<B, Boxing>;
 
-impl<B> Deref for Boxed<B> {
-    type Target = B;
-    fn deref(&self) -> &B {
-        &self.0
-    }
+pub fn boxed<B>(behaviour: B) -> Boxed<B> {
+    Wrapped::new(behaviour, Boxing)
 }
 
-impl<B> DerefMut for Boxed<B> {
-    fn deref_mut(&mut self) -> &mut B {
-        &mut self.0
+/// Puts each connection's handler in a [`BoxedHandler`].
+pub struct Boxing;
+
+impl<H: ConnectionHandler> WrapHandler<H> for Boxing {
+    type Handler = BoxedHandler<H>;
+
+    fn wrap(&self, handler: H) -> BoxedHandler<H> {
+        BoxedHandler(Box::new(handler))
     }
 }
 
@@ -84,81 +81,13 @@ impl<H: ConnectionHandler> ConnectionHandler for BoxedHandler<H> {
     }
 }
 
-impl<B: NetworkBehaviour> NetworkBehaviour for Boxed<B> {
-    type ConnectionHandler = BoxedHandler<B::ConnectionHandler>;
-    type ToSwarm = B::ToSwarm;
-
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<(), ConnectionDenied> {
-        self.0
-            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
-    }
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.0
-            .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)
-            .map(|h| BoxedHandler(Box::new(h)))
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.0
-            .handle_pending_outbound_connection(connection_id, maybe_peer, addresses, effective_role)
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.0
-            .handle_established_outbound_connection(connection_id, peer, addr, role_override, port_use)
-            .map(|h| BoxedHandler(Box::new(h)))
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm) {
-        self.0.on_swarm_event(event)
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        peer_id: PeerId,
-        connection_id: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        self.0.on_connection_handler_event(peer_id, connection_id, event)
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        self.0.poll(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_boxed_handler_is_one_pointer_whatever_it_wraps() {
-        type Inner = <crate::net::Behaviour as NetworkBehaviour>::ConnectionHandler;
+        type Inner = <crate::net::Behaviour as libp2p::swarm::NetworkBehaviour>::ConnectionHandler;
         assert!(std::mem::size_of::<Inner>() > 1024);
         assert_eq!(std::mem::size_of::<BoxedHandler<Inner>>(), std::mem::size_of::<usize>());
     }

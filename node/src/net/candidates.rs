@@ -11,18 +11,34 @@
 //! circuit address is reachable while its reservation lasts (the relay client
 //! confirms it), a bare peer id names no transport.
 
-use std::task::{Context, Poll};
-
-use libp2p::PeerId;
-use libp2p::core::transport::PortUse;
-use libp2p::core::{Endpoint, Multiaddr};
+use libp2p::core::Multiaddr;
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
-};
+use libp2p::swarm::{ConnectionHandler, FromSwarm};
+
+use super::wrap::{WrapHandler, Wrapped};
 
 /// `B` (the AutoNAT client) without the candidates a dial-back cannot test.
-pub struct DirectCandidates<B>(pub B);
+pub type DirectCandidates<B> = Wrapped<B, OnlyTestable>;
+
+pub fn direct_candidates<B>(behaviour: B) -> DirectCandidates<B> {
+    Wrapped::new(behaviour, OnlyTestable)
+}
+
+/// Keeps from the behaviour the candidates a dial-back cannot test; its
+/// handlers are left as they are.
+pub struct OnlyTestable;
+
+impl<H: ConnectionHandler> WrapHandler<H> for OnlyTestable {
+    type Handler = H;
+
+    fn wrap(&self, handler: H) -> H {
+        handler
+    }
+
+    fn passes(&self, event: &FromSwarm) -> bool {
+        !matches!(event, FromSwarm::NewExternalAddrCandidate(c) if !testable(c.addr))
+    }
+}
 
 /// Whether a dial-back to `addr` can tell if we are reachable there: it
 /// names a transport and does not go through a relay.
@@ -38,80 +54,17 @@ pub(crate) fn testable(addr: &Multiaddr) -> bool {
     transport
 }
 
-impl<B: NetworkBehaviour> NetworkBehaviour for DirectCandidates<B> {
-    type ConnectionHandler = B::ConnectionHandler;
-    type ToSwarm = B::ToSwarm;
-
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<(), ConnectionDenied> {
-        self.0
-            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
-    }
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.0
-            .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.0
-            .handle_pending_outbound_connection(connection_id, maybe_peer, addresses, effective_role)
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.0
-            .handle_established_outbound_connection(connection_id, peer, addr, role_override, port_use)
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm) {
-        if let FromSwarm::NewExternalAddrCandidate(c) = &event
-            && !testable(c.addr)
-        {
-            return;
-        }
-        self.0.on_swarm_event(event)
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        peer_id: PeerId,
-        connection_id: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        self.0.on_connection_handler_event(peer_id, connection_id, event)
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        self.0.poll(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use libp2p::swarm::{NewExternalAddrCandidate, dummy};
+    use std::task::{Context, Poll};
+
+    use libp2p::PeerId;
+    use libp2p::core::Endpoint;
+    use libp2p::core::transport::PortUse;
+    use libp2p::swarm::{
+        ConnectionDenied, ConnectionId, NetworkBehaviour, NewExternalAddrCandidate, THandler, THandlerInEvent,
+        THandlerOutEvent, ToSwarm, dummy,
+    };
 
     use super::*;
 
@@ -166,11 +119,11 @@ mod tests {
         let circuit: Multiaddr = format!("/ip4/198.51.100.1/tcp/4001/p2p/{relay}/p2p-circuit")
             .parse()
             .unwrap();
-        let mut b = DirectCandidates(Told::default());
+        let mut b = direct_candidates(Told::default());
         for addr in [&circuit, &direct] {
             b.on_swarm_event(FromSwarm::NewExternalAddrCandidate(NewExternalAddrCandidate { addr }));
         }
-        assert_eq!(b.0.0, vec![direct]);
+        assert_eq!(b.0, vec![direct]);
     }
 
     #[test]

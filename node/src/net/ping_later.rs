@@ -18,32 +18,30 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use libp2p::PeerId;
-use libp2p::core::transport::PortUse;
-use libp2p::core::{Endpoint, Multiaddr};
 use libp2p::swarm::handler::ConnectionEvent;
-use libp2p::swarm::{
-    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour,
-    SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
-};
+use libp2p::swarm::{ConnectionHandler, ConnectionHandlerEvent, SubstreamProtocol};
 use tokio::time::{Instant, Sleep};
+
+use super::wrap::{WrapHandler, Wrapped};
 
 /// `B` (the ping behaviour) whose connections open no substream of their own
 /// before they are `first_after` old.
-pub struct PingLater<B> {
-    inner: B,
-    first_after: Duration,
+pub type PingLater<B> = Wrapped<B, FirstAfter>;
+
+pub fn ping_later<B>(behaviour: B, first_after: Duration) -> PingLater<B> {
+    Wrapped::new(behaviour, FirstAfter(first_after))
 }
 
-impl<B> PingLater<B> {
-    pub fn new(inner: B, first_after: Duration) -> Self {
-        Self { inner, first_after }
-    }
+/// How old a connection must be before its handler opens a substream.
+pub struct FirstAfter(Duration);
 
-    fn wrap<H: ConnectionHandler>(&self, inner: H) -> Handler<H> {
+impl<H: ConnectionHandler> WrapHandler<H> for FirstAfter {
+    type Handler = Handler<H>;
+
+    fn wrap(&self, inner: H) -> Handler<H> {
         Handler {
             inner,
-            quiet_until: Instant::now() + self.first_after,
+            quiet_until: Instant::now() + self.0,
             held: None,
         }
     }
@@ -124,75 +122,5 @@ impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
         >,
     ) {
         self.inner.on_connection_event(event)
-    }
-}
-
-impl<B: NetworkBehaviour> NetworkBehaviour for PingLater<B> {
-    type ConnectionHandler = Handler<B::ConnectionHandler>;
-    type ToSwarm = B::ToSwarm;
-
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<(), ConnectionDenied> {
-        self.inner
-            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
-    }
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        let inner = self
-            .inner
-            .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)?;
-        Ok(self.wrap(inner))
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.inner
-            .handle_pending_outbound_connection(connection_id, maybe_peer, addresses, effective_role)
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        let inner =
-            self.inner
-                .handle_established_outbound_connection(connection_id, peer, addr, role_override, port_use)?;
-        Ok(self.wrap(inner))
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm) {
-        self.inner.on_swarm_event(event)
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        peer_id: PeerId,
-        connection_id: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        self.inner.on_connection_handler_event(peer_id, connection_id, event)
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        self.inner.poll(cx)
     }
 }

@@ -1,0 +1,141 @@
+//! A behaviour with its connection handlers wrapped or some swarm events kept
+//! from it, and nothing else changed.
+//!
+//! [`Wrapped`] passes every call of the swarm to the behaviour it holds, but
+//! hands each new connection's handler to a [`WrapHandler`] and asks it which
+//! swarm events to pass on: `boxed.rs` puts the composed handler in an
+//! allocation of its own, `ping_later.rs` holds back the ping handler's first
+//! substream, `candidates.rs` keeps some address candidates from the AutoNAT
+//! client.
+
+use std::ops::{Deref, DerefMut};
+use std::task::{Context, Poll};
+
+use libp2p::PeerId;
+use libp2p::core::transport::PortUse;
+use libp2p::core::{Endpoint, Multiaddr};
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionHandler, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm,
+};
+
+/// Turns a behaviour's connection handler into the one the swarm runs, and
+/// says which swarm events reach the behaviour.
+pub trait WrapHandler<H: ConnectionHandler> {
+    /// The wrapped handler: the same events in and out.
+    type Handler: ConnectionHandler<FromBehaviour = H::FromBehaviour, ToBehaviour = H::ToBehaviour>;
+
+    fn wrap(&self, handler: H) -> Self::Handler;
+
+    /// Whether the behaviour is told of `event`; all by default.
+    fn passes(&self, event: &FromSwarm) -> bool {
+        let _ = event;
+        true
+    }
+}
+
+/// `B` whose connection handlers `W` wraps; dereferences to `B`.
+pub struct Wrapped<B, W> {
+    behaviour: B,
+    wrapper: W,
+}
+
+impl<B, W> Wrapped<B, W> {
+    pub fn new(behaviour: B, wrapper: W) -> Self {
+        Self { behaviour, wrapper }
+    }
+}
+
+impl<B, W> Deref for Wrapped<B, W> {
+    type Target = B;
+    fn deref(&self) -> &B {
+        &self.behaviour
+    }
+}
+
+impl<B, W> DerefMut for Wrapped<B, W> {
+    fn deref_mut(&mut self) -> &mut B {
+        &mut self.behaviour
+    }
+}
+
+impl<B, W> NetworkBehaviour for Wrapped<B, W>
+where
+    B: NetworkBehaviour,
+    W: WrapHandler<B::ConnectionHandler> + 'static,
+{
+    type ConnectionHandler = W::Handler;
+    type ToSwarm = B::ToSwarm;
+
+    fn handle_pending_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        self.behaviour
+            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        let handler =
+            self.behaviour
+                .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)?;
+        Ok(self.wrapper.wrap(handler))
+    }
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        maybe_peer: Option<PeerId>,
+        addresses: &[Multiaddr],
+        effective_role: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        self.behaviour
+            .handle_pending_outbound_connection(connection_id, maybe_peer, addresses, effective_role)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        addr: &Multiaddr,
+        role_override: Endpoint,
+        port_use: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        let handler = self.behaviour.handle_established_outbound_connection(
+            connection_id,
+            peer,
+            addr,
+            role_override,
+            port_use,
+        )?;
+        Ok(self.wrapper.wrap(handler))
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        if self.wrapper.passes(&event) {
+            self.behaviour.on_swarm_event(event)
+        }
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        peer_id: PeerId,
+        connection_id: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        self.behaviour
+            .on_connection_handler_event(peer_id, connection_id, event)
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        self.behaviour.poll(cx)
+    }
+}
