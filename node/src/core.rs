@@ -2395,11 +2395,8 @@ pub(crate) fn key_of_peer(peer: &PeerId) -> Option<[u8; 32]> {
     Some(pk.try_into_ed25519().ok()?.to_bytes())
 }
 
-/// Tries to reach a device that is away: through its relays' circuits, where a
-/// device with home relays answers (behind a NAT, only there). Only a device
-/// without relays is looked up in the DHT: one with relays is a DHT client,
-/// which no routing table holds, so the lookup (some twenty requests, most on
-/// fresh connections) could not find it.
+/// Tries to reach a device that is away: through its relays' circuits (see
+/// [`reach_device`]).
 fn reconnect_in_background(net: &Network, target: &MailboxTarget, peer: PeerId) {
     let net = net.clone();
     let circuits: Vec<Multiaddr> = target
@@ -2408,19 +2405,26 @@ fn reconnect_in_background(net: &Network, target: &MailboxTarget, peer: PeerId) 
         .filter(|(relay, _)| *relay != peer)
         .map(|(_, addr)| addr.clone().with(Protocol::P2pCircuit).with(Protocol::P2p(peer)))
         .collect();
-    tokio::spawn(async move {
-        if circuits.is_empty() {
-            if let Ok(addrs) = net.find_peer(peer).await {
-                for a in addrs {
-                    let _ = net.dial(a.with(Protocol::P2p(peer))).await;
-                }
-            }
-            return;
-        }
+    tokio::spawn(async move { reach_device(&net, peer, circuits).await });
+}
+
+/// Dials a device through `circuits`, the ones its home relays offer, where a
+/// device with home relays answers (behind a NAT, only there). Only a device
+/// without relays is looked up in the DHT: one with relays is a DHT client,
+/// which no routing table holds, so the lookup (some twenty requests, most on
+/// fresh connections) could not find it.
+pub(crate) async fn reach_device(net: &Network, peer: PeerId, circuits: Vec<Multiaddr>) {
+    if !circuits.is_empty() {
         for c in circuits {
             let _ = net.dial(c).await;
         }
-    });
+        return;
+    }
+    if let Ok(addrs) = net.find_peer(peer).await {
+        for a in addrs {
+            let _ = net.dial(a.with(Protocol::P2p(peer))).await;
+        }
+    }
 }
 
 /// Deposits every envelope in the device's inbox on every relay: in order on

@@ -2067,7 +2067,7 @@ impl NodeHandle {
     /// Connects to every known device of every contact, so that their
     /// outboxes learn at once that this device is back online: through the
     /// contact's relays, or, for a contact without relays, at the addresses
-    /// the DHT has for the device (see `reconnect_in_background` in core.rs).
+    /// the DHT has for the device (`core::reach_device`).
     pub async fn reconnect_contacts(&self) {
         let Ok(contacts) = self.inner.store.list_contacts() else {
             return;
@@ -2084,17 +2084,7 @@ impl NodeHandle {
                 let relays = c.relays.clone();
                 tokio::spawn(async move {
                     let circuits = add_circuit_addresses(&net, peer, &relays).await;
-                    if !circuits.is_empty() {
-                        for circuit in circuits {
-                            let _ = net.dial(circuit).await;
-                        }
-                        return;
-                    }
-                    if let Ok(addrs) = net.find_peer(peer).await {
-                        for a in addrs {
-                            let _ = net.dial(a.with(libp2p::multiaddr::Protocol::P2p(peer))).await;
-                        }
-                    }
+                    crate::core::reach_device(&net, peer, circuits).await;
                 });
             }
         }
