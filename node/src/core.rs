@@ -1966,11 +1966,10 @@ impl Core {
                     // its mail goes there at once (dialling a device that is away can
                     // take seconds), while a connection attempt runs in the background.
                     // Once connected, the next batches go direct.
-                    // The attempt starts once the deposits are done: a circuit
-                    // dialled while a deposit is still dialling the same relay is
-                    // dropped (libp2p's relay client dials the relay only if no
-                    // dial to it is under way), and the deposits leave
-                    // connections to the relays for the circuits to use.
+                    // The attempt starts once the deposits are done, which leave
+                    // connections to the relays for the circuits to use (a circuit
+                    // whose relay is still being dialled waits in the network task
+                    // for that connection: `net/circuits.rs`).
                     Some(target) if away || !net.is_connected(peer).await => {
                         let receipts = deposit_all(&net, &target, &request.envelopes, now_ms).await;
                         if reconnect {

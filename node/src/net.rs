@@ -18,6 +18,7 @@ use libp2p::kad::{self, GetClosestPeersOk, GetRecordOk, InboundRequest, QueryRes
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yamux,
@@ -33,11 +34,13 @@ use crate::codec::ProstCodec;
 
 mod boxed;
 mod candidates;
+mod circuits;
 mod keep_alive;
 mod ping_later;
 mod refresh;
 mod wrap;
 use boxed::{Boxed, boxed};
+use circuits::CircuitsWaiting;
 use refresh::BucketRefresh;
 
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0");
@@ -857,6 +860,7 @@ pub async fn spawn(
         put_record: HashMap::new(),
         get_record: HashMap::new(),
         reservations,
+        circuits_waiting: CircuitsWaiting::default(),
         connections: HashMap::new(),
         hole_punches: 0,
         refresh: BucketRefresh::new(
@@ -906,6 +910,8 @@ struct EventLoop {
     get_record: HashMap<kad::QueryId, GetRecordQuery>,
     /// Circuits we hold (or want) on relays, by relay.
     reservations: HashMap<PeerId, Reservation>,
+    /// Circuits to other devices, dialled once their relay's connection is up.
+    circuits_waiting: CircuitsWaiting,
     hole_punches: u64,
     /// Peer and remote address of each open connection.
     connections: HashMap<ConnectionId, (PeerId, Multiaddr)>,
@@ -1089,13 +1095,33 @@ impl EventLoop {
                 // device with home relays, a DHT client: in the routing table it
                 // would only draw lookups' requests, each a circuit through a
                 // relay, that it cannot answer.
-                let relayed = addr.iter().any(|p| p == Protocol::P2pCircuit);
+                let relay = circuits::relay_of(&addr);
                 if let Some(Protocol::P2p(peer)) = addr.iter().last()
-                    && !relayed
+                    && relay.is_none()
                 {
                     b.kad.add_address(&peer, addr.clone());
                 }
-                if let Err(e) = self.swarm.dial(addr.clone()) {
+                // The relay client drops a circuit whose relay is not connected
+                // but already being dialled (`net/circuits.rs`): such a circuit
+                // waits for the relay's connection.
+                if let Some((relay, relay_addr)) = relay
+                    && !self.swarm.is_connected(&relay)
+                {
+                    if !self
+                        .circuits_waiting
+                        .hold(relay, addr.clone(), tokio::time::Instant::now())
+                    {
+                        warn!(%addr, "too many circuits waiting for their relays; not dialled");
+                        return;
+                    }
+                    let opts = DialOpts::peer_id(relay)
+                        .addresses(vec![relay_addr])
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        debug!(%relay, "relay of a circuit not dialled again: {e}");
+                    }
+                } else if let Err(e) = self.swarm.dial(addr.clone()) {
                     warn!(%addr, "dial failed: {e}");
                 }
             }
@@ -1348,6 +1374,11 @@ impl EventLoop {
                     .insert(connection_id, (peer_id, endpoint.get_remote_address().clone()));
                 if self.reservations.get(&peer_id).is_some_and(|r| r.listener.is_none()) {
                     self.reserve_circuits(false);
+                }
+                for circuit in self.circuits_waiting.take(&peer_id, tokio::time::Instant::now()) {
+                    if let Err(e) = self.swarm.dial(circuit.clone()) {
+                        warn!(%circuit, "dial failed: {e}");
+                    }
                 }
                 self.touch_if_routed(peer_id);
                 let _ = self.events.try_send(NetEvent::Connected(peer_id));

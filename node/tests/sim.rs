@@ -1386,3 +1386,48 @@ async fn connections_ping_only_once_they_have_lived_a_ping_interval() {
         n.shutdown().await;
     }
 }
+
+/// libp2p's relay client drops a circuit whose relay it is still dialling; the
+/// network task holds such a circuit until the relay's connection is up, so a
+/// device is reached however its relay's connection and the circuit race (a
+/// restart's reconnections, a deposit's dials to the same relays).
+#[tokio::test(start_paused = true)]
+async fn a_circuit_dialled_while_its_relay_is_still_being_dialled_connects() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
+    let (r2, r2_addr) = relay(&net, 2, vec![r1_addr.clone()], &clock).await;
+    let person = |port: u64, home: &Multiaddr| sim::PersonHost {
+        port,
+        bootstrap: vec![r1_addr.clone()],
+        home_relays: vec![home.clone()],
+        reachable: true,
+        dht_server: false,
+        tuning: sim::HostTuning::default(),
+    };
+    let (alice_host, bob_host) = (person(10, &r1_addr), person(11, &r2_addr));
+    let ((_alice_disk, alice), (_bob_disk, bob)) = start_alice_and_bob(&net, &clock, &alice_host, &bob_host).await;
+    let (a, b) = (alice.handle(), bob.handle());
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let r2_peer = r2.handle().peer_id();
+    assert!(
+        a.connections(r2_peer).await.is_empty(),
+        "alice holds no connection to bob's relay"
+    );
+    assert!(a.connections(b.peer_id()).await.is_empty());
+
+    let circuit = r2_addr
+        .clone()
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(b.peer_id()));
+    a.dial(r2_addr.clone()).await.unwrap();
+    a.dial(circuit).await.unwrap();
+    assert!(
+        connected_within_30s(&a, b.peer_id()).await,
+        "the circuit dialled while its relay was being dialled reached bob"
+    );
+    drop((a, b));
+    for n in [alice, bob, r1, r2] {
+        n.shutdown().await;
+    }
+}
