@@ -38,10 +38,12 @@ mod circuits;
 mod keep_alive;
 mod ping_later;
 mod refresh;
+mod woken;
 mod wrap;
 use boxed::{Boxed, boxed};
 use circuits::CircuitsWaiting;
 use refresh::BucketRefresh;
+use woken::{WhenWoken, when_woken};
 
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0");
 pub const DELIVER_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/deliver/1");
@@ -67,20 +69,20 @@ type LinkBehaviour = request_response::Behaviour<ProstCodec<pb::LinkRequest, pb:
 pub struct Behaviour {
     /// Off on relays, which neither reserve circuits nor dial them: its
     /// handler would sit on every connection a relay serves.
-    relay_client: Toggle<relay::client::Behaviour>,
-    relay: Toggle<relay::Behaviour>,
-    dcutr: dcutr::Behaviour,
-    autonat_client: candidates::DirectCandidates<autonat::v2::client::Behaviour>,
-    autonat_server: Toggle<autonat::v2::server::Behaviour>,
-    identify: identify::Behaviour,
-    ping: ping_later::PingLater<ping::Behaviour>,
-    kad: kad::Behaviour<MemoryStore>,
-    deliver: DeliverBehaviour,
-    key_package: KeyPackageBehaviour,
-    mailbox: MailboxBehaviour,
-    link: LinkBehaviour,
+    relay_client: WhenWoken<Toggle<relay::client::Behaviour>>,
+    relay: WhenWoken<Toggle<relay::Behaviour>>,
+    dcutr: WhenWoken<dcutr::Behaviour>,
+    autonat_client: WhenWoken<candidates::DirectCandidates<autonat::v2::client::Behaviour>>,
+    autonat_server: WhenWoken<Toggle<autonat::v2::server::Behaviour>>,
+    identify: WhenWoken<identify::Behaviour>,
+    ping: WhenWoken<ping_later::PingLater<ping::Behaviour>>,
+    kad: WhenWoken<kad::Behaviour<MemoryStore>>,
+    deliver: WhenWoken<DeliverBehaviour>,
+    key_package: WhenWoken<KeyPackageBehaviour>,
+    mailbox: WhenWoken<MailboxBehaviour>,
+    link: WhenWoken<LinkBehaviour>,
     mdns: Toggle<mdns::tokio::Behaviour>,
-    keep_alive: keep_alive::KeepAlive,
+    keep_alive: WhenWoken<keep_alive::KeepAlive>,
 }
 
 /// Network errors reported to callers.
@@ -631,26 +633,26 @@ fn behaviour(
         None
     };
     Ok(boxed(Behaviour {
-        relay_client: relay_cfg.is_none().then_some(relay_client).into(),
-        relay: relay.into(),
-        dcutr: dcutr::Behaviour::new(peer_id),
-        autonat_client: candidates::direct_candidates(autonat::v2::client::Behaviour::default()),
-        autonat_server: autonat_server.into(),
-        identify: identify::Behaviour::new(
+        relay_client: when_woken(relay_cfg.is_none().then_some(relay_client).into()),
+        relay: when_woken(relay.into()),
+        dcutr: when_woken(dcutr::Behaviour::new(peer_id)),
+        autonat_client: when_woken(candidates::direct_candidates(autonat::v2::client::Behaviour::default())),
+        autonat_server: when_woken(autonat_server.into()),
+        identify: when_woken(identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
                 .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION"))),
-        ),
-        ping: ping_later::ping_later(
+        )),
+        ping: when_woken(ping_later::ping_later(
             ping::Behaviour::new(ping::Config::new().with_interval(params.tuning.ping_interval)),
             params.tuning.ping_interval,
-        ),
-        kad,
-        deliver,
-        key_package,
-        mailbox,
-        link,
+        )),
+        kad: when_woken(kad),
+        deliver: when_woken(deliver),
+        key_package: when_woken(key_package),
+        mailbox: when_woken(mailbox),
+        link: when_woken(link),
         mdns: mdns.into(),
-        keep_alive: keep_alive::KeepAlive::default(),
+        keep_alive: when_woken(keep_alive::KeepAlive::default()),
     }))
 }
 

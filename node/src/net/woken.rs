@@ -1,0 +1,261 @@
+//! Connection handlers polled only when something happened to them.
+//!
+//! libp2p's connection task polls the whole composed handler, every protocol's
+//! handler in turn, whenever anything on the connection wakes it: a yamux
+//! frame, a substream's negotiation, any one handler's timer. Most of those
+//! handlers have nothing to do then, but each still looks at all it holds:
+//! request-response's handler alone polls a channel and two sets of futures,
+//! and a node runs four of them. In a profile of a thousand simulated nodes
+//! that was about a tenth of all CPU, besides the task's own share.
+//!
+//! [`WhenWoken`] wraps a behaviour's handler so that it is polled only when it
+//! may have work: after its own futures woke it (it is polled with a waker of
+//! its own, which marks it and wakes the connection task), after the swarm
+//! handed it an event (from its behaviour, or a substream, an address or a
+//! protocol change), and again after a poll that returned an event. Otherwise
+//! a poll returns `Pending` at once. A handler that needs polling without
+//! having been woken would stall on an idle connection anyway, so this relies
+//! only on the contract of `Future`s.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures::task::AtomicWaker;
+use libp2p::swarm::handler::ConnectionEvent;
+use libp2p::swarm::{ConnectionHandler, ConnectionHandlerEvent, SubstreamProtocol};
+
+use super::wrap::{WrapHandler, Wrapped};
+
+/// `B` whose connection handlers are polled only when woken.
+pub type WhenWoken<B> = Wrapped<B, Woken>;
+
+pub fn when_woken<B>(behaviour: B) -> WhenWoken<B> {
+    Wrapped::new(behaviour, Woken)
+}
+
+/// The wrapper of [`WhenWoken`].
+pub struct Woken;
+
+impl<H: ConnectionHandler> WrapHandler<H> for Woken {
+    type Handler = Handler<H>;
+
+    fn wrap(&self, inner: H) -> Handler<H> {
+        let flag = Arc::new(Flag {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Handler {
+            inner,
+            waker: Waker::from(flag.clone()),
+            flag,
+        }
+    }
+}
+
+/// Whether the handler was woken since its last poll, and the connection
+/// task's waker to pass the wake on to.
+struct Flag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// The connection handler of [`WhenWoken`].
+pub struct Handler<H> {
+    inner: H,
+    flag: Arc<Flag>,
+    /// The waker the inner handler is polled with: it marks `flag`.
+    waker: Waker,
+}
+
+impl<H> Handler<H> {
+    fn mark(&self) {
+        self.flag.woken.store(true, Ordering::Relaxed);
+    }
+}
+
+impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
+    type FromBehaviour = H::FromBehaviour;
+    type ToBehaviour = H::ToBehaviour;
+    type InboundProtocol = H::InboundProtocol;
+    type OutboundProtocol = H::OutboundProtocol;
+    type InboundOpenInfo = H::InboundOpenInfo;
+    type OutboundOpenInfo = H::OutboundOpenInfo;
+
+    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol, Self::InboundOpenInfo> {
+        self.inner.listen_protocol()
+    }
+
+    fn connection_keep_alive(&self) -> bool {
+        self.inner.connection_keep_alive()
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>> {
+        // Registered before the flag is read: a wake that comes after the
+        // read reaches the waker the task polls with now.
+        self.flag.task.register(cx.waker());
+        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let polled = self.inner.poll(&mut Context::from_waker(&self.waker));
+        if polled.is_ready() {
+            // It may hold more.
+            self.mark();
+        }
+        polled
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::ToBehaviour>> {
+        self.inner.poll_close(cx)
+    }
+
+    fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {
+        self.mark();
+        self.inner.on_behaviour_event(event)
+    }
+
+    fn on_connection_event(
+        &mut self,
+        event: ConnectionEvent<
+            Self::InboundProtocol,
+            Self::OutboundProtocol,
+            Self::InboundOpenInfo,
+            Self::OutboundOpenInfo,
+        >,
+    ) {
+        self.mark();
+        self.inner.on_connection_event(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use futures::task::noop_waker;
+    use libp2p::core::upgrade::DeniedUpgrade;
+
+    use super::*;
+
+    /// A handler that counts its polls and returns what its behaviour sent
+    /// it, one event per poll, or what a waker handed out by `wake_me` was
+    /// woken for.
+    struct Counting {
+        polls: Arc<AtomicUsize>,
+        queue: VecDeque<u32>,
+        waker: Arc<std::sync::Mutex<Option<Waker>>>,
+    }
+
+    impl ConnectionHandler for Counting {
+        type FromBehaviour = u32;
+        type ToBehaviour = u32;
+        type InboundProtocol = DeniedUpgrade;
+        type OutboundProtocol = DeniedUpgrade;
+        type InboundOpenInfo = ();
+        type OutboundOpenInfo = Infallible;
+
+        fn listen_protocol(&self) -> SubstreamProtocol<DeniedUpgrade, ()> {
+            SubstreamProtocol::new(DeniedUpgrade, ())
+        }
+
+        fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ConnectionHandlerEvent<DeniedUpgrade, Infallible, u32>> {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            match self.queue.pop_front() {
+                Some(e) => Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(e)),
+                None => Poll::Pending,
+            }
+        }
+
+        fn on_behaviour_event(&mut self, event: u32) {
+            self.queue.push_back(event);
+        }
+
+        fn on_connection_event(&mut self, _: ConnectionEvent<DeniedUpgrade, DeniedUpgrade, (), Infallible>) {}
+    }
+
+    #[test]
+    fn a_handler_is_polled_only_after_a_wake_an_event_or_an_event_of_its_own() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let inner_waker = Arc::new(std::sync::Mutex::new(None));
+        let mut h = Woken.wrap(Counting {
+            polls: polls.clone(),
+            queue: VecDeque::new(),
+            waker: inner_waker.clone(),
+        });
+        let task = noop_waker();
+        let mut cx = Context::from_waker(&task);
+        let count = || polls.load(Ordering::Relaxed);
+
+        assert!(h.poll(&mut cx).is_pending());
+        assert_eq!(count(), 1, "a new handler is polled once");
+        for _ in 0..5 {
+            assert!(h.poll(&mut cx).is_pending());
+        }
+        assert_eq!(count(), 1, "not again while nothing happened to it");
+
+        h.on_behaviour_event(7);
+        h.on_behaviour_event(8);
+        assert!(matches!(
+            h.poll(&mut cx),
+            Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(7))
+        ));
+        assert!(matches!(
+            h.poll(&mut cx),
+            Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(8))
+        ));
+        assert!(
+            h.poll(&mut cx).is_pending(),
+            "polled again after each event it returned"
+        );
+        assert_eq!(count(), 4);
+        assert!(h.poll(&mut cx).is_pending());
+        assert_eq!(count(), 4);
+
+        inner_waker.lock().unwrap().take().unwrap().wake();
+        assert!(h.poll(&mut cx).is_pending());
+        assert_eq!(count(), 5, "polled after its own waker was woken");
+    }
+
+    #[test]
+    fn a_wake_of_the_handler_wakes_the_connection_task() {
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let inner_waker = Arc::new(std::sync::Mutex::new(None));
+        let mut h = Woken.wrap(Counting {
+            polls: Arc::default(),
+            queue: VecDeque::new(),
+            waker: inner_waker.clone(),
+        });
+        let task = Arc::new(Count(AtomicUsize::new(0)));
+        let task_waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&task_waker);
+        assert!(h.poll(&mut cx).is_pending());
+        inner_waker.lock().unwrap().take().unwrap().wake();
+        assert_eq!(task.0.load(Ordering::Relaxed), 1);
+        assert!(h.poll(&mut cx).is_pending());
+        assert!(h.poll(&mut cx).is_pending());
+        inner_waker.lock().unwrap().take().unwrap().wake();
+        assert_eq!(task.0.load(Ordering::Relaxed), 2, "and again after the next poll");
+    }
+}
