@@ -2064,11 +2064,18 @@ impl NodeHandle {
         Ok(self.inner.net.local_record(key).await?)
     }
 
-    /// Connects to every known device of every contact, so that their
-    /// outboxes learn at once that this device is back online: through the
-    /// contact's relays, or, for a contact without relays, at the addresses
-    /// the DHT has for the device (`core::reach_device`).
+    /// A device without home relays connects to every known device of every
+    /// contact, so that their outboxes, which hold its mail meanwhile, learn
+    /// at once that it is back online: through the contact's relays, or, for
+    /// a contact without relays, at the addresses the DHT has for the device
+    /// (`core::reach_device`). A device with home relays does nothing here:
+    /// its contacts left its mail on those relays, and it fetches it from
+    /// them as it starts. Dialling every contact at every start would cost it
+    /// two circuits per contact, and each contact a connection, for nothing.
     pub async fn reconnect_contacts(&self) {
+        if !self.home_relays().is_empty() {
+            return;
+        }
         let Ok(contacts) = self.inner.store.list_contacts() else {
             return;
         };

@@ -1431,3 +1431,46 @@ async fn a_circuit_dialled_while_its_relay_is_still_being_dialled_connects() {
         n.shutdown().await;
     }
 }
+
+/// A device without home relays has its mail held in its contacts' outboxes
+/// while it is away, so as it starts it connects to them (`tidings run` calls
+/// `reconnect_contacts`), and their outboxes send at once. A device with home
+/// relays finds its mail there: it dials none of its contacts.
+#[tokio::test(start_paused = true)]
+async fn only_a_device_without_home_relays_dials_its_contacts_as_it_starts() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
+    let boot = vec![r1_addr];
+    let alice = sim::start_node(&net, 10, "alice", boot.clone(), boot.clone(), clock.clone())
+        .await
+        .unwrap();
+    let bob = sim::start_node(&net, 11, "bob", boot.clone(), boot.clone(), clock.clone())
+        .await
+        .unwrap();
+    let carol = sim::start_node(&net, 12, "carol", boot.clone(), Vec::new(), clock.clone())
+        .await
+        .unwrap();
+    let (a, b, c) = (alice.handle(), bob.handle(), carol.handle());
+    exchange_hellos(&a, &b).await;
+    exchange_hellos(&c, &b).await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert!(a.connections(b.peer_id()).await.is_empty());
+    assert!(c.connections(b.peer_id()).await.is_empty());
+
+    a.reconnect_contacts().await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(
+        a.connections(b.peer_id()).await.is_empty(),
+        "alice, with a home relay, left bob alone"
+    );
+    c.reconnect_contacts().await;
+    assert!(
+        connected_within_30s(&c, b.peer_id()).await,
+        "carol, without relays, reached bob"
+    );
+    drop((a, b, c));
+    for n in [alice, bob, carol, r1] {
+        n.shutdown().await;
+    }
+}

@@ -813,6 +813,9 @@ impl<'s> World<'s> {
                 host: self.plan.clients[ci].host,
                 msg: format!("{e:#}"),
             })?;
+        // As `tidings run` does at every start: a device without home relays
+        // connects to its contacts; one with relays does nothing.
+        node.handle().reconnect_contacts().await;
         let watcher = self.watch(ci, node.handle());
         let publisher = self.publish(ci, node.handle());
         self.clients[ci] = Some(Running {
