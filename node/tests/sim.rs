@@ -1273,6 +1273,56 @@ async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_looku
     }
 }
 
+/// Relays on ports 1 to n (each joining the DHT through the first), and
+/// alice (port 10) and bob (port 11): reachable DHT clients, at home on
+/// relays 1 and 2.
+struct AtHomeOnTwoRelays {
+    net: SimNetwork,
+    clock: Clock,
+    relays: Vec<(Node, Multiaddr)>,
+    alice: Node,
+    bob: Node,
+    _disks: (sim::HostDisk, sim::HostDisk),
+}
+
+impl AtHomeOnTwoRelays {
+    async fn new(relays: u64) -> Self {
+        let net = SimNetwork::new(Arc::new(Links::default()));
+        let clock = Clock::tokio(START_MS);
+        let mut started: Vec<(Node, Multiaddr)> = Vec::new();
+        for port in 1..=relays.max(2) {
+            let boot = started.first().map(|(_, a)| a.clone()).into_iter().collect();
+            started.push(relay(&net, port, boot, &clock).await);
+        }
+        let person = |port: u64, home: &Multiaddr| sim::PersonHost {
+            port,
+            bootstrap: vec![started[0].1.clone()],
+            home_relays: vec![home.clone()],
+            reachable: true,
+            dht_server: false,
+            tuning: sim::HostTuning::default(),
+        };
+        let (alice_host, bob_host) = (person(10, &started[0].1), person(11, &started[1].1));
+        let ((alice_disk, alice), (bob_disk, bob)) = start_alice_and_bob(&net, &clock, &alice_host, &bob_host).await;
+        Self {
+            net,
+            clock,
+            relays: started,
+            alice,
+            bob,
+            _disks: (alice_disk, bob_disk),
+        }
+    }
+
+    async fn shutdown(self) {
+        self.alice.shutdown().await;
+        self.bob.shutdown().await;
+        for (r, _) in self.relays {
+            r.shutdown().await;
+        }
+    }
+}
+
 /// A device with home relays is a DHT client: no routing table holds it. So a
 /// sender that finds it away reaches it through its relays' circuits and does
 /// not look it up in the DHT (a lookup of some twenty requests, most on fresh
@@ -1280,22 +1330,8 @@ async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_looku
 /// device in the sender's routing table, where it would draw her lookups.
 #[tokio::test(start_paused = true)]
 async fn a_device_with_home_relays_is_sought_through_them_not_in_the_dht() {
-    let net = SimNetwork::new(Arc::new(Links::default()));
-    let clock = Clock::tokio(START_MS);
-    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
-    let (r2, r2_addr) = relay(&net, 2, vec![r1_addr.clone()], &clock).await;
-    let (r3, _) = relay(&net, 3, vec![r1_addr.clone()], &clock).await;
-    let person = |port: u64, home: &Multiaddr| sim::PersonHost {
-        port,
-        bootstrap: vec![r1_addr.clone()],
-        home_relays: vec![home.clone()],
-        reachable: true,
-        dht_server: false,
-        tuning: sim::HostTuning::default(),
-    };
-    let (alice_host, bob_host) = (person(10, &r1_addr), person(11, &r2_addr));
-    let ((_alice_disk, alice), (_bob_disk, bob)) = start_alice_and_bob(&net, &clock, &alice_host, &bob_host).await;
-    let (a, b) = (alice.handle(), bob.handle());
+    let w = AtHomeOnTwoRelays::new(3).await;
+    let (net, a, b) = (&w.net, w.alice.handle(), w.bob.handle());
     exchange_hellos(&a, &b).await;
     // Past the conversation's keep-alive and the idle timeout: alice and bob
     // hold no connection, and alice's table holds the three relays.
@@ -1328,9 +1364,7 @@ async fn a_device_with_home_relays_is_sought_through_them_not_in_the_dht() {
         "bob, reached through a circuit, is not in alice's routing table"
     );
     drop((a, b));
-    for n in [alice, bob, r1, r2, r3] {
-        n.shutdown().await;
-    }
+    w.shutdown().await;
 }
 
 /// Pings keep long-lived connections (and their NAT mappings) fresh, so they
@@ -1393,22 +1427,10 @@ async fn connections_ping_only_once_they_have_lived_a_ping_interval() {
 /// restart's reconnections, a deposit's dials to the same relays).
 #[tokio::test(start_paused = true)]
 async fn a_circuit_dialled_while_its_relay_is_still_being_dialled_connects() {
-    let net = SimNetwork::new(Arc::new(Links::default()));
-    let clock = Clock::tokio(START_MS);
-    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
-    let (r2, r2_addr) = relay(&net, 2, vec![r1_addr.clone()], &clock).await;
-    let person = |port: u64, home: &Multiaddr| sim::PersonHost {
-        port,
-        bootstrap: vec![r1_addr.clone()],
-        home_relays: vec![home.clone()],
-        reachable: true,
-        dht_server: false,
-        tuning: sim::HostTuning::default(),
-    };
-    let (alice_host, bob_host) = (person(10, &r1_addr), person(11, &r2_addr));
-    let ((_alice_disk, alice), (_bob_disk, bob)) = start_alice_and_bob(&net, &clock, &alice_host, &bob_host).await;
-    let (a, b) = (alice.handle(), bob.handle());
+    let w = AtHomeOnTwoRelays::new(2).await;
+    let (a, b) = (w.alice.handle(), w.bob.handle());
     tokio::time::sleep(Duration::from_secs(600)).await;
+    let (r2, r2_addr) = (&w.relays[1].0, w.relays[1].1.clone());
     let r2_peer = r2.handle().peer_id();
     assert!(
         a.connections(r2_peer).await.is_empty(),
@@ -1427,31 +1449,23 @@ async fn a_circuit_dialled_while_its_relay_is_still_being_dialled_connects() {
         "the circuit dialled while its relay was being dialled reached bob"
     );
     drop((a, b));
-    for n in [alice, bob, r1, r2] {
-        n.shutdown().await;
-    }
+    w.shutdown().await;
 }
 
 /// A device without home relays has its mail held in its contacts' outboxes
 /// while it is away, so as it starts it connects to them (`tidings run` calls
 /// `reconnect_contacts`), and their outboxes send at once. A device with home
-/// relays finds its mail there: it dials none of its contacts.
+/// relays finds its mail there: it dials none of its contacts. (Alice and bob
+/// are DHT clients, so that no refresh of a routing table dials one from the
+/// other.)
 #[tokio::test(start_paused = true)]
 async fn only_a_device_without_home_relays_dials_its_contacts_as_it_starts() {
-    let net = SimNetwork::new(Arc::new(Links::default()));
-    let clock = Clock::tokio(START_MS);
-    let (r1, r1_addr) = relay(&net, 1, Vec::new(), &clock).await;
-    let boot = vec![r1_addr];
-    let alice = sim::start_node(&net, 10, "alice", boot.clone(), boot.clone(), clock.clone())
+    let w = AtHomeOnTwoRelays::new(2).await;
+    let boot = vec![w.relays[0].1.clone()];
+    let carol = sim::start_node(&w.net, 12, "carol", boot, Vec::new(), w.clock.clone())
         .await
         .unwrap();
-    let bob = sim::start_node(&net, 11, "bob", boot.clone(), boot.clone(), clock.clone())
-        .await
-        .unwrap();
-    let carol = sim::start_node(&net, 12, "carol", boot.clone(), Vec::new(), clock.clone())
-        .await
-        .unwrap();
-    let (a, b, c) = (alice.handle(), bob.handle(), carol.handle());
+    let (a, b, c) = (w.alice.handle(), w.bob.handle(), carol.handle());
     exchange_hellos(&a, &b).await;
     exchange_hellos(&c, &b).await;
     tokio::time::sleep(Duration::from_secs(600)).await;
@@ -1470,7 +1484,6 @@ async fn only_a_device_without_home_relays_dials_its_contacts_as_it_starts() {
         "carol, without relays, reached bob"
     );
     drop((a, b, c));
-    for n in [alice, bob, carol, r1] {
-        n.shutdown().await;
-    }
+    carol.shutdown().await;
+    w.shutdown().await;
 }

@@ -11,10 +11,9 @@
 
 use std::task::{Context, Poll};
 
-use libp2p::swarm::handler::ConnectionEvent;
-use libp2p::swarm::{ConnectionHandler, ConnectionHandlerEvent, SubstreamProtocol};
+use libp2p::swarm::{ConnectionHandler, ConnectionHandlerEvent};
 
-use super::wrap::{WrapHandler, Wrapped};
+use super::wrap::{WrapHandler, Wrapped, pass_through_events, pass_through_handler};
 
 /// `B` with its connection handler boxed; dereferences to `B`.
 pub type Boxed<B> = Wrapped<B, Boxing>;
@@ -38,20 +37,7 @@ impl<H: ConnectionHandler> WrapHandler<H> for Boxing {
 pub struct BoxedHandler<H>(Box<H>);
 
 impl<H: ConnectionHandler> ConnectionHandler for BoxedHandler<H> {
-    type FromBehaviour = H::FromBehaviour;
-    type ToBehaviour = H::ToBehaviour;
-    type InboundProtocol = H::InboundProtocol;
-    type OutboundProtocol = H::OutboundProtocol;
-    type InboundOpenInfo = H::InboundOpenInfo;
-    type OutboundOpenInfo = H::OutboundOpenInfo;
-
-    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol, Self::InboundOpenInfo> {
-        self.0.listen_protocol()
-    }
-
-    fn connection_keep_alive(&self) -> bool {
-        self.0.connection_keep_alive()
-    }
+    pass_through_handler!(H, 0);
 
     fn poll(
         &mut self,
@@ -60,25 +46,7 @@ impl<H: ConnectionHandler> ConnectionHandler for BoxedHandler<H> {
         self.0.poll(cx)
     }
 
-    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::ToBehaviour>> {
-        self.0.poll_close(cx)
-    }
-
-    fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {
-        self.0.on_behaviour_event(event)
-    }
-
-    fn on_connection_event(
-        &mut self,
-        event: ConnectionEvent<
-            Self::InboundProtocol,
-            Self::OutboundProtocol,
-            Self::InboundOpenInfo,
-            Self::OutboundOpenInfo,
-        >,
-    ) {
-        self.0.on_connection_event(event)
-    }
+    pass_through_events!(0);
 }
 
 #[cfg(test)]

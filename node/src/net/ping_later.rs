@@ -18,11 +18,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use libp2p::swarm::handler::ConnectionEvent;
 use libp2p::swarm::{ConnectionHandler, ConnectionHandlerEvent, SubstreamProtocol};
 use tokio::time::{Instant, Sleep};
 
-use super::wrap::{WrapHandler, Wrapped};
+use super::wrap::{WrapHandler, Wrapped, pass_through_events, pass_through_handler};
 
 /// `B` (the ping behaviour) whose connections open no substream of their own
 /// before they are `first_after` old.
@@ -61,20 +60,7 @@ pub struct Handler<H: ConnectionHandler> {
 }
 
 impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
-    type FromBehaviour = H::FromBehaviour;
-    type ToBehaviour = H::ToBehaviour;
-    type InboundProtocol = H::InboundProtocol;
-    type OutboundProtocol = H::OutboundProtocol;
-    type InboundOpenInfo = H::InboundOpenInfo;
-    type OutboundOpenInfo = H::OutboundOpenInfo;
-
-    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol, Self::InboundOpenInfo> {
-        self.inner.listen_protocol()
-    }
-
-    fn connection_keep_alive(&self) -> bool {
-        self.inner.connection_keep_alive()
-    }
+    pass_through_handler!(H, inner);
 
     fn poll(
         &mut self,
@@ -104,23 +90,5 @@ impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
         }
     }
 
-    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::ToBehaviour>> {
-        self.inner.poll_close(cx)
-    }
-
-    fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {
-        self.inner.on_behaviour_event(event)
-    }
-
-    fn on_connection_event(
-        &mut self,
-        event: ConnectionEvent<
-            Self::InboundProtocol,
-            Self::OutboundProtocol,
-            Self::InboundOpenInfo,
-            Self::OutboundOpenInfo,
-        >,
-    ) {
-        self.inner.on_connection_event(event)
-    }
+    pass_through_events!(inner);
 }

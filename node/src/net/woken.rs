@@ -23,9 +23,9 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use futures::task::AtomicWaker;
 use libp2p::swarm::handler::ConnectionEvent;
-use libp2p::swarm::{ConnectionHandler, ConnectionHandlerEvent, SubstreamProtocol};
+use libp2p::swarm::{ConnectionHandler, ConnectionHandlerEvent};
 
-use super::wrap::{WrapHandler, Wrapped};
+use super::wrap::{WrapHandler, Wrapped, pass_through_handler};
 
 /// `B` whose connection handlers are polled only when woken.
 pub type WhenWoken<B> = Wrapped<B, Woken>;
@@ -86,20 +86,7 @@ impl<H> Handler<H> {
 }
 
 impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
-    type FromBehaviour = H::FromBehaviour;
-    type ToBehaviour = H::ToBehaviour;
-    type InboundProtocol = H::InboundProtocol;
-    type OutboundProtocol = H::OutboundProtocol;
-    type InboundOpenInfo = H::InboundOpenInfo;
-    type OutboundOpenInfo = H::OutboundOpenInfo;
-
-    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol, Self::InboundOpenInfo> {
-        self.inner.listen_protocol()
-    }
-
-    fn connection_keep_alive(&self) -> bool {
-        self.inner.connection_keep_alive()
-    }
+    pass_through_handler!(H, inner);
 
     fn poll(
         &mut self,
@@ -117,10 +104,6 @@ impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
             self.mark();
         }
         polled
-    }
-
-    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::ToBehaviour>> {
-        self.inner.poll_close(cx)
     }
 
     fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {
@@ -150,6 +133,7 @@ mod tests {
 
     use futures::task::noop_waker;
     use libp2p::core::upgrade::DeniedUpgrade;
+    use libp2p::swarm::SubstreamProtocol;
 
     use super::*;
 

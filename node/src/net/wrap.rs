@@ -19,6 +19,56 @@ use libp2p::swarm::{
     THandlerOutEvent, ToSwarm,
 };
 
+/// The part of a `ConnectionHandler` impl that a handler wrapping one of type
+/// `$inner`, held in `self.$field`, passes through unchanged: the associated
+/// types, `listen_protocol`, `connection_keep_alive` and `poll_close`.
+macro_rules! pass_through_handler {
+    ($inner:ident, $field:tt) => {
+        type FromBehaviour = $inner::FromBehaviour;
+        type ToBehaviour = $inner::ToBehaviour;
+        type InboundProtocol = $inner::InboundProtocol;
+        type OutboundProtocol = $inner::OutboundProtocol;
+        type InboundOpenInfo = $inner::InboundOpenInfo;
+        type OutboundOpenInfo = $inner::OutboundOpenInfo;
+
+        fn listen_protocol(&self) -> libp2p::swarm::SubstreamProtocol<Self::InboundProtocol, Self::InboundOpenInfo> {
+            self.$field.listen_protocol()
+        }
+
+        fn connection_keep_alive(&self) -> bool {
+            self.$field.connection_keep_alive()
+        }
+
+        fn poll_close(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::ToBehaviour>> {
+            self.$field.poll_close(cx)
+        }
+    };
+}
+pub(super) use pass_through_handler;
+
+/// `on_behaviour_event` and `on_connection_event` of a handler that passes
+/// both to the one it wraps, held in `self.$field`.
+macro_rules! pass_through_events {
+    ($field:tt) => {
+        fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {
+            self.$field.on_behaviour_event(event)
+        }
+
+        fn on_connection_event(
+            &mut self,
+            event: libp2p::swarm::handler::ConnectionEvent<
+                Self::InboundProtocol,
+                Self::OutboundProtocol,
+                Self::InboundOpenInfo,
+                Self::OutboundOpenInfo,
+            >,
+        ) {
+            self.$field.on_connection_event(event)
+        }
+    };
+}
+pub(super) use pass_through_events;
+
 /// Turns a behaviour's connection handler into the one the swarm runs, and
 /// says which swarm events reach the behaviour.
 pub trait WrapHandler<H: ConnectionHandler> {
