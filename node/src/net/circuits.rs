@@ -32,19 +32,11 @@ const MAX_PER_RELAY: usize = 64;
 /// `<relay addr>/p2p/<relay>/p2p-circuit/p2p/<device>`, or `None` if `addr`
 /// is not a circuit through a named relay.
 pub fn relay_of(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
-    let mut prefix = Multiaddr::empty();
-    let mut relay = None;
-    for p in addr.iter() {
-        match p {
-            Protocol::P2pCircuit => return relay.map(|r| (r, prefix)),
-            Protocol::P2p(peer) => {
-                relay = Some(peer);
-                prefix.push(p);
-            }
-            other => prefix.push(other),
-        }
+    if !addr.iter().any(|p| p == Protocol::P2pCircuit) {
+        return None;
     }
-    None
+    let relay: Multiaddr = addr.iter().take_while(|p| *p != Protocol::P2pCircuit).collect();
+    Some((super::peer_of(&relay)?, relay))
 }
 
 /// Circuit dials waiting for a connection to their relay, by relay.
