@@ -724,9 +724,15 @@ pub async fn spawn(
                                     .upgrade(libp2p::core::upgrade::Version::V1)
                                     .authenticate($security(key)?)
                                     .multiplex(yamux::Config::default())
-                                    .map(move |(peer, muxer), _| {
-                                        (peer, crate::sim::count::CountingMuxer::new(muxer, counters))
-                                    }),
+                                    .map(
+                                        move |(peer, muxer), endpoint: libp2p::core::ConnectedPoint| {
+                                            let dialled = endpoint.is_dialer();
+                                            (
+                                                peer,
+                                                crate::sim::count::CountingMuxer::new(muxer, counters, dialled),
+                                            )
+                                        },
+                                    ),
                             )
                         })?
                         .with_relay_client($relay_security, yamux::Config::default)?

@@ -168,6 +168,14 @@ impl SimNetwork {
         self.host_bytes(port).dialled.load(Ordering::Relaxed)
     }
 
+    /// Connections host `port` has dialled so far, by what each was for: the class of the first
+    /// substream it opened on one that is not identify, ping or AutoNAT, in
+    /// [`StreamClass::ALL`]'s order. Dials that never opened one are the rest of
+    /// [`Self::connections_dialled`].
+    pub fn connections_dialled_for(&self, port: u64) -> [u64; StreamClass::ALL.len()] {
+        self.host_bytes(port).dialled_for()
+    }
+
     /// Connections host `port` has accepted so far.
     pub fn connections_accepted(&self, port: u64) -> u64 {
         self.host_bytes(port).accepted.load(Ordering::Relaxed)

@@ -14,7 +14,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use futures::{AsyncRead, AsyncWrite};
@@ -110,6 +110,9 @@ pub(crate) struct HostBytes {
     pub(crate) dialled: AtomicU64,
     pub(crate) accepted: AtomicU64,
     streams: [AtomicU64; StreamClass::ALL.len()],
+    /// Connections this host dialled, by the class of the first substream it opened on them that
+    /// is not one every connection opens (identify, ping, AutoNAT): what each dial was for.
+    dialled_for: [AtomicU64; StreamClass::ALL.len()],
 }
 
 impl HostBytes {
@@ -121,25 +124,46 @@ impl HostBytes {
     pub(crate) fn by_class(&self) -> [u64; StreamClass::ALL.len()] {
         std::array::from_fn(|i| self.streams[i].load(Ordering::Relaxed))
     }
+
+    /// Connections dialled for each class, in [`StreamClass::ALL`]'s order (see `dialled_for`).
+    /// Those that never opened such a substream are the rest of `dialled`.
+    pub(crate) fn dialled_for(&self) -> [u64; StreamClass::ALL.len()] {
+        std::array::from_fn(|i| self.dialled_for[i].load(Ordering::Relaxed))
+    }
+}
+
+impl StreamClass {
+    /// Whether every connection opens substreams of this class, whatever it was made for.
+    fn is_upkeep(self) -> bool {
+        matches!(self, StreamClass::Identify | StreamClass::Ping | StreamClass::Autonat)
+    }
 }
 
 /// A stream muxer whose substreams count their bytes into one host's [`HostBytes`].
 pub struct CountingMuxer<M> {
     inner: M,
     host: Arc<HostBytes>,
+    /// On a connection this host dialled: whether its purpose has been counted yet.
+    purpose: Option<Arc<AtomicBool>>,
 }
 
 impl<M> CountingMuxer<M> {
-    pub(crate) fn new(inner: M, host: Arc<HostBytes>) -> Self {
-        Self { inner, host }
+    /// `dialled`: whether this host dialled the connection (its purpose is then counted).
+    pub(crate) fn new(inner: M, host: Arc<HostBytes>, dialled: bool) -> Self {
+        Self {
+            inner,
+            host,
+            purpose: dialled.then(Arc::default),
+        }
     }
 
-    fn wrap<S>(&self, inner: S) -> CountedStream<S> {
+    fn wrap<S>(&self, inner: S, outbound: bool) -> CountedStream<S> {
         CountedStream {
             inner,
             host: self.host.clone(),
             class: None,
             sniff: None,
+            purpose: if outbound { self.purpose.clone() } else { None },
         }
     }
 }
@@ -154,12 +178,16 @@ where
 
     fn poll_inbound(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Self::Substream, Self::Error>> {
         let this = self.get_mut();
-        Pin::new(&mut this.inner).poll_inbound(cx).map_ok(|s| this.wrap(s))
+        Pin::new(&mut this.inner)
+            .poll_inbound(cx)
+            .map_ok(|s| this.wrap(s, false))
     }
 
     fn poll_outbound(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Self::Substream, Self::Error>> {
         let this = self.get_mut();
-        Pin::new(&mut this.inner).poll_outbound(cx).map_ok(|s| this.wrap(s))
+        Pin::new(&mut this.inner)
+            .poll_outbound(cx)
+            .map_ok(|s| this.wrap(s, true))
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -182,6 +210,9 @@ pub struct CountedStream<S> {
     class: Option<StreamClass>,
     /// Until the class is known: the bytes written so far and the count of every byte moved.
     sniff: Option<Box<Sniff>>,
+    /// An outbound substream of a connection this host dialled: the connection's flag of
+    /// whether its purpose has been counted.
+    purpose: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Default)]
@@ -213,6 +244,12 @@ impl<S> CountedStream<S> {
         self.host.add(class, sniff.pending);
         self.class = Some(class);
         self.sniff = None;
+        if let Some(purpose) = self.purpose.take()
+            && !class.is_upkeep()
+            && !purpose.swap(true, Ordering::Relaxed)
+        {
+            self.host.dialled_for[class.index()].fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -353,6 +390,31 @@ mod tests {
     }
 
     #[test]
+    fn a_dial_counts_once_for_the_first_outbound_substream_that_is_not_upkeep() {
+        let host = Arc::new(HostBytes::default());
+        let dialled = CountingMuxer::new((), host.clone(), true);
+        let accepted = CountingMuxer::new((), host.clone(), false);
+        let open = |m: &CountingMuxer<()>, outbound: bool, protocol: &str| {
+            let mut s = m.wrap((), outbound);
+            let neg = negotiation(&["/multistream/1.0.0", protocol]);
+            s.count(neg.len(), Some(&neg));
+        };
+        open(&dialled, true, "/ipfs/id/1.0.0");
+        open(&dialled, false, "/tidings/mailbox/1");
+        open(&accepted, true, "/tidings/deliver/1");
+        assert_eq!(
+            host.dialled_for(),
+            [0; StreamClass::ALL.len()],
+            "upkeep, inbound and accepted"
+        );
+        open(&dialled, true, "/tidings/kad/1.0.0");
+        open(&dialled, true, "/tidings/mailbox/1");
+        let mut want = [0; StreamClass::ALL.len()];
+        want[StreamClass::Kad.index()] = 1;
+        assert_eq!(host.dialled_for(), want);
+    }
+
+    #[test]
     fn bytes_wait_for_the_name_and_a_stream_that_never_names_one_counts_as_other() {
         let host = Arc::new(HostBytes::default());
         let stream = |host: &Arc<HostBytes>| CountedStream {
@@ -360,6 +422,7 @@ mod tests {
             host: host.clone(),
             class: None,
             sniff: None,
+            purpose: None,
         };
         let mut s = stream(&host);
         s.count(30, None);

@@ -295,6 +295,8 @@ struct BytesSoFar {
     /// Connections dialled and accepted.
     dialled: u64,
     accepted: u64,
+    /// Connections dialled by what they were for ([`SimNetwork::connections_dialled_for`]).
+    dialled_for: [u64; sim::StreamClass::ALL.len()],
 }
 
 impl<'s> World<'s> {
@@ -305,6 +307,7 @@ impl<'s> World<'s> {
             streams: self.net.stream_bytes(p),
             dialled: self.net.connections_dialled(p),
             accepted: self.net.connections_accepted(p),
+            dialled_for: self.net.connections_dialled_for(p),
         }
     }
 
@@ -1377,6 +1380,7 @@ impl<'s> World<'s> {
                         streams: std::array::from_fn(|i| now.streams[i].saturating_sub(before.streams[i])),
                         dialled: now.dialled.saturating_sub(before.dialled),
                         accepted: now.accepted.saturating_sub(before.accepted),
+                        dialled_for: std::array::from_fn(|i| now.dialled_for[i].saturating_sub(before.dialled_for[i])),
                     }
                 })
                 .collect();
@@ -1391,6 +1395,23 @@ impl<'s> World<'s> {
                     n as f64 / run.len().max(1) as f64 / hours.max(1e-9),
                 );
             }
+            // What the dials were for: the first protocol each opened beyond identify, ping and
+            // AutoNAT ("none": it opened only those).
+            let per_host_hour = |n: u64| n as f64 / run.len().max(1) as f64 / hours.max(1e-9);
+            let mut purposeful = 0;
+            for (i, class) in sim::StreamClass::ALL.iter().enumerate() {
+                let n = run.iter().map(|b| b.dialled_for[i]).sum::<u64>();
+                purposeful += n;
+                put(
+                    &format!("connections_dialled_for_{}_per_{role}_hour", class.name()),
+                    per_host_hour(n),
+                );
+            }
+            let dialled = run.iter().map(|b| b.dialled).sum::<u64>();
+            put(
+                &format!("connections_dialled_for_none_per_{role}_hour"),
+                per_host_hour(dialled.saturating_sub(purposeful)),
+            );
             for (i, class) in sim::StreamClass::ALL.iter().enumerate() {
                 let v = run.iter().map(|b| b.streams[i] as f32).collect();
                 bytes_figures(role, class.name(), v, &mut put, &mut bytes_q);
