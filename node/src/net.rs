@@ -807,6 +807,7 @@ pub async fn spawn(
             }
         }
     }
+    let mut quiet_bootstrap = None;
     if !config.bootstrap.is_empty() || !config.known_peers.is_empty() {
         // libp2p bootstraps on its own half a second after the first listen
         // address while nothing is connected; starting one here resets that.
@@ -819,6 +820,7 @@ pub async fn spawn(
             // queues end the same way (`on_kad_event`).
             debug!("starting without a self-lookup: the saved routing table is recent");
             q.finish();
+            quiet_bootstrap = Some(id);
         }
     }
     // Circuits are reserved once the connection to the relay is up (see
@@ -869,6 +871,7 @@ pub async fn spawn(
         get_record: HashMap::new(),
         reservations,
         circuits_waiting: CircuitsWaiting::default(),
+        quiet_bootstrap,
         connections: HashMap::new(),
         hole_punches: 0,
         refresh: BucketRefresh::new(
@@ -920,6 +923,9 @@ struct EventLoop {
     reservations: HashMap<PeerId, Reservation>,
     /// Circuits to other devices, dialled once their relay's connection is up.
     circuits_waiting: CircuitsWaiting,
+    /// The last bootstrap this node started only to end it before its first
+    /// request (see `on_kad_event`).
+    quiet_bootstrap: Option<kad::QueryId>,
     hole_punches: u64,
     /// Peer and remote address of each open connection.
     connections: HashMap<ConnectionId, (PeerId, Multiaddr)>,
@@ -1505,10 +1511,22 @@ impl EventLoop {
                     // The buckets are left to `refresh_buckets`. Finishing the bucket
                     // lookup just queued ends it before it sends a request; libp2p
                     // then queues the next one, which ends here in turn.
-                    if !step.last
-                        && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
-                    {
-                        q.finish();
+                    //
+                    // While a bootstrap runs, every peer that joins a table of
+                    // fewer than 20 arms libp2p's next one, half a second after
+                    // this one ends: a second self-lookup that would ask the
+                    // same peers again. A bootstrap that starts disarms it, so
+                    // one is started and ended before its first request.
+                    let kad = &mut self.swarm.behaviour_mut().kad;
+                    if !step.last {
+                        if let Some(mut q) = kad.query_mut(&id) {
+                            q.finish();
+                        }
+                    } else if self.quiet_bootstrap != Some(id) {
+                        self.quiet_bootstrap = kad.bootstrap().ok();
+                        if let Some(mut q) = self.quiet_bootstrap.and_then(|q| kad.query_mut(&q)) {
+                            q.finish();
+                        }
                     }
                 }
                 QueryResult::GetClosestPeers(res) => {

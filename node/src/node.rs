@@ -102,6 +102,8 @@ pub const FULL_MAILBOX_ROUND_EVERY: u32 = 2;
 /// this long after the start, then every [`KNOWN_PEERS_SAVE`].
 const KNOWN_PEERS_FIRST_SAVE: Duration = Duration::from_secs(60);
 const KNOWN_PEERS_SAVE: Duration = Duration::from_secs(300);
+/// How long [`Node::shutdown`] waits for the routing table to save.
+const SHUTDOWN_SAVE_WAIT: Duration = Duration::from_secs(1);
 /// Capacity of the core's input queue.
 const CORE_QUEUE: usize = 4096;
 /// Capacity of the event broadcast (slow subscribers miss events, never block the node).
@@ -500,6 +502,16 @@ impl Node {
     /// Stops the node. Every unit of work is atomic, so stopping between units
     /// loses nothing; the outbox resumes on the next start.
     pub async fn shutdown(self) {
+        // The routing table as it is now, for the next start: one saved
+        // minutes ago may be smaller (a session shorter than the first save
+        // left none), and a start without a recent table of a bucket's worth
+        // of peers looks itself up.
+        let inner = &self.handle.inner;
+        let mut saved = Vec::new();
+        let save = save_known_peers(&inner.net, &inner.store, inner.clock.now_ms(), &mut saved);
+        if tokio::time::timeout(SHUTDOWN_SAVE_WAIT, save).await.is_err() {
+            debug!("the network task did not answer; the routing table saved last stays");
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -529,34 +541,40 @@ fn known_peers(store: &Store) -> Vec<(PeerId, Vec<Multiaddr>)> {
         .collect()
 }
 
-/// Saves the DHT routing table to `store` now and then, for the next start;
-/// while it is what was saved last, only the time it was last seen current.
+/// Saves the DHT routing table to `store` now and then, for the next start
+/// (and [`Node::shutdown`] once more at the end).
 fn spawn_known_peers_saver(net: Network, store: Arc<Store>, clock: Clock) -> JoinHandle<()> {
     tokio::spawn(async move {
         tokio::time::sleep(KNOWN_PEERS_FIRST_SAVE).await;
         let mut saved: Vec<tidings_store::KnownPeer> = Vec::new();
         loop {
-            let peers = net.routing_peers(tidings_store::MAX_KNOWN_PEERS).await;
-            let rows: Vec<tidings_store::KnownPeer> = peers
-                .iter()
-                .map(|(p, addrs)| (p.to_bytes(), addrs.iter().map(|a| a.to_vec()).collect()))
-                .collect();
-            let now = clock.now_ms();
-            if rows.is_empty() {
-                // Nothing worth saving yet; keep what was saved.
-            } else if rows == saved {
-                if let Err(e) = store.mark_known_peers_current(now) {
-                    warn!("cannot save the DHT peers' time: {e}");
-                }
-            } else {
-                match store.set_known_peers(&rows, now) {
-                    Ok(()) => saved = rows,
-                    Err(e) => warn!("cannot save the DHT peers: {e}"),
-                }
-            }
+            save_known_peers(&net, &store, clock.now_ms(), &mut saved).await;
             tokio::time::sleep(KNOWN_PEERS_SAVE).await;
         }
     })
+}
+
+/// Saves the routing table to `store`, or only the time it was last seen
+/// current while it is `saved`, what this run saved last (which it then
+/// becomes). An empty table keeps what was saved.
+async fn save_known_peers(net: &Network, store: &Store, now: u64, saved: &mut Vec<tidings_store::KnownPeer>) {
+    let peers = net.routing_peers(tidings_store::MAX_KNOWN_PEERS).await;
+    let rows: Vec<tidings_store::KnownPeer> = peers
+        .iter()
+        .map(|(p, addrs)| (p.to_bytes(), addrs.iter().map(|a| a.to_vec()).collect()))
+        .collect();
+    if rows.is_empty() {
+        // Nothing worth saving yet; keep what was saved.
+    } else if rows == *saved {
+        if let Err(e) = store.mark_known_peers_current(now) {
+            warn!("cannot save the DHT peers' time: {e}");
+        }
+    } else {
+        match store.set_known_peers(&rows, now) {
+            Ok(()) => *saved = rows,
+            Err(e) => warn!("cannot save the DHT peers: {e}"),
+        }
+    }
 }
 
 impl NodeHandle {

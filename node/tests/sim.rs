@@ -1230,15 +1230,16 @@ async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_looku
         tuning,
     };
     let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
-    // Runs alice from `disk` for two minutes (past the first save of her
-    // routing table); returns the connections she dialled in the first 30 s.
+    // Runs alice from `disk` for about half a minute, less than the first
+    // periodic save of her routing table (a minute), so that what the next
+    // start finds is what she saved as she stopped; returns the connections
+    // she dialled in the first 30 s.
     let run = async || {
         let before = net.connections_dialled(10);
         let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
         tokio::time::sleep(Duration::from_secs(30)).await;
         let dialled = net.connections_dialled(10) - before;
         let found = alice.handle().publish_record().await;
-        tokio::time::sleep(Duration::from_secs(90)).await;
         alice.shutdown().await;
         (dialled, found)
     };
@@ -1268,6 +1269,68 @@ async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_looku
         late > 1,
         "back after two hours: the start looks itself up again ({late} dials)"
     );
+    for (node, _) in relays {
+        node.shutdown().await;
+    }
+}
+
+/// A fresh DHT client looks itself up once as it starts. libp2p arms a
+/// bootstrap whenever a peer joins a table of fewer than 20, as the start's own
+/// lookup fills it; that second lookup would find nothing the first did not.
+#[tokio::test(start_paused = true)]
+async fn a_fresh_dht_client_looks_itself_up_once_as_it_starts() {
+    let net = SimNetwork::new(Arc::new(Links::default()));
+    let clock = Clock::tokio(START_MS);
+    let mut tuning = sim::HostTuning::default();
+    tuning.net.kad_replication = std::num::NonZeroUsize::new(3).unwrap();
+    let mut relays = Vec::new();
+    let mut boot: Vec<Multiaddr> = Vec::new();
+    for port in 1..=6 {
+        let disk = sim::HostDisk::relay(clock.now_ms(), None).unwrap();
+        let node = sim::start_relay_on(
+            &net,
+            port,
+            &disk,
+            boot.iter().take(1).cloned().collect(),
+            clock.clone(),
+            &tuning,
+        )
+        .await
+        .unwrap();
+        boot.push(SimNetwork::address(port).with(Protocol::P2p(node.handle().peer_id())));
+        relays.push((node, disk));
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // Alice lets a connection go as soon as it is idle, so a second lookup
+    // would dial the relays again.
+    let mut alice_tuning = tuning.clone();
+    alice_tuning.net.idle_timeout = Duration::from_millis(100);
+    let host = sim::PersonHost {
+        port: 10,
+        bootstrap: vec![boot[0].clone()],
+        home_relays: Vec::new(),
+        reachable: false,
+        dht_server: false,
+        tuning: alice_tuning,
+    };
+    let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
+    let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let kad = sim::StreamClass::ALL
+        .iter()
+        .position(|c| *c == sim::StreamClass::Kad)
+        .unwrap();
+    let kad_dials = net.connections_dialled_for(10)[kad];
+    assert!(
+        kad_dials >= 2,
+        "alice looked herself up beyond the bootstrap relay ({kad_dials} dials)"
+    );
+    assert!(
+        kad_dials <= relays.len() as u64,
+        "one lookup asks each of the {} relays at most once; alice dialled {kad_dials} for the DHT",
+        relays.len()
+    );
+    alice.shutdown().await;
     for (node, _) in relays {
         node.shutdown().await;
     }
