@@ -1173,9 +1173,10 @@ impl NodeHandle {
     /// One try at a key package of `device`: from the device itself if it
     /// answers within [`DEVICE_PATIENCE`], else claimed from its `relays`;
     /// if they have none, the device gets the rest of its time (it may have
-    /// just started and not be in the DHT yet).
+    /// just started and not be in the DHT yet). Only a device without relays
+    /// is looked up in the DHT.
     async fn key_package_once(&self, peer: PeerId, relays: &[String], device: &[u8; 32]) -> Result<Vec<u8>, String> {
-        let fetch = self.fetch_key_package(peer);
+        let fetch = self.fetch_key_package(peer, relays.is_empty());
         tokio::pin!(fetch);
         let early = tokio::time::timeout(DEVICE_PATIENCE, &mut fetch).await;
         if let Ok(Ok(kp)) = early {
@@ -1562,7 +1563,7 @@ impl NodeHandle {
         let relays: Vec<String> = self.home_relays();
         for (group_id, cert) in missing {
             let kp = match peer_id_of(&cert.device_key) {
-                Some(peer) => match self.fetch_key_package(peer).await {
+                Some(peer) => match self.fetch_key_package(peer, relays.is_empty()).await {
                     Ok(kp) => Some(kp),
                     Err(_) => self.claim_key_package(&relays, &cert.device_key).await,
                 },
@@ -2023,7 +2024,12 @@ impl NodeHandle {
         }
     }
 
-    async fn fetch_key_package(&self, peer: PeerId) -> Result<Vec<u8>, NetError> {
+    /// A key package from the device `peer` itself. `look_up`: whether the
+    /// DHT may be asked for its address when none is known. A device with home
+    /// relays is a DHT client, which no routing table holds, so a lookup (some
+    /// twenty requests, most on fresh connections, four times over) could not
+    /// find it; its relays hand out its key packages instead.
+    async fn fetch_key_package(&self, peer: PeerId, look_up: bool) -> Result<Vec<u8>, NetError> {
         let request = pb::KeyPackageRequest {
             account_key: self.inner.account.as_bytes().to_vec(),
         };
@@ -2038,7 +2044,7 @@ impl NodeHandle {
         // device that just started may not be in the DHT yet, so the lookup
         // and the request get four tries over about two and a half seconds.
         for wait in [0u64, 250, 750, 1500] {
-            if !matches!(result, Err(NetError::Unreachable(_))) {
+            if !look_up || !matches!(result, Err(NetError::Unreachable(_))) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(wait)).await;

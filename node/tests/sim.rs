@@ -1430,6 +1430,57 @@ async fn a_device_with_home_relays_is_sought_through_them_not_in_the_dht() {
     w.shutdown().await;
 }
 
+/// A first message needs a key package of each of the contact's devices. A
+/// device with home relays is not looked up in the DHT for it (it is a DHT
+/// client, which no lookup finds): it answers if it can be reached, and its
+/// relays hand out its key packages if not. The only DHT traffic of the first
+/// message is the lookup of a newer user record.
+#[tokio::test(start_paused = true)]
+async fn a_key_package_of_a_device_with_home_relays_away_is_not_sought_in_the_dht() {
+    let AtHomeOnTwoRelays {
+        net,
+        relays,
+        alice,
+        bob,
+        _disks,
+        ..
+    } = AtHomeOnTwoRelays::new(3).await;
+    let (a, b) = (alice.handle(), bob.handle());
+    // Past the start-up's lookups and the idle timeout; bob has left his key
+    // packages on his relay and goes away.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let card = b.card().to_uri();
+    let account = b.account();
+    drop(b);
+    bob.shutdown().await;
+    let kad = || {
+        let i = sim::StreamClass::ALL
+            .iter()
+            .position(|c| *c == sim::StreamClass::Kad)
+            .unwrap();
+        net.stream_bytes(10)[i]
+    };
+    let before = kad();
+    // Bob's record was never published: this lookup, like the one of the
+    // first message, asks every relay.
+    let _ = a.lookup_record(&account).await;
+    let one_lookup = kad() - before;
+    a.add_contact(&card, None).await.unwrap();
+    let before = kad();
+    a.send_text(&account.to_base58(), "hello bob").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let sending = kad() - before;
+    assert!(
+        sending <= one_lookup + one_lookup / 2,
+        "the first message to bob made one record lookup ({one_lookup} bytes) and no peer lookup: {sending} bytes"
+    );
+    drop(a);
+    alice.shutdown().await;
+    for (r, _) in relays {
+        r.shutdown().await;
+    }
+}
+
 /// Pings keep long-lived connections (and their NAT mappings) fresh, so they
 /// start once a connection has lived a ping interval: a connection made for one
 /// exchange (here the DHT requests of a record publication) closes at the idle
