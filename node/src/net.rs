@@ -1080,7 +1080,16 @@ impl EventLoop {
                 if let Some((_, waiting)) = self.find_peer.values_mut().find(|(p, _)| *p == peer) {
                     waiting.push(reply);
                 } else {
-                    let qid = b.kad.get_closest_peers(peer);
+                    // The addresses our table holds for a peer we look for
+                    // failed or are about to be replaced (a table saved before
+                    // the peer moved): a lookup that starts from them asks the
+                    // peer there, fails, and keeps it out of the result even
+                    // when another peer tells its new address. So the lookup
+                    // starts without it.
+                    if !self.swarm.is_connected(&peer) {
+                        self.swarm.behaviour_mut().kad.remove_peer(&peer);
+                    }
+                    let qid = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
                     self.find_peer.insert(qid, (peer, vec![reply]));
                     self.refresh.touch_key(peer.to_bytes(), tokio::time::Instant::now());
                 }
