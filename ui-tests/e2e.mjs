@@ -371,8 +371,15 @@ async function main() {
         const last = await alice.get(`/api/chats/${encodeURIComponent(`c:${bob.account}`)}/messages?limit=600`);
         return last.filter((m) => m.text.startsWith('long ')).length === n;
       }, 60000, 200);
-      // bob renamed himself above: find his chat by its id.
-      await a.locator(`.chat-item[data-chat="c:${bob.account}"]`).click({ timeout: WAIT });
+      // bob renamed himself above: find his chat by its id. The list may still be moving his chat
+      // to the top as the page draws the burst, and a click lands where the item was: click until
+      // his chat is the open one.
+      const bobsItem = a.locator(`.chat-item[data-chat="c:${bob.account}"]`);
+      await until('bob\'s chat is open', async () => {
+        if ((await bobsItem.getAttribute('class', { timeout: WAIT })).split(' ').includes('open')) return true;
+        await bobsItem.click({ timeout: WAIT });
+        return false;
+      }, WAIT, 200);
       await a.locator('.msg-row .text', { hasText: /^long \d+$/ }).first().waitFor({ timeout: WAIT });
       const rowsAtBottom = await a.locator('.messages .vrow').count();
       let most = rowsAtBottom;
