@@ -1196,11 +1196,18 @@ async fn a_contact_added_to_a_stopped_device_is_known_when_it_starts_and_its_own
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_lookup() {
+/// Six relays on ports 1 to 6, joined through the first, with buckets of
+/// three so that they fill more than one, 30 s after their start: the world,
+/// its clock, the tuning (for the clients too), the relays and their addresses.
+async fn six_relays_with_buckets_of_three() -> (
+    SimNetwork,
+    Clock,
+    sim::HostTuning,
+    Vec<(Node, sim::HostDisk)>,
+    Vec<Multiaddr>,
+) {
     let net = SimNetwork::new(Arc::new(Links::default()));
     let clock = Clock::tokio(START_MS);
-    // Buckets of three, so that six relays fill more than one.
     let mut tuning = sim::HostTuning::default();
     tuning.net.kad_replication = std::num::NonZeroUsize::new(3).unwrap();
     let mut relays = Vec::new();
@@ -1221,6 +1228,12 @@ async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_looku
         relays.push((node, disk));
     }
     tokio::time::sleep(Duration::from_secs(30)).await;
+    (net, clock, tuning, relays, boot)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_lookup() {
+    let (net, clock, tuning, relays, boot) = six_relays_with_buckets_of_three().await;
     let host = sim::PersonHost {
         port: 10,
         bootstrap: vec![boot[0].clone()],
@@ -1279,28 +1292,7 @@ async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_looku
 /// lookup fills it; that second lookup would find nothing the first did not.
 #[tokio::test(start_paused = true)]
 async fn a_fresh_dht_client_looks_itself_up_once_as_it_starts() {
-    let net = SimNetwork::new(Arc::new(Links::default()));
-    let clock = Clock::tokio(START_MS);
-    let mut tuning = sim::HostTuning::default();
-    tuning.net.kad_replication = std::num::NonZeroUsize::new(3).unwrap();
-    let mut relays = Vec::new();
-    let mut boot: Vec<Multiaddr> = Vec::new();
-    for port in 1..=6 {
-        let disk = sim::HostDisk::relay(clock.now_ms(), None).unwrap();
-        let node = sim::start_relay_on(
-            &net,
-            port,
-            &disk,
-            boot.iter().take(1).cloned().collect(),
-            clock.clone(),
-            &tuning,
-        )
-        .await
-        .unwrap();
-        boot.push(SimNetwork::address(port).with(Protocol::P2p(node.handle().peer_id())));
-        relays.push((node, disk));
-    }
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    let (net, clock, tuning, relays, boot) = six_relays_with_buckets_of_three().await;
     // Alice lets a connection go as soon as it is idle, so a second lookup
     // would dial the relays again.
     let mut alice_tuning = tuning.clone();
