@@ -63,6 +63,11 @@ const GROUP_TICK: Duration = Duration::from_secs(1);
 /// go unpolled should a wake be missed: with 30 s, one browser test run saw
 /// a remover's own commit applied only after its 20 s wait (not traced).
 const GROUP_UPKEEP_MAX: Duration = Duration::from_secs(5);
+/// The longest the groups' upkeep goes without a round in the core while nothing is written to
+/// the store and no deadline of its own falls due. What a round looks at is all in the store, so
+/// an unchanged store gives the same round; this bounds how long upkeep that failed without
+/// writing anything waits to be tried again.
+const GROUP_UPKEEP_IDLE: Duration = Duration::from_secs(60);
 /// How long a group fetch waits at the relay for something new.
 const GROUP_WAIT: Duration = Duration::from_millis(crate::relay::MAX_FETCH_WAIT_MS);
 /// How often a node checks that its account's other devices are in all its groups, and that its
@@ -1599,34 +1604,53 @@ impl NodeHandle {
     /// a long poll of its own: the relay answers as soon as something is
     /// deposited there, or with nothing after [`GROUP_WAIT`]. This loop starts
     /// the polls and runs the groups' upkeep in the core (commits sent again,
-    /// proposals committed, scheduled self-updates, leaving): when woken, when
-    /// a poll ends, and at the upkeep's next deadline (at most
-    /// [`GROUP_UPKEEP_MAX`] later).
+    /// proposals committed, scheduled self-updates, leaving): when woken, and
+    /// at the upkeep's next deadline. It looks every [`GROUP_UPKEEP_MAX`] (and
+    /// whenever a poll ends) whether the store changed; if it did not, the
+    /// last round's answer stands (for at most [`GROUP_UPKEEP_IDLE`]).
     async fn group_sync(self) {
         use futures::StreamExt as _;
         // The polls are futures of this task (not tasks of their own), so
         // that stopping this task drops them, and the node's state with them.
         let mut polling = std::collections::HashSet::new();
         let mut polls = futures::stream::FuturesUnordered::new();
+        // The last round: the store's change count before it, when the next one is due
+        // whatever is written, and the inboxes it listed.
+        let mut last: Option<(u64, tokio::time::Instant, Vec<crate::core::GroupInbox>)> = None;
+        let mut woken = true;
         loop {
-            let Ok(upkeep) = self.core(|reply| CoreInput::GroupInboxes { reply }).await else {
-                return;
-            };
-            for g in upkeep.inboxes {
+            let changes = self.inner.store.changes();
+            let now = tokio::time::Instant::now();
+            let current = !woken
+                && last
+                    .as_ref()
+                    .is_some_and(|(seen, due, _)| *seen == changes && now < *due);
+            if !current {
+                let Ok(upkeep) = self.core(|reply| CoreInput::GroupInboxes { reply }).await else {
+                    return;
+                };
+                let due = upkeep
+                    .next_due_ms
+                    .map_or(GROUP_UPKEEP_IDLE, Duration::from_millis)
+                    .clamp(GROUP_TICK, GROUP_UPKEEP_IDLE);
+                last = Some((changes, now + due, upkeep.inboxes));
+            }
+            let Some((_, due, inboxes)) = &last else { return };
+            for g in inboxes {
                 if polling.insert((g.group_id.clone(), g.inbox_seed)) {
-                    polls.push(self.poll_group(g));
+                    polls.push(self.poll_group(g.clone()));
                 }
             }
-            let pause = upkeep
-                .next_due_ms
-                .map_or(GROUP_UPKEEP_MAX, Duration::from_millis)
+            let pause = due
+                .saturating_duration_since(tokio::time::Instant::now())
                 .clamp(GROUP_TICK, GROUP_UPKEEP_MAX);
-            tokio::select! {
-                _ = tokio::time::timeout(pause, self.inner.group_wake.notified()) => {}
+            woken = tokio::select! {
+                r = tokio::time::timeout(pause, self.inner.group_wake.notified()) => r.is_ok(),
                 Some(done) = polls.next(), if !polls.is_empty() => {
                     polling.remove(&done);
+                    false
                 }
-            }
+            };
         }
     }
 
