@@ -1234,6 +1234,18 @@ impl EventLoop {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
             }
+            // libp2p leaves a connection open when its pings go unanswered. A link that died
+            // without a word (a NAT that forgot the mapping, a cable pulled) would then hold
+            // whatever waits on it, a long-polling group fetch among them, until its own
+            // timeout: close it, so that those fail now and are tried again.
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e @ (ping::Failure::Timeout | ping::Failure::Other { .. })),
+            })) => {
+                debug!(%peer, "closing a connection whose ping failed: {e}");
+                self.swarm.close_connection(connection);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(peers))) => {
                 for (peer, addr) in peers {
                     self.swarm.behaviour_mut().kad.add_address(&peer, addr);

@@ -36,8 +36,11 @@ use crate::net::{NetEvent, Network, RelayServerConfig};
 /// Most envelopes one fetch returns.
 const MAX_FETCH: usize = 512;
 /// Longest a fetch may wait for something to be deposited (members of a group
-/// long-poll its sequencing inbox: one signed fetch a minute while idle).
-pub const MAX_FETCH_WAIT_MS: u64 = 60_000;
+/// long-poll its sequencing inbox: one signed fetch every five minutes while
+/// idle). A held fetch costs the relay nothing while it waits, and each renewal
+/// costs a signature check and a nonce commit; the connection's pings, not the
+/// renewals, find a link that died under it.
+pub const MAX_FETCH_WAIT_MS: u64 = 300_000;
 /// Most fetches waiting at once, in all, and per peer.
 const MAX_WAITING: usize = 50_000;
 const MAX_WAITING_PER_PEER: usize = 256;

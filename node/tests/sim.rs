@@ -19,13 +19,16 @@ const START_MS: u64 = 1_800_000_000_000;
 
 /// 25 ms one way between any two hosts, except alice (10) and bob (11) once
 /// they are cut apart, and bob or alice and anyone once they are cut off;
-/// while `slow_to_bob`, 15 s from the relay on port 1 to bob.
+/// while `slow_to_bob`, 15 s from the relay on port 1 to bob; while
+/// `port_12_silent`, an hour to and from port 12 (a link that died without
+/// closing: nothing arrives, nothing fails).
 #[derive(Default)]
 struct Links {
     cut: AtomicBool,
     bob_off: AtomicBool,
     alice_off: AtomicBool,
     slow_to_bob: AtomicBool,
+    port_12_silent: AtomicBool,
 }
 
 impl LinkModel for Links {
@@ -42,6 +45,9 @@ impl LinkModel for Links {
         }
         if (from, to) == (1, 11) && self.slow_to_bob.load(Ordering::Relaxed) {
             return Some(Duration::from_secs(15));
+        }
+        if (from == 12 || to == 12) && self.port_12_silent.load(Ordering::Relaxed) {
+            return Some(Duration::from_secs(3600));
         }
         Some(Duration::from_millis(25))
     }
@@ -390,6 +396,59 @@ async fn a_held_fetch_outlasts_the_request_timeout_and_is_answered_by_the_next_d
     assert!(
         took >= Duration::from_secs(15) && took < Duration::from_secs(16),
         "answered after {took:?}"
+    );
+    r1.shutdown().await;
+}
+
+/// A held fetch on a link that went silent (nothing arrives either way, and
+/// nothing fails) ends once the connection's pings go unanswered, well
+/// before its wait is over: the member polls again instead of waiting out
+/// the wait on a dead link.
+#[tokio::test(start_paused = true)]
+async fn a_held_fetch_on_a_link_gone_silent_fails_once_its_pings_go_unanswered() {
+    let links = Arc::new(Links::default());
+    let net = SimNetwork::new(links.clone());
+    let clock = Clock::tokio(START_MS);
+    let (r1, _) = relay(&net, 1, Vec::new(), &clock).await;
+    let relay_peer = r1.handle().peer_id();
+    let (owner, _owner_events) = bare_node(&net, &clock, 12, relay_peer).await;
+    let seed = [6u8; 32];
+    let inbox = mb::inbox_id(&tidings_protocol::identity::DeviceKey::from_seed(seed).public());
+    let wait = Duration::from_millis(tidings_node::relay::MAX_FETCH_WAIT_MS);
+    let auth = mb::sign_auth(
+        &seed,
+        mb::Op::Fetch,
+        &relay_peer.to_bytes(),
+        &inbox,
+        clock.now_ms(),
+        rand::random(),
+        0,
+    );
+    let fetch = pb::MailboxRequest {
+        op: Some(pb::mailbox_request::Op::Fetch(pb::Fetch {
+            inbox_id: inbox.to_vec(),
+            request_inbox: false,
+            after_index: 0,
+            limit: 10,
+            auth: Some(auth),
+            wait_ms: u32::try_from(wait.as_millis()).unwrap(),
+        })),
+    };
+    let started = tokio::time::Instant::now();
+    let silence = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        links.port_12_silent.store(true, Ordering::Relaxed);
+    };
+    let (answer, ()) = tokio::join!(owner.mailbox_held(relay_peer, fetch, wait), silence);
+    let took = started.elapsed();
+    assert!(
+        answer.is_err(),
+        "a held fetch over a silent link was answered: {answer:?}"
+    );
+    let ping = tidings_node::NetConfig::default().tuning.ping_interval;
+    assert!(
+        took < ping * 2 + Duration::from_secs(10),
+        "the held fetch ended {took:?} after it began; its wait was {wait:?}"
     );
     r1.shutdown().await;
 }
