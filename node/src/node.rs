@@ -57,11 +57,12 @@ const WAITING_RETRY_MAX: Duration = Duration::from_secs(120);
 /// The fastest a group inbox is fetched from a relay that does not hold
 /// fetches, and the shortest pause between two rounds of the groups' upkeep.
 const GROUP_TICK: Duration = Duration::from_secs(1);
-/// The longest pause between two rounds of the groups' upkeep when nothing
-/// wakes it and no deadline of its own falls earlier. A round also starts
-/// the poll of any group that has none, so this bounds how long a group can
-/// go unpolled should a wake be missed: with 30 s, one browser test run saw
-/// a remover's own commit applied only after its 20 s wait (not traced).
+/// The longest pause of the groups' upkeep loop when nothing wakes it and no
+/// deadline of its own falls earlier. Each pass starts the poll of any group
+/// that has none and runs a round in the core if the store changed, so this
+/// bounds how long a group can go unpolled should a wake be missed: with 30 s,
+/// one browser test run saw a remover's own commit applied only after its 20 s
+/// wait (not traced).
 const GROUP_UPKEEP_MAX: Duration = Duration::from_secs(5);
 /// The longest the groups' upkeep goes without a round in the core while nothing is written to
 /// the store and no deadline of its own falls due. What a round looks at is all in the store, so

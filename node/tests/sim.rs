@@ -333,27 +333,7 @@ async fn a_held_fetch_outlasts_the_request_timeout_and_is_answered_by_the_next_d
     let inbox = mb::inbox_id(&tidings_protocol::identity::DeviceKey::from_seed(seed).public());
     let wait = Duration::from_millis(tidings_node::relay::MAX_FETCH_WAIT_MS);
     assert!(wait > tidings_node::NetConfig::default().request_timeout);
-    let fetch = || {
-        let auth = mb::sign_auth(
-            &seed,
-            mb::Op::Fetch,
-            &relay_peer.to_bytes(),
-            &inbox,
-            clock.now_ms(),
-            rand::random(),
-            0,
-        );
-        pb::MailboxRequest {
-            op: Some(pb::mailbox_request::Op::Fetch(pb::Fetch {
-                inbox_id: inbox.to_vec(),
-                request_inbox: false,
-                after_index: 0,
-                limit: 10,
-                auth: Some(auth),
-                wait_ms: u32::try_from(wait.as_millis()).unwrap(),
-            })),
-        }
-    };
+    let fetch = || held_fetch(&seed, relay_peer, clock.now_ms(), wait);
     let fetched = |answer: pb::MailboxResponse| match answer.result {
         Some(pb::mailbox_response::Result::Fetched(f)) => f.envelopes.len(),
         other => panic!("not a fetch result: {other:?} ({})", answer.detail),
@@ -413,27 +393,8 @@ async fn a_held_fetch_on_a_link_gone_silent_fails_once_its_pings_go_unanswered()
     let relay_peer = r1.handle().peer_id();
     let (owner, _owner_events) = bare_node(&net, &clock, 12, relay_peer).await;
     let seed = [6u8; 32];
-    let inbox = mb::inbox_id(&tidings_protocol::identity::DeviceKey::from_seed(seed).public());
     let wait = Duration::from_millis(tidings_node::relay::MAX_FETCH_WAIT_MS);
-    let auth = mb::sign_auth(
-        &seed,
-        mb::Op::Fetch,
-        &relay_peer.to_bytes(),
-        &inbox,
-        clock.now_ms(),
-        rand::random(),
-        0,
-    );
-    let fetch = pb::MailboxRequest {
-        op: Some(pb::mailbox_request::Op::Fetch(pb::Fetch {
-            inbox_id: inbox.to_vec(),
-            request_inbox: false,
-            after_index: 0,
-            limit: 10,
-            auth: Some(auth),
-            wait_ms: u32::try_from(wait.as_millis()).unwrap(),
-        })),
-    };
+    let fetch = held_fetch(&seed, relay_peer, clock.now_ms(), wait);
     let started = tokio::time::Instant::now();
     let silence = async {
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -451,6 +412,31 @@ async fn a_held_fetch_on_a_link_gone_silent_fails_once_its_pings_go_unanswered()
         "the held fetch ended {took:?} after it began; its wait was {wait:?}"
     );
     r1.shutdown().await;
+}
+
+/// A fetch from the start of the inbox owned by the key of `seed` on `relay`, signed at `now_ms`,
+/// that may wait up to `wait` for a deposit (a group member's long poll).
+fn held_fetch(seed: &[u8; 32], relay: libp2p::PeerId, now_ms: u64, wait: Duration) -> pb::MailboxRequest {
+    let inbox = mb::inbox_id(&tidings_protocol::identity::DeviceKey::from_seed(*seed).public());
+    let auth = mb::sign_auth(
+        seed,
+        mb::Op::Fetch,
+        &relay.to_bytes(),
+        &inbox,
+        now_ms,
+        rand::random(),
+        0,
+    );
+    pb::MailboxRequest {
+        op: Some(pb::mailbox_request::Op::Fetch(pb::Fetch {
+            inbox_id: inbox.to_vec(),
+            request_inbox: false,
+            after_index: 0,
+            limit: 10,
+            auth: Some(auth),
+            wait_ms: u32::try_from(wait.as_millis()).unwrap(),
+        })),
+    }
 }
 
 /// A relay on port 1 and bob on port 11, at home on it, re-checking his
