@@ -6,7 +6,7 @@
 //! the reply goes back with [`Network::respond_deliver`] once the core has
 //! committed what it received.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -656,6 +656,11 @@ fn behaviour(
     }))
 }
 
+/// How long a DHT client whose start needs a self-lookup waits for a lookup of
+/// its own instead (its user record's publication, a record or peer lookup):
+/// that lookup fills the table from the bootstrap peers just as well.
+pub const START_LOOKUP_GRACE: Duration = Duration::from_secs(10);
+
 /// Whether a node's start needs a self-lookup. A DHT server does: it meets
 /// its neighbours, who add it to their tables. A DHT client is in nobody's
 /// table and its own only gives its lookups a place to start; one that saved
@@ -807,20 +812,30 @@ pub async fn spawn(
             }
         }
     }
-    let mut quiet_bootstrap = None;
+    let mut quiet_bootstraps = HashSet::new();
+    let mut start_lookup_due = None;
     if !config.bootstrap.is_empty() || !config.known_peers.is_empty() {
         // libp2p bootstraps on its own half a second after the first listen
         // address while nothing is connected; starting one here resets that.
         let started = swarm.behaviour_mut().kad.bootstrap();
-        if !start_lookup_needed(&config)
+        let needed = start_lookup_needed(&config);
+        if (!needed || !config.dht_server)
             && let Ok(id) = started
             && let Some(mut q) = swarm.behaviour_mut().kad.query_mut(&id)
         {
             // Ended before its first request: the bucket lookups libp2p then
             // queues end the same way (`on_kad_event`).
-            debug!("starting without a self-lookup: the saved routing table is recent");
             q.finish();
-            quiet_bootstrap = Some(id);
+            quiet_bootstraps.insert(id);
+            if needed {
+                // A client's first lookup of its own is usually moments away
+                // (a first start publishes the user record at once); the
+                // self-lookup waits for it and is dropped if it comes.
+                debug!("the start's self-lookup waits for a lookup of this node's own");
+                start_lookup_due = Some(tokio::time::Instant::now() + START_LOOKUP_GRACE);
+            } else {
+                debug!("starting without a self-lookup: the saved routing table is recent");
+            }
         }
     }
     // Circuits are reserved once the connection to the relay is up (see
@@ -871,7 +886,8 @@ pub async fn spawn(
         get_record: HashMap::new(),
         reservations,
         circuits_waiting: CircuitsWaiting::default(),
-        quiet_bootstrap,
+        quiet_bootstraps,
+        start_lookup_due,
         connections: HashMap::new(),
         hole_punches: 0,
         refresh: BucketRefresh::new(
@@ -923,9 +939,12 @@ struct EventLoop {
     reservations: HashMap<PeerId, Reservation>,
     /// Circuits to other devices, dialled once their relay's connection is up.
     circuits_waiting: CircuitsWaiting,
-    /// The last bootstrap this node started only to end it before its first
-    /// request (see `on_kad_event`).
-    quiet_bootstrap: Option<kad::QueryId>,
+    /// Bootstraps this node started only to end them before their first
+    /// request (see `on_kad_event`), until libp2p reports their end.
+    quiet_bootstraps: HashSet<kad::QueryId>,
+    /// When a DHT client's start looks itself up, unless a lookup of its own
+    /// comes first (see `START_LOOKUP_GRACE`).
+    start_lookup_due: Option<tokio::time::Instant>,
     hole_punches: u64,
     /// Peer and remote address of each open connection.
     connections: HashMap<ConnectionId, (PeerId, Multiaddr)>,
@@ -971,6 +990,8 @@ impl EventLoop {
         let first = tokio::time::Instant::now() + tick + self.refresh.phase();
         let mut refresh = tokio::time::interval_at(first, tick);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let start_lookup = tokio::time::sleep_until(self.start_lookup_due.unwrap_or(first));
+        tokio::pin!(start_lookup);
         loop {
             tokio::select! {
                 biased;
@@ -981,6 +1002,11 @@ impl EventLoop {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev).await,
                 _ = retry.tick(), if !self.reservations.is_empty() => self.reserve_circuits(true),
                 _ = refresh.tick() => self.refresh_buckets(),
+                _ = &mut start_lookup, if self.start_lookup_due.is_some() => {
+                    self.start_lookup_due = None;
+                    debug!("no lookup of this node's own since the start: a self-lookup");
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
             }
         }
         debug!("network task stopped");
@@ -1091,11 +1117,13 @@ impl EventLoop {
                     }
                     let qid = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
                     self.find_peer.insert(qid, (peer, vec![reply]));
+                    self.start_lookup_due = None;
                     self.refresh.touch_key(peer.to_bytes(), tokio::time::Instant::now());
                 }
             }
             Command::PutRecord { key, value, reply } => {
                 self.refresh.touch_key(key.clone(), tokio::time::Instant::now());
+                self.start_lookup_due = None;
                 let record = Record::new(RecordKey::new(&key), value);
                 // Keep our own copy too, so that we answer for it.
                 let _ = b.kad.store_mut().put(record.clone());
@@ -1112,6 +1140,7 @@ impl EventLoop {
                 let qid = b.kad.get_record(RecordKey::new(&key));
                 self.refresh.touch_key(key.clone(), tokio::time::Instant::now());
                 self.get_record.insert(qid, (key, Vec::new(), reply));
+                self.start_lookup_due = None;
             }
             Command::Dial { addr } => {
                 // A direct address may be a DHT server's. A circuit leads to a
@@ -1489,6 +1518,18 @@ impl EventLoop {
         }
     }
 
+    /// Disarms libp2p's next bootstrap by starting one and ending it before
+    /// its first request: a bootstrap that starts resets libp2p's timer.
+    fn disarm_bootstrap(&mut self) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if let Ok(id) = kad.bootstrap() {
+            if let Some(mut q) = kad.query_mut(&id) {
+                q.finish();
+            }
+            self.quiet_bootstraps.insert(id);
+        }
+    }
+
     fn on_kad_event(&mut self, ev: kad::Event) {
         match ev {
             kad::Event::InboundRequest {
@@ -1520,8 +1561,19 @@ impl EventLoop {
                     Err(e) => info!(%source, "refused DHT record: {e}"),
                 }
             }
-            kad::Event::RoutingUpdated { peer, .. } => {
+            kad::Event::RoutingUpdated { peer, is_new_peer, .. } => {
                 self.refresh.touch_peer(peer, tokio::time::Instant::now());
+                // libp2p arms a bootstrap (a self-lookup, half a second on)
+                // whenever a peer joins a table of fewer than 20. A DHT client
+                // keeps its own schedule: the start's self-lookup, unless a
+                // lookup of its own comes first, and `refresh_buckets`.
+                if is_new_peer && !self.refresh.dht_server() {
+                    let kad = &mut self.swarm.behaviour_mut().kad;
+                    let entries: usize = kad.kbuckets().map(|b| b.num_entries()).sum();
+                    if entries < kad::K_VALUE.get() {
+                        self.disarm_bootstrap();
+                    }
+                }
             }
             kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
                 QueryResult::Bootstrap(_) => {
@@ -1538,16 +1590,12 @@ impl EventLoop {
                     // this one ends: a second self-lookup that would ask the
                     // same peers again. A bootstrap that starts disarms it, so
                     // one is started and ended before its first request.
-                    let kad = &mut self.swarm.behaviour_mut().kad;
                     if !step.last {
-                        if let Some(mut q) = kad.query_mut(&id) {
+                        if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
                             q.finish();
                         }
-                    } else if self.quiet_bootstrap != Some(id) {
-                        self.quiet_bootstrap = kad.bootstrap().ok();
-                        if let Some(mut q) = self.quiet_bootstrap.and_then(|q| kad.query_mut(&q)) {
-                            q.finish();
-                        }
+                    } else if !self.quiet_bootstraps.remove(&id) {
+                        self.disarm_bootstrap();
                     }
                 }
                 QueryResult::GetClosestPeers(res) => {

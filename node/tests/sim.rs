@@ -10,7 +10,7 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use prost::Message as _;
 use tidings_node::sim::{self, LinkModel, SimNetwork};
-use tidings_node::{Clock, Node, NodeHandle};
+use tidings_node::{Clock, Node, NodeHandle, net};
 use tidings_protocol::mailbox as mb;
 use tidings_protocol::pb;
 use tidings_store::MessageState;
@@ -1366,6 +1366,48 @@ async fn a_fresh_dht_client_looks_itself_up_once_as_it_starts() {
         kad_dials <= relays.len() as u64,
         "one lookup asks each of the {} relays at most once; alice dialled {kad_dials} for the DHT",
         relays.len()
+    );
+    alice.shutdown().await;
+    for (node, _) in relays {
+        node.shutdown().await;
+    }
+}
+
+/// A fresh DHT client's start needs a self-lookup, but a lookup of its own
+/// fills its table just as well: the self-lookup waits
+/// (`net::START_LOOKUP_GRACE`) and is dropped when the user record's
+/// publication comes first, as it does at a first start.
+#[tokio::test(start_paused = true)]
+async fn a_fresh_dht_client_publishing_within_the_grace_makes_no_separate_self_lookup() {
+    let (net, clock, tuning, relays, boot) = six_relays_with_buckets_of_three().await;
+    // Alice lets a connection go as soon as it is idle, so every lookup dials.
+    let mut alice_tuning = tuning.clone();
+    alice_tuning.net.idle_timeout = Duration::from_millis(100);
+    let host = sim::PersonHost {
+        port: 10,
+        bootstrap: vec![boot[0].clone()],
+        home_relays: Vec::new(),
+        reachable: false,
+        dht_server: false,
+        tuning: alice_tuning,
+    };
+    let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
+    let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        net.connections_dialled(10),
+        1,
+        "in her first two seconds alice dialled her bootstrap relay and looked nothing up"
+    );
+    let published = alice.handle().publish_record().await;
+    assert!(published.is_ok(), "the publication found the DHT: {published:?}");
+    let after_publication = net.connections_dialled(10);
+    assert!(after_publication > 1, "the publication's lookup dialled the relays");
+    tokio::time::sleep(net::START_LOOKUP_GRACE + Duration::from_secs(20)).await;
+    assert_eq!(
+        net.connections_dialled(10),
+        after_publication,
+        "no self-lookup followed the publication"
     );
     alice.shutdown().await;
     for (node, _) in relays {
