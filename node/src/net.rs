@@ -661,6 +661,13 @@ fn behaviour(
 /// that lookup fills the table from the bootstrap peers just as well.
 pub const START_LOOKUP_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a node renews its own record at the servers its last full
+/// publication found nearest the key, without looking the key up again. The
+/// servers holding a record hand it on hourly to whoever is now nearest
+/// (libp2p's replication), so a newcomer near the key gets it anyway; the
+/// owner's lookup every few hours keeps its own set from drifting.
+pub const RECORD_HOLDERS_FRESH: Duration = Duration::from_secs(6 * 3600);
+
 /// Whether a node's start needs a self-lookup. A DHT server does: it meets
 /// its neighbours, who add it to their tables. A DHT client is in nobody's
 /// table and its own only gives its lookups a place to start; one that saved
@@ -883,6 +890,8 @@ pub async fn spawn(
         outbound_link: HashMap::new(),
         find_peer: HashMap::new(),
         put_record: HashMap::new(),
+        put_lookups: HashMap::new(),
+        record_holders: HashMap::new(),
         get_record: HashMap::new(),
         reservations,
         circuits_waiting: CircuitsWaiting::default(),
@@ -912,6 +921,8 @@ pub async fn spawn(
 
 /// A peer lookup: the target and everyone waiting for its addresses.
 type FindPeerQuery = (PeerId, Vec<oneshot::Sender<Vec<Multiaddr>>>);
+/// The servers nearest a record key, with their addresses, and when a lookup found them.
+type RecordHolders = (Vec<(PeerId, Vec<Multiaddr>)>, tokio::time::Instant);
 /// A record lookup: the key, the valid values found so far, the caller.
 type GetRecordQuery = (Vec<u8>, Vec<Vec<u8>>, oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>);
 
@@ -934,6 +945,11 @@ struct EventLoop {
     outbound_mailbox: HashMap<OutboundRequestId, oneshot::Sender<Result<pb::MailboxResponse, NetError>>>,
     find_peer: HashMap<kad::QueryId, FindPeerQuery>,
     put_record: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
+    /// Publications whose first step, a lookup of the servers nearest the key, is running.
+    put_lookups: HashMap<kad::QueryId, (Record, oneshot::Sender<Result<(), NetError>>)>,
+    /// For each record key this node published: the servers its last lookup
+    /// found nearest the key, their addresses, and when (see `RECORD_HOLDERS_FRESH`).
+    record_holders: HashMap<Vec<u8>, RecordHolders>,
     get_record: HashMap<kad::QueryId, GetRecordQuery>,
     /// Circuits we hold (or want) on relays, by relay.
     reservations: HashMap<PeerId, Reservation>,
@@ -1122,17 +1138,26 @@ impl EventLoop {
                 }
             }
             Command::PutRecord { key, value, reply } => {
-                self.refresh.touch_key(key.clone(), tokio::time::Instant::now());
+                let now = tokio::time::Instant::now();
+                self.refresh.touch_key(key.clone(), now);
                 self.start_lookup_due = None;
-                let record = Record::new(RecordKey::new(&key), value);
+                let mut record = Record::new(RecordKey::new(&key), value);
+                // Ours: libp2p's replication passes it over, and its own
+                // publication job renews it only after 22 hours.
+                record.publisher = Some(*self.swarm.local_peer_id());
                 // Keep our own copy too, so that we answer for it.
-                let _ = b.kad.store_mut().put(record.clone());
-                match b.kad.put_record(record, Quorum::One) {
-                    Ok(qid) => {
-                        self.put_record.insert(qid, reply);
+                if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record.clone()) {
+                    let _ = reply.send(Err(NetError::Failed(e.to_string())));
+                    return;
+                }
+                match self.record_holders.get(&key) {
+                    Some((holders, found)) if now.duration_since(*found) < RECORD_HOLDERS_FRESH => {
+                        let holders = holders.clone();
+                        self.put_record_to(record, holders, reply);
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(NetError::Failed(e.to_string())));
+                    _ => {
+                        let qid = self.swarm.behaviour_mut().kad.get_closest_peers(key);
+                        self.put_lookups.insert(qid, (record, reply));
                     }
                 }
             }
@@ -1518,6 +1543,25 @@ impl EventLoop {
         }
     }
 
+    /// Stores `record` at `holders`, the servers a lookup found nearest its key.
+    fn put_record_to(
+        &mut self,
+        record: Record,
+        holders: Vec<(PeerId, Vec<Multiaddr>)>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    ) {
+        // A holder the routing table has no room for is dialled at the
+        // address the lookup gave.
+        for (peer, addrs) in &holders {
+            for a in addrs {
+                self.swarm.add_peer_address(*peer, a.clone());
+            }
+        }
+        let peers = holders.into_iter().map(|(p, _)| p).collect::<Vec<_>>().into_iter();
+        let qid = self.swarm.behaviour_mut().kad.put_record_to(record, peers, Quorum::One);
+        self.put_record.insert(qid, reply);
+    }
+
     /// Disarms libp2p's next bootstrap by starting one and ending it before
     /// its first request: a bootstrap that starts resets libp2p's timer.
     fn disarm_bootstrap(&mut self) {
@@ -1603,6 +1647,18 @@ impl EventLoop {
                         Ok(GetClosestPeersOk { peers, .. }) => peers,
                         Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                     };
+                    if let Some((record, reply)) = self.put_lookups.remove(&id) {
+                        let holders: Vec<(PeerId, Vec<Multiaddr>)> =
+                            peers.into_iter().map(|p| (p.peer_id, p.addrs)).collect();
+                        if holders.is_empty() {
+                            let _ = reply.send(Err(NetError::NotFound));
+                            return;
+                        }
+                        self.record_holders
+                            .insert(record.key.to_vec(), (holders.clone(), tokio::time::Instant::now()));
+                        self.put_record_to(record, holders, reply);
+                        return;
+                    }
                     if let Some((target, waiting)) = self.find_peer.remove(&id) {
                         let addrs: Vec<Multiaddr> = peers
                             .into_iter()
@@ -1619,6 +1675,10 @@ impl EventLoop {
                 }
                 QueryResult::PutRecord(res) => {
                     if let Some(reply) = self.put_record.remove(&id) {
+                        if let Err(e) = &res {
+                            // The next publication looks the key up afresh.
+                            self.record_holders.remove(e.key().as_ref());
+                        }
                         let _ = reply.send(res.map(|_| ()).map_err(|e| NetError::Failed(e.to_string())));
                     }
                 }

@@ -176,6 +176,12 @@ impl SimNetwork {
         self.host_bytes(port).dialled_for()
     }
 
+    /// Substreams host `port` has opened so far, by protocol class, in [`StreamClass::ALL`]'s
+    /// order: for request-response protocols and the DHT, one per request.
+    pub fn streams_opened(&self, port: u64) -> [u64; StreamClass::ALL.len()] {
+        self.host_bytes(port).opened()
+    }
+
     /// Connections host `port` has accepted so far.
     pub fn connections_accepted(&self, port: u64) -> u64 {
         self.host_bytes(port).accepted.load(Ordering::Relaxed)

@@ -1415,6 +1415,59 @@ async fn a_fresh_dht_client_publishing_within_the_grace_makes_no_separate_self_l
     }
 }
 
+/// A node renews its record at the servers its last publication found nearest
+/// the key, one store request each, without looking the key up again; once
+/// that set is older than `net::RECORD_HOLDERS_FRESH`, it looks the key up anew.
+#[tokio::test(start_paused = true)]
+async fn a_record_renewal_goes_straight_to_the_servers_the_last_lookup_found() {
+    let (net, clock, tuning, relays, boot) = six_relays_with_buckets_of_three().await;
+    let k = tuning.net.kad_replication.get() as u64;
+    let host = sim::PersonHost {
+        port: 10,
+        bootstrap: vec![boot[0].clone()],
+        home_relays: Vec::new(),
+        reachable: false,
+        dht_server: false,
+        tuning,
+    };
+    let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
+    let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    let kad = sim::StreamClass::ALL
+        .iter()
+        .position(|c| *c == sim::StreamClass::Kad)
+        .unwrap();
+    // Kad streams alice opens for one publication: one per request.
+    let publish = async || {
+        let before = net.streams_opened(10)[kad];
+        let published = alice.handle().publish_record().await;
+        assert!(published.is_ok(), "published: {published:?}");
+        net.streams_opened(10)[kad] - before
+    };
+    let first = publish().await;
+    assert!(
+        first > k,
+        "the first publication looked the key up before storing it at {k} servers ({first} requests)"
+    );
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let renewal = publish().await;
+    assert!(
+        renewal <= k,
+        "an hour later the record went straight to the {k} servers found then ({renewal} requests)"
+    );
+    tokio::time::sleep(net::RECORD_HOLDERS_FRESH).await;
+    let late = publish().await;
+    assert!(
+        late > k,
+        "once the set is stale, the key is looked up again ({late} requests)"
+    );
+    let found = alice.handle().lookup_record(&alice.handle().account()).await;
+    assert!(found.is_ok(), "the record is found: {found:?}");
+    alice.shutdown().await;
+    for (node, _) in relays {
+        node.shutdown().await;
+    }
+}
+
 /// Relays on ports 1 to n (each joining the DHT through the first), and
 /// alice (port 10) and bob (port 11): reachable DHT clients, at home on
 /// relays 1 and 2.

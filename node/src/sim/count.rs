@@ -113,6 +113,8 @@ pub(crate) struct HostBytes {
     /// Connections this host dialled, by the class of the first substream it opened on them that
     /// is not one every connection opens (identify, ping, AutoNAT): what each dial was for.
     dialled_for: [AtomicU64; StreamClass::ALL.len()],
+    /// Substreams this host opened, by class.
+    opened: [AtomicU64; StreamClass::ALL.len()],
 }
 
 impl HostBytes {
@@ -129,6 +131,11 @@ impl HostBytes {
     /// Those that never opened such a substream are the rest of `dialled`.
     pub(crate) fn dialled_for(&self) -> [u64; StreamClass::ALL.len()] {
         std::array::from_fn(|i| self.dialled_for[i].load(Ordering::Relaxed))
+    }
+
+    /// Substreams this host opened, by class, in [`StreamClass::ALL`]'s order.
+    pub(crate) fn opened(&self) -> [u64; StreamClass::ALL.len()] {
+        std::array::from_fn(|i| self.opened[i].load(Ordering::Relaxed))
     }
 }
 
@@ -164,6 +171,7 @@ impl<M> CountingMuxer<M> {
             class: None,
             sniff: None,
             purpose: if outbound { self.purpose.clone() } else { None },
+            outbound,
         }
     }
 }
@@ -213,6 +221,8 @@ pub struct CountedStream<S> {
     /// An outbound substream of a connection this host dialled: the connection's flag of
     /// whether its purpose has been counted.
     purpose: Option<Arc<AtomicBool>>,
+    /// Whether this host opened the substream.
+    outbound: bool,
 }
 
 #[derive(Default)]
@@ -244,6 +254,9 @@ impl<S> CountedStream<S> {
         self.host.add(class, sniff.pending);
         self.class = Some(class);
         self.sniff = None;
+        if self.outbound {
+            self.host.opened[class.index()].fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(purpose) = self.purpose.take()
             && !class.is_upkeep()
             && !purpose.swap(true, Ordering::Relaxed)
@@ -412,6 +425,20 @@ mod tests {
         let mut want = [0; StreamClass::ALL.len()];
         want[StreamClass::Kad.index()] = 1;
         assert_eq!(host.dialled_for(), want);
+        let mut opened = [0; StreamClass::ALL.len()];
+        for class in [
+            StreamClass::Identify,
+            StreamClass::Deliver,
+            StreamClass::Kad,
+            StreamClass::Mailbox,
+        ] {
+            opened[class.index()] = 1;
+        }
+        assert_eq!(
+            host.opened(),
+            opened,
+            "every substream the host opened, none it accepted"
+        );
     }
 
     #[test]
@@ -423,6 +450,7 @@ mod tests {
             class: None,
             sniff: None,
             purpose: None,
+            outbound: false,
         };
         let mut s = stream(&host);
         s.count(30, None);
