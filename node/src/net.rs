@@ -347,7 +347,8 @@ enum Command {
     PutRecord {
         key: Vec<u8>,
         value: Vec<u8>,
-        reply: oneshot::Sender<Result<(), NetError>>,
+        holders: Option<Holders>,
+        reply: PutRecordReply,
     },
     GetRecord {
         key: Vec<u8>,
@@ -479,8 +480,22 @@ impl Network {
         self.call(|reply| Command::FindPeer { peer, reply }).await
     }
 
-    pub async fn put_record(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), NetError> {
-        self.call(|reply| Command::PutRecord { key, value, reply }).await?
+    /// Publishes a record: at `holders`, the servers an earlier lookup found
+    /// nearest the key, if given; otherwise at those a lookup finds now, which
+    /// it returns for the next publication (see `RECORD_HOLDERS_FRESH`).
+    pub async fn put_record(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        holders: Option<Holders>,
+    ) -> Result<Option<Holders>, NetError> {
+        self.call(|reply| Command::PutRecord {
+            key,
+            value,
+            holders,
+            reply,
+        })
+        .await?
     }
 
     /// Every validated copy of a record found in the DHT.
@@ -891,7 +906,6 @@ pub async fn spawn(
         find_peer: HashMap::new(),
         put_record: HashMap::new(),
         put_lookups: HashMap::new(),
-        record_holders: HashMap::new(),
         get_record: HashMap::new(),
         reservations,
         circuits_waiting: CircuitsWaiting::default(),
@@ -921,8 +935,12 @@ pub async fn spawn(
 
 /// A peer lookup: the target and everyone waiting for its addresses.
 type FindPeerQuery = (PeerId, Vec<oneshot::Sender<Vec<Multiaddr>>>);
-/// The servers nearest a record key, with their addresses, and when a lookup found them.
-type RecordHolders = (Vec<(PeerId, Vec<Multiaddr>)>, tokio::time::Instant);
+/// The servers a lookup found nearest a record key, with their addresses.
+pub type Holders = Vec<(PeerId, Vec<Multiaddr>)>;
+/// Where a publication's outcome goes: the holders its lookup found, if it made one.
+type PutRecordReply = oneshot::Sender<Result<Option<Holders>, NetError>>;
+/// A publication's caller, and the holders its lookup found (none if it was given them).
+type PutRecordQuery = (PutRecordReply, Option<Holders>);
 /// A record lookup: the key, the valid values found so far, the caller.
 type GetRecordQuery = (Vec<u8>, Vec<Vec<u8>>, oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>);
 
@@ -944,12 +962,9 @@ struct EventLoop {
     inbound_mailbox: HashMap<u64, ResponseChannel<pb::MailboxResponse>>,
     outbound_mailbox: HashMap<OutboundRequestId, oneshot::Sender<Result<pb::MailboxResponse, NetError>>>,
     find_peer: HashMap<kad::QueryId, FindPeerQuery>,
-    put_record: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
+    put_record: HashMap<kad::QueryId, PutRecordQuery>,
     /// Publications whose first step, a lookup of the servers nearest the key, is running.
-    put_lookups: HashMap<kad::QueryId, (Record, oneshot::Sender<Result<(), NetError>>)>,
-    /// For each record key this node published: the servers its last lookup
-    /// found nearest the key, their addresses, and when (see `RECORD_HOLDERS_FRESH`).
-    record_holders: HashMap<Vec<u8>, RecordHolders>,
+    put_lookups: HashMap<kad::QueryId, (Record, PutRecordReply)>,
     get_record: HashMap<kad::QueryId, GetRecordQuery>,
     /// Circuits we hold (or want) on relays, by relay.
     reservations: HashMap<PeerId, Reservation>,
@@ -1137,7 +1152,12 @@ impl EventLoop {
                     self.refresh.touch_key(peer.to_bytes(), tokio::time::Instant::now());
                 }
             }
-            Command::PutRecord { key, value, reply } => {
+            Command::PutRecord {
+                key,
+                value,
+                holders,
+                reply,
+            } => {
                 let now = tokio::time::Instant::now();
                 self.refresh.touch_key(key.clone(), now);
                 self.start_lookup_due = None;
@@ -1150,11 +1170,8 @@ impl EventLoop {
                     let _ = reply.send(Err(NetError::Failed(e.to_string())));
                     return;
                 }
-                match self.record_holders.get(&key) {
-                    Some((holders, found)) if now.duration_since(*found) < RECORD_HOLDERS_FRESH => {
-                        let holders = holders.clone();
-                        self.put_record_to(record, holders, reply);
-                    }
+                match holders {
+                    Some(holders) if !holders.is_empty() => self.put_record_to(record, holders, (reply, None)),
                     _ => {
                         let qid = self.swarm.behaviour_mut().kad.get_closest_peers(key);
                         self.put_lookups.insert(qid, (record, reply));
@@ -1544,12 +1561,7 @@ impl EventLoop {
     }
 
     /// Stores `record` at `holders`, the servers a lookup found nearest its key.
-    fn put_record_to(
-        &mut self,
-        record: Record,
-        holders: Vec<(PeerId, Vec<Multiaddr>)>,
-        reply: oneshot::Sender<Result<(), NetError>>,
-    ) {
+    fn put_record_to(&mut self, record: Record, holders: Holders, query: PutRecordQuery) {
         // A holder the routing table has no room for is dialled at the
         // address the lookup gave.
         for (peer, addrs) in &holders {
@@ -1559,7 +1571,7 @@ impl EventLoop {
         }
         let peers = holders.into_iter().map(|(p, _)| p).collect::<Vec<_>>().into_iter();
         let qid = self.swarm.behaviour_mut().kad.put_record_to(record, peers, Quorum::One);
-        self.put_record.insert(qid, reply);
+        self.put_record.insert(qid, query);
     }
 
     /// Disarms libp2p's next bootstrap by starting one and ending it before
@@ -1654,9 +1666,7 @@ impl EventLoop {
                             let _ = reply.send(Err(NetError::NotFound));
                             return;
                         }
-                        self.record_holders
-                            .insert(record.key.to_vec(), (holders.clone(), tokio::time::Instant::now()));
-                        self.put_record_to(record, holders, reply);
+                        self.put_record_to(record, holders.clone(), (reply, Some(holders)));
                         return;
                     }
                     if let Some((target, waiting)) = self.find_peer.remove(&id) {
@@ -1674,12 +1684,8 @@ impl EventLoop {
                     }
                 }
                 QueryResult::PutRecord(res) => {
-                    if let Some(reply) = self.put_record.remove(&id) {
-                        if let Err(e) = &res {
-                            // The next publication looks the key up afresh.
-                            self.record_holders.remove(e.key().as_ref());
-                        }
-                        let _ = reply.send(res.map(|_| ()).map_err(|e| NetError::Failed(e.to_string())));
+                    if let Some((reply, found)) = self.put_record.remove(&id) {
+                        let _ = reply.send(res.map(|_| found).map_err(|e| NetError::Failed(e.to_string())));
                     }
                 }
                 QueryResult::GetRecord(res) => {

@@ -537,6 +537,11 @@ fn known_peers(store: &Store) -> Vec<(PeerId, Vec<Multiaddr>)> {
             return Vec::new();
         }
     };
+    peers_of_rows(saved)
+}
+
+/// Saved DHT peers as far as they parse, those left without an address left out.
+fn peers_of_rows(saved: Vec<tidings_store::KnownPeer>) -> Vec<(PeerId, Vec<Multiaddr>)> {
     saved
         .into_iter()
         .filter_map(|(id, addrs)| {
@@ -544,6 +549,14 @@ fn known_peers(store: &Store) -> Vec<(PeerId, Vec<Multiaddr>)> {
             let addrs: Vec<Multiaddr> = addrs.into_iter().filter_map(|a| Multiaddr::try_from(a).ok()).collect();
             (!addrs.is_empty()).then_some((peer, addrs))
         })
+        .collect()
+}
+
+/// DHT peers as the store saves them.
+fn rows_of_peers(peers: &[(PeerId, Vec<Multiaddr>)]) -> Vec<tidings_store::KnownPeer> {
+    peers
+        .iter()
+        .map(|(p, addrs)| (p.to_bytes(), addrs.iter().map(|a| a.to_vec()).collect()))
         .collect()
 }
 
@@ -565,10 +578,7 @@ fn spawn_known_peers_saver(net: Network, store: Arc<Store>, clock: Clock) -> Joi
 /// becomes). An empty table keeps what was saved.
 async fn save_known_peers(net: &Network, store: &Store, now: u64, saved: &mut Vec<tidings_store::KnownPeer>) {
     let peers = net.routing_peers(tidings_store::MAX_KNOWN_PEERS).await;
-    let rows: Vec<tidings_store::KnownPeer> = peers
-        .iter()
-        .map(|(p, addrs)| (p.to_bytes(), addrs.iter().map(|a| a.to_vec()).collect()))
-        .collect();
+    let rows = rows_of_peers(&peers);
     if rows.is_empty() {
         // Nothing worth saving yet; keep what was saved.
     } else if rows == *saved {
@@ -710,10 +720,45 @@ impl NodeHandle {
         let now = self.inner.clock.now_ms();
         let record = UserRecord::sign(&key, seq, &devices, &relays, &name, now);
         let dht_key = user_record_key(&self.inner.account);
-        self.inner.net.put_record(dht_key.to_vec(), record).await?;
+        let holders = self.record_holders(now);
+        let renewal = holders.is_some();
+        match self.inner.net.put_record(dht_key.to_vec(), record, holders).await {
+            Ok(Some(found)) => {
+                self.inner
+                    .store
+                    .set_record_holders(Some((now, &rows_of_peers(&found))))?;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if renewal {
+                    // The next try looks the key up afresh.
+                    self.inner.store.set_record_holders(None)?;
+                }
+                return Err(e.into());
+            }
+        }
         let digest = user_record_contents_digest(&devices, &relays, &name);
         self.inner.store.set_last_record_publication(now, digest)?;
         Ok(())
+    }
+
+    /// The servers the last lookup for this account's record found nearest its
+    /// key, if that was less than `net::RECORD_HOLDERS_FRESH` ago.
+    fn record_holders(&self, now_ms: u64) -> Option<net::Holders> {
+        let (found_ms, saved) = match self.inner.store.record_holders() {
+            Ok(Some(saved)) => saved,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!("looking the record's key up again: {e}");
+                return None;
+            }
+        };
+        let age = Duration::from_millis(now_ms.checked_sub(found_ms)?);
+        if age >= net::RECORD_HOLDERS_FRESH {
+            return None;
+        }
+        let holders = peers_of_rows(saved);
+        (!holders.is_empty()).then_some(holders)
     }
 
     /// How long until the user record is due again when it is republished

@@ -1416,8 +1416,9 @@ async fn a_fresh_dht_client_publishing_within_the_grace_makes_no_separate_self_l
 }
 
 /// A node renews its record at the servers its last publication found nearest
-/// the key, one store request each, without looking the key up again; once
-/// that set is older than `net::RECORD_HOLDERS_FRESH`, it looks the key up anew.
+/// the key, one store request each, without looking the key up again, after a
+/// restart too (the set is saved with the publication); once that set is older
+/// than `net::RECORD_HOLDERS_FRESH`, it looks the key up anew.
 #[tokio::test(start_paused = true)]
 async fn a_record_renewal_goes_straight_to_the_servers_the_last_lookup_found() {
     let (net, clock, tuning, relays, boot) = six_relays_with_buckets_of_three().await;
@@ -1431,31 +1432,36 @@ async fn a_record_renewal_goes_straight_to_the_servers_the_last_lookup_found() {
         tuning,
     };
     let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
-    let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
     let kad = sim::StreamClass::ALL
         .iter()
         .position(|c| *c == sim::StreamClass::Kad)
         .unwrap();
-    // Kad streams alice opens for one publication: one per request.
-    let publish = async || {
+    // Kad streams a publication opens: one per request.
+    let publish = async |node: &Node| {
         let before = net.streams_opened(10)[kad];
-        let published = alice.handle().publish_record().await;
+        let published = node.handle().publish_record().await;
         assert!(published.is_ok(), "published: {published:?}");
         net.streams_opened(10)[kad] - before
     };
-    let first = publish().await;
+    let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    let first = publish(&alice).await;
     assert!(
         first > k,
         "the first publication looked the key up before storing it at {k} servers ({first} requests)"
     );
     tokio::time::sleep(Duration::from_secs(3600)).await;
-    let renewal = publish().await;
+    let renewal = publish(&alice).await;
     assert!(
         renewal <= k,
         "an hour later the record went straight to the {k} servers found then ({renewal} requests)"
     );
+    alice.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
+    let after_restart = publish(&alice).await;
+    assert!(after_restart <= k, "after a restart too ({after_restart} requests)");
     tokio::time::sleep(net::RECORD_HOLDERS_FRESH).await;
-    let late = publish().await;
+    let late = publish(&alice).await;
     assert!(
         late > k,
         "once the set is stale, the key is looked up again ({late} requests)"

@@ -106,6 +106,54 @@ pub const MAX_KNOWN_PEER_BYTES: usize = 256;
 /// A DHT peer as saved: its peer id and addresses, as bytes.
 pub type KnownPeer = (Vec<u8>, Vec<Vec<u8>>);
 
+/// The `META` row holding the DHT servers the last lookup for the user record's
+/// publication found nearest its key, and when (ms): where renewals go.
+const RECORD_HOLDERS_ROW: &str = "record_holders";
+
+/// `peers` as a JSON row: the first [`MAX_KNOWN_PEERS`], without addresses or ids longer than
+/// [`MAX_KNOWN_PEER_BYTES`], at most [`MAX_KNOWN_PEER_ADDRS`] addresses each, none without one.
+fn peers_row(peers: &[KnownPeer]) -> Result<Vec<u8>> {
+    let fits = |b: &Vec<u8>| b.len() <= MAX_KNOWN_PEER_BYTES;
+    let saved: Vec<(String, Vec<String>)> = peers
+        .iter()
+        .filter(|(id, _)| fits(id))
+        .map(|(id, addrs)| {
+            let addrs = addrs
+                .iter()
+                .filter(|a| fits(a))
+                .take(MAX_KNOWN_PEER_ADDRS)
+                .map(hex::encode);
+            (hex::encode(id), addrs.collect::<Vec<_>>())
+        })
+        .filter(|(_, addrs)| !addrs.is_empty())
+        .take(MAX_KNOWN_PEERS)
+        .collect();
+    to_json(&saved)
+}
+
+/// The peers of a row written by [`peers_row`]; `row` names it in errors.
+fn peers_from_row(row: &str, bytes: &[u8]) -> Result<Vec<KnownPeer>> {
+    // Hex doubles the bytes; JSON adds a little per field.
+    let cap = MAX_KNOWN_PEERS * (MAX_KNOWN_PEER_ADDRS + 1) * (2 * MAX_KNOWN_PEER_BYTES + 8);
+    if bytes.len() > cap {
+        return Err(StoreError::Corrupt(format!("{row} is larger than {cap} bytes")));
+    }
+    let saved: Vec<(String, Vec<String>)> = from_json(bytes)?;
+    let unhex = |h: &str| hex::decode(h).map_err(|e| StoreError::Corrupt(format!("{row}: {e}")));
+    saved
+        .iter()
+        .take(MAX_KNOWN_PEERS)
+        .map(|(id, addrs)| {
+            let addrs = addrs
+                .iter()
+                .take(MAX_KNOWN_PEER_ADDRS)
+                .map(|a| unhex(a))
+                .collect::<Result<_>>()?;
+            Ok((unhex(id)?, addrs))
+        })
+        .collect()
+}
+
 /// Page cache of a node's database. A device's working set (MLS state, recent
 /// history, the outbox) is small; redb's default of 1 GiB would let a long-running
 /// node grow far beyond what it needs.
@@ -590,6 +638,41 @@ impl Store {
         })
     }
 
+    /// The DHT servers saved by [`Self::set_record_holders`] and when they were
+    /// found (ms); `None` if none are saved.
+    pub fn record_holders(&self) -> Result<Option<(u64, Vec<KnownPeer>)>> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(META)?;
+        let Some(v) = t.get(RECORD_HOLDERS_ROW)? else {
+            return Ok(None);
+        };
+        let corrupt = || StoreError::Corrupt(RECORD_HOLDERS_ROW.into());
+        let (at, peers) = v.value().split_at_checked(8).ok_or_else(corrupt)?;
+        let at = u64::from_be_bytes(at.try_into().map_err(|_| corrupt())?);
+        Ok(Some((at, peers_from_row(RECORD_HOLDERS_ROW, peers)?)))
+    }
+
+    /// Saves the DHT servers a lookup found nearest the user record's key at
+    /// `found_ms` (limits as [`Self::set_known_peers`]), or forgets them (`None`).
+    pub fn set_record_holders(&self, holders: Option<(u64, &[KnownPeer])>) -> Result<()> {
+        let row = match holders {
+            Some((found_ms, peers)) => {
+                let mut row = found_ms.to_be_bytes().to_vec();
+                row.extend(peers_row(peers)?);
+                Some(row)
+            }
+            None => None,
+        };
+        self.with_txn(true, |w| {
+            let mut t = w.open_table(META)?;
+            match &row {
+                Some(row) => t.insert(RECORD_HOLDERS_ROW, row.as_slice())?,
+                None => t.remove(RECORD_HOLDERS_ROW)?,
+            };
+            Ok(())
+        })
+    }
+
     /// The DHT peers saved by [`Self::set_known_peers`].
     pub fn known_peers(&self) -> Result<Vec<KnownPeer>> {
         let r = self.db.begin_read()?;
@@ -597,27 +680,7 @@ impl Store {
         let Some(v) = t.get(KNOWN_PEERS_ROW)? else {
             return Ok(Vec::new());
         };
-        // Hex doubles the bytes; JSON adds a little per field.
-        let cap = MAX_KNOWN_PEERS * (MAX_KNOWN_PEER_ADDRS + 1) * (2 * MAX_KNOWN_PEER_BYTES + 8);
-        if v.value().len() > cap {
-            return Err(StoreError::Corrupt(format!(
-                "{KNOWN_PEERS_ROW} is larger than {cap} bytes"
-            )));
-        }
-        let saved: Vec<(String, Vec<String>)> = from_json(v.value())?;
-        let unhex = |h: &str| hex::decode(h).map_err(|e| StoreError::Corrupt(format!("{KNOWN_PEERS_ROW}: {e}")));
-        saved
-            .iter()
-            .take(MAX_KNOWN_PEERS)
-            .map(|(id, addrs)| {
-                let addrs = addrs
-                    .iter()
-                    .take(MAX_KNOWN_PEER_ADDRS)
-                    .map(|a| unhex(a))
-                    .collect::<Result<_>>()?;
-                Ok((unhex(id)?, addrs))
-            })
-            .collect()
+        peers_from_row(KNOWN_PEERS_ROW, v.value())
     }
 
     /// Saves the DHT peers to start from next time, replacing those saved
@@ -625,22 +688,7 @@ impl Store {
     /// than [`MAX_KNOWN_PEER_BYTES`]. They are the routing table at `now_ms`
     /// (see [`Self::known_peers_current_ms`]).
     pub fn set_known_peers(&self, peers: &[KnownPeer], now_ms: u64) -> Result<()> {
-        let fits = |b: &Vec<u8>| b.len() <= MAX_KNOWN_PEER_BYTES;
-        let saved: Vec<(String, Vec<String>)> = peers
-            .iter()
-            .filter(|(id, _)| fits(id))
-            .map(|(id, addrs)| {
-                let addrs = addrs
-                    .iter()
-                    .filter(|a| fits(a))
-                    .take(MAX_KNOWN_PEER_ADDRS)
-                    .map(hex::encode);
-                (hex::encode(id), addrs.collect::<Vec<_>>())
-            })
-            .filter(|(_, addrs)| !addrs.is_empty())
-            .take(MAX_KNOWN_PEERS)
-            .collect();
-        let row = to_json(&saved)?;
+        let row = peers_row(peers)?;
         self.with_txn(true, |w| {
             let mut t = w.open_table(META)?;
             t.insert(KNOWN_PEERS_ROW, row.as_slice())?;
@@ -1206,6 +1254,26 @@ mod tests {
         s.mark_known_peers_current(3_000).unwrap();
         assert_eq!(s.known_peers().unwrap().len(), 2, "marking keeps the peers");
         assert_eq!(s.known_peers_current_ms().unwrap(), Some(3_000));
+    }
+
+    #[test]
+    fn record_holders_survive_a_reopen_apart_from_the_known_peers_and_can_be_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let holders: Vec<KnownPeer> = (0..3).map(|i| (vec![i; 38], vec![vec![i; 12]])).collect();
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(s.record_holders().unwrap(), None);
+            s.set_record_holders(Some((5_000, &holders))).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.record_holders().unwrap(), Some((5_000, holders.clone())));
+        assert!(
+            s.known_peers().unwrap().is_empty(),
+            "the routing table's row is another"
+        );
+        s.set_record_holders(None).unwrap();
+        assert_eq!(s.record_holders().unwrap(), None, "forgotten");
     }
 
     #[test]
