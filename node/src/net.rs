@@ -906,6 +906,7 @@ pub async fn spawn(
         find_peer: HashMap::new(),
         put_record: HashMap::new(),
         put_lookups: HashMap::new(),
+        replication: config.tuning.kad_replication,
         get_record: HashMap::new(),
         reservations,
         circuits_waiting: CircuitsWaiting::default(),
@@ -939,8 +940,9 @@ type FindPeerQuery = (PeerId, Vec<oneshot::Sender<Vec<Multiaddr>>>);
 pub type Holders = Vec<(PeerId, Vec<Multiaddr>)>;
 /// Where a publication's outcome goes: the holders its lookup found, if it made one.
 type PutRecordReply = oneshot::Sender<Result<Option<Holders>, NetError>>;
-/// A publication's caller, and the holders its lookup found (none if it was given them).
-type PutRecordQuery = (PutRecordReply, Option<Holders>);
+/// A publication's caller, the holders its lookup found (none if it was given
+/// them), and how many servers it stores at.
+type PutRecordQuery = (PutRecordReply, Option<Holders>, usize);
 /// A record lookup: the key, the valid values found so far, the caller.
 type GetRecordQuery = (Vec<u8>, Vec<Vec<u8>>, oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>);
 
@@ -965,6 +967,8 @@ struct EventLoop {
     put_record: HashMap<kad::QueryId, PutRecordQuery>,
     /// Publications whose first step, a lookup of the servers nearest the key, is running.
     put_lookups: HashMap<kad::QueryId, (Record, PutRecordReply)>,
+    /// How many servers a record is stored at (Kademlia's k).
+    replication: std::num::NonZeroUsize,
     get_record: HashMap<kad::QueryId, GetRecordQuery>,
     /// Circuits we hold (or want) on relays, by relay.
     reservations: HashMap<PeerId, Reservation>,
@@ -1171,9 +1175,16 @@ impl EventLoop {
                     return;
                 }
                 match holders {
-                    Some(holders) if !holders.is_empty() => self.put_record_to(record, holders, (reply, None)),
+                    Some(holders) if !holders.is_empty() => {
+                        let n = holders.len();
+                        self.put_record_to(record, holders, (reply, None, n));
+                    }
                     _ => {
-                        let qid = self.swarm.behaviour_mut().kad.get_closest_peers(key);
+                        let qid = self
+                            .swarm
+                            .behaviour_mut()
+                            .kad
+                            .get_n_closest_peers(key, self.replication);
                         self.put_lookups.insert(qid, (record, reply));
                     }
                 }
@@ -1570,7 +1581,9 @@ impl EventLoop {
             }
         }
         let peers = holders.into_iter().map(|(p, _)| p).collect::<Vec<_>>().into_iter();
-        let qid = self.swarm.behaviour_mut().kad.put_record_to(record, peers, Quorum::One);
+        // Every holder is waited for: with a lower quorum the store would end at
+        // the first answer, before the holders still being dialled are asked.
+        let qid = self.swarm.behaviour_mut().kad.put_record_to(record, peers, Quorum::All);
         self.put_record.insert(qid, query);
     }
 
@@ -1666,7 +1679,8 @@ impl EventLoop {
                             let _ = reply.send(Err(NetError::NotFound));
                             return;
                         }
-                        self.put_record_to(record, holders.clone(), (reply, Some(holders)));
+                        let n = holders.len();
+                        self.put_record_to(record, holders.clone(), (reply, Some(holders), n));
                         return;
                     }
                     if let Some((target, waiting)) = self.find_peer.remove(&id) {
@@ -1684,8 +1698,26 @@ impl EventLoop {
                     }
                 }
                 QueryResult::PutRecord(res) => {
-                    if let Some((reply, found)) = self.put_record.remove(&id) {
-                        let _ = reply.send(res.map(|_| found).map_err(|e| NetError::Failed(e.to_string())));
+                    if let Some((reply, found, asked)) = self.put_record.remove(&id) {
+                        // Stored at half the holders or more counts as published; the
+                        // rest may be away for now, and the servers' hourly replication
+                        // fills them in.
+                        let stored = match &res {
+                            Ok(_) => asked,
+                            Err(
+                                kad::PutRecordError::QuorumFailed { success, .. }
+                                | kad::PutRecordError::Timeout { success, .. },
+                            ) => success.len(),
+                        };
+                        let out = if stored > 0 && 2 * stored >= asked {
+                            Ok(found)
+                        } else {
+                            Err(res.err().map_or_else(
+                                || NetError::Failed("stored nowhere".into()),
+                                |e| NetError::Failed(e.to_string()),
+                            ))
+                        };
+                        let _ = reply.send(out);
                     }
                 }
                 QueryResult::GetRecord(res) => {
