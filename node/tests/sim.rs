@@ -1276,17 +1276,45 @@ async fn six_relays_with_buckets_of_three() -> (
     (net, clock, tuning, relays, boot)
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_lookup() {
-    let (net, clock, tuning, relays, boot) = six_relays_with_buckets_of_three().await;
-    let host = sim::PersonHost {
+/// `tuning` with connections let go 100 ms after they fall idle.
+fn idle_at_once(mut tuning: sim::HostTuning) -> sim::HostTuning {
+    tuning.net.idle_timeout = Duration::from_millis(100);
+    tuning
+}
+
+/// Shuts alice and the relays down.
+async fn stop_all(alice: Node, relays: Vec<(Node, sim::HostDisk)>) {
+    alice.shutdown().await;
+    for (node, _) in relays {
+        node.shutdown().await;
+    }
+}
+
+/// Alice on port 10 of `six_relays_with_buckets_of_three`: a DHT client behind
+/// a NAT, without home relays, bootstrapping from the first relay.
+fn alice_on_six_relays(boot: &[Multiaddr], tuning: sim::HostTuning) -> sim::PersonHost {
+    sim::PersonHost {
         port: 10,
         bootstrap: vec![boot[0].clone()],
         home_relays: Vec::new(),
         reachable: false,
         dht_server: false,
         tuning,
-    };
+    }
+}
+
+/// The index of DHT substreams in the simulator's per-class counts.
+fn kad_class() -> usize {
+    sim::StreamClass::ALL
+        .iter()
+        .position(|c| *c == sim::StreamClass::Kad)
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dht_client_back_within_its_refresh_period_starts_without_a_self_lookup() {
+    let (net, clock, tuning, relays, boot) = six_relays_with_buckets_of_three().await;
+    let host = alice_on_six_relays(&boot, tuning);
     let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
     // Runs alice from `disk` for about half a minute, less than the first
     // periodic save of her routing table (a minute), so that what the next
@@ -1340,23 +1368,11 @@ async fn a_fresh_dht_client_looks_itself_up_once_as_it_starts() {
     let (net, clock, tuning, relays, boot) = six_relays_with_buckets_of_three().await;
     // Alice lets a connection go as soon as it is idle, so a second lookup
     // would dial the relays again.
-    let mut alice_tuning = tuning.clone();
-    alice_tuning.net.idle_timeout = Duration::from_millis(100);
-    let host = sim::PersonHost {
-        port: 10,
-        bootstrap: vec![boot[0].clone()],
-        home_relays: Vec::new(),
-        reachable: false,
-        dht_server: false,
-        tuning: alice_tuning,
-    };
+    let host = alice_on_six_relays(&boot, idle_at_once(tuning));
     let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
     let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let kad = sim::StreamClass::ALL
-        .iter()
-        .position(|c| *c == sim::StreamClass::Kad)
-        .unwrap();
+    let kad = kad_class();
     let kad_dials = net.connections_dialled_for(10)[kad];
     assert!(
         kad_dials >= 2,
@@ -1367,10 +1383,7 @@ async fn a_fresh_dht_client_looks_itself_up_once_as_it_starts() {
         "one lookup asks each of the {} relays at most once; alice dialled {kad_dials} for the DHT",
         relays.len()
     );
-    alice.shutdown().await;
-    for (node, _) in relays {
-        node.shutdown().await;
-    }
+    stop_all(alice, relays).await;
 }
 
 /// A fresh DHT client's start needs a self-lookup, but a lookup of its own
@@ -1381,16 +1394,7 @@ async fn a_fresh_dht_client_looks_itself_up_once_as_it_starts() {
 async fn a_fresh_dht_client_publishing_within_the_grace_makes_no_separate_self_lookup() {
     let (net, clock, tuning, relays, boot) = six_relays_with_buckets_of_three().await;
     // Alice lets a connection go as soon as it is idle, so every lookup dials.
-    let mut alice_tuning = tuning.clone();
-    alice_tuning.net.idle_timeout = Duration::from_millis(100);
-    let host = sim::PersonHost {
-        port: 10,
-        bootstrap: vec![boot[0].clone()],
-        home_relays: Vec::new(),
-        reachable: false,
-        dht_server: false,
-        tuning: alice_tuning,
-    };
+    let host = alice_on_six_relays(&boot, idle_at_once(tuning));
     let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
     let alice = sim::start_person_on(&net, &host, &disk, clock.clone()).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1407,10 +1411,7 @@ async fn a_fresh_dht_client_publishing_within_the_grace_makes_no_separate_self_l
     );
     // DHT requests, one substream each (libp2p's liveness dials of table
     // entries open none).
-    let kad = sim::StreamClass::ALL
-        .iter()
-        .position(|c| *c == sim::StreamClass::Kad)
-        .unwrap();
+    let kad = kad_class();
     let after_publication = net.streams_opened(10)[kad];
     tokio::time::sleep(net::START_LOOKUP_GRACE + Duration::from_secs(20)).await;
     assert_eq!(
@@ -1418,10 +1419,7 @@ async fn a_fresh_dht_client_publishing_within_the_grace_makes_no_separate_self_l
         after_publication,
         "no self-lookup followed the publication"
     );
-    alice.shutdown().await;
-    for (node, _) in relays {
-        node.shutdown().await;
-    }
+    stop_all(alice, relays).await;
 }
 
 /// A node renews its record at the servers its last publication found nearest
@@ -1432,19 +1430,9 @@ async fn a_fresh_dht_client_publishing_within_the_grace_makes_no_separate_self_l
 async fn a_record_renewal_goes_straight_to_the_servers_the_last_lookup_found() {
     let (net, clock, tuning, relays, boot) = six_relays_with_buckets_of_three().await;
     let k = tuning.net.kad_replication.get() as u64;
-    let host = sim::PersonHost {
-        port: 10,
-        bootstrap: vec![boot[0].clone()],
-        home_relays: Vec::new(),
-        reachable: false,
-        dht_server: false,
-        tuning,
-    };
+    let host = alice_on_six_relays(&boot, tuning);
     let disk = sim::HostDisk::person("alice", clock.now_ms(), None).unwrap();
-    let kad = sim::StreamClass::ALL
-        .iter()
-        .position(|c| *c == sim::StreamClass::Kad)
-        .unwrap();
+    let kad = kad_class();
     // Kad streams a publication opens: one per request.
     let publish = async |node: &Node| {
         let before = net.streams_opened(10)[kad];
@@ -1479,10 +1467,7 @@ async fn a_record_renewal_goes_straight_to_the_servers_the_last_lookup_found() {
     );
     let found = alice.handle().lookup_record(&alice.handle().account()).await;
     assert!(found.is_ok(), "the record is found: {found:?}");
-    alice.shutdown().await;
-    for (node, _) in relays {
-        node.shutdown().await;
-    }
+    stop_all(alice, relays).await;
 }
 
 /// Relays on ports 1 to n (each joining the DHT through the first), and
@@ -1555,10 +1540,7 @@ async fn a_device_with_home_relays_is_sought_through_them_not_in_the_dht() {
     assert_eq!(a.status().await.unwrap().dht_peers, 3, "alice's table holds the relays");
 
     let kad = |port| {
-        let i = sim::StreamClass::ALL
-            .iter()
-            .position(|c| *c == sim::StreamClass::Kad)
-            .unwrap();
+        let i = kad_class();
         net.stream_bytes(port)[i]
     };
     let before = kad(10);
@@ -1603,10 +1585,7 @@ async fn a_key_package_of_a_device_with_home_relays_away_is_not_sought_in_the_dh
     drop(b);
     bob.shutdown().await;
     let kad = || {
-        let i = sim::StreamClass::ALL
-            .iter()
-            .position(|c| *c == sim::StreamClass::Kad)
-            .unwrap();
+        let i = kad_class();
         net.stream_bytes(10)[i]
     };
     let before = kad();
