@@ -1169,10 +1169,10 @@ impl EventLoop {
                 // Ours: libp2p's replication passes it over, and its own
                 // publication job renews it only after 22 hours.
                 record.publisher = Some(*self.swarm.local_peer_id());
-                // Keep our own copy too, so that we answer for it.
+                // Keep our own copy too, so that we answer for it; a full store
+                // still lets the record out.
                 if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record.clone()) {
-                    let _ = reply.send(Err(NetError::Failed(e.to_string())));
-                    return;
+                    warn!("cannot keep our own copy of a record we publish: {e}");
                 }
                 match holders {
                     Some(holders) if !holders.is_empty() => {
