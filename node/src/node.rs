@@ -722,13 +722,8 @@ impl NodeHandle {
         let dht_key = user_record_key(&self.inner.account);
         let holders = self.record_holders(now);
         let renewal = holders.is_some();
-        match self.inner.net.put_record(dht_key.to_vec(), record, holders).await {
-            Ok(Some(found)) => {
-                self.inner
-                    .store
-                    .set_record_holders(Some((now, &rows_of_peers(&found))))?;
-            }
-            Ok(None) => {}
+        let found = match self.inner.net.put_record(dht_key.to_vec(), record, holders).await {
+            Ok(found) => found,
             Err(e) => {
                 if renewal {
                     // The next try looks the key up afresh.
@@ -736,9 +731,17 @@ impl NodeHandle {
                 }
                 return Err(e.into());
             }
-        }
+        };
         let digest = user_record_contents_digest(&devices, &relays, &name);
-        self.inner.store.set_last_record_publication(now, digest)?;
+        // One commit for the publication and the servers its lookup found.
+        self.inner.store.unit(|| {
+            if let Some(found) = &found {
+                self.inner
+                    .store
+                    .set_record_holders(Some((now, &rows_of_peers(found))))?;
+            }
+            self.inner.store.set_last_record_publication(now, digest)
+        })?;
         Ok(())
     }
 
