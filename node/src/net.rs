@@ -1080,16 +1080,20 @@ impl EventLoop {
 
     /// A connection with a peer the routing table holds shows its bucket alive.
     fn touch_if_routed(&mut self, peer: PeerId) {
-        if !self.refresh.dht_server() {
-            return;
-        }
-        let kad = &mut self.swarm.behaviour_mut().kad;
-        let routed = kad
-            .kbucket(peer)
-            .is_some_and(|b| b.iter().any(|e| e.node.key.preimage() == &peer));
-        if routed {
+        if self.routed(peer) {
             self.refresh.touch_peer(peer, tokio::time::Instant::now());
         }
+    }
+
+    /// Whether a DHT server's routing table holds `peer` (false on a client,
+    /// whose refresh keeps no buckets).
+    fn routed(&mut self, peer: PeerId) -> bool {
+        if !self.refresh.dht_server() {
+            return false;
+        }
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        kad.kbucket(peer)
+            .is_some_and(|b| b.iter().any(|e| e.node.key.preimage() == &peer))
     }
 
     fn next_id(&mut self) -> u64 {
@@ -1480,6 +1484,11 @@ impl EventLoop {
             },
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, "dial failed: {error}");
+                if let Some(peer) = peer_id
+                    && self.routed(peer)
+                {
+                    self.refresh.peers_changed(peer, tokio::time::Instant::now());
+                }
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -1630,8 +1639,21 @@ impl EventLoop {
                     Err(e) => info!(%source, "refused DHT record: {e}"),
                 }
             }
-            kad::Event::RoutingUpdated { peer, is_new_peer, .. } => {
-                self.refresh.touch_peer(peer, tokio::time::Instant::now());
+            kad::Event::RoutingUpdated {
+                peer,
+                is_new_peer,
+                old_peer,
+                ..
+            } => {
+                let now = tokio::time::Instant::now();
+                if is_new_peer {
+                    self.refresh.peers_changed(peer, now);
+                } else {
+                    self.refresh.touch_peer(peer, now);
+                }
+                if let Some(old) = old_peer {
+                    self.refresh.peers_changed(old, now);
+                }
                 // libp2p arms a bootstrap (a self-lookup, half a second on)
                 // whenever a peer joins a table of fewer than 20. A DHT client
                 // keeps its own schedule: the start's self-lookup, unless a

@@ -24,6 +24,13 @@
 //! ([`super::NetTuning::kad_client_refresh`], an hour: the Kademlia paper's
 //! own interval), not every few minutes.
 //!
+//! A bucket that a refresh finds as it was (no peer of it joined or left the
+//! table, none failed a dial, since its last refresh) waits twice as long for
+//! the next, up to an hour ([`QUIET_MAX`], the Kademlia paper's own interval);
+//! any such change brings it back to the period. A network of stable servers
+//! (community relays) so refreshes about hourly, and one whose servers come
+//! and go keeps refreshing every period where they do.
+//!
 //! The refresh keys are derived from the node's peer id, the refresh round and
 //! the bucket, and the refresh's phase within its period from the peer id (no
 //! randomness), so a simulated world does the same refreshes in every run of
@@ -50,6 +57,13 @@ const KEY_TRIES: u32 = 2048;
 /// The buckets nearest to our own key that a self-lookup refreshes.
 const SELF_LOOKUP_BUCKETS: usize = 2;
 
+/// The longest a bucket that keeps its peers waits between refreshes.
+pub(super) const QUIET_MAX: Duration = Duration::from_secs(3600);
+
+/// Doublings of the period a quiet bucket can reach (five reach an hour from
+/// five minutes; [`QUIET_MAX`] caps them).
+const QUIET_DOUBLINGS: u8 = 5;
+
 /// What one refresh looks up.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Plan {
@@ -68,6 +82,9 @@ pub(super) struct BucketRefresh {
     /// Seconds after `start` at which each bucket (by index: the base-2
     /// logarithm of the distance, 0 nearest) last changed.
     changed: Box<[u32; BUCKETS]>,
+    /// Refreshes in a row of each bucket with no change of its peers in
+    /// between: its wait is the period doubled this often.
+    quiet: Box<[u8; BUCKETS]>,
     /// Refreshes so far; part of every refresh key.
     round: u64,
     /// A client's last lookup of its own (or refresh), in seconds after
@@ -83,6 +100,7 @@ impl BucketRefresh {
             local: KBucketKey::from(local),
             start,
             changed: Box::new([0; BUCKETS]),
+            quiet: Box::new([0; BUCKETS]),
             round: 0,
             last_lookup: 0,
         }
@@ -133,6 +151,26 @@ impl BucketRefresh {
         }
     }
 
+    /// A peer of the bucket joined or left the table, or a dial to a peer the
+    /// table holds failed: the bucket goes back to being refreshed every period.
+    pub fn peers_changed(&mut self, peer: PeerId, now: Instant) {
+        if self.dht_server
+            && let Some(i) = self.bucket_of(&KBucketKey::from(peer))
+        {
+            self.changed[i] = self.secs(now);
+            self.quiet[i] = 0;
+        }
+    }
+
+    /// How long bucket `i` waits, in seconds, after its last change.
+    fn wait_secs(&self, i: usize) -> u32 {
+        let max = u32::try_from(QUIET_MAX.as_secs()).unwrap_or(u32::MAX);
+        let doubled = self
+            .period_secs()
+            .saturating_mul(1 << self.quiet[i].min(QUIET_DOUBLINGS));
+        doubled.min(max.max(self.period_secs()))
+    }
+
     /// We started a lookup of `key` (a DHT key or a peer id's bytes).
     pub fn touch_key(&mut self, key: Vec<u8>, now: Instant) {
         if self.dht_server {
@@ -167,10 +205,10 @@ impl BucketRefresh {
         let Some(nearest) = nearest.filter(|&n| n < BUCKETS) else {
             return plan;
         };
-        let (now_s, period) = (self.secs(now), self.period_secs());
+        let now_s = self.secs(now);
         self.round += 1;
         for i in nearest..BUCKETS {
-            if now_s.saturating_sub(self.changed[i]) < period {
+            if now_s.saturating_sub(self.changed[i]) < self.wait_secs(i) {
                 continue;
             }
             if i < nearest + SELF_LOOKUP_BUCKETS {
@@ -179,6 +217,9 @@ impl BucketRefresh {
                 plan.targets.push(self.key_in_bucket(i));
             }
             self.changed[i] = now_s;
+            // Quieter still, unless the refresh finds (or meanwhile something
+            // shows) a change of its peers.
+            self.quiet[i] = self.quiet[i].saturating_add(1).min(QUIET_DOUBLINGS);
         }
         plan
     }
@@ -259,7 +300,41 @@ mod tests {
             Plan::default(),
             "refreshed buckets wait another period"
         );
-        assert_eq!(r.due(Some(246), start + PERIOD * 2).targets.len(), 8);
+        assert_eq!(
+            r.due(Some(246), start + PERIOD * 2),
+            Plan::default(),
+            "a bucket refreshed without a change waits twice as long"
+        );
+        assert_eq!(r.due(Some(246), start + PERIOD * 3).targets.len(), 8);
+    }
+
+    #[test]
+    fn quiet_buckets_are_refreshed_ever_more_rarely_up_to_an_hour() {
+        let (mut r, start) = server();
+        let mut at = Vec::new();
+        let mut t = start;
+        while t < start + Duration::from_secs(4 * 3600) {
+            t += PERIOD / 2;
+            if r.due(Some(246), t).self_lookup {
+                at.push((t - start).as_secs() / 60);
+            }
+        }
+        assert_eq!(at, vec![5, 15, 35, 75, 135, 195]);
+    }
+
+    #[test]
+    fn a_change_of_a_buckets_peers_brings_back_the_period() {
+        let (mut r, start) = server();
+        let far = r.key_in_bucket(255);
+        assert_eq!(r.due(Some(246), start + PERIOD).targets.len(), 8);
+        assert!(r.due(Some(246), start + PERIOD * 3).self_lookup, "quiet: 10 minutes");
+        // A peer of bucket 255 joined the table (or one of it failed a dial).
+        r.peers_changed(far, start + PERIOD * 3);
+        let plan = r.due(Some(246), start + PERIOD * 3 + PERIOD / 2);
+        assert_eq!(plan, Plan::default(), "a change shows the bucket alive for a period");
+        let plan = r.due(Some(246), start + PERIOD * 4);
+        assert_eq!(buckets(&r, &plan), vec![255], "and the bucket is back to the period");
+        assert!(!plan.self_lookup, "the quiet ones wait on (20 minutes)");
     }
 
     #[test]
