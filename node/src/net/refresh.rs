@@ -58,7 +58,7 @@ const KEY_TRIES: u32 = 2048;
 const SELF_LOOKUP_BUCKETS: usize = 2;
 
 /// The longest a bucket that keeps its peers waits between refreshes.
-pub(super) const QUIET_MAX: Duration = Duration::from_secs(3600);
+const QUIET_MAX: Duration = Duration::from_secs(3600);
 
 /// Doublings of the period a quiet bucket can reach (five reach an hour from
 /// five minutes; [`QUIET_MAX`] caps them).
