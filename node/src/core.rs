@@ -2580,7 +2580,7 @@ fn statuses(s: Vec<DeliverStatus>) -> pb::DeliverResponse {
     }
 }
 
-async fn sleep_until_opt(due: Option<Instant>) {
+pub(crate) async fn sleep_until_opt(due: Option<Instant>) {
     match due {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,

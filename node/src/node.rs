@@ -454,24 +454,35 @@ impl Node {
             }
         }));
         // Adding our own devices fetches key packages, which can take a while:
-        // a task of its own, so that it never holds the groups back.
+        // a task of its own, so that it never holds the groups back. What the
+        // checks look at is all in the store, so the task sleeps until a write
+        // (then lets the burst settle for a moment) or until what failed is due
+        // to be tried again; an idle node does not wake for it at all.
         let h = handle.clone();
         tasks.push(tokio::spawn(async move {
             let mut mended = std::collections::HashMap::new();
-            let mut checked: Option<(u64, tokio::time::Instant)> = None;
+            let mut seen = None;
+            let mut retry: Option<tokio::time::Instant> = None;
             loop {
-                tokio::time::sleep(OWN_DEVICE_RECHECK).await;
-                // What the checks look at is all in the store: with nothing written since the
-                // last one (and no mending held back by its interval), only retries are due.
-                let changes = h.inner.store.changes();
-                if mended.is_empty()
-                    && checked.is_some_and(|(seen, at)| seen == changes && at.elapsed() < OWN_DEVICE_RETRY)
-                {
-                    continue;
+                match seen {
+                    // The first check, a moment after the start.
+                    None => {}
+                    Some(seen) => tokio::select! {
+                        _ = h.inner.store.changed(seen) => {}
+                        _ = crate::core::sleep_until_opt(retry) => {}
+                    },
                 }
-                checked = Some((changes, tokio::time::Instant::now()));
-                h.add_own_devices().await;
+                tokio::time::sleep(OWN_DEVICE_RECHECK).await;
+                seen = Some(h.inner.store.changes());
+                let missing = h.add_own_devices().await;
                 h.mend_conversations(&mut mended).await;
+                let now = tokio::time::Instant::now();
+                retry = match (missing, mended.values().min()) {
+                    (true, _) => Some(now + OWN_DEVICE_RETRY),
+                    // A contact mended a moment ago may be due again once its interval is over.
+                    (false, Some(&last)) => Some((last + MEND_INTERVAL).max(now)),
+                    (false, None) => None,
+                };
             }
         }));
         Ok(Node {
@@ -1609,11 +1620,13 @@ impl NodeHandle {
 
     /// Adds our own devices to the groups they are missing from (after a new
     /// device was linked): a key package from the device, or from our relays.
-    async fn add_own_devices(&self) {
+    /// Returns whether one is still missing (to be tried again).
+    async fn add_own_devices(&self) -> bool {
         let missing = match self.core_plain(|reply| CoreInput::MissingOwnDevices { reply }).await {
             Some(m) => m,
-            None => return,
+            None => return false,
         };
+        let mut left = false;
         let relays: Vec<String> = self.home_relays();
         for (group_id, cert) in missing {
             let kp = match peer_id_of(&cert.device_key) {
@@ -1623,7 +1636,10 @@ impl NodeHandle {
                 },
                 None => None,
             };
-            let Some(kp) = kp else { continue };
+            let Some(kp) = kp else {
+                left = true;
+                continue;
+            };
             match self
                 .core(|reply| CoreInput::AddOwnDevice {
                     group_id: group_id.clone(),
@@ -1633,9 +1649,13 @@ impl NodeHandle {
                 .await
             {
                 Ok(()) => info!(conversation = %hex::encode(&group_id), "adding our new device"),
-                Err(e) => debug!(conversation = %hex::encode(&group_id), "adding our device failed: {e}"),
+                Err(e) => {
+                    left = true;
+                    debug!(conversation = %hex::encode(&group_id), "adding our device failed: {e}")
+                }
             }
         }
+        left
     }
 
     async fn core_plain<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> CoreInput) -> Option<T> {

@@ -343,6 +343,8 @@ pub struct MailboxService {
     subs: HashMap<SubKey, Subscription>,
     /// Fetches that found nothing and wait for a deposit, by inbox.
     waiting: HashMap<[u8; 32], Vec<WaitingFetch>>,
+    /// No held fetch's deadline falls before this (clock ms); `None` while none is held.
+    next_expiry: Option<u64>,
     waiting_per_peer: HashMap<PeerId, usize>,
     waiting_total: usize,
     claim_budget: HashMap<PeerId, (Instant, u32)>,
@@ -659,6 +661,7 @@ impl MailboxService {
             staged: Staged::default(),
             subs: HashMap::new(),
             waiting: HashMap::new(),
+            next_expiry: None,
             waiting_per_peer: HashMap::new(),
             waiting_total: 0,
             claim_budget: HashMap::new(),
@@ -672,10 +675,19 @@ impl MailboxService {
     pub async fn run(mut self, mut rx: mpsc::Receiver<NetEvent>) {
         let mut sweep = tokio::time::interval(self.opts.sweep_interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut wait_tick = tokio::time::interval(Duration::from_millis(500));
-        wait_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Held fetches are answered at their deadlines: one timer, set to the earliest.
+        let expiry = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(expiry);
+        let mut armed: Option<u64> = None;
         self.update_gauges().await;
         loop {
+            if armed != self.next_expiry {
+                armed = self.next_expiry;
+                if let Some(at) = armed {
+                    let wait = Duration::from_millis(at.saturating_sub(self.clock.now_ms()));
+                    expiry.as_mut().reset(tokio::time::Instant::now() + wait);
+                }
+            }
             tokio::select! {
                 // Read no more while a full pass waits for the running commit.
                 ev = rx.recv(), if self.staged.reqs.len() < MAX_PASS_DEPOSITS => {
@@ -702,7 +714,10 @@ impl MailboxService {
                 }
                 Some(done) = self.push_rx.recv() => self.on_push_done(done).await,
                 _ = sweep.tick() => self.sweep().await,
-                _ = wait_tick.tick(), if !self.waiting.is_empty() => self.expire_waiting(),
+                _ = &mut expiry, if armed.is_some() => {
+                    armed = None;
+                    self.expire_waiting();
+                }
             }
             self.start_commit().await;
         }
@@ -1088,13 +1103,15 @@ impl MailboxService {
         }
         *self.waiting_per_peer.entry(p.peer).or_insert(0) += 1;
         self.waiting_total += 1;
+        let deadline = now + u64::from(f.wait_ms).min(MAX_FETCH_WAIT_MS);
+        self.next_expiry = Some(self.next_expiry.map_or(deadline, |e| e.min(deadline)));
         self.waiting.entry(inbox).or_default().push(WaitingFetch {
             id: p.id,
             peer: p.peer,
             request_inbox: f.request_inbox,
             after: f.after_index,
             limit: (f.limit as usize).clamp(1, MAX_FETCH),
-            deadline: now + u64::from(f.wait_ms).min(MAX_FETCH_WAIT_MS),
+            deadline,
         });
         true
     }
@@ -1149,12 +1166,20 @@ impl MailboxService {
     fn expire_waiting(&mut self) {
         let now = self.clock.now_ms();
         let mut due = Vec::new();
+        let mut next: Option<u64> = None;
         self.waiting.retain(|_, held| {
-            let (expired, keep): (Vec<_>, Vec<_>) = std::mem::take(held).into_iter().partition(|w| w.deadline <= now);
-            due.extend(expired);
-            *held = keep;
+            let mut i = 0;
+            while i < held.len() {
+                if held[i].deadline <= now {
+                    due.push(held.swap_remove(i));
+                } else {
+                    next = Some(next.map_or(held[i].deadline, |n| n.min(held[i].deadline)));
+                    i += 1;
+                }
+            }
             !held.is_empty()
         });
+        self.next_expiry = next;
         if due.is_empty() {
             return;
         }

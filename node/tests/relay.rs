@@ -1903,7 +1903,8 @@ async fn an_expired_capability_is_refused_even_if_it_was_cached_while_valid() {
 
 /// A fetch that finds nothing and may wait is held by the relay: answered as
 /// soon as something is deposited in that inbox, or with nothing once its
-/// wait is over (here the relay's clock is moved past it).
+/// wait is over (the relay's timer for it fires after the wait, and its clock,
+/// moved by hand here, is past it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_that_may_wait_is_answered_when_mail_arrives_or_empty_when_the_wait_is_over() {
     let dir = tempfile::tempdir().unwrap();
@@ -1952,11 +1953,11 @@ async fn a_fetch_that_may_wait_is_answered_when_mail_arrives_or_empty_when_the_w
 
     // Nothing new past index 1: held until its wait is over, then empty.
     let (net, peer) = (owner.clone(), relay.peer);
-    let req = waiting(1, now, 5_000);
+    let req = waiting(1, now, 1_500);
     let held = tokio::spawn(async move { net.mailbox(peer, req).await });
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     assert!(!held.is_finished());
-    time.fetch_add(6_000, Ordering::Relaxed);
+    time.fetch_add(2_000, Ordering::Relaxed);
     let answer = tokio::time::timeout(std::time::Duration::from_secs(5), held)
         .await
         .expect("answered when the wait was over")

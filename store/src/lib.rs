@@ -29,6 +29,7 @@ mod types;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
+use std::task::{Poll, Waker};
 use std::thread::{self, ThreadId};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
@@ -174,6 +175,8 @@ pub struct Store {
     seal: RwLock<SealState>,
     /// Write transactions committed through this handle ([`Store::changes`]).
     changes: AtomicU64,
+    /// Tasks waiting in [`Store::changed`] for the next commit.
+    change_waiters: Mutex<Vec<Waker>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -202,6 +205,7 @@ impl Store {
             unit: Mutex::new(None),
             seal: RwLock::new(SealState::Plain),
             changes: AtomicU64::new(0),
+            change_waiters: Mutex::new(Vec::new()),
         };
         store.check_schema()?;
         if store.seal_header()?.is_some() {
@@ -316,7 +320,7 @@ impl Store {
             match &out {
                 Ok(_) => {
                     w.commit().map_err(StoreError::from)?;
-                    self.changes.fetch_add(1, Ordering::Relaxed);
+                    self.committed();
                 }
                 Err(_) => w.abort().map_err(StoreError::from)?,
             }
@@ -329,6 +333,39 @@ impl Store {
     /// depends only on what is stored.
     pub fn changes(&self) -> u64 {
         self.changes.load(Ordering::Relaxed)
+    }
+
+    /// Waits until [`Store::changes`] differs from `seen`, and returns its new reading: a task
+    /// whose work depends only on what is stored sleeps here instead of polling on a timer.
+    /// Any executor will do; a dropped wait leaves at most one stale waker per task behind, which
+    /// the next commit wakes and drops.
+    pub fn changed(&self, seen: u64) -> impl Future<Output = u64> + '_ {
+        std::future::poll_fn(move |cx| {
+            let now = self.changes();
+            if now != seen {
+                return Poll::Ready(now);
+            }
+            let mut waiters = self.change_waiters.lock().unwrap_or_else(|p| p.into_inner());
+            // A commit between the reading above and this lock has woken the waiters already:
+            // read again under the lock, which every commit takes after counting itself.
+            let now = self.changes();
+            if now != seen {
+                return Poll::Ready(now);
+            }
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+
+    /// Counts a committed write transaction and wakes the tasks waiting for one.
+    fn committed(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        let waiters = std::mem::take(&mut *self.change_waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in waiters {
+            w.wake();
+        }
     }
 
     /// Runs `f` in the open unit, or in a transaction of its own.
@@ -345,7 +382,7 @@ impl Store {
             w.set_durability(Durability::Immediate)?;
             let out = f(&w)?;
             w.commit()?;
-            self.changes.fetch_add(1, Ordering::Relaxed);
+            self.committed();
             Ok(out)
         } else {
             let out = f(&w);
@@ -529,7 +566,7 @@ impl Store {
             };
         }
         w.commit()?;
-        self.changes.fetch_add(1, Ordering::Relaxed);
+        self.committed();
         *state = match new_key {
             Some(k) => SealState::Open(k),
             None => SealState::Plain,
@@ -1181,6 +1218,47 @@ mod tests {
         assert!(failed.is_err());
         assert_eq!(s.changes(), start + 2, "an aborted unit");
         assert_eq!(s.own_devices().unwrap(), vec![b"b".to_vec()]);
+    }
+
+    /// A waker that counts how often it was woken.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_wait_for_a_change_sleeps_through_reads_and_failed_units_and_ends_at_the_next_commit() {
+        let s = Store::open_in_memory().unwrap();
+        let wakes = std::sync::Arc::new(Wakes(Default::default()));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let seen = s.changes();
+        let mut wait = std::pin::pin!(s.changed(seen));
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        // Polled again by the same task: still one waker held, not two.
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(s.change_waiters.lock().unwrap().len(), 1);
+        s.own_devices().unwrap();
+        let failed: Result<()> = s.unit(|| {
+            s.put_own_devices(&[b"c".to_vec()])?;
+            Err(StoreError::Poisoned)
+        });
+        assert!(failed.is_err());
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            0,
+            "a read and an aborted unit wake nobody"
+        );
+        s.put_own_devices(&[b"cert".to_vec()]).unwrap();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "a commit wakes the waiter");
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(seen + 1));
+        // A wait from a reading already behind ends at once.
+        let mut behind = std::pin::pin!(s.changed(seen));
+        assert_eq!(behind.as_mut().poll(&mut cx), Poll::Ready(seen + 1));
+        assert!(s.change_waiters.lock().unwrap().is_empty());
     }
 
     #[test]
