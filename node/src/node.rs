@@ -57,12 +57,9 @@ const WAITING_RETRY_MAX: Duration = Duration::from_secs(120);
 /// The fastest a group inbox is fetched from a relay that does not hold
 /// fetches, and the shortest pause between two rounds of the groups' upkeep.
 const GROUP_TICK: Duration = Duration::from_secs(1);
-/// The longest pause of the groups' upkeep loop when nothing wakes it and no
-/// deadline of its own falls earlier. Each pass starts the poll of any group
-/// that has none and runs a round in the core if the store changed, so this
-/// bounds how long a group can go unpolled should a wake be missed: with 30 s,
-/// one browser test run saw a remover's own commit applied only after its 20 s
-/// wait (not traced).
+/// How long after a round of the groups' upkeep a change of the store brings
+/// the next one (a wake brings it at once). Each pass starts the poll of any
+/// group that has none and runs a round in the core if the store changed.
 const GROUP_UPKEEP_MAX: Duration = Duration::from_secs(5);
 /// The longest the groups' upkeep goes without a round in the core while nothing is written to
 /// the store and no deadline of its own falls due. What a round looks at is all in the store, so
@@ -1674,9 +1671,11 @@ impl NodeHandle {
     /// deposited there, or with nothing after [`GROUP_WAIT`]. This loop starts
     /// the polls and runs the groups' upkeep in the core (commits sent again,
     /// proposals committed, scheduled self-updates, leaving): when woken, and
-    /// at the upkeep's next deadline. It looks every [`GROUP_UPKEEP_MAX`] (and
-    /// whenever a poll ends) whether the store changed; if it did not, the
-    /// last round's answer stands (for at most [`GROUP_UPKEEP_IDLE`]).
+    /// at the upkeep's next deadline. A change of the store brings a round
+    /// [`GROUP_UPKEEP_MAX`] after the last one (and whenever a poll ends, it
+    /// looks whether the store changed); while nothing is written, the last
+    /// round's answer stands (for at most [`GROUP_UPKEEP_IDLE`]), and the loop
+    /// sleeps.
     async fn group_sync(self) {
         use futures::StreamExt as _;
         // The polls are futures of this task (not tasks of their own), so
@@ -1686,6 +1685,7 @@ impl NodeHandle {
         // The last round: the store's change count before it, when the next one is due
         // whatever is written, and the inboxes it listed.
         let mut last: Option<(u64, tokio::time::Instant, Vec<crate::core::GroupInbox>)> = None;
+        let mut last_round = tokio::time::Instant::now();
         let mut woken = true;
         loop {
             let changes = self.inner.store.changes();
@@ -1703,18 +1703,26 @@ impl NodeHandle {
                     .map_or(GROUP_UPKEEP_IDLE, Duration::from_millis)
                     .clamp(GROUP_TICK, GROUP_UPKEEP_IDLE);
                 last = Some((changes, now + due, upkeep.inboxes));
+                last_round = now;
             }
-            let Some((_, due, inboxes)) = &last else { return };
+            let Some((seen, due, inboxes)) = &last else { return };
             for g in inboxes {
                 if polling.insert((g.group_id.clone(), g.inbox_seed)) {
                     polls.push(self.poll_group(g.clone()));
                 }
             }
-            let pause = due
-                .saturating_duration_since(tokio::time::Instant::now())
-                .clamp(GROUP_TICK, GROUP_UPKEEP_MAX);
+            // The next pass: when woken, when a poll ends, at the upkeep's deadline, or once the
+            // store has changed, but not sooner than GROUP_UPKEEP_MAX after the last round.
+            let due = (*due).max(tokio::time::Instant::now() + GROUP_TICK);
+            let seen = *seen;
+            let store = &self.inner.store;
             woken = tokio::select! {
-                r = tokio::time::timeout(pause, self.inner.group_wake.notified()) => r.is_ok(),
+                _ = self.inner.group_wake.notified() => true,
+                _ = tokio::time::sleep_until(due) => false,
+                _ = async {
+                    store.changed(seen).await;
+                    tokio::time::sleep_until(last_round + GROUP_UPKEEP_MAX).await;
+                } => false,
                 Some(done) = polls.next(), if !polls.is_empty() => {
                     polling.remove(&done);
                     false
