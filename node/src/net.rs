@@ -655,7 +655,8 @@ fn behaviour(
         autonat_server: when_woken(autonat_server.into()),
         identify: when_woken(identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION"))),
+                .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION")))
+                .with_interval(IDENTIFY_INTERVAL),
         )),
         ping: when_woken(ping_later::ping_later(
             ping::Behaviour::new(ping::Config::new().with_interval(params.tuning.ping_interval)),
@@ -670,6 +671,15 @@ fn behaviour(
         keep_alive: when_woken(keep_alive::KeepAlive::default()),
     }))
 }
+
+/// How often the two ends of a long-lived connection identify each other again
+/// after the exchange at its start (libp2p's default is 5 minutes). Nothing in
+/// an identify that Tidings reads changes while a connection lives: a DHT
+/// server's listen addresses are fixed, a change of protocols is pushed at
+/// once, and devices' addresses travel in their user records. Each repeat is
+/// a substream, two messages and a round in the routing table for every
+/// connection to a home relay.
+pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(30 * 60);
 
 /// How long a DHT client whose start needs a self-lookup waits for a lookup of
 /// its own instead (its user record's publication, a record or peer lookup):

@@ -1613,7 +1613,7 @@ async fn a_key_package_of_a_device_with_home_relays_away_is_not_sought_in_the_dh
 /// start once a connection has lived a ping interval: a connection made for one
 /// exchange (here the DHT requests of a record publication) closes at the idle
 /// timeout without one, and the connection to the home relay pings from its
-/// first minute on.
+/// first minute on, from the device that dialled it only: the relay answers.
 #[tokio::test(start_paused = true)]
 async fn connections_ping_only_once_they_have_lived_a_ping_interval() {
     let net = SimNetwork::new(Arc::new(Links::default()));
@@ -1657,6 +1657,16 @@ async fn connections_ping_only_once_they_have_lived_a_ping_interval() {
     tokio::time::sleep(Duration::from_secs(120)).await;
     assert!(ping() > 0, "the home relay's connection pings once it is a minute old");
     assert!(!a.connections(r1.handle().peer_id()).await.is_empty(), "and stays open");
+    let ping_class = sim::StreamClass::ALL
+        .iter()
+        .position(|c| *c == sim::StreamClass::Ping)
+        .unwrap();
+    assert_eq!(net.streams_opened(10)[ping_class], 1, "alice pings on one substream");
+    assert_eq!(
+        net.streams_opened(1)[ping_class],
+        0,
+        "the relay she dialled only answers"
+    );
     drop(a);
     for n in [alice, r1, r2, r3] {
         n.shutdown().await;

@@ -12,7 +12,10 @@
 //! [`PingLater`] wraps the ping behaviour and holds back its handler's
 //! requests for an outbound substream until the connection is `first_after`
 //! old. Inbound pings are answered as before, and once the first ping is out
-//! the handler's own interval takes over.
+//! the handler's own interval takes over. Only the side that dialled pings:
+//! its pings and their answers keep the link fresh both ways, so the side
+//! that accepted (a relay, for most of its connections) holds its request for
+//! good and only answers.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -40,7 +43,18 @@ impl<H: ConnectionHandler> WrapHandler<H> for FirstAfter {
     fn wrap(&self, inner: H) -> Handler<H> {
         Handler {
             inner,
-            quiet_until: Instant::now() + self.0,
+            quiet_until: Some(Instant::now() + self.0),
+            held: None,
+        }
+    }
+
+    /// The side that accepted a connection answers pings but sends none: the dialer's pings keep
+    /// the link (and the NAT mapping in front of it) fresh for both, and a relay, which accepts
+    /// most of its connections, pings half as much.
+    fn wrap_inbound(&self, inner: H) -> Handler<H> {
+        Handler {
+            inner,
+            quiet_until: None,
             held: None,
         }
     }
@@ -53,10 +67,10 @@ type Outbound<H> =
 /// The connection handler of [`PingLater`].
 pub struct Handler<H: ConnectionHandler> {
     inner: H,
-    /// Until when outbound substream requests are held back.
-    quiet_until: Instant,
-    /// A held request, and the timer that releases it.
-    held: Option<(Outbound<H>, Pin<Box<Sleep>>)>,
+    /// Until when outbound substream requests are held back; `None`: for good.
+    quiet_until: Option<Instant>,
+    /// A held request, and the timer that releases it (none if held for good).
+    held: Option<(Outbound<H>, Option<Pin<Box<Sleep>>>)>,
 }
 
 impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
@@ -66,7 +80,7 @@ impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>> {
-        if let Some((_, timer)) = &mut self.held
+        if let Some((_, Some(timer))) = &mut self.held
             && timer.as_mut().poll(cx).is_ready()
             && let Some((protocol, _)) = self.held.take()
         {
@@ -75,15 +89,19 @@ impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
         loop {
             match self.inner.poll(cx) {
                 Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol })
-                    if Instant::now() < self.quiet_until =>
+                    if self.quiet_until.is_none_or(|t| Instant::now() < t) =>
                 {
                     // The inner handler waits for its stream meanwhile (it
                     // asks for one at a time), so at most one is ever held.
-                    let mut timer = Box::pin(tokio::time::sleep_until(self.quiet_until));
+                    let Some(until) = self.quiet_until else {
+                        self.held = Some((protocol, None));
+                        continue;
+                    };
+                    let mut timer = Box::pin(tokio::time::sleep_until(until));
                     if timer.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol });
                     }
-                    self.held = Some((protocol, timer));
+                    self.held = Some((protocol, Some(timer)));
                 }
                 other => return other,
             }

@@ -77,6 +77,11 @@ pub trait WrapHandler<H: ConnectionHandler> {
 
     fn wrap(&self, handler: H) -> Self::Handler;
 
+    /// The handler of a connection the remote dialled; as [`WrapHandler::wrap`] by default.
+    fn wrap_inbound(&self, handler: H) -> Self::Handler {
+        self.wrap(handler)
+    }
+
     /// Whether the behaviour is told of `event`; all by default.
     fn passes(&self, event: &FromSwarm) -> bool {
         let _ = event;
@@ -137,7 +142,7 @@ where
         let handler =
             self.behaviour
                 .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)?;
-        Ok(self.wrapper.wrap(handler))
+        Ok(self.wrapper.wrap_inbound(handler))
     }
 
     fn handle_pending_outbound_connection(
