@@ -64,13 +64,16 @@ impl<H: ConnectionHandler> WrapHandler<H> for FirstAfter {
 type Outbound<H> =
     SubstreamProtocol<<H as ConnectionHandler>::OutboundProtocol, <H as ConnectionHandler>::OutboundOpenInfo>;
 
+/// The timer that releases a held request; `None` if it is held for good.
+type Release = Option<Pin<Box<Sleep>>>;
+
 /// The connection handler of [`PingLater`].
 pub struct Handler<H: ConnectionHandler> {
     inner: H,
     /// Until when outbound substream requests are held back; `None`: for good.
     quiet_until: Option<Instant>,
     /// A held request, and the timer that releases it (none if held for good).
-    held: Option<(Outbound<H>, Option<Pin<Box<Sleep>>>)>,
+    held: Option<(Outbound<H>, Release)>,
 }
 
 impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
