@@ -43,7 +43,7 @@ mod wrap;
 use boxed::{Boxed, boxed};
 use circuits::CircuitsWaiting;
 use refresh::BucketRefresh;
-use woken::{WhenWoken, when_woken};
+use woken::{WhenWoken, when_woken, when_woken_without_peer_addresses};
 
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0");
 pub const DELIVER_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/deliver/1");
@@ -663,10 +663,12 @@ fn behaviour(
             params.tuning.ping_interval,
         )),
         kad: when_woken(kad),
-        deliver: when_woken(deliver),
-        key_package: when_woken(key_package),
+        // Of the four request-response behaviours, the mailbox's keeps the peers' addresses that
+        // every dial is offered (see `when_woken_without_peer_addresses`).
+        deliver: when_woken_without_peer_addresses(deliver),
+        key_package: when_woken_without_peer_addresses(key_package),
         mailbox: when_woken(mailbox),
-        link: when_woken(link),
+        link: when_woken_without_peer_addresses(link),
         mdns: mdns.into(),
         keep_alive: when_woken(keep_alive::KeepAlive::default()),
     }))

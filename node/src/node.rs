@@ -439,12 +439,18 @@ impl Node {
         tasks.push(tokio::spawn(handle.clone().mailbox_sync()));
         tasks.push(tokio::spawn(handle.clone().group_sync()));
         tasks.push(tokio::spawn(handle.clone().send_waiting(waiting.0, waiting.1)));
-        // Presence: a heartbeat to contacts while this account shares it.
+        // Presence: a heartbeat to contacts while this account shares it. While it does not,
+        // the task sleeps until the store changes (the setting may have) instead of ticking.
         let h = handle.clone();
         tasks.push(tokio::spawn(async move {
             let every = Duration::from_millis(crate::core::PRESENCE_INTERVAL_MS);
             loop {
                 tokio::time::sleep(every).await;
+                let seen = h.inner.store.changes();
+                if !h.inner.store.settings().is_ok_and(|s| s.presence) {
+                    h.inner.store.changed(seen).await;
+                    continue;
+                }
                 if h.inner.tx.send(CoreInput::PresenceTick).await.is_err() {
                     break;
                 }

@@ -32,14 +32,32 @@ use super::wrap::{WrapHandler, Wrapped, pass_through_handler};
 pub type WhenWoken<B> = Wrapped<B, Woken>;
 
 pub fn when_woken<B>(behaviour: B) -> WhenWoken<B> {
-    Wrapped::new(behaviour, Woken)
+    Wrapped::new(behaviour, Woken { peer_addresses: true })
+}
+
+/// [`when_woken`], and the behaviour is not told of peers' addresses
+/// (`FromSwarm::NewExternalAddrOfPeer`). Each request-response behaviour keeps
+/// its own cache of them, fed by every address identify, the DHT's answers and
+/// the node report, and offers it when the swarm dials a peer; the swarm asks
+/// every behaviour for addresses at each dial, so one such cache among a
+/// node's four request-response behaviours offers what four did. In a profile
+/// of a thousand simulated nodes, the four caches' upkeep took 2.3% of the CPU.
+pub fn when_woken_without_peer_addresses<B>(behaviour: B) -> WhenWoken<B> {
+    Wrapped::new(behaviour, Woken { peer_addresses: false })
 }
 
 /// The wrapper of [`WhenWoken`].
-pub struct Woken;
+pub struct Woken {
+    /// Whether the behaviour is told of peers' addresses.
+    peer_addresses: bool,
+}
 
 impl<H: ConnectionHandler> WrapHandler<H> for Woken {
     type Handler = Handler<H>;
+
+    fn passes(&self, event: &libp2p::swarm::FromSwarm) -> bool {
+        self.peer_addresses || !matches!(event, libp2p::swarm::FromSwarm::NewExternalAddrOfPeer(_))
+    }
 
     fn wrap(&self, inner: H) -> Handler<H> {
         let flag = Arc::new(Flag {
@@ -179,7 +197,7 @@ mod tests {
     fn a_handler_is_polled_only_after_a_wake_an_event_or_an_event_of_its_own() {
         let polls = Arc::new(AtomicUsize::new(0));
         let inner_waker = Arc::new(std::sync::Mutex::new(None));
-        let mut h = Woken.wrap(Counting {
+        let mut h = Woken { peer_addresses: true }.wrap(Counting {
             polls: polls.clone(),
             queue: VecDeque::new(),
             waker: inner_waker.clone(),
@@ -227,7 +245,7 @@ mod tests {
             }
         }
         let inner_waker = Arc::new(std::sync::Mutex::new(None));
-        let mut h = Woken.wrap(Counting {
+        let mut h = Woken { peer_addresses: true }.wrap(Counting {
             polls: Arc::default(),
             queue: VecDeque::new(),
             waker: inner_waker.clone(),
@@ -242,5 +260,30 @@ mod tests {
         assert!(h.poll(&mut cx).is_pending());
         inner_waker.lock().unwrap().take().unwrap().wake();
         assert_eq!(task.0.load(Ordering::Relaxed), 2, "and again after the next poll");
+    }
+
+    #[test]
+    fn a_behaviour_kept_from_peer_addresses_still_hears_of_failed_dials() {
+        use libp2p::swarm::{FromSwarm, NewExternalAddrOfPeer};
+        let peer = libp2p::PeerId::random();
+        let addr: libp2p::Multiaddr = "/memory/7".parse().unwrap();
+        let learned = FromSwarm::NewExternalAddrOfPeer(NewExternalAddrOfPeer {
+            peer_id: peer,
+            addr: &addr,
+        });
+        let kept = Woken { peer_addresses: true };
+        let without = Woken { peer_addresses: false };
+        assert!(WrapHandler::<Counting>::passes(&kept, &learned));
+        assert!(!WrapHandler::<Counting>::passes(&without, &learned));
+        let error = libp2p::swarm::DialError::Aborted;
+        let failed = FromSwarm::DialFailure(libp2p::swarm::DialFailure {
+            peer_id: Some(peer),
+            error: &error,
+            connection_id: libp2p::swarm::ConnectionId::new_unchecked(1),
+        });
+        assert!(
+            WrapHandler::<Counting>::passes(&without, &failed),
+            "a failed dial passes"
+        );
     }
 }
