@@ -681,7 +681,7 @@ fn behaviour(
 /// once, and devices' addresses travel in their user records. Each repeat is
 /// a substream, two messages and a round in the routing table for every
 /// connection to a home relay.
-pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(30 * 60);
+const IDENTIFY_INTERVAL: Duration = Duration::from_secs(30 * 60);
 
 /// How long a DHT client whose start needs a self-lookup waits for a lookup of
 /// its own instead (its user record's publication, a record or peer lookup):

@@ -1166,20 +1166,11 @@ impl MailboxService {
     fn expire_waiting(&mut self) {
         let now = self.clock.now_ms();
         let mut due = Vec::new();
-        let mut next: Option<u64> = None;
         self.waiting.retain(|_, held| {
-            let mut i = 0;
-            while i < held.len() {
-                if held[i].deadline <= now {
-                    due.push(held.swap_remove(i));
-                } else {
-                    next = Some(next.map_or(held[i].deadline, |n| n.min(held[i].deadline)));
-                    i += 1;
-                }
-            }
+            due.extend(held.extract_if(.., |w| w.deadline <= now));
             !held.is_empty()
         });
-        self.next_expiry = next;
+        self.next_expiry = self.waiting.values().flatten().map(|w| w.deadline).min();
         if due.is_empty() {
             return;
         }
