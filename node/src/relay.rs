@@ -6,7 +6,7 @@
 //! relay's [`Mailboxes`] database. It acknowledges a deposit only after the
 //! deposit's two-phase durable commit, with a signed custody receipt.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -330,6 +330,8 @@ pub struct MailboxService {
     /// How many blocking threads verify or sign at once.
     parallel: usize,
     caps: CapabilityCache,
+    /// Nonces of owner requests that came over the owner's own connection.
+    own_nonces: OwnConnectionNonces,
     /// Reports when the running commit is durable, with the inboxes (normal
     /// or request) that received envelopes; None when no commit is running.
     commit: Option<oneshot::Receiver<Vec<SubKey>>>,
@@ -369,6 +371,62 @@ struct Pending {
     peer: PeerId,
     ip: Option<IpAddr>,
     request: pb::MailboxRequest,
+}
+
+/// The peer id of the device whose Ed25519 key is `key` (32 bytes): libp2p
+/// inlines such a key in its peer id (the identity multihash of the key's
+/// protobuf encoding), so no point is decompressed to compare the two.
+fn owner_peer(key: &[u8]) -> Option<PeerId> {
+    let key: &[u8; 32] = key.try_into().ok()?;
+    // libp2p's `PublicKey` protobuf: field 1 (type) = 1 (Ed25519), field 2 (data) = 32 bytes.
+    let mut encoded = [0u8; 36];
+    encoded[..4].copy_from_slice(&[0x08, 0x01, 0x12, 0x20]);
+    encoded[4..].copy_from_slice(key);
+    let hash = libp2p::multihash::Multihash::<64>::wrap(0x00, &encoded).ok()?;
+    PeerId::from_multihash(hash).ok()
+}
+
+/// Most nonces [`OwnConnectionNonces`] holds; past it, requests' nonces are
+/// recorded durably again.
+const OWN_NONCES_MAX: usize = 1 << 20;
+
+/// Nonces of owner requests that came over a connection from the owner's
+/// own key, each until its window ends. Only the owner can send over such a
+/// connection (the transport authenticates its key and encrypts what it
+/// carries), so no one else could have captured the request to replay it:
+/// these nonces need not survive a restart, and are kept in memory rather
+/// than committed one by one. A copy of such a request arriving from anyone
+/// else while the relay runs is still refused as replayed.
+#[derive(Default)]
+struct OwnConnectionNonces {
+    until: HashMap<[u8; 16], u64>,
+    /// (end of window, nonce) in the order the nonces came.
+    order: VecDeque<(u64, [u8; 16])>,
+}
+
+impl OwnConnectionNonces {
+    fn seen(&self, nonce: &[u8; 16], now: u64) -> bool {
+        self.until.get(nonce).is_some_and(|until| *until > now)
+    }
+
+    /// Keeps `nonce` until `until`; false if there is no room.
+    fn insert(&mut self, nonce: [u8; 16], until: u64, now: u64) -> bool {
+        while let Some(&(end, n)) = self.order.front() {
+            if end > now {
+                break;
+            }
+            self.order.pop_front();
+            if self.until.get(&n) == Some(&end) {
+                self.until.remove(&n);
+            }
+        }
+        if self.order.len() >= OWN_NONCES_MAX {
+            return false;
+        }
+        self.until.insert(nonce, until);
+        self.order.push_back((until, nonce));
+        true
+    }
 }
 
 /// Most verified capabilities a relay remembers.
@@ -651,6 +709,7 @@ impl MailboxService {
         Self {
             opts,
             own_id: net.peer_id().to_bytes(),
+            own_nonces: OwnConnectionNonces::default(),
             net,
             clock,
             signer: Arc::new(mb::ReceiptSigner::new(&relay_seed)),
@@ -891,7 +950,7 @@ impl MailboxService {
                 }
                 // Empty, or more than a batch may hold: refused whole.
                 Some(mailbox_request::Op::DepositBatch(_)) => Err(MailboxError::BadRequest),
-                Some(mailbox_request::Op::Fetch(f)) => match self.fetch(&f, now).await {
+                Some(mailbox_request::Op::Fetch(f)) => match self.fetch(&p.peer, &f, now).await {
                     // Nothing yet, and the fetcher will wait: answered later.
                     Ok(mailbox_response::Result::Fetched(r))
                         if r.envelopes.is_empty() && f.wait_ms > 0 && self.hold(&p, &f, now) =>
@@ -900,10 +959,10 @@ impl MailboxService {
                     }
                     r => r,
                 },
-                Some(mailbox_request::Op::Ack(a)) => self.ack(&a, now).await,
+                Some(mailbox_request::Op::Ack(a)) => self.ack(&p.peer, &a, now).await,
                 Some(mailbox_request::Op::Subscribe(s)) => self.subscribe(p.peer, &s, now).await,
                 Some(mailbox_request::Op::ClaimKeyPackage(c)) => self.claim(p.peer, &c).await,
-                Some(mailbox_request::Op::PublishKeyPackages(k)) => self.publish(&k, now).await,
+                Some(mailbox_request::Op::PublishKeyPackages(k)) => self.publish(&p.peer, &k, now).await,
                 None => Err(MailboxError::BadRequest),
             };
             let response = match result {
@@ -1061,8 +1120,13 @@ impl MailboxService {
         }
     }
 
+    /// Checks an owner's request (`PROTOCOL.md`, "Owner authentication").
+    /// A request that came over a connection from the owner's own key
+    /// (`peer`) has its nonce kept in memory ([`OwnConnectionNonces`]);
+    /// any other has it recorded durably before the answer.
     async fn owner_check(
-        &self,
+        &mut self,
+        peer: &PeerId,
         auth: Option<&pb::OwnerAuth>,
         op: Op,
         inbox: &[u8; 32],
@@ -1071,6 +1135,15 @@ impl MailboxService {
     ) -> Result<(), MailboxError> {
         let auth = auth.ok_or(MailboxError::Unauthorized)?;
         let nonce = mb::verify_auth(auth, op, &self.own_id, inbox, arg, now)?;
+        if self.own_nonces.seen(&nonce, now) {
+            return Err(MailboxError::Replayed);
+        }
+        if owner_peer(&auth.owner_key) == Some(*peer) {
+            let until = now.saturating_add(self.opts.mailboxes.limits().nonce_window_ms);
+            if self.own_nonces.insert(nonce, until, now) {
+                return Ok(());
+            }
+        }
         match self.blocking(move |m| m.check_nonce(&nonce, now)).await? {
             Ok(true) => Ok(()),
             Ok(false) => Err(MailboxError::Replayed),
@@ -1078,9 +1151,14 @@ impl MailboxService {
         }
     }
 
-    async fn fetch(&mut self, f: &pb::Fetch, now: u64) -> Result<mailbox_response::Result, MailboxError> {
+    async fn fetch(
+        &mut self,
+        peer: &PeerId,
+        f: &pb::Fetch,
+        now: u64,
+    ) -> Result<mailbox_response::Result, MailboxError> {
         let inbox = inbox32(&f.inbox_id)?;
-        self.owner_check(f.auth.as_ref(), Op::Fetch, &inbox, f.after_index, now)
+        self.owner_check(peer, f.auth.as_ref(), Op::Fetch, &inbox, f.after_index, now)
             .await?;
         let (request_inbox, after) = (f.request_inbox, f.after_index);
         let limit = (f.limit as usize).clamp(1, MAX_FETCH);
@@ -1185,9 +1263,9 @@ impl MailboxService {
         });
     }
 
-    async fn ack(&mut self, a: &pb::Ack, now: u64) -> Result<mailbox_response::Result, MailboxError> {
+    async fn ack(&mut self, peer: &PeerId, a: &pb::Ack, now: u64) -> Result<mailbox_response::Result, MailboxError> {
         let inbox = inbox32(&a.inbox_id)?;
-        self.owner_check(a.auth.as_ref(), Op::Ack, &inbox, a.up_to_index, now)
+        self.owner_check(peer, a.auth.as_ref(), Op::Ack, &inbox, a.up_to_index, now)
             .await?;
         let (request_inbox, up_to) = (a.request_inbox, a.up_to_index);
         let n = self
@@ -1204,7 +1282,7 @@ impl MailboxService {
         now: u64,
     ) -> Result<mailbox_response::Result, MailboxError> {
         let inbox = inbox32(&s.inbox_id)?;
-        self.owner_check(s.auth.as_ref(), Op::Subscribe, &inbox, s.after_index, now)
+        self.owner_check(&peer, s.auth.as_ref(), Op::Subscribe, &inbox, s.after_index, now)
             .await?;
         if self.subs.len() > MAX_SUBSCRIPTIONS && !self.subs.contains_key(&(inbox, false)) {
             return Err(MailboxError::RateLimited);
@@ -1244,6 +1322,7 @@ impl MailboxService {
 
     async fn publish(
         &mut self,
+        peer: &PeerId,
         k: &pb::PublishKeyPackages,
         now: u64,
     ) -> Result<mailbox_response::Result, MailboxError> {
@@ -1258,6 +1337,7 @@ impl MailboxService {
         }
         let auth = k.auth.as_ref().ok_or(MailboxError::Unauthorized)?;
         self.owner_check(
+            peer,
             Some(auth),
             Op::PublishKeyPackages,
             &inbox,
@@ -1597,6 +1677,50 @@ pub async fn serve_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_owner_key_names_the_peer_id_libp2p_derives_from_it() {
+        for _ in 0..100 {
+            let key = libp2p::identity::ed25519::Keypair::generate().public();
+            let peer = libp2p::identity::PublicKey::from(key.clone()).to_peer_id();
+            assert_eq!(owner_peer(&key.to_bytes()), Some(peer));
+        }
+        assert_eq!(owner_peer(&[7u8; 31]), None);
+        assert_eq!(owner_peer(&[7u8; 33]), None);
+    }
+
+    #[test]
+    fn own_connection_nonces_count_as_seen_until_their_window_ends() {
+        let mut nonces = OwnConnectionNonces::default();
+        assert!(nonces.insert([1; 16], 1_100, 1_000));
+        assert!(nonces.seen(&[1; 16], 1_000));
+        assert!(nonces.seen(&[1; 16], 1_099));
+        assert!(!nonces.seen(&[2; 16], 1_000));
+        assert!(!nonces.seen(&[1; 16], 1_100), "its window is over");
+        // A later insert forgets what ended.
+        assert!(nonces.insert([2; 16], 1_300, 1_200));
+        assert_eq!(nonces.until.len(), 1);
+        assert_eq!(nonces.order.len(), 1);
+        assert!(nonces.seen(&[2; 16], 1_200));
+    }
+
+    #[test]
+    fn own_connection_nonces_refuse_more_than_they_may_hold() {
+        let mut nonces = OwnConnectionNonces::default();
+        for i in 0..OWN_NONCES_MAX as u64 {
+            let mut n = [0u8; 16];
+            n[..8].copy_from_slice(&i.to_be_bytes());
+            assert!(nonces.insert(n, 10_000, 0));
+        }
+        assert!(
+            !nonces.insert([0xff; 16], 10_000, 0),
+            "full: the caller records it durably"
+        );
+        assert!(
+            nonces.insert([0xff; 16], 20_000, 10_000),
+            "room again once the windows ended"
+        );
+    }
 
     #[test]
     fn overrides_reach_nested_limits_and_keep_other_settings() {

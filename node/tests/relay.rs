@@ -483,6 +483,59 @@ async fn a_request_signed_for_one_relay_is_refused_by_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonce_is_committed_unless_the_request_came_over_the_owners_own_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (time, clock) = manual_clock();
+    let opts = RelayTestOptions {
+        clock,
+        ..RelayTestOptions::default()
+    };
+    let relay_dir = dir.path().join("relay");
+    let relay = Relay::start(&relay_dir, opts.clone()).await;
+    let now = time.load(Ordering::Relaxed);
+    let alice = Owner::new(dir.path(), "alice");
+    let owner = client(Some(alice.seed), &relay.addr).await;
+    let carrier = client(None, &relay.addr).await;
+    let signed = |relay: &Relay, nonce: [u8; 16]| {
+        let auth = mb::sign_auth(
+            &alice.seed,
+            Op::Fetch,
+            &relay.peer.to_bytes(),
+            &alice.inbox,
+            now,
+            nonce,
+            0,
+        );
+        fetch(&alice.inbox, false, 0, auth)
+    };
+    let fetched = |o: &Outcome| matches!(o, Ok(mailbox_response::Result::Fetched(_)));
+
+    // Over her own connection: answered, and a copy from anyone else is a replay.
+    let own_nonce: [u8; 16] = rand::random();
+    let own = signed(&relay, own_nonce);
+    assert!(fetched(&relay.ask(&owner, own.clone()).await));
+    assert_eq!(relay.ask(&carrier, own).await, Err(MailboxError::Replayed));
+
+    // Signed by her, carried by another peer: answered, then refused as a replay.
+    let carried_nonce: [u8; 16] = rand::random();
+    let carried = signed(&relay, carried_nonce);
+    assert!(fetched(&relay.ask(&carrier, carried.clone()).await));
+    assert_eq!(relay.ask(&carrier, carried.clone()).await, Err(MailboxError::Replayed));
+
+    // Only the carried request's nonce was committed: it outlives a restart.
+    relay.shutdown().await;
+    let relay = Relay::start(&relay_dir, opts).await;
+    let carrier = client(None, &relay.addr).await;
+    assert_eq!(relay.ask(&carrier, carried).await, Err(MailboxError::Replayed));
+    assert!(!relay.mailboxes.check_nonce(&carried_nonce, now).unwrap());
+    assert!(
+        relay.mailboxes.check_nonce(&own_nonce, now).unwrap(),
+        "the nonce of a request over the owner's own connection is not committed"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorised_fetch_and_ack_attempts_all_fail() {
     let dir = tempfile::tempdir().unwrap();
     let (relay, time) = Relay::with_manual_clock(&dir.path().join("relay")).await;
