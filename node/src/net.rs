@@ -43,7 +43,7 @@ mod wrap;
 use boxed::{Boxed, boxed};
 use circuits::CircuitsWaiting;
 use refresh::BucketRefresh;
-use woken::{WhenWoken, when_woken, when_woken_without_peer_addresses};
+use woken::{Wakes, WhenWoken, when_woken, when_woken_without_peer_addresses};
 
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0");
 pub const DELIVER_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/deliver/1");
@@ -647,30 +647,41 @@ fn behaviour(
     } else {
         None
     };
+    // One word of wake flags per connection for all the handlers below.
+    let wakes = Wakes::default();
     Ok(boxed(Behaviour {
-        relay_client: when_woken(relay_cfg.is_none().then_some(relay_client).into()),
-        relay: when_woken(relay.into()),
-        dcutr: when_woken(dcutr::Behaviour::new(peer_id)),
-        autonat_client: when_woken(candidates::direct_candidates(autonat::v2::client::Behaviour::default())),
-        autonat_server: when_woken(autonat_server.into()),
-        identify: when_woken(identify::Behaviour::new(
-            identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION")))
-                .with_interval(IDENTIFY_INTERVAL),
-        )),
-        ping: when_woken(ping_later::ping_later(
-            ping::Behaviour::new(ping::Config::new().with_interval(params.tuning.ping_interval)),
-            params.tuning.ping_interval,
-        )),
-        kad: when_woken(kad),
+        relay_client: when_woken(relay_cfg.is_none().then_some(relay_client).into(), &wakes),
+        relay: when_woken(relay.into(), &wakes),
+        dcutr: when_woken(dcutr::Behaviour::new(peer_id), &wakes),
+        autonat_client: when_woken(
+            candidates::direct_candidates(autonat::v2::client::Behaviour::default()),
+            &wakes,
+        ),
+        autonat_server: when_woken(autonat_server.into(), &wakes),
+        identify: when_woken(
+            identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                    .with_agent_version(format!("tidings/{}", env!("CARGO_PKG_VERSION")))
+                    .with_interval(IDENTIFY_INTERVAL),
+            ),
+            &wakes,
+        ),
+        ping: when_woken(
+            ping_later::ping_later(
+                ping::Behaviour::new(ping::Config::new().with_interval(params.tuning.ping_interval)),
+                params.tuning.ping_interval,
+            ),
+            &wakes,
+        ),
+        kad: when_woken(kad, &wakes),
         // Of the four request-response behaviours, the mailbox's keeps the peers' addresses that
         // every dial is offered (see `when_woken_without_peer_addresses`).
-        deliver: when_woken_without_peer_addresses(deliver),
-        key_package: when_woken_without_peer_addresses(key_package),
-        mailbox: when_woken(mailbox),
-        link: when_woken_without_peer_addresses(link),
+        deliver: when_woken_without_peer_addresses(deliver, &wakes),
+        key_package: when_woken_without_peer_addresses(key_package, &wakes),
+        mailbox: when_woken(mailbox, &wakes),
+        link: when_woken_without_peer_addresses(link, &wakes),
         mdns: mdns.into(),
-        keep_alive: when_woken(keep_alive::KeepAlive::default()),
+        keep_alive: when_woken(keep_alive::KeepAlive::default(), &wakes),
     }))
 }
 

@@ -28,7 +28,7 @@ pub struct Boxing;
 impl<H: ConnectionHandler> WrapHandler<H> for Boxing {
     type Handler = BoxedHandler<H>;
 
-    fn wrap(&self, handler: H) -> BoxedHandler<H> {
+    fn wrap(&self, _: libp2p::swarm::ConnectionId, handler: H) -> BoxedHandler<H> {
         BoxedHandler(Box::new(handler))
     }
 }

@@ -31,7 +31,7 @@ pub struct OnlyTestable;
 impl<H: ConnectionHandler> WrapHandler<H> for OnlyTestable {
     type Handler = H;
 
-    fn wrap(&self, handler: H) -> H {
+    fn wrap(&self, _: libp2p::swarm::ConnectionId, handler: H) -> H {
         handler
     }
 

@@ -40,7 +40,7 @@ pub struct FirstAfter(Duration);
 impl<H: ConnectionHandler> WrapHandler<H> for FirstAfter {
     type Handler = Handler<H>;
 
-    fn wrap(&self, inner: H) -> Handler<H> {
+    fn wrap(&self, _: libp2p::swarm::ConnectionId, inner: H) -> Handler<H> {
         Handler {
             inner,
             quiet_until: Some(Instant::now() + self.0),
@@ -51,7 +51,7 @@ impl<H: ConnectionHandler> WrapHandler<H> for FirstAfter {
     /// The side that accepted a connection answers pings but sends none: the dialer's pings keep
     /// the link (and the NAT mapping in front of it) fresh for both, and a relay, which accepts
     /// most of its connections, pings half as much.
-    fn wrap_inbound(&self, inner: H) -> Handler<H> {
+    fn wrap_inbound(&self, _: libp2p::swarm::ConnectionId, inner: H) -> Handler<H> {
         Handler {
             inner,
             quiet_until: None,

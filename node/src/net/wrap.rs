@@ -75,11 +75,11 @@ pub trait WrapHandler<H: ConnectionHandler> {
     /// The wrapped handler: the same events in and out.
     type Handler: ConnectionHandler<FromBehaviour = H::FromBehaviour, ToBehaviour = H::ToBehaviour>;
 
-    fn wrap(&self, handler: H) -> Self::Handler;
+    fn wrap(&self, connection: ConnectionId, handler: H) -> Self::Handler;
 
     /// The handler of a connection the remote dialled; as [`WrapHandler::wrap`] by default.
-    fn wrap_inbound(&self, handler: H) -> Self::Handler {
-        self.wrap(handler)
+    fn wrap_inbound(&self, connection: ConnectionId, handler: H) -> Self::Handler {
+        self.wrap(connection, handler)
     }
 
     /// Whether the behaviour is told of `event`; all by default.
@@ -142,7 +142,7 @@ where
         let handler =
             self.behaviour
                 .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)?;
-        Ok(self.wrapper.wrap_inbound(handler))
+        Ok(self.wrapper.wrap_inbound(connection_id, handler))
     }
 
     fn handle_pending_outbound_connection(
@@ -171,7 +171,7 @@ where
             role_override,
             port_use,
         )?;
-        Ok(self.wrapper.wrap(handler))
+        Ok(self.wrapper.wrap(connection_id, handler))
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
