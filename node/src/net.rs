@@ -1093,11 +1093,8 @@ impl EventLoop {
             buckets = plan.targets.len(),
             "refreshing the routing table"
         );
-        if plan.self_lookup {
-            kad.get_closest_peers(me);
-        }
-        for target in plan.targets {
-            kad.get_closest_peers(target);
+        for (key, results) in plan.lookups(me) {
+            kad.get_n_closest_peers(key, results);
         }
     }
 

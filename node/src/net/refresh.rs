@@ -24,6 +24,15 @@
 //! ([`super::NetTuning::kad_client_refresh`], an hour: the Kademlia paper's
 //! own interval), not every few minutes.
 //!
+//! A farther bucket's lookup asks for the [`FAR_BUCKET_RESULTS`] servers
+//! nearest its key, not twenty: it refreshes the bucket with the live servers
+//! it meets there, and only a record needs the twenty nearest a key. The
+//! nearest buckets' self-lookup still asks for twenty: those are the servers
+//! that must hold this one in their tables. In a world of a hundred relays, a
+//! lookup of twenty dialled some two dozen servers, each on a connection of
+//! its own, and the relays' refreshes took a fifth of the CPU of a simulated
+//! 10 minutes (SIMULATOR.md, "2026-12-05 (night)").
+//!
 //! A bucket that a refresh finds as it was (no peer of it joined or left the
 //! table, none failed a dial, since its last refresh) waits twice as long for
 //! the next, up to an hour ([`QUIET_MAX`], the Kademlia paper's own interval);
@@ -36,6 +45,7 @@
 //! randomness), so a simulated world does the same refreshes in every run of
 //! one seed, and nodes that start together do not refresh together.
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -54,6 +64,9 @@ const BUCKETS: usize = 256;
 /// miss.
 const KEY_TRIES: u32 = 2048;
 
+/// How many servers nearest its key a farther bucket's refresh lookup asks for.
+pub(super) const FAR_BUCKET_RESULTS: NonZeroUsize = NonZeroUsize::new(5).unwrap();
+
 /// The buckets nearest to our own key that a self-lookup refreshes.
 const SELF_LOOKUP_BUCKETS: usize = 2;
 
@@ -71,6 +84,15 @@ pub(super) struct Plan {
     pub self_lookup: bool,
     /// One lookup each, a key in each stale farther bucket.
     pub targets: Vec<PeerId>,
+}
+
+impl Plan {
+    /// The lookups to start: each key, and how many servers nearest it to ask for.
+    pub fn lookups(self, me: PeerId) -> impl Iterator<Item = (PeerId, NonZeroUsize)> {
+        let own = self.self_lookup.then_some((me, libp2p::kad::K_VALUE));
+        own.into_iter()
+            .chain(self.targets.into_iter().map(|t| (t, FAR_BUCKET_RESULTS)))
+    }
 }
 
 /// When each bucket last changed, and which ones a refresh looks up.
@@ -276,6 +298,29 @@ mod tests {
             .iter()
             .filter_map(|p| r.bucket_of(&KBucketKey::from(*p)))
             .collect()
+    }
+
+    #[test]
+    fn a_refresh_asks_for_twenty_servers_near_itself_and_five_near_each_farther_key() {
+        let (mut r, start) = server();
+        let me = PeerId::random();
+        let plan = r.due(Some(246), start + PERIOD);
+        let targets = plan.targets.clone();
+        let lookups: Vec<_> = plan.lookups(me).collect();
+        assert_eq!(
+            lookups[0],
+            (me, NonZeroUsize::new(20).unwrap()),
+            "the self-lookup first"
+        );
+        assert_eq!(lookups.len(), 1 + targets.len());
+        for ((key, n), target) in lookups[1..].iter().zip(&targets) {
+            assert_eq!((key, n.get()), (target, 5));
+        }
+        let quiet = Plan {
+            self_lookup: false,
+            targets: targets.clone(),
+        };
+        assert!(quiet.lookups(me).all(|(key, n)| key != me && n.get() == 5));
     }
 
     #[test]
