@@ -574,6 +574,22 @@ fn rows_of_peers(peers: &[(PeerId, Vec<Multiaddr>)]) -> Vec<tidings_store::Known
         .collect()
 }
 
+/// Whether two lists of saved DHT peers hold the same peers with the same
+/// addresses, in whatever order. The routing table lists the peers it is
+/// connected to first, so its order changes with every connection that opens
+/// or closes; a table that only changed order is not written again.
+fn same_peers(a: &[tidings_store::KnownPeer], b: &[tidings_store::KnownPeer]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    fn sorted(rows: &[tidings_store::KnownPeer]) -> Vec<&tidings_store::KnownPeer> {
+        let mut rows: Vec<&tidings_store::KnownPeer> = rows.iter().collect();
+        rows.sort();
+        rows
+    }
+    sorted(a) == sorted(b)
+}
+
 /// Saves the DHT routing table to `store` now and then, for the next start
 /// (and [`Node::shutdown`] once more at the end).
 fn spawn_known_peers_saver(net: Network, store: Arc<Store>, clock: Clock) -> JoinHandle<()> {
@@ -595,7 +611,7 @@ async fn save_known_peers(net: &Network, store: &Store, now: u64, saved: &mut Ve
     let rows = rows_of_peers(&peers);
     if rows.is_empty() {
         // Nothing worth saving yet; keep what was saved.
-    } else if rows == *saved {
+    } else if same_peers(&rows, saved) {
         if let Err(e) = store.mark_known_peers_current(now) {
             warn!("cannot save the DHT peers' time: {e}");
         }
@@ -2304,6 +2320,23 @@ pub(crate) async fn add_circuit_addresses(net: &Network, peer: PeerId, relays: &
 #[cfg(all(test, unix))]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_routing_table_that_only_changed_order_counts_as_the_saved_one() {
+        use super::same_peers;
+        let peer = |n: u8, addr: u8| (vec![n; 38], vec![vec![addr; 8]]);
+        let saved = vec![peer(1, 1), peer(2, 2), peer(3, 3)];
+        assert!(same_peers(&[peer(3, 3), peer(1, 1), peer(2, 2)], &saved));
+        assert!(!same_peers(&[peer(3, 3), peer(1, 1)], &saved), "one left");
+        assert!(
+            !same_peers(&[peer(3, 3), peer(1, 1), peer(4, 4)], &saved),
+            "one replaced"
+        );
+        assert!(
+            !same_peers(&[peer(3, 3), peer(1, 1), peer(2, 9)], &saved),
+            "an address changed"
+        );
+    }
 
     #[test]
     fn data_directory_is_readable_by_its_owner_only() {
