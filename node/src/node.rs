@@ -286,6 +286,8 @@ pub(crate) struct Inner {
     events: broadcast::Sender<NodeEvent>,
     account_seed: [u8; 32],
     device_seed: [u8; 32],
+    /// Signs this device's owner requests to its relays.
+    owner_signer: mailbox::AuthSigner,
     /// Our home relays as they are now (they can change while we run).
     home_relays: std::sync::RwLock<Vec<Multiaddr>>,
     /// Wakes the mailbox sync task (home relays changed).
@@ -420,6 +422,7 @@ impl Node {
                 events,
                 account_seed: identity.account_seed,
                 device_seed: identity.device_seed,
+                owner_signer: mailbox::AuthSigner::from_seed(&identity.device_seed),
                 home_relays: std::sync::RwLock::new(config.home_relays.clone()),
                 mailbox_wake,
                 mailbox_poll: config.mailbox_poll,
@@ -1848,11 +1851,10 @@ impl NodeHandle {
         inbox: &[u8; 32],
         argument: u64,
     ) -> Result<pb::OwnerAuth, NodeError> {
-        self.signed_auth(&self.inner.device_seed, op, relay, inbox, argument)
+        self.signed_with(&self.inner.owner_signer, op, relay, inbox, argument)
     }
 
-    /// Owner auth for a request to `relay`, signed with the key of `seed` (this device's, or a
-    /// group inbox's).
+    /// Owner auth for a request to `relay`, signed with the key of `seed` (a group inbox's).
     fn signed_auth(
         &self,
         seed: &[u8; 32],
@@ -1861,17 +1863,20 @@ impl NodeHandle {
         inbox: &[u8; 32],
         argument: u64,
     ) -> Result<pb::OwnerAuth, NodeError> {
+        self.signed_with(&mailbox::AuthSigner::from_seed(seed), op, relay, inbox, argument)
+    }
+
+    fn signed_with(
+        &self,
+        signer: &mailbox::AuthSigner,
+        op: mailbox::Op,
+        relay: PeerId,
+        inbox: &[u8; 32],
+        argument: u64,
+    ) -> Result<pb::OwnerAuth, NodeError> {
         let mut nonce = [0u8; 16];
         nonce.copy_from_slice(&random_seed()?[..16]);
-        Ok(mailbox::sign_auth(
-            seed,
-            op,
-            &relay.to_bytes(),
-            inbox,
-            self.inner.clock.now_ms(),
-            nonce,
-            argument,
-        ))
+        Ok(signer.sign(op, &relay.to_bytes(), inbox, self.inner.clock.now_ms(), nonce, argument))
     }
 
     async fn mailbox_call(&self, relay: PeerId, op: pb::mailbox_request::Op) -> Result<pb::MailboxResponse, NodeError> {

@@ -196,13 +196,42 @@ pub fn sign_auth(
     nonce: [u8; 16],
     argument: u64,
 ) -> pb::OwnerAuth {
-    let key = SigningKey::from_bytes(owner_seed);
-    let signature = key.sign(&auth_message(op, relay, inbox_id, timestamp_ms, &nonce, argument));
-    pb::OwnerAuth {
-        owner_key: key.verifying_key().to_bytes().to_vec(),
-        timestamp_ms,
-        nonce: nonce.to_vec(),
-        signature: signature.to_bytes().to_vec(),
+    AuthSigner::from_seed(owner_seed).sign(op, relay, inbox_id, timestamp_ms, nonce, argument)
+}
+
+/// An owner key ready to sign [`pb::OwnerAuth`]s: [`sign_auth`] without
+/// deriving the public key from the seed at every request.
+#[derive(Clone)]
+pub struct AuthSigner {
+    key: SigningKey,
+}
+
+impl AuthSigner {
+    pub fn from_seed(owner_seed: &[u8; 32]) -> Self {
+        Self {
+            key: SigningKey::from_bytes(owner_seed),
+        }
+    }
+
+    /// As [`sign_auth`] with this signer's seed.
+    pub fn sign(
+        &self,
+        op: Op,
+        relay: &[u8],
+        inbox_id: &[u8],
+        timestamp_ms: u64,
+        nonce: [u8; 16],
+        argument: u64,
+    ) -> pb::OwnerAuth {
+        let signature = self
+            .key
+            .sign(&auth_message(op, relay, inbox_id, timestamp_ms, &nonce, argument));
+        pb::OwnerAuth {
+            owner_key: self.key.verifying_key().to_bytes().to_vec(),
+            timestamp_ms,
+            nonce: nonce.to_vec(),
+            signature: signature.to_bytes().to_vec(),
+        }
     }
 }
 
@@ -528,6 +557,21 @@ mod tests {
         for op in [Op::Fetch, Op::Ack, Op::Subscribe, Op::PublishKeyPackages] {
             let auth = sign_auth(&OWNER, op, &RELAY, &inbox, NOW, [3; 16], 42);
             assert_eq!(verify_auth(&auth, op, &RELAY, &inbox, 42, NOW + 1_000), Ok([3; 16]));
+        }
+    }
+
+    #[test]
+    fn a_reused_signer_signs_what_a_fresh_one_signs() {
+        let inbox = owner_inbox();
+        let signer = AuthSigner::from_seed(&OWNER);
+        for (i, op) in [Op::Fetch, Op::Ack, Op::Subscribe, Op::PublishKeyPackages]
+            .into_iter()
+            .enumerate()
+        {
+            let nonce = [i as u8; 16];
+            let auth = signer.sign(op, &RELAY, &inbox, NOW, nonce, 42);
+            assert_eq!(auth, sign_auth(&OWNER, op, &RELAY, &inbox, NOW, nonce, 42));
+            assert_eq!(verify_auth(&auth, op, &RELAY, &inbox, 42, NOW), Ok(nonce));
         }
     }
 
