@@ -376,6 +376,8 @@ struct Pending {
 /// The peer id of the device whose Ed25519 key is `key` (32 bytes): libp2p
 /// inlines such a key in its peer id (the identity multihash of the key's
 /// protobuf encoding), so no point is decompressed to compare the two.
+/// (`core::peer_id_of` gives the same id, and also checks that the key is a
+/// point, which [`mb::verify_auth`] has done by the time this is asked.)
 fn owner_peer(key: &[u8]) -> Option<PeerId> {
     let key: &[u8; 32] = key.try_into().ok()?;
     // libp2p's `PublicKey` protobuf: field 1 (type) = 1 (Ed25519), field 2 (data) = 32 bytes.
