@@ -19,7 +19,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yamux,
 };
@@ -35,6 +35,7 @@ use crate::codec::ProstCodec;
 mod boxed;
 mod candidates;
 mod circuits;
+mod dials_in_flight;
 mod keep_alive;
 mod ping_later;
 mod refresh;
@@ -42,6 +43,7 @@ mod woken;
 mod wrap;
 use boxed::{Boxed, boxed};
 use circuits::CircuitsWaiting;
+use dials_in_flight::DialsInFlight;
 use refresh::BucketRefresh;
 use woken::{Wakes, WhenWoken, when_woken, when_woken_without_peer_addresses};
 
@@ -76,7 +78,7 @@ pub struct Behaviour {
     autonat_server: WhenWoken<Toggle<autonat::v2::server::Behaviour>>,
     identify: WhenWoken<identify::Behaviour>,
     ping: WhenWoken<ping_later::PingLater<ping::Behaviour>>,
-    kad: WhenWoken<kad::Behaviour<MemoryStore>>,
+    kad: WhenWoken<DialsInFlight<kad::Behaviour<MemoryStore>>>,
     deliver: WhenWoken<DeliverBehaviour>,
     key_package: WhenWoken<KeyPackageBehaviour>,
     mailbox: WhenWoken<MailboxBehaviour>,
@@ -673,7 +675,7 @@ fn behaviour(
             ),
             &wakes,
         ),
-        kad: when_woken(kad, &wakes),
+        kad: when_woken(DialsInFlight::new(kad), &wakes),
         // Of the four request-response behaviours, the mailbox's keeps the peers' addresses that
         // every dial is offered (see `when_woken_without_peer_addresses`).
         deliver: when_woken_without_peer_addresses(deliver, &wakes),
@@ -1505,6 +1507,7 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, "dial failed: {error}");
                 if let Some(peer) = peer_id
+                    && !matches!(error, DialError::Aborted)
                     && self.routed(peer)
                 {
                     self.refresh.peers_changed(peer, tokio::time::Instant::now());
@@ -1616,6 +1619,20 @@ impl EventLoop {
         self.put_record.insert(qid, query);
     }
 
+    /// Once no lookup runs, calls off the dials lookups asked for that no
+    /// one waits for any longer (see `dials_in_flight`).
+    fn call_off_lookup_dials(&mut self) {
+        let kad = &self.swarm.behaviour().kad;
+        if kad.iter_queries().next().is_some() {
+            return;
+        }
+        for peer in kad.only_ours() {
+            if !self.swarm.is_connected(&peer) {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
     /// Disarms libp2p's next bootstrap by starting one and ending it before
     /// its first request: a bootstrap that starts resets libp2p's timer.
     fn disarm_bootstrap(&mut self) {
@@ -1629,6 +1646,11 @@ impl EventLoop {
     }
 
     fn on_kad_event(&mut self, ev: kad::Event) {
+        if let kad::Event::OutboundQueryProgressed { step, .. } = &ev
+            && step.last
+        {
+            self.call_off_lookup_dials();
+        }
         match ev {
             kad::Event::InboundRequest {
                 request:
