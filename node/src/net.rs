@@ -45,7 +45,7 @@ use boxed::{Boxed, boxed};
 use circuits::CircuitsWaiting;
 use dials_in_flight::DialsInFlight;
 use refresh::BucketRefresh;
-use woken::{Wakes, WhenWoken, when_woken, when_woken_without_peer_addresses};
+use woken::{Rooted, Wakes, WhenWoken, rooted, when_woken, when_woken_without_peer_addresses};
 
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/kad/1.0.0");
 pub const DELIVER_PROTOCOL: StreamProtocol = StreamProtocol::new("/tidings/deliver/1");
@@ -572,7 +572,7 @@ fn behaviour(
     key: &libp2p::identity::Keypair,
     relay_client: relay::client::Behaviour,
     params: &BehaviourParams,
-) -> Result<Boxed<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Boxed<Rooted<Behaviour>>, Box<dyn std::error::Error + Send + Sync>> {
     let (peer_id, mdns_on, relay_cfg, request_timeout) =
         (params.peer_id, params.mdns, &params.relay, params.request_timeout);
     let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
@@ -649,9 +649,10 @@ fn behaviour(
     } else {
         None
     };
-    // One word of wake flags per connection for all the handlers below.
+    // One word of wake flags per connection for all the handlers below, and
+    // one registration of the connection task's waker per poll (`rooted`).
     let wakes = Wakes::default();
-    Ok(boxed(Behaviour {
+    let behaviour = Behaviour {
         relay_client: when_woken(relay_cfg.is_none().then_some(relay_client).into(), &wakes),
         relay: when_woken(relay.into(), &wakes),
         dcutr: when_woken(dcutr::Behaviour::new(peer_id), &wakes),
@@ -684,7 +685,8 @@ fn behaviour(
         link: when_woken_without_peer_addresses(link, &wakes),
         mdns: mdns.into(),
         keep_alive: when_woken(keep_alive::KeepAlive::default(), &wakes),
-    }))
+    };
+    Ok(boxed(rooted(behaviour, &wakes)))
 }
 
 /// How often the two ends of a long-lived connection identify each other again
@@ -972,7 +974,7 @@ type PutRecordQuery = (PutRecordReply, Option<Holders>, usize);
 type GetRecordQuery = (Vec<u8>, Vec<Vec<u8>>, oneshot::Sender<Result<Vec<Vec<u8>>, NetError>>);
 
 struct EventLoop {
-    swarm: Swarm<Boxed<Behaviour>>,
+    swarm: Swarm<Boxed<Rooted<Behaviour>>>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     clock: Clock,
