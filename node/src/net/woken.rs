@@ -336,6 +336,24 @@ mod tests {
         fn on_connection_event(&mut self, _: ConnectionEvent<DeniedUpgrade, DeniedUpgrade, (), Infallible>) {}
     }
 
+    /// A connection task's waker that counts its wakes.
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A [`Counting`] handler that counts its polls in `polls` and keeps its last waker in `waker`.
+    fn counting(polls: &Arc<AtomicUsize>, waker: &Arc<std::sync::Mutex<Option<Waker>>>) -> Counting {
+        Counting {
+            polls: polls.clone(),
+            queue: VecDeque::new(),
+            waker: waker.clone(),
+        }
+    }
+
     #[test]
     fn a_handler_is_polled_only_after_a_wake_an_event_or_an_event_of_its_own() {
         let polls = Arc::new(AtomicUsize::new(0));
@@ -384,12 +402,6 @@ mod tests {
 
     #[test]
     fn a_wake_of_the_handler_wakes_the_connection_task() {
-        struct Count(AtomicUsize);
-        impl Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
-        }
         let inner_waker = Arc::new(std::sync::Mutex::new(None));
         let mut h = Wakes::default().wrapper(true).wrap(
             ConnectionId::new_unchecked(1),
@@ -441,11 +453,6 @@ mod tests {
     fn the_handlers_of_a_connection_share_one_word_and_each_is_polled_after_its_own_wake() {
         let wakes = Wakes::default();
         let (first, second) = (wakes.wrapper(true), wakes.wrapper(false));
-        let counting = |polls: &Arc<AtomicUsize>, waker: &Arc<std::sync::Mutex<Option<Waker>>>| Counting {
-            polls: polls.clone(),
-            queue: VecDeque::new(),
-            waker: waker.clone(),
-        };
         let (polls_a, polls_b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (waker_a, waker_b) = (Arc::default(), Arc::default());
         let connection = ConnectionId::new_unchecked(7);
@@ -491,20 +498,9 @@ mod tests {
 
     #[test]
     fn under_a_root_the_handlers_leave_the_registration_to_it_and_a_wake_still_reaches_the_task() {
-        struct Count(AtomicUsize);
-        impl Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
-        }
         let wakes = Wakes::default();
         let (first, second) = (wakes.wrapper(true), wakes.wrapper(true));
         let root = Root::new(&wakes);
-        let counting = |polls: &Arc<AtomicUsize>, waker: &Arc<std::sync::Mutex<Option<Waker>>>| Counting {
-            polls: polls.clone(),
-            queue: VecDeque::new(),
-            waker: waker.clone(),
-        };
         let (polls_a, polls_b) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (waker_a, waker_b) = (Arc::default(), Arc::default());
         let connection = ConnectionId::new_unchecked(9);
