@@ -5,7 +5,6 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -119,17 +118,10 @@ pub fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
-/// `git rev-parse HEAD` in the current directory, or "unknown".
+/// The git revision this binary was built from (`build.rs`), or "unknown" if
+/// it was not built in a git checkout.
 pub fn git_revision() -> String {
-    Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_string())
+    env!("TIDINGS_SIM_GIT_REVISION").to_string()
 }
 
 /// Everything `write_run` needs besides the result.
@@ -299,4 +291,26 @@ pub fn read_summary(dir: &Path) -> Result<Vec<(String, f64)>, OutputError> {
             Ok((row[0].clone(), v))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_names_the_revision_the_binary_was_built_from() {
+        let built = git_revision();
+        let head = std::process::Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        match head {
+            // Built again whenever HEAD moves, so the two agree.
+            Some(head) => assert_eq!(built, head),
+            None => assert_eq!(built, "unknown"),
+        }
+    }
 }
