@@ -28,11 +28,14 @@ fn main() {
     {
         watched.push(folder.to_string());
     }
+    // `--git-path` answers relative to this package's folder, where Cargo runs
+    // the script, unless the path lies elsewhere.
+    let here = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
     for path in watched {
-        if let Some(p) = git(&["rev-parse", "--path-format=absolute", "--git-path", &path])
-            && Path::new(&p).exists()
+        if let Some(p) = git(&["rev-parse", "--git-path", &path]).map(|p| Path::new(&here).join(p))
+            && p.exists()
         {
-            println!("cargo:rerun-if-changed={p}");
+            println!("cargo:rerun-if-changed={}", p.display());
         }
     }
 }
